@@ -1,0 +1,367 @@
+//! Drives one claimed run: feed an event to the pure machine, commit the result (journal +
+//! compare-and-set) and only then carry out the action it asks for. A heartbeat keeps the
+//! lease alive; losing it (`Fenced`) stops the driver from touching the run again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::machine::{Action, Event, Machine, RunState, Transition};
+use super::{apply_to_context, crash, Engine, EngineError};
+use crate::domain::{RunId, StepError, Timestamp};
+use crate::steps::{ActionError, Progress, ProgressRequest, StepInput};
+use crate::store::{projection, Checkpoint, Lease, RunRow, StoreError};
+use crate::workflow::{Definition, Phase, Undo};
+
+/// Why a driver stopped before the run was asleep or finished.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// The run is asleep (backoff, hold) or terminal; the lease is released.
+    Released,
+    /// Shutdown: the lease was handed back so another worker can continue at once.
+    Shutdown,
+}
+
+struct Driver {
+    engine: Arc<Engine>,
+    def: Arc<Definition>,
+    run_id: RunId,
+    input: Arc<Value>,
+    lease: Lease,
+    state: RunState,
+    seq: i64,
+    context: Value,
+    signals_pending: i64,
+    cancel_pending: bool,
+    lost: CancellationToken,
+    shutdown: CancellationToken,
+}
+
+/// Drives `run` (claimed under `lease`) until it sleeps, finishes, is fenced or shutdown stops it.
+pub async fn drive(engine: Arc<Engine>, run: RunRow, lease: Lease, shutdown: CancellationToken) -> Result<Stopped, EngineError> {
+    let span = tracing::info_span!("run", run_id = %run.id, definition = %run.definition, correlation_id = %run.correlation_id, fence = lease.token);
+    async move {
+        let def = engine.pinned(&run.definition_hash).await?;
+        let lost = CancellationToken::new();
+        let heartbeat = tokio::spawn(heartbeat(engine.clone(), run.id, lease.clone(), lost.clone()));
+        let _stop_heartbeat = AbortOnDrop(heartbeat);
+        let mut d = Driver {
+            engine,
+            def,
+            run_id: run.id,
+            input: Arc::new(run.input),
+            lease,
+            state: run.state,
+            seq: run.last_seq,
+            context: run.context,
+            signals_pending: run.signals_pending,
+            cancel_pending: run.cancel_pending,
+            lost,
+            shutdown,
+        };
+        let result = d.run().await;
+        if let Err(EngineError::Store(StoreError::Fenced { .. })) = &result {
+            tracing::warn!("lease lost to another worker; leaving the run to it");
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn heartbeat(engine: Arc<Engine>, run: RunId, lease: Lease, lost: CancellationToken) {
+    let ttl = engine.config.lease_ttl;
+    let every = (ttl / 3).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(every).await;
+        match engine.store.heartbeat(run, &lease, Timestamp::now().plus(ttl)).await {
+            Ok(()) => {}
+            Err(StoreError::Fenced { .. }) => {
+                lost.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed; retrying"),
+        }
+    }
+}
+
+impl Driver {
+    fn machine(&self) -> Machine<'_> {
+        Machine {
+            run_id: self.run_id,
+            def: &self.def,
+            input: &self.input,
+        }
+    }
+
+    async fn run(&mut self) -> Result<Stopped, EngineError> {
+        let mut next = self.on_claim().await?;
+        loop {
+            match next {
+                None | Some(Action::Sleep) | Some(Action::Finish) => return Ok(Stopped::Released),
+                Some(action @ (Action::Execute { .. } | Action::Compensate { .. })) => {
+                    if self.cancel_pending && !self.state.is_terminal() {
+                        // A cancel that changes course replaces the action; an absorbed one leaves it.
+                        if let Some(changed) = self.deliver_cancel().await? {
+                            next = Some(changed);
+                            continue;
+                        }
+                    }
+                    if self.shutdown.is_cancelled() {
+                        self.engine.store.release(self.run_id, &self.lease).await?;
+                        return Ok(Stopped::Shutdown);
+                    }
+                    let event = match self.execute(&action).await? {
+                        Some(e) => e,
+                        None => return Ok(Stopped::Shutdown),
+                    };
+                    next = self.apply(event, vec![], false).await?;
+                }
+            }
+        }
+    }
+
+    /// Decides the first event after a claim: a pending cancel, then waiting signals, then
+    /// whatever the state needs (begin, resume the interrupted attempt, or wake up).
+    async fn on_claim(&mut self) -> Result<Option<Action>, EngineError> {
+        if self.state.is_terminal() {
+            self.engine.store.release(self.run_id, &self.lease).await?;
+            return Ok(None);
+        }
+        if self.cancel_pending {
+            if let Some(a) = self.deliver_cancel().await? {
+                return Ok(Some(a));
+            }
+        }
+        if self.state.accepts_signals() && self.signals_pending > 0 {
+            for sig in self.engine.store.pending_signals(self.run_id).await? {
+                let next = self.apply(Event::Signal { name: sig.name }, vec![sig.id], false).await?;
+                if !self.state.accepts_signals() {
+                    return Ok(next);
+                }
+            }
+        }
+        let now = Timestamp::now();
+        let event = match &self.state {
+            RunState::Pending => Event::Begin,
+            RunState::Running { .. } | RunState::Compensating { .. } => Event::Resume,
+            RunState::Backoff { at, .. } | RunState::CompensationBackoff { at, .. } if *at <= now => Event::WakeUp,
+            RunState::Holding { until: Some(at) } if *at <= now => Event::WakeUp,
+            RunState::Backoff { .. } | RunState::CompensationBackoff { .. } | RunState::Holding { .. } => {
+                // Claimed early (a race with a signal or a clock step): go back to sleep unchanged.
+                self.resleep(now).await?;
+                return Ok(None);
+            }
+            RunState::Completed | RunState::Failed { .. } | RunState::Cancelled { .. } | RunState::NeedsOperator { .. } => {
+                return Ok(None)
+            }
+        };
+        self.apply(event, vec![], false).await
+    }
+
+    /// Applies the stored cancel request. Returns the action it leads to, or None when the
+    /// cancel was absorbed and the in-flight work should carry on.
+    async fn deliver_cancel(&mut self) -> Result<Option<Action>, EngineError> {
+        let reason = self
+            .engine
+            .store
+            .get_run(self.run_id)
+            .await?
+            .and_then(|r| r.cancel_reason)
+            .unwrap_or_else(|| "cancelled".into());
+        self.apply(Event::Cancel { reason }, vec![], true).await
+    }
+
+    async fn resleep(&mut self, now: Timestamp) -> Result<(), EngineError> {
+        let t = Transition {
+            state: self.state.clone(),
+            records: vec![],
+            actions: vec![Action::Sleep],
+        };
+        self.commit(t, vec![], false, now).await.map(|_| ())
+    }
+
+    /// Feeds an event to the machine and commits the result. Returns the action to carry out.
+    async fn apply(&mut self, event: Event, consumed: Vec<i64>, consumed_cancel: bool) -> Result<Option<Action>, EngineError> {
+        let now = Timestamp::now();
+        let t = self.machine().transition(&self.state, &event, now)?;
+        let absorbed = t.records.is_empty() && t.state == self.state && consumed.is_empty() && !consumed_cancel;
+        if absorbed {
+            return Ok(t.actions.into_iter().next());
+        }
+        self.commit(t, consumed, consumed_cancel, now).await
+    }
+
+    /// One transaction: journal records + compare-and-set of the run + projections.
+    async fn commit(
+        &mut self,
+        t: Transition,
+        consumed: Vec<i64>,
+        consumed_cancel: bool,
+        now: Timestamp,
+    ) -> Result<Option<Action>, EngineError> {
+        let Transition { state, records, actions } = t;
+        let mut context = self.context.clone();
+        let changed = apply_to_context(&mut context, &records);
+        let display = state.display_status(&self.def);
+        let live = matches!(state, RunState::Running { .. } | RunState::Compensating { .. });
+        let cp = Checkpoint {
+            run_id: self.run_id,
+            lease: self.lease.clone(),
+            expected_seq: self.seq,
+            expected_status: self.state.status(),
+            current_step: current_step(&self.def, &state),
+            context: changed.then(|| context.clone()),
+            wake_at: state.wake_at(now),
+            wake_on_signal: state.accepts_signals(),
+            release: !live,
+            consumed_signals: consumed,
+            consumed_cancel,
+            projection: projection::project(&records, &display),
+            display_status: display,
+            state: state.clone(),
+            records: records.clone(),
+            now,
+        };
+        let out = self.engine.store.checkpoint(cp).await?;
+        self.seq = out.last_seq;
+        self.state = state;
+        self.context = context;
+        self.signals_pending = out.signals_pending;
+        self.cancel_pending = out.cancel_pending;
+        for r in &records {
+            tracing::debug!(seq = self.seq, record = r.kind(), "committed");
+            crash::point(&format!("after:{}", r.kind()));
+        }
+        if !live {
+            // A run went to sleep or finished: let the worker loop recompute its next wake-up.
+            self.engine.store.wakeup().wake();
+        }
+        Ok(actions.into_iter().next())
+    }
+
+    /// Runs one attempt of a step or compensation; returns its result as an event, or None if
+    /// shutdown's grace ran out first (the lease is then released for another worker).
+    async fn execute(&mut self, action: &Action) -> Result<Option<Event>, EngineError> {
+        let (phase, index, attempt, key, undo) = match action {
+            Action::Execute {
+                phase,
+                step,
+                attempt,
+                idempotency_key,
+            } => (*phase, *step, *attempt, idempotency_key.clone(), false),
+            Action::Compensate {
+                step,
+                attempt,
+                idempotency_key,
+            } => (Phase::Forward, *step, *attempt, idempotency_key.clone(), true),
+            Action::Sleep | Action::Finish => return Ok(None),
+        };
+        let def = self.def.clone();
+        let step = def.step(phase, index).ok_or(super::machine::TransitionError::NoSuchStep { phase, step: index })?;
+        let action_name = match (&step.undo, undo) {
+            (_, false) => step.action.as_str(),
+            (Undo::Action(a), true) => a.as_str(),
+            (Undo::Nothing | Undo::Irreversible, true) => {
+                return Ok(Some(Event::StepFailed {
+                    error: StepError::permanent("NO_COMPENSATION", format!("step {} has no compensation action", step.name)),
+                }))
+            }
+        };
+        let span = tracing::info_span!("step", step = %step.name, phase = phase.as_str(), attempt, undo);
+        let Some(handler) = self.engine.registry.get(action_name) else {
+            return Ok(Some(Event::StepFailed {
+                error: StepError::permanent("UNKNOWN_ACTION", format!("no action named {action_name:?} in this build")),
+            }));
+        };
+        let progress_table = if undo { "undo_progress" } else { "progress" };
+        let (tx, mut rx) = mpsc::channel::<ProgressRequest>(1);
+        let input = StepInput {
+            run_id: self.run_id,
+            step: step.name.clone(),
+            phase,
+            undo,
+            attempt,
+            idempotency_key: key,
+            input: self.input.clone(),
+            outputs: Arc::new(self.context.get("outputs").cloned().unwrap_or(Value::Null)),
+            progress: self.context.get(progress_table).and_then(|p| p.get(&step.name)).cloned(),
+            checkpoint: Progress::new(tx),
+        };
+        let timeout = step.timeout;
+        let started = std::time::Instant::now();
+        let fut = tokio::time::timeout(timeout, handler.run(input)).instrument(span.clone());
+        tokio::pin!(fut);
+        let lost = self.lost.clone();
+        let shutdown = self.shutdown.clone();
+        let grace = self.engine.config.shutdown_grace;
+        let deadline = async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::pin!(deadline);
+        let result = loop {
+            tokio::select! {
+                r = &mut fut => break r,
+                Some((data, reply)) = rx.recv() => {
+                    let r = match self.apply(Event::Progress { data }, vec![], false).await {
+                        Ok(_) => Ok(()),
+                        Err(EngineError::Store(StoreError::Fenced { .. })) => Err(ActionError::Fenced),
+                        Err(e) => Err(ActionError::retryable("CHECKPOINT_FAILED", e.to_string())),
+                    };
+                    let _ = reply.send(r);
+                }
+                _ = lost.cancelled() => return Err(StoreError::Fenced { run: self.run_id }.into()),
+                _ = &mut deadline => {
+                    tracing::warn!(parent: &span, "shutdown grace over; releasing the run mid-step");
+                    self.engine.store.release(self.run_id, &self.lease).await?;
+                    return Ok(None);
+                }
+            }
+        };
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let event = match result {
+            Ok(Ok(output)) => {
+                tracing::info!(parent: &span, elapsed_ms, "step succeeded");
+                Event::StepSucceeded { output }
+            }
+            Ok(Err(ActionError::Step(error))) => {
+                tracing::warn!(parent: &span, elapsed_ms, code = %error.code, retryable = error.is_retryable(), error = %error.message, "step failed");
+                Event::StepFailed { error }
+            }
+            Ok(Err(ActionError::Fenced)) => return Err(StoreError::Fenced { run: self.run_id }.into()),
+            Err(_) => {
+                tracing::warn!(parent: &span, elapsed_ms, "step timed out");
+                Event::StepFailed {
+                    error: StepError::retryable("TIMEOUT", format!("step {} timed out after {timeout:?}", step.name)),
+                }
+            }
+        };
+        Ok(Some(event))
+    }
+}
+
+fn current_step(def: &Definition, s: &RunState) -> Option<String> {
+    let name = |phase: Phase, i: usize| def.step(phase, i).map(|s| s.name.clone());
+    match s {
+        RunState::Running { phase, step, .. } | RunState::Backoff { phase, step, .. } => name(*phase, *step),
+        RunState::Compensating { step, .. } | RunState::CompensationBackoff { step, .. } => name(Phase::Forward, *step),
+        RunState::Pending
+        | RunState::Holding { .. }
+        | RunState::Completed
+        | RunState::Failed { .. }
+        | RunState::Cancelled { .. }
+        | RunState::NeedsOperator { .. } => None,
+    }
+}

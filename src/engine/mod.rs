@@ -1,0 +1,241 @@
+//! The engine: the pure state machine ([`machine`]), the driver that commits each transition
+//! before acting on it ([`driver`]), and the worker loop that claims runs ([`worker`]).
+
+pub mod crash;
+pub mod driver;
+pub mod machine;
+pub mod worker;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::domain::{RunId, Timestamp};
+use crate::steps::Registry;
+use crate::store::{self, NewRun, SignalOutcome, Store, StoreError, Submitted};
+use crate::workflow::{self, Catalog, Definition, DefinitionError};
+use machine::{Record, RunState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown workflow definition {0:?}")]
+    UnknownDefinition(String),
+    #[error("invalid input field {field}: {reason}")]
+    InvalidInput { field: String, reason: String },
+    #[error("run {0} not found")]
+    NotFound(RunId),
+    #[error("run {run} is already {status}")]
+    Finished { run: RunId, status: &'static str },
+    #[error(transparent)]
+    Definition(#[from] DefinitionError),
+    #[error(transparent)]
+    Transition(#[from] machine::TransitionError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Tunables of a worker process.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Identifies this process in leases (host:pid:random by default).
+    pub worker_id: String,
+    /// How many runs this process drives at once.
+    pub concurrency: usize,
+    /// How long a claim lasts without a heartbeat; a dead worker's runs move after this.
+    pub lease_ttl: Duration,
+    /// The fallback poll when no wake-up arrives (wake-ups normally come within milliseconds).
+    pub poll_interval: Duration,
+    /// On shutdown, how long in-flight steps may run before their leases are released anyway.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            worker_id: default_worker_id(),
+            concurrency: 64,
+            lease_ttl: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}:{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// What a client asks to start.
+#[derive(Debug, Clone)]
+pub struct SubmitRequest {
+    pub definition: String,
+    pub input: Value,
+    pub request_id: Option<String>,
+    pub correlation_id: Option<String>,
+}
+
+pub struct Engine {
+    pub store: Arc<dyn Store>,
+    pub catalog: Arc<Catalog>,
+    pub registry: Arc<Registry>,
+    pub config: EngineConfig,
+    pinned: Mutex<HashMap<String, Arc<Definition>>>,
+}
+
+impl Engine {
+    pub fn new(store: Arc<dyn Store>, catalog: Arc<Catalog>, registry: Arc<Registry>, config: EngineConfig) -> Arc<Engine> {
+        Arc::new(Engine {
+            store,
+            catalog,
+            registry,
+            config,
+            pinned: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Loads the embedded definitions (overridden by `dir`) against the built-in registry.
+    pub fn with_defaults(store: Arc<dyn Store>, dir: Option<&std::path::Path>, config: EngineConfig) -> Result<Arc<Engine>, EngineError> {
+        let registry = Registry::with_builtins(store.clone());
+        let catalog = Catalog::load(dir, &|a| registry.contains(a))?;
+        Ok(Engine::new(store, Arc::new(catalog), Arc::new(registry), config))
+    }
+
+    /// Creates a run (idempotent by `request_id`). The run is committed before this returns.
+    pub async fn submit(&self, req: SubmitRequest) -> Result<Submitted, EngineError> {
+        let def = self
+            .catalog
+            .get(&req.definition)
+            .ok_or_else(|| EngineError::UnknownDefinition(req.definition.clone()))?;
+        if let Some(existing) = match &req.request_id {
+            Some(r) => self.store.find_by_request_id(r).await?,
+            None => None,
+        } {
+            return Ok(Submitted { run: existing, created: false });
+        }
+        def.validate_input(&req.input).map_err(|reason| EngineError::InvalidInput {
+            field: def
+                .hold
+                .as_ref()
+                .and_then(|h| h.duration_input.clone())
+                .filter(|_| req.input.is_object())
+                .unwrap_or_else(|| "input".into()),
+            reason,
+        })?;
+        let now = Timestamp::now();
+        let record = Record::RunSubmitted {
+            definition: def.name.clone(),
+            definition_hash: def.hash.clone(),
+            input: req.input.clone(),
+        };
+        let projection = store::projection::project(std::slice::from_ref(&record), "pending");
+        let id = RunId::new();
+        let submitted = self
+            .store
+            .submit(NewRun {
+                id,
+                definition: def.name.clone(),
+                definition_hash: def.hash.clone(),
+                definition_source: def.source.clone(),
+                request_id: req.request_id,
+                correlation_id: req.correlation_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                input: req.input,
+                display_status: RunState::Pending.display_status(&def),
+                record,
+                projection,
+                now,
+            })
+            .await?;
+        if submitted.created {
+            tracing::info!(run_id = %id, definition = %def.name, correlation_id = %submitted.run.correlation_id, "run submitted");
+        }
+        Ok(submitted)
+    }
+
+    /// Sends a named signal (e.g. `end-test`); idempotent.
+    pub async fn signal(&self, run: RunId, name: &str) -> Result<SignalOutcome, EngineError> {
+        self.store.signal(run, name, Timestamp::now()).await.map_err(|e| not_found(run, e))
+    }
+
+    /// Requests cancellation: forward progress stops and completed steps are rolled back. Idempotent.
+    pub async fn cancel(&self, run: RunId, reason: &str) -> Result<SignalOutcome, EngineError> {
+        self.store.cancel(run, reason, Timestamp::now()).await.map_err(|e| not_found(run, e))
+    }
+
+    /// The exact definition a run is pinned to (cached by hash).
+    pub async fn pinned(&self, hash: &str) -> Result<Arc<Definition>, EngineError> {
+        if let Some(d) = self.pinned.lock().ok().and_then(|m| m.get(hash).cloned()) {
+            return Ok(d);
+        }
+        let source = self
+            .store
+            .definition_source(hash)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("no stored definition with hash {hash}")))?;
+        let def = Arc::new(workflow::parse(&format!("definition {hash}"), &source, &|a| self.registry.contains(a))?);
+        if let Ok(mut m) = self.pinned.lock() {
+            m.insert(hash.to_string(), def.clone());
+        }
+        Ok(def)
+    }
+
+    /// Waits until a run is terminal (polling the store; for tests and the CLI).
+    pub async fn wait_terminal(&self, run: RunId, timeout: Duration) -> Result<store::RunRow, EngineError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let row = self.store.get_run(run).await?.ok_or(EngineError::NotFound(run))?;
+            if row.status.is_terminal() || tokio::time::Instant::now() >= deadline {
+                return Ok(row);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn not_found(run: RunId, e: StoreError) -> EngineError {
+    match e {
+        StoreError::NotFound(_) => EngineError::NotFound(run),
+        other => EngineError::Store(other),
+    }
+}
+
+/// Folds journal records into the run's context: step outputs (what each step created) and
+/// progress checkpoints, so compensation and resumed attempts never depend on memory.
+/// Returns whether anything changed.
+pub fn apply_to_context(context: &mut Value, records: &[Record]) -> bool {
+    let mut changed = false;
+    for r in records {
+        let (table, key, value) = match r {
+            Record::StepSucceeded { step, output, .. } => ("outputs", step.clone(), output.clone()),
+            Record::StepProgress { step, data, .. } => ("progress", step.clone(), data.clone()),
+            Record::CompensationProgress { step, data, .. } => ("undo_progress", step.clone(), data.clone()),
+            Record::RunSubmitted { .. }
+            | Record::StepSkipped { .. }
+            | Record::StepStarted { .. }
+            | Record::StepFailed { .. }
+            | Record::CompensationStarted { .. }
+            | Record::CompensationSucceeded { .. }
+            | Record::CompensationFailed { .. }
+            | Record::TimerSet { .. }
+            | Record::TimerFired { .. }
+            | Record::SignalReceived { .. }
+            | Record::CancelRequested { .. }
+            | Record::RunFinished { .. } => continue,
+        };
+        if !context.is_object() {
+            *context = Value::Object(Default::default());
+        }
+        if let Some(obj) = context.as_object_mut() {
+            let t = obj.entry(table).or_insert_with(|| Value::Object(Default::default()));
+            if let Some(t) = t.as_object_mut() {
+                t.insert(key, value);
+                changed = true;
+            }
+        }
+    }
+    changed
+}

@@ -1,0 +1,101 @@
+//! The worker loop: claim due runs up to the configured concurrency, drive each in its own task,
+//! and sleep until a wake-up (submit, signal, a run put to sleep), the next timer, or the
+//! fallback poll. On shutdown it stops claiming and lets in-flight steps finish up to the grace
+//! deadline; drivers hand their leases back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::driver::{drive, Stopped};
+use super::{Engine, EngineError};
+use crate::domain::Timestamp;
+use crate::store::StoreError;
+
+/// Runs the worker until `shutdown` is cancelled and in-flight runs have stopped.
+pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Result<(), EngineError> {
+    let cfg = engine.config.clone();
+    let wake = engine.store.wakeup();
+    let mut drivers: JoinSet<Result<Stopped, EngineError>> = JoinSet::new();
+    tracing::info!(worker = %cfg.worker_id, backend = engine.store.backend(), concurrency = cfg.concurrency, "worker started");
+    let mut store_errors = 0u32;
+    while !shutdown.is_cancelled() {
+        while let Some(done) = drivers.try_join_next() {
+            log_driver_end(done);
+        }
+        let free = cfg.concurrency.saturating_sub(drivers.len());
+        let mut full_batch = false;
+        if free > 0 {
+            match engine.store.claim(&cfg.worker_id, free as u32, cfg.lease_ttl, Timestamp::now()).await {
+                Ok(runs) => {
+                    store_errors = 0;
+                    full_batch = runs.len() == free;
+                    for (run, lease) in runs {
+                        drivers.spawn(drive(engine.clone(), run, lease, shutdown.clone()));
+                    }
+                }
+                Err(e) => {
+                    store_errors += 1;
+                    log_store_error(&e, store_errors);
+                    backoff_after_error(store_errors, &shutdown).await;
+                    continue;
+                }
+            }
+        }
+        if full_batch && drivers.len() < cfg.concurrency {
+            continue;
+        }
+        let now = Timestamp::now();
+        let mut wait = cfg.poll_interval;
+        match engine.store.next_wake_after(now).await {
+            Ok(Some(next)) => wait = wait.min(now.until(next)),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "could not read the next wake-up time"),
+        }
+        tokio::select! {
+            _ = wake.wait() => {}
+            Some(done) = drivers.join_next(), if !drivers.is_empty() => log_driver_end(done),
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+    tracing::info!(in_flight = drivers.len(), grace = ?cfg.shutdown_grace, "worker stopping: no new claims");
+    let drain = async {
+        while let Some(done) = drivers.join_next().await {
+            log_driver_end(done);
+        }
+    };
+    if tokio::time::timeout(cfg.shutdown_grace + Duration::from_secs(5), drain).await.is_err() {
+        drivers.abort_all();
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+fn log_driver_end(done: Result<Result<Stopped, EngineError>, tokio::task::JoinError>) {
+    match done {
+        Ok(Ok(_)) => {}
+        Ok(Err(EngineError::Store(StoreError::Fenced { run }))) => {
+            tracing::info!(run_id = %run, "run taken over by another worker")
+        }
+        Ok(Err(e)) => tracing::error!(error = %e, "driver stopped with an error; the run will be retried after its lease expires"),
+        Err(e) if e.is_cancelled() => {}
+        Err(e) => tracing::error!(error = %e, "driver task panicked"),
+    }
+}
+
+fn log_store_error(e: &StoreError, n: u32) {
+    if n == 1 || n % 30 == 0 {
+        tracing::warn!(error = %e, consecutive = n, "claim failed; database unavailable?");
+    }
+}
+
+async fn backoff_after_error(n: u32, shutdown: &CancellationToken) {
+    let d = Duration::from_millis(100u64.saturating_mul(1 << n.min(6)));
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = shutdown.cancelled() => {}
+    }
+}

@@ -1,0 +1,295 @@
+//! Persistence: the [`Store`] trait, its error type, and the two sqlx backends
+//! (SQLite, the embedded default, and PostgreSQL for many workers on many machines).
+//!
+//! SQL lives only in the backend modules. Every state write is a compare-and-set on the run's
+//! fencing token and journal position; a lost race is the typed [`StoreError::Fenced`].
+
+pub mod postgres;
+pub mod projection;
+pub mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::domain::{RunId, Timestamp};
+use crate::engine::machine::{Record, RunState, RunStatus};
+pub use projection::{Projection, TrackingUpdate};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The run's lease was taken over (or its state moved on): stop touching it.
+    #[error("run {run}: fenced (lease taken over or state changed underneath)")]
+    Fenced { run: RunId },
+    #[error("run {0} not found")]
+    NotFound(RunId),
+    /// Stored data that does not parse (a bug or a hand-edited row).
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// The database could not be reached or answered with an error.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("bad database URL or option: {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// Transient problems worth retrying (connection lost, pool timeout, database busy).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Database(e) => matches!(
+                e,
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Database(_)
+            ),
+            StoreError::Fenced { .. }
+            | StoreError::NotFound(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Migrate(_)
+            | StoreError::Config(_) => false,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Proof of a claim: the worker that holds a run and the fencing token it got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub owner: String,
+    pub token: i64,
+}
+
+/// A run as stored.
+#[derive(Debug, Clone)]
+pub struct RunRow {
+    pub id: RunId,
+    pub definition: String,
+    pub definition_hash: String,
+    pub request_id: Option<String>,
+    pub correlation_id: String,
+    pub state: RunState,
+    pub status: RunStatus,
+    pub display_status: String,
+    pub current_step: Option<String>,
+    pub input: Value,
+    pub context: Value,
+    pub last_seq: i64,
+    pub fencing_token: i64,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<Timestamp>,
+    pub wake_at: Option<Timestamp>,
+    pub signals_pending: i64,
+    pub cancel_reason: Option<String>,
+    pub cancel_pending: bool,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub started_at: Option<Timestamp>,
+    pub completed_at: Option<Timestamp>,
+}
+
+/// A run to create. `request_id` makes submission idempotent.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub id: RunId,
+    pub definition: String,
+    pub definition_hash: String,
+    pub definition_source: String,
+    pub request_id: Option<String>,
+    pub correlation_id: String,
+    pub input: Value,
+    pub display_status: String,
+    /// The first journal entry (`RunSubmitted`).
+    pub record: Record,
+    pub projection: Projection,
+    pub now: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub run: RunRow,
+    /// False when `request_id` matched an existing run, which is returned instead.
+    pub created: bool,
+}
+
+/// One transaction: append `records` to the journal and move the run to `state`, provided
+/// the run is still at `expected_seq` under `lease` (compare-and-set).
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub run_id: RunId,
+    pub lease: Lease,
+    pub expected_seq: i64,
+    pub expected_status: RunStatus,
+    pub state: RunState,
+    pub display_status: String,
+    pub current_step: Option<String>,
+    /// The new context, when the transition changed it.
+    pub context: Option<Value>,
+    pub records: Vec<Record>,
+    pub wake_at: Option<Timestamp>,
+    /// Wake the run at once instead of at `wake_at` if a named signal is waiting (the run is
+    /// going to sleep in a state that accepts signals).
+    pub wake_on_signal: bool,
+    /// Give up the lease (the run goes to sleep or is finished).
+    pub release: bool,
+    /// Signal rows this transition delivered.
+    pub consumed_signals: Vec<i64>,
+    /// This transition delivered the pending cancel request.
+    pub consumed_cancel: bool,
+    pub projection: Projection,
+    pub now: Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointOutcome {
+    pub last_seq: i64,
+    pub signals_pending: i64,
+    pub cancel_pending: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JournalEntry {
+    pub run_id: RunId,
+    pub seq: i64,
+    pub record: Record,
+    pub at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignalRow {
+    pub id: i64,
+    pub name: String,
+}
+
+/// What became of a signal or cancel request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalOutcome {
+    /// Stored; the run will see it.
+    Accepted,
+    /// The same signal (or a cancel) was already stored: nothing changed.
+    Duplicate,
+    /// The run is already finished.
+    Finished(RunStatus),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub status: Option<RunStatus>,
+    pub definition: Option<String>,
+    /// Keyset pagination: only runs with an id below this one (newest first).
+    pub before: Option<RunId>,
+    pub limit: u32,
+}
+
+/// One side effect recorded by the built-in test actions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerRow {
+    pub key: String,
+    pub run_id: RunId,
+    pub step: String,
+    pub attempt: i64,
+    pub kind: String,
+}
+
+/// Wakes workers when there is new work (a submit, a signal, a run put to sleep with a near timer).
+#[derive(Debug, Default)]
+pub struct Wakeup {
+    notify: tokio::sync::Notify,
+}
+
+impl Wakeup {
+    pub fn wake(&self) {
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+    }
+
+    pub async fn wait(&self) {
+        self.notify.notified().await
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates a run with its first journal entry, or returns the run its `request_id` already made.
+    async fn submit(&self, run: NewRun) -> Result<Submitted>;
+    /// Claims up to `limit` runs that are due and not leased, each with a new fencing token.
+    async fn claim(&self, owner: &str, limit: u32, lease_ttl: Duration, now: Timestamp) -> Result<Vec<(RunRow, Lease)>>;
+    /// Extends a lease; `Fenced` if another worker took the run over.
+    async fn heartbeat(&self, run: RunId, lease: &Lease, expires_at: Timestamp) -> Result<()>;
+    /// Commits one transition (journal append + compare-and-set of the run + projections).
+    async fn checkpoint(&self, cp: Checkpoint) -> Result<CheckpointOutcome>;
+    /// Gives a lease back without changing the run (shutdown): another worker may claim it at once.
+    async fn release(&self, run: RunId, lease: &Lease) -> Result<()>;
+    async fn get_run(&self, run: RunId) -> Result<Option<RunRow>>;
+    async fn find_by_request_id(&self, request_id: &str) -> Result<Option<RunRow>>;
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRow>>;
+    /// Journal entries with `seq > after`, in order, at most `limit`.
+    async fn journal(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<JournalEntry>>;
+    /// The exact definition text a run is pinned to.
+    async fn definition_source(&self, hash: &str) -> Result<Option<String>>;
+    /// Stores a named signal for a run (idempotent per name) and wakes the run.
+    async fn signal(&self, run: RunId, name: &str, now: Timestamp) -> Result<SignalOutcome>;
+    /// Stores a cancel request (idempotent) and wakes the run.
+    async fn cancel(&self, run: RunId, reason: &str, now: Timestamp) -> Result<SignalOutcome>;
+    /// Named signals not yet delivered, oldest first.
+    async fn pending_signals(&self, run: RunId) -> Result<Vec<SignalRow>>;
+    /// The earliest wake-up time after `now` (to sleep exactly until the next timer).
+    async fn next_wake_after(&self, now: Timestamp) -> Result<Option<Timestamp>>;
+    /// Counts runs by status (for tests, the bench and operators).
+    async fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>>;
+
+    /// Test actions' ledger: records a side effect under `key` unless one exists (`adopt`),
+    /// in which case the existing one is adopted. Returns true when a new row was written.
+    async fn ledger_record(&self, row: &LedgerRow, adopt: bool) -> Result<bool>;
+    async fn ledger(&self, run: Option<RunId>) -> Result<Vec<LedgerRow>>;
+
+    /// The wake-up channel of this store (in-process; PostgreSQL also feeds it from LISTEN).
+    fn wakeup(&self) -> Arc<Wakeup>;
+    /// A short name for logs and the bench: "sqlite" or "postgres".
+    fn backend(&self) -> &'static str;
+}
+
+/// Opens the store a URL names: `sqlite://path` / `sqlite::memory:` or `postgres://…`.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(postgres::PgStore::connect(url, None).await?))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
+    } else {
+        Err(StoreError::Config(format!(
+            "unsupported database URL {:?}: use sqlite://PATH or postgres://…",
+            redact_url(url)
+        )))
+    }
+}
+
+/// A URL with any password removed, safe for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}://{}:***@{}", &url[..s], user, &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            super::redact_url("postgres://me:s3cret@db:5432/x"),
+            "postgres://me:***@db:5432/x"
+        );
+        assert_eq!(super::redact_url("sqlite://a.db"), "sqlite://a.db");
+    }
+}

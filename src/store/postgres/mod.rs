@@ -1,0 +1,608 @@
+//! PostgreSQL backend: many workers on many machines. Claims use `FOR UPDATE SKIP LOCKED`;
+//! submits, signals and cancels `pg_notify` a channel that every process LISTENs on, so a
+//! worker anywhere wakes within milliseconds (polling remains the fallback).
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use super::*;
+
+pub struct PgStore {
+    pool: PgPool,
+    wakeup: Arc<Wakeup>,
+    channel: String,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+const RUN_COLUMNS: &str = "id, definition, definition_hash, request_id, correlation_id, state, status, display_status, \
+    current_step, input, context, last_seq, fencing_token, lease_owner, lease_expires_at, wake_at, signals_pending, \
+    cancel_reason, cancel_pending, created_at, updated_at, started_at, completed_at";
+
+/// `$n` milliseconds as a TIMESTAMPTZ, for the projection tables.
+fn tsz(n: u32) -> String {
+    format!("to_timestamp(${n}::bigint / 1000.0)")
+}
+
+impl PgStore {
+    /// Connects, applies migrations and starts LISTENing. `schema` (created if missing) isolates
+    /// a store inside one database, which is how tests share the one PostgreSQL server.
+    pub async fn connect(url: &str, schema: Option<&str>) -> Result<PgStore> {
+        let mut opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(format!("{}: {e}", redact_url(url))))?;
+        if let Some(schema) = schema {
+            if !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(StoreError::Config(format!("schema name {schema:?} must be [A-Za-z0-9_]")));
+            }
+            let admin = PgPoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
+            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")).execute(&admin).await?;
+            admin.close().await;
+            opts = opts.options([("search_path", schema)]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_with(opts)
+            .await?;
+        // Serialise concurrent migrations from several processes starting at once.
+        let mut conn = pool.acquire().await?;
+        sqlx::query("SELECT pg_advisory_lock(7301)").execute(&mut *conn).await?;
+        let migrated = sqlx::migrate!("migrations/postgres").run(&mut *conn).await;
+        sqlx::query("SELECT pg_advisory_unlock(7301)").execute(&mut *conn).await?;
+        drop(conn);
+        migrated?;
+        let channel = format!("tern_wakeup_{}", schema.unwrap_or("public"));
+        let wakeup = Arc::new(Wakeup::default());
+        let listener = tokio::spawn(listen(pool.clone(), channel.clone(), wakeup.clone()));
+        Ok(PgStore {
+            pool,
+            wakeup,
+            channel,
+            listener,
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn notify(&self, tx: &mut sqlx::PgConnection) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, '')").bind(&self.channel).execute(&mut *tx).await?;
+        Ok(())
+    }
+}
+
+/// Forwards NOTIFYs to the in-process wake-up; reconnects after errors (polling covers the gap).
+async fn listen(pool: PgPool, channel: String, wakeup: Arc<Wakeup>) {
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "LISTEN connection failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(&channel).await {
+            tracing::warn!(error = %e, "LISTEN failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        loop {
+            match listener.recv().await {
+                Ok(_) => wakeup.wake(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                    wakeup.wake();
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn ts(v: Option<i64>) -> Option<Timestamp> {
+    v.map(Timestamp)
+}
+
+fn run_from_row(row: &PgRow) -> Result<RunRow> {
+    let id: Uuid = row.try_get("id")?;
+    let state: Json<Value> = row.try_get("state")?;
+    let status: String = row.try_get("status")?;
+    let input: Json<Value> = row.try_get("input")?;
+    let context: Json<Value> = row.try_get("context")?;
+    Ok(RunRow {
+        id: RunId(id),
+        definition: row.try_get("definition")?,
+        definition_hash: row.try_get("definition_hash")?,
+        request_id: row.try_get("request_id")?,
+        correlation_id: row.try_get("correlation_id")?,
+        state: parse_json("run state", state.0)?,
+        status: RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?,
+        display_status: row.try_get("display_status")?,
+        current_step: row.try_get("current_step")?,
+        input: input.0,
+        context: context.0,
+        last_seq: row.try_get("last_seq")?,
+        fencing_token: row.try_get("fencing_token")?,
+        lease_owner: row.try_get("lease_owner")?,
+        lease_expires_at: ts(row.try_get("lease_expires_at")?),
+        wake_at: ts(row.try_get("wake_at")?),
+        signals_pending: row.try_get("signals_pending")?,
+        cancel_reason: row.try_get("cancel_reason")?,
+        cancel_pending: row.try_get("cancel_pending")?,
+        created_at: Timestamp(row.try_get("created_at")?),
+        updated_at: Timestamp(row.try_get("updated_at")?),
+        started_at: ts(row.try_get("started_at")?),
+        completed_at: ts(row.try_get("completed_at")?),
+    })
+}
+
+async fn append_journal(tx: &mut sqlx::PgConnection, run: RunId, first_seq: i64, records: &[Record], now: Timestamp) -> Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    // One round trip for the whole batch.
+    let seqs: Vec<i64> = (0..records.len() as i64).map(|i| first_seq + i).collect();
+    let kinds: Vec<&str> = records.iter().map(Record::kind).collect();
+    let bodies: Vec<Value> = records
+        .iter()
+        .map(|r| serde_json::to_value(r).map_err(|e| StoreError::Corrupt(format!("record: {e}"))))
+        .collect::<Result<_>>()?;
+    sqlx::query(
+        "INSERT INTO journal (run_id, seq, kind, record, at) \
+         SELECT $1, s, k, r, $5 FROM UNNEST($2::bigint[], $3::text[], $4::jsonb[]) AS t(s, k, r)",
+    )
+    .bind(run.0)
+    .bind(&seqs)
+    .bind(&kinds)
+    .bind(bodies.into_iter().map(Json).collect::<Vec<_>>())
+    .bind(now.0)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+async fn apply_projection(tx: &mut sqlx::PgConnection, run: RunId, p: &Projection, now: Timestamp) -> Result<()> {
+    let at = tsz(8);
+    sqlx::query(&format!(
+        "UPDATE failover_jobs SET status = COALESCE($2, status), \
+         linstor_snapshot_name = COALESCE($3, linstor_snapshot_name), \
+         destination_vm_id = COALESCE($4, destination_vm_id), error_message = COALESCE($5, error_message), \
+         started_at = CASE WHEN $6 AND started_at IS NULL THEN {at} ELSE started_at END, \
+         completed_at = CASE WHEN $7 THEN {at} ELSE completed_at END, updated_at = {at} WHERE job_id = $1"
+    ))
+    .bind(run.to_string())
+    .bind(&p.status)
+    .bind(&p.snapshot_name)
+    .bind(&p.destination_vm_id)
+    .bind(&p.error_message)
+    .bind(p.started)
+    .bind(p.completed)
+    .bind(now.0)
+    .execute(&mut *tx)
+    .await?;
+    let at = tsz(7);
+    for t in &p.tracking {
+        sqlx::query(&format!(
+            "INSERT INTO job_tracking (id, parent_job_id, operation, status, metadata, error_message, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, {at}, {at}) \
+             ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, metadata = excluded.metadata, \
+             error_message = excluded.error_message, updated_at = excluded.updated_at"
+        ))
+        .bind(Uuid::now_v7().to_string())
+        .bind(run.to_string())
+        .bind(&t.operation)
+        .bind(t.status)
+        .bind(Json(&t.metadata))
+        .bind(&t.error_message)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn submit(&self, run: NewRun) -> Result<Submitted> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO definitions (hash, name, source, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (hash) DO NOTHING")
+            .bind(&run.definition_hash)
+            .bind(&run.definition)
+            .bind(&run.definition_source)
+            .bind(run.now.0)
+            .execute(&mut *tx)
+            .await?;
+        let state = RunState::Pending;
+        // ON CONFLICT on request_id: two concurrent submits with one request id make one run.
+        let row = sqlx::query(&format!(
+            "INSERT INTO runs (id, definition, definition_hash, request_id, correlation_id, status, display_status, \
+             current_step, state, input, context, last_seq, wake_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, '{{}}'::jsonb, 1, $10, $10, $10) \
+             ON CONFLICT (request_id) DO NOTHING RETURNING {RUN_COLUMNS}"
+        ))
+        .bind(run.id.0)
+        .bind(&run.definition)
+        .bind(&run.definition_hash)
+        .bind(&run.request_id)
+        .bind(&run.correlation_id)
+        .bind(state.status().as_str())
+        .bind(&run.display_status)
+        .bind(Json(&state))
+        .bind(Json(&run.input))
+        .bind(run.now.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            let req = run.request_id.as_deref().unwrap_or_default();
+            let existing = self
+                .find_by_request_id(req)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt(format!("request id {req:?} conflicted but no run has it")))?;
+            return Ok(Submitted {
+                run: existing,
+                created: false,
+            });
+        };
+        append_journal(&mut tx, run.id, 1, std::slice::from_ref(&run.record), run.now).await?;
+        let at = tsz(9);
+        sqlx::query(&format!(
+            "INSERT INTO failover_jobs (job_id, vm_id, vm_name, job_type, status, source_vm_spec, network_mappings, \
+             correlation_id, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {at}, {at})"
+        ))
+        .bind(run.id.to_string())
+        .bind(run.input.get("vm_id").and_then(Value::as_str).unwrap_or(""))
+        .bind(run.input.get("vm_name").and_then(Value::as_str))
+        .bind(super::sqlite::job_type_of(&run))
+        .bind(&run.display_status)
+        .bind(run.input.get("source_vm_spec").map(|v| v.to_string()))
+        .bind(run.input.get("network_mappings").map(|v| v.to_string()))
+        .bind(&run.correlation_id)
+        .bind(run.now.0)
+        .execute(&mut *tx)
+        .await?;
+        apply_projection(&mut tx, run.id, &run.projection, run.now).await?;
+        self.notify(&mut tx).await?;
+        tx.commit().await?;
+        self.wakeup.wake();
+        Ok(Submitted {
+            run: run_from_row(&row)?,
+            created: true,
+        })
+    }
+
+    async fn claim(&self, owner: &str, limit: u32, lease_ttl: Duration, now: Timestamp) -> Result<Vec<(RunRow, Lease)>> {
+        let cols = RUN_COLUMNS
+            .split(", ")
+            .map(|c| format!("r.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = sqlx::query(&format!(
+            "WITH due AS (SELECT id FROM runs WHERE wake_at IS NOT NULL AND wake_at <= $3 \
+                          AND (lease_expires_at IS NULL OR lease_expires_at < $3) \
+                          ORDER BY wake_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
+             UPDATE runs r SET lease_owner = $1, lease_expires_at = $2, fencing_token = r.fencing_token + 1 \
+             FROM due WHERE r.id = due.id RETURNING {cols}"
+        ))
+        .bind(owner)
+        .bind(now.plus(lease_ttl).0)
+        .bind(now.0)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let run = run_from_row(r)?;
+                let lease = Lease {
+                    owner: owner.to_string(),
+                    token: run.fencing_token,
+                };
+                Ok((run, lease))
+            })
+            .collect()
+    }
+
+    async fn heartbeat(&self, run: RunId, lease: &Lease, expires_at: Timestamp) -> Result<()> {
+        let r = sqlx::query("UPDATE runs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND fencing_token = $4")
+            .bind(expires_at.0)
+            .bind(run.0)
+            .bind(&lease.owner)
+            .bind(lease.token)
+            .execute(&self.pool)
+            .await?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::Fenced { run });
+        }
+        Ok(())
+    }
+
+    async fn checkpoint(&self, cp: Checkpoint) -> Result<CheckpointOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let n = cp.records.len() as i64;
+        let row = sqlx::query(
+            "UPDATE runs SET state = $1, status = $2, display_status = $3, current_step = $4, \
+             context = COALESCE($5, context), last_seq = last_seq + $6, \
+             wake_at = CASE WHEN ($20 AND cancel_pending AND NOT $17) OR ($8 AND signals_pending - $16 > 0) THEN $9 \
+                            ELSE $7 END, \
+             lease_owner = CASE WHEN $10 THEN NULL ELSE lease_owner END, \
+             lease_expires_at = CASE WHEN $10 THEN NULL ELSE lease_expires_at END, \
+             signals_pending = signals_pending - $16, \
+             cancel_pending = CASE WHEN $17 THEN FALSE ELSE cancel_pending END, \
+             updated_at = $9, started_at = COALESCE(started_at, CASE WHEN $11 THEN $9 END), \
+             completed_at = CASE WHEN $12 THEN $9 ELSE completed_at END \
+             WHERE id = $13 AND fencing_token = $14 AND lease_owner = $18 AND last_seq = $15 AND status = $19 \
+             RETURNING last_seq, signals_pending, cancel_pending",
+        )
+        .bind(Json(&cp.state))
+        .bind(cp.state.status().as_str())
+        .bind(&cp.display_status)
+        .bind(&cp.current_step)
+        .bind(cp.context.as_ref().map(Json))
+        .bind(n)
+        .bind(cp.wake_at.map(|t| t.0))
+        .bind(cp.wake_on_signal)
+        .bind(cp.now.0)
+        .bind(cp.release)
+        .bind(cp.projection.started)
+        .bind(cp.state.is_terminal())
+        .bind(cp.run_id.0)
+        .bind(cp.lease.token)
+        .bind(cp.expected_seq)
+        .bind(cp.consumed_signals.len() as i64)
+        .bind(cp.consumed_cancel)
+        .bind(&cp.lease.owner)
+        .bind(cp.expected_status.as_str())
+        .bind(!cp.state.is_terminal())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Err(StoreError::Fenced { run: cp.run_id });
+        };
+        append_journal(&mut tx, cp.run_id, cp.expected_seq + 1, &cp.records, cp.now).await?;
+        if !cp.consumed_signals.is_empty() {
+            sqlx::query("UPDATE signals SET consumed_at = $1 WHERE id = ANY($2) AND consumed_at IS NULL")
+                .bind(cp.now.0)
+                .bind(&cp.consumed_signals)
+                .execute(&mut *tx)
+                .await?;
+        }
+        apply_projection(&mut tx, cp.run_id, &cp.projection, cp.now).await?;
+        tx.commit().await?;
+        Ok(CheckpointOutcome {
+            last_seq: row.try_get("last_seq")?,
+            signals_pending: row.try_get("signals_pending")?,
+            cancel_pending: row.try_get("cancel_pending")?,
+        })
+    }
+
+    async fn release(&self, run: RunId, lease: &Lease) -> Result<()> {
+        sqlx::query(
+            "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL WHERE id = $1 AND lease_owner = $2 AND fencing_token = $3",
+        )
+        .bind(run.0)
+        .bind(&lease.owner)
+        .bind(lease.token)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_run(&self, run: RunId) -> Result<Option<RunRow>> {
+        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"))
+            .bind(run.0)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn find_by_request_id(&self, request_id: &str) -> Result<Option<RunRow>> {
+        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE request_id = $1"))
+            .bind(request_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn list_runs(&self, f: &RunFilter) -> Result<Vec<RunRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR definition = $2) \
+             AND ($3::uuid IS NULL OR id < $3) ORDER BY id DESC LIMIT $4"
+        ))
+        .bind(f.status.map(RunStatus::as_str))
+        .bind(&f.definition)
+        .bind(f.before.map(|b| b.0))
+        .bind(f.limit.max(1) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    async fn journal(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<JournalEntry>> {
+        let rows = sqlx::query("SELECT seq, record, at FROM journal WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3")
+            .bind(run.0)
+            .bind(after)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let rec: Json<Value> = r.try_get("record")?;
+                Ok(JournalEntry {
+                    run_id: run,
+                    seq: r.try_get("seq")?,
+                    record: parse_json("journal record", rec.0)?,
+                    at: Timestamp(r.try_get("at")?),
+                })
+            })
+            .collect()
+    }
+
+    async fn definition_source(&self, hash: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT source FROM definitions WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn signal(&self, run: RunId, name: &str, now: Timestamp) -> Result<SignalOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = $1 FOR UPDATE")
+            .bind(run.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let status = status.ok_or(StoreError::NotFound(run))?;
+        let status = RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?;
+        if status.is_terminal() {
+            return Ok(SignalOutcome::Finished(status));
+        }
+        let inserted = sqlx::query("INSERT INTO signals (run_id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (run_id, name) DO NOTHING")
+            .bind(run.0)
+            .bind(name)
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if inserted == 0 {
+            return Ok(SignalOutcome::Duplicate);
+        }
+        sqlx::query(
+            "UPDATE runs SET signals_pending = signals_pending + 1, \
+             wake_at = CASE WHEN status = 'holding' THEN LEAST(COALESCE(wake_at, $2), $2) ELSE wake_at END WHERE id = $1",
+        )
+        .bind(run.0)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?;
+        self.notify(&mut tx).await?;
+        tx.commit().await?;
+        self.wakeup.wake();
+        Ok(SignalOutcome::Accepted)
+    }
+
+    async fn cancel(&self, run: RunId, reason: &str, now: Timestamp) -> Result<SignalOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT status, cancel_reason FROM runs WHERE id = $1 FOR UPDATE")
+            .bind(run.0)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound(run))?;
+        let status: String = row.try_get("status")?;
+        let status = RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?;
+        if status.is_terminal() {
+            return Ok(SignalOutcome::Finished(status));
+        }
+        if row.try_get::<Option<String>, _>("cancel_reason")?.is_some() {
+            return Ok(SignalOutcome::Duplicate);
+        }
+        sqlx::query(
+            "UPDATE runs SET cancel_reason = $2, cancel_pending = TRUE, wake_at = LEAST(COALESCE(wake_at, $3), $3) WHERE id = $1",
+        )
+        .bind(run.0)
+        .bind(reason)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?;
+        self.notify(&mut tx).await?;
+        tx.commit().await?;
+        self.wakeup.wake();
+        Ok(SignalOutcome::Accepted)
+    }
+
+    async fn pending_signals(&self, run: RunId) -> Result<Vec<SignalRow>> {
+        let rows = sqlx::query("SELECT id, name FROM signals WHERE run_id = $1 AND consumed_at IS NULL ORDER BY id")
+            .bind(run.0)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SignalRow {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn next_wake_after(&self, now: Timestamp) -> Result<Option<Timestamp>> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MIN(wake_at) FROM runs WHERE wake_at > $1")
+            .bind(now.0)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v.map(Timestamp))
+    }
+
+    async fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let s: String = r.try_get("status")?;
+                let st = RunStatus::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status {s:?}")))?;
+                Ok((st, r.try_get("n")?))
+            })
+            .collect()
+    }
+
+    async fn ledger_record(&self, row: &LedgerRow, adopt: bool) -> Result<bool> {
+        if adopt {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger WHERE key = $1")
+                .bind(&row.key)
+                .fetch_one(&self.pool)
+                .await?;
+            if n > 0 {
+                return Ok(false);
+            }
+        }
+        sqlx::query("INSERT INTO ledger (key, run_id, step, attempt, kind, at) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(&row.key)
+            .bind(row.run_id.0)
+            .bind(&row.step)
+            .bind(row.attempt)
+            .bind(&row.kind)
+            .bind(Timestamp::now().0)
+            .execute(&self.pool)
+            .await?;
+        Ok(true)
+    }
+
+    async fn ledger(&self, run: Option<RunId>) -> Result<Vec<LedgerRow>> {
+        let rows = sqlx::query("SELECT key, run_id, step, attempt, kind FROM ledger WHERE ($1::uuid IS NULL OR run_id = $1) ORDER BY id")
+            .bind(run.map(|r| r.0))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LedgerRow {
+                    key: r.try_get("key")?,
+                    run_id: RunId(r.try_get("run_id")?),
+                    step: r.try_get("step")?,
+                    attempt: r.try_get("attempt")?,
+                    kind: r.try_get("kind")?,
+                })
+            })
+            .collect()
+    }
+
+    fn wakeup(&self) -> Arc<Wakeup> {
+        self.wakeup.clone()
+    }
+
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+}

@@ -1,0 +1,543 @@
+//! SQLite backend: the embedded default. WAL with `synchronous=FULL`, so a committed checkpoint
+//! survives power loss. Write transactions start with `BEGIN IMMEDIATE` so two writers queue on
+//! the busy timeout instead of failing on a lock upgrade.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::types::Json;
+use sqlx::{Row, SqlitePool};
+
+use super::*;
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+    wakeup: Arc<Wakeup>,
+}
+
+const RUN_COLUMNS: &str = "id, definition, definition_hash, request_id, correlation_id, state, status, display_status, \
+    current_step, input, context, last_seq, fencing_token, lease_owner, lease_expires_at, wake_at, signals_pending, \
+    cancel_reason, cancel_pending, created_at, updated_at, started_at, completed_at";
+
+fn rfc3339(t: Timestamp) -> String {
+    t.to_rfc3339()
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `url` and applies migrations.
+    pub async fn connect(url: &str) -> Result<SqliteStore> {
+        let memory = url.contains(":memory:") || url.contains("mode=memory");
+        let opts = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Config(format!("{}: {e}", redact_url(url))))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(if memory { 1 } else { 8 })
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        Ok(SqliteStore {
+            pool,
+            wakeup: Arc::new(Wakeup::default()),
+        })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+fn ts(v: Option<i64>) -> Option<Timestamp> {
+    v.map(Timestamp)
+}
+
+fn run_from_row(row: &SqliteRow) -> Result<RunRow> {
+    let id: String = row.try_get("id")?;
+    let state: Json<Value> = row.try_get("state")?;
+    let status: String = row.try_get("status")?;
+    let input: Json<Value> = row.try_get("input")?;
+    let context: Json<Value> = row.try_get("context")?;
+    Ok(RunRow {
+        id: id.parse().map_err(|e| StoreError::Corrupt(format!("run id {id:?}: {e}")))?,
+        definition: row.try_get("definition")?,
+        definition_hash: row.try_get("definition_hash")?,
+        request_id: row.try_get("request_id")?,
+        correlation_id: row.try_get("correlation_id")?,
+        state: parse_json("run state", state.0)?,
+        status: RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?,
+        display_status: row.try_get("display_status")?,
+        current_step: row.try_get("current_step")?,
+        input: input.0,
+        context: context.0,
+        last_seq: row.try_get("last_seq")?,
+        fencing_token: row.try_get("fencing_token")?,
+        lease_owner: row.try_get("lease_owner")?,
+        lease_expires_at: ts(row.try_get("lease_expires_at")?),
+        wake_at: ts(row.try_get("wake_at")?),
+        signals_pending: row.try_get("signals_pending")?,
+        cancel_reason: row.try_get("cancel_reason")?,
+        cancel_pending: row.try_get::<i64, _>("cancel_pending")? != 0,
+        created_at: Timestamp(row.try_get("created_at")?),
+        updated_at: Timestamp(row.try_get("updated_at")?),
+        started_at: ts(row.try_get("started_at")?),
+        completed_at: ts(row.try_get("completed_at")?),
+    })
+}
+
+async fn append_journal(
+    tx: &mut sqlx::SqliteConnection,
+    run: RunId,
+    first_seq: i64,
+    records: &[Record],
+    now: Timestamp,
+) -> Result<()> {
+    for (i, r) in records.iter().enumerate() {
+        sqlx::query("INSERT INTO journal (run_id, seq, kind, record, at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(run.to_string())
+            .bind(first_seq + i as i64)
+            .bind(r.kind())
+            .bind(Json(r))
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn apply_projection(tx: &mut sqlx::SqliteConnection, run: RunId, p: &Projection, now: Timestamp) -> Result<()> {
+    let at = rfc3339(now);
+    sqlx::query(
+        "UPDATE failover_jobs SET status = COALESCE($2, status), \
+         linstor_snapshot_name = COALESCE($3, linstor_snapshot_name), \
+         destination_vm_id = COALESCE($4, destination_vm_id), error_message = COALESCE($5, error_message), \
+         started_at = CASE WHEN $6 AND started_at IS NULL THEN $8 ELSE started_at END, \
+         completed_at = CASE WHEN $7 THEN $8 ELSE completed_at END, updated_at = $8 WHERE job_id = $1",
+    )
+    .bind(run.to_string())
+    .bind(&p.status)
+    .bind(&p.snapshot_name)
+    .bind(&p.destination_vm_id)
+    .bind(&p.error_message)
+    .bind(p.started)
+    .bind(p.completed)
+    .bind(&at)
+    .execute(&mut *tx)
+    .await?;
+    for t in &p.tracking {
+        sqlx::query(
+            "INSERT INTO job_tracking (id, parent_job_id, operation, status, metadata, error_message, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7) \
+             ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, metadata = excluded.metadata, \
+             error_message = excluded.error_message, updated_at = excluded.updated_at",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(run.to_string())
+        .bind(&t.operation)
+        .bind(t.status)
+        .bind(Json(&t.metadata))
+        .bind(&t.error_message)
+        .bind(&at)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn submit(&self, run: NewRun) -> Result<Submitted> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        if let Some(req) = &run.request_id {
+            let existing = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE request_id = $1"))
+                .bind(req)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(row) = existing {
+                return Ok(Submitted {
+                    run: run_from_row(&row)?,
+                    created: false,
+                });
+            }
+        }
+        sqlx::query("INSERT INTO definitions (hash, name, source, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (hash) DO NOTHING")
+            .bind(&run.definition_hash)
+            .bind(&run.definition)
+            .bind(&run.definition_source)
+            .bind(run.now.0)
+            .execute(&mut *tx)
+            .await?;
+        let state = RunState::Pending;
+        let row = sqlx::query(&format!(
+            "INSERT INTO runs (id, definition, definition_hash, request_id, correlation_id, status, display_status, \
+             current_step, state, input, context, last_seq, wake_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, '{{}}', 1, $10, $10, $10) RETURNING {RUN_COLUMNS}"
+        ))
+        .bind(run.id.to_string())
+        .bind(&run.definition)
+        .bind(&run.definition_hash)
+        .bind(&run.request_id)
+        .bind(&run.correlation_id)
+        .bind(state.status().as_str())
+        .bind(&run.display_status)
+        .bind(Json(&state))
+        .bind(Json(&run.input))
+        .bind(run.now.0)
+        .fetch_one(&mut *tx)
+        .await?;
+        append_journal(&mut tx, run.id, 1, std::slice::from_ref(&run.record), run.now).await?;
+        let at = rfc3339(run.now);
+        sqlx::query(
+            "INSERT INTO failover_jobs (job_id, vm_id, vm_name, job_type, status, source_vm_spec, network_mappings, \
+             correlation_id, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+        )
+        .bind(run.id.to_string())
+        .bind(run.input.get("vm_id").and_then(Value::as_str).unwrap_or(""))
+        .bind(run.input.get("vm_name").and_then(Value::as_str))
+        .bind(job_type_of(&run))
+        .bind(&run.display_status)
+        .bind(run.input.get("source_vm_spec").map(|v| v.to_string()))
+        .bind(run.input.get("network_mappings").map(|v| v.to_string()))
+        .bind(&run.correlation_id)
+        .bind(&at)
+        .execute(&mut *tx)
+        .await?;
+        apply_projection(&mut tx, run.id, &run.projection, run.now).await?;
+        tx.commit().await?;
+        self.wakeup.wake();
+        Ok(Submitted {
+            run: run_from_row(&row)?,
+            created: true,
+        })
+    }
+
+    async fn claim(&self, owner: &str, limit: u32, lease_ttl: Duration, now: Timestamp) -> Result<Vec<(RunRow, Lease)>> {
+        let rows = sqlx::query(&format!(
+            "UPDATE runs SET lease_owner = $1, lease_expires_at = $2, fencing_token = fencing_token + 1 \
+             WHERE id IN (SELECT id FROM runs WHERE wake_at IS NOT NULL AND wake_at <= $3 \
+                          AND (lease_expires_at IS NULL OR lease_expires_at < $3) ORDER BY wake_at LIMIT $4) \
+             RETURNING {RUN_COLUMNS}"
+        ))
+        .bind(owner)
+        .bind(now.plus(lease_ttl).0)
+        .bind(now.0)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let run = run_from_row(r)?;
+                let lease = Lease {
+                    owner: owner.to_string(),
+                    token: run.fencing_token,
+                };
+                Ok((run, lease))
+            })
+            .collect()
+    }
+
+    async fn heartbeat(&self, run: RunId, lease: &Lease, expires_at: Timestamp) -> Result<()> {
+        let r = sqlx::query("UPDATE runs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND fencing_token = $4")
+            .bind(expires_at.0)
+            .bind(run.to_string())
+            .bind(&lease.owner)
+            .bind(lease.token)
+            .execute(&self.pool)
+            .await?;
+        if r.rows_affected() == 0 {
+            return Err(StoreError::Fenced { run });
+        }
+        Ok(())
+    }
+
+    async fn checkpoint(&self, cp: Checkpoint) -> Result<CheckpointOutcome> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let n = cp.records.len() as i64;
+        let row = sqlx::query(
+            "UPDATE runs SET state = $1, status = $2, display_status = $3, current_step = $4, \
+             context = COALESCE($5, context), last_seq = last_seq + $6, \
+             wake_at = CASE WHEN ($20 AND cancel_pending AND NOT $17) OR ($8 AND signals_pending - $16 > 0) THEN $9 \
+                            ELSE $7 END, \
+             lease_owner = CASE WHEN $10 THEN NULL ELSE lease_owner END, \
+             lease_expires_at = CASE WHEN $10 THEN NULL ELSE lease_expires_at END, \
+             signals_pending = signals_pending - $16, \
+             cancel_pending = CASE WHEN $17 THEN 0 ELSE cancel_pending END, \
+             updated_at = $9, started_at = COALESCE(started_at, CASE WHEN $11 THEN $9 END), \
+             completed_at = CASE WHEN $12 THEN $9 ELSE completed_at END \
+             WHERE id = $13 AND fencing_token = $14 AND lease_owner = $18 AND last_seq = $15 AND status = $19 \
+             RETURNING last_seq, signals_pending, cancel_pending",
+        )
+        .bind(Json(&cp.state))
+        .bind(cp.state.status().as_str())
+        .bind(&cp.display_status)
+        .bind(&cp.current_step)
+        .bind(cp.context.as_ref().map(Json))
+        .bind(n)
+        .bind(cp.wake_at.map(|t| t.0))
+        .bind(cp.wake_on_signal)
+        .bind(cp.now.0)
+        .bind(cp.release)
+        .bind(cp.projection.started)
+        .bind(cp.state.is_terminal())
+        .bind(cp.run_id.to_string())
+        .bind(cp.lease.token)
+        .bind(cp.expected_seq)
+        .bind(cp.consumed_signals.len() as i64)
+        .bind(cp.consumed_cancel)
+        .bind(&cp.lease.owner)
+        .bind(cp.expected_status.as_str())
+        .bind(!cp.state.is_terminal())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Err(StoreError::Fenced { run: cp.run_id });
+        };
+        append_journal(&mut tx, cp.run_id, cp.expected_seq + 1, &cp.records, cp.now).await?;
+        for id in &cp.consumed_signals {
+            sqlx::query("UPDATE signals SET consumed_at = $1 WHERE id = $2 AND consumed_at IS NULL")
+                .bind(cp.now.0)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        apply_projection(&mut tx, cp.run_id, &cp.projection, cp.now).await?;
+        tx.commit().await?;
+        Ok(CheckpointOutcome {
+            last_seq: row.try_get("last_seq")?,
+            signals_pending: row.try_get("signals_pending")?,
+            cancel_pending: row.try_get::<i64, _>("cancel_pending")? != 0,
+        })
+    }
+
+    async fn release(&self, run: RunId, lease: &Lease) -> Result<()> {
+        sqlx::query(
+            "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL WHERE id = $1 AND lease_owner = $2 AND fencing_token = $3",
+        )
+        .bind(run.to_string())
+        .bind(&lease.owner)
+        .bind(lease.token)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_run(&self, run: RunId) -> Result<Option<RunRow>> {
+        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"))
+            .bind(run.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn find_by_request_id(&self, request_id: &str) -> Result<Option<RunRow>> {
+        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE request_id = $1"))
+            .bind(request_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn list_runs(&self, f: &RunFilter) -> Result<Vec<RunRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR definition = $2) \
+             AND ($3 IS NULL OR id < $3) ORDER BY id DESC LIMIT $4"
+        ))
+        .bind(f.status.map(RunStatus::as_str))
+        .bind(&f.definition)
+        .bind(f.before.map(|b| b.to_string()))
+        .bind(f.limit.max(1) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    async fn journal(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<JournalEntry>> {
+        let rows = sqlx::query("SELECT seq, record, at FROM journal WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3")
+            .bind(run.to_string())
+            .bind(after)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let rec: Json<Value> = r.try_get("record")?;
+                Ok(JournalEntry {
+                    run_id: run,
+                    seq: r.try_get("seq")?,
+                    record: parse_json("journal record", rec.0)?,
+                    at: Timestamp(r.try_get("at")?),
+                })
+            })
+            .collect()
+    }
+
+    async fn definition_source(&self, hash: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT source FROM definitions WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn signal(&self, run: RunId, name: &str, now: Timestamp) -> Result<SignalOutcome> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = $1")
+            .bind(run.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let status = status.ok_or(StoreError::NotFound(run))?;
+        let status = RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?;
+        if status.is_terminal() {
+            return Ok(SignalOutcome::Finished(status));
+        }
+        let inserted = sqlx::query("INSERT INTO signals (run_id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (run_id, name) DO NOTHING")
+            .bind(run.to_string())
+            .bind(name)
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if inserted == 0 {
+            return Ok(SignalOutcome::Duplicate);
+        }
+        sqlx::query(
+            "UPDATE runs SET signals_pending = signals_pending + 1, \
+             wake_at = CASE WHEN status = 'holding' THEN MIN(COALESCE(wake_at, $2), $2) ELSE wake_at END WHERE id = $1",
+        )
+        .bind(run.to_string())
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.wakeup.wake();
+        Ok(SignalOutcome::Accepted)
+    }
+
+    async fn cancel(&self, run: RunId, reason: &str, now: Timestamp) -> Result<SignalOutcome> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let row = sqlx::query("SELECT status, cancel_reason FROM runs WHERE id = $1")
+            .bind(run.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound(run))?;
+        let status: String = row.try_get("status")?;
+        let status = RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?;
+        if status.is_terminal() {
+            return Ok(SignalOutcome::Finished(status));
+        }
+        if row.try_get::<Option<String>, _>("cancel_reason")?.is_some() {
+            return Ok(SignalOutcome::Duplicate);
+        }
+        sqlx::query(
+            "UPDATE runs SET cancel_reason = $2, cancel_pending = 1, wake_at = MIN(COALESCE(wake_at, $3), $3) WHERE id = $1",
+        )
+        .bind(run.to_string())
+        .bind(reason)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.wakeup.wake();
+        Ok(SignalOutcome::Accepted)
+    }
+
+    async fn pending_signals(&self, run: RunId) -> Result<Vec<SignalRow>> {
+        let rows = sqlx::query("SELECT id, name FROM signals WHERE run_id = $1 AND consumed_at IS NULL ORDER BY id")
+            .bind(run.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SignalRow {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn next_wake_after(&self, now: Timestamp) -> Result<Option<Timestamp>> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MIN(wake_at) FROM runs WHERE wake_at > $1")
+            .bind(now.0)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v.map(Timestamp))
+    }
+
+    async fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let s: String = r.try_get("status")?;
+                let st = RunStatus::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status {s:?}")))?;
+                Ok((st, r.try_get("n")?))
+            })
+            .collect()
+    }
+
+    async fn ledger_record(&self, row: &LedgerRow, adopt: bool) -> Result<bool> {
+        // Look up, then create: two statements, like a real cloud API (no atomic upsert to hide behind).
+        if adopt {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger WHERE key = $1")
+                .bind(&row.key)
+                .fetch_one(&self.pool)
+                .await?;
+            if n > 0 {
+                return Ok(false);
+            }
+        }
+        sqlx::query("INSERT INTO ledger (key, run_id, step, attempt, kind, at) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(&row.key)
+            .bind(row.run_id.to_string())
+            .bind(&row.step)
+            .bind(row.attempt)
+            .bind(&row.kind)
+            .bind(Timestamp::now().0)
+            .execute(&self.pool)
+            .await?;
+        Ok(true)
+    }
+
+    async fn ledger(&self, run: Option<RunId>) -> Result<Vec<LedgerRow>> {
+        let rows = sqlx::query("SELECT key, run_id, step, attempt, kind FROM ledger WHERE ($1 IS NULL OR run_id = $1) ORDER BY id")
+            .bind(run.map(|r| r.to_string()))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let id: String = r.try_get("run_id")?;
+                Ok(LedgerRow {
+                    key: r.try_get("key")?,
+                    run_id: id.parse().map_err(|e| StoreError::Corrupt(format!("ledger run id: {e}")))?,
+                    step: r.try_get("step")?,
+                    attempt: r.try_get("attempt")?,
+                    kind: r.try_get("kind")?,
+                })
+            })
+            .collect()
+    }
+
+    fn wakeup(&self) -> Arc<Wakeup> {
+        self.wakeup.clone()
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+}
+
+pub(crate) fn job_type_of(run: &NewRun) -> String {
+    run.input
+        .get("job_type")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| run.definition.clone())
+}
