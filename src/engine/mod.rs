@@ -141,6 +141,7 @@ impl Engine {
                 definition: def.name.clone(),
                 definition_hash: def.hash.clone(),
                 definition_source: def.source.clone(),
+                job_type: def.job_type.clone(),
                 request_id: req.request_id,
                 correlation_id: req.correlation_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
                 input: req.input,
@@ -151,6 +152,7 @@ impl Engine {
             })
             .await?;
         if submitted.created {
+            crash::point("after:run_submitted");
             tracing::info!(run_id = %id, definition = %def.name, correlation_id = %submitted.run.correlation_id, "run submitted");
         }
         Ok(submitted)

@@ -98,6 +98,8 @@ pub struct NewRun {
     pub definition: String,
     pub definition_hash: String,
     pub definition_source: String,
+    /// `failover_jobs.job_type` ("test", "live", or the definition name).
+    pub job_type: String,
     pub request_id: Option<String>,
     pub correlation_id: String,
     pub input: Value,
@@ -184,6 +186,34 @@ pub struct RunFilter {
     pub limit: u32,
 }
 
+/// A row of the seeds' `failover_jobs` projection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverJobRow {
+    pub job_id: String,
+    pub vm_id: String,
+    pub vm_name: Option<String>,
+    pub job_type: String,
+    pub status: String,
+    pub linstor_snapshot_name: Option<String>,
+    pub destination_vm_id: Option<String>,
+    pub error_message: Option<String>,
+    pub correlation_id: Option<String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub completed_at: Option<String>,
+}
+
+/// A row of the seeds' `job_tracking` projection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobTrackingRow {
+    pub id: String,
+    pub parent_job_id: String,
+    pub operation: String,
+    pub status: String,
+    pub metadata: Value,
+    pub error_message: Option<String>,
+}
+
 /// One side effect recorded by the built-in test actions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerRow {
@@ -241,6 +271,11 @@ pub trait Store: Send + Sync + 'static {
     /// Counts runs by status (for tests, the bench and operators).
     async fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>>;
 
+    /// The run's `failover_jobs` projection row.
+    async fn failover_job(&self, run: RunId) -> Result<Option<FailoverJobRow>>;
+    /// The run's `job_tracking` projection rows, in creation order.
+    async fn job_tracking(&self, run: RunId) -> Result<Vec<JobTrackingRow>>;
+
     /// Test actions' ledger: records a side effect under `key` unless one exists (`adopt`),
     /// in which case the existing one is adopted. Returns true when a new row was written.
     async fn ledger_record(&self, row: &LedgerRow, adopt: bool) -> Result<bool>;
@@ -253,9 +288,12 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Opens the store a URL names: `sqlite://path` / `sqlite::memory:` or `postgres://…`.
+/// A PostgreSQL URL may carry `tern_schema=NAME` to keep Tern's tables in their own schema
+/// (several isolated Terns on one database; the tests use it).
 pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(postgres::PgStore::connect(url, None).await?))
+        let (url, schema) = split_schema(url);
+        Ok(Arc::new(postgres::PgStore::connect(&url, schema.as_deref()).await?))
     } else if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
     } else {
@@ -263,6 +301,29 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
             "unsupported database URL {:?}: use sqlite://PATH or postgres://…",
             redact_url(url)
         )))
+    }
+}
+
+/// Removes a `tern_schema=NAME` query parameter from a URL, returning it separately.
+pub fn split_schema(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_string(), None);
+    };
+    let mut schema = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|kv| match kv.strip_prefix("tern_schema=") {
+            Some(v) => {
+                schema = Some(v.to_string());
+                false
+            }
+            None => true,
+        })
+        .collect();
+    if rest.is_empty() {
+        (base.to_string(), schema)
+    } else {
+        (format!("{base}?{}", rest.join("&")), schema)
     }
 }
 
@@ -291,5 +352,11 @@ mod tests {
             "postgres://me:***@db:5432/x"
         );
         assert_eq!(super::redact_url("sqlite://a.db"), "sqlite://a.db");
+        assert_eq!(
+            super::split_schema("postgres://h/db?tern_schema=t1&sslmode=disable"),
+            ("postgres://h/db?sslmode=disable".to_string(), Some("t1".to_string()))
+        );
+        assert_eq!(super::split_schema("postgres://h/db?tern_schema=t1"), ("postgres://h/db".to_string(), Some("t1".to_string())));
+        assert_eq!(super::split_schema("postgres://h/db"), ("postgres://h/db".to_string(), None));
     }
 }

@@ -267,7 +267,7 @@ impl Store for PgStore {
         .bind(run.id.to_string())
         .bind(run.input.get("vm_id").and_then(Value::as_str).unwrap_or(""))
         .bind(run.input.get("vm_name").and_then(Value::as_str))
-        .bind(super::sqlite::job_type_of(&run))
+        .bind(&run.job_type)
         .bind(&run.display_status)
         .bind(run.input.get("source_vm_spec").map(|v| v.to_string()))
         .bind(run.input.get("network_mappings").map(|v| v.to_string()))
@@ -554,6 +554,57 @@ impl Store for PgStore {
                 let s: String = r.try_get("status")?;
                 let st = RunStatus::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status {s:?}")))?;
                 Ok((st, r.try_get("n")?))
+            })
+            .collect()
+    }
+
+    async fn failover_job(&self, run: RunId) -> Result<Option<FailoverJobRow>> {
+        let row = sqlx::query(
+            "SELECT job_id, vm_id, vm_name, job_type, status, linstor_snapshot_name, destination_vm_id, error_message, \
+             correlation_id, created_at::text AS created_at, started_at::text AS started_at, \
+             completed_at::text AS completed_at FROM failover_jobs WHERE job_id = $1",
+        )
+        .bind(run.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(FailoverJobRow {
+                job_id: r.try_get("job_id")?,
+                vm_id: r.try_get("vm_id")?,
+                vm_name: r.try_get("vm_name")?,
+                job_type: r.try_get("job_type")?,
+                status: r.try_get("status")?,
+                linstor_snapshot_name: r.try_get("linstor_snapshot_name")?,
+                destination_vm_id: r.try_get("destination_vm_id")?,
+                error_message: r.try_get("error_message")?,
+                correlation_id: r.try_get("correlation_id")?,
+                created_at: r.try_get("created_at")?,
+                started_at: r.try_get("started_at")?,
+                completed_at: r.try_get("completed_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn job_tracking(&self, run: RunId) -> Result<Vec<JobTrackingRow>> {
+        let rows = sqlx::query(
+            "SELECT id, parent_job_id, operation, status, metadata, error_message FROM job_tracking \
+             WHERE parent_job_id = $1 ORDER BY created_at, id",
+        )
+        .bind(run.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let metadata: Option<Json<Value>> = r.try_get("metadata")?;
+                Ok(JobTrackingRow {
+                    id: r.try_get("id")?,
+                    parent_job_id: r.try_get("parent_job_id")?,
+                    operation: r.try_get("operation")?,
+                    status: r.try_get("status")?,
+                    metadata: metadata.map(|m| m.0).unwrap_or(Value::Null),
+                    error_message: r.try_get("error_message")?,
+                })
             })
             .collect()
     }

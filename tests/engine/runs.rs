@@ -1,0 +1,413 @@
+//! Workflow runs end to end, in-process, on both backends: happy path, hold timer and signal,
+//! retries asleep in the database, rollback, needs-operator, cancel, pinning, lease takeover.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tern::domain::RunId;
+use tern::engine::machine::{Record, RunStatus};
+use tern::engine::{worker, Engine, EngineConfig, EngineError, SubmitRequest};
+use tern::store::{JournalEntry, SignalOutcome, Store};
+use tokio_util::sync::CancellationToken;
+
+use crate::common::TestDb;
+use crate::on_both_backends;
+
+struct Worker {
+    engine: Arc<Engine>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn config(name: &str) -> EngineConfig {
+    EngineConfig {
+        worker_id: name.to_string(),
+        concurrency: 16,
+        lease_ttl: Duration::from_secs(2),
+        poll_interval: Duration::from_millis(100),
+        shutdown_grace: Duration::from_secs(2),
+    }
+}
+
+async fn engine(store: Arc<dyn Store>, defs: &[(&str, &str)], cfg: EngineConfig) -> Arc<Engine> {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in defs {
+        std::fs::write(dir.path().join(format!("{name}.toml")), text).unwrap();
+    }
+    Engine::with_defaults(store, Some(dir.path()), cfg).unwrap()
+}
+
+async fn start(store: Arc<dyn Store>, defs: &[(&str, &str)], name: &str) -> Worker {
+    start_with(store, defs, config(name)).await
+}
+
+async fn start_with(store: Arc<dyn Store>, defs: &[(&str, &str)], cfg: EngineConfig) -> Worker {
+    let engine = engine(store, defs, cfg).await;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let (e, s) = (engine.clone(), stop.clone());
+        async move {
+            worker::run_worker(e, s).await.unwrap();
+        }
+    });
+    Worker { engine, stop, task }
+}
+
+async fn submit(e: &Engine, def: &str, input: Value) -> RunId {
+    e.submit(SubmitRequest { definition: def.into(), input, request_id: None, correlation_id: None })
+        .await
+        .unwrap()
+        .run
+        .id
+}
+
+async fn finish(e: &Engine, run: RunId) -> tern::store::RunRow {
+    let row = e.wait_terminal(run, Duration::from_secs(30)).await.unwrap();
+    assert!(row.status.is_terminal(), "run {run} stuck in {:?}", row.state);
+    row
+}
+
+async fn wait_status(e: &Engine, run: RunId, status: RunStatus) {
+    for _ in 0..1500 {
+        if e.store.get_run(run).await.unwrap().unwrap().status == status {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("run {run} never reached {status:?}");
+}
+
+async fn journal(e: &Engine, run: RunId) -> Vec<JournalEntry> {
+    let j = e.store.journal(run, 0, 10_000).await.unwrap();
+    let seqs: Vec<i64> = j.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=j.len() as i64).collect::<Vec<_>>(), "journal has gaps or duplicates");
+    assert_eq!(e.store.get_run(run).await.unwrap().unwrap().last_seq, j.len() as i64);
+    j
+}
+
+fn count(j: &[JournalEntry], kind: &str) -> usize {
+    j.iter().filter(|e| e.record.kind() == kind).count()
+}
+
+/// Ledger rows of a run as (step, kind) -> count.
+async fn ledger(e: &Engine, run: RunId) -> HashMap<(String, String), usize> {
+    let mut m = HashMap::new();
+    for row in e.store.ledger(Some(run)).await.unwrap() {
+        *m.entry((row.step, row.kind)).or_insert(0) += 1;
+    }
+    m
+}
+
+fn key(step: &str, kind: &str) -> (String, String) {
+    (step.to_string(), kind.to_string())
+}
+
+async fn happy_path_with_hold_timer(db: TestDb) {
+    let w = start(db.open().await, &[], "w1").await;
+    let run = submit(&w.engine, "crash-saga", json!({"hold": "200ms", "vm_id": "vm-7"})).await;
+    let row = finish(&w.engine, run).await;
+    assert_eq!(row.status, RunStatus::Completed);
+    assert_eq!(row.display_status, "completed");
+    let j = journal(&w.engine, run).await;
+    assert_eq!(count(&j, "timer_set"), 1);
+    assert_eq!(count(&j, "timer_fired"), 1);
+    assert_eq!(count(&j, "run_finished"), 1);
+    assert_eq!(count(&j, "step_started"), 6);
+    let l = ledger(&w.engine, run).await;
+    for s in ["validate", "snapshot", "attach", "stop", "revert"] {
+        assert_eq!(l.get(&key(s, "effect")), Some(&1), "{s}: {l:?}");
+    }
+    assert_eq!(l.get(&key("create_vm", "job")), Some(&1));
+    assert!(!l.keys().any(|(_, k)| k == "undo"));
+    // Outputs are kept in the context (what each step created).
+    assert!(row.context["outputs"]["create_vm"]["job_id"].is_string());
+    let job = w.engine.store.failover_job(run).await.unwrap().unwrap();
+    assert_eq!((job.status.as_str(), job.vm_id.as_str(), job.job_type.as_str()), ("completed", "vm-7", "test"));
+    let tracking = w.engine.store.job_tracking(run).await.unwrap();
+    assert_eq!(tracking.len(), 6);
+    assert!(tracking.iter().all(|t| t.status == "completed"), "{tracking:?}");
+    w.stop().await;
+}
+
+async fn retries_sleep_in_the_database_then_succeed(db: TestDb) {
+    let w = start(db.open().await, &[], "w1").await;
+    let input = json!({"hold": "1ms", "test": {"fail": {"attach": {"times": 2, "class": "retryable"}}}});
+    let run = submit(&w.engine, "crash-saga", input).await;
+    assert_eq!(finish(&w.engine, run).await.status, RunStatus::Completed);
+    let j = journal(&w.engine, run).await;
+    let retries: Vec<_> = j
+        .iter()
+        .filter_map(|e| match &e.record {
+            Record::StepFailed { step, attempt, retry_at: Some(at), .. } if step == "attach" => Some((*attempt, *at, e.at)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(retries.len(), 2);
+    assert!(retries.iter().all(|(_, at, committed)| at > committed), "retry time is persisted in the future");
+    let attempts: Vec<u32> = j
+        .iter()
+        .filter_map(|e| match &e.record {
+            Record::StepStarted { step, attempt, .. } if step == "attach" => Some(*attempt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attempts, vec![1, 2, 3]);
+    // The next attempt starts no earlier than its persisted retry time.
+    let third = j.iter().find(|e| matches!(&e.record, Record::StepStarted { step, attempt: 3, .. } if step == "attach")).unwrap();
+    assert!(third.at >= retries[1].1);
+    assert_eq!(ledger(&w.engine, run).await.get(&key("attach", "effect")), Some(&1));
+    w.stop().await;
+}
+
+async fn permanent_failure_rolls_back_in_reverse(db: TestDb) {
+    let w = start(db.open().await, &[], "w1").await;
+    let input = json!({"test": {"fail": {"attach": {"class": "permanent"}}}});
+    let run = submit(&w.engine, "crash-saga", input).await;
+    let row = finish(&w.engine, run).await;
+    assert_eq!(row.status, RunStatus::Failed);
+    let undone: Vec<String> = w.engine.store.ledger(Some(run)).await.unwrap().into_iter().filter(|r| r.kind == "undo").map(|r| r.step).collect();
+    assert_eq!(undone, vec!["attach", "create_vm", "snapshot"], "reverse order, failed step included, validate has nothing to undo");
+    let j = journal(&w.engine, run).await;
+    assert_eq!(count(&j, "step_failed"), 1);
+    assert_eq!(count(&j, "compensation_succeeded"), 3);
+    let job = w.engine.store.failover_job(run).await.unwrap().unwrap();
+    assert_eq!(job.status, "failed");
+    assert!(job.error_message.unwrap().contains("INJECTED"));
+    let tracking = w.engine.store.job_tracking(run).await.unwrap();
+    assert!(tracking.iter().any(|t| t.operation == "rollback:create_vm" && t.status == "completed"));
+    w.stop().await;
+}
+
+async fn a_failed_compensation_needs_an_operator(db: TestDb) {
+    let w = start(db.open().await, &[], "w1").await;
+    let input = json!({"test": {"fail": {"attach": {"class": "permanent"}}, "fail_undo": {"create_vm": {"class": "permanent"}}}});
+    let run = submit(&w.engine, "crash-saga", input).await;
+    let row = finish(&w.engine, run).await;
+    assert_eq!(row.status, RunStatus::NeedsOperator);
+    assert_eq!(row.display_status, "needs_operator");
+    let j = journal(&w.engine, run).await;
+    let finished = j.iter().find_map(|e| match &e.record {
+        Record::RunFinished { status, undone, .. } => Some((*status, undone.clone())),
+        _ => None,
+    });
+    assert_eq!(finished, Some((RunStatus::NeedsOperator, vec!["create_vm".to_string(), "snapshot".to_string()])));
+    let job = w.engine.store.failover_job(run).await.unwrap().unwrap();
+    assert!(job.error_message.unwrap().contains("not undone: create_vm, snapshot"));
+    w.stop().await;
+}
+
+async fn the_end_signal_ends_the_hold_once(db: TestDb) {
+    let w = start(db.open().await, &[], "w1").await;
+    let run = submit(&w.engine, "crash-saga", json!({})).await;
+    wait_status(&w.engine, run, RunStatus::Holding).await;
+    assert_eq!(w.engine.store.get_run(run).await.unwrap().unwrap().wake_at, None);
+    assert_eq!(w.engine.signal(run, "end-test").await.unwrap(), SignalOutcome::Accepted);
+    let again = w.engine.signal(run, "end-test").await.unwrap();
+    assert!(matches!(again, SignalOutcome::Duplicate | SignalOutcome::Finished(_)), "{again:?}");
+    assert_eq!(finish(&w.engine, run).await.status, RunStatus::Completed);
+    let j = journal(&w.engine, run).await;
+    assert_eq!(count(&j, "signal_received"), 1);
+    assert_eq!(count(&j, "timer_fired"), 0);
+    assert!(matches!(w.engine.signal(run, "end-test").await.unwrap(), SignalOutcome::Finished(RunStatus::Completed)));
+    w.stop().await;
+}
+
+async fn an_early_signal_waits_for_the_hold(db: TestDb) {
+    // A signal sent before the run reaches its hold is kept and ends the hold at once.
+    let w = start(db.open().await, &[], "w1").await;
+    let run = submit(&w.engine, "crash-saga", json!({"test": {"sleep_ms": {"validate": 300}}})).await;
+    assert_eq!(w.engine.signal(run, "end-test").await.unwrap(), SignalOutcome::Accepted);
+    assert_eq!(finish(&w.engine, run).await.status, RunStatus::Completed);
+    w.stop().await;
+}
+
+async fn cancel_in_the_hold_rolls_back(db: TestDb) {
+    let w = start(db.open().await, &[], "w1").await;
+    let run = submit(&w.engine, "crash-saga", json!({"hold": "1h"})).await;
+    wait_status(&w.engine, run, RunStatus::Holding).await;
+    assert_eq!(w.engine.cancel(run, "operator said so").await.unwrap(), SignalOutcome::Accepted);
+    let row = finish(&w.engine, run).await;
+    assert_eq!(row.status, RunStatus::Cancelled);
+    let l = ledger(&w.engine, run).await;
+    for s in ["attach", "create_vm", "snapshot"] {
+        assert_eq!(l.get(&key(s, "undo")), Some(&1), "{s}");
+    }
+    assert_eq!(count(&journal(&w.engine, run).await, "timer_fired"), 0);
+    w.stop().await;
+}
+
+const SLOW_RETRY: &str = r#"
+name = "slow-retry"
+[[step]]
+name = "a"
+action = "test.effect"
+compensate = "test.undo"
+[[step]]
+name = "b"
+action = "test.effect"
+compensate = "test.undo"
+retry = { max_attempts = 5, initial_delay = "1h", max_delay = "2h", jitter = 0.0 }
+"#;
+
+async fn cancel_while_asleep_in_backoff(db: TestDb) {
+    let w = start(db.open().await, &[("slow-retry", SLOW_RETRY)], "w1").await;
+    let run = submit(&w.engine, "slow-retry", json!({"test": {"fail": {"b": {"class": "retryable"}}}})).await;
+    wait_status(&w.engine, run, RunStatus::Sleeping).await;
+    w.engine.cancel(run, "no time").await.unwrap();
+    let row = finish(&w.engine, run).await;
+    assert_eq!(row.status, RunStatus::Cancelled);
+    let l = ledger(&w.engine, run).await;
+    assert_eq!(l.get(&key("a", "undo")), Some(&1));
+    assert_eq!(l.get(&key("b", "undo")), Some(&1), "b ran once, so it is undone (idempotently)");
+    w.stop().await;
+}
+
+const TIMEOUTS: &str = r#"
+name = "timeouts"
+[[step]]
+name = "slow"
+action = "test.effect"
+compensate = "none"
+timeout = "100ms"
+retry = { max_attempts = 2, initial_delay = "10ms", jitter = 0.0 }
+"#;
+
+async fn a_step_that_times_out_is_retried_then_fails(db: TestDb) {
+    let w = start(db.open().await, &[("timeouts", TIMEOUTS)], "w1").await;
+    let run = submit(&w.engine, "timeouts", json!({"test": {"sleep_ms": {"slow": 2000}}})).await;
+    let row = finish(&w.engine, run).await;
+    match row.state {
+        tern::engine::machine::RunState::Failed { error, .. } => assert_eq!(error.code, "TIMEOUT"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(count(&journal(&w.engine, run).await, "step_started"), 2);
+    w.stop().await;
+}
+
+const ONE_STEP: &str = r#"
+name = "crash-saga"
+[[step]]
+name = "only"
+action = "test.effect"
+compensate = "none"
+"#;
+
+async fn runs_are_pinned_to_the_definition_they_started_with(db: TestDb) {
+    let store = db.open().await;
+    // Submitted under the embedded crash-saga, while no worker runs.
+    let old = engine(store.clone(), &[], config("submitter")).await;
+    let run = submit(&old, "crash-saga", json!({"hold": "1ms"})).await;
+    // The file changes: a worker now has a one-step crash-saga.
+    let w = start(store.clone(), &[("crash-saga", ONE_STEP)], "w-new").await;
+    assert_eq!(finish(&w.engine, run).await.status, RunStatus::Completed);
+    let l = ledger(&w.engine, run).await;
+    assert_eq!(l.get(&key("attach", "effect")), Some(&1), "the run kept its original steps: {l:?}");
+    assert!(!l.contains_key(&key("only", "effect")));
+    // New runs get the new definition.
+    let fresh = submit(&w.engine, "crash-saga", json!({})).await;
+    assert_eq!(finish(&w.engine, fresh).await.status, RunStatus::Completed);
+    assert_eq!(ledger(&w.engine, fresh).await.get(&key("only", "effect")), Some(&1));
+    w.stop().await;
+}
+
+async fn submit_errors_are_typed_and_request_ids_idempotent(db: TestDb) {
+    let e = engine(db.open().await, &[], config("x")).await;
+    let unknown = e.submit(SubmitRequest { definition: "nope".into(), input: json!({}), request_id: None, correlation_id: None }).await;
+    assert!(matches!(unknown, Err(EngineError::UnknownDefinition(_))));
+    let bad = e
+        .submit(SubmitRequest { definition: "crash-saga".into(), input: json!({"hold": "soonish"}), request_id: None, correlation_id: None })
+        .await;
+    match bad {
+        Err(EngineError::InvalidInput { field, reason }) => {
+            assert_eq!(field, "hold");
+            assert!(reason.contains("soonish"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let req = || SubmitRequest { definition: "crash-saga".into(), input: json!({}), request_id: Some("r-1".into()), correlation_id: None };
+    let a = e.submit(req()).await.unwrap();
+    let b = e.submit(req()).await.unwrap();
+    assert_eq!(a.run.id, b.run.id);
+    assert!(a.created && !b.created);
+    assert!(matches!(e.signal(RunId::new(), "end-test").await, Err(EngineError::NotFound(_))));
+}
+
+async fn two_workers_share_runs_and_each_effect_happens_once(db: TestDb) {
+    let a = start(db.open().await, &[], "wa").await;
+    let b = start(db.open().await, &[], "wb").await;
+    let mut runs = Vec::new();
+    for i in 0..20 {
+        let e = if i % 2 == 0 { &a.engine } else { &b.engine };
+        runs.push(submit(e, "crash-saga", json!({"hold": "10ms"})).await);
+    }
+    for r in &runs {
+        assert_eq!(finish(&a.engine, *r).await.status, RunStatus::Completed);
+    }
+    let rows = a.engine.store.ledger(None).await.unwrap();
+    let mut per_key = HashMap::new();
+    for r in rows {
+        *per_key.entry(r.key).or_insert(0) += 1;
+    }
+    assert_eq!(per_key.len(), 20 * 6);
+    assert!(per_key.values().all(|n| *n == 1));
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn a_dead_workers_run_moves_to_another_after_its_lease(db: TestDb) {
+    let store = db.open().await;
+    let mut cfg = config("doomed");
+    cfg.lease_ttl = Duration::from_millis(600);
+    let doomed = start_with(store.clone(), &[], cfg).await;
+    let run = submit(&doomed.engine, "crash-saga", json!({"hold": "1ms", "test": {"sleep_ms": {"snapshot": 1500}}})).await;
+    // Wait until the doomed worker is inside `snapshot`, then kill it (its tasks are dropped).
+    loop {
+        let row = doomed.engine.store.get_run(run).await.unwrap().unwrap();
+        if row.current_step.as_deref() == Some("snapshot") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    doomed.task.abort();
+    let _ = doomed.task.await;
+    let mut cfg = config("heir");
+    cfg.lease_ttl = Duration::from_millis(600);
+    let heir = start_with(store, &[], cfg).await;
+    assert_eq!(finish(&heir.engine, run).await.status, RunStatus::Completed);
+    let j = journal(&heir.engine, run).await;
+    let attempts: Vec<u32> = j
+        .iter()
+        .filter_map(|e| match &e.record {
+            Record::StepStarted { step, attempt, .. } if step == "snapshot" => Some(*attempt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attempts, vec![1, 2], "the interrupted attempt is resumed as attempt 2");
+    assert_eq!(ledger(&heir.engine, run).await.get(&key("snapshot", "effect")), Some(&1));
+    heir.stop().await;
+}
+
+on_both_backends!(
+    happy_path_with_hold_timer,
+    retries_sleep_in_the_database_then_succeed,
+    permanent_failure_rolls_back_in_reverse,
+    a_failed_compensation_needs_an_operator,
+    the_end_signal_ends_the_hold_once,
+    an_early_signal_waits_for_the_hold,
+    cancel_in_the_hold_rolls_back,
+    cancel_while_asleep_in_backoff,
+    a_step_that_times_out_is_retried_then_fails,
+    runs_are_pinned_to_the_definition_they_started_with,
+    submit_errors_are_typed_and_request_ids_idempotent,
+    two_workers_share_runs_and_each_effect_happens_once,
+    a_dead_workers_run_moves_to_another_after_its_lease,
+);

@@ -1,0 +1,351 @@
+//! The Store conformance suite: the same cases against SQLite and PostgreSQL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tern::domain::{RunId, StepError, Timestamp};
+use tern::engine::machine::{Record, RunState, RunStatus};
+use tern::store::{projection, Checkpoint, Lease, LedgerRow, NewRun, RunFilter, SignalOutcome, Store, StoreError};
+use tern::workflow::Phase;
+
+use crate::common::TestDb;
+use crate::on_both_backends;
+
+const TTL: Duration = Duration::from_secs(30);
+
+fn new_run(request_id: Option<&str>, now: Timestamp) -> NewRun {
+    let record = Record::RunSubmitted {
+        definition: "demo".into(),
+        definition_hash: "h1".into(),
+        input: json!({"vm_id": "vm-1", "vm_name": "pgtest1"}),
+    };
+    NewRun {
+        id: RunId::new(),
+        definition: "demo".into(),
+        definition_hash: "h1".into(),
+        definition_source: "name = 'demo'".into(),
+        job_type: "test".into(),
+        request_id: request_id.map(str::to_string),
+        correlation_id: "corr-1".into(),
+        input: json!({"vm_id": "vm-1", "vm_name": "pgtest1"}),
+        display_status: "pending".into(),
+        projection: projection::project(std::slice::from_ref(&record), "pending"),
+        record,
+        now,
+    }
+}
+
+fn started(step: &str, attempt: u32) -> Record {
+    Record::StepStarted {
+        phase: Phase::Forward,
+        step: step.into(),
+        attempt,
+        idempotency_key: format!("k/{step}"),
+    }
+}
+
+/// A checkpoint moving a run from `from` (at `seq`) into `state` with `records`.
+fn cp(run: RunId, lease: &Lease, seq: i64, from: RunStatus, state: RunState, records: Vec<Record>, now: Timestamp) -> Checkpoint {
+    let live = matches!(state, RunState::Running { .. } | RunState::Compensating { .. });
+    Checkpoint {
+        run_id: run,
+        lease: lease.clone(),
+        expected_seq: seq,
+        expected_status: from,
+        current_step: None,
+        context: None,
+        wake_at: state.wake_at(now),
+        wake_on_signal: state.accepts_signals(),
+        release: !live,
+        consumed_signals: vec![],
+        consumed_cancel: false,
+        projection: projection::project(&records, "executing"),
+        display_status: "executing".into(),
+        state,
+        records,
+        now,
+    }
+}
+
+fn running(step: usize) -> RunState {
+    RunState::Running { phase: Phase::Forward, step, attempt: 1 }
+}
+
+async fn claim_one(s: &Arc<dyn Store>, owner: &str, now: Timestamp) -> (tern::store::RunRow, Lease) {
+    let mut got = s.claim(owner, 1, TTL, now).await.unwrap();
+    assert_eq!(got.len(), 1, "{owner} expected to claim one run");
+    got.remove(0)
+}
+
+async fn submit_is_idempotent_by_request_id(db: TestDb) {
+    let s = db.open().await;
+    let now = Timestamp::now();
+    let a = s.submit(new_run(Some("req-1"), now)).await.unwrap();
+    assert!(a.created);
+    let b = s.submit(new_run(Some("req-1"), now)).await.unwrap();
+    assert!(!b.created);
+    assert_eq!(a.run.id, b.run.id);
+    assert_eq!(s.journal(a.run.id, 0, 100).await.unwrap().len(), 1);
+    assert_eq!(s.list_runs(&RunFilter { limit: 10, ..Default::default() }).await.unwrap().len(), 1);
+    assert_eq!(s.definition_source("h1").await.unwrap().as_deref(), Some("name = 'demo'"));
+    let job = s.failover_job(a.run.id).await.unwrap().expect("failover_jobs row");
+    assert_eq!(job.vm_id, "vm-1");
+    assert_eq!(job.status, "pending");
+    assert_eq!(job.correlation_id.as_deref(), Some("corr-1"));
+}
+
+async fn concurrent_submits_with_one_request_id_make_one_run(db: TestDb) {
+    let s = db.open().await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move { s.submit(new_run(Some("same"), Timestamp::now())).await }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    let mut created = 0;
+    for t in tasks {
+        let r = t.await.unwrap().unwrap();
+        created += usize::from(r.created);
+        ids.insert(r.run.id);
+    }
+    assert_eq!(created, 1);
+    assert_eq!(ids.len(), 1);
+}
+
+async fn claims_lease_and_fence_stale_workers(db: TestDb) {
+    let s = db.open().await;
+    let now = Timestamp::now();
+    let run = s.submit(new_run(None, now)).await.unwrap().run;
+    let (row, a) = claim_one(&s, "A", now).await;
+    assert_eq!(row.id, run.id);
+    assert_eq!(row.lease_owner.as_deref(), Some("A"));
+    // Leased: nobody else gets it.
+    assert!(s.claim("B", 5, TTL, now).await.unwrap().is_empty());
+    // A commits step 0 started.
+    s.checkpoint(cp(run.id, &a, 1, RunStatus::Pending, running(0), vec![started("s0", 1)], now)).await.unwrap();
+    s.heartbeat(run.id, &a, now.plus(TTL)).await.unwrap();
+    // The lease expires (A is presumed dead); B re-claims with a higher fencing token.
+    let later = now.plus(TTL + TTL);
+    let (row, b) = claim_one(&s, "B", later).await;
+    assert!(b.token > a.token, "{b:?} vs {a:?}");
+    assert_eq!(row.state, running(0));
+    // A comes back: every write is refused with the typed error.
+    let stale = s.checkpoint(cp(run.id, &a, 2, RunStatus::Running, running(1), vec![started("s1", 1)], later)).await;
+    assert!(matches!(stale, Err(StoreError::Fenced { .. })), "{stale:?}");
+    assert!(matches!(s.heartbeat(run.id, &a, later.plus(TTL)).await, Err(StoreError::Fenced { .. })));
+    // B carries on.
+    let out = s.checkpoint(cp(run.id, &b, 2, RunStatus::Running, running(0), vec![started("s0", 2)], later)).await.unwrap();
+    assert_eq!(out.last_seq, 3);
+}
+
+async fn checkpoint_is_a_compare_and_set_on_the_journal_position(db: TestDb) {
+    let s = db.open().await;
+    let now = Timestamp::now();
+    let run = s.submit(new_run(None, now)).await.unwrap().run;
+    let (_, l) = claim_one(&s, "A", now).await;
+    let two = vec![
+        started("s0", 1),
+        Record::StepSucceeded { phase: Phase::Forward, step: "s0".into(), attempt: 1, output: json!({"id": 1}) },
+    ];
+    let out = s.checkpoint(cp(run.id, &l, 1, RunStatus::Pending, running(1), two.clone(), now)).await.unwrap();
+    assert_eq!(out.last_seq, 3);
+    // Replaying the same expected position fails: the state moved on.
+    let again = s.checkpoint(cp(run.id, &l, 1, RunStatus::Pending, running(1), two, now)).await;
+    assert!(matches!(again, Err(StoreError::Fenced { .. })));
+    // Wrong expected status fails too.
+    let wrong = s.checkpoint(cp(run.id, &l, 3, RunStatus::Holding, running(2), vec![started("s2", 1)], now)).await;
+    assert!(matches!(wrong, Err(StoreError::Fenced { .. })));
+    let j = s.journal(run.id, 0, 100).await.unwrap();
+    assert_eq!(j.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(j[2].record, Record::StepSucceeded { phase: Phase::Forward, step: "s0".into(), attempt: 1, output: json!({"id": 1}) });
+    assert_eq!(s.journal(run.id, 2, 100).await.unwrap().len(), 1);
+}
+
+async fn sleeping_runs_wake_at_their_time_only(db: TestDb) {
+    let s = db.open().await;
+    let now = Timestamp::now();
+    let run = s.submit(new_run(None, now)).await.unwrap().run;
+    let (_, l) = claim_one(&s, "A", now).await;
+    let at = now.plus(Duration::from_secs(60));
+    let backoff = RunState::Backoff { phase: Phase::Forward, step: 0, attempt: 2, at };
+    let failed = Record::StepFailed {
+        phase: Phase::Forward,
+        step: "s0".into(),
+        attempt: 1,
+        error: StepError::retryable("E", "x"),
+        retry_at: Some(at),
+    };
+    s.checkpoint(cp(run.id, &l, 1, RunStatus::Pending, backoff, vec![failed], now)).await.unwrap();
+    let row = s.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!(row.lease_owner, None, "sleeping releases the lease");
+    assert_eq!(row.wake_at, Some(at));
+    assert_eq!(row.status, RunStatus::Sleeping);
+    assert!(s.claim("B", 5, TTL, now).await.unwrap().is_empty());
+    assert_eq!(s.next_wake_after(now).await.unwrap(), Some(at));
+    let (_, _) = claim_one(&s, "B", at).await;
+}
+
+async fn signals_are_durable_idempotent_and_wake_a_holding_run(db: TestDb) {
+    let s = db.open().await;
+    let now = Timestamp::now();
+    let run = s.submit(new_run(None, now)).await.unwrap().run;
+    let (_, l) = claim_one(&s, "A", now).await;
+    s.checkpoint(cp(run.id, &l, 1, RunStatus::Pending, RunState::Holding { until: None }, vec![], now)).await.unwrap();
+    let row = s.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!(row.wake_at, None, "a hold without a timer waits for a signal only");
+    assert!(s.claim("B", 5, TTL, now).await.unwrap().is_empty());
+    assert_eq!(s.signal(run.id, "end-test", now).await.unwrap(), SignalOutcome::Accepted);
+    assert_eq!(s.signal(run.id, "end-test", now).await.unwrap(), SignalOutcome::Duplicate);
+    let pending = s.pending_signals(run.id).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    let (row, b) = claim_one(&s, "B", now).await;
+    assert_eq!(row.signals_pending, 1);
+    let mut c = cp(
+        run.id,
+        &b,
+        1,
+        RunStatus::Holding,
+        running(0),
+        vec![Record::SignalReceived { name: "end-test".into(), applied: true }],
+        now,
+    );
+    c.consumed_signals = vec![pending[0].id];
+    let out = s.checkpoint(c).await.unwrap();
+    assert_eq!(out.signals_pending, 0);
+    assert!(s.pending_signals(run.id).await.unwrap().is_empty());
+    let missing = s.signal(RunId::new(), "end-test", now).await;
+    assert!(matches!(missing, Err(StoreError::NotFound(_))));
+}
+
+async fn a_signal_racing_a_run_going_to_sleep_is_not_lost(db: TestDb) {
+    let s = db.open().await;
+    let now = Timestamp::now();
+    let run = s.submit(new_run(None, now)).await.unwrap().run;
+    let (_, l) = claim_one(&s, "A", now).await;
+    s.checkpoint(cp(run.id, &l, 1, RunStatus::Pending, running(0), vec![started("s0", 1)], now)).await.unwrap();
+    // The signal lands while the run is still running (not yet holding)...
+    assert_eq!(s.signal(run.id, "end-test", now).await.unwrap(), SignalOutcome::Accepted);
+    // ...and the worker then puts it into a far-off hold: it must wake at once instead.
+    let far = now.plus(Duration::from_secs(3600));
+    let hold = RunState::Holding { until: Some(far) };
+    s.checkpoint(cp(run.id, &l, 2, RunStatus::Running, hold, vec![Record::TimerSet { at: far }], now)).await.unwrap();
+    let row = s.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!(row.wake_at, Some(now));
+    claim_one(&s, "B", now).await;
+}
+
+async fn cancel_is_durable_and_idempotent(db: TestDb) {
+    let s = db.open().await;
+    let now = Timestamp::now();
+    let run = s.submit(new_run(None, now)).await.unwrap().run;
+    let (_, l) = claim_one(&s, "A", now).await;
+    let at = now.plus(Duration::from_secs(600));
+    let b = RunState::Backoff { phase: Phase::Forward, step: 0, attempt: 2, at };
+    s.checkpoint(cp(run.id, &l, 1, RunStatus::Pending, b, vec![], now)).await.unwrap();
+    assert_eq!(s.cancel(run.id, "operator", now).await.unwrap(), SignalOutcome::Accepted);
+    assert_eq!(s.cancel(run.id, "again", now).await.unwrap(), SignalOutcome::Duplicate);
+    let row = s.get_run(run.id).await.unwrap().unwrap();
+    assert!(row.cancel_pending);
+    assert_eq!(row.cancel_reason.as_deref(), Some("operator"));
+    assert_eq!(row.wake_at, Some(now), "cancel wakes a run asleep in backoff");
+    let (_, l2) = claim_one(&s, "B", now).await;
+    let mut c = cp(run.id, &l2, 1, RunStatus::Sleeping, RunState::Cancelled { reason: "operator".into() }, vec![], now);
+    c.consumed_cancel = true;
+    let out = s.checkpoint(c).await.unwrap();
+    assert!(!out.cancel_pending);
+    assert_eq!(s.cancel(run.id, "late", now).await.unwrap(), SignalOutcome::Finished(RunStatus::Cancelled));
+    assert_eq!(s.signal(run.id, "end-test", now).await.unwrap(), SignalOutcome::Finished(RunStatus::Cancelled));
+    assert_eq!(s.get_run(run.id).await.unwrap().unwrap().wake_at, None);
+}
+
+async fn list_is_newest_first_with_keyset_pages_and_filters(db: TestDb) {
+    let s = db.open().await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(s.submit(new_run(None, Timestamp::now())).await.unwrap().run.id);
+    }
+    let page1 = s.list_runs(&RunFilter { limit: 2, ..Default::default() }).await.unwrap();
+    assert_eq!(page1.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[4], ids[3]]);
+    let page2 = s.list_runs(&RunFilter { limit: 2, before: Some(ids[3]), ..Default::default() }).await.unwrap();
+    assert_eq!(page2.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[2], ids[1]]);
+    let pending = RunFilter { limit: 10, status: Some(RunStatus::Pending), ..Default::default() };
+    assert_eq!(s.list_runs(&pending).await.unwrap().len(), 5);
+    let done = RunFilter { limit: 10, status: Some(RunStatus::Completed), ..Default::default() };
+    assert!(s.list_runs(&done).await.unwrap().is_empty());
+    let other = RunFilter { limit: 10, definition: Some("other".into()), ..Default::default() };
+    assert!(s.list_runs(&other).await.unwrap().is_empty());
+    assert_eq!(s.count_by_status().await.unwrap(), vec![(RunStatus::Pending, 5)]);
+}
+
+async fn projections_follow_the_journal_in_the_same_transaction(db: TestDb) {
+    let s = db.open().await;
+    let now = Timestamp::now();
+    let run = s.submit(new_run(None, now)).await.unwrap().run;
+    let (_, l) = claim_one(&s, "A", now).await;
+    let recs = vec![
+        started("snapshot", 1),
+        Record::StepProgress { phase: Phase::Forward, step: "snapshot".into(), attempt: 1, data: json!({"snapshot_name": "tern-snap-1"}) },
+    ];
+    let mut c = cp(run.id, &l, 1, RunStatus::Pending, running(0), recs, now);
+    c.projection = projection::project(&c.records, "snapshotting");
+    c.display_status = "snapshotting".into();
+    s.checkpoint(c).await.unwrap();
+    let job = s.failover_job(run.id).await.unwrap().unwrap();
+    assert_eq!(job.status, "snapshotting");
+    assert_eq!(job.linstor_snapshot_name.as_deref(), Some("tern-snap-1"), "recorded before the step finished");
+    assert!(job.started_at.is_some());
+    let fin = vec![
+        Record::StepSucceeded { phase: Phase::Forward, step: "snapshot".into(), attempt: 1, output: json!({"destination_vm_id": "vm-9"}) },
+        Record::RunFinished { status: RunStatus::Completed, error: None, undone: vec![] },
+    ];
+    let mut c = cp(run.id, &l, 3, RunStatus::Running, RunState::Completed, fin, now);
+    c.projection = projection::project(&c.records, "completed");
+    s.checkpoint(c).await.unwrap();
+    let job = s.failover_job(run.id).await.unwrap().unwrap();
+    assert_eq!(job.status, "completed");
+    assert_eq!(job.destination_vm_id.as_deref(), Some("vm-9"));
+    assert_eq!(job.linstor_snapshot_name.as_deref(), Some("tern-snap-1"));
+    assert!(job.completed_at.is_some());
+    let tracking = s.job_tracking(run.id).await.unwrap();
+    assert_eq!(tracking.len(), 1);
+    assert_eq!(tracking[0].operation, "snapshot");
+    assert_eq!(tracking[0].status, "completed");
+    assert_eq!(tracking[0].parent_job_id, run.id.to_string());
+}
+
+async fn ledger_adopts_by_key(db: TestDb) {
+    let s = db.open().await;
+    let run = RunId::new();
+    let row = LedgerRow { key: "k1".into(), run_id: run, step: "a".into(), attempt: 1, kind: "effect".into() };
+    assert!(s.ledger_record(&row, true).await.unwrap());
+    assert!(!s.ledger_record(&LedgerRow { attempt: 2, ..row.clone() }, true).await.unwrap());
+    assert_eq!(s.ledger(Some(run)).await.unwrap().len(), 1);
+    assert!(s.ledger_record(&row, false).await.unwrap());
+    assert_eq!(s.ledger(None).await.unwrap().len(), 2);
+}
+
+async fn releasing_a_lease_makes_the_run_claimable_at_once(db: TestDb) {
+    let s = db.open().await;
+    let now = Timestamp::now();
+    s.submit(new_run(None, now)).await.unwrap();
+    let (row, l) = claim_one(&s, "A", now).await;
+    s.release(row.id, &l).await.unwrap();
+    let (_, l2) = claim_one(&s, "B", now).await;
+    assert!(l2.token > l.token);
+}
+
+on_both_backends!(
+    submit_is_idempotent_by_request_id,
+    concurrent_submits_with_one_request_id_make_one_run,
+    claims_lease_and_fence_stale_workers,
+    checkpoint_is_a_compare_and_set_on_the_journal_position,
+    sleeping_runs_wake_at_their_time_only,
+    signals_are_durable_idempotent_and_wake_a_holding_run,
+    a_signal_racing_a_run_going_to_sleep_is_not_lost,
+    cancel_is_durable_and_idempotent,
+    list_is_newest_first_with_keyset_pages_and_filters,
+    projections_follow_the_journal_in_the_same_transaction,
+    ledger_adopts_by_key,
+    releasing_a_lease_makes_the_run_claimable_at_once,
+);
