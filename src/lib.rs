@@ -1,12 +1,12 @@
 //! Tern: a durable workflow engine for VM failovers onto Apache CloudStack.
 //!
 //! Architecture (dependencies point one way):
-//! - [`domain`]: pure types (ids, timestamps, step errors).
-//! - [`workflow`]: the TOML definitions in `workflows/`, loaded and validated; runs pin them by hash.
-//! - [`engine`]: the pure state machine, the driver (commit, then act), the worker loop.
-//! - [`steps`]: the actions steps run (registry, built-ins; failover actions come with providers).
-//! - [`store`]: the `Store` trait and its SQLite and PostgreSQL backends; the only place with SQL.
-//! - [`telemetry`]: logging.
+//! - [`domain`] — pure types (ids, timestamps, step errors).
+//! - [`workflow`] — the TOML definitions in `workflows/`, loaded and validated; runs pin them by hash.
+//! - [`engine`] — the pure state machine, the driver (commit, then act), the worker loop.
+//! - [`steps`] — the actions steps run (registry, built-ins; failover actions come with providers).
+//! - [`store`] — the `Store` trait and its SQLite and PostgreSQL backends; the only place with SQL.
+//! - [`telemetry`] — logging (tracing spans per run and step).
 //!
 //! Glossary: a *run* is one execution of a *definition*; a *step* is one entry of it; an
 //! *attempt* is one try of a step; a *lease* is a worker's time-limited claim on a run, and its

@@ -190,7 +190,15 @@ async fn real_main() -> Result<()> {
                     correlation_id: None,
                 })
                 .await?;
-            println!("{}{}", s.run.id, if s.created { "" } else { " (existing run for this request id)" });
+            println!(
+                "{}{}",
+                s.run.id,
+                if s.created {
+                    ""
+                } else {
+                    " (existing run for this request id)"
+                }
+            );
             if let Some(w) = wait {
                 let row = engine.wait_terminal(s.run.id, *w).await?;
                 println!("{} {}", row.status.as_str(), row.display_status);
@@ -209,7 +217,10 @@ async fn real_main() -> Result<()> {
         }
         Command::Get { run, json } => {
             let id = run_id(run)?;
-            let row = store.get_run(id).await?.with_context(|| format!("run {id} not found"))?;
+            let row = store
+                .get_run(id)
+                .await?
+                .with_context(|| format!("run {id} not found"))?;
             let journal = store.journal(id, 0, 10_000).await?;
             if *json {
                 let entries: Vec<_> = journal
@@ -235,7 +246,11 @@ async fn real_main() -> Result<()> {
                 }
             }
         }
-        Command::List { status, definition, limit } => {
+        Command::List {
+            status,
+            definition,
+            limit,
+        } => {
             let status = match status {
                 Some(s) => Some(RunStatus::parse(s).with_context(|| format!("unknown status {s:?}"))?),
                 None => None,
@@ -248,7 +263,10 @@ async fn real_main() -> Result<()> {
                     limit: *limit,
                 })
                 .await?;
-            println!("{:<36}  {:<14}  {:<15}  {:<16}  created", "run", "definition", "status", "step");
+            println!(
+                "{:<36}  {:<14}  {:<15}  {:<16}  created",
+                "run", "definition", "status", "step"
+            );
             for r in rows {
                 println!(
                     "{:<36}  {:<14}  {:<15}  {:<16}  {}",

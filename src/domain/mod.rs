@@ -84,8 +84,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.is_empty() {
         return Err("empty duration".into());
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration like \"30s\", \"5m\" or \"2h\" ({e})"))
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like \"30s\", \"5m\" or \"2h\" ({e})"))
 }
 
 /// How a step error must be treated. Decided by the error's type where it is raised,

@@ -42,7 +42,12 @@ struct Driver {
 }
 
 /// Drives `run` (claimed under `lease`) until it sleeps, finishes, is fenced or shutdown stops it.
-pub async fn drive(engine: Arc<Engine>, run: RunRow, lease: Lease, shutdown: CancellationToken) -> Result<Stopped, EngineError> {
+pub async fn drive(
+    engine: Arc<Engine>,
+    run: RunRow,
+    lease: Lease,
+    shutdown: CancellationToken,
+) -> Result<Stopped, EngineError> {
     let span = tracing::info_span!("run", run_id = %run.id, definition = %run.definition, correlation_id = %run.correlation_id, fence = lease.token);
     async move {
         let def = engine.pinned(&run.definition_hash).await?;
@@ -146,7 +151,9 @@ impl Driver {
         }
         if self.state.accepts_signals() && self.signals_pending > 0 {
             for sig in self.engine.store.pending_signals(self.run_id).await? {
-                let next = self.apply(Event::Signal { name: sig.name }, vec![sig.id], false).await?;
+                let next = self
+                    .apply(Event::Signal { name: sig.name }, vec![sig.id], false)
+                    .await?;
                 if !self.state.accepts_signals() {
                     return Ok(next);
                 }
@@ -163,9 +170,10 @@ impl Driver {
                 self.resleep(now).await?;
                 return Ok(None);
             }
-            RunState::Completed | RunState::Failed { .. } | RunState::Cancelled { .. } | RunState::NeedsOperator { .. } => {
-                return Ok(None)
-            }
+            RunState::Completed
+            | RunState::Failed { .. }
+            | RunState::Cancelled { .. }
+            | RunState::NeedsOperator { .. } => return Ok(None),
         };
         self.apply(event, vec![], false).await
     }
@@ -193,7 +201,12 @@ impl Driver {
     }
 
     /// Feeds an event to the machine and commits the result. Returns the action to carry out.
-    async fn apply(&mut self, event: Event, consumed: Vec<i64>, consumed_cancel: bool) -> Result<Option<Action>, EngineError> {
+    async fn apply(
+        &mut self,
+        event: Event,
+        consumed: Vec<i64>,
+        consumed_cancel: bool,
+    ) -> Result<Option<Action>, EngineError> {
         let now = Timestamp::now();
         let t = self.machine().transition(&self.state, &event, now)?;
         let absorbed = t.records.is_empty() && t.state == self.state && consumed.is_empty() && !consumed_cancel;
@@ -211,7 +224,11 @@ impl Driver {
         consumed_cancel: bool,
         now: Timestamp,
     ) -> Result<Option<Action>, EngineError> {
-        let Transition { state, records, actions } = t;
+        let Transition {
+            state,
+            records,
+            actions,
+        } = t;
         let mut context = self.context.clone();
         let changed = apply_to_context(&mut context, &records);
         let display = state.display_status(&self.def);
@@ -269,20 +286,28 @@ impl Driver {
             Action::Sleep | Action::Finish => return Ok(None),
         };
         let def = self.def.clone();
-        let step = def.step(phase, index).ok_or(super::machine::TransitionError::NoSuchStep { phase, step: index })?;
+        let step = def
+            .step(phase, index)
+            .ok_or(super::machine::TransitionError::NoSuchStep { phase, step: index })?;
         let action_name = match (&step.undo, undo) {
             (_, false) => step.action.as_str(),
             (Undo::Action(a), true) => a.as_str(),
             (Undo::Nothing | Undo::Irreversible, true) => {
                 return Ok(Some(Event::StepFailed {
-                    error: StepError::permanent("NO_COMPENSATION", format!("step {} has no compensation action", step.name)),
+                    error: StepError::permanent(
+                        "NO_COMPENSATION",
+                        format!("step {} has no compensation action", step.name),
+                    ),
                 }))
             }
         };
         let span = tracing::info_span!("step", step = %step.name, phase = phase.as_str(), attempt, undo);
         let Some(handler) = self.engine.registry.get(action_name) else {
             return Ok(Some(Event::StepFailed {
-                error: StepError::permanent("UNKNOWN_ACTION", format!("no action named {action_name:?} in this build")),
+                error: StepError::permanent(
+                    "UNKNOWN_ACTION",
+                    format!("no action named {action_name:?} in this build"),
+                ),
             }));
         };
         let progress_table = if undo { "undo_progress" } else { "progress" };
@@ -296,7 +321,11 @@ impl Driver {
             idempotency_key: key,
             input: self.input.clone(),
             outputs: Arc::new(self.context.get("outputs").cloned().unwrap_or(Value::Null)),
-            progress: self.context.get(progress_table).and_then(|p| p.get(&step.name)).cloned(),
+            progress: self
+                .context
+                .get(progress_table)
+                .and_then(|p| p.get(&step.name))
+                .cloned(),
             checkpoint: Progress::new(tx),
         };
         let timeout = step.timeout;

@@ -32,13 +32,23 @@ pub enum RunState {
     Running { phase: Phase, step: usize, attempt: u32 },
     /// Attempt `attempt - 1` failed with a retryable error; asleep in the database until `at`,
     /// when a worker's `WakeUp` starts attempt `attempt`.
-    Backoff { phase: Phase, step: usize, attempt: u32, at: Timestamp },
+    Backoff {
+        phase: Phase,
+        step: usize,
+        attempt: u32,
+        at: Timestamp,
+    },
     /// Forward steps done; waiting for the hold's signal or its timer (`until`), whichever is first.
     Holding { until: Option<Timestamp> },
     /// Undoing forward step `step` (its compensation, attempt `attempt`) because of `cause`.
     Compensating { step: usize, attempt: u32, cause: Cause },
     /// A compensation attempt failed with a retryable error; asleep until `at`.
-    CompensationBackoff { step: usize, attempt: u32, at: Timestamp, cause: Cause },
+    CompensationBackoff {
+        step: usize,
+        attempt: u32,
+        at: Timestamp,
+        cause: Cause,
+    },
     /// Every step (and the teardown, if any) succeeded. Terminal.
     Completed,
     /// A step failed permanently and every completed step was undone. Terminal.
@@ -47,7 +57,11 @@ pub enum RunState {
     Cancelled { reason: String },
     /// Something could not be undone (a compensation or teardown step exhausted its retries,
     /// or an irreversible step was reached). `undone` lists what is left. Terminal.
-    NeedsOperator { step: String, error: StepError, undone: Vec<String> },
+    NeedsOperator {
+        step: String,
+        error: StepError,
+        undone: Vec<String>,
+    },
 }
 
 /// The coarse status column that workers and filters use.
@@ -211,24 +225,83 @@ impl Event {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Record {
-    RunSubmitted { definition: String, definition_hash: String, input: Value },
-    StepSkipped { phase: Phase, step: String, reason: String },
-    StepStarted { phase: Phase, step: String, attempt: u32, idempotency_key: String },
-    StepProgress { phase: Phase, step: String, attempt: u32, data: Value },
-    StepSucceeded { phase: Phase, step: String, attempt: u32, output: Value },
+    RunSubmitted {
+        definition: String,
+        definition_hash: String,
+        input: Value,
+    },
+    StepSkipped {
+        phase: Phase,
+        step: String,
+        reason: String,
+    },
+    StepStarted {
+        phase: Phase,
+        step: String,
+        attempt: u32,
+        idempotency_key: String,
+    },
+    StepProgress {
+        phase: Phase,
+        step: String,
+        attempt: u32,
+        data: Value,
+    },
+    StepSucceeded {
+        phase: Phase,
+        step: String,
+        attempt: u32,
+        output: Value,
+    },
     /// `retry_at` is set when another attempt is scheduled; `None` means the step failed permanently.
-    StepFailed { phase: Phase, step: String, attempt: u32, error: StepError, retry_at: Option<Timestamp> },
-    CompensationStarted { step: String, attempt: u32, idempotency_key: String },
-    CompensationProgress { step: String, attempt: u32, data: Value },
-    CompensationSucceeded { step: String, attempt: u32 },
-    CompensationFailed { step: String, attempt: u32, error: StepError, retry_at: Option<Timestamp> },
-    TimerSet { at: Timestamp },
-    TimerFired { at: Timestamp },
+    StepFailed {
+        phase: Phase,
+        step: String,
+        attempt: u32,
+        error: StepError,
+        retry_at: Option<Timestamp>,
+    },
+    CompensationStarted {
+        step: String,
+        attempt: u32,
+        idempotency_key: String,
+    },
+    CompensationProgress {
+        step: String,
+        attempt: u32,
+        data: Value,
+    },
+    CompensationSucceeded {
+        step: String,
+        attempt: u32,
+    },
+    CompensationFailed {
+        step: String,
+        attempt: u32,
+        error: StepError,
+        retry_at: Option<Timestamp>,
+    },
+    TimerSet {
+        at: Timestamp,
+    },
+    TimerFired {
+        at: Timestamp,
+    },
     /// `applied` is false when the run was not waiting for that signal.
-    SignalReceived { name: String, applied: bool },
+    SignalReceived {
+        name: String,
+        applied: bool,
+    },
     /// `applied` is false when the run was already rolling back or tearing down.
-    CancelRequested { reason: String, applied: bool },
-    RunFinished { status: RunStatus, error: Option<StepError>, undone: Vec<String> },
+    CancelRequested {
+        reason: String,
+        applied: bool,
+    },
+    RunFinished {
+        status: RunStatus,
+        error: Option<StepError>,
+        undone: Vec<String>,
+    },
 }
 
 impl Record {
@@ -258,9 +331,18 @@ impl Record {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Run attempt `attempt` of a step's action.
-    Execute { phase: Phase, step: usize, attempt: u32, idempotency_key: String },
+    Execute {
+        phase: Phase,
+        step: usize,
+        attempt: u32,
+        idempotency_key: String,
+    },
     /// Run attempt `attempt` of forward step `step`'s compensation.
-    Compensate { step: usize, attempt: u32, idempotency_key: String },
+    Compensate {
+        step: usize,
+        attempt: u32,
+        idempotency_key: String,
+    },
     /// Nothing to run now: release the run until its wake-up time (or a signal).
     Sleep,
     /// The run is terminal.
@@ -339,7 +421,10 @@ impl Machine<'_> {
             (RunState::Pending, Event::Cancel { reason }) => Ok(Transition {
                 state: RunState::Cancelled { reason: reason.clone() },
                 records: vec![
-                    Record::CancelRequested { reason: reason.clone(), applied: true },
+                    Record::CancelRequested {
+                        reason: reason.clone(),
+                        applied: true,
+                    },
                     finished(RunStatus::Cancelled, None, vec![]),
                 ],
                 actions: vec![Action::Finish],
@@ -382,28 +467,62 @@ impl Machine<'_> {
             (RunState::Running { phase, step, attempt }, Event::Resume) => {
                 self.begin_attempt(*phase, *step, attempt + 1, vec![])
             }
-            (RunState::Running { phase: Phase::Forward, step, .. }, Event::Cancel { reason }) => {
+            (
+                RunState::Running {
+                    phase: Phase::Forward,
+                    step,
+                    ..
+                },
+                Event::Cancel { reason },
+            ) => {
                 // The step was started, so it may have acted: its own undo runs first.
-                self.rollback_from(Some(*step), Cause::Cancelled { reason: reason.clone() }, cancel_applied(reason))
+                self.rollback_from(
+                    Some(*step),
+                    Cause::Cancelled { reason: reason.clone() },
+                    cancel_applied(reason),
+                )
             }
-            (RunState::Running { phase: Phase::Teardown, .. }, Event::Cancel { reason }) => {
-                Ok(absorb_cancel(state, reason))
-            }
+            (
+                RunState::Running {
+                    phase: Phase::Teardown, ..
+                },
+                Event::Cancel { reason },
+            ) => Ok(absorb_cancel(state, reason)),
             (RunState::Running { .. }, Event::Begin | Event::WakeUp | Event::Signal { .. }) => Err(invalid()),
 
             // ---- Backoff ----
-            (RunState::Backoff { phase, step, attempt, at }, Event::WakeUp) => {
+            (
+                RunState::Backoff {
+                    phase,
+                    step,
+                    attempt,
+                    at,
+                },
+                Event::WakeUp,
+            ) => {
                 if now < *at {
                     return Err(TransitionError::NotDue { due: *at });
                 }
                 self.begin_attempt(*phase, *step, *attempt, vec![])
             }
-            (RunState::Backoff { phase: Phase::Forward, step, .. }, Event::Cancel { reason }) => {
-                self.rollback_from(Some(*step), Cause::Cancelled { reason: reason.clone() }, cancel_applied(reason))
-            }
-            (RunState::Backoff { phase: Phase::Teardown, .. }, Event::Cancel { reason }) => {
-                Ok(absorb_cancel(state, reason))
-            }
+            (
+                RunState::Backoff {
+                    phase: Phase::Forward,
+                    step,
+                    ..
+                },
+                Event::Cancel { reason },
+            ) => self.rollback_from(
+                Some(*step),
+                Cause::Cancelled { reason: reason.clone() },
+                cancel_applied(reason),
+            ),
+            (
+                RunState::Backoff {
+                    phase: Phase::Teardown, ..
+                },
+                Event::Cancel { reason },
+            ) => Ok(absorb_cancel(state, reason)),
             (
                 RunState::Backoff { .. },
                 Event::Begin
@@ -429,17 +548,27 @@ impl Machine<'_> {
                 if !wanted {
                     return Ok(Transition {
                         state: state.clone(),
-                        records: vec![Record::SignalReceived { name: name.clone(), applied: false }],
+                        records: vec![Record::SignalReceived {
+                            name: name.clone(),
+                            applied: false,
+                        }],
                         actions: vec![Action::Sleep],
                     });
                 }
-                let mut records = vec![Record::SignalReceived { name: name.clone(), applied: true }];
+                let mut records = vec![Record::SignalReceived {
+                    name: name.clone(),
+                    applied: true,
+                }];
                 let t = self.start_from(Phase::Teardown, 0, &mut records, now)?;
                 Ok(t.with_leading(records))
             }
             (RunState::Holding { .. }, Event::Cancel { reason }) => {
                 let last = self.def.steps.len().checked_sub(1);
-                self.rollback_from(last, Cause::Cancelled { reason: reason.clone() }, cancel_applied(reason))
+                self.rollback_from(
+                    last,
+                    Cause::Cancelled { reason: reason.clone() },
+                    cancel_applied(reason),
+                )
             }
             (
                 RunState::Holding { .. },
@@ -516,7 +645,15 @@ impl Machine<'_> {
             (RunState::Compensating { .. }, Event::Begin | Event::WakeUp | Event::Signal { .. }) => Err(invalid()),
 
             // ---- CompensationBackoff ----
-            (RunState::CompensationBackoff { step, attempt, at, cause }, Event::WakeUp) => {
+            (
+                RunState::CompensationBackoff {
+                    step,
+                    attempt,
+                    at,
+                    cause,
+                },
+                Event::WakeUp,
+            ) => {
                 if now < *at {
                     return Err(TransitionError::NotDue { due: *at });
                 }
@@ -535,7 +672,10 @@ impl Machine<'_> {
 
             // ---- Terminal states absorb every late event, explicitly ----
             (
-                RunState::Completed | RunState::Failed { .. } | RunState::Cancelled { .. } | RunState::NeedsOperator { .. },
+                RunState::Completed
+                | RunState::Failed { .. }
+                | RunState::Cancelled { .. }
+                | RunState::NeedsOperator { .. },
                 Event::Begin
                 | Event::Resume
                 | Event::StepSucceeded { .. }
@@ -553,7 +693,9 @@ impl Machine<'_> {
     }
 
     fn step_def(&self, phase: Phase, step: usize) -> Result<&crate::workflow::StepDef> {
-        self.def.step(phase, step).ok_or(TransitionError::NoSuchStep { phase, step })
+        self.def
+            .step(phase, step)
+            .ok_or(TransitionError::NoSuchStep { phase, step })
     }
 
     fn step_name(&self, phase: Phase, step: usize) -> Result<String> {
@@ -588,7 +730,13 @@ impl Machine<'_> {
         })
     }
 
-    fn begin_compensation(&self, step: usize, attempt: u32, cause: Cause, mut records: Vec<Record>) -> Result<Transition> {
+    fn begin_compensation(
+        &self,
+        step: usize,
+        attempt: u32,
+        cause: Cause,
+        mut records: Vec<Record>,
+    ) -> Result<Transition> {
         let name = self.step_name(Phase::Forward, step)?;
         let key = undo_key(self.run_id, &name);
         records.push(Record::CompensationStarted {
@@ -611,11 +759,11 @@ impl Machine<'_> {
     /// is exhausted, moves on (forward -> hold -> teardown -> completed).
     fn start_from(&self, phase: Phase, from: usize, records: &mut Vec<Record>, now: Timestamp) -> Result<Transition> {
         let steps = self.def.steps(phase);
-        for i in from..steps.len() {
+        for (i, step) in steps.iter().enumerate().skip(from) {
             match self.def.skipped(phase, i, self.input) {
                 Some(reason) => records.push(Record::StepSkipped {
                     phase,
-                    step: steps[i].name.clone(),
+                    step: step.name.clone(),
                     reason,
                 }),
                 None => return self.begin_attempt(phase, i, 1, vec![]),
@@ -643,7 +791,14 @@ impl Machine<'_> {
         }
     }
 
-    fn step_failed(&self, phase: Phase, step: usize, attempt: u32, error: &StepError, now: Timestamp) -> Result<Transition> {
+    fn step_failed(
+        &self,
+        phase: Phase,
+        step: usize,
+        attempt: u32,
+        error: &StepError,
+        now: Timestamp,
+    ) -> Result<Transition> {
         let def = self.step_def(phase, step)?;
         let name = def.name.clone();
         if error.is_retryable() && attempt < def.retry.max_attempts {

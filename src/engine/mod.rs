@@ -67,7 +67,11 @@ pub fn default_worker_id() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
-    format!("{host}:{}:{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "{host}:{}:{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 /// What a client asks to start.
@@ -88,7 +92,12 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(store: Arc<dyn Store>, catalog: Arc<Catalog>, registry: Arc<Registry>, config: EngineConfig) -> Arc<Engine> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        catalog: Arc<Catalog>,
+        registry: Arc<Registry>,
+        config: EngineConfig,
+    ) -> Arc<Engine> {
         Arc::new(Engine {
             store,
             catalog,
@@ -99,7 +108,11 @@ impl Engine {
     }
 
     /// Loads the embedded definitions (overridden by `dir`) against the built-in registry.
-    pub fn with_defaults(store: Arc<dyn Store>, dir: Option<&std::path::Path>, config: EngineConfig) -> Result<Arc<Engine>, EngineError> {
+    pub fn with_defaults(
+        store: Arc<dyn Store>,
+        dir: Option<&std::path::Path>,
+        config: EngineConfig,
+    ) -> Result<Arc<Engine>, EngineError> {
         let registry = Registry::with_builtins(store.clone());
         let catalog = Catalog::load(dir, &|a| registry.contains(a))?;
         Ok(Engine::new(store, Arc::new(catalog), Arc::new(registry), config))
@@ -115,17 +128,21 @@ impl Engine {
             Some(r) => self.store.find_by_request_id(r).await?,
             None => None,
         } {
-            return Ok(Submitted { run: existing, created: false });
+            return Ok(Submitted {
+                run: existing,
+                created: false,
+            });
         }
-        def.validate_input(&req.input).map_err(|reason| EngineError::InvalidInput {
-            field: def
-                .hold
-                .as_ref()
-                .and_then(|h| h.duration_input.clone())
-                .filter(|_| req.input.is_object())
-                .unwrap_or_else(|| "input".into()),
-            reason,
-        })?;
+        def.validate_input(&req.input)
+            .map_err(|reason| EngineError::InvalidInput {
+                field: def
+                    .hold
+                    .as_ref()
+                    .and_then(|h| h.duration_input.clone())
+                    .filter(|_| req.input.is_object())
+                    .unwrap_or_else(|| "input".into()),
+                reason,
+            })?;
         let now = Timestamp::now();
         let record = Record::RunSubmitted {
             definition: def.name.clone(),
@@ -160,12 +177,18 @@ impl Engine {
 
     /// Sends a named signal (e.g. `end-test`); idempotent.
     pub async fn signal(&self, run: RunId, name: &str) -> Result<SignalOutcome, EngineError> {
-        self.store.signal(run, name, Timestamp::now()).await.map_err(|e| not_found(run, e))
+        self.store
+            .signal(run, name, Timestamp::now())
+            .await
+            .map_err(|e| not_found(run, e))
     }
 
     /// Requests cancellation: forward progress stops and completed steps are rolled back. Idempotent.
     pub async fn cancel(&self, run: RunId, reason: &str) -> Result<SignalOutcome, EngineError> {
-        self.store.cancel(run, reason, Timestamp::now()).await.map_err(|e| not_found(run, e))
+        self.store
+            .cancel(run, reason, Timestamp::now())
+            .await
+            .map_err(|e| not_found(run, e))
     }
 
     /// The exact definition a run is pinned to (cached by hash).
@@ -178,7 +201,9 @@ impl Engine {
             .definition_source(hash)
             .await?
             .ok_or_else(|| StoreError::Corrupt(format!("no stored definition with hash {hash}")))?;
-        let def = Arc::new(workflow::parse(&format!("definition {hash}"), &source, &|a| self.registry.contains(a))?);
+        let def = Arc::new(workflow::parse(&format!("definition {hash}"), &source, &|a| {
+            self.registry.contains(a)
+        })?);
         if let Ok(mut m) = self.pinned.lock() {
             m.insert(hash.to_string(), def.clone());
         }

@@ -28,7 +28,11 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
         let free = cfg.concurrency.saturating_sub(drivers.len());
         let mut full_batch = false;
         if free > 0 {
-            match engine.store.claim(&cfg.worker_id, free as u32, cfg.lease_ttl, Timestamp::now()).await {
+            match engine
+                .store
+                .claim(&cfg.worker_id, free as u32, cfg.lease_ttl, Timestamp::now())
+                .await
+            {
                 Ok(runs) => {
                     store_errors = 0;
                     full_batch = runs.len() == free;
@@ -67,7 +71,10 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
             log_driver_end(done);
         }
     };
-    if tokio::time::timeout(cfg.shutdown_grace + Duration::from_secs(5), drain).await.is_err() {
+    if tokio::time::timeout(cfg.shutdown_grace + Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
         drivers.abort_all();
     }
     tracing::info!("worker stopped");
@@ -80,7 +87,9 @@ fn log_driver_end(done: Result<Result<Stopped, EngineError>, tokio::task::JoinEr
         Ok(Err(EngineError::Store(StoreError::Fenced { run }))) => {
             tracing::info!(run_id = %run, "run taken over by another worker")
         }
-        Ok(Err(e)) => tracing::error!(error = %e, "driver stopped with an error; the run will be retried after its lease expires"),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "driver stopped with an error; the run will be retried after its lease expires")
+        }
         Err(e) if e.is_cancelled() => {}
         Err(e) => tracing::error!(error = %e, "driver task panicked"),
     }

@@ -76,7 +76,12 @@ pub struct Job {
 #[async_trait]
 impl Action for Job {
     async fn run(&self, step: StepInput) -> Result<Value, ActionError> {
-        let job_id = match step.progress.as_ref().and_then(|p| p.get("job_id")).and_then(Value::as_str) {
+        let job_id = match step
+            .progress
+            .as_ref()
+            .and_then(|p| p.get("job_id"))
+            .and_then(Value::as_str)
+        {
             Some(id) => id.to_string(),
             None => {
                 behave(&step, "fail").await?;

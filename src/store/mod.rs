@@ -246,7 +246,8 @@ pub trait Store: Send + Sync + 'static {
     /// Creates a run with its first journal entry, or returns the run its `request_id` already made.
     async fn submit(&self, run: NewRun) -> Result<Submitted>;
     /// Claims up to `limit` runs that are due and not leased, each with a new fencing token.
-    async fn claim(&self, owner: &str, limit: u32, lease_ttl: Duration, now: Timestamp) -> Result<Vec<(RunRow, Lease)>>;
+    async fn claim(&self, owner: &str, limit: u32, lease_ttl: Duration, now: Timestamp)
+        -> Result<Vec<(RunRow, Lease)>>;
     /// Extends a lease; `Fenced` if another worker took the run over.
     async fn heartbeat(&self, run: RunId, lease: &Lease, expires_at: Timestamp) -> Result<()>;
     /// Commits one transition (journal append + compare-and-set of the run + projections).
@@ -356,7 +357,13 @@ mod tests {
             super::split_schema("postgres://h/db?tern_schema=t1&sslmode=disable"),
             ("postgres://h/db?sslmode=disable".to_string(), Some("t1".to_string()))
         );
-        assert_eq!(super::split_schema("postgres://h/db?tern_schema=t1"), ("postgres://h/db".to_string(), Some("t1".to_string())));
-        assert_eq!(super::split_schema("postgres://h/db"), ("postgres://h/db".to_string(), None));
+        assert_eq!(
+            super::split_schema("postgres://h/db?tern_schema=t1"),
+            ("postgres://h/db".to_string(), Some("t1".to_string()))
+        );
+        assert_eq!(
+            super::split_schema("postgres://h/db"),
+            ("postgres://h/db".to_string(), None)
+        );
     }
 }

@@ -67,7 +67,12 @@ pub fn project(records: &[Record], display_status: &str) -> Projection {
                 metadata: json!({"skipped": reason}),
                 error_message: None,
             }),
-            Record::StepStarted { phase, step, attempt, idempotency_key } => {
+            Record::StepStarted {
+                phase,
+                step,
+                attempt,
+                idempotency_key,
+            } => {
                 p.started = true;
                 p.tracking.push(TrackingUpdate {
                     operation: operation(*phase, step),
@@ -77,7 +82,12 @@ pub fn project(records: &[Record], display_status: &str) -> Projection {
                 })
             }
             Record::StepProgress { data, .. } | Record::CompensationProgress { data, .. } => pick(&mut p, data),
-            Record::StepSucceeded { phase, step, attempt, output } => {
+            Record::StepSucceeded {
+                phase,
+                step,
+                attempt,
+                output,
+            } => {
                 pick(&mut p, output);
                 p.tracking.push(TrackingUpdate {
                     operation: operation(*phase, step),
@@ -86,13 +96,23 @@ pub fn project(records: &[Record], display_status: &str) -> Projection {
                     error_message: None,
                 })
             }
-            Record::StepFailed { phase, step, attempt, error, retry_at } => p.tracking.push(TrackingUpdate {
+            Record::StepFailed {
+                phase,
+                step,
+                attempt,
+                error,
+                retry_at,
+            } => p.tracking.push(TrackingUpdate {
                 operation: operation(*phase, step),
                 status: if retry_at.is_some() { "pending" } else { "failed" },
                 metadata: json!({"attempt": attempt, "code": error.code, "retry_at": retry_at}),
                 error_message: Some(error.message.clone()),
             }),
-            Record::CompensationStarted { step, attempt, idempotency_key } => p.tracking.push(TrackingUpdate {
+            Record::CompensationStarted {
+                step,
+                attempt,
+                idempotency_key,
+            } => p.tracking.push(TrackingUpdate {
                 operation: rollback(step),
                 status: "executing",
                 metadata: json!({"attempt": attempt, "idempotency_key": idempotency_key}),
@@ -104,7 +124,12 @@ pub fn project(records: &[Record], display_status: &str) -> Projection {
                 metadata: json!({"attempt": attempt}),
                 error_message: None,
             }),
-            Record::CompensationFailed { step, attempt, error, retry_at } => p.tracking.push(TrackingUpdate {
+            Record::CompensationFailed {
+                step,
+                attempt,
+                error,
+                retry_at,
+            } => p.tracking.push(TrackingUpdate {
                 operation: rollback(step),
                 status: if retry_at.is_some() { "pending" } else { "failed" },
                 metadata: json!({"attempt": attempt, "code": error.code, "retry_at": retry_at}),

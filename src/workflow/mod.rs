@@ -159,9 +159,11 @@ impl Definition {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.is_empty() => None,
             Some(Value::String(s)) => Some(parse_duration(s)?),
-            Some(Value::Number(n)) => Some(Duration::from_millis(n.as_u64().ok_or_else(|| {
-                format!("hold duration {n} must be a whole number of milliseconds")
-            })?)),
+            Some(Value::Number(n)) => {
+                Some(Duration::from_millis(n.as_u64().ok_or_else(|| {
+                    format!("hold duration {n} must be a whole number of milliseconds")
+                })?))
+            }
             Some(other) => return Err(format!("hold duration must be a string like \"30m\", got {other}")),
         };
         Ok(from_input.or(hold.default_duration))
@@ -314,11 +316,13 @@ pub fn parse(file: &str, source: &str, known_action: &dyn Fn(&str) -> bool) -> R
             if timeout.is_zero() {
                 return Err(err(at, "timeout must be greater than zero".into()));
             }
-            let retry = resolve_retry(&default_retry, s.retry.as_ref(), &|f, v| dur(at, &format!("retry.{f}"), v))
-                .map_err(|p| match p {
-                    RetryProblem::Duration(e) => e,
-                    RetryProblem::Invalid(m) => err(at, format!("retry: {m}")),
-                })?;
+            let retry = resolve_retry(&default_retry, s.retry.as_ref(), &|f, v| {
+                dur(at, &format!("retry.{f}"), v)
+            })
+            .map_err(|p| match p {
+                RetryProblem::Duration(e) => e,
+                RetryProblem::Invalid(m) => err(at, format!("retry: {m}")),
+            })?;
             out.push(StepDef {
                 name,
                 action: s.action,
@@ -404,10 +408,16 @@ fn resolve_retry(
         return Err(RetryProblem::Invalid("max_attempts must be at least 1".into()));
     }
     if !(p.multiplier.is_finite() && p.multiplier >= 1.0) {
-        return Err(RetryProblem::Invalid(format!("multiplier must be >= 1.0, got {}", p.multiplier)));
+        return Err(RetryProblem::Invalid(format!(
+            "multiplier must be >= 1.0, got {}",
+            p.multiplier
+        )));
     }
     if !(0.0..=1.0).contains(&p.jitter) {
-        return Err(RetryProblem::Invalid(format!("jitter must be between 0 and 1, got {}", p.jitter)));
+        return Err(RetryProblem::Invalid(format!(
+            "jitter must be between 0 and 1, got {}",
+            p.jitter
+        )));
     }
     if p.max_delay < p.initial_delay {
         return Err(RetryProblem::Invalid("max_delay is shorter than initial_delay".into()));
@@ -565,7 +575,9 @@ action = "act"
         assert!(retry.problem.contains("max_attempts"));
         let jitter = problem("name='x'\n[[step]]\nname='a'\naction='act'\ncompensate='none'\nretry={jitter=2.0}\n");
         assert!(jitter.problem.contains("jitter"));
-        let teardown_no_hold = problem("name='x'\n[[step]]\nname='a'\naction='act'\ncompensate='none'\n[[teardown]]\nname='t'\naction='act'\n");
+        let teardown_no_hold = problem(
+            "name='x'\n[[step]]\nname='a'\naction='act'\ncompensate='none'\n[[teardown]]\nname='t'\naction='act'\n",
+        );
         assert!(teardown_no_hold.problem.contains("hold"));
         let unknown_field = problem("name='x'\n[[step]]\nname='a'\naction='act'\ncompensate='none'\ncolour='red'\n");
         assert!(unknown_field.problem.contains("colour"), "{unknown_field}");
@@ -599,11 +611,19 @@ action = "act"
     #[test]
     fn a_directory_overrides_and_must_match_names() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("noop-6.toml"), "name='noop-6'\n[[step]]\nname='only'\naction='noop'\ncompensate='none'\n").unwrap();
+        std::fs::write(
+            dir.path().join("noop-6.toml"),
+            "name='noop-6'\n[[step]]\nname='only'\naction='noop'\ncompensate='none'\n",
+        )
+        .unwrap();
         let known = |a: &str| crate::steps::Registry::builtin().contains(a);
         let cat = Catalog::load(Some(dir.path()), &known).unwrap();
         assert_eq!(cat.get("noop-6").unwrap().steps.len(), 1);
-        std::fs::write(dir.path().join("other.toml"), "name='mismatch'\n[[step]]\nname='a'\naction='noop'\ncompensate='none'\n").unwrap();
+        std::fs::write(
+            dir.path().join("other.toml"),
+            "name='mismatch'\n[[step]]\nname='a'\naction='noop'\ncompensate='none'\n",
+        )
+        .unwrap();
         let e = Catalog::load(Some(dir.path()), &known).unwrap_err();
         assert!(e.problem.contains("does not match"), "{e}");
     }

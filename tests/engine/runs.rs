@@ -63,11 +63,16 @@ async fn start_with(store: Arc<dyn Store>, defs: &[(&str, &str)], cfg: EngineCon
 }
 
 async fn submit(e: &Engine, def: &str, input: Value) -> RunId {
-    e.submit(SubmitRequest { definition: def.into(), input, request_id: None, correlation_id: None })
-        .await
-        .unwrap()
-        .run
-        .id
+    e.submit(SubmitRequest {
+        definition: def.into(),
+        input,
+        request_id: None,
+        correlation_id: None,
+    })
+    .await
+    .unwrap()
+    .run
+    .id
 }
 
 async fn finish(e: &Engine, run: RunId) -> tern::store::RunRow {
@@ -89,7 +94,11 @@ async fn wait_status(e: &Engine, run: RunId, status: RunStatus) {
 async fn journal(e: &Engine, run: RunId) -> Vec<JournalEntry> {
     let j = e.store.journal(run, 0, 10_000).await.unwrap();
     let seqs: Vec<i64> = j.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=j.len() as i64).collect::<Vec<_>>(), "journal has gaps or duplicates");
+    assert_eq!(
+        seqs,
+        (1..=j.len() as i64).collect::<Vec<_>>(),
+        "journal has gaps or duplicates"
+    );
     assert_eq!(e.store.get_run(run).await.unwrap().unwrap().last_seq, j.len() as i64);
     j
 }
@@ -131,7 +140,10 @@ async fn happy_path_with_hold_timer(db: TestDb) {
     // Outputs are kept in the context (what each step created).
     assert!(row.context["outputs"]["create_vm"]["job_id"].is_string());
     let job = w.engine.store.failover_job(run).await.unwrap().unwrap();
-    assert_eq!((job.status.as_str(), job.vm_id.as_str(), job.job_type.as_str()), ("completed", "vm-7", "test"));
+    assert_eq!(
+        (job.status.as_str(), job.vm_id.as_str(), job.job_type.as_str()),
+        ("completed", "vm-7", "test")
+    );
     let tracking = w.engine.store.job_tracking(run).await.unwrap();
     assert_eq!(tracking.len(), 6);
     assert!(tracking.iter().all(|t| t.status == "completed"), "{tracking:?}");
@@ -147,12 +159,20 @@ async fn retries_sleep_in_the_database_then_succeed(db: TestDb) {
     let retries: Vec<_> = j
         .iter()
         .filter_map(|e| match &e.record {
-            Record::StepFailed { step, attempt, retry_at: Some(at), .. } if step == "attach" => Some((*attempt, *at, e.at)),
+            Record::StepFailed {
+                step,
+                attempt,
+                retry_at: Some(at),
+                ..
+            } if step == "attach" => Some((*attempt, *at, e.at)),
             _ => None,
         })
         .collect();
     assert_eq!(retries.len(), 2);
-    assert!(retries.iter().all(|(_, at, committed)| at > committed), "retry time is persisted in the future");
+    assert!(
+        retries.iter().all(|(_, at, committed)| at > committed),
+        "retry time is persisted in the future"
+    );
     let attempts: Vec<u32> = j
         .iter()
         .filter_map(|e| match &e.record {
@@ -162,7 +182,10 @@ async fn retries_sleep_in_the_database_then_succeed(db: TestDb) {
         .collect();
     assert_eq!(attempts, vec![1, 2, 3]);
     // The next attempt starts no earlier than its persisted retry time.
-    let third = j.iter().find(|e| matches!(&e.record, Record::StepStarted { step, attempt: 3, .. } if step == "attach")).unwrap();
+    let third = j
+        .iter()
+        .find(|e| matches!(&e.record, Record::StepStarted { step, attempt: 3, .. } if step == "attach"))
+        .unwrap();
     assert!(third.at >= retries[1].1);
     assert_eq!(ledger(&w.engine, run).await.get(&key("attach", "effect")), Some(&1));
     w.stop().await;
@@ -174,8 +197,21 @@ async fn permanent_failure_rolls_back_in_reverse(db: TestDb) {
     let run = submit(&w.engine, "crash-saga", input).await;
     let row = finish(&w.engine, run).await;
     assert_eq!(row.status, RunStatus::Failed);
-    let undone: Vec<String> = w.engine.store.ledger(Some(run)).await.unwrap().into_iter().filter(|r| r.kind == "undo").map(|r| r.step).collect();
-    assert_eq!(undone, vec!["attach", "create_vm", "snapshot"], "reverse order, failed step included, validate has nothing to undo");
+    let undone: Vec<String> = w
+        .engine
+        .store
+        .ledger(Some(run))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind == "undo")
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(
+        undone,
+        vec!["attach", "create_vm", "snapshot"],
+        "reverse order, failed step included, validate has nothing to undo"
+    );
     let j = journal(&w.engine, run).await;
     assert_eq!(count(&j, "step_failed"), 1);
     assert_eq!(count(&j, "compensation_succeeded"), 3);
@@ -183,7 +219,9 @@ async fn permanent_failure_rolls_back_in_reverse(db: TestDb) {
     assert_eq!(job.status, "failed");
     assert!(job.error_message.unwrap().contains("INJECTED"));
     let tracking = w.engine.store.job_tracking(run).await.unwrap();
-    assert!(tracking.iter().any(|t| t.operation == "rollback:create_vm" && t.status == "completed"));
+    assert!(tracking
+        .iter()
+        .any(|t| t.operation == "rollback:create_vm" && t.status == "completed"));
     w.stop().await;
 }
 
@@ -199,7 +237,13 @@ async fn a_failed_compensation_needs_an_operator(db: TestDb) {
         Record::RunFinished { status, undone, .. } => Some((*status, undone.clone())),
         _ => None,
     });
-    assert_eq!(finished, Some((RunStatus::NeedsOperator, vec!["create_vm".to_string(), "snapshot".to_string()])));
+    assert_eq!(
+        finished,
+        Some((
+            RunStatus::NeedsOperator,
+            vec!["create_vm".to_string(), "snapshot".to_string()]
+        ))
+    );
     let job = w.engine.store.failover_job(run).await.unwrap().unwrap();
     assert!(job.error_message.unwrap().contains("not undone: create_vm, snapshot"));
     w.stop().await;
@@ -212,19 +256,30 @@ async fn the_end_signal_ends_the_hold_once(db: TestDb) {
     assert_eq!(w.engine.store.get_run(run).await.unwrap().unwrap().wake_at, None);
     assert_eq!(w.engine.signal(run, "end-test").await.unwrap(), SignalOutcome::Accepted);
     let again = w.engine.signal(run, "end-test").await.unwrap();
-    assert!(matches!(again, SignalOutcome::Duplicate | SignalOutcome::Finished(_)), "{again:?}");
+    assert!(
+        matches!(again, SignalOutcome::Duplicate | SignalOutcome::Finished(_)),
+        "{again:?}"
+    );
     assert_eq!(finish(&w.engine, run).await.status, RunStatus::Completed);
     let j = journal(&w.engine, run).await;
     assert_eq!(count(&j, "signal_received"), 1);
     assert_eq!(count(&j, "timer_fired"), 0);
-    assert!(matches!(w.engine.signal(run, "end-test").await.unwrap(), SignalOutcome::Finished(RunStatus::Completed)));
+    assert!(matches!(
+        w.engine.signal(run, "end-test").await.unwrap(),
+        SignalOutcome::Finished(RunStatus::Completed)
+    ));
     w.stop().await;
 }
 
 async fn an_early_signal_waits_for_the_hold(db: TestDb) {
     // A signal sent before the run reaches its hold is kept and ends the hold at once.
     let w = start(db.open().await, &[], "w1").await;
-    let run = submit(&w.engine, "crash-saga", json!({"test": {"sleep_ms": {"validate": 300}}})).await;
+    let run = submit(
+        &w.engine,
+        "crash-saga",
+        json!({"test": {"sleep_ms": {"validate": 300}}}),
+    )
+    .await;
     assert_eq!(w.engine.signal(run, "end-test").await.unwrap(), SignalOutcome::Accepted);
     assert_eq!(finish(&w.engine, run).await.status, RunStatus::Completed);
     w.stop().await;
@@ -234,7 +289,10 @@ async fn cancel_in_the_hold_rolls_back(db: TestDb) {
     let w = start(db.open().await, &[], "w1").await;
     let run = submit(&w.engine, "crash-saga", json!({"hold": "1h"})).await;
     wait_status(&w.engine, run, RunStatus::Holding).await;
-    assert_eq!(w.engine.cancel(run, "operator said so").await.unwrap(), SignalOutcome::Accepted);
+    assert_eq!(
+        w.engine.cancel(run, "operator said so").await.unwrap(),
+        SignalOutcome::Accepted
+    );
     let row = finish(&w.engine, run).await;
     assert_eq!(row.status, RunStatus::Cancelled);
     let l = ledger(&w.engine, run).await;
@@ -260,14 +318,23 @@ retry = { max_attempts = 5, initial_delay = "1h", max_delay = "2h", jitter = 0.0
 
 async fn cancel_while_asleep_in_backoff(db: TestDb) {
     let w = start(db.open().await, &[("slow-retry", SLOW_RETRY)], "w1").await;
-    let run = submit(&w.engine, "slow-retry", json!({"test": {"fail": {"b": {"class": "retryable"}}}})).await;
+    let run = submit(
+        &w.engine,
+        "slow-retry",
+        json!({"test": {"fail": {"b": {"class": "retryable"}}}}),
+    )
+    .await;
     wait_status(&w.engine, run, RunStatus::Sleeping).await;
     w.engine.cancel(run, "no time").await.unwrap();
     let row = finish(&w.engine, run).await;
     assert_eq!(row.status, RunStatus::Cancelled);
     let l = ledger(&w.engine, run).await;
     assert_eq!(l.get(&key("a", "undo")), Some(&1));
-    assert_eq!(l.get(&key("b", "undo")), Some(&1), "b ran once, so it is undone (idempotently)");
+    assert_eq!(
+        l.get(&key("b", "undo")),
+        Some(&1),
+        "b ran once, so it is undone (idempotently)"
+    );
     w.stop().await;
 }
 
@@ -310,7 +377,11 @@ async fn runs_are_pinned_to_the_definition_they_started_with(db: TestDb) {
     let w = start(store.clone(), &[("crash-saga", ONE_STEP)], "w-new").await;
     assert_eq!(finish(&w.engine, run).await.status, RunStatus::Completed);
     let l = ledger(&w.engine, run).await;
-    assert_eq!(l.get(&key("attach", "effect")), Some(&1), "the run kept its original steps: {l:?}");
+    assert_eq!(
+        l.get(&key("attach", "effect")),
+        Some(&1),
+        "the run kept its original steps: {l:?}"
+    );
     assert!(!l.contains_key(&key("only", "effect")));
     // New runs get the new definition.
     let fresh = submit(&w.engine, "crash-saga", json!({})).await;
@@ -321,10 +392,22 @@ async fn runs_are_pinned_to_the_definition_they_started_with(db: TestDb) {
 
 async fn submit_errors_are_typed_and_request_ids_idempotent(db: TestDb) {
     let e = engine(db.open().await, &[], config("x")).await;
-    let unknown = e.submit(SubmitRequest { definition: "nope".into(), input: json!({}), request_id: None, correlation_id: None }).await;
+    let unknown = e
+        .submit(SubmitRequest {
+            definition: "nope".into(),
+            input: json!({}),
+            request_id: None,
+            correlation_id: None,
+        })
+        .await;
     assert!(matches!(unknown, Err(EngineError::UnknownDefinition(_))));
     let bad = e
-        .submit(SubmitRequest { definition: "crash-saga".into(), input: json!({"hold": "soonish"}), request_id: None, correlation_id: None })
+        .submit(SubmitRequest {
+            definition: "crash-saga".into(),
+            input: json!({"hold": "soonish"}),
+            request_id: None,
+            correlation_id: None,
+        })
         .await;
     match bad {
         Err(EngineError::InvalidInput { field, reason }) => {
@@ -333,12 +416,20 @@ async fn submit_errors_are_typed_and_request_ids_idempotent(db: TestDb) {
         }
         other => panic!("{other:?}"),
     }
-    let req = || SubmitRequest { definition: "crash-saga".into(), input: json!({}), request_id: Some("r-1".into()), correlation_id: None };
+    let req = || SubmitRequest {
+        definition: "crash-saga".into(),
+        input: json!({}),
+        request_id: Some("r-1".into()),
+        correlation_id: None,
+    };
     let a = e.submit(req()).await.unwrap();
     let b = e.submit(req()).await.unwrap();
     assert_eq!(a.run.id, b.run.id);
     assert!(a.created && !b.created);
-    assert!(matches!(e.signal(RunId::new(), "end-test").await, Err(EngineError::NotFound(_))));
+    assert!(matches!(
+        e.signal(RunId::new(), "end-test").await,
+        Err(EngineError::NotFound(_))
+    ));
 }
 
 async fn two_workers_share_runs_and_each_effect_happens_once(db: TestDb) {
@@ -368,7 +459,12 @@ async fn a_dead_workers_run_moves_to_another_after_its_lease(db: TestDb) {
     let mut cfg = config("doomed");
     cfg.lease_ttl = Duration::from_millis(600);
     let doomed = start_with(store.clone(), &[], cfg).await;
-    let run = submit(&doomed.engine, "crash-saga", json!({"hold": "1ms", "test": {"sleep_ms": {"snapshot": 1500}}})).await;
+    let run = submit(
+        &doomed.engine,
+        "crash-saga",
+        json!({"hold": "1ms", "test": {"sleep_ms": {"snapshot": 1500}}}),
+    )
+    .await;
     // Wait until the doomed worker is inside `snapshot`, then kill it (its tasks are dropped).
     loop {
         let row = doomed.engine.store.get_run(run).await.unwrap().unwrap();
@@ -392,7 +488,10 @@ async fn a_dead_workers_run_moves_to_another_after_its_lease(db: TestDb) {
         })
         .collect();
     assert_eq!(attempts, vec![1, 2], "the interrupted attempt is resumed as attempt 2");
-    assert_eq!(ledger(&heir.engine, run).await.get(&key("snapshot", "effect")), Some(&1));
+    assert_eq!(
+        ledger(&heir.engine, run).await.get(&key("snapshot", "effect")),
+        Some(&1)
+    );
     heir.stop().await;
 }
 

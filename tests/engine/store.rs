@@ -46,7 +46,15 @@ fn started(step: &str, attempt: u32) -> Record {
 }
 
 /// A checkpoint moving a run from `from` (at `seq`) into `state` with `records`.
-fn cp(run: RunId, lease: &Lease, seq: i64, from: RunStatus, state: RunState, records: Vec<Record>, now: Timestamp) -> Checkpoint {
+fn cp(
+    run: RunId,
+    lease: &Lease,
+    seq: i64,
+    from: RunStatus,
+    state: RunState,
+    records: Vec<Record>,
+    now: Timestamp,
+) -> Checkpoint {
     let live = matches!(state, RunState::Running { .. } | RunState::Compensating { .. });
     Checkpoint {
         run_id: run,
@@ -69,7 +77,11 @@ fn cp(run: RunId, lease: &Lease, seq: i64, from: RunStatus, state: RunState, rec
 }
 
 fn running(step: usize) -> RunState {
-    RunState::Running { phase: Phase::Forward, step, attempt: 1 }
+    RunState::Running {
+        phase: Phase::Forward,
+        step,
+        attempt: 1,
+    }
 }
 
 async fn claim_one(s: &Arc<dyn Store>, owner: &str, now: Timestamp) -> (tern::store::RunRow, Lease) {
@@ -87,8 +99,20 @@ async fn submit_is_idempotent_by_request_id(db: TestDb) {
     assert!(!b.created);
     assert_eq!(a.run.id, b.run.id);
     assert_eq!(s.journal(a.run.id, 0, 100).await.unwrap().len(), 1);
-    assert_eq!(s.list_runs(&RunFilter { limit: 10, ..Default::default() }).await.unwrap().len(), 1);
-    assert_eq!(s.definition_source("h1").await.unwrap().as_deref(), Some("name = 'demo'"));
+    assert_eq!(
+        s.list_runs(&RunFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .len(),
+        1
+    );
+    assert_eq!(
+        s.definition_source("h1").await.unwrap().as_deref(),
+        Some("name = 'demo'")
+    );
     let job = s.failover_job(a.run.id).await.unwrap().expect("failover_jobs row");
     assert_eq!(job.vm_id, "vm-1");
     assert_eq!(job.status, "pending");
@@ -100,7 +124,9 @@ async fn concurrent_submits_with_one_request_id_make_one_run(db: TestDb) {
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let s = s.clone();
-        tasks.push(tokio::spawn(async move { s.submit(new_run(Some("same"), Timestamp::now())).await }));
+        tasks.push(tokio::spawn(async move {
+            s.submit(new_run(Some("same"), Timestamp::now())).await
+        }));
     }
     let mut ids = std::collections::HashSet::new();
     let mut created = 0;
@@ -123,7 +149,17 @@ async fn claims_lease_and_fence_stale_workers(db: TestDb) {
     // Leased: nobody else gets it.
     assert!(s.claim("B", 5, TTL, now).await.unwrap().is_empty());
     // A commits step 0 started.
-    s.checkpoint(cp(run.id, &a, 1, RunStatus::Pending, running(0), vec![started("s0", 1)], now)).await.unwrap();
+    s.checkpoint(cp(
+        run.id,
+        &a,
+        1,
+        RunStatus::Pending,
+        running(0),
+        vec![started("s0", 1)],
+        now,
+    ))
+    .await
+    .unwrap();
     s.heartbeat(run.id, &a, now.plus(TTL)).await.unwrap();
     // The lease expires (A is presumed dead); B re-claims with a higher fencing token.
     let later = now.plus(TTL + TTL);
@@ -131,11 +167,35 @@ async fn claims_lease_and_fence_stale_workers(db: TestDb) {
     assert!(b.token > a.token, "{b:?} vs {a:?}");
     assert_eq!(row.state, running(0));
     // A comes back: every write is refused with the typed error.
-    let stale = s.checkpoint(cp(run.id, &a, 2, RunStatus::Running, running(1), vec![started("s1", 1)], later)).await;
+    let stale = s
+        .checkpoint(cp(
+            run.id,
+            &a,
+            2,
+            RunStatus::Running,
+            running(1),
+            vec![started("s1", 1)],
+            later,
+        ))
+        .await;
     assert!(matches!(stale, Err(StoreError::Fenced { .. })), "{stale:?}");
-    assert!(matches!(s.heartbeat(run.id, &a, later.plus(TTL)).await, Err(StoreError::Fenced { .. })));
+    assert!(matches!(
+        s.heartbeat(run.id, &a, later.plus(TTL)).await,
+        Err(StoreError::Fenced { .. })
+    ));
     // B carries on.
-    let out = s.checkpoint(cp(run.id, &b, 2, RunStatus::Running, running(0), vec![started("s0", 2)], later)).await.unwrap();
+    let out = s
+        .checkpoint(cp(
+            run.id,
+            &b,
+            2,
+            RunStatus::Running,
+            running(0),
+            vec![started("s0", 2)],
+            later,
+        ))
+        .await
+        .unwrap();
     assert_eq!(out.last_seq, 3);
 }
 
@@ -146,19 +206,47 @@ async fn checkpoint_is_a_compare_and_set_on_the_journal_position(db: TestDb) {
     let (_, l) = claim_one(&s, "A", now).await;
     let two = vec![
         started("s0", 1),
-        Record::StepSucceeded { phase: Phase::Forward, step: "s0".into(), attempt: 1, output: json!({"id": 1}) },
+        Record::StepSucceeded {
+            phase: Phase::Forward,
+            step: "s0".into(),
+            attempt: 1,
+            output: json!({"id": 1}),
+        },
     ];
-    let out = s.checkpoint(cp(run.id, &l, 1, RunStatus::Pending, running(1), two.clone(), now)).await.unwrap();
+    let out = s
+        .checkpoint(cp(run.id, &l, 1, RunStatus::Pending, running(1), two.clone(), now))
+        .await
+        .unwrap();
     assert_eq!(out.last_seq, 3);
     // Replaying the same expected position fails: the state moved on.
-    let again = s.checkpoint(cp(run.id, &l, 1, RunStatus::Pending, running(1), two, now)).await;
+    let again = s
+        .checkpoint(cp(run.id, &l, 1, RunStatus::Pending, running(1), two, now))
+        .await;
     assert!(matches!(again, Err(StoreError::Fenced { .. })));
     // Wrong expected status fails too.
-    let wrong = s.checkpoint(cp(run.id, &l, 3, RunStatus::Holding, running(2), vec![started("s2", 1)], now)).await;
+    let wrong = s
+        .checkpoint(cp(
+            run.id,
+            &l,
+            3,
+            RunStatus::Holding,
+            running(2),
+            vec![started("s2", 1)],
+            now,
+        ))
+        .await;
     assert!(matches!(wrong, Err(StoreError::Fenced { .. })));
     let j = s.journal(run.id, 0, 100).await.unwrap();
     assert_eq!(j.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
-    assert_eq!(j[2].record, Record::StepSucceeded { phase: Phase::Forward, step: "s0".into(), attempt: 1, output: json!({"id": 1}) });
+    assert_eq!(
+        j[2].record,
+        Record::StepSucceeded {
+            phase: Phase::Forward,
+            step: "s0".into(),
+            attempt: 1,
+            output: json!({"id": 1})
+        }
+    );
     assert_eq!(s.journal(run.id, 2, 100).await.unwrap().len(), 1);
 }
 
@@ -168,7 +256,12 @@ async fn sleeping_runs_wake_at_their_time_only(db: TestDb) {
     let run = s.submit(new_run(None, now)).await.unwrap().run;
     let (_, l) = claim_one(&s, "A", now).await;
     let at = now.plus(Duration::from_secs(60));
-    let backoff = RunState::Backoff { phase: Phase::Forward, step: 0, attempt: 2, at };
+    let backoff = RunState::Backoff {
+        phase: Phase::Forward,
+        step: 0,
+        attempt: 2,
+        at,
+    };
     let failed = Record::StepFailed {
         phase: Phase::Forward,
         step: "s0".into(),
@@ -176,7 +269,9 @@ async fn sleeping_runs_wake_at_their_time_only(db: TestDb) {
         error: StepError::retryable("E", "x"),
         retry_at: Some(at),
     };
-    s.checkpoint(cp(run.id, &l, 1, RunStatus::Pending, backoff, vec![failed], now)).await.unwrap();
+    s.checkpoint(cp(run.id, &l, 1, RunStatus::Pending, backoff, vec![failed], now))
+        .await
+        .unwrap();
     let row = s.get_run(run.id).await.unwrap().unwrap();
     assert_eq!(row.lease_owner, None, "sleeping releases the lease");
     assert_eq!(row.wake_at, Some(at));
@@ -191,12 +286,28 @@ async fn signals_are_durable_idempotent_and_wake_a_holding_run(db: TestDb) {
     let now = Timestamp::now();
     let run = s.submit(new_run(None, now)).await.unwrap().run;
     let (_, l) = claim_one(&s, "A", now).await;
-    s.checkpoint(cp(run.id, &l, 1, RunStatus::Pending, RunState::Holding { until: None }, vec![], now)).await.unwrap();
+    s.checkpoint(cp(
+        run.id,
+        &l,
+        1,
+        RunStatus::Pending,
+        RunState::Holding { until: None },
+        vec![],
+        now,
+    ))
+    .await
+    .unwrap();
     let row = s.get_run(run.id).await.unwrap().unwrap();
     assert_eq!(row.wake_at, None, "a hold without a timer waits for a signal only");
     assert!(s.claim("B", 5, TTL, now).await.unwrap().is_empty());
-    assert_eq!(s.signal(run.id, "end-test", now).await.unwrap(), SignalOutcome::Accepted);
-    assert_eq!(s.signal(run.id, "end-test", now).await.unwrap(), SignalOutcome::Duplicate);
+    assert_eq!(
+        s.signal(run.id, "end-test", now).await.unwrap(),
+        SignalOutcome::Accepted
+    );
+    assert_eq!(
+        s.signal(run.id, "end-test", now).await.unwrap(),
+        SignalOutcome::Duplicate
+    );
     let pending = s.pending_signals(run.id).await.unwrap();
     assert_eq!(pending.len(), 1);
     let (row, b) = claim_one(&s, "B", now).await;
@@ -207,7 +318,10 @@ async fn signals_are_durable_idempotent_and_wake_a_holding_run(db: TestDb) {
         1,
         RunStatus::Holding,
         running(0),
-        vec![Record::SignalReceived { name: "end-test".into(), applied: true }],
+        vec![Record::SignalReceived {
+            name: "end-test".into(),
+            applied: true,
+        }],
         now,
     );
     c.consumed_signals = vec![pending[0].id];
@@ -223,13 +337,36 @@ async fn a_signal_racing_a_run_going_to_sleep_is_not_lost(db: TestDb) {
     let now = Timestamp::now();
     let run = s.submit(new_run(None, now)).await.unwrap().run;
     let (_, l) = claim_one(&s, "A", now).await;
-    s.checkpoint(cp(run.id, &l, 1, RunStatus::Pending, running(0), vec![started("s0", 1)], now)).await.unwrap();
+    s.checkpoint(cp(
+        run.id,
+        &l,
+        1,
+        RunStatus::Pending,
+        running(0),
+        vec![started("s0", 1)],
+        now,
+    ))
+    .await
+    .unwrap();
     // The signal lands while the run is still running (not yet holding)...
-    assert_eq!(s.signal(run.id, "end-test", now).await.unwrap(), SignalOutcome::Accepted);
+    assert_eq!(
+        s.signal(run.id, "end-test", now).await.unwrap(),
+        SignalOutcome::Accepted
+    );
     // ...and the worker then puts it into a far-off hold: it must wake at once instead.
     let far = now.plus(Duration::from_secs(3600));
     let hold = RunState::Holding { until: Some(far) };
-    s.checkpoint(cp(run.id, &l, 2, RunStatus::Running, hold, vec![Record::TimerSet { at: far }], now)).await.unwrap();
+    s.checkpoint(cp(
+        run.id,
+        &l,
+        2,
+        RunStatus::Running,
+        hold,
+        vec![Record::TimerSet { at: far }],
+        now,
+    ))
+    .await
+    .unwrap();
     let row = s.get_run(run.id).await.unwrap().unwrap();
     assert_eq!(row.wake_at, Some(now));
     claim_one(&s, "B", now).await;
@@ -241,21 +378,47 @@ async fn cancel_is_durable_and_idempotent(db: TestDb) {
     let run = s.submit(new_run(None, now)).await.unwrap().run;
     let (_, l) = claim_one(&s, "A", now).await;
     let at = now.plus(Duration::from_secs(600));
-    let b = RunState::Backoff { phase: Phase::Forward, step: 0, attempt: 2, at };
-    s.checkpoint(cp(run.id, &l, 1, RunStatus::Pending, b, vec![], now)).await.unwrap();
-    assert_eq!(s.cancel(run.id, "operator", now).await.unwrap(), SignalOutcome::Accepted);
+    let b = RunState::Backoff {
+        phase: Phase::Forward,
+        step: 0,
+        attempt: 2,
+        at,
+    };
+    s.checkpoint(cp(run.id, &l, 1, RunStatus::Pending, b, vec![], now))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.cancel(run.id, "operator", now).await.unwrap(),
+        SignalOutcome::Accepted
+    );
     assert_eq!(s.cancel(run.id, "again", now).await.unwrap(), SignalOutcome::Duplicate);
     let row = s.get_run(run.id).await.unwrap().unwrap();
     assert!(row.cancel_pending);
     assert_eq!(row.cancel_reason.as_deref(), Some("operator"));
     assert_eq!(row.wake_at, Some(now), "cancel wakes a run asleep in backoff");
     let (_, l2) = claim_one(&s, "B", now).await;
-    let mut c = cp(run.id, &l2, 1, RunStatus::Sleeping, RunState::Cancelled { reason: "operator".into() }, vec![], now);
+    let mut c = cp(
+        run.id,
+        &l2,
+        1,
+        RunStatus::Sleeping,
+        RunState::Cancelled {
+            reason: "operator".into(),
+        },
+        vec![],
+        now,
+    );
     c.consumed_cancel = true;
     let out = s.checkpoint(c).await.unwrap();
     assert!(!out.cancel_pending);
-    assert_eq!(s.cancel(run.id, "late", now).await.unwrap(), SignalOutcome::Finished(RunStatus::Cancelled));
-    assert_eq!(s.signal(run.id, "end-test", now).await.unwrap(), SignalOutcome::Finished(RunStatus::Cancelled));
+    assert_eq!(
+        s.cancel(run.id, "late", now).await.unwrap(),
+        SignalOutcome::Finished(RunStatus::Cancelled)
+    );
+    assert_eq!(
+        s.signal(run.id, "end-test", now).await.unwrap(),
+        SignalOutcome::Finished(RunStatus::Cancelled)
+    );
     assert_eq!(s.get_run(run.id).await.unwrap().unwrap().wake_at, None);
 }
 
@@ -265,15 +428,40 @@ async fn list_is_newest_first_with_keyset_pages_and_filters(db: TestDb) {
     for _ in 0..5 {
         ids.push(s.submit(new_run(None, Timestamp::now())).await.unwrap().run.id);
     }
-    let page1 = s.list_runs(&RunFilter { limit: 2, ..Default::default() }).await.unwrap();
+    let page1 = s
+        .list_runs(&RunFilter {
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(page1.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[4], ids[3]]);
-    let page2 = s.list_runs(&RunFilter { limit: 2, before: Some(ids[3]), ..Default::default() }).await.unwrap();
+    let page2 = s
+        .list_runs(&RunFilter {
+            limit: 2,
+            before: Some(ids[3]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(page2.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[2], ids[1]]);
-    let pending = RunFilter { limit: 10, status: Some(RunStatus::Pending), ..Default::default() };
+    let pending = RunFilter {
+        limit: 10,
+        status: Some(RunStatus::Pending),
+        ..Default::default()
+    };
     assert_eq!(s.list_runs(&pending).await.unwrap().len(), 5);
-    let done = RunFilter { limit: 10, status: Some(RunStatus::Completed), ..Default::default() };
+    let done = RunFilter {
+        limit: 10,
+        status: Some(RunStatus::Completed),
+        ..Default::default()
+    };
     assert!(s.list_runs(&done).await.unwrap().is_empty());
-    let other = RunFilter { limit: 10, definition: Some("other".into()), ..Default::default() };
+    let other = RunFilter {
+        limit: 10,
+        definition: Some("other".into()),
+        ..Default::default()
+    };
     assert!(s.list_runs(&other).await.unwrap().is_empty());
     assert_eq!(s.count_by_status().await.unwrap(), vec![(RunStatus::Pending, 5)]);
 }
@@ -285,7 +473,12 @@ async fn projections_follow_the_journal_in_the_same_transaction(db: TestDb) {
     let (_, l) = claim_one(&s, "A", now).await;
     let recs = vec![
         started("snapshot", 1),
-        Record::StepProgress { phase: Phase::Forward, step: "snapshot".into(), attempt: 1, data: json!({"snapshot_name": "tern-snap-1"}) },
+        Record::StepProgress {
+            phase: Phase::Forward,
+            step: "snapshot".into(),
+            attempt: 1,
+            data: json!({"snapshot_name": "tern-snap-1"}),
+        },
     ];
     let mut c = cp(run.id, &l, 1, RunStatus::Pending, running(0), recs, now);
     c.projection = projection::project(&c.records, "snapshotting");
@@ -293,11 +486,24 @@ async fn projections_follow_the_journal_in_the_same_transaction(db: TestDb) {
     s.checkpoint(c).await.unwrap();
     let job = s.failover_job(run.id).await.unwrap().unwrap();
     assert_eq!(job.status, "snapshotting");
-    assert_eq!(job.linstor_snapshot_name.as_deref(), Some("tern-snap-1"), "recorded before the step finished");
+    assert_eq!(
+        job.linstor_snapshot_name.as_deref(),
+        Some("tern-snap-1"),
+        "recorded before the step finished"
+    );
     assert!(job.started_at.is_some());
     let fin = vec![
-        Record::StepSucceeded { phase: Phase::Forward, step: "snapshot".into(), attempt: 1, output: json!({"destination_vm_id": "vm-9"}) },
-        Record::RunFinished { status: RunStatus::Completed, error: None, undone: vec![] },
+        Record::StepSucceeded {
+            phase: Phase::Forward,
+            step: "snapshot".into(),
+            attempt: 1,
+            output: json!({"destination_vm_id": "vm-9"}),
+        },
+        Record::RunFinished {
+            status: RunStatus::Completed,
+            error: None,
+            undone: vec![],
+        },
     ];
     let mut c = cp(run.id, &l, 3, RunStatus::Running, RunState::Completed, fin, now);
     c.projection = projection::project(&c.records, "completed");
@@ -317,9 +523,24 @@ async fn projections_follow_the_journal_in_the_same_transaction(db: TestDb) {
 async fn ledger_adopts_by_key(db: TestDb) {
     let s = db.open().await;
     let run = RunId::new();
-    let row = LedgerRow { key: "k1".into(), run_id: run, step: "a".into(), attempt: 1, kind: "effect".into() };
+    let row = LedgerRow {
+        key: "k1".into(),
+        run_id: run,
+        step: "a".into(),
+        attempt: 1,
+        kind: "effect".into(),
+    };
     assert!(s.ledger_record(&row, true).await.unwrap());
-    assert!(!s.ledger_record(&LedgerRow { attempt: 2, ..row.clone() }, true).await.unwrap());
+    assert!(!s
+        .ledger_record(
+            &LedgerRow {
+                attempt: 2,
+                ..row.clone()
+            },
+            true
+        )
+        .await
+        .unwrap());
     assert_eq!(s.ledger(Some(run)).await.unwrap().len(), 1);
     assert!(s.ledger_record(&row, false).await.unwrap());
     assert_eq!(s.ledger(None).await.unwrap().len(), 2);

@@ -49,15 +49,26 @@ fn run() -> RunId {
 }
 
 fn step(def: &Definition, input: &Value, s: &RunState, e: Event) -> Result<Transition> {
-    Machine { run_id: run(), def, input }.transition(s, &e, NOW)
+    Machine {
+        run_id: run(),
+        def,
+        input,
+    }
+    .transition(s, &e, NOW)
 }
 
 fn ok() -> Event {
-    Event::StepSucceeded { output: json!({"id": "x"}) }
+    Event::StepSucceeded {
+        output: json!({"id": "x"}),
+    }
 }
 fn fail(class: ErrorClass) -> Event {
     Event::StepFailed {
-        error: StepError { class, code: "E".into(), message: "boom".into() },
+        error: StepError {
+            class,
+            code: "E".into(),
+            message: "boom".into(),
+        },
     }
 }
 fn kinds(t: &Transition) -> Vec<&'static str> {
@@ -67,7 +78,10 @@ fn running(phase: Phase, step: usize, attempt: u32) -> RunState {
     RunState::Running { phase, step, attempt }
 }
 fn failed_cause() -> Cause {
-    Cause::Failed { step: "create".into(), error: StepError::permanent("E", "boom") }
+    Cause::Failed {
+        step: "create".into(),
+        error: StepError::permanent("E", "boom"),
+    }
 }
 
 fn all_states() -> Vec<RunState> {
@@ -75,16 +89,42 @@ fn all_states() -> Vec<RunState> {
         RunState::Pending,
         running(Phase::Forward, 1, 1),
         running(Phase::Teardown, 0, 1),
-        RunState::Backoff { phase: Phase::Forward, step: 1, attempt: 2, at: NOW },
-        RunState::Backoff { phase: Phase::Teardown, step: 0, attempt: 2, at: NOW },
+        RunState::Backoff {
+            phase: Phase::Forward,
+            step: 1,
+            attempt: 2,
+            at: NOW,
+        },
+        RunState::Backoff {
+            phase: Phase::Teardown,
+            step: 0,
+            attempt: 2,
+            at: NOW,
+        },
         RunState::Holding { until: Some(NOW) },
         RunState::Holding { until: None },
-        RunState::Compensating { step: 1, attempt: 1, cause: failed_cause() },
-        RunState::CompensationBackoff { step: 1, attempt: 2, at: NOW, cause: failed_cause() },
+        RunState::Compensating {
+            step: 1,
+            attempt: 1,
+            cause: failed_cause(),
+        },
+        RunState::CompensationBackoff {
+            step: 1,
+            attempt: 2,
+            at: NOW,
+            cause: failed_cause(),
+        },
         RunState::Completed,
-        RunState::Failed { step: "x".into(), error: StepError::permanent("E", "m") },
+        RunState::Failed {
+            step: "x".into(),
+            error: StepError::permanent("E", "m"),
+        },
         RunState::Cancelled { reason: "r".into() },
-        RunState::NeedsOperator { step: "x".into(), error: StepError::permanent("E", "m"), undone: vec![] },
+        RunState::NeedsOperator {
+            step: "x".into(),
+            error: StepError::permanent("E", "m"),
+            undone: vec![],
+        },
     ]
 }
 
@@ -95,11 +135,17 @@ fn all_events() -> Vec<Event> {
         ok(),
         fail(ErrorClass::Retryable),
         fail(ErrorClass::Permanent),
-        Event::Progress { data: json!({"job": 1}) },
+        Event::Progress {
+            data: json!({"job": 1}),
+        },
         Event::WakeUp,
-        Event::Signal { name: "end-test".into() },
+        Event::Signal {
+            name: "end-test".into(),
+        },
         Event::Signal { name: "other".into() },
-        Event::Cancel { reason: "operator".into() },
+        Event::Cancel {
+            reason: "operator".into(),
+        },
     ]
 }
 
@@ -110,7 +156,10 @@ fn declared(s: &RunState, e: &Event) -> bool {
     match s {
         S::Pending => matches!(e, E::Begin | E::Cancel { .. }),
         S::Running { .. } | S::Compensating { .. } => {
-            matches!(e, E::StepSucceeded { .. } | E::StepFailed { .. } | E::Progress { .. } | E::Resume | E::Cancel { .. })
+            matches!(
+                e,
+                E::StepSucceeded { .. } | E::StepFailed { .. } | E::Progress { .. } | E::Resume | E::Cancel { .. }
+            )
         }
         S::Backoff { .. } | S::CompensationBackoff { .. } => matches!(e, E::WakeUp | E::Cancel { .. }),
         S::Holding { until } => match e {
@@ -187,8 +236,19 @@ fn success_and_next_start_share_one_transition_and_skips_are_journaled() {
 #[test]
 fn last_forward_step_enters_the_hold_with_a_timer() {
     let d = def();
-    let t = step(&d, &json!({"test_duration": "30s"}), &running(Phase::Forward, 2, 1), ok()).unwrap();
-    assert_eq!(t.state, RunState::Holding { until: Some(NOW.plus(std::time::Duration::from_secs(30))) });
+    let t = step(
+        &d,
+        &json!({"test_duration": "30s"}),
+        &running(Phase::Forward, 2, 1),
+        ok(),
+    )
+    .unwrap();
+    assert_eq!(
+        t.state,
+        RunState::Holding {
+            until: Some(NOW.plus(std::time::Duration::from_secs(30)))
+        }
+    );
     assert_eq!(kinds(&t), vec!["step_succeeded", "timer_set"]);
     assert_eq!(t.actions, vec![Action::Sleep]);
     // Without a duration the hold waits for the signal only.
@@ -196,7 +256,13 @@ fn last_forward_step_enters_the_hold_with_a_timer() {
     assert_eq!(t.state, RunState::Holding { until: None });
     assert_eq!(t.state.wake_at(NOW), None);
     // A bad duration is an input error, not a panic.
-    let e = step(&d, &json!({"test_duration": "soon"}), &running(Phase::Forward, 2, 1), ok()).unwrap_err();
+    let e = step(
+        &d,
+        &json!({"test_duration": "soon"}),
+        &running(Phase::Forward, 2, 1),
+        ok(),
+    )
+    .unwrap_err();
     assert!(matches!(e, TransitionError::Input(_)));
 }
 
@@ -216,7 +282,15 @@ fn hold_timer_fires_once_due_and_not_before() {
 fn the_hold_signal_starts_teardown_and_other_signals_are_recorded_only() {
     let d = def();
     let hold = RunState::Holding { until: None };
-    let t = step(&d, &json!({}), &hold, Event::Signal { name: "end-test".into() }).unwrap();
+    let t = step(
+        &d,
+        &json!({}),
+        &hold,
+        Event::Signal {
+            name: "end-test".into(),
+        },
+    )
+    .unwrap();
     assert_eq!(kinds(&t), vec!["signal_received", "step_started"]);
     assert!(matches!(t.records[0], Record::SignalReceived { applied: true, .. }));
     let t = step(&d, &json!({}), &hold, Event::Signal { name: "other".into() }).unwrap();
@@ -238,44 +312,116 @@ fn teardown_completes_the_run() {
 #[test]
 fn retryable_failure_sleeps_in_the_database_then_wakes_for_the_next_attempt() {
     let d = def();
-    let t = step(&d, &json!({}), &running(Phase::Forward, 1, 1), fail(ErrorClass::Retryable)).unwrap();
+    let t = step(
+        &d,
+        &json!({}),
+        &running(Phase::Forward, 1, 1),
+        fail(ErrorClass::Retryable),
+    )
+    .unwrap();
     let at = NOW.plus(std::time::Duration::from_secs(1));
-    assert_eq!(t.state, RunState::Backoff { phase: Phase::Forward, step: 1, attempt: 2, at });
+    assert_eq!(
+        t.state,
+        RunState::Backoff {
+            phase: Phase::Forward,
+            step: 1,
+            attempt: 2,
+            at
+        }
+    );
     assert_eq!(t.state.wake_at(NOW), Some(at));
     assert_eq!(kinds(&t), vec!["step_retry_scheduled"]);
     // Second failure doubles the delay.
-    let t2 = step(&d, &json!({}), &running(Phase::Forward, 1, 2), fail(ErrorClass::Retryable)).unwrap();
+    let t2 = step(
+        &d,
+        &json!({}),
+        &running(Phase::Forward, 1, 2),
+        fail(ErrorClass::Retryable),
+    )
+    .unwrap();
     assert!(matches!(t2.state, RunState::Backoff { at, .. } if at == NOW.plus(std::time::Duration::from_secs(2))));
     // Waking early is refused; waking on time starts attempt 2.
-    let early = RunState::Backoff { phase: Phase::Forward, step: 1, attempt: 2, at };
-    assert!(matches!(step(&d, &json!({}), &early, Event::WakeUp), Err(TransitionError::NotDue { .. })));
-    let due = RunState::Backoff { phase: Phase::Forward, step: 1, attempt: 2, at: NOW };
+    let early = RunState::Backoff {
+        phase: Phase::Forward,
+        step: 1,
+        attempt: 2,
+        at,
+    };
+    assert!(matches!(
+        step(&d, &json!({}), &early, Event::WakeUp),
+        Err(TransitionError::NotDue { .. })
+    ));
+    let due = RunState::Backoff {
+        phase: Phase::Forward,
+        step: 1,
+        attempt: 2,
+        at: NOW,
+    };
     let t = step(&d, &json!({}), &due, Event::WakeUp).unwrap();
     assert_eq!(t.state, running(Phase::Forward, 1, 2));
-    assert!(matches!(&t.records[0], Record::StepStarted { attempt: 2, idempotency_key, .. } if idempotency_key.ends_with("/snap")));
+    assert!(
+        matches!(&t.records[0], Record::StepStarted { attempt: 2, idempotency_key, .. } if idempotency_key.ends_with("/snap"))
+    );
 }
 
 #[test]
 fn exhausted_retries_and_permanent_errors_roll_back_in_reverse() {
     let d = def();
     // create (index 2) fails on its last attempt: undo create (it may have acted), then snap; validate has nothing to undo.
-    let t = step(&d, &json!({}), &running(Phase::Forward, 2, 3), fail(ErrorClass::Retryable)).unwrap();
+    let t = step(
+        &d,
+        &json!({}),
+        &running(Phase::Forward, 2, 3),
+        fail(ErrorClass::Retryable),
+    )
+    .unwrap();
     assert_eq!(kinds(&t), vec!["step_failed", "compensation_started"]);
     // The error that used up the retries is kept as it was (retryable class included).
-    let error = StepError { class: ErrorClass::Retryable, code: "E".into(), message: "boom".into() };
-    let cause = Cause::Failed { step: "create".into(), error: error.clone() };
-    assert_eq!(t.state, RunState::Compensating { step: 2, attempt: 1, cause: cause.clone() });
+    let error = StepError {
+        class: ErrorClass::Retryable,
+        code: "E".into(),
+        message: "boom".into(),
+    };
+    let cause = Cause::Failed {
+        step: "create".into(),
+        error: error.clone(),
+    };
+    assert_eq!(
+        t.state,
+        RunState::Compensating {
+            step: 2,
+            attempt: 1,
+            cause: cause.clone()
+        }
+    );
     assert_eq!(
         t.actions,
-        vec![Action::Compensate { step: 2, attempt: 1, idempotency_key: format!("{}/create/undo", run()) }]
+        vec![Action::Compensate {
+            step: 2,
+            attempt: 1,
+            idempotency_key: format!("{}/create/undo", run())
+        }]
     );
     let t = step(&d, &json!({}), &t.state, ok()).unwrap();
     assert_eq!(kinds(&t), vec!["compensation_succeeded", "compensation_started"]);
-    assert_eq!(t.state, RunState::Compensating { step: 1, attempt: 1, cause: cause.clone() });
+    assert_eq!(
+        t.state,
+        RunState::Compensating {
+            step: 1,
+            attempt: 1,
+            cause: cause.clone()
+        }
+    );
     assert_eq!(t.state.display_status(&d), "reverting");
     let t = step(&d, &json!({}), &t.state, ok()).unwrap();
     assert_eq!(kinds(&t), vec!["compensation_succeeded", "run_finished"]);
-    assert_eq!(t.state, RunState::Failed { step: "create".into(), error });
+    assert_eq!(
+        t.state,
+        RunState::Failed {
+            step: "create".into(),
+            error
+        }
+    );
 }
 
 #[test]
@@ -291,7 +437,13 @@ fn skipped_steps_are_not_compensated() {
 #[test]
 fn failure_with_nothing_to_undo_fails_at_once() {
     let d = def();
-    let t = step(&d, &json!({}), &running(Phase::Forward, 0, 1), fail(ErrorClass::Permanent)).unwrap();
+    let t = step(
+        &d,
+        &json!({}),
+        &running(Phase::Forward, 0, 1),
+        fail(ErrorClass::Permanent),
+    )
+    .unwrap();
     assert_eq!(kinds(&t), vec!["step_failed", "run_finished"]);
     assert!(matches!(t.state, RunState::Failed { .. }));
 }
@@ -299,16 +451,51 @@ fn failure_with_nothing_to_undo_fails_at_once() {
 #[test]
 fn compensation_retries_then_needs_an_operator_naming_what_is_left() {
     let d = def();
-    let comp = RunState::Compensating { step: 2, attempt: 1, cause: failed_cause() };
+    let comp = RunState::Compensating {
+        step: 2,
+        attempt: 1,
+        cause: failed_cause(),
+    };
     let t = step(&d, &json!({}), &comp, fail(ErrorClass::Retryable)).unwrap();
-    assert!(matches!(t.state, RunState::CompensationBackoff { step: 2, attempt: 2, .. }));
+    assert!(matches!(
+        t.state,
+        RunState::CompensationBackoff {
+            step: 2,
+            attempt: 2,
+            ..
+        }
+    ));
     assert_eq!(kinds(&t), vec!["compensation_failed"]);
-    let due = RunState::CompensationBackoff { step: 2, attempt: 2, at: NOW, cause: failed_cause() };
+    let due = RunState::CompensationBackoff {
+        step: 2,
+        attempt: 2,
+        at: NOW,
+        cause: failed_cause(),
+    };
     let t = step(&d, &json!({}), &due, Event::WakeUp).unwrap();
-    assert_eq!(t.state, RunState::Compensating { step: 2, attempt: 2, cause: failed_cause() });
-    let early = RunState::CompensationBackoff { step: 2, attempt: 2, at: Timestamp(NOW.0 + 1), cause: failed_cause() };
-    assert!(matches!(step(&d, &json!({}), &early, Event::WakeUp), Err(TransitionError::NotDue { .. })));
-    let last = RunState::Compensating { step: 2, attempt: 3, cause: failed_cause() };
+    assert_eq!(
+        t.state,
+        RunState::Compensating {
+            step: 2,
+            attempt: 2,
+            cause: failed_cause()
+        }
+    );
+    let early = RunState::CompensationBackoff {
+        step: 2,
+        attempt: 2,
+        at: Timestamp(NOW.0 + 1),
+        cause: failed_cause(),
+    };
+    assert!(matches!(
+        step(&d, &json!({}), &early, Event::WakeUp),
+        Err(TransitionError::NotDue { .. })
+    ));
+    let last = RunState::Compensating {
+        step: 2,
+        attempt: 3,
+        cause: failed_cause(),
+    };
     let t = step(&d, &json!({}), &last, fail(ErrorClass::Retryable)).unwrap();
     match &t.state {
         RunState::NeedsOperator { step, undone, .. } => {
@@ -325,7 +512,13 @@ fn compensation_retries_then_needs_an_operator_naming_what_is_left() {
 #[test]
 fn teardown_failure_needs_an_operator() {
     let d = def();
-    let t = step(&d, &json!({}), &running(Phase::Teardown, 0, 1), fail(ErrorClass::Permanent)).unwrap();
+    let t = step(
+        &d,
+        &json!({}),
+        &running(Phase::Teardown, 0, 1),
+        fail(ErrorClass::Permanent),
+    )
+    .unwrap();
     match t.state {
         RunState::NeedsOperator { undone, .. } => assert_eq!(undone, vec!["stop", "delete"]),
         other => panic!("{other:?}"),
@@ -335,23 +528,53 @@ fn teardown_failure_needs_an_operator() {
 #[test]
 fn cancel_rolls_back_from_wherever_forward_progress_is() {
     let d = def();
-    let cancel = Event::Cancel { reason: "operator".into() };
+    let cancel = Event::Cancel {
+        reason: "operator".into(),
+    };
     // Pending: nothing happened, cancelled at once.
     let t = step(&d, &json!({}), &RunState::Pending, cancel.clone()).unwrap();
-    assert_eq!(t.state, RunState::Cancelled { reason: "operator".into() });
+    assert_eq!(
+        t.state,
+        RunState::Cancelled {
+            reason: "operator".into()
+        }
+    );
     assert_eq!(kinds(&t), vec!["cancel_requested", "run_finished"]);
     // Asleep in backoff on step snap: undo snap (it ran at least once).
-    let b = RunState::Backoff { phase: Phase::Forward, step: 1, attempt: 2, at: NOW };
+    let b = RunState::Backoff {
+        phase: Phase::Forward,
+        step: 1,
+        attempt: 2,
+        at: NOW,
+    };
     let t = step(&d, &json!({}), &b, cancel.clone()).unwrap();
     assert_eq!(kinds(&t), vec!["cancel_requested", "compensation_started"]);
-    assert!(matches!(t.state, RunState::Compensating { step: 1, cause: Cause::Cancelled { .. }, .. }));
+    assert!(matches!(
+        t.state,
+        RunState::Compensating {
+            step: 1,
+            cause: Cause::Cancelled { .. },
+            ..
+        }
+    ));
     // In the hold: undo everything from the last forward step.
     let t = step(&d, &json!({}), &RunState::Holding { until: None }, cancel.clone()).unwrap();
     assert!(matches!(t.state, RunState::Compensating { step: 2, .. }));
     // The rollback ends Cancelled.
-    let c = RunState::Compensating { step: 1, attempt: 1, cause: Cause::Cancelled { reason: "operator".into() } };
+    let c = RunState::Compensating {
+        step: 1,
+        attempt: 1,
+        cause: Cause::Cancelled {
+            reason: "operator".into(),
+        },
+    };
     let t = step(&d, &json!({}), &c, ok()).unwrap();
-    assert_eq!(t.state, RunState::Cancelled { reason: "operator".into() });
+    assert_eq!(
+        t.state,
+        RunState::Cancelled {
+            reason: "operator".into()
+        }
+    );
     // While running a forward step: that step is undone too.
     let t = step(&d, &json!({}), &running(Phase::Forward, 2, 1), cancel.clone()).unwrap();
     assert!(matches!(t.state, RunState::Compensating { step: 2, .. }));
@@ -363,13 +586,30 @@ fn cancel_during_rollback_or_teardown_is_recorded_and_changes_nothing() {
     let cancel = Event::Cancel { reason: "again".into() };
     for s in [
         running(Phase::Teardown, 0, 1),
-        RunState::Backoff { phase: Phase::Teardown, step: 0, attempt: 2, at: NOW },
-        RunState::Compensating { step: 1, attempt: 1, cause: failed_cause() },
-        RunState::CompensationBackoff { step: 1, attempt: 2, at: NOW, cause: failed_cause() },
+        RunState::Backoff {
+            phase: Phase::Teardown,
+            step: 0,
+            attempt: 2,
+            at: NOW,
+        },
+        RunState::Compensating {
+            step: 1,
+            attempt: 1,
+            cause: failed_cause(),
+        },
+        RunState::CompensationBackoff {
+            step: 1,
+            attempt: 2,
+            at: NOW,
+            cause: failed_cause(),
+        },
     ] {
         let t = step(&d, &json!({}), &s, cancel.clone()).unwrap();
         assert_eq!(t.state, s);
-        assert!(matches!(t.records[..], [Record::CancelRequested { applied: false, .. }]));
+        assert!(matches!(
+            t.records[..],
+            [Record::CancelRequested { applied: false, .. }]
+        ));
     }
 }
 
@@ -379,15 +619,30 @@ fn resume_after_a_crash_starts_the_next_attempt_with_the_same_key() {
     let t = step(&d, &json!({}), &running(Phase::Forward, 1, 1), Event::Resume).unwrap();
     assert_eq!(t.state, running(Phase::Forward, 1, 2));
     match &t.records[0] {
-        Record::StepStarted { attempt, idempotency_key, .. } => {
+        Record::StepStarted {
+            attempt,
+            idempotency_key,
+            ..
+        } => {
             assert_eq!(*attempt, 2);
             assert_eq!(idempotency_key, &format!("{}/snap", run()));
         }
         other => panic!("{other:?}"),
     }
-    let c = RunState::Compensating { step: 1, attempt: 1, cause: failed_cause() };
+    let c = RunState::Compensating {
+        step: 1,
+        attempt: 1,
+        cause: failed_cause(),
+    };
     let t = step(&d, &json!({}), &c, Event::Resume).unwrap();
-    assert_eq!(t.state, RunState::Compensating { step: 1, attempt: 2, cause: failed_cause() });
+    assert_eq!(
+        t.state,
+        RunState::Compensating {
+            step: 1,
+            attempt: 2,
+            cause: failed_cause()
+        }
+    );
     assert_eq!(kinds(&t), vec!["compensation_started"]);
 }
 
@@ -395,11 +650,23 @@ fn resume_after_a_crash_starts_the_next_attempt_with_the_same_key() {
 fn progress_is_journaled_without_changing_state() {
     let d = def();
     let s = running(Phase::Forward, 1, 1);
-    let t = step(&d, &json!({}), &s, Event::Progress { data: json!({"jobid": "j-1"}) }).unwrap();
+    let t = step(
+        &d,
+        &json!({}),
+        &s,
+        Event::Progress {
+            data: json!({"jobid": "j-1"}),
+        },
+    )
+    .unwrap();
     assert_eq!(t.state, s);
     assert_eq!(kinds(&t), vec!["step_progress"]);
     assert!(t.actions.is_empty());
-    let c = RunState::Compensating { step: 1, attempt: 1, cause: failed_cause() };
+    let c = RunState::Compensating {
+        step: 1,
+        attempt: 1,
+        cause: failed_cause(),
+    };
     let t = step(&d, &json!({}), &c, Event::Progress { data: json!(1) }).unwrap();
     assert_eq!(kinds(&t), vec!["compensation_progress"]);
 }
@@ -423,7 +690,13 @@ action = "x"
 compensate = "none"
 "#,
     );
-    let t = step(&d, &json!({}), &running(Phase::Forward, 2, 1), fail(ErrorClass::Permanent)).unwrap();
+    let t = step(
+        &d,
+        &json!({}),
+        &running(Phase::Forward, 2, 1),
+        fail(ErrorClass::Permanent),
+    )
+    .unwrap();
     match &t.state {
         RunState::NeedsOperator { step, undone, error } => {
             assert_eq!(step, "point-of-no-return");
@@ -433,7 +706,13 @@ compensate = "none"
         other => panic!("{other:?}"),
     }
     // The irreversible step failing itself did not take effect: roll back what came before.
-    let t = step(&d, &json!({}), &running(Phase::Forward, 1, 1), fail(ErrorClass::Permanent)).unwrap();
+    let t = step(
+        &d,
+        &json!({}),
+        &running(Phase::Forward, 1, 1),
+        fail(ErrorClass::Permanent),
+    )
+    .unwrap();
     assert!(matches!(t.state, RunState::Compensating { step: 0, .. }));
 }
 
@@ -455,7 +734,13 @@ fn every_record_and_state_round_trips_through_json() {
         assert_eq!(RunStatus::parse(s.status().as_str()), Some(s.status()));
     }
     let d = def();
-    let t = step(&d, &json!({}), &running(Phase::Forward, 2, 3), fail(ErrorClass::Retryable)).unwrap();
+    let t = step(
+        &d,
+        &json!({}),
+        &running(Phase::Forward, 2, 3),
+        fail(ErrorClass::Retryable),
+    )
+    .unwrap();
     for r in t.records {
         let j = serde_json::to_value(&r).unwrap();
         assert_eq!(serde_json::from_value::<Record>(j).unwrap(), r);

@@ -28,7 +28,8 @@ impl Drop for PgStore {
     }
 }
 
-const RUN_COLUMNS: &str = "id, definition, definition_hash, request_id, correlation_id, state, status, display_status, \
+const RUN_COLUMNS: &str =
+    "id, definition, definition_hash, request_id, correlation_id, state, status, display_status, \
     current_step, input, context, last_seq, fencing_token, lease_owner, lease_expires_at, wake_at, signals_pending, \
     cancel_reason, cancel_pending, created_at, updated_at, started_at, completed_at";
 
@@ -41,13 +42,21 @@ impl PgStore {
     /// Connects, applies migrations and starts LISTENing. `schema` (created if missing) isolates
     /// a store inside one database, which is how tests share the one PostgreSQL server.
     pub async fn connect(url: &str, schema: Option<&str>) -> Result<PgStore> {
-        let mut opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(format!("{}: {e}", redact_url(url))))?;
+        let mut opts =
+            PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(format!("{}: {e}", redact_url(url))))?;
         if let Some(schema) = schema {
             if !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(StoreError::Config(format!("schema name {schema:?} must be [A-Za-z0-9_]")));
+                return Err(StoreError::Config(format!(
+                    "schema name {schema:?} must be [A-Za-z0-9_]"
+                )));
             }
-            let admin = PgPoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
-            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}")).execute(&admin).await?;
+            let admin = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts.clone())
+                .await?;
+            sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+                .execute(&admin)
+                .await?;
             admin.close().await;
             opts = opts.options([("search_path", schema)]);
         }
@@ -60,7 +69,9 @@ impl PgStore {
         let mut conn = pool.acquire().await?;
         sqlx::query("SELECT pg_advisory_lock(7301)").execute(&mut *conn).await?;
         let migrated = sqlx::migrate!("migrations/postgres").run(&mut *conn).await;
-        sqlx::query("SELECT pg_advisory_unlock(7301)").execute(&mut *conn).await?;
+        sqlx::query("SELECT pg_advisory_unlock(7301)")
+            .execute(&mut *conn)
+            .await?;
         drop(conn);
         migrated?;
         let channel = format!("tern_wakeup_{}", schema.unwrap_or("public"));
@@ -79,7 +90,10 @@ impl PgStore {
     }
 
     async fn notify(&self, tx: &mut sqlx::PgConnection) -> Result<()> {
-        sqlx::query("SELECT pg_notify($1, '')").bind(&self.channel).execute(&mut *tx).await?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(&self.channel)
+            .execute(&mut *tx)
+            .await?;
         Ok(())
     }
 }
@@ -150,7 +164,13 @@ fn run_from_row(row: &PgRow) -> Result<RunRow> {
     })
 }
 
-async fn append_journal(tx: &mut sqlx::PgConnection, run: RunId, first_seq: i64, records: &[Record], now: Timestamp) -> Result<()> {
+async fn append_journal(
+    tx: &mut sqlx::PgConnection,
+    run: RunId,
+    first_seq: i64,
+    records: &[Record],
+    now: Timestamp,
+) -> Result<()> {
     if records.is_empty() {
         return Ok(());
     }
@@ -285,7 +305,13 @@ impl Store for PgStore {
         })
     }
 
-    async fn claim(&self, owner: &str, limit: u32, lease_ttl: Duration, now: Timestamp) -> Result<Vec<(RunRow, Lease)>> {
+    async fn claim(
+        &self,
+        owner: &str,
+        limit: u32,
+        lease_ttl: Duration,
+        now: Timestamp,
+    ) -> Result<Vec<(RunRow, Lease)>> {
         let cols = RUN_COLUMNS
             .split(", ")
             .map(|c| format!("r.{}", c.trim()))
@@ -317,13 +343,15 @@ impl Store for PgStore {
     }
 
     async fn heartbeat(&self, run: RunId, lease: &Lease, expires_at: Timestamp) -> Result<()> {
-        let r = sqlx::query("UPDATE runs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND fencing_token = $4")
-            .bind(expires_at.0)
-            .bind(run.0)
-            .bind(&lease.owner)
-            .bind(lease.token)
-            .execute(&self.pool)
-            .await?;
+        let r = sqlx::query(
+            "UPDATE runs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND fencing_token = $4",
+        )
+        .bind(expires_at.0)
+        .bind(run.0)
+        .bind(&lease.owner)
+        .bind(lease.token)
+        .execute(&self.pool)
+        .await?;
         if r.rows_affected() == 0 {
             return Err(StoreError::Fenced { run });
         }
@@ -432,12 +460,13 @@ impl Store for PgStore {
     }
 
     async fn journal(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<JournalEntry>> {
-        let rows = sqlx::query("SELECT seq, record, at FROM journal WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3")
-            .bind(run.0)
-            .bind(after)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT seq, record, at FROM journal WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3")
+                .bind(run.0)
+                .bind(after)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter()
             .map(|r| {
                 let rec: Json<Value> = r.try_get("record")?;
@@ -469,13 +498,15 @@ impl Store for PgStore {
         if status.is_terminal() {
             return Ok(SignalOutcome::Finished(status));
         }
-        let inserted = sqlx::query("INSERT INTO signals (run_id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (run_id, name) DO NOTHING")
-            .bind(run.0)
-            .bind(name)
-            .bind(now.0)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let inserted = sqlx::query(
+            "INSERT INTO signals (run_id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (run_id, name) DO NOTHING",
+        )
+        .bind(run.0)
+        .bind(name)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         if inserted == 0 {
             return Ok(SignalOutcome::Duplicate);
         }
@@ -632,10 +663,12 @@ impl Store for PgStore {
     }
 
     async fn ledger(&self, run: Option<RunId>) -> Result<Vec<LedgerRow>> {
-        let rows = sqlx::query("SELECT key, run_id, step, attempt, kind FROM ledger WHERE ($1::uuid IS NULL OR run_id = $1) ORDER BY id")
-            .bind(run.map(|r| r.0))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT key, run_id, step, attempt, kind FROM ledger WHERE ($1::uuid IS NULL OR run_id = $1) ORDER BY id",
+        )
+        .bind(run.map(|r| r.0))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok(LedgerRow {

@@ -19,7 +19,8 @@ pub struct SqliteStore {
     wakeup: Arc<Wakeup>,
 }
 
-const RUN_COLUMNS: &str = "id, definition, definition_hash, request_id, correlation_id, state, status, display_status, \
+const RUN_COLUMNS: &str =
+    "id, definition, definition_hash, request_id, correlation_id, state, status, display_status, \
     current_step, input, context, last_seq, fencing_token, lease_owner, lease_expires_at, wake_at, signals_pending, \
     cancel_reason, cancel_pending, created_at, updated_at, started_at, completed_at";
 
@@ -66,7 +67,9 @@ fn run_from_row(row: &SqliteRow) -> Result<RunRow> {
     let input: Json<Value> = row.try_get("input")?;
     let context: Json<Value> = row.try_get("context")?;
     Ok(RunRow {
-        id: id.parse().map_err(|e| StoreError::Corrupt(format!("run id {id:?}: {e}")))?,
+        id: id
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("run id {id:?}: {e}")))?,
         definition: row.try_get("definition")?,
         definition_hash: row.try_get("definition_hash")?,
         request_id: row.try_get("request_id")?,
@@ -218,7 +221,13 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn claim(&self, owner: &str, limit: u32, lease_ttl: Duration, now: Timestamp) -> Result<Vec<(RunRow, Lease)>> {
+    async fn claim(
+        &self,
+        owner: &str,
+        limit: u32,
+        lease_ttl: Duration,
+        now: Timestamp,
+    ) -> Result<Vec<(RunRow, Lease)>> {
         let rows = sqlx::query(&format!(
             "UPDATE runs SET lease_owner = $1, lease_expires_at = $2, fencing_token = fencing_token + 1 \
              WHERE id IN (SELECT id FROM runs WHERE wake_at IS NOT NULL AND wake_at <= $3 \
@@ -244,13 +253,15 @@ impl Store for SqliteStore {
     }
 
     async fn heartbeat(&self, run: RunId, lease: &Lease, expires_at: Timestamp) -> Result<()> {
-        let r = sqlx::query("UPDATE runs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND fencing_token = $4")
-            .bind(expires_at.0)
-            .bind(run.to_string())
-            .bind(&lease.owner)
-            .bind(lease.token)
-            .execute(&self.pool)
-            .await?;
+        let r = sqlx::query(
+            "UPDATE runs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND fencing_token = $4",
+        )
+        .bind(expires_at.0)
+        .bind(run.to_string())
+        .bind(&lease.owner)
+        .bind(lease.token)
+        .execute(&self.pool)
+        .await?;
         if r.rows_affected() == 0 {
             return Err(StoreError::Fenced { run });
         }
@@ -359,12 +370,13 @@ impl Store for SqliteStore {
     }
 
     async fn journal(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<JournalEntry>> {
-        let rows = sqlx::query("SELECT seq, record, at FROM journal WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3")
-            .bind(run.to_string())
-            .bind(after)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT seq, record, at FROM journal WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3")
+                .bind(run.to_string())
+                .bind(after)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter()
             .map(|r| {
                 let rec: Json<Value> = r.try_get("record")?;
@@ -396,13 +408,15 @@ impl Store for SqliteStore {
         if status.is_terminal() {
             return Ok(SignalOutcome::Finished(status));
         }
-        let inserted = sqlx::query("INSERT INTO signals (run_id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (run_id, name) DO NOTHING")
-            .bind(run.to_string())
-            .bind(name)
-            .bind(now.0)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let inserted = sqlx::query(
+            "INSERT INTO signals (run_id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (run_id, name) DO NOTHING",
+        )
+        .bind(run.to_string())
+        .bind(name)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         if inserted == 0 {
             return Ok(SignalOutcome::Duplicate);
         }
@@ -557,16 +571,20 @@ impl Store for SqliteStore {
     }
 
     async fn ledger(&self, run: Option<RunId>) -> Result<Vec<LedgerRow>> {
-        let rows = sqlx::query("SELECT key, run_id, step, attempt, kind FROM ledger WHERE ($1 IS NULL OR run_id = $1) ORDER BY id")
-            .bind(run.map(|r| r.to_string()))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT key, run_id, step, attempt, kind FROM ledger WHERE ($1 IS NULL OR run_id = $1) ORDER BY id",
+        )
+        .bind(run.map(|r| r.to_string()))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
                 let id: String = r.try_get("run_id")?;
                 Ok(LedgerRow {
                     key: r.try_get("key")?,
-                    run_id: id.parse().map_err(|e| StoreError::Corrupt(format!("ledger run id: {e}")))?,
+                    run_id: id
+                        .parse()
+                        .map_err(|e| StoreError::Corrupt(format!("ledger run id: {e}")))?,
                     step: r.try_get("step")?,
                     attempt: r.try_get("attempt")?,
                     kind: r.try_get("kind")?,
