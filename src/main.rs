@@ -89,8 +89,21 @@ enum Command {
     },
     /// List the definitions this build runs (validating any override directory).
     Definitions,
+    /// The VM inventory: load a JSON inventory file, or list the VMs.
+    Inventory {
+        #[command(subcommand)]
+        command: InventoryCommand,
+    },
     /// Apply database migrations and exit.
     Migrate,
+}
+
+#[derive(Subcommand)]
+enum InventoryCommand {
+    /// Load (insert or replace) VMs and network mappings from a JSON file.
+    Load { file: PathBuf },
+    /// List the VMs in the inventory.
+    List,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -138,17 +151,23 @@ fn run_id(s: &str) -> Result<RunId> {
     s.parse().with_context(|| format!("{s:?} is not a run id (a UUID)"))
 }
 
-async fn shutdown_signal(token: CancellationToken) {
+/// Listens for SIGTERM/SIGINT. Registered before anything slow (opening the database) so a
+/// SIGTERM during start-up still means a graceful stop, not death by the default action.
+fn shutdown_on_signal() -> Result<CancellationToken> {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    tracing::info!("shutdown requested");
-    token.cancel();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    Ok(token)
 }
 
 #[tokio::main]
@@ -162,6 +181,10 @@ async fn main() {
 
 async fn real_main() -> Result<()> {
     let cli = Cli::parse();
+    let shutdown = match cli.command {
+        Command::Dev(_) | Command::Worker(_) => Some(shutdown_on_signal()?),
+        _ => None,
+    };
     let store = open_store(&cli).await?;
     let engine_for = |cfg: EngineConfig| Engine::with_defaults(store.clone(), cli.workflows.as_deref(), cfg);
     match &cli.command {
@@ -170,8 +193,7 @@ async fn real_main() -> Result<()> {
             if matches!(cli.command, Command::Dev(_)) {
                 print_dev_banner(&engine);
             }
-            let token = CancellationToken::new();
-            tokio::spawn(shutdown_signal(token.clone()));
+            let token = shutdown.unwrap_or_default();
             worker::run_worker(engine, token).await?;
         }
         Command::Submit {
@@ -292,6 +314,56 @@ async fn real_main() -> Result<()> {
                 );
             }
         }
+        Command::Inventory { command } => match command {
+            InventoryCommand::Load { file } => {
+                let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+                let inv = tern::domain::inventory::InventoryFile::parse(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+                let now = tern::domain::Timestamp::now();
+                for vm in &inv.vms {
+                    store.upsert_vm(vm, now).await?;
+                }
+                for kind in [
+                    tern::domain::inventory::NetworkKind::Test,
+                    tern::domain::inventory::NetworkKind::Production,
+                ] {
+                    for vm in &inv.vms {
+                        let ms: Vec<_> = inv
+                            .network_mappings
+                            .iter()
+                            .filter(|m| m.vm_id == vm.vm_id && m.kind == kind)
+                            .cloned()
+                            .collect();
+                        if !ms.is_empty() {
+                            store.set_network_mappings(&vm.vm_id, kind, &ms).await?;
+                        }
+                    }
+                }
+                println!(
+                    "loaded {} VMs and {} network mappings",
+                    inv.vms.len(),
+                    inv.network_mappings.len()
+                );
+            }
+            InventoryCommand::List => {
+                println!(
+                    "{:<38}  {:<16}  {:>4}  {:>8}  {:<8}  {:<38}  sync",
+                    "vm_id", "name", "cpu", "memory", "os", "volume"
+                );
+                for vm in store.list_vms().await? {
+                    println!(
+                        "{:<38}  {:<16}  {:>4}  {:>6}MB  {:<8}  {:<38}  {}",
+                        vm.vm_id,
+                        vm.name,
+                        vm.cpu_count,
+                        vm.memory_mb,
+                        vm.os_type,
+                        vm.volume_id,
+                        vm.last_sync_change_id.as_deref().unwrap_or("never")
+                    );
+                }
+            }
+        },
         Command::Migrate => println!("migrations applied ({})", store.backend()),
     }
     Ok(())

@@ -2,6 +2,9 @@
 //!
 //! Nothing here does I/O; everything here is serialisable so it can be journaled.
 
+pub mod inventory;
+pub mod validation;
+
 use std::fmt;
 use std::time::Duration;
 

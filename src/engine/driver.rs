@@ -154,7 +154,9 @@ impl Driver {
                 let next = self
                     .apply(Event::Signal { name: sig.name }, vec![sig.id], false)
                     .await?;
-                if !self.state.accepts_signals() {
+                // Either the hold ended, or the run went back to sleep (and gave up its lease):
+                // any further signal or a due timer wakes it again at once.
+                if !self.state.accepts_signals() || matches!(next, Some(Action::Sleep)) {
                     return Ok(next);
                 }
             }

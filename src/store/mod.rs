@@ -14,6 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 
+use crate::domain::inventory::{NetworkKind, NetworkMapping, VmRecord};
 use crate::domain::{RunId, Timestamp};
 use crate::engine::machine::{Record, RunState, RunStatus};
 pub use projection::{Projection, TrackingUpdate};
@@ -276,6 +277,18 @@ pub trait Store: Send + Sync + 'static {
     async fn failover_job(&self, run: RunId) -> Result<Option<FailoverJobRow>>;
     /// The run's `job_tracking` projection rows, in creation order.
     async fn job_tracking(&self, run: RunId) -> Result<Vec<JobTrackingRow>>;
+
+    /// Inserts or replaces a VM in the inventory.
+    async fn upsert_vm(&self, vm: &VmRecord, now: Timestamp) -> Result<()>;
+    async fn get_vm(&self, vm_id: &str) -> Result<Option<VmRecord>>;
+    /// Looks a VM up by id, or else by name.
+    async fn find_vm(&self, id_or_name: &str) -> Result<Option<VmRecord>>;
+    async fn list_vms(&self) -> Result<Vec<VmRecord>>;
+    /// Replaces the VM's mappings of one kind.
+    async fn set_network_mappings(&self, vm_id: &str, kind: NetworkKind, mappings: &[NetworkMapping]) -> Result<()>;
+    async fn network_mappings(&self, vm_id: &str) -> Result<Vec<NetworkMapping>>;
+    /// Runs on this VM whose failover_jobs row is not completed, except `except`.
+    async fn active_jobs_for_vm(&self, vm_id: &str, except: Option<RunId>) -> Result<Vec<String>>;
 
     /// Test actions' ledger: records a side effect under `key` unless one exists (`adopt`),
     /// in which case the existing one is adopted. Returns true when a new row was written.

@@ -286,7 +286,15 @@ async fn until_all_terminal(b: &Batch) {
 }
 
 /// SIGTERM: the worker must stop claiming, finish and exit cleanly, leaving no lease behind.
-async fn terminate(b: &Batch, mut child: Child) {
+async fn terminate(b: &Batch, mut child: Child, name: &str) {
+    // Wait until this worker is up (its handler installed, its loop running) before SIGTERM.
+    let log = b.log_dir.path().join(format!("{name}.log"));
+    for _ in 0..200 {
+        if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("worker started")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let pid = child.id().expect("running child") as i32;
     // SAFETY: kill(2) with a child's pid and SIGTERM has no memory-safety preconditions.
     unsafe {
@@ -379,7 +387,7 @@ async fn crash_at(backend: &str, point: &str) {
     until_killed(&b, &mut child, point).await;
     let heir = worker(&db, &b, "heir", None);
     until_all_terminal(&b).await;
-    terminate(&b, heir).await;
+    terminate(&b, heir, "heir").await;
     check(&b).await;
 }
 
@@ -449,7 +457,7 @@ async fn killed_after_submit(backend: &str) {
         .await
         .unwrap();
     assert_eq!(row.status, RunStatus::Completed);
-    terminate(&b, heir).await;
+    terminate(&b, heir, "heir").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -497,7 +505,7 @@ async fn random_kills(backend: &str) {
     }
     let heir = worker(&db, &b, "heir", None);
     until_all_terminal(&b).await;
-    terminate(&b, heir).await;
+    terminate(&b, heir, "heir").await;
     check(&b).await;
 }
 
@@ -528,6 +536,6 @@ async fn two_postgres_workers_one_killed() {
     }
     doomed.kill().await.unwrap();
     until_all_terminal(&b).await;
-    terminate(&b, survivor).await;
+    terminate(&b, survivor, "survivor").await;
     check(&b).await;
 }

@@ -510,3 +510,25 @@ on_both_backends!(
     two_workers_share_runs_and_each_effect_happens_once,
     a_dead_workers_run_moves_to_another_after_its_lease,
 );
+
+async fn an_unexpected_signal_is_recorded_and_the_hold_goes_on(db: TestDb) {
+    let w = start(db.open().await, &[], "w1").await;
+    let run = submit(&w.engine, "crash-saga", json!({"hold": "400ms"})).await;
+    wait_status(&w.engine, run, RunStatus::Holding).await;
+    assert_eq!(w.engine.signal(run, "poke").await.unwrap(), SignalOutcome::Accepted);
+    // The hold goes on and its timer still fires exactly once.
+    assert_eq!(finish(&w.engine, run).await.status, RunStatus::Completed);
+    let j = journal(&w.engine, run).await;
+    let signals: Vec<_> = j
+        .iter()
+        .filter_map(|e| match &e.record {
+            Record::SignalReceived { name, applied } => Some((name.clone(), *applied)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(signals, vec![("poke".to_string(), false)]);
+    assert_eq!(count(&j, "timer_fired"), 1);
+    w.stop().await;
+}
+
+on_both_backends!(an_unexpected_signal_is_recorded_and_the_hold_goes_on);

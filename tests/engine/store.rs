@@ -556,7 +556,70 @@ async fn releasing_a_lease_makes_the_run_claimable_at_once(db: TestDb) {
     assert!(l2.token > l.token);
 }
 
+async fn inventory_and_network_mappings(db: TestDb) {
+    use tern::domain::inventory::{NetworkKind, NetworkMapping, Nic, VmRecord};
+    let s = db.open().await;
+    let vm = VmRecord {
+        vm_id: "420570c7".into(),
+        name: "pgtest1".into(),
+        cpu_count: 2,
+        memory_mb: 4096,
+        os_type: "windows".into(),
+        nics: vec![Nic {
+            source_network: "VM Network".into(),
+            mac: None,
+        }],
+        volume_id: "vol-1".into(),
+        oma_vm_id: "oma-1".into(),
+        last_sync_change_id: Some("52 3c/5".into()),
+    };
+    let now = Timestamp::now();
+    s.upsert_vm(&vm, now).await.unwrap();
+    let mut renamed = vm.clone();
+    renamed.memory_mb = 8192;
+    s.upsert_vm(&renamed, now).await.unwrap();
+    assert_eq!(s.get_vm("420570c7").await.unwrap(), Some(renamed.clone()));
+    assert_eq!(s.find_vm("pgtest1").await.unwrap(), Some(renamed.clone()));
+    assert_eq!(s.find_vm("nope").await.unwrap(), None);
+    assert_eq!(s.list_vms().await.unwrap().len(), 1);
+    let m = |net: &str, kind| NetworkMapping {
+        vm_id: vm.vm_id.clone(),
+        source_network: "VM Network".into(),
+        destination_network_id: net.into(),
+        kind,
+    };
+    s.set_network_mappings(&vm.vm_id, NetworkKind::Test, &[m("net-t", NetworkKind::Test)])
+        .await
+        .unwrap();
+    s.set_network_mappings(
+        &vm.vm_id,
+        NetworkKind::Production,
+        &[m("net-p", NetworkKind::Production)],
+    )
+    .await
+    .unwrap();
+    s.set_network_mappings(&vm.vm_id, NetworkKind::Test, &[m("net-t2", NetworkKind::Test)])
+        .await
+        .unwrap();
+    let got = s.network_mappings(&vm.vm_id).await.unwrap();
+    assert_eq!(
+        got,
+        vec![m("net-p", NetworkKind::Production), m("net-t2", NetworkKind::Test)]
+    );
+    // Active jobs come from the failover_jobs projection (completed_at still empty).
+    let mut r = new_run(None, now);
+    r.input = json!({"vm_id": "420570c7"});
+    let run = s.submit(r).await.unwrap().run;
+    assert_eq!(
+        s.active_jobs_for_vm("420570c7", None).await.unwrap(),
+        vec![run.id.to_string()]
+    );
+    assert!(s.active_jobs_for_vm("420570c7", Some(run.id)).await.unwrap().is_empty());
+    assert!(s.active_jobs_for_vm("other", None).await.unwrap().is_empty());
+}
+
 on_both_backends!(
+    inventory_and_network_mappings,
     submit_is_idempotent_by_request_id,
     concurrent_submits_with_one_request_id_make_one_run,
     claims_lease_and_fence_stale_workers,

@@ -547,6 +547,105 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn upsert_vm(&self, vm: &VmRecord, now: Timestamp) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO vms (vm_id, name, record, updated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (vm_id) DO UPDATE SET name = excluded.name, record = excluded.record, updated_at = excluded.updated_at",
+        )
+        .bind(&vm.vm_id)
+        .bind(&vm.name)
+        .bind(Json(vm))
+        .bind(now.0)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_vm(&self, vm_id: &str) -> Result<Option<VmRecord>> {
+        let rec: Option<Json<Value>> = sqlx::query_scalar("SELECT record FROM vms WHERE vm_id = $1")
+            .bind(vm_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        rec.map(|r| parse_json("vm record", r.0)).transpose()
+    }
+
+    async fn find_vm(&self, id_or_name: &str) -> Result<Option<VmRecord>> {
+        if let Some(vm) = self.get_vm(id_or_name).await? {
+            return Ok(Some(vm));
+        }
+        let rec: Option<Json<Value>> =
+            sqlx::query_scalar("SELECT record FROM vms WHERE name = $1 ORDER BY vm_id LIMIT 1")
+                .bind(id_or_name)
+                .fetch_optional(&self.pool)
+                .await?;
+        rec.map(|r| parse_json("vm record", r.0)).transpose()
+    }
+
+    async fn list_vms(&self) -> Result<Vec<VmRecord>> {
+        let recs: Vec<Json<Value>> = sqlx::query_scalar("SELECT record FROM vms ORDER BY name, vm_id")
+            .fetch_all(&self.pool)
+            .await?;
+        recs.into_iter().map(|r| parse_json("vm record", r.0)).collect()
+    }
+
+    async fn set_network_mappings(&self, vm_id: &str, kind: NetworkKind, mappings: &[NetworkMapping]) -> Result<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("DELETE FROM network_mappings WHERE vm_id = $1 AND kind = $2")
+            .bind(vm_id)
+            .bind(kind.as_str())
+            .execute(&mut *tx)
+            .await?;
+        for m in mappings {
+            sqlx::query(
+                "INSERT INTO network_mappings (vm_id, source_network, kind, destination_network_id) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(vm_id)
+            .bind(&m.source_network)
+            .bind(kind.as_str())
+            .bind(&m.destination_network_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn network_mappings(&self, vm_id: &str) -> Result<Vec<NetworkMapping>> {
+        let rows = sqlx::query(
+            "SELECT source_network, kind, destination_network_id FROM network_mappings WHERE vm_id = $1 \
+             ORDER BY kind, source_network",
+        )
+        .bind(vm_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let kind: String = r.try_get("kind")?;
+                Ok(NetworkMapping {
+                    vm_id: vm_id.to_string(),
+                    source_network: r.try_get("source_network")?,
+                    destination_network_id: r.try_get("destination_network_id")?,
+                    kind: match kind.as_str() {
+                        "test" => NetworkKind::Test,
+                        "production" => NetworkKind::Production,
+                        other => return Err(StoreError::Corrupt(format!("network mapping kind {other:?}"))),
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn active_jobs_for_vm(&self, vm_id: &str, except: Option<RunId>) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT job_id FROM failover_jobs WHERE vm_id = $1 AND completed_at IS NULL AND ($2 IS NULL OR job_id <> $2) \
+             ORDER BY job_id",
+        )
+        .bind(vm_id)
+        .bind(except.map(|r| r.to_string()))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn ledger_record(&self, row: &LedgerRow, adopt: bool) -> Result<bool> {
         // Look up, then create: two statements, like a real cloud API (no atomic upsert to hide behind).
         if adopt {

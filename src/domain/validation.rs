@@ -1,0 +1,327 @@
+//! Pre-failover validation: the seeds' checks and readiness score, as a pure function of what
+//! the caller looked up (inventory, mappings, active runs, the volume as CloudStack reports it).
+
+use serde::{Deserialize, Serialize};
+
+use super::inventory::{NetworkKind, NetworkMapping, VmRecord};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckType {
+    /// A failure makes the VM not ready (score 0).
+    Critical,
+    /// A failure lowers the score.
+    Warning,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckStatus {
+    Pass,
+    Fail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Check {
+    pub check_name: String,
+    pub check_type: CheckType,
+    pub status: CheckStatus,
+    pub message: String,
+    #[serde(default)]
+    pub details: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadinessReport {
+    pub vm_id: String,
+    pub is_ready: bool,
+    pub readiness_score: f64,
+    pub checks: Vec<Check>,
+}
+
+/// The replicated volume as the cloud reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeFacts {
+    pub volume_id: String,
+    /// e.g. "Ready".
+    pub state: String,
+    /// The VM it is attached to, if any.
+    pub attached_to: Option<String>,
+    pub size_gb: u64,
+}
+
+/// Everything the checks look at.
+pub struct Facts<'a> {
+    pub vm_id: &'a str,
+    pub vm: Option<&'a VmRecord>,
+    /// Other active (non-terminal) failover runs on this VM.
+    pub active_runs: &'a [String],
+    pub mappings: &'a [NetworkMapping],
+    pub kind: NetworkKind,
+    /// `Err(reason)` when the volume could not be looked up.
+    pub volume: Result<Option<VolumeFacts>, String>,
+}
+
+/// The seeds' score: any failed critical check gives 0; otherwise the share of passed checks.
+/// Ready means no failed critical check and a score of at least 80.
+pub fn readiness_score(checks: &[Check]) -> f64 {
+    if checks.is_empty() {
+        return 0.0;
+    }
+    let mut passed = 0usize;
+    for c in checks {
+        match (c.status, c.check_type) {
+            (CheckStatus::Pass, _) => passed += 1,
+            (CheckStatus::Fail, CheckType::Critical) => return 0.0,
+            (CheckStatus::Fail, CheckType::Warning) => {}
+        }
+    }
+    passed as f64 * 100.0 / checks.len() as f64
+}
+
+fn check(name: &str, t: CheckType, ok: bool, pass: &str, fail: String, details: serde_json::Value) -> Check {
+    Check {
+        check_name: name.into(),
+        check_type: t,
+        status: if ok { CheckStatus::Pass } else { CheckStatus::Fail },
+        message: if ok { pass.into() } else { fail },
+        details,
+    }
+}
+
+pub fn validate(f: &Facts<'_>) -> ReadinessReport {
+    use serde_json::json;
+    let mut checks = Vec::new();
+    checks.push(match f.vm {
+        Some(vm) => {
+            let problems = vm.problems();
+            check(
+                "VM Existence",
+                CheckType::Critical,
+                problems.is_empty(),
+                "VM exists and its specifications are known",
+                format!("VM specifications incomplete: {problems:?}"),
+                json!({"cpu_count": vm.cpu_count, "memory_mb": vm.memory_mb, "os_type": vm.os_type}),
+            )
+        }
+        None => check(
+            "VM Existence",
+            CheckType::Critical,
+            false,
+            "",
+            format!("VM {} not found in the inventory (not replicated?)", f.vm_id),
+            json!({}),
+        ),
+    });
+    checks.push(check(
+        "Active Jobs",
+        CheckType::Critical,
+        f.active_runs.is_empty(),
+        "No active jobs found for VM",
+        format!("VM has active failover jobs: {}", f.active_runs.join(", ")),
+        json!({"active_jobs": f.active_runs}),
+    ));
+    let change =
+        f.vm.and_then(|v| v.last_sync_change_id.as_deref())
+            .filter(|c| !c.trim().is_empty());
+    checks.push(check(
+        "Sync Status",
+        CheckType::Critical,
+        change.is_some(),
+        "VM has valid ChangeID from successful sync",
+        "no successful replication sync with a change id".into(),
+        json!({"change_id": change}),
+    ));
+    let networks: Vec<&str> =
+        f.vm.map(|v| v.nics.iter().map(|n| n.source_network.as_str()).collect())
+            .unwrap_or_default();
+    let unmapped: Vec<&str> = networks
+        .iter()
+        .copied()
+        .filter(|n| !f.mappings.iter().any(|m| m.kind == f.kind && m.source_network == *n))
+        .collect();
+    checks.push(check(
+        "Network Mappings",
+        CheckType::Warning,
+        unmapped.is_empty(),
+        "All source networks mapped to CloudStack networks",
+        format!("unmapped {} networks: {}", f.kind.as_str(), unmapped.join(", ")),
+        json!({"mapped_networks": networks.len() - unmapped.len(), "unmapped_networks": unmapped.len(), "kind": f.kind.as_str()}),
+    ));
+    let oma = f.vm.map(|v| v.oma_vm_id.as_str());
+    checks.push(match &f.volume {
+        Ok(Some(v)) => {
+            let attached_to_oma = v.attached_to.as_deref() == oma && oma.is_some();
+            let ready = v.state.eq_ignore_ascii_case("ready");
+            check(
+                "Volume State",
+                CheckType::Critical,
+                attached_to_oma && ready,
+                "Volume available and attached to the OMA",
+                format!(
+                    "volume {} is {} and attached to {}, expected Ready and attached to the OMA {}",
+                    v.volume_id,
+                    v.state,
+                    v.attached_to.as_deref().unwrap_or("nothing"),
+                    oma.unwrap_or("?")
+                ),
+                json!({"volume_id": v.volume_id, "volume_state": v.state, "attached_to": v.attached_to, "volume_size_gb": v.size_gb}),
+            )
+        }
+        Ok(None) => check(
+            "Volume State",
+            CheckType::Critical,
+            false,
+            "",
+            "replicated volume not found in CloudStack".into(),
+            json!({}),
+        ),
+        Err(e) => check("Volume State", CheckType::Critical, false, "", format!("volume look-up failed: {e}"), json!({})),
+    });
+    let score = readiness_score(&checks);
+    let critical_failed = checks
+        .iter()
+        .any(|c| c.status == CheckStatus::Fail && c.check_type == CheckType::Critical);
+    ReadinessReport {
+        vm_id: f.vm_id.to_string(),
+        is_ready: !critical_failed && score >= 80.0,
+        readiness_score: score,
+        checks,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::inventory::Nic;
+
+    fn vm() -> VmRecord {
+        VmRecord {
+            vm_id: "420570c7".into(),
+            name: "pgtest1".into(),
+            cpu_count: 2,
+            memory_mb: 4096,
+            os_type: "linux".into(),
+            nics: vec![Nic {
+                source_network: "VM Network".into(),
+                mac: None,
+            }],
+            volume_id: "vol-1".into(),
+            oma_vm_id: "oma-1".into(),
+            last_sync_change_id: Some("52 3c/5".into()),
+        }
+    }
+
+    fn mapping(kind: NetworkKind) -> NetworkMapping {
+        NetworkMapping {
+            vm_id: "420570c7".into(),
+            source_network: "VM Network".into(),
+            destination_network_id: "net-t".into(),
+            kind,
+        }
+    }
+
+    fn volume(attached: &str) -> Result<Option<VolumeFacts>, String> {
+        Ok(Some(VolumeFacts {
+            volume_id: "vol-1".into(),
+            state: "Ready".into(),
+            attached_to: Some(attached.into()),
+            size_gb: 54,
+        }))
+    }
+
+    #[test]
+    fn a_ready_vm_scores_100() {
+        let v = vm();
+        let m = [mapping(NetworkKind::Test)];
+        let r = validate(&Facts {
+            vm_id: "420570c7",
+            vm: Some(&v),
+            active_runs: &[],
+            mappings: &m,
+            kind: NetworkKind::Test,
+            volume: volume("oma-1"),
+        });
+        assert!(r.is_ready);
+        assert_eq!(r.readiness_score, 100.0);
+        assert_eq!(r.checks.len(), 5);
+    }
+
+    #[test]
+    fn an_unmapped_network_is_a_warning_that_lowers_the_score() {
+        let v = vm();
+        let m = [mapping(NetworkKind::Production)];
+        let r = validate(&Facts {
+            vm_id: "420570c7",
+            vm: Some(&v),
+            active_runs: &[],
+            mappings: &m,
+            kind: NetworkKind::Test,
+            volume: volume("oma-1"),
+        });
+        assert_eq!(r.readiness_score, 80.0);
+        assert!(r.is_ready);
+        assert!(r.checks[3].message.contains("VM Network"));
+    }
+
+    #[test]
+    fn critical_failures_score_zero() {
+        let v = vm();
+        let m = [mapping(NetworkKind::Test)];
+        let busy = ["other-run".to_string()];
+        let r = validate(&Facts {
+            vm_id: "420570c7",
+            vm: Some(&v),
+            active_runs: &busy,
+            mappings: &m,
+            kind: NetworkKind::Test,
+            volume: volume("oma-1"),
+        });
+        assert_eq!((r.is_ready, r.readiness_score), (false, 0.0));
+        let r = validate(&Facts {
+            vm_id: "420570c7",
+            vm: Some(&v),
+            active_runs: &[],
+            mappings: &m,
+            kind: NetworkKind::Test,
+            volume: volume("test-vm"),
+        });
+        assert!(!r.is_ready);
+        assert!(r.checks[4].message.contains("test-vm"));
+        let r = validate(&Facts {
+            vm_id: "nope",
+            vm: None,
+            active_runs: &[],
+            mappings: &[],
+            kind: NetworkKind::Test,
+            volume: Ok(None),
+        });
+        assert!(!r.is_ready);
+        assert!(r.checks[0].message.contains("not found"));
+        let mut unsynced = vm();
+        unsynced.last_sync_change_id = None;
+        let r = validate(&Facts {
+            vm_id: "420570c7",
+            vm: Some(&unsynced),
+            active_runs: &[],
+            mappings: &m,
+            kind: NetworkKind::Test,
+            volume: volume("oma-1"),
+        });
+        assert_eq!(r.checks[2].status, CheckStatus::Fail);
+        assert!(!r.is_ready);
+    }
+
+    #[test]
+    fn record_problems_name_the_field() {
+        let mut v = vm();
+        v.cpu_count = 0;
+        v.nics.push(Nic {
+            source_network: " ".into(),
+            mac: None,
+        });
+        let p = v.problems();
+        assert_eq!(p[0].0, "cpu_count");
+        assert_eq!(p[1].0, "nics[1].source_network");
+    }
+}
