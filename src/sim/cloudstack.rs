@@ -292,6 +292,10 @@ fn dispatch(
             Ok(job(w, JobOp::Destroy { vm_id, expunge }, None))
         }
         "attachVolume" => {
+            // Missing parameters are reported before unknown ids, as CloudStack's
+            // parameter processing does.
+            required(args, command, "id")?;
+            required(args, command, "virtualmachineid")?;
             let volume_id = volume_arg(w, "id")?;
             let vm_id = vm_arg(w, "virtualmachineid")?;
             let device_id = match args.get("deviceid") {
