@@ -909,3 +909,71 @@ async fn invariant_catches_an_expunged_replica() {
     assert!(report.leaked_vms.is_empty());
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn wait_job_polls_through_transient_errors() {
+    let mut cfg = config();
+    cfg.fault_plan = Some(plan(
+        "queryAsyncJobResult",
+        FaultRates {
+            error_rate: 0.5,
+            ..Default::default()
+        },
+    ));
+    let sim = start(cfg).await;
+    let inv = sim.inventory().await;
+    let c = sim.cloud();
+    let result = run(&c, deploy("tern-poll-vm", &inv, true)).await.unwrap();
+    assert_eq!(result["virtualmachine"]["state"], "Running");
+    let faults = sim.get("/sim/faults").await;
+    assert!(!faults.as_array().unwrap().is_empty());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_snapshot_is_replaced_on_retry() {
+    let mut cfg = config();
+    let p = plan(
+        "createSnapshot",
+        FaultRates {
+            job_failure_rate: 0.5,
+            ..Default::default()
+        },
+    );
+    // A seed whose first createSnapshot job fails and whose second succeeds.
+    cfg.seed = (0..)
+        .find(|seed| {
+            sim::faults::decide(*seed, &p, "createSnapshot", 0, true).is_some()
+                && sim::faults::decide(*seed, &p, "createSnapshot", 1, true).is_none()
+        })
+        .unwrap();
+    cfg.fault_plan = Some(p);
+    let sim = start(cfg).await;
+    let inv = sim.inventory().await;
+    let cloud: Arc<dyn Cloud> = Arc::new(sim.cloud());
+    let backend = VolumeSnapshots::new(cloud.clone(), POLL, WAIT);
+    let volume = &inv.vms[0].volume_id;
+    let mut failures = 0;
+    let snap = loop {
+        match backend.create(volume, "tern-retry-snap").await {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(
+                    matches!(e, ProviderError::AsyncJobFailed { errorcode: 530, .. })
+                        && e.is_retryable(),
+                    "{e}"
+                );
+                failures += 1;
+                assert!(failures < 20);
+            }
+        }
+    };
+    assert!(
+        failures > 0,
+        "the seed should make at least one attempt fail"
+    );
+    assert!(snap.ready);
+    let all = backend.list(volume).await.unwrap();
+    assert_eq!(all.len(), 1, "{all:?}");
+    sim.stop().await;
+}

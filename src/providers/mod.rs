@@ -465,7 +465,8 @@ pub trait Cloud: Send + Sync {
     async fn poll_job(&self, job_id: &str) -> Result<JobStatus>;
 
     /// Polls until the job ends: its `jobresult` on success, [`ProviderError::AsyncJobFailed`]
-    /// on failure, [`ProviderError::JobTimeout`] if it is still pending after `timeout`.
+    /// on failure, [`ProviderError::JobTimeout`] if it is still pending (or every poll failed
+    /// with a retryable error) after `timeout`.
     async fn wait_job(
         &self,
         job_id: &str,
@@ -474,19 +475,24 @@ pub trait Cloud: Send + Sync {
     ) -> Result<serde_json::Value> {
         let started = tokio::time::Instant::now();
         loop {
-            match self.poll_job(job_id).await? {
-                JobStatus::Succeeded(v) => return Ok(v),
-                JobStatus::Failed {
+            match self.poll_job(job_id).await {
+                Ok(JobStatus::Succeeded(v)) => return Ok(v),
+                Ok(JobStatus::Failed {
                     errorcode,
                     errortext,
-                } => {
+                }) => {
                     return Err(ProviderError::AsyncJobFailed {
                         job_id: job_id.to_string(),
                         errorcode,
                         errortext,
                     })
                 }
-                JobStatus::Pending => {}
+                Ok(JobStatus::Pending) => {}
+                // Polling is read-only, so a transient failure is simply polled through.
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(job_id, error = %e, "polling the async job failed; polling again");
+                }
+                Err(e) => return Err(e),
             }
             let waited = started.elapsed();
             if waited >= timeout {

@@ -59,6 +59,14 @@ impl FaultPlan {
         serde_json::from_str(text)
     }
 
+    /// Reads a plan file (JSON, format above).
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading fault plan {}", path.display()))?;
+        Self::from_json(&text).with_context(|| format!("parsing fault plan {}", path.display()))
+    }
+
     pub fn rates(&self, command: &str) -> FaultRates {
         self.commands.get(command).copied().unwrap_or(self.default)
     }

@@ -337,18 +337,22 @@ impl Cloud for CloudStackClient {
         let body = self
             .call("deleteVolume", vec![("id".into(), id.to_string())])
             .await?;
-        let ok = match body.get("success") {
-            Some(Value::Bool(b)) => *b,
-            Some(Value::String(s)) => s == "true",
-            _ => false,
-        };
-        if ok {
+        if is_success(&body) {
             Ok(())
         } else {
             Err(ProviderError::Protocol {
                 detail: format!("deleteVolume {id}: reply without success=true"),
             })
         }
+    }
+}
+
+/// `{"success": true}`, or `"true"` as older servers send it.
+fn is_success(body: &Value) -> bool {
+    match body.get("success") {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => s == "true",
+        _ => false,
     }
 }
 
@@ -443,6 +447,14 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, ProviderError::Unauthorized { .. }));
+    }
+
+    #[test]
+    fn success_may_be_a_string() {
+        assert!(is_success(&serde_json::json!({"success": true})));
+        assert!(is_success(&serde_json::json!({"success": "true"})));
+        assert!(!is_success(&serde_json::json!({"success": "false"})));
+        assert!(!is_success(&serde_json::json!({})));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Both adopt by name: `create` first looks for a snapshot with the caller's name, and after
 //! an error that may hide an applied request (lost reply, timeout) looks again before giving
-//! up, so a retried or resumed step never makes a second snapshot.
+//! up, so a retried or resumed step never makes a second snapshot. A snapshot with that name
+//! left in `Error` by a failed attempt is deleted and made again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,10 +70,10 @@ impl VolumeSnapshots {
             match s.state.as_str() {
                 "BackedUp" => return Ok(Some(volume_info(s))),
                 "Error" => {
-                    return Err(ProviderError::InvalidState {
-                        code: 0,
-                        errortext: format!("snapshot {name} of volume {volume_id} is in Error"),
-                    })
+                    // A failed earlier attempt: clear it so the name can be used again.
+                    tracing::warn!(name, volume_id, "removing a snapshot left in Error");
+                    self.run(AsyncCommand::DeleteSnapshot { id: s.id }).await?;
+                    return Ok(None);
                 }
                 _ => {}
             }
@@ -198,10 +199,11 @@ impl VmSnapshots {
             match s.state.as_str() {
                 "Ready" => return Ok(Some(vm_info(s))),
                 "Error" => {
-                    return Err(ProviderError::InvalidState {
-                        code: 0,
-                        errortext: format!("VM snapshot {name} of VM {vm_id} is in Error"),
-                    })
+                    // A failed earlier attempt: clear it so the name can be used again.
+                    tracing::warn!(name, vm_id, "removing a VM snapshot left in Error");
+                    self.run(AsyncCommand::DeleteVmSnapshot { id: s.id })
+                        .await?;
+                    return Ok(None);
                 }
                 _ => {}
             }
