@@ -520,6 +520,15 @@ async fn sync_errors_are_typed() {
         }
         other => panic!("{other}"),
     }
+    // A list filtered by an id that never existed: 431 on the wire, an empty list (and
+    // NotFound for a get) from the client.
+    let err = c
+        .call("listVirtualMachines", vec![("id".into(), "nope".into())])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProviderError::BadParameter { code: 431, .. }));
+    assert!(c.list_vms(VmFilter::id("nope")).await.unwrap().is_empty());
+    assert!(c.list_vm_snapshots("nope").await.unwrap().is_empty());
     // Unknown id: 431.
     let err = c
         .issue(AsyncCommand::StartVm { id: "nope".into() })

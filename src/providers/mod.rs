@@ -539,6 +539,44 @@ pub trait Cloud: Send + Sync {
     async fn delete_volume(&self, id: &str) -> Result<()>;
 }
 
+/// Which [`SnapshotBackend`] protects a replicated volume, as configuration names it
+/// (`cloudstack-volume`, `cloudstack-vm`, `linstor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotKind {
+    /// CloudStack volume snapshots; target = the volume id.
+    CloudstackVolume,
+    /// CloudStack disk-only VM snapshots; target = the id of the VM the volume is attached to.
+    CloudstackVm,
+    /// LINSTOR snapshots; target = the volume's resource definition (`cs-<volume id>`).
+    Linstor,
+}
+
+impl SnapshotKind {
+    /// The backend target protecting `volume_id`, attached to `vm_id`.
+    pub fn target(self, volume_id: &str, vm_id: &str) -> String {
+        match self {
+            SnapshotKind::CloudstackVolume => volume_id.to_string(),
+            SnapshotKind::CloudstackVm => vm_id.to_string(),
+            SnapshotKind::Linstor => linstor::resource_name_for_volume(volume_id),
+        }
+    }
+}
+
+impl std::str::FromStr for SnapshotKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "cloudstack-volume" => Ok(SnapshotKind::CloudstackVolume),
+            "cloudstack-vm" => Ok(SnapshotKind::CloudstackVm),
+            "linstor" => Ok(SnapshotKind::Linstor),
+            other => Err(format!(
+                "unknown snapshot backend {other:?} (cloudstack-volume, cloudstack-vm, linstor)"
+            )),
+        }
+    }
+}
+
 /// A snapshot as a [`SnapshotBackend`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotInfo {
@@ -558,7 +596,8 @@ pub struct SnapshotInfo {
 /// resource definition ([`linstor::LinstorClient`]).
 #[async_trait]
 pub trait SnapshotBackend: Send + Sync {
-    /// A short name for logs and configuration ("cloudstack-volume", "cloudstack-vm", "linstor").
+    /// A short name for logs; the same as the [`SnapshotKind`] it implements
+    /// ("cloudstack-volume", "cloudstack-vm", "linstor").
     fn kind(&self) -> &'static str;
 
     /// Creates the snapshot `name` of `target` and waits until it is ready. Idempotent: if a
@@ -582,4 +621,48 @@ pub trait SnapshotBackend: Send + Sync {
     async fn delete(&self, target: &str, name: &str) -> Result<()>;
 
     async fn list(&self, target: &str) -> Result<Vec<SnapshotInfo>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_classification_is_by_type_and_code() {
+        let failed = |errorcode| ProviderError::AsyncJobFailed {
+            job_id: "j".into(),
+            errorcode,
+            errortext: "x".into(),
+        };
+        assert!(failed(530).is_retryable());
+        assert!(failed(534).is_retryable());
+        assert!(!failed(431).is_retryable());
+        assert!(ProviderError::from_cloudstack_code(530, "x".into()).is_retryable());
+        assert!(ProviderError::from_cloudstack_code(533, "x".into()).is_retryable());
+        for code in [401, 431, 432, 531, 532, 536] {
+            assert!(
+                !ProviderError::from_cloudstack_code(code, "x".into()).is_retryable(),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            ProviderError::from_cloudstack_code(536, "x".into()),
+            ProviderError::InvalidState { .. }
+        ));
+    }
+
+    #[test]
+    fn snapshot_kinds_name_their_targets() {
+        for (name, kind, target) in [
+            ("cloudstack-volume", SnapshotKind::CloudstackVolume, "vol"),
+            ("cloudstack-vm", SnapshotKind::CloudstackVm, "vm"),
+            ("linstor", SnapshotKind::Linstor, "cs-vol"),
+        ] {
+            let parsed: SnapshotKind = name.parse().unwrap();
+            assert_eq!(parsed, kind);
+            assert_eq!(kind.target("vol", "vm"), target);
+            assert_eq!(serde_json::to_value(kind).unwrap(), name);
+        }
+        assert!("zfs".parse::<SnapshotKind>().is_err());
+    }
 }

@@ -146,6 +146,21 @@ fn invalid(command: &str, name: &str, value: &str) -> CsError {
     ))
 }
 
+/// A uuid filter of a list command must name an entity that exists or existed (CloudStack
+/// translates uuids before running the command); otherwise 431.
+fn known_ref(
+    w: &World,
+    command: &str,
+    args: &BTreeMap<&str, &str>,
+    name: &str,
+    exists: impl Fn(&World, &str) -> bool,
+) -> Result<(), CsError> {
+    match args.get(name) {
+        Some(id) if !exists(w, id) && !w.removed.contains(*id) => Err(invalid(command, name, id)),
+        _ => Ok(()),
+    }
+}
+
 fn flag(args: &BTreeMap<&str, &str>, name: &str, default: bool) -> bool {
     args.get(name)
         .map(|v| v.eq_ignore_ascii_case("true"))
@@ -430,6 +445,7 @@ fn dispatch(
             Ok(json!({ "success": true }))
         }
         "listVirtualMachines" => {
+            known_ref(w, command, args, "id", |w, id| w.vms.contains_key(id))?;
             let items = w
                 .vms
                 .values()
@@ -441,6 +457,10 @@ fn dispatch(
             Ok(list_body("virtualmachine", items))
         }
         "listVolumes" => {
+            known_ref(w, command, args, "id", |w, id| w.volumes.contains_key(id))?;
+            known_ref(w, command, args, "virtualmachineid", |w, id| {
+                w.vms.contains_key(id)
+            })?;
             let items = w
                 .volumes
                 .values()
@@ -456,6 +476,10 @@ fn dispatch(
             Ok(list_body("volume", items))
         }
         "listSnapshots" => {
+            known_ref(w, command, args, "id", |w, id| w.snapshots.contains_key(id))?;
+            known_ref(w, command, args, "volumeid", |w, id| {
+                w.volumes.contains_key(id)
+            })?;
             let items = w
                 .snapshots
                 .values()
@@ -467,6 +491,12 @@ fn dispatch(
             Ok(list_body("snapshot", items))
         }
         "listVMSnapshot" => {
+            known_ref(w, command, args, "vmsnapshotid", |w, id| {
+                w.vm_snapshots.contains_key(id)
+            })?;
+            known_ref(w, command, args, "virtualmachineid", |w, id| {
+                w.vms.contains_key(id)
+            })?;
             let items = w
                 .vm_snapshots
                 .values()

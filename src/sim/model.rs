@@ -263,6 +263,10 @@ pub struct World {
     pub linstor: BTreeMap<String, ResourceDefinition>,
     pub inventory: Option<SampleInventory>,
     pub next_seq: u64,
+    /// Ids of removed entities: CloudStack still resolves them in list filters (the list is
+    /// empty) while a never-seen id is a 431.
+    #[serde(default)]
+    pub removed: std::collections::BTreeSet<String>,
 }
 
 /// Deterministic ids from the seed, for the catalog and the sample.
@@ -683,6 +687,7 @@ impl World {
                 self.snapshots
                     .remove(snapshot_id)
                     .ok_or_else(|| gone("snapshot", snapshot_id))?;
+                self.removed.insert(snapshot_id.clone());
                 Ok(json!({ "success": true }))
             }
             JobOp::CreateVmSnapshot { vm_snapshot_id } => {
@@ -737,6 +742,7 @@ impl World {
                 self.vm_snapshots
                     .remove(vm_snapshot_id)
                     .ok_or_else(|| gone("VM snapshot", vm_snapshot_id))?;
+                self.removed.insert(vm_snapshot_id.clone());
                 Ok(json!({ "success": true }))
             }
         }
@@ -771,12 +777,23 @@ impl World {
                 v.volume_type = "DATADISK".into();
             }
         }
-        self.vm_snapshots.retain(|_, s| s.vm_id != vm_id);
+        let snapshots: Vec<String> = self
+            .vm_snapshots
+            .values()
+            .filter(|s| s.vm_id == vm_id)
+            .map(|s| s.id.clone())
+            .collect();
+        for id in snapshots {
+            self.vm_snapshots.remove(&id);
+            self.removed.insert(id);
+        }
         self.vms.remove(vm_id);
+        self.removed.insert(vm_id.to_string());
     }
 
     pub fn remove_volume(&mut self, volume_id: &str) {
         self.volumes.remove(volume_id);
+        self.removed.insert(volume_id.to_string());
         self.linstor.retain(|_, rd| rd.volume_id != volume_id);
     }
 

@@ -123,8 +123,11 @@ impl CloudStackClient {
             .map(|(k, v)| (k.to_string(), v))
             .collect();
         params.push(("listall".into(), "true".into()));
-        let body = self.call(command, params).await?;
-        list_items(&body, &[object])
+        let by_uuid = params
+            .iter()
+            .any(|(k, _)| UUID_FILTERS.contains(&k.as_str()));
+        let reply = self.call(command, params).await;
+        list_or_empty(reply, by_uuid, &[object])
     }
 }
 
@@ -163,6 +166,23 @@ pub(crate) fn parse_reply(command: &str, status: u16, body: &str) -> Result<Valu
         None => Err(ProviderError::Protocol {
             detail: format!("{command}: reply is not a JSON object with a response"),
         }),
+    }
+}
+
+/// List filters that CloudStack resolves as uuids before listing.
+const UUID_FILTERS: &[&str] = &["id", "virtualmachineid", "volumeid", "vmsnapshotid"];
+
+/// A list call's items. CloudStack answers 431 when a uuid filter names nothing it knows;
+/// for a list filtered by uuid that means "nothing has that id": an empty list.
+fn list_or_empty<T: DeserializeOwned>(
+    reply: Result<Value>,
+    by_uuid: bool,
+    objects: &[&str],
+) -> Result<Vec<T>> {
+    match reply {
+        Ok(body) => list_items(&body, objects),
+        Err(ProviderError::BadParameter { code: 431, .. }) if by_uuid => Ok(Vec::new()),
+        Err(e) => Err(e),
     }
 }
 
@@ -329,8 +349,8 @@ impl Cloud for CloudStackClient {
                     ("listall".into(), "true".into()),
                 ],
             )
-            .await?;
-        list_items(&body, &["vmSnapshot", "vmsnapshot"])
+            .await;
+        list_or_empty(body, true, &["vmSnapshot", "vmsnapshot"])
     }
 
     async fn delete_volume(&self, id: &str) -> Result<()> {
