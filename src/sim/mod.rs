@@ -77,8 +77,8 @@ pub use model::{
     sample_inventory, Content, InvariantReport, SampleInventory, SampleVm, VolumeCheck, World,
 };
 
-/// How to run the simulator.
-#[derive(Debug, Clone)]
+/// How to run the simulator. `Debug` redacts the keys.
+#[derive(Clone)]
 pub struct SimConfig {
     pub api_key: String,
     pub secret_key: String,
@@ -91,6 +91,20 @@ pub struct SimConfig {
     pub seed: u64,
     /// Create the sample inventory when starting without a state file to load.
     pub sample: bool,
+}
+
+impl std::fmt::Debug for SimConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimConfig")
+            .field("api_key", &"<redacted>")
+            .field("secret_key", &"<redacted>")
+            .field("state_file", &self.state_file)
+            .field("async_latency", &self.async_latency)
+            .field("fault_plan", &self.fault_plan)
+            .field("seed", &self.seed)
+            .field("sample", &self.sample)
+            .finish()
+    }
 }
 
 impl Default for SimConfig {

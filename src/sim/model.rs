@@ -536,7 +536,7 @@ impl World {
                     job.command
                 )))
             } else {
-                self.execute(&job.op, now_ms)
+                self.execute(&job.op)
             };
             let state = match outcome {
                 Ok(result) => JobState::Succeeded {
@@ -579,7 +579,7 @@ impl World {
         }
     }
 
-    fn execute(&mut self, op: &JobOp, now_ms: i64) -> Result<Value, CsError> {
+    fn execute(&mut self, op: &JobOp) -> Result<Value, CsError> {
         match op {
             JobOp::Deploy { vm_id, start } => {
                 let vm = self.vms.get_mut(vm_id).ok_or_else(|| gone("VM", vm_id))?;
@@ -714,7 +714,6 @@ impl World {
                     s.contents = contents;
                     s.state = "Ready".into();
                 }
-                let _ = now_ms;
                 Ok(json!({ "vmsnapshot": self.render_vm_snapshot(vm_snapshot_id) }))
             }
             JobOp::RevertVmSnapshot { vm_snapshot_id } => {
@@ -876,16 +875,12 @@ impl World {
                 "A ROOT volume can be detached only while its VM {vm_id} is Stopped"
             )));
         }
-        let mut rendered = Value::Null;
         if let Some(v) = self.volumes.get_mut(volume_id) {
             v.vm_id = None;
             v.device_id = None;
             v.volume_type = "DATADISK".into();
         }
-        if let Some(r) = self.render_volume(volume_id) {
-            rendered = r;
-        }
-        Ok(json!({ "volume": rendered }))
+        Ok(json!({ "volume": self.render_volume(volume_id) }))
     }
 
     pub fn render_vm(&self, vm_id: &str) -> Option<Value> {
