@@ -1,10 +1,12 @@
 //! Tern: a durable workflow engine for VM failovers onto Apache CloudStack.
 //!
 //! Architecture (dependencies point one way):
-//! - [`domain`] — pure types (ids, timestamps, step errors).
+//! - [`domain`] — pure types (ids, timestamps, step errors, inventory, validation checks).
 //! - [`workflow`] — the TOML definitions in `workflows/`, loaded and validated; runs pin them by hash.
 //! - [`engine`] — the pure state machine, the driver (commit, then act), the worker loop.
 //! - [`steps`] — the actions steps run (registry, built-ins; failover actions come with providers).
+//! - [`providers`] — the `Cloud` and `SnapshotBackend` traits, the CloudStack and LINSTOR clients.
+//! - [`sim`] — the CloudStack/LINSTOR simulator, a real HTTP server speaking the same protocols.
 //! - [`store`] — the `Store` trait and its SQLite and PostgreSQL backends; the only place with SQL.
 //! - [`telemetry`] — logging (tracing spans per run and step).
 //!
@@ -16,6 +18,8 @@
 
 pub mod domain;
 pub mod engine;
+pub mod providers;
+pub mod sim;
 pub mod steps;
 pub mod store;
 pub mod telemetry;

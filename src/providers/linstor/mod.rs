@@ -1,0 +1,301 @@
+//! The LINSTOR controller REST client (default port 3370), used as a [`SnapshotBackend`]
+//! whose target is a resource definition (the CloudStack LINSTOR plugin names a volume's
+//! resource definition `cs-<volume uuid>`; see [`resource_name_for_volume`]).
+//!
+//! Mutating calls answer a JSON array of ApiCallRc objects (`{"ret_code": i64, "message":
+//! …}`). A `ret_code` whose two top bits are both set (`0xC000_0000_0000_0000`) is an error
+//! even when the HTTP status is 2xx. The low 15 bits are LINSTOR's code: 300-399 are
+//! "not found" codes (`FAIL_NOT_FOUND_*`), 400-499 "already exists" (`FAIL_EXISTS_*`), 600-699
+//! "in use"; everything else is treated as an internal error.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::cloudstack::sign::java_url_encode;
+use super::{transport_error, ProviderError, Result, SnapshotBackend, SnapshotInfo};
+
+pub const MASK_ERROR: u64 = 0xC000_0000_0000_0000;
+const MASK_CODE: u64 = 0x7FFF;
+
+/// The resource definition the CloudStack LINSTOR plugin creates for a volume.
+pub fn resource_name_for_volume(volume_id: &str) -> String {
+    format!("cs-{volume_id}")
+}
+
+/// One ApiCallRc of a LINSTOR reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiCallRc {
+    pub ret_code: i64,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
+}
+
+impl ApiCallRc {
+    pub fn is_error(&self) -> bool {
+        (self.ret_code as u64) & MASK_ERROR == MASK_ERROR
+    }
+    fn code(&self) -> u64 {
+        (self.ret_code as u64) & MASK_CODE
+    }
+}
+
+/// A snapshot as `GET …/snapshots` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinstorSnapshot {
+    pub name: String,
+    pub resource_name: String,
+    #[serde(default)]
+    pub flags: Vec<String>,
+}
+
+impl LinstorSnapshot {
+    pub fn is_successful(&self) -> bool {
+        self.flags.iter().any(|f| f == "SUCCESSFUL")
+    }
+}
+
+/// A LINSTOR controller client.
+#[derive(Debug, Clone)]
+pub struct LinstorClient {
+    base: String,
+    http: reqwest::Client,
+    waiting: (Duration, Duration),
+}
+
+impl LinstorClient {
+    /// `base_url` e.g. `http://linstor-controller:3370` (no trailing `/v1`).
+    pub fn new(base_url: impl Into<String>, request_timeout: Duration) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(request_timeout)
+            .build()
+            .map_err(transport_error)?;
+        Ok(LinstorClient {
+            base: base_url.into().trim_end_matches('/').to_string(),
+            http,
+            waiting: (Duration::from_millis(500), Duration::from_secs(600)),
+        })
+    }
+
+    /// How `create` polls a snapshot that exists but is not yet SUCCESSFUL.
+    pub fn with_waiting(mut self, poll_interval: Duration, timeout: Duration) -> Self {
+        self.waiting = (poll_interval, timeout);
+        self
+    }
+
+    fn url(&self, rsc: &str, rest: &str) -> String {
+        format!(
+            "{}/v1/resource-definitions/{}{rest}",
+            self.base,
+            java_url_encode(rsc)
+        )
+    }
+
+    pub async fn create_snapshot(&self, rsc: &str, snap: &str) -> Result<()> {
+        let req = self
+            .http
+            .post(self.url(rsc, "/snapshots"))
+            .json(&serde_json::json!({ "name": snap }));
+        self.mutate(req, rsc).await
+    }
+
+    pub async fn rollback_snapshot(&self, rsc: &str, snap: &str) -> Result<()> {
+        let path = format!("/snapshot-rollback/{}", java_url_encode(snap));
+        self.mutate(self.http.post(self.url(rsc, &path)), rsc).await
+    }
+
+    pub async fn delete_snapshot(&self, rsc: &str, snap: &str) -> Result<()> {
+        let path = format!("/snapshots/{}", java_url_encode(snap));
+        self.mutate(self.http.delete(self.url(rsc, &path)), rsc)
+            .await
+    }
+
+    pub async fn list_snapshots(&self, rsc: &str) -> Result<Vec<LinstorSnapshot>> {
+        let reply = self
+            .http
+            .get(self.url(rsc, "/snapshots"))
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = reply.status().as_u16();
+        let body = reply.text().await.map_err(transport_error)?;
+        if !(200..300).contains(&status) {
+            return Err(error_from(status, &body, rsc));
+        }
+        serde_json::from_str(&body).map_err(|e| ProviderError::Protocol {
+            detail: format!("LINSTOR snapshot list of {rsc}: {e}"),
+        })
+    }
+
+    async fn mutate(&self, req: reqwest::RequestBuilder, rsc: &str) -> Result<()> {
+        let reply = req.send().await.map_err(transport_error)?;
+        let status = reply.status().as_u16();
+        let body = reply.text().await.map_err(transport_error)?;
+        if !(200..300).contains(&status) {
+            return Err(error_from(status, &body, rsc));
+        }
+        let rcs: Vec<ApiCallRc> =
+            serde_json::from_str(&body).map_err(|e| ProviderError::Protocol {
+                detail: format!("LINSTOR reply for {rsc}: {e}"),
+            })?;
+        match rcs.iter().find(|rc| rc.is_error()) {
+            Some(rc) => Err(error_of_rc(rc, status)),
+            None => Ok(()),
+        }
+    }
+}
+
+fn error_of_rc(rc: &ApiCallRc, status: u16) -> ProviderError {
+    let errortext = rc.message.clone();
+    match rc.code() {
+        300..=399 => ProviderError::NotFound { what: errortext },
+        400..=499 | 600..=699 => ProviderError::InvalidState {
+            code: status,
+            errortext,
+        },
+        _ => ProviderError::Internal {
+            code: status,
+            errortext,
+        },
+    }
+}
+
+fn error_from(status: u16, body: &str, rsc: &str) -> ProviderError {
+    let rc = serde_json::from_str::<Vec<ApiCallRc>>(body)
+        .ok()
+        .and_then(|v| v.into_iter().find(|rc| rc.is_error()));
+    let errortext = rc
+        .as_ref()
+        .map(|rc| rc.message.clone())
+        .unwrap_or_else(|| format!("HTTP {status} for resource definition {rsc}"));
+    match status {
+        404 => ProviderError::NotFound { what: errortext },
+        400 | 422 => ProviderError::BadParameter {
+            code: status,
+            errortext,
+        },
+        401 | 403 => ProviderError::Unauthorized { errortext },
+        409 => ProviderError::InvalidState {
+            code: status,
+            errortext,
+        },
+        429 | 502 | 503 | 504 => ProviderError::Unavailable {
+            detail: format!("{status}: {errortext}"),
+        },
+        _ => match rc {
+            Some(rc) => error_of_rc(&rc, status),
+            None => ProviderError::Internal {
+                code: status,
+                errortext,
+            },
+        },
+    }
+}
+
+fn info(rsc: &str, s: LinstorSnapshot) -> SnapshotInfo {
+    SnapshotInfo {
+        ready: s.is_successful(),
+        id: s.name.clone(),
+        name: s.name,
+        target: rsc.to_string(),
+    }
+}
+
+#[async_trait]
+impl SnapshotBackend for LinstorClient {
+    fn kind(&self) -> &'static str {
+        "linstor"
+    }
+
+    async fn create(&self, target: &str, name: &str) -> Result<SnapshotInfo> {
+        let started = tokio::time::Instant::now();
+        let mut requested = false;
+        loop {
+            if let Some(s) = self.find(target, name).await? {
+                if s.ready {
+                    return Ok(s);
+                }
+            } else if !requested {
+                requested = true;
+                match self.create_snapshot(target, name).await {
+                    Ok(()) => continue,
+                    // Someone (an earlier attempt) created it in between: adopt it.
+                    Err(ProviderError::InvalidState { .. }) => continue,
+                    Err(e) if e.may_have_applied() => {
+                        tracing::warn!(error = %e, name, "LINSTOR snapshot may exist; looking it up");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else {
+                return Err(ProviderError::Protocol {
+                    detail: format!("LINSTOR snapshot {name} of {target} missing after create"),
+                });
+            }
+            if started.elapsed() >= self.waiting.1 {
+                return Err(ProviderError::JobTimeout {
+                    job_id: format!("LINSTOR snapshot {name}"),
+                    waited: started.elapsed(),
+                });
+            }
+            tokio::time::sleep(self.waiting.0).await;
+        }
+    }
+
+    async fn revert(&self, target: &str, name: &str) -> Result<()> {
+        self.rollback_snapshot(target, name).await
+    }
+
+    async fn delete(&self, target: &str, name: &str) -> Result<()> {
+        match self.delete_snapshot(target, name).await {
+            Err(ProviderError::NotFound { .. }) if self.find(target, name).await?.is_none() => {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn list(&self, target: &str) -> Result<Vec<SnapshotInfo>> {
+        Ok(self
+            .list_snapshots(target)
+            .await?
+            .into_iter()
+            .map(|s| info(target, s))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bits_are_read_as_an_unsigned_pattern() {
+        let err = ApiCallRc {
+            ret_code: (MASK_ERROR | 0x0000_0000_0038_0000 | 301) as i64,
+            message: "not found".into(),
+            cause: None,
+        };
+        assert!(err.ret_code < 0);
+        assert!(err.is_error());
+        assert!(matches!(
+            error_of_rc(&err, 200),
+            ProviderError::NotFound { .. }
+        ));
+        let info = ApiCallRc {
+            ret_code: 0x4000_0000_0000_0001,
+            message: "created".into(),
+            cause: None,
+        };
+        assert!(!info.is_error());
+        let warn = ApiCallRc {
+            ret_code: (0x8000_0000_0000_0001u64) as i64,
+            message: "warn".into(),
+            cause: None,
+        };
+        assert!(!warn.is_error());
+    }
+}

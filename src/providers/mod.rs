@@ -1,0 +1,668 @@
+//! The clouds Tern drives: provider traits, their domain types and the layer's one error enum.
+//!
+//! - [`Cloud`]: the CloudStack operations a failover needs. Async commands are split into
+//!   [`Cloud::issue`] (returns a job id the caller checkpoints) and [`Cloud::poll_job`], so a
+//!   restarted process resumes polling the same job instead of issuing the command again.
+//! - [`SnapshotBackend`]: create / revert / delete / list named snapshots of one target
+//!   (a CloudStack volume, a CloudStack VM, or a LINSTOR resource definition). Names are
+//!   chosen by the caller, so they can be journaled before the snapshot is requested and
+//!   adopted after a crash.
+//!
+//! Implementations: [`cloudstack::CloudStackClient`] (also [`cloudstack::VolumeSnapshots`],
+//! [`cloudstack::VmSnapshots`]) and [`linstor::LinstorClient`]; [`crate::sim`] serves the same
+//! wire protocols for tests.
+
+pub mod cloudstack;
+pub mod linstor;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub type Result<T, E = ProviderError> = std::result::Result<T, E>;
+
+/// Every failure of a provider call. Classified by type (HTTP status, CloudStack `errorcode`,
+/// LINSTOR `ret_code`), never by message text. No variant carries the API key, the secret or a
+/// signed URL: texts come from the server's `errortext` or from the transport error with its
+/// URL stripped.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// 401: unknown API key, bad signature, expired request (or, for CloudStack, an unknown
+    /// command: the server cannot tell those apart).
+    #[error("unauthorized: {errortext}")]
+    Unauthorized { errortext: String },
+    /// 430/431/432/405: the request itself is wrong (missing or invalid parameter, an id that
+    /// does not exist, an operation the entity's state forbids). Retrying the same request
+    /// cannot succeed.
+    #[error("bad parameter ({code}): {errortext}")]
+    BadParameter { code: u16, errortext: String },
+    /// The entity looked up does not exist (an empty list for a by-id look-up, LINSTOR 404).
+    #[error("not found: {what}")]
+    NotFound { what: String },
+    /// The entity exists but is in a state that refuses the operation (CloudStack 536
+    /// resource-in-use, LINSTOR "exists"/"in use" codes). Not retryable as is: the caller must
+    /// change the state first.
+    #[error("invalid state ({code}): {errortext}")]
+    InvalidState { code: u16, errortext: String },
+    /// 530 (and other 5xx): the server failed. Retryable; a mutating request may have been
+    /// applied before the failure (see [`ProviderError::may_have_applied`]).
+    #[error("internal error ({code}): {errortext}")]
+    Internal { code: u16, errortext: String },
+    /// The server could not be reached or did not answer in time (connection refused/reset,
+    /// timeout, 429, 503, 533-535). Retryable; the request may have been applied.
+    #[error("unavailable: {detail}")]
+    Unavailable { detail: String },
+    /// Other refusals that retrying will not fix (531 account error, 532 resource limit, …).
+    #[error("refused ({code}): {errortext}")]
+    Refused { code: u16, errortext: String },
+    /// An async job ended with `jobstatus` 2. Retryable when `errorcode` is 530 or 533-535:
+    /// the job is over, so nothing is still running, and those codes mean a transient server
+    /// side failure (agent timeout, capacity, resource unavailable). The caller's retry must
+    /// re-read the state (adopt by name) before issuing again. 431 and others are final.
+    #[error("async job {job_id} failed ({errorcode}): {errortext}")]
+    AsyncJobFailed {
+        job_id: String,
+        errorcode: u16,
+        errortext: String,
+    },
+    /// [`Cloud::wait_job`] gave up waiting; the job is still running. Retryable: poll the
+    /// same job id again.
+    #[error("async job {job_id} still pending after {waited:?}")]
+    JobTimeout { job_id: String, waited: Duration },
+    /// The reply could not be understood.
+    #[error("protocol error: {detail}")]
+    Protocol { detail: String },
+}
+
+impl ProviderError {
+    /// Whether the same call may succeed if made again later.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ProviderError::Internal { .. }
+            | ProviderError::Unavailable { .. }
+            | ProviderError::JobTimeout { .. } => true,
+            ProviderError::AsyncJobFailed { errorcode, .. } => {
+                matches!(errorcode, 530 | 533 | 534 | 535)
+            }
+            ProviderError::Unauthorized { .. }
+            | ProviderError::BadParameter { .. }
+            | ProviderError::NotFound { .. }
+            | ProviderError::InvalidState { .. }
+            | ProviderError::Refused { .. }
+            | ProviderError::Protocol { .. } => false,
+        }
+    }
+
+    /// Whether a mutating request that returned this error may nevertheless have been applied
+    /// (reply lost, timeout after the server acted). The caller must look the resource up
+    /// (by the name it chose) before issuing again.
+    pub fn may_have_applied(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::Internal { .. }
+                | ProviderError::Unavailable { .. }
+                | ProviderError::Protocol { .. }
+        )
+    }
+
+    /// Maps a CloudStack `errorcode` (= HTTP status of a sync error) to its variant.
+    pub fn from_cloudstack_code(code: u16, errortext: String) -> Self {
+        match code {
+            401 | 411 => ProviderError::Unauthorized { errortext },
+            405 | 430 | 431 | 432 => ProviderError::BadParameter { code, errortext },
+            536 => ProviderError::InvalidState { code, errortext },
+            429 | 503 | 533 | 534 | 535 => ProviderError::Unavailable {
+                detail: format!("{code}: {errortext}"),
+            },
+            530 => ProviderError::Internal { code, errortext },
+            c if c >= 500 && !(531..=537).contains(&c) => {
+                ProviderError::Internal { code, errortext }
+            }
+            _ => ProviderError::Refused { code, errortext },
+        }
+    }
+}
+
+/// A transport error described without its URL (a signed URL carries the API key and the
+/// signature).
+pub(crate) fn transport_error(e: reqwest::Error) -> ProviderError {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_decode() || e.is_body() {
+        "reading the reply failed"
+    } else {
+        "request failed"
+    };
+    let mut detail = kind.to_string();
+    let e = e.without_url();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    ProviderError::Unavailable { detail }
+}
+
+/// A VM's lifecycle state as CloudStack reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum VmState {
+    Running,
+    Stopped,
+    Starting,
+    Stopping,
+    Destroyed,
+    Expunging,
+    Migrating,
+    Error,
+    Other(String),
+}
+
+impl From<String> for VmState {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "Running" => VmState::Running,
+            "Stopped" => VmState::Stopped,
+            "Starting" => VmState::Starting,
+            "Stopping" => VmState::Stopping,
+            "Destroyed" => VmState::Destroyed,
+            "Expunging" => VmState::Expunging,
+            "Migrating" => VmState::Migrating,
+            "Error" => VmState::Error,
+            _ => VmState::Other(s),
+        }
+    }
+}
+
+impl From<VmState> for String {
+    fn from(s: VmState) -> Self {
+        match s {
+            VmState::Running => "Running".into(),
+            VmState::Stopped => "Stopped".into(),
+            VmState::Starting => "Starting".into(),
+            VmState::Stopping => "Stopping".into(),
+            VmState::Destroyed => "Destroyed".into(),
+            VmState::Expunging => "Expunging".into(),
+            VmState::Migrating => "Migrating".into(),
+            VmState::Error => "Error".into(),
+            VmState::Other(s) => s,
+        }
+    }
+}
+
+/// One NIC of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nic {
+    pub id: String,
+    #[serde(rename = "networkid")]
+    pub network_id: String,
+    #[serde(rename = "ipaddress", default)]
+    pub ip_address: Option<String>,
+    #[serde(rename = "isdefault", default)]
+    pub is_default: bool,
+}
+
+/// A CloudStack virtual machine (field names as on the wire).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "displayname", default)]
+    pub display_name: Option<String>,
+    pub state: VmState,
+    #[serde(rename = "zoneid", default)]
+    pub zone_id: Option<String>,
+    #[serde(rename = "serviceofferingid", default)]
+    pub service_offering_id: Option<String>,
+    #[serde(rename = "templateid", default)]
+    pub template_id: Option<String>,
+    #[serde(rename = "cpunumber", default)]
+    pub cpu_number: Option<u32>,
+    /// MiB.
+    #[serde(default)]
+    pub memory: Option<u64>,
+    #[serde(rename = "nic", default)]
+    pub nics: Vec<Nic>,
+}
+
+/// ROOT or DATADISK.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum VolumeType {
+    Root,
+    DataDisk,
+    Other(String),
+}
+
+impl VolumeType {
+    pub fn as_str(&self) -> &str {
+        match self {
+            VolumeType::Root => "ROOT",
+            VolumeType::DataDisk => "DATADISK",
+            VolumeType::Other(s) => s,
+        }
+    }
+}
+
+impl From<String> for VolumeType {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "ROOT" => VolumeType::Root,
+            "DATADISK" => VolumeType::DataDisk,
+            _ => VolumeType::Other(s),
+        }
+    }
+}
+
+impl From<VolumeType> for String {
+    fn from(t: VolumeType) -> Self {
+        t.as_str().to_string()
+    }
+}
+
+/// A CloudStack volume. `vm_id`/`device_id` are set while it is attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "virtualmachineid", default)]
+    pub vm_id: Option<String>,
+    #[serde(rename = "deviceid", default)]
+    pub device_id: Option<u32>,
+    #[serde(rename = "type")]
+    pub volume_type: VolumeType,
+    pub state: String,
+    /// Bytes.
+    #[serde(default)]
+    pub size: Option<u64>,
+}
+
+/// A CloudStack volume snapshot. `state` is `BackedUp` when usable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "volumeid")]
+    pub volume_id: String,
+    pub state: String,
+}
+
+/// A CloudStack VM snapshot. `state` is `Ready` when usable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "virtualmachineid")]
+    pub vm_id: String,
+    pub state: String,
+}
+
+/// The CloudStack async commands a failover issues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum AsyncCommand {
+    DeployVm {
+        name: String,
+        display_name: Option<String>,
+        service_offering_id: String,
+        template_id: String,
+        zone_id: String,
+        network_ids: Vec<String>,
+        /// false: the VM is created Stopped, so its disks can be swapped before first boot.
+        start_vm: bool,
+        /// Further deployVirtualMachine parameters passed as is (e.g. `details[0].cpuNumber`).
+        extra: BTreeMap<String, String>,
+    },
+    StartVm {
+        id: String,
+    },
+    StopVm {
+        id: String,
+        forced: bool,
+    },
+    DestroyVm {
+        id: String,
+        expunge: bool,
+    },
+    AttachVolume {
+        volume_id: String,
+        vm_id: String,
+        /// `Some(0)` makes the volume the VM's ROOT disk (the VM must be Stopped and have none).
+        device_id: Option<u32>,
+    },
+    DetachVolume {
+        volume_id: String,
+    },
+    CreateSnapshot {
+        volume_id: String,
+        name: String,
+    },
+    RevertSnapshot {
+        id: String,
+    },
+    DeleteSnapshot {
+        id: String,
+    },
+    CreateVmSnapshot {
+        vm_id: String,
+        name: String,
+    },
+    RevertToVmSnapshot {
+        id: String,
+    },
+    DeleteVmSnapshot {
+        id: String,
+    },
+}
+
+impl AsyncCommand {
+    /// The CloudStack API command name.
+    pub fn api_name(&self) -> &'static str {
+        match self {
+            AsyncCommand::DeployVm { .. } => "deployVirtualMachine",
+            AsyncCommand::StartVm { .. } => "startVirtualMachine",
+            AsyncCommand::StopVm { .. } => "stopVirtualMachine",
+            AsyncCommand::DestroyVm { .. } => "destroyVirtualMachine",
+            AsyncCommand::AttachVolume { .. } => "attachVolume",
+            AsyncCommand::DetachVolume { .. } => "detachVolume",
+            AsyncCommand::CreateSnapshot { .. } => "createSnapshot",
+            AsyncCommand::RevertSnapshot { .. } => "revertSnapshot",
+            AsyncCommand::DeleteSnapshot { .. } => "deleteSnapshot",
+            AsyncCommand::CreateVmSnapshot { .. } => "createVMSnapshot",
+            AsyncCommand::RevertToVmSnapshot { .. } => "revertToVMSnapshot",
+            AsyncCommand::DeleteVmSnapshot { .. } => "deleteVMSnapshot",
+        }
+    }
+}
+
+/// What issuing an async command returned: the job to poll and, for create commands
+/// (deployVirtualMachine, createSnapshot, createVMSnapshot), the new resource's id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRef {
+    pub job_id: String,
+    pub resource_id: Option<String>,
+}
+
+/// An async job's state, judged by `jobstatus` (0/1/2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum JobStatus {
+    Pending,
+    /// The `jobresult` object, e.g. `{"virtualmachine": {...}}` or `{"success": true}`.
+    Succeeded(serde_json::Value),
+    Failed {
+        errorcode: u16,
+        errortext: String,
+    },
+}
+
+/// Which VMs to list. Name matching is exact (CloudStack matches substrings; the client
+/// filters).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmFilter {
+    pub id: Option<String>,
+    pub name: Option<String>,
+}
+
+impl VmFilter {
+    pub fn id(id: impl Into<String>) -> Self {
+        VmFilter {
+            id: Some(id.into()),
+            name: None,
+        }
+    }
+    pub fn name(name: impl Into<String>) -> Self {
+        VmFilter {
+            id: None,
+            name: Some(name.into()),
+        }
+    }
+}
+
+/// Which volumes to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolumeFilter {
+    pub id: Option<String>,
+    pub vm_id: Option<String>,
+    pub volume_type: Option<VolumeType>,
+}
+
+impl VolumeFilter {
+    pub fn id(id: impl Into<String>) -> Self {
+        VolumeFilter {
+            id: Some(id.into()),
+            ..Default::default()
+        }
+    }
+    pub fn vm(vm_id: impl Into<String>) -> Self {
+        VolumeFilter {
+            vm_id: Some(vm_id.into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Which volume snapshots to list. Name matching is exact.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotFilter {
+    pub id: Option<String>,
+    pub volume_id: Option<String>,
+    pub name: Option<String>,
+}
+
+/// The CloudStack operations a failover needs.
+#[async_trait]
+pub trait Cloud: Send + Sync {
+    /// Issues an async command and returns its job at once. Not idempotent: after an error
+    /// with [`ProviderError::may_have_applied`], look the resource up before issuing again.
+    async fn issue(&self, cmd: AsyncCommand) -> Result<JobRef>;
+
+    /// One `queryAsyncJobResult`.
+    async fn poll_job(&self, job_id: &str) -> Result<JobStatus>;
+
+    /// Polls until the job ends: its `jobresult` on success, [`ProviderError::AsyncJobFailed`]
+    /// on failure, [`ProviderError::JobTimeout`] if it is still pending (or every poll failed
+    /// with a retryable error) after `timeout`.
+    async fn wait_job(
+        &self,
+        job_id: &str,
+        poll_interval: Duration,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        let started = tokio::time::Instant::now();
+        loop {
+            match self.poll_job(job_id).await {
+                Ok(JobStatus::Succeeded(v)) => return Ok(v),
+                Ok(JobStatus::Failed {
+                    errorcode,
+                    errortext,
+                }) => {
+                    return Err(ProviderError::AsyncJobFailed {
+                        job_id: job_id.to_string(),
+                        errorcode,
+                        errortext,
+                    })
+                }
+                Ok(JobStatus::Pending) => {}
+                // Polling is read-only, so a transient failure is simply polled through.
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(job_id, error = %e, "polling the async job failed; polling again");
+                }
+                Err(e) => return Err(e),
+            }
+            let waited = started.elapsed();
+            if waited >= timeout {
+                return Err(ProviderError::JobTimeout {
+                    job_id: job_id.to_string(),
+                    waited,
+                });
+            }
+            tokio::time::sleep(poll_interval.min(timeout - waited)).await;
+        }
+    }
+
+    async fn list_vms(&self, filter: VmFilter) -> Result<Vec<Vm>>;
+
+    /// [`ProviderError::NotFound`] if no VM has this id.
+    async fn get_vm(&self, id: &str) -> Result<Vm> {
+        self.list_vms(VmFilter::id(id))
+            .await?
+            .into_iter()
+            .find(|v| v.id == id)
+            .ok_or_else(|| ProviderError::NotFound {
+                what: format!("virtual machine {id}"),
+            })
+    }
+
+    async fn list_volumes(&self, filter: VolumeFilter) -> Result<Vec<Volume>>;
+
+    /// [`ProviderError::NotFound`] if no volume has this id.
+    async fn get_volume(&self, id: &str) -> Result<Volume> {
+        self.list_volumes(VolumeFilter::id(id))
+            .await?
+            .into_iter()
+            .find(|v| v.id == id)
+            .ok_or_else(|| ProviderError::NotFound {
+                what: format!("volume {id}"),
+            })
+    }
+
+    async fn list_snapshots(&self, filter: SnapshotFilter) -> Result<Vec<Snapshot>>;
+
+    async fn list_vm_snapshots(&self, vm_id: &str) -> Result<Vec<VmSnapshot>>;
+
+    /// Synchronous `deleteVolume` (the volume must be detached).
+    async fn delete_volume(&self, id: &str) -> Result<()>;
+}
+
+/// Which [`SnapshotBackend`] protects a replicated volume, as configuration names it
+/// (`cloudstack-volume`, `cloudstack-vm`, `linstor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotKind {
+    /// CloudStack volume snapshots; target = the volume id.
+    CloudstackVolume,
+    /// CloudStack disk-only VM snapshots; target = the id of the VM the volume is attached to.
+    CloudstackVm,
+    /// LINSTOR snapshots; target = the volume's resource definition (`cs-<volume id>`).
+    Linstor,
+}
+
+impl SnapshotKind {
+    /// The backend target protecting `volume_id`, attached to `vm_id`.
+    pub fn target(self, volume_id: &str, vm_id: &str) -> String {
+        match self {
+            SnapshotKind::CloudstackVolume => volume_id.to_string(),
+            SnapshotKind::CloudstackVm => vm_id.to_string(),
+            SnapshotKind::Linstor => linstor::resource_name_for_volume(volume_id),
+        }
+    }
+}
+
+impl std::str::FromStr for SnapshotKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "cloudstack-volume" => Ok(SnapshotKind::CloudstackVolume),
+            "cloudstack-vm" => Ok(SnapshotKind::CloudstackVm),
+            "linstor" => Ok(SnapshotKind::Linstor),
+            other => Err(format!(
+                "unknown snapshot backend {other:?} (cloudstack-volume, cloudstack-vm, linstor)"
+            )),
+        }
+    }
+}
+
+/// A snapshot as a [`SnapshotBackend`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// The caller-chosen name.
+    pub name: String,
+    /// The backend's own id (CloudStack uuid; for LINSTOR the name again).
+    pub id: String,
+    /// What was snapshotted: volume id, VM id or LINSTOR resource definition.
+    pub target: String,
+    /// Complete and usable for a revert.
+    pub ready: bool,
+}
+
+/// Named snapshots of one target, used to protect a volume before a failover writes to it
+/// and to undo those writes. `target` is whatever the backend snapshots: a CloudStack volume
+/// id ([`cloudstack::VolumeSnapshots`]), a VM id ([`cloudstack::VmSnapshots`]), a LINSTOR
+/// resource definition ([`linstor::LinstorClient`]).
+#[async_trait]
+pub trait SnapshotBackend: Send + Sync {
+    /// A short name for logs; the same as the [`SnapshotKind`] it implements
+    /// ("cloudstack-volume", "cloudstack-vm", "linstor").
+    fn kind(&self) -> &'static str;
+
+    /// Creates the snapshot `name` of `target` and waits until it is ready. Idempotent: if a
+    /// snapshot with this name already exists it is adopted (waiting for it if needed).
+    async fn create(&self, target: &str, name: &str) -> Result<SnapshotInfo>;
+
+    /// The snapshot called `name`, if any.
+    async fn find(&self, target: &str, name: &str) -> Result<Option<SnapshotInfo>> {
+        Ok(self
+            .list(target)
+            .await?
+            .into_iter()
+            .find(|s| s.name == name))
+    }
+
+    /// Restores `target` to the snapshot's content. [`ProviderError::NotFound`] if it does
+    /// not exist.
+    async fn revert(&self, target: &str, name: &str) -> Result<()>;
+
+    /// Deletes the snapshot. Idempotent: a missing snapshot is success.
+    async fn delete(&self, target: &str, name: &str) -> Result<()>;
+
+    async fn list(&self, target: &str) -> Result<Vec<SnapshotInfo>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_classification_is_by_type_and_code() {
+        let failed = |errorcode| ProviderError::AsyncJobFailed {
+            job_id: "j".into(),
+            errorcode,
+            errortext: "x".into(),
+        };
+        assert!(failed(530).is_retryable());
+        assert!(failed(534).is_retryable());
+        assert!(!failed(431).is_retryable());
+        assert!(ProviderError::from_cloudstack_code(530, "x".into()).is_retryable());
+        assert!(ProviderError::from_cloudstack_code(533, "x".into()).is_retryable());
+        for code in [401, 431, 432, 531, 532, 536] {
+            assert!(
+                !ProviderError::from_cloudstack_code(code, "x".into()).is_retryable(),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            ProviderError::from_cloudstack_code(536, "x".into()),
+            ProviderError::InvalidState { .. }
+        ));
+    }
+
+    #[test]
+    fn snapshot_kinds_name_their_targets() {
+        for (name, kind, target) in [
+            ("cloudstack-volume", SnapshotKind::CloudstackVolume, "vol"),
+            ("cloudstack-vm", SnapshotKind::CloudstackVm, "vm"),
+            ("linstor", SnapshotKind::Linstor, "cs-vol"),
+        ] {
+            let parsed: SnapshotKind = name.parse().unwrap();
+            assert_eq!(parsed, kind);
+            assert_eq!(kind.target("vol", "vm"), target);
+            assert_eq!(serde_json::to_value(kind).unwrap(), name);
+        }
+        assert!("zfs".parse::<SnapshotKind>().is_err());
+    }
+}
