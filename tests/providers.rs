@@ -8,13 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tern::providers::cloudstack::{
-    CloudStackClient, CloudStackConfig, VmSnapshots, VolumeSnapshots,
-};
+use tern::providers::cloudstack::{CloudStackClient, CloudStackConfig, VmSnapshots, VolumeSnapshots};
 use tern::providers::linstor::{resource_name_for_volume, LinstorClient};
 use tern::providers::{
-    AsyncCommand, Cloud, JobStatus, ProviderError, SnapshotBackend, SnapshotFilter, VmFilter,
-    VmState, VolumeFilter, VolumeType,
+    AsyncCommand, Cloud, JobStatus, ProviderError, SnapshotBackend, SnapshotFilter, VmFilter, VmState, VolumeFilter,
+    VolumeType,
 };
 use tern::sim::{self, FaultPlan, FaultRates, InvariantReport, SampleInventory, SimConfig};
 
@@ -178,11 +176,7 @@ async fn conformance_cloud(c: &dyn Cloud, inv: &SampleInventory) {
     let oma = &inv.oma_vm_id;
 
     // Empty lists are empty vectors.
-    assert!(c
-        .list_vms(VmFilter::name("tern-none"))
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(c.list_vms(VmFilter::name("tern-none")).await.unwrap().is_empty());
     assert!(c
         .list_snapshots(SnapshotFilter {
             volume_id: Some(source.volume_id.clone()),
@@ -221,10 +215,7 @@ async fn conformance_cloud(c: &dyn Cloud, inv: &SampleInventory) {
 
     // Duplicate names are refused synchronously with 431.
     let dup = c.issue(deploy(name, inv, false)).await.unwrap_err();
-    assert!(
-        matches!(dup, ProviderError::BadParameter { code: 431, .. }),
-        "{dup}"
-    );
+    assert!(matches!(dup, ProviderError::BadParameter { code: 431, .. }), "{dup}");
     assert!(!dup.is_retryable());
 
     // deviceid=0 while the VM still has its own ROOT: the job fails with 431.
@@ -293,15 +284,10 @@ async fn conformance_cloud(c: &dyn Cloud, inv: &SampleInventory) {
     )
     .await
     .unwrap_err();
-    assert!(matches!(
-        err,
-        ProviderError::AsyncJobFailed { errorcode: 431, .. }
-    ));
+    assert!(matches!(err, ProviderError::AsyncJobFailed { errorcode: 431, .. }));
 
     // Start; a ROOT volume cannot be detached from a running VM.
-    run(c, AsyncCommand::StartVm { id: vm_id.clone() })
-        .await
-        .unwrap();
+    run(c, AsyncCommand::StartVm { id: vm_id.clone() }).await.unwrap();
     assert_eq!(c.get_vm(&vm_id).await.unwrap().state, VmState::Running);
     let err = run(
         c,
@@ -311,10 +297,7 @@ async fn conformance_cloud(c: &dyn Cloud, inv: &SampleInventory) {
     )
     .await
     .unwrap_err();
-    assert!(matches!(
-        err,
-        ProviderError::AsyncJobFailed { errorcode: 431, .. }
-    ));
+    assert!(matches!(err, ProviderError::AsyncJobFailed { errorcode: 431, .. }));
 
     // A volume snapshot cannot be reverted while its VM runs.
     let snap_job = c
@@ -327,18 +310,10 @@ async fn conformance_cloud(c: &dyn Cloud, inv: &SampleInventory) {
     let snap_id = snap_job.resource_id.clone().unwrap();
     let snap = c.wait_job(&snap_job.job_id, POLL, WAIT).await.unwrap();
     assert_eq!(snap["snapshot"]["state"], "BackedUp");
-    let err = run(
-        c,
-        AsyncCommand::RevertSnapshot {
-            id: snap_id.clone(),
-        },
-    )
-    .await
-    .unwrap_err();
-    assert!(matches!(
-        err,
-        ProviderError::AsyncJobFailed { errorcode: 431, .. }
-    ));
+    let err = run(c, AsyncCommand::RevertSnapshot { id: snap_id.clone() })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProviderError::AsyncJobFailed { errorcode: 431, .. }));
 
     // Stop; then revert works, unless the VM has VM snapshots.
     run(
@@ -361,41 +336,19 @@ async fn conformance_cloud(c: &dyn Cloud, inv: &SampleInventory) {
     let vm_snap_id = vms_job.resource_id.clone().unwrap();
     c.wait_job(&vms_job.job_id, POLL, WAIT).await.unwrap();
     assert_eq!(c.list_vm_snapshots(&vm_id).await.unwrap()[0].state, "Ready");
-    let err = run(
-        c,
-        AsyncCommand::RevertSnapshot {
-            id: snap_id.clone(),
-        },
-    )
-    .await
-    .unwrap_err();
-    assert!(matches!(
-        err,
-        ProviderError::AsyncJobFailed { errorcode: 431, .. }
-    ));
-    run(
-        c,
-        AsyncCommand::RevertToVmSnapshot {
-            id: vm_snap_id.clone(),
-        },
-    )
-    .await
-    .unwrap();
-    run(c, AsyncCommand::DeleteVmSnapshot { id: vm_snap_id })
+    let err = run(c, AsyncCommand::RevertSnapshot { id: snap_id.clone() })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProviderError::AsyncJobFailed { errorcode: 431, .. }));
+    run(c, AsyncCommand::RevertToVmSnapshot { id: vm_snap_id.clone() })
         .await
         .unwrap();
-    let reverted = run(
-        c,
-        AsyncCommand::RevertSnapshot {
-            id: snap_id.clone(),
-        },
-    )
-    .await
-    .unwrap();
+    run(c, AsyncCommand::DeleteVmSnapshot { id: vm_snap_id }).await.unwrap();
+    let reverted = run(c, AsyncCommand::RevertSnapshot { id: snap_id.clone() })
+        .await
+        .unwrap();
     assert_eq!(reverted["snapshot"]["id"], snap_id.as_str());
-    let deleted = run(c, AsyncCommand::DeleteSnapshot { id: snap_id })
-        .await
-        .unwrap();
+    let deleted = run(c, AsyncCommand::DeleteSnapshot { id: snap_id }).await.unwrap();
     assert_eq!(deleted, serde_json::json!({"success": true}));
 
     // Give the volume back to the OMA: detach (stopped VM) makes it a data disk again.
@@ -453,10 +406,7 @@ async fn post_requests_are_signed_the_same_way() {
     cfg.post_threshold = 0;
     let c = CloudStackClient::new(cfg).unwrap();
     let inv = sim.inventory().await;
-    let vols = c
-        .list_volumes(VolumeFilter::vm(&inv.oma_vm_id))
-        .await
-        .unwrap();
+    let vols = c.list_volumes(VolumeFilter::vm(&inv.oma_vm_id)).await.unwrap();
     assert_eq!(vols.len(), 1 + inv.vms.len());
     let mut cmd = deploy("tern-post-vm", &inv, false);
     if let AsyncCommand::DeployVm { display_name, .. } = &mut cmd {
@@ -509,14 +459,8 @@ async fn sync_errors_are_typed() {
         .await
         .unwrap_err();
     match &err {
-        ProviderError::BadParameter {
-            code: 431,
-            errortext,
-        } => {
-            assert!(
-                errortext.contains("missing parameter virtualmachineid"),
-                "{errortext}"
-            )
+        ProviderError::BadParameter { code: 431, errortext } => {
+            assert!(errortext.contains("missing parameter virtualmachineid"), "{errortext}")
         }
         other => panic!("{other}"),
     }
@@ -530,10 +474,7 @@ async fn sync_errors_are_typed() {
     assert!(c.list_vms(VmFilter::id("nope")).await.unwrap().is_empty());
     assert!(c.list_vm_snapshots("nope").await.unwrap().is_empty());
     // Unknown id: 431.
-    let err = c
-        .issue(AsyncCommand::StartVm { id: "nope".into() })
-        .await
-        .unwrap_err();
+    let err = c.issue(AsyncCommand::StartVm { id: "nope".into() }).await.unwrap_err();
     assert!(matches!(err, ProviderError::BadParameter { code: 431, .. }));
     // Unknown command: 401 (CloudStack cannot tell it from a bad signature).
     let err = c.call("frobnicate", vec![]).await.unwrap_err();
@@ -551,11 +492,7 @@ async fn sync_errors_are_typed() {
         .await
         .unwrap();
     let err = c
-        .wait_job(
-            &job.job_id,
-            Duration::from_millis(1),
-            Duration::from_millis(1),
-        )
+        .wait_job(&job.job_id, Duration::from_millis(1), Duration::from_millis(1))
         .await
         .unwrap_err();
     assert!(matches!(err, ProviderError::JobTimeout { .. }) && err.is_retryable());
@@ -644,10 +581,7 @@ async fn lost_reply_leaves_a_resource_the_client_can_adopt() {
     let sim = start(cfg).await;
     let c = Arc::new(sim.cloud());
     let inv = sim.inventory().await;
-    let err = c
-        .issue(deploy("tern-lost-vm", &inv, false))
-        .await
-        .unwrap_err();
+    let err = c.issue(deploy("tern-lost-vm", &inv, false)).await.unwrap_err();
     assert!(err.may_have_applied() && err.is_retryable(), "{err}");
     let found = c.list_vms(VmFilter::name("tern-lost-vm")).await.unwrap();
     assert_eq!(found.len(), 1);
@@ -702,27 +636,16 @@ async fn state_and_pending_jobs_survive_a_simulator_restart() {
     let sim = start(cfg.clone()).await;
     let inv = sim.inventory().await;
     let c = sim.cloud();
-    run(&c, deploy("tern-persist-vm", &inv, false))
-        .await
-        .unwrap();
+    run(&c, deploy("tern-persist-vm", &inv, false)).await.unwrap();
     let gen = sim.write(&inv.vms[2].volume_id).await;
     // Issue a job and stop the simulator before it completes.
-    let job = c
-        .issue(deploy("tern-persist-vm2", &inv, false))
-        .await
-        .unwrap();
+    let job = c.issue(deploy("tern-persist-vm2", &inv, false)).await.unwrap();
     sim.stop().await;
 
     let sim = start(cfg).await;
     let c = sim.cloud();
     assert_eq!(sim.inventory().await, inv);
-    assert_eq!(
-        c.list_vms(VmFilter::name("tern-persist-vm"))
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(c.list_vms(VmFilter::name("tern-persist-vm")).await.unwrap().len(), 1);
     assert_eq!(sim.generation(&inv.vms[2].volume_id).await, gen);
     let result = c.wait_job(&job.job_id, POLL, WAIT).await.unwrap();
     assert_eq!(result["virtualmachine"]["name"], "tern-persist-vm2");
@@ -776,31 +699,13 @@ async fn snapshot_backends_pass_the_conformance_suite() {
     let cloud: Arc<dyn Cloud> = Arc::new(sim.cloud());
 
     let (_, root) = stopped_vm(cloud.as_ref(), &inv, "tern-snap-vol").await;
-    conformance_snapshots(
-        &VolumeSnapshots::new(cloud.clone(), POLL, WAIT),
-        &sim,
-        &root,
-        &root,
-    )
-    .await;
+    conformance_snapshots(&VolumeSnapshots::new(cloud.clone(), POLL, WAIT), &sim, &root, &root).await;
 
     let (vm, root) = stopped_vm(cloud.as_ref(), &inv, "tern-snap-vm").await;
-    conformance_snapshots(
-        &VmSnapshots::new(cloud.clone(), POLL, WAIT),
-        &sim,
-        &vm,
-        &root,
-    )
-    .await;
+    conformance_snapshots(&VmSnapshots::new(cloud.clone(), POLL, WAIT), &sim, &vm, &root).await;
 
     let (_, root) = stopped_vm(cloud.as_ref(), &inv, "tern-snap-linstor").await;
-    conformance_snapshots(
-        &sim.linstor(),
-        &sim,
-        &resource_name_for_volume(&root),
-        &root,
-    )
-    .await;
+    conformance_snapshots(&sim.linstor(), &sim, &resource_name_for_volume(&root), &root).await;
 
     let report = sim.invariant("tern-conf", None).await;
     assert!(report.ok, "{report:?}");
@@ -899,21 +804,11 @@ async fn invariant_catches_an_expunged_replica() {
     .await
     .unwrap();
     // Expunging a VM whose ROOT is the replica deletes the replica, as CloudStack would.
-    run(
-        &c,
-        AsyncCommand::DestroyVm {
-            id: vm,
-            expunge: true,
-        },
-    )
-    .await
-    .unwrap();
-    let report = sim.invariant("tern-bad", None).await;
-    let check = report
-        .volumes
-        .iter()
-        .find(|v| v.volume_id == source.volume_id)
+    run(&c, AsyncCommand::DestroyVm { id: vm, expunge: true })
+        .await
         .unwrap();
+    let report = sim.invariant("tern-bad", None).await;
+    let check = report.volumes.iter().find(|v| v.volume_id == source.volume_id).unwrap();
     assert!(!check.exists && !report.ok);
     assert!(report.leaked_vms.is_empty());
     sim.stop().await;
@@ -968,8 +863,7 @@ async fn a_failed_snapshot_is_replaced_on_retry() {
             Ok(s) => break s,
             Err(e) => {
                 assert!(
-                    matches!(e, ProviderError::AsyncJobFailed { errorcode: 530, .. })
-                        && e.is_retryable(),
+                    matches!(e, ProviderError::AsyncJobFailed { errorcode: 530, .. }) && e.is_retryable(),
                     "{e}"
                 );
                 failures += 1;
@@ -977,10 +871,7 @@ async fn a_failed_snapshot_is_replaced_on_retry() {
             }
         }
     };
-    assert!(
-        failures > 0,
-        "the seed should make at least one attempt fail"
-    );
+    assert!(failures > 0, "the seed should make at least one attempt fail");
     assert!(snap.ready);
     let all = backend.list(volume).await.unwrap();
     assert_eq!(all.len(), 1, "{all:?}");

@@ -80,9 +80,9 @@ impl ProviderError {
     /// Whether the same call may succeed if made again later.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ProviderError::Internal { .. }
-            | ProviderError::Unavailable { .. }
-            | ProviderError::JobTimeout { .. } => true,
+            ProviderError::Internal { .. } | ProviderError::Unavailable { .. } | ProviderError::JobTimeout { .. } => {
+                true
+            }
             ProviderError::AsyncJobFailed { errorcode, .. } => {
                 matches!(errorcode, 530 | 533 | 534 | 535)
             }
@@ -101,9 +101,7 @@ impl ProviderError {
     pub fn may_have_applied(&self) -> bool {
         matches!(
             self,
-            ProviderError::Internal { .. }
-                | ProviderError::Unavailable { .. }
-                | ProviderError::Protocol { .. }
+            ProviderError::Internal { .. } | ProviderError::Unavailable { .. } | ProviderError::Protocol { .. }
         )
     }
 
@@ -117,9 +115,7 @@ impl ProviderError {
                 detail: format!("{code}: {errortext}"),
             },
             530 => ProviderError::Internal { code, errortext },
-            c if c >= 500 && !(531..=537).contains(&c) => {
-                ProviderError::Internal { code, errortext }
-            }
+            c if c >= 500 && !(531..=537).contains(&c) => ProviderError::Internal { code, errortext },
             _ => ProviderError::Refused { code, errortext },
         }
     }
@@ -467,20 +463,12 @@ pub trait Cloud: Send + Sync {
     /// Polls until the job ends: its `jobresult` on success, [`ProviderError::AsyncJobFailed`]
     /// on failure, [`ProviderError::JobTimeout`] if it is still pending (or every poll failed
     /// with a retryable error) after `timeout`.
-    async fn wait_job(
-        &self,
-        job_id: &str,
-        poll_interval: Duration,
-        timeout: Duration,
-    ) -> Result<serde_json::Value> {
+    async fn wait_job(&self, job_id: &str, poll_interval: Duration, timeout: Duration) -> Result<serde_json::Value> {
         let started = tokio::time::Instant::now();
         loop {
             match self.poll_job(job_id).await {
                 Ok(JobStatus::Succeeded(v)) => return Ok(v),
-                Ok(JobStatus::Failed {
-                    errorcode,
-                    errortext,
-                }) => {
+                Ok(JobStatus::Failed { errorcode, errortext }) => {
                     return Err(ProviderError::AsyncJobFailed {
                         job_id: job_id.to_string(),
                         errorcode,
@@ -606,11 +594,7 @@ pub trait SnapshotBackend: Send + Sync {
 
     /// The snapshot called `name`, if any.
     async fn find(&self, target: &str, name: &str) -> Result<Option<SnapshotInfo>> {
-        Ok(self
-            .list(target)
-            .await?
-            .into_iter()
-            .find(|s| s.name == name))
+        Ok(self.list(target).await?.into_iter().find(|s| s.name == name))
     }
 
     /// Restores `target` to the snapshot's content. [`ProviderError::NotFound`] if it does

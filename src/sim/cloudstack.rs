@@ -58,17 +58,12 @@ pub(crate) async fn handle(app: &App, params: Vec<(String, String)>) -> (u16, Va
     let is_async = ASYNC.contains(&command.as_str());
     let fault = app.roll(&command, is_async);
     match fault {
-        Some(Fault::Error) => {
-            return error_reply(&key, &CsError::internal("Simulated internal error"))
-        }
+        Some(Fault::Error) => return error_reply(&key, &CsError::internal("Simulated internal error")),
         Some(Fault::Hang) => tokio::time::sleep(app.hang()).await,
         _ => {}
     }
 
-    let args: BTreeMap<&str, &str> = params
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let args: BTreeMap<&str, &str> = params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let outcome = {
         let mut world = app.lock();
         let now = App::now_ms();
@@ -89,9 +84,7 @@ pub(crate) async fn handle(app: &App, params: Vec<(String, String)>) -> (u16, Va
         outcome
     };
     match (outcome, fault) {
-        (Ok(_), Some(Fault::LostReply)) => {
-            error_reply(&key, &CsError::internal("Simulated lost reply"))
-        }
+        (Ok(_), Some(Fault::LostReply)) => error_reply(&key, &CsError::internal("Simulated lost reply")),
         (Ok(body), _) => (200, json!({ key: body })),
         (Err(e), _) => error_reply(&key, &e),
     }
@@ -123,20 +116,13 @@ fn authenticated(app: &App, params: &[(String, String)]) -> bool {
     sign::signatures_match(&expected, given)
 }
 
-fn required<'a>(
-    args: &BTreeMap<&str, &'a str>,
-    command: &str,
-    name: &str,
-) -> Result<&'a str, CsError> {
-    args.get(name)
-        .copied()
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| {
-            CsError::param(format!(
-                "Unable to execute API command {} due to missing parameter {name}",
-                command.to_lowercase()
-            ))
-        })
+fn required<'a>(args: &BTreeMap<&str, &'a str>, command: &str, name: &str) -> Result<&'a str, CsError> {
+    args.get(name).copied().filter(|v| !v.is_empty()).ok_or_else(|| {
+        CsError::param(format!(
+            "Unable to execute API command {} due to missing parameter {name}",
+            command.to_lowercase()
+        ))
+    })
 }
 
 fn invalid(command: &str, name: &str, value: &str) -> CsError {
@@ -314,10 +300,7 @@ fn dispatch(
             let volume_id = volume_arg(w, "id")?;
             let vm_id = vm_arg(w, "virtualmachineid")?;
             let device_id = match args.get("deviceid") {
-                Some(d) => Some(
-                    d.parse::<u32>()
-                        .map_err(|_| invalid(command, "deviceid", d))?,
-                ),
+                Some(d) => Some(d.parse::<u32>().map_err(|_| invalid(command, "deviceid", d))?),
                 None => None,
             };
             Ok(job(
@@ -343,11 +326,7 @@ fn dispatch(
             let volume_id = volume_arg(w, "volumeid")?;
             let id = uuid::Uuid::new_v4().to_string();
             let name = args.get("name").map(|s| s.to_string()).unwrap_or_else(|| {
-                let vol = w
-                    .volumes
-                    .get(&volume_id)
-                    .map(|v| v.name.as_str())
-                    .unwrap_or("volume");
+                let vol = w.volumes.get(&volume_id).map(|v| v.name.as_str()).unwrap_or("volume");
                 format!("{vol}_{now}")
             });
             w.snapshots.insert(
@@ -385,9 +364,7 @@ fn dispatch(
         "createVMSnapshot" => {
             let vm_id = vm_arg(w, "virtualmachineid")?;
             if flag(args, "snapshotmemory", false) {
-                return Err(CsError::param(
-                    "The simulator only takes disk-only VM snapshots",
-                ));
+                return Err(CsError::param("The simulator only takes disk-only VM snapshots"));
             }
             let id = uuid::Uuid::new_v4().to_string();
             let name = args
@@ -458,9 +435,7 @@ fn dispatch(
         }
         "listVolumes" => {
             known_ref(w, command, args, "id", |w, id| w.volumes.contains_key(id))?;
-            known_ref(w, command, args, "virtualmachineid", |w, id| {
-                w.vms.contains_key(id)
-            })?;
+            known_ref(w, command, args, "virtualmachineid", |w, id| w.vms.contains_key(id))?;
             let items = w
                 .volumes
                 .values()
@@ -477,9 +452,7 @@ fn dispatch(
         }
         "listSnapshots" => {
             known_ref(w, command, args, "id", |w, id| w.snapshots.contains_key(id))?;
-            known_ref(w, command, args, "volumeid", |w, id| {
-                w.volumes.contains_key(id)
-            })?;
+            known_ref(w, command, args, "volumeid", |w, id| w.volumes.contains_key(id))?;
             let items = w
                 .snapshots
                 .values()
@@ -494,9 +467,7 @@ fn dispatch(
             known_ref(w, command, args, "vmsnapshotid", |w, id| {
                 w.vm_snapshots.contains_key(id)
             })?;
-            known_ref(w, command, args, "virtualmachineid", |w, id| {
-                w.vms.contains_key(id)
-            })?;
+            known_ref(w, command, args, "virtualmachineid", |w, id| w.vms.contains_key(id))?;
             let items = w
                 .vm_snapshots
                 .values()

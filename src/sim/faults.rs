@@ -62,8 +62,7 @@ impl FaultPlan {
     /// Reads a plan file (JSON, format above).
     pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
         use anyhow::Context as _;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading fault plan {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading fault plan {}", path.display()))?;
         Self::from_json(&text).with_context(|| format!("parsing fault plan {}", path.display()))
     }
 
@@ -98,9 +97,8 @@ pub struct FaultRecord {
 /// The fault decision for the `n`-th request of `command`.
 pub fn decide(seed: u64, plan: &FaultPlan, command: &str, n: u64, is_async: bool) -> Option<Fault> {
     let rates = plan.rates(command);
-    let mut rng = ChaCha8Rng::seed_from_u64(
-        seed ^ fnv1a(command).rotate_left(17) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-    );
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed ^ fnv1a(command).rotate_left(17) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let draw: f64 = rng.gen();
     let mut edge = rates.error_rate;
     if draw < edge {

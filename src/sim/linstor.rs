@@ -34,10 +34,7 @@ fn rc(bits: u64, message: String) -> Value {
 }
 
 fn error(status: u16, code: u64, message: String) -> (u16, Value) {
-    (
-        status,
-        json!([rc(MASK_ERROR | MASK_SNAPSHOT | code, message)]),
-    )
+    (status, json!([rc(MASK_ERROR | MASK_SNAPSHOT | code, message)]))
 }
 
 pub(crate) enum Op {
@@ -89,13 +86,7 @@ pub(crate) async fn handle(app: &App, rsc: &str, op: Op) -> (u16, Value) {
     reply
 }
 
-fn apply(
-    w: &mut super::model::World,
-    rsc: &str,
-    op: Op,
-    now: i64,
-    changed: &mut bool,
-) -> (u16, Value) {
+fn apply(w: &mut super::model::World, rsc: &str, op: Op, now: i64, changed: &mut bool) -> (u16, Value) {
     let Some(rd) = w.linstor.get(rsc).cloned() else {
         return error(
             404,
@@ -130,9 +121,7 @@ fn apply(
                 return error(
                     500,
                     EXISTS_SNAPSHOT,
-                    format!(
-                        "A snapshot with the name '{snap}' of resource '{rsc}' already exists."
-                    ),
+                    format!("A snapshot with the name '{snap}' of resource '{rsc}' already exists."),
                 );
             }
             let content = volume.map(|v| v.content).unwrap_or(Content::default());

@@ -73,9 +73,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 pub use faults::{Fault, FaultPlan, FaultRates, FaultRecord};
-pub use model::{
-    sample_inventory, Content, InvariantReport, SampleInventory, SampleVm, VolumeCheck, World,
-};
+pub use model::{sample_inventory, Content, InvariantReport, SampleInventory, SampleVm, VolumeCheck, World};
 
 /// How to run the simulator. `Debug` redacts the keys.
 #[derive(Clone)]
@@ -274,11 +272,7 @@ fn json_reply(status: u16, body: Value) -> Response {
         .into_response()
 }
 
-async fn cloudstack_api(
-    State(app): State<Arc<App>>,
-    RawQuery(query): RawQuery,
-    body: Bytes,
-) -> Response {
+async fn cloudstack_api(State(app): State<Arc<App>>, RawQuery(query): RawQuery, body: Bytes) -> Response {
     let mut params: Vec<(String, String)> = Vec::new();
     if let Some(q) = query {
         params.extend(form_urlencoded::parse(q.as_bytes()).into_owned());
@@ -298,11 +292,7 @@ async fn linstor_list(State(app): State<Arc<App>>, Path(rsc): Path<String>) -> R
     json_reply(s, b)
 }
 
-async fn linstor_create(
-    State(app): State<Arc<App>>,
-    Path(rsc): Path<String>,
-    body: Bytes,
-) -> Response {
+async fn linstor_create(State(app): State<Arc<App>>, Path(rsc): Path<String>, body: Bytes) -> Response {
     let Ok(req) = serde_json::from_slice::<SnapshotName>(&body) else {
         return json_reply(
             400,
@@ -313,18 +303,12 @@ async fn linstor_create(
     json_reply(s, b)
 }
 
-async fn linstor_delete(
-    State(app): State<Arc<App>>,
-    Path((rsc, snap)): Path<(String, String)>,
-) -> Response {
+async fn linstor_delete(State(app): State<Arc<App>>, Path((rsc, snap)): Path<(String, String)>) -> Response {
     let (s, b) = linstor::handle(&app, &rsc, linstor::Op::Delete { snap }).await;
     json_reply(s, b)
 }
 
-async fn linstor_rollback(
-    State(app): State<Arc<App>>,
-    Path((rsc, snap)): Path<(String, String)>,
-) -> Response {
+async fn linstor_rollback(State(app): State<Arc<App>>, Path((rsc, snap)): Path<(String, String)>) -> Response {
     let (s, b) = linstor::handle(&app, &rsc, linstor::Op::Rollback { snap }).await;
     json_reply(s, b)
 }
@@ -340,10 +324,7 @@ async fn sim_state(State(app): State<Arc<App>>) -> Response {
 async fn sim_inventory(State(app): State<Arc<App>>) -> Response {
     match app.lock().inventory.clone() {
         Some(inv) => Json(inv).into_response(),
-        None => json_reply(
-            404,
-            json!({ "error": "started without the sample inventory" }),
-        ),
+        None => json_reply(404, json!({ "error": "started without the sample inventory" })),
     }
 }
 
@@ -362,11 +343,7 @@ async fn sim_invariant(State(app): State<Arc<App>>, Query(q): Query<InvariantQue
 }
 
 async fn sim_faults(State(app): State<Arc<App>>) -> Response {
-    let log = app
-        .fault_log
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let log = app.fault_log.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Json(log).into_response()
 }
 

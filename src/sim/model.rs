@@ -300,22 +300,8 @@ pub fn sample_inventory(seed: u64) -> SampleInventory {
             "Windows Server 2019 (64-bit)",
             vec!["VM Network", "Backup"],
         ),
-        (
-            "lnx-web-01",
-            2,
-            4096,
-            "linux",
-            "Ubuntu 22.04 LTS",
-            vec!["VM Network"],
-        ),
-        (
-            "lnx-db-01",
-            8,
-            16384,
-            "linux",
-            "Rocky Linux 9",
-            vec!["VM Network"],
-        ),
+        ("lnx-web-01", 2, 4096, "linux", "Ubuntu 22.04 LTS", vec!["VM Network"]),
+        ("lnx-db-01", 8, 16384, "linux", "Rocky Linux 9", vec!["VM Network"]),
     ];
     let vms = specs
         .into_iter()
@@ -429,8 +415,8 @@ impl World {
     /// Writes atomically: a temporary file next to `path`, flushed, then renamed over it.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         use std::io::Write as _;
-        let bytes = serde_json::to_vec_pretty(self)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        let bytes =
+            serde_json::to_vec_pretty(self).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
         let tmp = std::path::PathBuf::from(tmp);
@@ -484,14 +470,7 @@ impl World {
         self.vms.get(vm_id).map(|v| v.state.as_str())
     }
 
-    pub fn new_job(
-        &mut self,
-        command: &str,
-        op: JobOp,
-        now_ms: i64,
-        latency_ms: i64,
-        fail: bool,
-    ) -> String {
+    pub fn new_job(&mut self, command: &str, op: JobOp, now_ms: i64, latency_ms: i64, fail: bool) -> String {
         let id = uuid::Uuid::new_v4().to_string();
         self.next_seq += 1;
         self.jobs.insert(
@@ -589,11 +568,7 @@ impl World {
             JobOp::Start { vm_id } => {
                 match self.vm_state(vm_id) {
                     Some("Running") | Some("Stopped") => {}
-                    Some(s) => {
-                        return Err(CsError::param(format!(
-                            "VM {vm_id} is {s} and cannot be started"
-                        )))
-                    }
+                    Some(s) => return Err(CsError::param(format!("VM {vm_id} is {s} and cannot be started"))),
                     None => return Err(gone("VM", vm_id)),
                 }
                 if !self.vm_has_root(vm_id) {
@@ -607,11 +582,7 @@ impl World {
             JobOp::Stop { vm_id } => {
                 match self.vm_state(vm_id) {
                     Some("Running") | Some("Stopped") => {}
-                    Some(s) => {
-                        return Err(CsError::param(format!(
-                            "VM {vm_id} is {s} and cannot be stopped"
-                        )))
-                    }
+                    Some(s) => return Err(CsError::param(format!("VM {vm_id} is {s} and cannot be stopped"))),
                     None => return Err(gone("VM", vm_id)),
                 }
                 self.set_vm_state(vm_id, "Stopped");
@@ -698,11 +669,7 @@ impl World {
                     .ok_or_else(|| gone("VM snapshot", vm_snapshot_id))?;
                 match self.vm_state(&vm_id) {
                     Some("Running") | Some("Stopped") => {}
-                    _ => {
-                        return Err(CsError::param(format!(
-                            "VM {vm_id} is not Running or Stopped"
-                        )))
-                    }
+                    _ => return Err(CsError::param(format!("VM {vm_id} is not Running or Stopped"))),
                 }
                 let contents = self
                     .volumes
@@ -764,10 +731,7 @@ impl World {
             .map(|v| v.id.clone())
             .collect();
         for id in attached {
-            let is_root = self
-                .volumes
-                .get(&id)
-                .is_some_and(|v| v.device_id == Some(0));
+            let is_root = self.volumes.get(&id).is_some_and(|v| v.device_id == Some(0));
             if is_root {
                 self.remove_volume(&id);
             } else if let Some(v) = self.volumes.get_mut(&id) {
@@ -796,21 +760,13 @@ impl World {
         self.linstor.retain(|_, rd| rd.volume_id != volume_id);
     }
 
-    fn attach(
-        &mut self,
-        volume_id: &str,
-        vm_id: &str,
-        device_id: Option<u32>,
-    ) -> Result<Value, CsError> {
+    fn attach(&mut self, volume_id: &str, vm_id: &str, device_id: Option<u32>) -> Result<Value, CsError> {
         let vol = self
             .volumes
             .get(volume_id)
             .cloned()
             .ok_or_else(|| gone("volume", volume_id))?;
-        let vm_state = self
-            .vm_state(vm_id)
-            .ok_or_else(|| gone("VM", vm_id))?
-            .to_string();
+        let vm_state = self.vm_state(vm_id).ok_or_else(|| gone("VM", vm_id))?.to_string();
         if let Some(other) = &vol.vm_id {
             return Err(CsError::param(format!(
                 "Volume {volume_id} is already attached to VM {other}"
@@ -843,9 +799,7 @@ impl World {
             }
             Some(d) => {
                 if used.contains(&d) {
-                    return Err(CsError::param(format!(
-                        "Device id {d} is in use on VM {vm_id}"
-                    )));
+                    return Err(CsError::param(format!("Device id {d} is in use on VM {vm_id}")));
                 }
                 d
             }
@@ -866,9 +820,7 @@ impl World {
             .cloned()
             .ok_or_else(|| gone("volume", volume_id))?;
         let Some(vm_id) = vol.vm_id.clone() else {
-            return Err(CsError::param(format!(
-                "Volume {volume_id} is not attached to any VM"
-            )));
+            return Err(CsError::param(format!("Volume {volume_id} is not attached to any VM")));
         };
         if vol.volume_type == "ROOT" && self.vm_state(&vm_id) != Some("Stopped") {
             return Err(CsError::param(format!(
@@ -1037,10 +989,7 @@ impl World {
                 v["jobstatus"] = json!(0);
                 v["jobresultcode"] = json!(0);
             }
-            JobState::Succeeded {
-                completed_ms,
-                result,
-            } => {
+            JobState::Succeeded { completed_ms, result } => {
                 v["jobstatus"] = json!(1);
                 v["jobresultcode"] = json!(0);
                 v["jobresulttype"] = json!("object");
@@ -1114,9 +1063,7 @@ impl World {
             let problem = match (vol, &attached_to) {
                 (None, _) => Some("volume no longer exists".to_string()),
                 (Some(_), None) => Some("volume is not attached to any VM".to_string()),
-                (Some(_), Some(vm)) if !self.vms.contains_key(vm) => {
-                    Some(format!("attached to missing VM {vm}"))
-                }
+                (Some(_), Some(vm)) if !self.vms.contains_key(vm) => Some(format!("attached to missing VM {vm}")),
                 (Some(_), Some(vm)) => match expected_vm {
                     Some(e) if e != vm => Some(format!("attached to {vm}, expected {e}")),
                     _ => None,

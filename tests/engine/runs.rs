@@ -546,20 +546,34 @@ async fn wait_step(e: &Engine, run: RunId, step: &str) {
 async fn shutdown_lets_the_step_finish_and_hands_the_run_back(db: TestDb) {
     let store = db.open().await;
     let w = start(store.clone(), &[], "leaving").await;
-    let run = submit(&w.engine, "crash-saga", json!({"hold": "1ms", "test": {"sleep_ms": {"snapshot": 400}}})).await;
+    let run = submit(
+        &w.engine,
+        "crash-saga",
+        json!({"hold": "1ms", "test": {"sleep_ms": {"snapshot": 400}}}),
+    )
+    .await;
     wait_step(&w.engine, run, "snapshot").await;
     let stopped = tokio::time::Instant::now();
+    let engine = w.engine.clone();
     w.stop().await; // in-flight step finishes within the 2s grace, then the lease is handed back
-    assert!(stopped.elapsed() < Duration::from_secs(2), "waited for the step, not the grace");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "waited for the step, not the grace"
+    );
     let row = store.get_run(run).await.unwrap().unwrap();
     assert!(!row.status.is_terminal());
     assert_eq!(row.lease_owner, None, "lease handed back on shutdown");
-    let j = journal(&w.engine, run).await;
-    assert!(j.iter().any(|e| matches!(&e.record, Record::StepSucceeded { step, .. } if step == "snapshot")));
+    let j = journal(&engine, run).await;
+    assert!(j
+        .iter()
+        .any(|e| matches!(&e.record, Record::StepSucceeded { step, .. } if step == "snapshot")));
     // Another worker carries on at once (no lease to wait out).
     let next = start(store, &[], "next").await;
     assert_eq!(finish(&next.engine, run).await.status, RunStatus::Completed);
-    assert_eq!(ledger(&next.engine, run).await.get(&key("snapshot", "effect")), Some(&1));
+    assert_eq!(
+        ledger(&next.engine, run).await.get(&key("snapshot", "effect")),
+        Some(&1)
+    );
     next.stop().await;
 }
 
@@ -568,11 +582,19 @@ async fn shutdown_grace_over_releases_the_run_mid_step(db: TestDb) {
     let mut cfg = config("leaving");
     cfg.shutdown_grace = Duration::from_millis(200);
     let w = start_with(store.clone(), &[], cfg).await;
-    let run = submit(&w.engine, "crash-saga", json!({"hold": "1ms", "test": {"sleep_ms": {"snapshot": 3000}}})).await;
+    let run = submit(
+        &w.engine,
+        "crash-saga",
+        json!({"hold": "1ms", "test": {"sleep_ms": {"snapshot": 3000}}}),
+    )
+    .await;
     wait_step(&w.engine, run, "snapshot").await;
     let stopped = tokio::time::Instant::now();
     w.stop().await;
-    assert!(stopped.elapsed() < Duration::from_secs(2), "the grace deadline ended the wait");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "the grace deadline ended the wait"
+    );
     let row = store.get_run(run).await.unwrap().unwrap();
     assert_eq!(row.lease_owner, None);
     assert_eq!(row.current_step.as_deref(), Some("snapshot"));
@@ -587,4 +609,7 @@ async fn shutdown_grace_over_releases_the_run_mid_step(db: TestDb) {
     next.stop().await;
 }
 
-on_both_backends!(shutdown_lets_the_step_finish_and_hands_the_run_back, shutdown_grace_over_releases_the_run_mid_step);
+on_both_backends!(
+    shutdown_lets_the_step_finish_and_hands_the_run_back,
+    shutdown_grace_over_releases_the_run_mid_step
+);

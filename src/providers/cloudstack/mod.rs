@@ -14,8 +14,8 @@ use serde_json::Value;
 pub use snapshots::{VmSnapshots, VolumeSnapshots};
 
 use super::{
-    transport_error, AsyncCommand, Cloud, JobRef, JobStatus, ProviderError, Result, Snapshot,
-    SnapshotFilter, Vm, VmFilter, VmSnapshot, Volume, VolumeFilter,
+    transport_error, AsyncCommand, Cloud, JobRef, JobStatus, ProviderError, Result, Snapshot, SnapshotFilter, Vm,
+    VmFilter, VmSnapshot, Volume, VolumeFilter,
 };
 
 /// Where and how to reach a CloudStack management server.
@@ -34,11 +34,7 @@ pub struct CloudStackConfig {
 }
 
 impl CloudStackConfig {
-    pub fn new(
-        endpoint: impl Into<String>,
-        api_key: impl Into<String>,
-        secret_key: impl Into<String>,
-    ) -> Self {
+    pub fn new(endpoint: impl Into<String>, api_key: impl Into<String>, secret_key: impl Into<String>) -> Self {
         CloudStackConfig {
             endpoint: endpoint.into(),
             api_key: api_key.into(),
@@ -118,14 +114,9 @@ impl CloudStackClient {
         object: &str,
         params: Vec<(&str, String)>,
     ) -> Result<Vec<T>> {
-        let mut params: Vec<(String, String)> = params
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+        let mut params: Vec<(String, String)> = params.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         params.push(("listall".into(), "true".into()));
-        let by_uuid = params
-            .iter()
-            .any(|(k, _)| UUID_FILTERS.contains(&k.as_str()));
+        let by_uuid = params.iter().any(|(k, _)| UUID_FILTERS.contains(&k.as_str()));
         let reply = self.call(command, params).await;
         list_or_empty(reply, by_uuid, &[object])
     }
@@ -174,11 +165,7 @@ const UUID_FILTERS: &[&str] = &["id", "virtualmachineid", "volumeid", "vmsnapsho
 
 /// A list call's items. CloudStack answers 431 when a uuid filter names nothing it knows;
 /// for a list filtered by uuid that means "nothing has that id": an empty list.
-fn list_or_empty<T: DeserializeOwned>(
-    reply: Result<Value>,
-    by_uuid: bool,
-    objects: &[&str],
-) -> Result<Vec<T>> {
+fn list_or_empty<T: DeserializeOwned>(reply: Result<Value>, by_uuid: bool, objects: &[&str]) -> Result<Vec<T>> {
     match reply {
         Ok(body) => list_items(&body, objects),
         Err(ProviderError::BadParameter { code: 431, .. }) if by_uuid => Ok(Vec::new()),
@@ -229,8 +216,7 @@ fn command_params(cmd: &AsyncCommand) -> Vec<(String, String)> {
             if !network_ids.is_empty() {
                 p.push(("networkids", network_ids.join(",")));
             }
-            let mut p: Vec<(String, String)> =
-                p.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            let mut p: Vec<(String, String)> = p.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
             p.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
             return p;
         }
@@ -246,10 +232,7 @@ fn command_params(cmd: &AsyncCommand) -> Vec<(String, String)> {
             vm_id,
             device_id,
         } => {
-            let mut p = vec![
-                ("id", volume_id.clone()),
-                ("virtualmachineid", vm_id.clone()),
-            ];
+            let mut p = vec![("id", volume_id.clone()), ("virtualmachineid", vm_id.clone())];
             if let Some(d) = device_id {
                 p.push(("deviceid", d.to_string()));
             }
@@ -283,10 +266,7 @@ impl Cloud for CloudStackClient {
 
     async fn poll_job(&self, job_id: &str) -> Result<JobStatus> {
         let body = self
-            .call(
-                "queryAsyncJobResult",
-                vec![("jobid".into(), job_id.to_string())],
-            )
+            .call("queryAsyncJobResult", vec![("jobid".into(), job_id.to_string())])
             .await?;
         job_status(&body)
     }
@@ -299,9 +279,7 @@ impl Cloud for CloudStackClient {
         if let Some(name) = &filter.name {
             params.push(("name", name.clone()));
         }
-        let vms: Vec<Vm> = self
-            .list("listVirtualMachines", "virtualmachine", params)
-            .await?;
+        let vms: Vec<Vm> = self.list("listVirtualMachines", "virtualmachine", params).await?;
         Ok(vms
             .into_iter()
             .filter(|v| filter.name.as_ref().is_none_or(|n| &v.name == n))
@@ -354,9 +332,7 @@ impl Cloud for CloudStackClient {
     }
 
     async fn delete_volume(&self, id: &str) -> Result<()> {
-        let body = self
-            .call("deleteVolume", vec![("id".into(), id.to_string())])
-            .await?;
+        let body = self.call("deleteVolume", vec![("id".into(), id.to_string())]).await?;
         if is_success(&body) {
             Ok(())
         } else {
@@ -411,10 +387,7 @@ fn job_status(body: &Value) -> Result<JobStatus> {
                 .and_then(Value::as_str)
                 .unwrap_or("async job failed")
                 .to_string();
-            Ok(JobStatus::Failed {
-                errorcode,
-                errortext,
-            })
+            Ok(JobStatus::Failed { errorcode, errortext })
         }
         other => Err(ProviderError::Protocol {
             detail: format!("queryAsyncJobResult: unknown jobstatus {other}"),
@@ -514,10 +487,7 @@ mod tests {
             ("queryAsyncJobResult_failure.json", "failed"),
             ("queryAsyncJobResult_failure_marvin.json", "failed"),
             ("queryAsyncJobResult_success_attachVolume.json", "ok"),
-            (
-                "queryAsyncJobResult_success_deployVirtualMachine.json",
-                "ok",
-            ),
+            ("queryAsyncJobResult_success_deployVirtualMachine.json", "ok"),
         ] {
             let body = parse_reply("queryAsyncJobResult", 200, &fixture(file)).unwrap();
             let s = job_status(&body).unwrap();
@@ -530,12 +500,7 @@ mod tests {
         }
         let body = parse_reply("deleteVolume", 200, &fixture("deleteVolume.json")).unwrap();
         assert_eq!(body.get("success"), Some(&Value::Bool(true)));
-        let e = parse_reply(
-            "listVirtualMachines",
-            530,
-            &fixture("error_530_internal.json"),
-        )
-        .unwrap_err();
+        let e = parse_reply("listVirtualMachines", 530, &fixture("error_530_internal.json")).unwrap_err();
         assert!(matches!(e, ProviderError::Internal { code: 530, .. }));
     }
 }

@@ -56,19 +56,12 @@ pub fn signature(params: &[(String, String)], secret_key: &str) -> String {
 
 /// Constant-time comparison of two signatures.
 pub fn signatures_match(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `2030-01-01T00:00:00+0000` (UTC), the format CloudStack expects for `expires`.
 pub fn format_expires(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
     format!(
@@ -102,9 +95,7 @@ pub fn parse_expires(s: &str) -> Option<SystemTime> {
         return None;
     }
     let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se - offset_secs;
-    u64::try_from(secs)
-        .ok()
-        .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+    u64::try_from(secs).ok().map(|s| UNIX_EPOCH + Duration::from_secs(s))
 }
 
 // Howard Hinnant's civil calendar algorithms.
@@ -136,10 +127,7 @@ mod tests {
     use super::*;
 
     fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     /// A deliberately naive second implementation of the rule, written from the spec text.
@@ -209,11 +197,7 @@ mod tests {
         // HMAC-SHA1("secret", "apikey=key&command=listzones&response=json"), computed with
         // `printf %s 'apikey=key&command=listzones&response=json' | openssl dgst -sha1
         // -hmac secret -binary | base64`.
-        let params = p(&[
-            ("command", "listZones"),
-            ("apiKey", "KEY"),
-            ("response", "json"),
-        ]);
+        let params = p(&[("command", "listZones"), ("apiKey", "KEY"), ("response", "json")]);
         assert_eq!(
             canonical_query(&params).to_lowercase(),
             "apikey=key&command=listzones&response=json"

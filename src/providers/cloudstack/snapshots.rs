@@ -11,8 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::providers::{
-    AsyncCommand, Cloud, ProviderError, Result, Snapshot, SnapshotBackend, SnapshotFilter,
-    SnapshotInfo, VmSnapshot,
+    AsyncCommand, Cloud, ProviderError, Result, Snapshot, SnapshotBackend, SnapshotFilter, SnapshotInfo, VmSnapshot,
 };
 
 /// How long the backends wait for jobs and for adopted snapshots to become ready.
@@ -42,10 +41,7 @@ impl VolumeSnapshots {
     pub fn new(cloud: Arc<dyn Cloud>, poll_interval: Duration, timeout: Duration) -> Self {
         VolumeSnapshots {
             cloud,
-            waiting: Waiting {
-                poll_interval,
-                timeout,
-            },
+            waiting: Waiting { poll_interval, timeout },
         }
     }
 
@@ -90,11 +86,7 @@ impl VolumeSnapshots {
     async fn run(&self, cmd: AsyncCommand) -> Result<serde_json::Value> {
         let job = self.cloud.issue(cmd).await?;
         self.cloud
-            .wait_job(
-                &job.job_id,
-                self.waiting.poll_interval,
-                self.waiting.timeout,
-            )
+            .wait_job(&job.job_id, self.waiting.poll_interval, self.waiting.timeout)
             .await
     }
 }
@@ -129,11 +121,9 @@ impl SnapshotBackend for VolumeSnapshots {
             }
             Err(e) => return Err(e),
         }
-        self.adopt(target, name)
-            .await?
-            .ok_or_else(|| ProviderError::Protocol {
-                detail: format!("snapshot {name} of volume {target} missing after createSnapshot"),
-            })
+        self.adopt(target, name).await?.ok_or_else(|| ProviderError::Protocol {
+            detail: format!("snapshot {name} of volume {target} missing after createSnapshot"),
+        })
     }
 
     async fn revert(&self, target: &str, name: &str) -> Result<()> {
@@ -178,10 +168,7 @@ impl VmSnapshots {
     pub fn new(cloud: Arc<dyn Cloud>, poll_interval: Duration, timeout: Duration) -> Self {
         VmSnapshots {
             cloud,
-            waiting: Waiting {
-                poll_interval,
-                timeout,
-            },
+            waiting: Waiting { poll_interval, timeout },
         }
     }
 
@@ -201,8 +188,7 @@ impl VmSnapshots {
                 "Error" => {
                     // A failed earlier attempt: clear it so the name can be used again.
                     tracing::warn!(name, vm_id, "removing a VM snapshot left in Error");
-                    self.run(AsyncCommand::DeleteVmSnapshot { id: s.id })
-                        .await?;
+                    self.run(AsyncCommand::DeleteVmSnapshot { id: s.id }).await?;
                     return Ok(None);
                 }
                 _ => {}
@@ -220,11 +206,7 @@ impl VmSnapshots {
     async fn run(&self, cmd: AsyncCommand) -> Result<serde_json::Value> {
         let job = self.cloud.issue(cmd).await?;
         self.cloud
-            .wait_job(
-                &job.job_id,
-                self.waiting.poll_interval,
-                self.waiting.timeout,
-            )
+            .wait_job(&job.job_id, self.waiting.poll_interval, self.waiting.timeout)
             .await
     }
 }
@@ -259,11 +241,9 @@ impl SnapshotBackend for VmSnapshots {
             }
             Err(e) => return Err(e),
         }
-        self.adopt(target, name)
-            .await?
-            .ok_or_else(|| ProviderError::Protocol {
-                detail: format!("VM snapshot {name} of VM {target} missing after createVMSnapshot"),
-            })
+        self.adopt(target, name).await?.ok_or_else(|| ProviderError::Protocol {
+            detail: format!("VM snapshot {name} of VM {target} missing after createVMSnapshot"),
+        })
     }
 
     async fn revert(&self, target: &str, name: &str) -> Result<()> {
@@ -273,8 +253,7 @@ impl SnapshotBackend for VmSnapshots {
             .ok_or_else(|| ProviderError::NotFound {
                 what: format!("VM snapshot {name} of VM {target}"),
             })?;
-        self.run(AsyncCommand::RevertToVmSnapshot { id: s.id })
-            .await?;
+        self.run(AsyncCommand::RevertToVmSnapshot { id: s.id }).await?;
         Ok(())
     }
 
@@ -282,8 +261,7 @@ impl SnapshotBackend for VmSnapshots {
         let Some(s) = self.by_name(target, name).await? else {
             return Ok(());
         };
-        self.run(AsyncCommand::DeleteVmSnapshot { id: s.id })
-            .await?;
+        self.run(AsyncCommand::DeleteVmSnapshot { id: s.id }).await?;
         Ok(())
     }
 

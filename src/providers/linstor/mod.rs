@@ -87,11 +87,7 @@ impl LinstorClient {
     }
 
     fn url(&self, rsc: &str, rest: &str) -> String {
-        format!(
-            "{}/v1/resource-definitions/{}{rest}",
-            self.base,
-            java_url_encode(rsc)
-        )
+        format!("{}/v1/resource-definitions/{}{rest}", self.base, java_url_encode(rsc))
     }
 
     pub async fn create_snapshot(&self, rsc: &str, snap: &str) -> Result<()> {
@@ -109,8 +105,7 @@ impl LinstorClient {
 
     pub async fn delete_snapshot(&self, rsc: &str, snap: &str) -> Result<()> {
         let path = format!("/snapshots/{}", java_url_encode(snap));
-        self.mutate(self.http.delete(self.url(rsc, &path)), rsc)
-            .await
+        self.mutate(self.http.delete(self.url(rsc, &path)), rsc).await
     }
 
     pub async fn list_snapshots(&self, rsc: &str) -> Result<Vec<LinstorSnapshot>> {
@@ -137,10 +132,9 @@ impl LinstorClient {
         if !(200..300).contains(&status) {
             return Err(error_from(status, &body, rsc));
         }
-        let rcs: Vec<ApiCallRc> =
-            serde_json::from_str(&body).map_err(|e| ProviderError::Protocol {
-                detail: format!("LINSTOR reply for {rsc}: {e}"),
-            })?;
+        let rcs: Vec<ApiCallRc> = serde_json::from_str(&body).map_err(|e| ProviderError::Protocol {
+            detail: format!("LINSTOR reply for {rsc}: {e}"),
+        })?;
         match rcs.iter().find(|rc| rc.is_error()) {
             Some(rc) => Err(error_of_rc(rc, status)),
             None => Ok(()),
@@ -251,9 +245,7 @@ impl SnapshotBackend for LinstorClient {
 
     async fn delete(&self, target: &str, name: &str) -> Result<()> {
         match self.delete_snapshot(target, name).await {
-            Err(ProviderError::NotFound { .. }) if self.find(target, name).await?.is_none() => {
-                Ok(())
-            }
+            Err(ProviderError::NotFound { .. }) if self.find(target, name).await?.is_none() => Ok(()),
             other => other,
         }
     }
@@ -281,10 +273,7 @@ mod tests {
         };
         assert!(err.ret_code < 0);
         assert!(err.is_error());
-        assert!(matches!(
-            error_of_rc(&err, 200),
-            ProviderError::NotFound { .. }
-        ));
+        assert!(matches!(error_of_rc(&err, 200), ProviderError::NotFound { .. }));
         let info = ApiCallRc {
             ret_code: 0x4000_0000_0000_0001,
             message: "created".into(),
