@@ -11,6 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tern::domain::{parse_duration, RunId};
 use tern::engine::machine::RunStatus;
 use tern::engine::{worker, Engine, EngineConfig, SubmitRequest};
+use tern::domain::inventory::NetworkKind;
+use tern::providers::virtio::CommandInjectorConfig;
+use tern::steps::failover::setup::{self as failover_setup, CloudSettings, InjectorSettings};
 use tern::store::{self, RunFilter, SignalOutcome, Store};
 
 #[derive(Parser)]
@@ -45,12 +48,102 @@ struct WorkerArgs {
     worker_id: Option<String>,
 }
 
+/// How to reach CloudStack, LINSTOR and the VirtIO tooling (the failover steps' world).
+#[derive(clap::Args, Clone)]
+struct CloudArgs {
+    /// CloudStack API endpoint, e.g. http://cloudstack:8080/client/api
+    #[arg(long, env = "TERN_CLOUDSTACK_URL")]
+    cloudstack_url: Option<String>,
+    #[arg(long, env = "TERN_CLOUDSTACK_API_KEY", hide_env_values = true)]
+    cloudstack_api_key: Option<String>,
+    #[arg(long, env = "TERN_CLOUDSTACK_SECRET_KEY", hide_env_values = true)]
+    cloudstack_secret_key: Option<String>,
+    /// LINSTOR controller, e.g. http://linstor:3370 (for --snapshot-backend linstor)
+    #[arg(long, env = "TERN_LINSTOR_URL")]
+    linstor_url: Option<String>,
+    /// cloudstack-volume, cloudstack-vm or linstor
+    #[arg(long, env = "TERN_SNAPSHOT_BACKEND", default_value = "cloudstack-volume")]
+    snapshot_backend: tern::providers::SnapshotKind,
+    #[arg(long, env = "TERN_ZONE_ID", default_value = "")]
+    zone_id: String,
+    #[arg(long, env = "TERN_SERVICE_OFFERING_ID", default_value = "")]
+    service_offering_id: String,
+    #[arg(long, env = "TERN_TEMPLATE_ID", default_value = "")]
+    template_id: String,
+    /// Network for a test VM's NIC when its source network has no test mapping.
+    #[arg(long, env = "TERN_TEST_NETWORK_ID")]
+    test_network_id: Option<String>,
+    /// Injection command; {device} and {volume_id} are substituted (no shell).
+    #[arg(long, env = "TERN_VIRTIO_COMMAND", default_value = "virt-v2v-in-place -i disk -if raw {device}")]
+    virtio_command: String,
+    /// Read-only check: exit 0 = drivers present, 1 = absent.
+    #[arg(long, env = "TERN_VIRTIO_CHECK_COMMAND")]
+    virtio_check_command: Option<String>,
+    /// Where the volume's disk appears on the OMA; {serial} = the volume id's first 20 characters.
+    #[arg(long, env = "TERN_VIRTIO_DEVICE_PATTERN", default_value = "/dev/disk/by-id/*{serial}")]
+    virtio_device_pattern: String,
+    #[arg(long, env = "VIRTIO_WIN", default_value = "/usr/share/virtio-win/virtio-win.iso")]
+    virtio_win: String,
+    #[arg(long, env = "TERN_VIRTIO_TIMEOUT", default_value = "30m", value_parser = duration)]
+    virtio_timeout: Duration,
+    /// Inject through the simulator at this base URL instead of running a command.
+    #[arg(long, env = "TERN_VIRTIO_SIM_URL")]
+    virtio_sim_url: Option<String>,
+    /// queryAsyncJobResult poll interval.
+    #[arg(long, env = "TERN_JOB_POLL", default_value = "2s", value_parser = duration)]
+    job_poll: Duration,
+    /// Longest wait for one CloudStack async job or snapshot.
+    #[arg(long, env = "TERN_JOB_TIMEOUT", default_value = "30m", value_parser = duration)]
+    job_timeout: Duration,
+    /// HTTP request timeout towards CloudStack and LINSTOR.
+    #[arg(long, env = "TERN_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
+    request_timeout: Duration,
+}
+
+#[derive(clap::Args, Clone)]
+struct SimArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    #[arg(long, env = "TERN_SIM_API_KEY", default_value = "tern-dev-key")]
+    api_key: String,
+    #[arg(long, env = "TERN_SIM_SECRET_KEY", default_value = "tern-dev-secret", hide_env_values = true)]
+    secret_key: String,
+    /// Where the simulated world is kept (it survives restarts).
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Create the sample world (an OMA, networks, replicated VMs) and print its inventory.
+    #[arg(long)]
+    sample: bool,
+    /// JSON fault plan (error, hang, job failure and lost-reply rates per command).
+    #[arg(long)]
+    fault_plan: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// How long async jobs stay pending.
+    #[arg(long, default_value = "200ms", value_parser = duration)]
+    latency: Duration,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the engine on the embedded default (SQLite in the data directory).
-    Dev(WorkerArgs),
+    /// Run Tern on its embedded default: SQLite in the data directory, the built-in CloudStack
+    /// simulator with sample VMs, and a worker.
+    Dev {
+        #[command(flatten)]
+        worker: WorkerArgs,
+        /// Address of the built-in simulator.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        sim_listen: String,
+    },
     /// Run a worker process: claims and drives runs until SIGTERM/SIGINT.
-    Worker(WorkerArgs),
+    Worker {
+        #[command(flatten)]
+        worker: WorkerArgs,
+        #[command(flatten)]
+        cloud: CloudArgs,
+    },
+    /// Run the CloudStack/LINSTOR simulator (a real HTTP server).
+    Sim(SimArgs),
     /// Submit a run of a definition and print its id.
     Submit {
         definition: String,
@@ -182,20 +275,33 @@ async fn main() {
 async fn real_main() -> Result<()> {
     let cli = Cli::parse();
     let shutdown = match cli.command {
-        Command::Dev(_) | Command::Worker(_) => Some(shutdown_on_signal()?),
+        Command::Dev { .. } | Command::Worker { .. } | Command::Sim(_) => Some(shutdown_on_signal()?),
         _ => None,
     };
+    if let Command::Sim(args) = &cli.command {
+        return run_sim(args, shutdown.unwrap_or_default()).await;
+    }
     let store = open_store(&cli).await?;
     let engine_for = |cfg: EngineConfig| Engine::with_defaults(store.clone(), cli.workflows.as_deref(), cfg);
     match &cli.command {
-        Command::Dev(w) | Command::Worker(w) => {
-            let engine = engine_for(config(w)?)?;
-            if matches!(cli.command, Command::Dev(_)) {
-                print_dev_banner(&engine);
+        Command::Worker { worker: w, cloud } => {
+            let mut registry = tern::steps::Registry::with_builtins(store.clone());
+            match cloud_settings(cloud)? {
+                Some(settings) => {
+                    let deps = failover_setup::build(&settings, store.clone()).map_err(anyhow::Error::msg)?;
+                    tern::steps::failover::register(&mut registry, deps);
+                }
+                None => tracing::warn!("TERN_CLOUDSTACK_URL not set: failover steps will fail until CloudStack is configured"),
             }
+            let engine = Engine::with_registry(store.clone(), cli.workflows.as_deref(), registry, config(w)?)?;
+            worker::run_worker(engine, shutdown.unwrap_or_default()).await?;
+        }
+        Command::Dev { worker: w, sim_listen } => {
             let token = shutdown.unwrap_or_default();
+            let engine = dev(&cli, store.clone(), w, sim_listen, token.clone()).await?;
             worker::run_worker(engine, token).await?;
         }
+        Command::Sim(_) => unreachable!("handled before the store is opened"),
         Command::Submit {
             definition,
             input,
@@ -378,15 +484,168 @@ fn report(outcome: SignalOutcome, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn print_dev_banner(engine: &Engine) {
-    let names: Vec<_> = engine.catalog.all().map(|d| d.name.clone()).collect();
+fn split_command(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_string).collect()
+}
+
+/// The cloud settings from flags/environment; None when no CloudStack URL is given.
+fn cloud_settings(c: &CloudArgs) -> Result<Option<CloudSettings>> {
+    let Some(url) = c.cloudstack_url.clone().filter(|u| !u.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let injector = match &c.virtio_sim_url {
+        Some(base_url) => InjectorSettings::Sim { base_url: base_url.clone() },
+        None => InjectorSettings::Command(CommandInjectorConfig {
+            inject_command: split_command(&c.virtio_command),
+            check_command: c.virtio_check_command.as_deref().map(split_command),
+            env: vec![("VIRTIO_WIN".to_string(), c.virtio_win.clone())],
+            device_pattern: c.virtio_device_pattern.clone(),
+            timeout: c.virtio_timeout,
+            ..CommandInjectorConfig::default()
+        }),
+    };
+    Ok(Some(CloudSettings {
+        cloudstack_url: url,
+        api_key: c.cloudstack_api_key.clone().unwrap_or_default(),
+        secret_key: c.cloudstack_secret_key.clone().unwrap_or_default(),
+        linstor_url: c.linstor_url.clone(),
+        snapshot_backend: c.snapshot_backend,
+        zone_id: c.zone_id.clone(),
+        service_offering_id: c.service_offering_id.clone(),
+        template_id: c.template_id.clone(),
+        test_network_id: c.test_network_id.clone(),
+        injector,
+        job_poll: c.job_poll,
+        job_timeout: c.job_timeout,
+        request_timeout: c.request_timeout,
+    }))
+}
+
+fn sim_config(args: &SimArgs) -> Result<tern::sim::SimConfig> {
+    let fault_plan = match &args.fault_plan {
+        Some(p) => Some(tern::sim::FaultPlan::load(p).with_context(|| format!("fault plan {}", p.display()))?),
+        None => None,
+    };
+    Ok(tern::sim::SimConfig {
+        api_key: args.api_key.clone(),
+        secret_key: args.secret_key.clone(),
+        state_file: args.state.clone(),
+        async_latency: args.latency,
+        fault_plan,
+        seed: args.seed,
+        sample: args.sample,
+    })
+}
+
+async fn run_sim(args: &SimArgs, shutdown: CancellationToken) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    if args.sample {
+        let inv = tern::sim::sample_inventory(args.seed);
+        println!("{}", serde_json::to_string_pretty(&inv.to_inventory())?);
+        eprintln!(
+            "tern sim: CloudStack at http://{addr}/client/api, LINSTOR at http://{addr}\n\
+             the inventory above loads with `tern inventory load FILE`; point a worker at it with\n  \
+             TERN_CLOUDSTACK_URL=http://{addr}/client/api TERN_ZONE_ID={} TERN_SERVICE_OFFERING_ID={} \\\n  \
+             TERN_TEMPLATE_ID={} TERN_TEST_NETWORK_ID={} TERN_VIRTIO_SIM_URL=http://{addr} tern worker",
+            inv.zone_id, inv.service_offering_id, inv.template_id, inv.test_network_id
+        );
+    } else {
+        eprintln!("tern sim: CloudStack at http://{addr}/client/api, LINSTOR at http://{addr}");
+    }
+    tern::sim::serve(listener, sim_config(args)?, async move { shutdown.cancelled().await }).await
+}
+
+/// `tern dev`: the simulator with the sample world (kept in the data directory), its
+/// inventory loaded, and a worker whose failover steps talk to the simulator over HTTP.
+async fn dev(
+    cli: &Cli,
+    store: Arc<dyn Store>,
+    w: &WorkerArgs,
+    sim_listen: &str,
+    token: CancellationToken,
+) -> Result<Arc<Engine>> {
+    let seed = 1;
+    let args = SimArgs {
+        listen: sim_listen.to_string(),
+        api_key: "tern-dev-key".into(),
+        secret_key: "tern-dev-secret".into(),
+        state: Some(data_dir().join("sim-state.json")),
+        sample: true,
+        fault_plan: None,
+        seed,
+        latency: Duration::from_millis(200),
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding the simulator to {} (use --sim-listen)", args.listen))?;
+    let addr = listener.local_addr()?;
+    let sim = sim_config(&args)?;
+    let stop = token.clone();
+    tokio::spawn(async move {
+        if let Err(e) = tern::sim::serve(listener, sim, async move { stop.cancelled().await }).await {
+            tracing::error!(error = %e, "simulator stopped");
+        }
+    });
+    let inv = tern::sim::sample_inventory(seed);
+    let file = inv.to_inventory();
+    let now = tern::domain::Timestamp::now();
+    for vm in &file.vms {
+        store.upsert_vm(vm, now).await?;
+    }
+    for kind in [NetworkKind::Test, NetworkKind::Production] {
+        for vm in &file.vms {
+            let ms: Vec<_> = file
+                .network_mappings
+                .iter()
+                .filter(|m| m.vm_id == vm.vm_id && m.kind == kind)
+                .cloned()
+                .collect();
+            store.set_network_mappings(&vm.vm_id, kind, &ms).await?;
+        }
+    }
+    let settings = CloudSettings {
+        cloudstack_url: format!("http://{addr}/client/api"),
+        api_key: args.api_key.clone(),
+        secret_key: args.secret_key.clone(),
+        linstor_url: Some(format!("http://{addr}")),
+        snapshot_backend: tern::providers::SnapshotKind::CloudstackVolume,
+        zone_id: inv.zone_id.clone(),
+        service_offering_id: inv.service_offering_id.clone(),
+        template_id: inv.template_id.clone(),
+        test_network_id: Some(inv.test_network_id.clone()),
+        injector: InjectorSettings::Sim { base_url: format!("http://{addr}") },
+        job_poll: Duration::from_millis(100),
+        job_timeout: Duration::from_secs(120),
+        request_timeout: Duration::from_secs(10),
+    };
+    let mut registry = tern::steps::Registry::with_builtins(store.clone());
+    let deps = failover_setup::build(&settings, store.clone()).map_err(anyhow::Error::msg)?;
+    tern::steps::failover::register(&mut registry, deps);
+    let engine = Engine::with_registry(store, cli.workflows.as_deref(), registry, config(w)?)?;
+    print_dev_banner(&engine, &file, &format!("http://{addr}"));
+    Ok(engine)
+}
+
+fn print_dev_banner(engine: &Engine, inv: &tern::domain::inventory::InventoryFile, sim: &str) {
+    let vms: Vec<String> = inv
+        .vms
+        .iter()
+        .map(|v| format!("  {}  {:<12} {}", v.vm_id, v.name, v.os_type))
+        .collect();
+    let first = inv.vms.first().map(|v| v.vm_id.clone()).unwrap_or_default();
     eprintln!(
-        "tern dev: engine running on {} with definitions: {}\n\
+        "tern dev: engine on {} with the CloudStack simulator at {sim} (state in {})\n\
+         sample VMs:\n{}\n\
          try, in another terminal:\n  \
-         tern submit crash-saga --input '{{\"hold\": \"5s\"}}' --wait 30s\n  \
-         tern list\n  tern get <run-id>\n\
+         tern submit test-failover --input '{{\"vm_id\": \"{first}\", \"auto_cleanup\": true, \"test_duration\": \"30s\"}}' --wait 2m\n  \
+         tern list\n  tern get <run-id>\n  \
+         curl -s '{sim}/sim/invariant?prefix=tern-'\n\
          stop with Ctrl-C.",
         engine.store.backend(),
-        names.join(", ")
+        data_dir().join("sim-state.json").display(),
+        vms.join("\n"),
     );
 }

@@ -114,6 +114,16 @@ impl Engine {
         config: EngineConfig,
     ) -> Result<Arc<Engine>, EngineError> {
         let registry = Registry::with_builtins(store.clone());
+        Engine::with_registry(store, dir, registry, config)
+    }
+
+    /// Loads the embedded definitions (overridden by `dir`) against `registry`.
+    pub fn with_registry(
+        store: Arc<dyn Store>,
+        dir: Option<&std::path::Path>,
+        registry: Registry,
+        config: EngineConfig,
+    ) -> Result<Arc<Engine>, EngineError> {
         let catalog = Catalog::load(dir, &|a| registry.contains(a))?;
         Ok(Engine::new(store, Arc::new(catalog), Arc::new(registry), config))
     }

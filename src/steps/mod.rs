@@ -5,6 +5,7 @@
 //! doing it twice. The failover actions arrive with the CloudStack providers; this module holds
 //! the registry and the built-in actions (`noop`, and the `test.*` actions the crash tests use).
 
+pub mod failover;
 pub mod testing;
 
 use std::collections::BTreeMap;
@@ -111,14 +112,17 @@ pub struct Registry {
 const BUILTIN: &[&str] = &["noop", "test.effect", "test.job", "test.undo"];
 
 impl Registry {
-    /// The built-in names only, for validating definitions offline.
+    /// The built-in names (including the failover actions), for validating definitions offline.
     pub fn builtin() -> NameSet {
-        NameSet(BUILTIN.iter().map(|s| s.to_string()).collect())
+        NameSet(BUILTIN.iter().chain(failover::ACTIONS).map(|s| s.to_string()).collect())
     }
 
-    /// The built-in actions wired to a store (the test actions keep their ledger there).
+    /// The built-in actions wired to a store (the test actions keep their ledger there), and
+    /// the failover actions unconfigured (they fail saying what to configure) until
+    /// [`failover::register`] binds them to a cloud.
     pub fn with_builtins(store: Arc<dyn Store>) -> Registry {
         let mut r = Registry::default();
+        failover::register_unconfigured(&mut r);
         r.insert("noop", Arc::new(Noop));
         r.insert("test.effect", Arc::new(testing::Effect { store: store.clone() }));
         r.insert("test.job", Arc::new(testing::Job { store: store.clone() }));

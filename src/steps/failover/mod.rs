@@ -1,0 +1,341 @@
+//! The failover steps: one file per step, each a forward action and its compensation.
+//!
+//! Every action is written for at-least-once execution: it first looks at the world
+//! (CloudStack, the snapshot backend), adopts what an earlier attempt already did, and only
+//! then does what is missing. Names are derived from the run (`tern-t-<tag>-<vm>` for a test
+//! VM, `tern-<tag>` for a snapshot), so look-ups work even when a crash lost a reply. Async
+//! CloudStack job ids are checkpointed as step progress before polling starts, so a restarted
+//! worker polls the same job instead of issuing the command again. The replicated volume is
+//! never deleted or expunged: every destructive call checks it is not the target.
+
+mod network;
+pub mod setup;
+mod snapshot;
+mod validate;
+mod virtio;
+mod vm;
+mod volume;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{json, Value};
+
+use super::{Action, ActionError, Progress, Registry, StepInput};
+use crate::domain::inventory::{NetworkKind, VmRecord};
+use crate::domain::RunId;
+use crate::providers::virtio::DriverInjector;
+use crate::providers::{AsyncCommand, Cloud, ProviderError, SnapshotBackend, SnapshotKind, Vm, VmFilter, VmState};
+use crate::store::Store;
+
+/// Where Tern deploys VMs and how it talks to the cloud, from configuration.
+#[derive(Debug, Clone)]
+pub struct FailoverConfig {
+    pub zone_id: String,
+    pub service_offering_id: String,
+    pub template_id: String,
+    /// Network for a test VM's NIC when a source network has no test mapping.
+    pub test_network_id: Option<String>,
+    pub snapshot_kind: SnapshotKind,
+    /// queryAsyncJobResult interval.
+    pub job_poll: Duration,
+    /// Longest wait for one async job.
+    pub job_timeout: Duration,
+}
+
+/// What the failover actions work with.
+pub struct FailoverDeps {
+    pub store: Arc<dyn Store>,
+    pub cloud: Arc<dyn Cloud>,
+    pub snapshots: Arc<dyn SnapshotBackend>,
+    pub injector: Arc<dyn DriverInjector>,
+    pub config: FailoverConfig,
+}
+
+/// The action names the failover definitions use (known even without a cloud configured).
+pub const ACTIONS: &[&str] = &[
+    "failover.validate",
+    "failover.snapshot",
+    "failover.delete_snapshot",
+    "failover.inject_virtio",
+    "failover.revert_snapshot",
+    "failover.create_vm",
+    "failover.destroy_vm",
+    "failover.attach_volume",
+    "failover.return_volume",
+    "failover.detach_volume",
+    "failover.reattach_oma",
+    "failover.start_vm",
+    "failover.stop_vm",
+    "failover.configure_network",
+];
+
+/// Registers the failover actions bound to `deps`.
+pub fn register(reg: &mut Registry, deps: Arc<FailoverDeps>) {
+    for name in ACTIONS {
+        reg.insert(name, Arc::new(FailoverAction { name, deps: deps.clone() }));
+    }
+}
+
+/// Registers the failover actions for a process without a cloud: each fails permanently
+/// with a message saying what to configure.
+pub fn register_unconfigured(reg: &mut Registry) {
+    for name in ACTIONS {
+        reg.insert(name, Arc::new(Unconfigured));
+    }
+}
+
+struct Unconfigured;
+
+#[async_trait]
+impl Action for Unconfigured {
+    async fn run(&self, _step: StepInput) -> Result<Value, ActionError> {
+        Err(ActionError::permanent(
+            "NOT_CONFIGURED",
+            "CloudStack is not configured: set TERN_CLOUDSTACK_URL, TERN_CLOUDSTACK_API_KEY and TERN_CLOUDSTACK_SECRET_KEY",
+        ))
+    }
+}
+
+struct FailoverAction {
+    name: &'static str,
+    deps: Arc<FailoverDeps>,
+}
+
+#[async_trait]
+impl Action for FailoverAction {
+    async fn run(&self, step: StepInput) -> Result<Value, ActionError> {
+        let cx = Cx::new(&self.deps, &step).await?;
+        match self.name {
+            "failover.validate" => validate::run(&cx).await,
+            "failover.snapshot" => snapshot::create(&cx).await,
+            "failover.delete_snapshot" => snapshot::delete(&cx).await,
+            "failover.inject_virtio" => virtio::inject(&cx).await,
+            "failover.revert_snapshot" => snapshot::revert(&cx).await,
+            "failover.create_vm" => vm::create(&cx).await,
+            "failover.destroy_vm" => vm::destroy(&cx).await,
+            "failover.start_vm" => vm::start(&cx).await,
+            "failover.stop_vm" => vm::stop(&cx).await,
+            "failover.attach_volume" => volume::attach(&cx).await,
+            "failover.return_volume" => volume::give_back(&cx).await,
+            "failover.detach_volume" => volume::detach(&cx).await,
+            "failover.reattach_oma" => volume::give_back(&cx).await,
+            "failover.configure_network" => network::configure(&cx).await,
+            other => Err(ActionError::permanent("UNKNOWN_ACTION", format!("no failover action {other}"))),
+        }
+    }
+}
+
+/// The run's failover input, as the API submits it.
+#[derive(Debug, Clone)]
+pub struct FailoverInput {
+    pub vm_id: String,
+    pub vm_name: Option<String>,
+    pub kind: NetworkKind,
+    /// Source network -> CloudStack network id, overriding the stored mappings.
+    pub network_overrides: BTreeMap<String, String>,
+}
+
+impl FailoverInput {
+    pub fn parse(input: &Value) -> Result<FailoverInput, ActionError> {
+        let vm_id = input
+            .get("vm_id")
+            .and_then(Value::as_str)
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| ActionError::permanent("INVALID_INPUT", "input field vm_id is missing"))?
+            .to_string();
+        let kind = match input.get("job_type").and_then(Value::as_str) {
+            Some("live") => NetworkKind::Production,
+            _ => NetworkKind::Test,
+        };
+        let mut network_overrides = BTreeMap::new();
+        if let Some(m) = input.get("network_mappings").and_then(Value::as_object) {
+            for (k, v) in m {
+                if let Some(v) = v.as_str() {
+                    network_overrides.insert(k.clone(), v.to_string());
+                }
+            }
+        }
+        Ok(FailoverInput {
+            vm_id,
+            vm_name: input.get("vm_name").and_then(Value::as_str).map(str::to_string),
+            kind,
+            network_overrides,
+        })
+    }
+}
+
+/// One attempt's context: the deps, the step, the parsed input, the VM record, and the
+/// step's progress (merged and re-saved as the attempt goes).
+pub(crate) struct Cx<'a> {
+    pub deps: &'a FailoverDeps,
+    pub step: &'a StepInput,
+    pub input: FailoverInput,
+    pub vm: VmRecord,
+    progress: tokio::sync::Mutex<Value>,
+    checkpoint: Progress,
+}
+
+impl<'a> Cx<'a> {
+    async fn new(deps: &'a FailoverDeps, step: &'a StepInput) -> Result<Cx<'a>, ActionError> {
+        let input = FailoverInput::parse(&step.input)?;
+        let vm = deps
+            .store
+            .get_vm(&input.vm_id)
+            .await?
+            .ok_or_else(|| ActionError::permanent("VM_NOT_FOUND", format!("VM {} is not in the inventory", input.vm_id)))?;
+        Ok(Cx {
+            deps,
+            step,
+            input,
+            vm,
+            progress: tokio::sync::Mutex::new(step.progress.clone().unwrap_or_else(|| json!({}))),
+            checkpoint: step.checkpoint.clone(),
+        })
+    }
+
+    pub fn cloud(&self) -> &dyn Cloud {
+        self.deps.cloud.as_ref()
+    }
+
+    pub fn run_id(&self) -> RunId {
+        self.step.run_id
+    }
+
+    /// A value this step checkpointed earlier (in this or a previous attempt).
+    pub async fn recorded(&self, key: &str) -> Option<Value> {
+        self.progress.lock().await.get(key).cloned()
+    }
+
+    /// Durably records `key = value` in the step's progress before going on.
+    pub async fn record(&self, key: &str, value: Value) -> Result<(), ActionError> {
+        let snapshot = {
+            let mut p = self.progress.lock().await;
+            if !p.is_object() {
+                *p = json!({});
+            }
+            if let Some(obj) = p.as_object_mut() {
+                obj.insert(key.to_string(), value);
+            }
+            p.clone()
+        };
+        self.checkpoint.save(snapshot).await
+    }
+
+    /// Runs an async CloudStack command as the sub-operation `op` of this step: polls the job a
+    /// previous attempt recorded, or issues the command and records its job before polling.
+    pub async fn job(&self, op: &str, cmd: AsyncCommand, code: &str) -> Result<Value, ActionError> {
+        let key = format!("job:{op}");
+        let job_id = match self.recorded(&key).await.and_then(|v| v.as_str().map(str::to_string)) {
+            Some(id) => id,
+            None => {
+                let job = self.cloud().issue(cmd).await.map_err(|e| fail(code, e))?;
+                self.record(&key, json!(job.job_id)).await?;
+                if let Some(rid) = &job.resource_id {
+                    self.record(&format!("{op}:resource_id"), json!(rid)).await?;
+                }
+                job.job_id
+            }
+        };
+        let cfg = &self.deps.config;
+        let result = self.cloud().wait_job(&job_id, cfg.job_poll, cfg.job_timeout).await;
+        if let Err(ProviderError::AsyncJobFailed { .. }) = &result {
+            // A job that ended in failure is not polled again: the next attempt looks at the
+            // world anew. A job we merely lost sight of (timeout) stays recorded and is polled.
+            self.record(&key, Value::Null).await?;
+        }
+        result.map_err(|e| fail(code, e))
+    }
+
+    /// The test (or production) VM this run created: from a step output, a recorded deploy,
+    /// or a look-up by its derived name.
+    pub async fn find_vm(&self) -> Result<Option<Vm>, ActionError> {
+        let known = self
+            .step
+            .outputs
+            .as_object()
+            .and_then(|o| o.values().find_map(|v| v.get("destination_vm_id").and_then(Value::as_str)))
+            .map(str::to_string);
+        let id = match known {
+            Some(id) => Some(id),
+            None => self.recorded("deploy:resource_id").await.and_then(|v| v.as_str().map(str::to_string)),
+        };
+        let found = match id {
+            Some(id) => self.cloud().list_vms(VmFilter::id(id)).await,
+            None => self.cloud().list_vms(VmFilter::name(self.vm_name())).await,
+        }
+        .map_err(|e| fail("VM_LOOKUP_FAILED", e))?;
+        Ok(found.into_iter().find(|v| !matches!(v.state, VmState::Destroyed | VmState::Expunging)))
+    }
+
+    /// The CloudStack name of the VM this run creates: derived from the run, so a re-run finds it.
+    pub fn vm_name(&self) -> String {
+        let prefix = match self.input.kind {
+            NetworkKind::Test => "tern-t",
+            NetworkKind::Production => "tern-l",
+        };
+        vm_name(prefix, self.run_id(), &self.vm.name)
+    }
+
+    pub fn snapshot_name(&self) -> String {
+        format!("tern-{}", run_tag(self.run_id()))
+    }
+
+    pub fn snapshot_target(&self) -> String {
+        self.deps.config.snapshot_kind.target(&self.vm.volume_id, &self.vm.oma_vm_id)
+    }
+}
+
+/// The random tail of a run id (UUIDv7's leading digits are a timestamp, shared by runs started together).
+pub fn run_tag(run: RunId) -> String {
+    let s = run.0.simple().to_string();
+    s[s.len() - 12..].to_string()
+}
+
+/// A CloudStack VM name (a hostname: letters, digits, hyphens, at most 63 characters).
+pub fn vm_name(prefix: &str, run: RunId, source_name: &str) -> String {
+    let mut clean: String = source_name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    while clean.contains("--") {
+        clean = clean.replace("--", "-");
+    }
+    let mut name = format!("{prefix}-{}-{}", run_tag(run), clean.trim_matches('-'));
+    name.truncate(63);
+    name.trim_end_matches('-').to_string()
+}
+
+/// A provider error as a step error with a machine code; retry or not is the provider's call.
+pub(crate) fn fail(code: &str, e: ProviderError) -> ActionError {
+    if e.is_retryable() {
+        ActionError::retryable(code, e.to_string())
+    } else {
+        ActionError::permanent(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_names_are_valid_hostnames_and_stable() {
+        let run = RunId("0190a000-0000-7000-8000-00000000abcd".parse().unwrap());
+        assert_eq!(vm_name("tern-t", run, "pgtest1"), "tern-t-00000000abcd-pgtest1");
+        assert_eq!(vm_name("tern-t", run, "Win App_01 (prod)"), "tern-t-00000000abcd-win-app-01-prod");
+        let long = vm_name("tern-t", run, &"x".repeat(100));
+        assert_eq!(long.len(), 63);
+        assert_eq!(vm_name("tern-t", run, "pgtest1"), vm_name("tern-t", run, "pgtest1"));
+    }
+
+    #[test]
+    fn input_needs_a_vm_id() {
+        assert!(FailoverInput::parse(&json!({})).is_err());
+        let i = FailoverInput::parse(&json!({"vm_id": "v", "job_type": "live", "network_mappings": {"a": "b"}})).unwrap();
+        assert_eq!(i.kind, NetworkKind::Production);
+        assert_eq!(i.network_overrides.get("a").map(String::as_str), Some("b"));
+    }
+}

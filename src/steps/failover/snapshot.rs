@@ -1,0 +1,77 @@
+//! snapshot (create / delete) and revert.
+//!
+//! The snapshot's name is derived from the run and recorded (step progress, projected into
+//! `failover_jobs.linstor_snapshot_name`) *before* the snapshot is requested, so emergency
+//! recovery can always find it; `create` adopts a snapshot of that name.
+
+use serde_json::{json, Value};
+
+use super::{fail, Cx};
+use crate::providers::{AsyncCommand, ProviderError, VmState};
+use crate::steps::ActionError;
+
+pub(crate) async fn create(cx: &Cx<'_>) -> Result<Value, ActionError> {
+    let name = cx.snapshot_name();
+    let target = cx.snapshot_target();
+    let backend = cx.deps.snapshots.kind();
+    cx.record("snapshot_name", json!(name)).await?;
+    let info = cx.deps.snapshots.create(&target, &name).await.map_err(|e| fail("SNAPSHOT_FAILED", e))?;
+    Ok(json!({"snapshot_name": info.name, "snapshot_id": info.id, "target": info.target, "backend": backend}))
+}
+
+/// Deletes the run's snapshot; a snapshot that does not exist is already deleted.
+pub(crate) async fn delete(cx: &Cx<'_>) -> Result<Value, ActionError> {
+    if cx.step.input.get("skip_snapshot") == Some(&Value::Bool(true)) {
+        return Ok(json!({"skipped": "no snapshot was taken (skip_snapshot)"}));
+    }
+    let name = cx.snapshot_name();
+    cx.deps.snapshots.delete(&cx.snapshot_target(), &name).await.map_err(|e| fail("SNAPSHOT_DELETE_FAILED", e))?;
+    Ok(json!({"deleted": name}))
+}
+
+/// Reverts the replicated volume to the run's snapshot, undoing driver injection and test
+/// writes. A revert needs the volume off any running VM: if it is on one (the OMA, during a
+/// rollback), it is detached first, with the intent to put it back recorded, and reattached after.
+pub(crate) async fn revert(cx: &Cx<'_>) -> Result<Value, ActionError> {
+    const CODE: &str = "SNAPSHOT_REVERT_FAILED";
+    if cx.step.input.get("skip_snapshot") == Some(&Value::Bool(true)) {
+        return Ok(json!({"skipped": "no snapshot to revert to (skip_snapshot): the disk keeps any changes"}));
+    }
+    // As the compensation of virtio-injection: nothing to undo if injection was skipped.
+    if cx.step.undo {
+        if let Some(out) = cx.step.output_of(&cx.step.step) {
+            if out.get("injected") == Some(&Value::Bool(false)) {
+                return Ok(json!({"skipped": "drivers were not injected"}));
+            }
+        }
+    }
+    let name = cx.snapshot_name();
+    let target = cx.snapshot_target();
+    if cx.deps.snapshots.find(&target, &name).await.map_err(|e| fail(CODE, e))?.is_none() {
+        return Ok(json!({"skipped": format!("snapshot {name} does not exist (never taken)")}));
+    }
+    let src = cx.vm.volume_id.clone();
+    let vol = cx.cloud().get_volume(&src).await.map_err(|e| fail(CODE, e))?;
+    if let Some(on) = vol.vm_id.clone() {
+        let vm = cx.cloud().get_vm(&on).await.map_err(|e| fail(CODE, e))?;
+        if vm.state != VmState::Stopped {
+            cx.record("restore_to", json!({"vm_id": on, "device_id": vol.device_id})).await?;
+            cx.job("detach_for_revert", AsyncCommand::DetachVolume { volume_id: src.clone() }, CODE).await?;
+        }
+    }
+    match cx.deps.snapshots.revert(&target, &name).await {
+        Ok(()) => {}
+        Err(e @ ProviderError::NotFound { .. }) => return Err(ActionError::permanent(CODE, e.to_string())),
+        Err(e) => return Err(fail(CODE, e)),
+    }
+    if let Some(back) = cx.recorded("restore_to").await.filter(|v| !v.is_null()) {
+        let vm_id = back.get("vm_id").and_then(Value::as_str).unwrap_or_default().to_string();
+        let now = cx.cloud().get_volume(&src).await.map_err(|e| fail(CODE, e))?;
+        if now.vm_id.is_none() && !vm_id.is_empty() {
+            let device_id = back.get("device_id").and_then(Value::as_u64).map(|d| d as u32).filter(|d| *d != 0);
+            let cmd = AsyncCommand::AttachVolume { volume_id: src.clone(), vm_id: vm_id.clone(), device_id };
+            cx.job("reattach_after_revert", cmd, CODE).await?;
+        }
+    }
+    Ok(json!({"reverted_to": name, "volume_id": src}))
+}

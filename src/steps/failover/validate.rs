@@ -1,0 +1,64 @@
+//! validation: the seeds' pre-failover checks and readiness score, stored with the run.
+
+use serde_json::{json, Value};
+
+use super::{fail, Cx};
+use crate::domain::inventory::NetworkMapping;
+use crate::domain::validation::{validate, CheckStatus, Facts, VolumeFacts};
+use crate::providers::ProviderError;
+use crate::steps::ActionError;
+
+pub(crate) async fn run(cx: &Cx<'_>) -> Result<Value, ActionError> {
+    let report = readiness(cx).await?;
+    let value = serde_json::to_value(&report).unwrap_or(Value::Null);
+    if !report.is_ready {
+        // Keep the report with the run (journal + context) before failing the step.
+        cx.record("report", value).await?;
+        let failed: Vec<String> = report
+            .checks
+            .iter()
+            .filter(|c| c.status == CheckStatus::Fail)
+            .map(|c| format!("{}: {}", c.check_name, c.message))
+            .collect();
+        let code = if report.checks.first().is_some_and(|c| c.status == CheckStatus::Fail) { "VM_NOT_FOUND" } else { "VALIDATION_FAILED" };
+        return Err(ActionError::permanent(
+            code,
+            format!("not ready (score {:.0}): {}", report.readiness_score, failed.join("; ")),
+        ));
+    }
+    Ok(json!({"report": value, "readiness_score": report.readiness_score}))
+}
+
+/// Runs the checks for this run's VM (other runs on the VM count as active jobs).
+pub(crate) async fn readiness(cx: &Cx<'_>) -> Result<crate::domain::validation::ReadinessReport, ActionError> {
+    let store = &cx.deps.store;
+    let active = store.active_jobs_for_vm(&cx.vm.vm_id, Some(cx.run_id())).await?;
+    let mut mappings = store.network_mappings(&cx.vm.vm_id).await?;
+    for (source, dest) in &cx.input.network_overrides {
+        mappings.push(NetworkMapping {
+            vm_id: cx.vm.vm_id.clone(),
+            source_network: source.clone(),
+            destination_network_id: dest.clone(),
+            kind: cx.input.kind,
+        });
+    }
+    let volume = match cx.cloud().get_volume(&cx.vm.volume_id).await {
+        Ok(v) => Ok(Some(VolumeFacts {
+            volume_id: v.id,
+            state: v.state,
+            attached_to: v.vm_id,
+            size_gb: v.size.unwrap_or(0) / (1 << 30),
+        })),
+        Err(ProviderError::NotFound { .. }) => Ok(None),
+        Err(e) if e.is_retryable() => return Err(fail("VALIDATION_FAILED", e)),
+        Err(e) => Err(e.to_string()),
+    };
+    Ok(validate(&Facts {
+        vm_id: &cx.vm.vm_id,
+        vm: Some(&cx.vm),
+        active_runs: &active,
+        mappings: &mappings,
+        kind: cx.input.kind,
+        volume,
+    }))
+}

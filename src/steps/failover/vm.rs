@@ -1,0 +1,124 @@
+//! test-vm-creation / vm-creation, startup, stop and destroy.
+
+use serde_json::{json, Value};
+
+use super::{fail, Cx};
+use crate::domain::inventory::NetworkKind;
+use crate::providers::{AsyncCommand, VmFilter, VmState};
+use crate::steps::ActionError;
+
+/// The CloudStack networks the new VM's NICs join, in NIC order: the run's overrides, then the
+/// stored mappings for this failover kind, then (test only) the configured test network.
+pub(crate) async fn networks(cx: &Cx<'_>) -> Result<Vec<String>, ActionError> {
+    let mappings = cx.deps.store.network_mappings(&cx.vm.vm_id).await?;
+    let mut out: Vec<String> = Vec::new();
+    for nic in &cx.vm.nics {
+        let mapped = cx.input.network_overrides.get(&nic.source_network).cloned().or_else(|| {
+            mappings
+                .iter()
+                .find(|m| m.kind == cx.input.kind && m.source_network == nic.source_network)
+                .map(|m| m.destination_network_id.clone())
+        });
+        let net = match (mapped, cx.input.kind, &cx.deps.config.test_network_id) {
+            (Some(n), _, _) => n,
+            (None, NetworkKind::Test, Some(t)) => t.clone(),
+            (None, _, _) => {
+                return Err(ActionError::permanent(
+                    "NETWORK_UNMAPPED",
+                    format!("source network {:?} has no {} mapping", nic.source_network, cx.input.kind.as_str()),
+                ))
+            }
+        };
+        if !out.contains(&net) {
+            out.push(net);
+        }
+    }
+    if out.is_empty() {
+        match (&cx.deps.config.test_network_id, cx.input.kind) {
+            (Some(t), NetworkKind::Test) => out.push(t.clone()),
+            _ => return Err(ActionError::permanent("NETWORK_UNMAPPED", "the VM has no NIC with a mapped network")),
+        }
+    }
+    Ok(out)
+}
+
+/// Creates the VM stopped (so its disk can be swapped before first boot), adopting one this
+/// run already created.
+pub(crate) async fn create(cx: &Cx<'_>) -> Result<Value, ActionError> {
+    let name = cx.vm_name();
+    if let Some(vm) = cx.find_vm().await? {
+        return Ok(json!({"destination_vm_id": vm.id, "vm_name": vm.name, "adopted": true}));
+    }
+    let cfg = &cx.deps.config;
+    let cmd = AsyncCommand::DeployVm {
+        name: name.clone(),
+        display_name: Some(cx.input.vm_name.clone().unwrap_or_else(|| cx.vm.name.clone())),
+        service_offering_id: cfg.service_offering_id.clone(),
+        template_id: cfg.template_id.clone(),
+        zone_id: cfg.zone_id.clone(),
+        network_ids: networks(cx).await?,
+        start_vm: false,
+        extra: Default::default(),
+    };
+    let result = cx.job("deploy", cmd, "VM_CREATE_FAILED").await;
+    if let Err(e) = result {
+        // The deploy may have gone through although we saw an error: adopt it if so.
+        if let Some(vm) = cx.find_vm().await? {
+            return Ok(json!({"destination_vm_id": vm.id, "vm_name": vm.name, "adopted": true}));
+        }
+        return Err(e);
+    }
+    let vm = cx
+        .find_vm()
+        .await?
+        .ok_or_else(|| ActionError::retryable("VM_CREATE_FAILED", format!("deploy of {name} finished but the VM is not listed")))?;
+    Ok(json!({"destination_vm_id": vm.id, "vm_name": vm.name, "adopted": false}))
+}
+
+/// Starts the VM and waits until it is Running.
+pub(crate) async fn start(cx: &Cx<'_>) -> Result<Value, ActionError> {
+    let vm = cx
+        .find_vm()
+        .await?
+        .ok_or_else(|| ActionError::permanent("VM_NOT_FOUND", format!("VM {} to start does not exist", cx.vm_name())))?;
+    if vm.state != VmState::Running {
+        cx.job("start", AsyncCommand::StartVm { id: vm.id.clone() }, "VM_START_FAILED").await?;
+    }
+    let now = cx.cloud().get_vm(&vm.id).await.map_err(|e| fail("VM_START_FAILED", e))?;
+    if now.state != VmState::Running {
+        return Err(ActionError::retryable("VM_START_FAILED", format!("VM {} is {:?}, not Running", vm.id, now.state)));
+    }
+    Ok(json!({"vm_id": vm.id, "state": "Running"}))
+}
+
+/// Stops the VM (nothing to do if it is gone or already stopped).
+pub(crate) async fn stop(cx: &Cx<'_>) -> Result<Value, ActionError> {
+    let Some(vm) = cx.find_vm().await? else {
+        return Ok(json!({"skipped": "no VM to stop"}));
+    };
+    if vm.state != VmState::Stopped {
+        cx.job("stop", AsyncCommand::StopVm { id: vm.id.clone(), forced: false }, "VM_STOP_FAILED").await?;
+    }
+    Ok(json!({"vm_id": vm.id, "state": "Stopped"}))
+}
+
+/// Destroys and expunges the VM this run created. Refuses while the replicated volume is
+/// attached to it: expunging would delete the volume with the VM.
+pub(crate) async fn destroy(cx: &Cx<'_>) -> Result<Value, ActionError> {
+    let Some(vm) = cx.find_vm().await? else {
+        return Ok(json!({"skipped": "no VM to destroy"}));
+    };
+    let vol = cx.cloud().get_volume(&cx.vm.volume_id).await.map_err(|e| fail("VM_DESTROY_FAILED", e))?;
+    if vol.vm_id.as_deref() == Some(vm.id.as_str()) {
+        return Err(ActionError::permanent(
+            "VOLUME_STILL_ATTACHED",
+            format!("refusing to destroy VM {}: the replicated volume {} is attached to it", vm.id, vol.id),
+        ));
+    }
+    cx.job("destroy", AsyncCommand::DestroyVm { id: vm.id.clone(), expunge: true }, "VM_DESTROY_FAILED").await?;
+    let left = cx.cloud().list_vms(VmFilter::id(vm.id.clone())).await.map_err(|e| fail("VM_DESTROY_FAILED", e))?;
+    if left.iter().any(|v| !matches!(v.state, VmState::Destroyed | VmState::Expunging)) {
+        return Err(ActionError::retryable("VM_DESTROY_FAILED", format!("VM {} still exists", vm.id)));
+    }
+    Ok(json!({"destroyed": vm.id}))
+}

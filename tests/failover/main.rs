@@ -1,0 +1,379 @@
+//! The failover workflows end to end: the real CloudStack/LINSTOR clients over HTTP against the
+//! simulator, driven by the engine. Happy paths, a failure injected at every step with the
+//! rollback checked against the simulator's state, cancel, and the safety invariant.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tern::domain::inventory::{InventoryFile, NetworkKind};
+use tern::domain::RunId;
+use tern::engine::machine::{RunState, RunStatus};
+use tern::engine::{worker, Engine, EngineConfig, SubmitRequest};
+use tern::providers::SnapshotKind;
+use tern::sim::{FaultPlan, SampleInventory, SimConfig};
+use tern::steps::failover::setup::{self, CloudSettings, InjectorSettings};
+use tern::store::Store;
+use tokio_util::sync::CancellationToken;
+
+use common::TestDb;
+
+const KEY: &str = "test-key";
+const SECRET: &str = "test-secret";
+
+struct World {
+    base: String,
+    http: reqwest::Client,
+    stop: CancellationToken,
+    sample: SampleInventory,
+    inv: InventoryFile,
+    engine: Arc<Engine>,
+    store: Arc<dyn Store>,
+    _defs: tempfile::TempDir,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The embedded failover definitions with fast retries, so injected failures end quickly.
+fn fast_definitions() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (file, text) in tern::workflow::EMBEDDED {
+        if file.contains("failover") {
+            let fast = text.replace(
+                r#"retry = { max_attempts = 6, initial_delay = "2s", multiplier = 2.0, max_delay = "1m", jitter = 0.2 }"#,
+                r#"retry = { max_attempts = 3, initial_delay = "20ms", multiplier = 2.0, max_delay = "100ms", jitter = 0.0 }"#,
+            );
+            assert_ne!(&fast, text, "retry defaults changed; update the test");
+            std::fs::write(dir.path().join(file), fast).unwrap();
+        }
+    }
+    dir
+}
+
+async fn world(db: &TestDb, snapshots: SnapshotKind, faults: Option<Value>) -> World {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let config = SimConfig {
+        api_key: KEY.into(),
+        secret_key: SECRET.into(),
+        state_file: None,
+        async_latency: Duration::from_millis(20),
+        fault_plan: faults.map(|f| FaultPlan::from_json(&f.to_string()).unwrap()),
+        seed: 7,
+        sample: true,
+    };
+    let s = stop.clone();
+    tokio::spawn(async move { tern::sim::serve(listener, config, async move { s.cancelled().await }).await });
+    let sample = tern::sim::sample_inventory(7);
+    let inv = sample.to_inventory();
+    let store = db.open().await;
+    let now = tern::domain::Timestamp::now();
+    for vm in &inv.vms {
+        store.upsert_vm(vm, now).await.unwrap();
+        for kind in [NetworkKind::Test, NetworkKind::Production] {
+            let ms: Vec<_> = inv.network_mappings.iter().filter(|m| m.vm_id == vm.vm_id && m.kind == kind).cloned().collect();
+            store.set_network_mappings(&vm.vm_id, kind, &ms).await.unwrap();
+        }
+    }
+    let base = format!("http://{addr}");
+    let settings = CloudSettings {
+        cloudstack_url: format!("{base}/client/api"),
+        api_key: KEY.into(),
+        secret_key: SECRET.into(),
+        linstor_url: Some(base.clone()),
+        snapshot_backend: snapshots,
+        zone_id: sample.zone_id.clone(),
+        service_offering_id: sample.service_offering_id.clone(),
+        template_id: sample.template_id.clone(),
+        test_network_id: Some(sample.test_network_id.clone()),
+        injector: InjectorSettings::Sim { base_url: base.clone() },
+        job_poll: Duration::from_millis(10),
+        job_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(2),
+    };
+    let mut registry = tern::steps::Registry::with_builtins(store.clone());
+    tern::steps::failover::register(&mut registry, setup::build(&settings, store.clone()).unwrap());
+    let defs = fast_definitions();
+    let cfg = EngineConfig {
+        worker_id: "failover-test".into(),
+        concurrency: 8,
+        lease_ttl: Duration::from_secs(5),
+        poll_interval: Duration::from_millis(50),
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let engine = Engine::with_registry(store.clone(), Some(defs.path()), registry, cfg).unwrap();
+    let (e, s) = (engine.clone(), stop.clone());
+    tokio::spawn(async move { worker::run_worker(e, s).await });
+    World { base, http: reqwest::Client::new(), stop, sample, inv, engine, store, _defs: defs }
+}
+
+impl World {
+    fn vm(&self, os: &str) -> &tern::domain::inventory::VmRecord {
+        self.inv.vms.iter().find(|v| v.os_type == os).expect("sample VM of that OS")
+    }
+
+    async fn submit(&self, def: &str, input: Value) -> RunId {
+        let s = self
+            .engine
+            .submit(SubmitRequest { definition: def.into(), input, request_id: None, correlation_id: None })
+            .await
+            .unwrap();
+        s.run.id
+    }
+
+    async fn finish(&self, run: RunId) -> tern::store::RunRow {
+        let row = self.engine.wait_terminal(run, Duration::from_secs(60)).await.unwrap();
+        assert!(row.status.is_terminal(), "run {run} stuck: {:?}", row.state);
+        row
+    }
+
+    async fn wait_status(&self, run: RunId, status: RunStatus) {
+        for _ in 0..1000 {
+            let row = self.store.get_run(run).await.unwrap().unwrap();
+            if row.status == status {
+                return;
+            }
+            assert!(!row.status.is_terminal(), "run {run} ended early: {:?}", row.state);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("run {run} never reached {status:?}");
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        self.http.get(format!("{}{path}", self.base)).send().await.unwrap().json().await.unwrap()
+    }
+
+    async fn post(&self, path: &str) {
+        let r = self.http.post(format!("{}{path}", self.base)).send().await.unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+    }
+
+    /// Every replicated volume on exactly one (expected) VM and nothing Tern named left over.
+    async fn assert_clean(&self, expect_vm: &str) {
+        let inv = self.get(&format!("/sim/invariant?prefix=tern-&expect_vm={expect_vm}")).await;
+        assert_eq!(inv["ok"], json!(true), "safety invariant: {inv:#}");
+    }
+
+    async fn generation(&self, volume: &str) -> (u64, bool) {
+        let v = self.get(&format!("/sim/volumes/{volume}")).await;
+        (v["generation"].as_u64().unwrap(), v["virtio_injected"].as_bool().unwrap_or(false))
+    }
+}
+
+fn input(vm: &tern::domain::inventory::VmRecord, extra: Value) -> Value {
+    let mut v = json!({"vm_id": vm.vm_id, "vm_name": vm.name});
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        for (k, x) in e {
+            o.insert(k.clone(), x.clone());
+        }
+    }
+    v
+}
+
+fn error_code(row: &tern::store::RunRow) -> String {
+    match &row.state {
+        RunState::Failed { error, .. } | RunState::NeedsOperator { error, .. } => error.code.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+async fn test_failover_with_auto_cleanup_puts_everything_back(db: TestDb) {
+    let w = world(&db, SnapshotKind::CloudstackVolume, None).await;
+    let vm = w.vm("linux").clone();
+    let before = w.generation(&vm.volume_id).await;
+    let run = w.submit("test-failover", input(&vm, json!({"auto_cleanup": true, "test_duration": "1s"}))).await;
+    w.wait_status(run, RunStatus::Holding).await;
+    // While the test VM runs, the volume is its ROOT disk and people write to it.
+    let vol = w.get(&format!("/sim/volumes/{}", vm.volume_id)).await;
+    assert!(vol.is_object());
+    let state = w.get("/sim/state").await;
+    let job = w.store.failover_job(run).await.unwrap().unwrap();
+    let test_vm = job.destination_vm_id.clone().expect("destination VM recorded");
+    assert_eq!(job.status, "testing");
+    assert!(job.linstor_snapshot_name.as_deref().is_some_and(|n| n.starts_with("tern-")));
+    let vols = state["volumes"].to_string();
+    assert!(vols.contains(&test_vm), "volume attached to the test VM");
+    w.post(&format!("/sim/volumes/{}/write", vm.volume_id)).await;
+    let row = w.finish(run).await;
+    assert_eq!(row.status, RunStatus::Completed, "{:?}", row.state);
+    w.assert_clean(&vm.oma_vm_id).await;
+    assert_eq!(w.generation(&vm.volume_id).await, before, "the revert undid the test's writes");
+    let job = w.store.failover_job(run).await.unwrap().unwrap();
+    assert_eq!(job.status, "completed");
+    let tracking = w.store.job_tracking(run).await.unwrap();
+    for step in ["validation", "snapshot", "virtio-injection", "test-vm-creation", "volume-attachment", "test-vm-startup"] {
+        assert!(tracking.iter().any(|t| t.operation == step && t.status == "completed"), "{step}: {tracking:?}");
+    }
+    assert!(tracking.iter().any(|t| t.operation == "teardown:delete-snapshot" && t.status == "completed"));
+}
+
+async fn a_windows_test_failover_injects_drivers_and_the_revert_removes_them(db: TestDb) {
+    let w = world(&db, SnapshotKind::Linstor, None).await;
+    let vm = w.vm("windows").clone();
+    let run = w.submit("test-failover", input(&vm, json!({}))).await;
+    w.wait_status(run, RunStatus::Holding).await;
+    assert!(w.generation(&vm.volume_id).await.1, "drivers injected while the test runs");
+    let row = w.store.get_run(run).await.unwrap().unwrap();
+    assert_eq!(row.context["outputs"]["virtio-injection"]["injected"], json!(true));
+    assert_eq!(w.engine.signal(run, "end-test").await.unwrap(), tern::store::SignalOutcome::Accepted);
+    assert_eq!(w.finish(run).await.status, RunStatus::Completed);
+    assert!(!w.generation(&vm.volume_id).await.1, "the LINSTOR rollback removed the drivers");
+    w.assert_clean(&vm.oma_vm_id).await;
+}
+
+async fn a_live_failover_moves_the_volume_for_good(db: TestDb) {
+    let w = world(&db, SnapshotKind::CloudstackVolume, None).await;
+    let vm = w.vm("linux").clone();
+    let run = w.submit("live-failover", input(&vm, json!({"job_type": "live"}))).await;
+    let row = w.finish(run).await;
+    assert_eq!(row.status, RunStatus::Completed, "{:?}", row.state);
+    let new_vm = row.context["outputs"]["vm-creation"]["destination_vm_id"].as_str().unwrap().to_string();
+    let inv = w.get(&format!("/sim/invariant?expect_vm={new_vm}&prefix=tern-t-")).await;
+    let mine = inv["volumes"].as_array().unwrap().iter().find(|v| v["volume_id"] == json!(vm.volume_id)).unwrap().clone();
+    assert_eq!(mine["attached_to"], json!(new_vm));
+    assert_eq!(mine["device_id"], json!(0), "the replicated disk is the new VM's ROOT disk");
+    let all = w.get("/sim/invariant?prefix=tern-").await;
+    assert!(all["leaked_snapshots"].as_array().unwrap().is_empty(), "the protective snapshot is removed: {all}");
+    let state = w.get("/sim/state").await;
+    assert!(state.to_string().contains(&w.sample.production_network_id));
+}
+
+async fn an_end_test_signal_ends_the_hold(db: TestDb) {
+    let w = world(&db, SnapshotKind::CloudstackVolume, None).await;
+    let vm = w.vm("linux").clone();
+    let run = w.submit("test-failover", input(&vm, json!({"auto_cleanup": false, "test_duration": "1h"}))).await;
+    w.wait_status(run, RunStatus::Holding).await;
+    assert_eq!(w.store.get_run(run).await.unwrap().unwrap().wake_at, None, "no auto-cleanup: no timer");
+    w.engine.signal(run, "end-test").await.unwrap();
+    assert_eq!(w.finish(run).await.status, RunStatus::Completed);
+    w.assert_clean(&vm.oma_vm_id).await;
+}
+
+async fn cancel_during_the_hold_rolls_everything_back(db: TestDb) {
+    let w = world(&db, SnapshotKind::CloudstackVolume, None).await;
+    let vm = w.vm("windows").clone();
+    let before = w.generation(&vm.volume_id).await;
+    let run = w.submit("test-failover", input(&vm, json!({"auto_cleanup": true, "test_duration": "1h"}))).await;
+    w.wait_status(run, RunStatus::Holding).await;
+    w.engine.cancel(run, "operator").await.unwrap();
+    let row = w.finish(run).await;
+    assert_eq!(row.status, RunStatus::Cancelled, "{:?}", row.state);
+    w.assert_clean(&vm.oma_vm_id).await;
+    assert_eq!(w.generation(&vm.volume_id).await, before, "driver injection reverted");
+}
+
+/// A failure injected at each step; the rollback must leave the world as it was.
+async fn failure_at(db: TestDb, os: &str, faults: Option<Value>, extra: Value, code: &str, failed_step: &str) {
+    let w = world(&db, SnapshotKind::CloudstackVolume, faults).await;
+    let vm = w.vm(os).clone();
+    let before = w.generation(&vm.volume_id).await;
+    let run = w.submit("test-failover", input(&vm, extra)).await;
+    let row = w.finish(run).await;
+    assert_eq!(row.status, RunStatus::Failed, "{:?}", row.state);
+    assert_eq!(error_code(&row), code);
+    match &row.state {
+        RunState::Failed { step, .. } => assert_eq!(step, failed_step),
+        other => panic!("{other:?}"),
+    }
+    w.assert_clean(&vm.oma_vm_id).await;
+    assert_eq!(w.generation(&vm.volume_id).await, before, "disk unchanged after rollback");
+}
+
+async fn failure_at_validation(db: TestDb) {
+    // A second failover of a VM that is already failing over: Active Jobs is critical.
+    let w = world(&db, SnapshotKind::CloudstackVolume, None).await;
+    let vm = w.vm("linux").clone();
+    let first = w.submit("test-failover", input(&vm, json!({"test_duration": "1h", "auto_cleanup": true}))).await;
+    w.wait_status(first, RunStatus::Holding).await;
+    let second = w.submit("test-failover", input(&vm, json!({}))).await;
+    let row = w.finish(second).await;
+    assert_eq!(row.status, RunStatus::Failed);
+    assert_eq!(error_code(&row), "VALIDATION_FAILED");
+    let progress = &row.context["progress"]["validation"]["report"];
+    assert_eq!(progress["is_ready"], json!(false), "the report is stored with the run: {progress}");
+    w.engine.cancel(first, "done").await.unwrap();
+    assert_eq!(w.finish(first).await.status, RunStatus::Cancelled);
+    w.assert_clean(&vm.oma_vm_id).await;
+}
+
+async fn failure_at_snapshot(db: TestDb) {
+    let f = json!({"commands": {"createSnapshot": {"error_rate": 1.0}}});
+    failure_at(db, "linux", Some(f), json!({}), "SNAPSHOT_FAILED", "snapshot").await
+}
+
+async fn failure_at_test_vm_creation(db: TestDb) {
+    let f = json!({"commands": {"deployVirtualMachine": {"job_failure_rate": 1.0}}});
+    failure_at(db, "windows", Some(f), json!({}), "VM_CREATE_FAILED", "test-vm-creation").await
+}
+
+async fn failure_at_volume_attachment(db: TestDb) {
+    let f = json!({"commands": {"deleteVolume": {"error_rate": 1.0}}});
+    failure_at(db, "windows", Some(f), json!({}), "VOLUME_ATTACH_FAILED", "volume-attachment").await
+}
+
+async fn failure_at_test_vm_startup(db: TestDb) {
+    let f = json!({"commands": {"startVirtualMachine": {"job_failure_rate": 1.0}}});
+    failure_at(db, "windows", Some(f), json!({}), "VM_START_FAILED", "test-vm-startup").await
+}
+
+async fn an_unknown_vm_fails_with_vm_not_found(db: TestDb) {
+    let w = world(&db, SnapshotKind::CloudstackVolume, None).await;
+    let run = w.submit("test-failover", json!({"vm_id": "no-such-vm"})).await;
+    let row = w.finish(run).await;
+    assert_eq!(row.status, RunStatus::Failed);
+    assert_eq!(error_code(&row), "VM_NOT_FOUND");
+}
+
+async fn lost_replies_and_flaky_calls_are_adopted_not_repeated(db: TestDb) {
+    // Every deploy and attach "succeeds but the reply is lost" half the time, and calls fail
+    // at random: the steps must look up and adopt instead of creating twice.
+    let f = json!({"commands": {
+        "deployVirtualMachine": {"lost_reply_rate": 0.5},
+        "attachVolume": {"lost_reply_rate": 0.3},
+        "detachVolume": {"lost_reply_rate": 0.3, "error_rate": 0.2},
+        "createSnapshot": {"lost_reply_rate": 0.5},
+        "startVirtualMachine": {"error_rate": 0.3}
+    }});
+    let w = world(&db, SnapshotKind::CloudstackVolume, Some(f)).await;
+    for vm in w.inv.vms.clone() {
+        let run = w.submit("test-failover", input(&vm, json!({"auto_cleanup": true, "test_duration": "10ms"}))).await;
+        let row = w.finish(run).await;
+        // With lost replies adopted, runs complete or roll back cleanly; never leak.
+        assert!(matches!(row.status, RunStatus::Completed | RunStatus::Failed), "{:?}", row.state);
+    }
+    w.assert_clean(&w.sample.oma_vm_id).await;
+}
+
+crate::on_both_backends!(test_failover_with_auto_cleanup_puts_everything_back, cancel_during_the_hold_rolls_everything_back);
+
+mod sqlite_only {
+    use super::*;
+
+    macro_rules! sqlite {
+        ($($name:ident),*) => {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(common::sqlite_db()).await }
+        )*};
+    }
+
+    sqlite!(
+        a_windows_test_failover_injects_drivers_and_the_revert_removes_them,
+        a_live_failover_moves_the_volume_for_good,
+        an_end_test_signal_ends_the_hold,
+        failure_at_validation,
+        failure_at_snapshot,
+        failure_at_test_vm_creation,
+        failure_at_volume_attachment,
+        failure_at_test_vm_startup,
+        an_unknown_vm_fails_with_vm_not_found,
+        lost_replies_and_flaky_calls_are_adopted_not_repeated
+    );
+}
