@@ -14,6 +14,7 @@
 
 pub mod cloudstack;
 pub mod linstor;
+pub mod virtio;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
