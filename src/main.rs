@@ -8,10 +8,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use tern::domain::inventory::NetworkKind;
 use tern::domain::{parse_duration, RunId};
 use tern::engine::machine::RunStatus;
 use tern::engine::{worker, Engine, EngineConfig, SubmitRequest};
-use tern::domain::inventory::NetworkKind;
 use tern::providers::virtio::CommandInjectorConfig;
 use tern::steps::failover::setup::{self as failover_setup, CloudSettings, InjectorSettings};
 use tern::store::{self, RunFilter, SignalOutcome, Store};
@@ -74,13 +74,21 @@ struct CloudArgs {
     #[arg(long, env = "TERN_TEST_NETWORK_ID")]
     test_network_id: Option<String>,
     /// Injection command; {device} and {volume_id} are substituted (no shell).
-    #[arg(long, env = "TERN_VIRTIO_COMMAND", default_value = "virt-v2v-in-place -i disk -if raw {device}")]
+    #[arg(
+        long,
+        env = "TERN_VIRTIO_COMMAND",
+        default_value = "virt-v2v-in-place -i disk -if raw {device}"
+    )]
     virtio_command: String,
     /// Read-only check: exit 0 = drivers present, 1 = absent.
     #[arg(long, env = "TERN_VIRTIO_CHECK_COMMAND")]
     virtio_check_command: Option<String>,
     /// Where the volume's disk appears on the OMA; {serial} = the volume id's first 20 characters.
-    #[arg(long, env = "TERN_VIRTIO_DEVICE_PATTERN", default_value = "/dev/disk/by-id/*{serial}")]
+    #[arg(
+        long,
+        env = "TERN_VIRTIO_DEVICE_PATTERN",
+        default_value = "/dev/disk/by-id/*{serial}"
+    )]
     virtio_device_pattern: String,
     #[arg(long, env = "VIRTIO_WIN", default_value = "/usr/share/virtio-win/virtio-win.iso")]
     virtio_win: String,
@@ -106,7 +114,12 @@ struct SimArgs {
     listen: String,
     #[arg(long, env = "TERN_SIM_API_KEY", default_value = "tern-dev-key")]
     api_key: String,
-    #[arg(long, env = "TERN_SIM_SECRET_KEY", default_value = "tern-dev-secret", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "TERN_SIM_SECRET_KEY",
+        default_value = "tern-dev-secret",
+        hide_env_values = true
+    )]
     secret_key: String,
     /// Where the simulated world is kept (it survives restarts).
     #[arg(long)]
@@ -124,6 +137,8 @@ struct SimArgs {
     latency: Duration,
 }
 
+// Parsed once per process; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run Tern on its embedded default: SQLite in the data directory, the built-in CloudStack
@@ -291,7 +306,9 @@ async fn real_main() -> Result<()> {
                     let deps = failover_setup::build(&settings, store.clone()).map_err(anyhow::Error::msg)?;
                     tern::steps::failover::register(&mut registry, deps);
                 }
-                None => tracing::warn!("TERN_CLOUDSTACK_URL not set: failover steps will fail until CloudStack is configured"),
+                None => tracing::warn!(
+                    "TERN_CLOUDSTACK_URL not set: failover steps will fail until CloudStack is configured"
+                ),
             }
             let engine = Engine::with_registry(store.clone(), cli.workflows.as_deref(), registry, config(w)?)?;
             worker::run_worker(engine, shutdown.unwrap_or_default()).await?;
@@ -494,7 +511,9 @@ fn cloud_settings(c: &CloudArgs) -> Result<Option<CloudSettings>> {
         return Ok(None);
     };
     let injector = match &c.virtio_sim_url {
-        Some(base_url) => InjectorSettings::Sim { base_url: base_url.clone() },
+        Some(base_url) => InjectorSettings::Sim {
+            base_url: base_url.clone(),
+        },
         None => InjectorSettings::Command(CommandInjectorConfig {
             inject_command: split_command(&c.virtio_command),
             check_command: c.virtio_check_command.as_deref().map(split_command),
@@ -616,7 +635,9 @@ async fn dev(
         service_offering_id: inv.service_offering_id.clone(),
         template_id: inv.template_id.clone(),
         test_network_id: Some(inv.test_network_id.clone()),
-        injector: InjectorSettings::Sim { base_url: format!("http://{addr}") },
+        injector: InjectorSettings::Sim {
+            base_url: format!("http://{addr}"),
+        },
         job_poll: Duration::from_millis(100),
         job_timeout: Duration::from_secs(120),
         request_timeout: Duration::from_secs(10),

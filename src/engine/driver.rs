@@ -328,6 +328,10 @@ impl Driver {
                 .get(progress_table)
                 .and_then(|p| p.get(&step.name))
                 .cloned(),
+            forward_progress: match undo {
+                true => self.context.get("progress").and_then(|p| p.get(&step.name)).cloned(),
+                false => None,
+            },
             checkpoint: Progress::new(tx),
         };
         let timeout = step.timeout;

@@ -42,6 +42,10 @@ pub struct FaultRates {
 /// }
 /// ```
 ///
+/// `scripted` names exact requests instead of rates: `{"attachVolume": {"0": "job_failure",
+/// "1": "job_failure"}}` fails the first two attachVolume requests (0-based, counted since the
+/// simulator started) and no others, so a test can fail a step's attempts but not its undo.
+///
 /// Keys of `commands` are CloudStack command names as sent (case-sensitive) or
 /// `linstor.createSnapshot`, `linstor.rollbackSnapshot`, `linstor.deleteSnapshot`,
 /// `linstor.listSnapshots`. Commands not listed use `default`.
@@ -52,6 +56,8 @@ pub struct FaultPlan {
     pub commands: BTreeMap<String, FaultRates>,
     /// How long a hang lasts (default 30 s).
     pub hang_ms: Option<u64>,
+    /// Exact faults for exact requests: command -> (0-based request index -> fault).
+    pub scripted: BTreeMap<String, BTreeMap<u64, Fault>>,
 }
 
 impl FaultPlan {
@@ -96,6 +102,12 @@ pub struct FaultRecord {
 
 /// The fault decision for the `n`-th request of `command`.
 pub fn decide(seed: u64, plan: &FaultPlan, command: &str, n: u64, is_async: bool) -> Option<Fault> {
+    if let Some(f) = plan.scripted.get(command).and_then(|calls| calls.get(&n)) {
+        return match f {
+            Fault::JobFailure if !is_async => None,
+            other => Some(*other),
+        };
+    }
     let rates = plan.rates(command);
     let mut rng =
         ChaCha8Rng::seed_from_u64(seed ^ fnv1a(command).rotate_left(17) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15));

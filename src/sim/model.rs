@@ -1136,9 +1136,16 @@ impl SampleInventory {
         use crate::domain::inventory::{InventoryFile, NetworkKind, NetworkMapping, Nic, VmRecord};
         let mut inv = InventoryFile::default();
         for vm in &self.vms {
-            let vm_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("tern-sample:{}", vm.name).as_bytes()).to_string();
+            let vm_id = uuid::Uuid::new_v5(
+                &uuid::Uuid::NAMESPACE_URL,
+                format!("tern-sample:{}", vm.name).as_bytes(),
+            )
+            .to_string();
             for net in &vm.source_networks {
-                for (kind, dest) in [(NetworkKind::Test, &self.test_network_id), (NetworkKind::Production, &self.production_network_id)] {
+                for (kind, dest) in [
+                    (NetworkKind::Test, &self.test_network_id),
+                    (NetworkKind::Production, &self.production_network_id),
+                ] {
                     inv.network_mappings.push(NetworkMapping {
                         vm_id: vm_id.clone(),
                         source_network: net.clone(),
@@ -1153,7 +1160,14 @@ impl SampleInventory {
                 cpu_count: vm.cpu,
                 memory_mb: u32::try_from(vm.memory_mb).unwrap_or(u32::MAX),
                 os_type: vm.os_type.clone(),
-                nics: vm.source_networks.iter().map(|n| Nic { source_network: n.clone(), mac: None }).collect(),
+                nics: vm
+                    .source_networks
+                    .iter()
+                    .map(|n| Nic {
+                        source_network: n.clone(),
+                        mac: None,
+                    })
+                    .collect(),
                 volume_id: vm.volume_id.clone(),
                 oma_vm_id: vm.oma_vm_id.clone(),
                 last_sync_change_id: Some(format!("52 3c ec 11 9e 2c 4c 3d-87 4a c3 4e 85 f2 ea 95/{}", vm.cpu)),

@@ -87,6 +87,9 @@ pub struct StepInput {
     pub outputs: Arc<Value>,
     /// The last progress this step (or compensation) checkpointed, if any.
     pub progress: Option<Value>,
+    /// For a compensation: the progress its forward step checkpointed (e.g. what it had
+    /// started to create before it failed), so the undo can find it.
+    pub forward_progress: Option<Value>,
     pub checkpoint: Progress,
 }
 

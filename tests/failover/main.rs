@@ -41,14 +41,15 @@ impl Drop for World {
     }
 }
 
-/// The embedded failover definitions with fast retries, so injected failures end quickly.
-fn fast_definitions() -> tempfile::TempDir {
+/// The embedded failover definitions with fast retries (`attempts` per step), so injected
+/// failures end quickly.
+fn fast_definitions(attempts: u32) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for (file, text) in tern::workflow::EMBEDDED {
         if file.contains("failover") {
             let fast = text.replace(
                 r#"retry = { max_attempts = 6, initial_delay = "2s", multiplier = 2.0, max_delay = "1m", jitter = 0.2 }"#,
-                r#"retry = { max_attempts = 3, initial_delay = "20ms", multiplier = 2.0, max_delay = "100ms", jitter = 0.0 }"#,
+                &format!(r#"retry = {{ max_attempts = {attempts}, initial_delay = "20ms", multiplier = 2.0, max_delay = "100ms", jitter = 0.0 }}"#),
             );
             assert_ne!(&fast, text, "retry defaults changed; update the test");
             std::fs::write(dir.path().join(file), fast).unwrap();
@@ -58,6 +59,10 @@ fn fast_definitions() -> tempfile::TempDir {
 }
 
 async fn world(db: &TestDb, snapshots: SnapshotKind, faults: Option<Value>) -> World {
+    world_with(db, snapshots, faults, 3).await
+}
+
+async fn world_with(db: &TestDb, snapshots: SnapshotKind, faults: Option<Value>, attempts: u32) -> World {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
@@ -79,7 +84,12 @@ async fn world(db: &TestDb, snapshots: SnapshotKind, faults: Option<Value>) -> W
     for vm in &inv.vms {
         store.upsert_vm(vm, now).await.unwrap();
         for kind in [NetworkKind::Test, NetworkKind::Production] {
-            let ms: Vec<_> = inv.network_mappings.iter().filter(|m| m.vm_id == vm.vm_id && m.kind == kind).cloned().collect();
+            let ms: Vec<_> = inv
+                .network_mappings
+                .iter()
+                .filter(|m| m.vm_id == vm.vm_id && m.kind == kind)
+                .cloned()
+                .collect();
             store.set_network_mappings(&vm.vm_id, kind, &ms).await.unwrap();
         }
     }
@@ -101,7 +111,7 @@ async fn world(db: &TestDb, snapshots: SnapshotKind, faults: Option<Value>) -> W
     };
     let mut registry = tern::steps::Registry::with_builtins(store.clone());
     tern::steps::failover::register(&mut registry, setup::build(&settings, store.clone()).unwrap());
-    let defs = fast_definitions();
+    let defs = fast_definitions(attempts);
     let cfg = EngineConfig {
         worker_id: "failover-test".into(),
         concurrency: 8,
@@ -112,18 +122,36 @@ async fn world(db: &TestDb, snapshots: SnapshotKind, faults: Option<Value>) -> W
     let engine = Engine::with_registry(store.clone(), Some(defs.path()), registry, cfg).unwrap();
     let (e, s) = (engine.clone(), stop.clone());
     tokio::spawn(async move { worker::run_worker(e, s).await });
-    World { base, http: reqwest::Client::new(), stop, sample, inv, engine, store, _defs: defs }
+    World {
+        base,
+        http: reqwest::Client::new(),
+        stop,
+        sample,
+        inv,
+        engine,
+        store,
+        _defs: defs,
+    }
 }
 
 impl World {
     fn vm(&self, os: &str) -> &tern::domain::inventory::VmRecord {
-        self.inv.vms.iter().find(|v| v.os_type == os).expect("sample VM of that OS")
+        self.inv
+            .vms
+            .iter()
+            .find(|v| v.os_type == os)
+            .expect("sample VM of that OS")
     }
 
     async fn submit(&self, def: &str, input: Value) -> RunId {
         let s = self
             .engine
-            .submit(SubmitRequest { definition: def.into(), input, request_id: None, correlation_id: None })
+            .submit(SubmitRequest {
+                definition: def.into(),
+                input,
+                request_id: None,
+                correlation_id: None,
+            })
             .await
             .unwrap();
         s.run.id
@@ -148,7 +176,14 @@ impl World {
     }
 
     async fn get(&self, path: &str) -> Value {
-        self.http.get(format!("{}{path}", self.base)).send().await.unwrap().json().await.unwrap()
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     async fn post(&self, path: &str) {
@@ -158,13 +193,19 @@ impl World {
 
     /// Every replicated volume on exactly one (expected) VM and nothing Tern named left over.
     async fn assert_clean(&self, expect_vm: &str) {
-        let inv = self.get(&format!("/sim/invariant?prefix=tern-&expect_vm={expect_vm}")).await;
+        let inv = self
+            .get(&format!("/sim/invariant?prefix=tern-&expect_vm={expect_vm}"))
+            .await;
         assert_eq!(inv["ok"], json!(true), "safety invariant: {inv:#}");
     }
 
     async fn generation(&self, volume: &str) -> (u64, bool) {
         let v = self.get(&format!("/sim/volumes/{volume}")).await;
-        (v["generation"].as_u64().unwrap(), v["virtio_injected"].as_bool().unwrap_or(false))
+        let c = &v["content"];
+        (
+            c["generation"].as_u64().expect("generation"),
+            c["virtio_injected"].as_bool().unwrap_or(false),
+        )
     }
 }
 
@@ -189,7 +230,12 @@ async fn test_failover_with_auto_cleanup_puts_everything_back(db: TestDb) {
     let w = world(&db, SnapshotKind::CloudstackVolume, None).await;
     let vm = w.vm("linux").clone();
     let before = w.generation(&vm.volume_id).await;
-    let run = w.submit("test-failover", input(&vm, json!({"auto_cleanup": true, "test_duration": "1s"}))).await;
+    let run = w
+        .submit(
+            "test-failover",
+            input(&vm, json!({"auto_cleanup": true, "test_duration": "1s"})),
+        )
+        .await;
     w.wait_status(run, RunStatus::Holding).await;
     // While the test VM runs, the volume is its ROOT disk and people write to it.
     let vol = w.get(&format!("/sim/volumes/{}", vm.volume_id)).await;
@@ -198,21 +244,40 @@ async fn test_failover_with_auto_cleanup_puts_everything_back(db: TestDb) {
     let job = w.store.failover_job(run).await.unwrap().unwrap();
     let test_vm = job.destination_vm_id.clone().expect("destination VM recorded");
     assert_eq!(job.status, "testing");
-    assert!(job.linstor_snapshot_name.as_deref().is_some_and(|n| n.starts_with("tern-")));
+    assert!(job
+        .linstor_snapshot_name
+        .as_deref()
+        .is_some_and(|n| n.starts_with("tern-")));
     let vols = state["volumes"].to_string();
     assert!(vols.contains(&test_vm), "volume attached to the test VM");
     w.post(&format!("/sim/volumes/{}/write", vm.volume_id)).await;
     let row = w.finish(run).await;
     assert_eq!(row.status, RunStatus::Completed, "{:?}", row.state);
     w.assert_clean(&vm.oma_vm_id).await;
-    assert_eq!(w.generation(&vm.volume_id).await, before, "the revert undid the test's writes");
+    assert_eq!(
+        w.generation(&vm.volume_id).await,
+        before,
+        "the revert undid the test's writes"
+    );
     let job = w.store.failover_job(run).await.unwrap().unwrap();
     assert_eq!(job.status, "completed");
     let tracking = w.store.job_tracking(run).await.unwrap();
-    for step in ["validation", "snapshot", "virtio-injection", "test-vm-creation", "volume-attachment", "test-vm-startup"] {
-        assert!(tracking.iter().any(|t| t.operation == step && t.status == "completed"), "{step}: {tracking:?}");
+    for step in [
+        "validation",
+        "snapshot",
+        "virtio-injection",
+        "test-vm-creation",
+        "volume-attachment",
+        "test-vm-startup",
+    ] {
+        assert!(
+            tracking.iter().any(|t| t.operation == step && t.status == "completed"),
+            "{step}: {tracking:?}"
+        );
     }
-    assert!(tracking.iter().any(|t| t.operation == "teardown:delete-snapshot" && t.status == "completed"));
+    assert!(tracking
+        .iter()
+        .any(|t| t.operation == "teardown:delete-snapshot" && t.status == "completed"));
 }
 
 async fn a_windows_test_failover_injects_drivers_and_the_revert_removes_them(db: TestDb) {
@@ -220,12 +285,21 @@ async fn a_windows_test_failover_injects_drivers_and_the_revert_removes_them(db:
     let vm = w.vm("windows").clone();
     let run = w.submit("test-failover", input(&vm, json!({}))).await;
     w.wait_status(run, RunStatus::Holding).await;
-    assert!(w.generation(&vm.volume_id).await.1, "drivers injected while the test runs");
+    assert!(
+        w.generation(&vm.volume_id).await.1,
+        "drivers injected while the test runs"
+    );
     let row = w.store.get_run(run).await.unwrap().unwrap();
     assert_eq!(row.context["outputs"]["virtio-injection"]["injected"], json!(true));
-    assert_eq!(w.engine.signal(run, "end-test").await.unwrap(), tern::store::SignalOutcome::Accepted);
+    assert_eq!(
+        w.engine.signal(run, "end-test").await.unwrap(),
+        tern::store::SignalOutcome::Accepted
+    );
     assert_eq!(w.finish(run).await.status, RunStatus::Completed);
-    assert!(!w.generation(&vm.volume_id).await.1, "the LINSTOR rollback removed the drivers");
+    assert!(
+        !w.generation(&vm.volume_id).await.1,
+        "the LINSTOR rollback removed the drivers"
+    );
     w.assert_clean(&vm.oma_vm_id).await;
 }
 
@@ -235,13 +309,31 @@ async fn a_live_failover_moves_the_volume_for_good(db: TestDb) {
     let run = w.submit("live-failover", input(&vm, json!({"job_type": "live"}))).await;
     let row = w.finish(run).await;
     assert_eq!(row.status, RunStatus::Completed, "{:?}", row.state);
-    let new_vm = row.context["outputs"]["vm-creation"]["destination_vm_id"].as_str().unwrap().to_string();
-    let inv = w.get(&format!("/sim/invariant?expect_vm={new_vm}&prefix=tern-t-")).await;
-    let mine = inv["volumes"].as_array().unwrap().iter().find(|v| v["volume_id"] == json!(vm.volume_id)).unwrap().clone();
+    let new_vm = row.context["outputs"]["vm-creation"]["destination_vm_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let inv = w
+        .get(&format!("/sim/invariant?expect_vm={new_vm}&prefix=tern-t-"))
+        .await;
+    let mine = inv["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["volume_id"] == json!(vm.volume_id))
+        .unwrap()
+        .clone();
     assert_eq!(mine["attached_to"], json!(new_vm));
-    assert_eq!(mine["device_id"], json!(0), "the replicated disk is the new VM's ROOT disk");
+    assert_eq!(
+        mine["device_id"],
+        json!(0),
+        "the replicated disk is the new VM's ROOT disk"
+    );
     let all = w.get("/sim/invariant?prefix=tern-").await;
-    assert!(all["leaked_snapshots"].as_array().unwrap().is_empty(), "the protective snapshot is removed: {all}");
+    assert!(
+        all["leaked_snapshots"].as_array().unwrap().is_empty(),
+        "the protective snapshot is removed: {all}"
+    );
     let state = w.get("/sim/state").await;
     assert!(state.to_string().contains(&w.sample.production_network_id));
 }
@@ -249,9 +341,18 @@ async fn a_live_failover_moves_the_volume_for_good(db: TestDb) {
 async fn an_end_test_signal_ends_the_hold(db: TestDb) {
     let w = world(&db, SnapshotKind::CloudstackVolume, None).await;
     let vm = w.vm("linux").clone();
-    let run = w.submit("test-failover", input(&vm, json!({"auto_cleanup": false, "test_duration": "1h"}))).await;
+    let run = w
+        .submit(
+            "test-failover",
+            input(&vm, json!({"auto_cleanup": false, "test_duration": "1h"})),
+        )
+        .await;
     w.wait_status(run, RunStatus::Holding).await;
-    assert_eq!(w.store.get_run(run).await.unwrap().unwrap().wake_at, None, "no auto-cleanup: no timer");
+    assert_eq!(
+        w.store.get_run(run).await.unwrap().unwrap().wake_at,
+        None,
+        "no auto-cleanup: no timer"
+    );
     w.engine.signal(run, "end-test").await.unwrap();
     assert_eq!(w.finish(run).await.status, RunStatus::Completed);
     w.assert_clean(&vm.oma_vm_id).await;
@@ -261,7 +362,12 @@ async fn cancel_during_the_hold_rolls_everything_back(db: TestDb) {
     let w = world(&db, SnapshotKind::CloudstackVolume, None).await;
     let vm = w.vm("windows").clone();
     let before = w.generation(&vm.volume_id).await;
-    let run = w.submit("test-failover", input(&vm, json!({"auto_cleanup": true, "test_duration": "1h"}))).await;
+    let run = w
+        .submit(
+            "test-failover",
+            input(&vm, json!({"auto_cleanup": true, "test_duration": "1h"})),
+        )
+        .await;
     w.wait_status(run, RunStatus::Holding).await;
     w.engine.cancel(run, "operator").await.unwrap();
     let row = w.finish(run).await;
@@ -284,21 +390,34 @@ async fn failure_at(db: TestDb, os: &str, faults: Option<Value>, extra: Value, c
         other => panic!("{other:?}"),
     }
     w.assert_clean(&vm.oma_vm_id).await;
-    assert_eq!(w.generation(&vm.volume_id).await, before, "disk unchanged after rollback");
+    assert_eq!(
+        w.generation(&vm.volume_id).await,
+        before,
+        "disk unchanged after rollback"
+    );
 }
 
 async fn failure_at_validation(db: TestDb) {
     // A second failover of a VM that is already failing over: Active Jobs is critical.
     let w = world(&db, SnapshotKind::CloudstackVolume, None).await;
     let vm = w.vm("linux").clone();
-    let first = w.submit("test-failover", input(&vm, json!({"test_duration": "1h", "auto_cleanup": true}))).await;
+    let first = w
+        .submit(
+            "test-failover",
+            input(&vm, json!({"test_duration": "1h", "auto_cleanup": true})),
+        )
+        .await;
     w.wait_status(first, RunStatus::Holding).await;
     let second = w.submit("test-failover", input(&vm, json!({}))).await;
     let row = w.finish(second).await;
     assert_eq!(row.status, RunStatus::Failed);
     assert_eq!(error_code(&row), "VALIDATION_FAILED");
     let progress = &row.context["progress"]["validation"]["report"];
-    assert_eq!(progress["is_ready"], json!(false), "the report is stored with the run: {progress}");
+    assert_eq!(
+        progress["is_ready"],
+        json!(false),
+        "the report is stored with the run: {progress}"
+    );
     w.engine.cancel(first, "done").await.unwrap();
     assert_eq!(w.finish(first).await.status, RunStatus::Cancelled);
     w.assert_clean(&vm.oma_vm_id).await;
@@ -311,12 +430,61 @@ async fn failure_at_snapshot(db: TestDb) {
 
 async fn failure_at_test_vm_creation(db: TestDb) {
     let f = json!({"commands": {"deployVirtualMachine": {"job_failure_rate": 1.0}}});
-    failure_at(db, "windows", Some(f), json!({}), "VM_CREATE_FAILED", "test-vm-creation").await
+    failure_at(
+        db,
+        "windows",
+        Some(f),
+        json!({}),
+        "VM_CREATE_FAILED",
+        "test-vm-creation",
+    )
+    .await
 }
 
 async fn failure_at_volume_attachment(db: TestDb) {
-    let f = json!({"commands": {"deleteVolume": {"error_rate": 1.0}}});
-    failure_at(db, "windows", Some(f), json!({}), "VOLUME_ATTACH_FAILED", "volume-attachment").await
+    // The three attempts to attach the volume as the test VM's ROOT disk fail (attachVolume
+    // requests 0-2); the rollback's attach back to the OMA (request 3) goes through.
+    let f = json!({"scripted": {"attachVolume": {"0": "job_failure", "1": "job_failure", "2": "job_failure"}}});
+    failure_at(
+        db,
+        "windows",
+        Some(f),
+        json!({}),
+        "VOLUME_ATTACH_FAILED",
+        "volume-attachment",
+    )
+    .await
+}
+
+async fn a_volume_that_cannot_be_deleted_needs_an_operator(db: TestDb) {
+    // The test VM's own ROOT disk can never be deleted: the attach step fails, and its undo
+    // cannot finish the deletion either. The run ends needing an operator, naming what is left,
+    // and the replicated volume is still safely back on the OMA.
+    let w = world(
+        &db,
+        SnapshotKind::CloudstackVolume,
+        Some(json!({"commands": {"deleteVolume": {"error_rate": 1.0}}})),
+    )
+    .await;
+    let vm = w.vm("linux").clone();
+    let run = w.submit("test-failover", input(&vm, json!({}))).await;
+    let row = w.finish(run).await;
+    match &row.state {
+        RunState::NeedsOperator { step, undone, .. } => {
+            assert_eq!(step, "volume-attachment");
+            assert_eq!(undone.first().map(String::as_str), Some("volume-attachment"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let inv = w.get(&format!("/sim/invariant?expect_vm={}", vm.oma_vm_id)).await;
+    let mine = inv["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["volume_id"] == json!(vm.volume_id))
+        .unwrap()
+        .clone();
+    assert_eq!(mine["ok"], json!(true), "{inv}");
 }
 
 async fn failure_at_test_vm_startup(db: TestDb) {
@@ -342,17 +510,30 @@ async fn lost_replies_and_flaky_calls_are_adopted_not_repeated(db: TestDb) {
         "createSnapshot": {"lost_reply_rate": 0.5},
         "startVirtualMachine": {"error_rate": 0.3}
     }});
-    let w = world(&db, SnapshotKind::CloudstackVolume, Some(f)).await;
+    // A realistic retry budget (production has 6 attempts with backoff up to a minute).
+    let w = world_with(&db, SnapshotKind::CloudstackVolume, Some(f), 10).await;
     for vm in w.inv.vms.clone() {
-        let run = w.submit("test-failover", input(&vm, json!({"auto_cleanup": true, "test_duration": "10ms"}))).await;
+        let run = w
+            .submit(
+                "test-failover",
+                input(&vm, json!({"auto_cleanup": true, "test_duration": "10ms"})),
+            )
+            .await;
         let row = w.finish(run).await;
         // With lost replies adopted, runs complete or roll back cleanly; never leak.
-        assert!(matches!(row.status, RunStatus::Completed | RunStatus::Failed), "{:?}", row.state);
+        assert!(
+            matches!(row.status, RunStatus::Completed | RunStatus::Failed),
+            "{:?}",
+            row.state
+        );
     }
     w.assert_clean(&w.sample.oma_vm_id).await;
 }
 
-crate::on_both_backends!(test_failover_with_auto_cleanup_puts_everything_back, cancel_during_the_hold_rolls_everything_back);
+crate::on_both_backends!(
+    test_failover_with_auto_cleanup_puts_everything_back,
+    cancel_during_the_hold_rolls_everything_back
+);
 
 mod sqlite_only {
     use super::*;
@@ -373,6 +554,7 @@ mod sqlite_only {
         failure_at_test_vm_creation,
         failure_at_volume_attachment,
         failure_at_test_vm_startup,
+        a_volume_that_cannot_be_deleted_needs_an_operator,
         an_unknown_vm_fails_with_vm_not_found,
         lost_replies_and_flaky_calls_are_adopted_not_repeated
     );

@@ -75,7 +75,13 @@ pub const ACTIONS: &[&str] = &[
 /// Registers the failover actions bound to `deps`.
 pub fn register(reg: &mut Registry, deps: Arc<FailoverDeps>) {
     for name in ACTIONS {
-        reg.insert(name, Arc::new(FailoverAction { name, deps: deps.clone() }));
+        reg.insert(
+            name,
+            Arc::new(FailoverAction {
+                name,
+                deps: deps.clone(),
+            }),
+        );
     }
 }
 
@@ -123,7 +129,10 @@ impl Action for FailoverAction {
             "failover.detach_volume" => volume::detach(&cx).await,
             "failover.reattach_oma" => volume::give_back(&cx).await,
             "failover.configure_network" => network::configure(&cx).await,
-            other => Err(ActionError::permanent("UNKNOWN_ACTION", format!("no failover action {other}"))),
+            other => Err(ActionError::permanent(
+                "UNKNOWN_ACTION",
+                format!("no failover action {other}"),
+            )),
         }
     }
 }
@@ -181,11 +190,9 @@ pub(crate) struct Cx<'a> {
 impl<'a> Cx<'a> {
     async fn new(deps: &'a FailoverDeps, step: &'a StepInput) -> Result<Cx<'a>, ActionError> {
         let input = FailoverInput::parse(&step.input)?;
-        let vm = deps
-            .store
-            .get_vm(&input.vm_id)
-            .await?
-            .ok_or_else(|| ActionError::permanent("VM_NOT_FOUND", format!("VM {} is not in the inventory", input.vm_id)))?;
+        let vm = deps.store.get_vm(&input.vm_id).await?.ok_or_else(|| {
+            ActionError::permanent("VM_NOT_FOUND", format!("VM {} is not in the inventory", input.vm_id))
+        })?;
         Ok(Cx {
             deps,
             step,
@@ -241,9 +248,10 @@ impl<'a> Cx<'a> {
         };
         let cfg = &self.deps.config;
         let result = self.cloud().wait_job(&job_id, cfg.job_poll, cfg.job_timeout).await;
-        if let Err(ProviderError::AsyncJobFailed { .. }) = &result {
-            // A job that ended in failure is not polled again: the next attempt looks at the
-            // world anew. A job we merely lost sight of (timeout) stays recorded and is polled.
+        if matches!(&result, Ok(_) | Err(ProviderError::AsyncJobFailed { .. })) {
+            // A finished job is not polled again: whoever comes next looks at the world anew
+            // (a retry of this operation is a new job). A job we merely lost sight of
+            // (timeout, connection) stays recorded, so the next attempt polls it.
             self.record(&key, Value::Null).await?;
         }
         result.map_err(|e| fail(code, e))
@@ -256,18 +264,26 @@ impl<'a> Cx<'a> {
             .step
             .outputs
             .as_object()
-            .and_then(|o| o.values().find_map(|v| v.get("destination_vm_id").and_then(Value::as_str)))
+            .and_then(|o| {
+                o.values()
+                    .find_map(|v| v.get("destination_vm_id").and_then(Value::as_str))
+            })
             .map(str::to_string);
         let id = match known {
             Some(id) => Some(id),
-            None => self.recorded("deploy:resource_id").await.and_then(|v| v.as_str().map(str::to_string)),
+            None => self
+                .recorded("deploy:resource_id")
+                .await
+                .and_then(|v| v.as_str().map(str::to_string)),
         };
         let found = match id {
             Some(id) => self.cloud().list_vms(VmFilter::id(id)).await,
             None => self.cloud().list_vms(VmFilter::name(self.vm_name())).await,
         }
         .map_err(|e| fail("VM_LOOKUP_FAILED", e))?;
-        Ok(found.into_iter().find(|v| !matches!(v.state, VmState::Destroyed | VmState::Expunging)))
+        Ok(found
+            .into_iter()
+            .find(|v| !matches!(v.state, VmState::Destroyed | VmState::Expunging)))
     }
 
     /// The CloudStack name of the VM this run creates: derived from the run, so a re-run finds it.
@@ -284,7 +300,10 @@ impl<'a> Cx<'a> {
     }
 
     pub fn snapshot_target(&self) -> String {
-        self.deps.config.snapshot_kind.target(&self.vm.volume_id, &self.vm.oma_vm_id)
+        self.deps
+            .config
+            .snapshot_kind
+            .target(&self.vm.volume_id, &self.vm.oma_vm_id)
     }
 }
 
@@ -298,7 +317,13 @@ pub fn run_tag(run: RunId) -> String {
 pub fn vm_name(prefix: &str, run: RunId, source_name: &str) -> String {
     let mut clean: String = source_name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     while clean.contains("--") {
         clean = clean.replace("--", "-");
@@ -306,6 +331,18 @@ pub fn vm_name(prefix: &str, run: RunId, source_name: &str) -> String {
     let mut name = format!("{prefix}-{}-{}", run_tag(run), clean.trim_matches('-'));
     name.truncate(63);
     name.trim_end_matches('-').to_string()
+}
+
+/// A step error made retryable: used when a failed operation left the world in flux (for
+/// example a job that lost a race with an earlier attempt's job still running).
+pub(crate) fn retryable(e: ActionError) -> ActionError {
+    match e {
+        ActionError::Step(mut se) => {
+            se.class = crate::domain::ErrorClass::Retryable;
+            ActionError::Step(se)
+        }
+        other => other,
+    }
 }
 
 /// A provider error as a step error with a machine code; retry or not is the provider's call.
@@ -325,7 +362,10 @@ mod tests {
     fn derived_names_are_valid_hostnames_and_stable() {
         let run = RunId("0190a000-0000-7000-8000-00000000abcd".parse().unwrap());
         assert_eq!(vm_name("tern-t", run, "pgtest1"), "tern-t-00000000abcd-pgtest1");
-        assert_eq!(vm_name("tern-t", run, "Win App_01 (prod)"), "tern-t-00000000abcd-win-app-01-prod");
+        assert_eq!(
+            vm_name("tern-t", run, "Win App_01 (prod)"),
+            "tern-t-00000000abcd-win-app-01-prod"
+        );
         let long = vm_name("tern-t", run, &"x".repeat(100));
         assert_eq!(long.len(), 63);
         assert_eq!(vm_name("tern-t", run, "pgtest1"), vm_name("tern-t", run, "pgtest1"));
@@ -334,7 +374,8 @@ mod tests {
     #[test]
     fn input_needs_a_vm_id() {
         assert!(FailoverInput::parse(&json!({})).is_err());
-        let i = FailoverInput::parse(&json!({"vm_id": "v", "job_type": "live", "network_mappings": {"a": "b"}})).unwrap();
+        let i =
+            FailoverInput::parse(&json!({"vm_id": "v", "job_type": "live", "network_mappings": {"a": "b"}})).unwrap();
         assert_eq!(i.kind, NetworkKind::Production);
         assert_eq!(i.network_overrides.get("a").map(String::as_str), Some("b"));
     }

@@ -17,7 +17,10 @@ pub(crate) async fn configure(cx: &Cx<'_>) -> Result<Value, ActionError> {
     let have: Vec<String> = vm.nics.iter().map(|n| n.network_id.clone()).collect();
     let missing: Vec<&String> = want.iter().filter(|n| !have.contains(n)).collect();
     if !missing.is_empty() {
-        return Err(ActionError::permanent(CODE, format!("VM {} has no NIC on mapped networks {missing:?}", vm.id)));
+        return Err(ActionError::permanent(
+            CODE,
+            format!("VM {} has no NIC on mapped networks {missing:?}", vm.id),
+        ));
     }
     Ok(json!({"vm_id": vm.id, "networks": have}))
 }

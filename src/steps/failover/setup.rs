@@ -71,8 +71,14 @@ pub fn build(settings: &CloudSettings, store: Arc<dyn Store>) -> Result<Arc<Fail
     cs.request_timeout = settings.request_timeout;
     let cloud: Arc<dyn Cloud> = Arc::new(CloudStackClient::new(cs).map_err(|e| format!("CloudStack client: {e}"))?);
     let snapshots: Arc<dyn SnapshotBackend> = match settings.snapshot_backend {
-        SnapshotKind::CloudstackVolume => Arc::new(VolumeSnapshots::new(cloud.clone(), settings.job_poll, settings.job_timeout)),
-        SnapshotKind::CloudstackVm => Arc::new(VmSnapshots::new(cloud.clone(), settings.job_poll, settings.job_timeout)),
+        SnapshotKind::CloudstackVolume => Arc::new(VolumeSnapshots::new(
+            cloud.clone(),
+            settings.job_poll,
+            settings.job_timeout,
+        )),
+        SnapshotKind::CloudstackVm => {
+            Arc::new(VmSnapshots::new(cloud.clone(), settings.job_poll, settings.job_timeout))
+        }
         SnapshotKind::Linstor => {
             let url = settings
                 .linstor_url

@@ -15,7 +15,12 @@ pub(crate) async fn create(cx: &Cx<'_>) -> Result<Value, ActionError> {
     let target = cx.snapshot_target();
     let backend = cx.deps.snapshots.kind();
     cx.record("snapshot_name", json!(name)).await?;
-    let info = cx.deps.snapshots.create(&target, &name).await.map_err(|e| fail("SNAPSHOT_FAILED", e))?;
+    let info = cx
+        .deps
+        .snapshots
+        .create(&target, &name)
+        .await
+        .map_err(|e| fail("SNAPSHOT_FAILED", e))?;
     Ok(json!({"snapshot_name": info.name, "snapshot_id": info.id, "target": info.target, "backend": backend}))
 }
 
@@ -25,7 +30,11 @@ pub(crate) async fn delete(cx: &Cx<'_>) -> Result<Value, ActionError> {
         return Ok(json!({"skipped": "no snapshot was taken (skip_snapshot)"}));
     }
     let name = cx.snapshot_name();
-    cx.deps.snapshots.delete(&cx.snapshot_target(), &name).await.map_err(|e| fail("SNAPSHOT_DELETE_FAILED", e))?;
+    cx.deps
+        .snapshots
+        .delete(&cx.snapshot_target(), &name)
+        .await
+        .map_err(|e| fail("SNAPSHOT_DELETE_FAILED", e))?;
     Ok(json!({"deleted": name}))
 }
 
@@ -47,7 +56,14 @@ pub(crate) async fn revert(cx: &Cx<'_>) -> Result<Value, ActionError> {
     }
     let name = cx.snapshot_name();
     let target = cx.snapshot_target();
-    if cx.deps.snapshots.find(&target, &name).await.map_err(|e| fail(CODE, e))?.is_none() {
+    if cx
+        .deps
+        .snapshots
+        .find(&target, &name)
+        .await
+        .map_err(|e| fail(CODE, e))?
+        .is_none()
+    {
         return Ok(json!({"skipped": format!("snapshot {name} does not exist (never taken)")}));
     }
     let src = cx.vm.volume_id.clone();
@@ -55,8 +71,14 @@ pub(crate) async fn revert(cx: &Cx<'_>) -> Result<Value, ActionError> {
     if let Some(on) = vol.vm_id.clone() {
         let vm = cx.cloud().get_vm(&on).await.map_err(|e| fail(CODE, e))?;
         if vm.state != VmState::Stopped {
-            cx.record("restore_to", json!({"vm_id": on, "device_id": vol.device_id})).await?;
-            cx.job("detach_for_revert", AsyncCommand::DetachVolume { volume_id: src.clone() }, CODE).await?;
+            cx.record("restore_to", json!({"vm_id": on, "device_id": vol.device_id}))
+                .await?;
+            cx.job(
+                "detach_for_revert",
+                AsyncCommand::DetachVolume { volume_id: src.clone() },
+                CODE,
+            )
+            .await?;
         }
     }
     match cx.deps.snapshots.revert(&target, &name).await {
@@ -65,11 +87,23 @@ pub(crate) async fn revert(cx: &Cx<'_>) -> Result<Value, ActionError> {
         Err(e) => return Err(fail(CODE, e)),
     }
     if let Some(back) = cx.recorded("restore_to").await.filter(|v| !v.is_null()) {
-        let vm_id = back.get("vm_id").and_then(Value::as_str).unwrap_or_default().to_string();
+        let vm_id = back
+            .get("vm_id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         let now = cx.cloud().get_volume(&src).await.map_err(|e| fail(CODE, e))?;
         if now.vm_id.is_none() && !vm_id.is_empty() {
-            let device_id = back.get("device_id").and_then(Value::as_u64).map(|d| d as u32).filter(|d| *d != 0);
-            let cmd = AsyncCommand::AttachVolume { volume_id: src.clone(), vm_id: vm_id.clone(), device_id };
+            let device_id = back
+                .get("device_id")
+                .and_then(Value::as_u64)
+                .map(|d| d as u32)
+                .filter(|d| *d != 0);
+            let cmd = AsyncCommand::AttachVolume {
+                volume_id: src.clone(),
+                vm_id: vm_id.clone(),
+                device_id,
+            };
             cx.job("reattach_after_revert", cmd, CODE).await?;
         }
     }

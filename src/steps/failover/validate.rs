@@ -20,7 +20,11 @@ pub(crate) async fn run(cx: &Cx<'_>) -> Result<Value, ActionError> {
             .filter(|c| c.status == CheckStatus::Fail)
             .map(|c| format!("{}: {}", c.check_name, c.message))
             .collect();
-        let code = if report.checks.first().is_some_and(|c| c.status == CheckStatus::Fail) { "VM_NOT_FOUND" } else { "VALIDATION_FAILED" };
+        let code = if report.checks.first().is_some_and(|c| c.status == CheckStatus::Fail) {
+            "VM_NOT_FOUND"
+        } else {
+            "VALIDATION_FAILED"
+        };
         return Err(ActionError::permanent(
             code,
             format!("not ready (score {:.0}): {}", report.readiness_score, failed.join("; ")),

@@ -11,7 +11,11 @@ pub(crate) async fn inject(cx: &Cx<'_>) -> Result<Value, ActionError> {
     if !cx.vm.is_windows() {
         return Ok(json!({"injected": false, "reason": format!("guest OS {:?} is not Windows", cx.vm.os_type)}));
     }
-    let vol = cx.cloud().get_volume(&cx.vm.volume_id).await.map_err(|e| fail(CODE, e))?;
+    let vol = cx
+        .cloud()
+        .get_volume(&cx.vm.volume_id)
+        .await
+        .map_err(|e| fail(CODE, e))?;
     if vol.vm_id.as_deref() != Some(cx.vm.oma_vm_id.as_str()) {
         return Err(ActionError::permanent(
             CODE,
@@ -25,9 +29,15 @@ pub(crate) async fn inject(cx: &Cx<'_>) -> Result<Value, ActionError> {
     }
     let inj = &cx.deps.injector;
     let device = inj.device_for(&cx.vm.volume_id).await.map_err(|e| fail(CODE, e))?;
-    if inj.is_injected(&cx.vm.volume_id, &device).await.map_err(|e| fail(CODE, e))? {
+    if inj
+        .is_injected(&cx.vm.volume_id, &device)
+        .await
+        .map_err(|e| fail(CODE, e))?
+    {
         return Ok(json!({"injected": true, "already_present": true, "device": device}));
     }
     let report = inj.inject(&cx.vm.volume_id, &device).await.map_err(|e| fail(CODE, e))?;
-    Ok(json!({"injected": true, "already_present": false, "device": device, "output": report.output, "duration_ms": report.duration_ms}))
+    Ok(
+        json!({"injected": true, "already_present": false, "device": device, "output": report.output, "duration_ms": report.duration_ms}),
+    )
 }

@@ -13,19 +13,28 @@ pub(crate) async fn networks(cx: &Cx<'_>) -> Result<Vec<String>, ActionError> {
     let mappings = cx.deps.store.network_mappings(&cx.vm.vm_id).await?;
     let mut out: Vec<String> = Vec::new();
     for nic in &cx.vm.nics {
-        let mapped = cx.input.network_overrides.get(&nic.source_network).cloned().or_else(|| {
-            mappings
-                .iter()
-                .find(|m| m.kind == cx.input.kind && m.source_network == nic.source_network)
-                .map(|m| m.destination_network_id.clone())
-        });
+        let mapped = cx
+            .input
+            .network_overrides
+            .get(&nic.source_network)
+            .cloned()
+            .or_else(|| {
+                mappings
+                    .iter()
+                    .find(|m| m.kind == cx.input.kind && m.source_network == nic.source_network)
+                    .map(|m| m.destination_network_id.clone())
+            });
         let net = match (mapped, cx.input.kind, &cx.deps.config.test_network_id) {
             (Some(n), _, _) => n,
             (None, NetworkKind::Test, Some(t)) => t.clone(),
             (None, _, _) => {
                 return Err(ActionError::permanent(
                     "NETWORK_UNMAPPED",
-                    format!("source network {:?} has no {} mapping", nic.source_network, cx.input.kind.as_str()),
+                    format!(
+                        "source network {:?} has no {} mapping",
+                        nic.source_network,
+                        cx.input.kind.as_str()
+                    ),
                 ))
             }
         };
@@ -36,7 +45,12 @@ pub(crate) async fn networks(cx: &Cx<'_>) -> Result<Vec<String>, ActionError> {
     if out.is_empty() {
         match (&cx.deps.config.test_network_id, cx.input.kind) {
             (Some(t), NetworkKind::Test) => out.push(t.clone()),
-            _ => return Err(ActionError::permanent("NETWORK_UNMAPPED", "the VM has no NIC with a mapped network")),
+            _ => {
+                return Err(ActionError::permanent(
+                    "NETWORK_UNMAPPED",
+                    "the VM has no NIC with a mapped network",
+                ))
+            }
         }
     }
     Ok(out)
@@ -46,8 +60,8 @@ pub(crate) async fn networks(cx: &Cx<'_>) -> Result<Vec<String>, ActionError> {
 /// run already created.
 pub(crate) async fn create(cx: &Cx<'_>) -> Result<Value, ActionError> {
     let name = cx.vm_name();
-    if let Some(vm) = cx.find_vm().await? {
-        return Ok(json!({"destination_vm_id": vm.id, "vm_name": vm.name, "adopted": true}));
+    if let Some(done) = adopt_or_clear(cx).await? {
+        return Ok(done);
     }
     let cfg = &cx.deps.config;
     let cmd = AsyncCommand::DeployVm {
@@ -62,31 +76,67 @@ pub(crate) async fn create(cx: &Cx<'_>) -> Result<Value, ActionError> {
     };
     let result = cx.job("deploy", cmd, "VM_CREATE_FAILED").await;
     if let Err(e) = result {
-        // The deploy may have gone through although we saw an error: adopt it if so.
-        if let Some(vm) = cx.find_vm().await? {
-            return Ok(json!({"destination_vm_id": vm.id, "vm_name": vm.name, "adopted": true}));
-        }
-        return Err(e);
+        // The deploy may have gone through although we saw an error: adopt it if so; a VM the
+        // failed deploy left in Error state is removed so the next attempt starts clean.
+        return match adopt_or_clear(cx).await? {
+            Some(done) => Ok(done),
+            None => Err(e),
+        };
     }
-    let vm = cx
-        .find_vm()
-        .await?
-        .ok_or_else(|| ActionError::retryable("VM_CREATE_FAILED", format!("deploy of {name} finished but the VM is not listed")))?;
+    let vm = cx.find_vm().await?.ok_or_else(|| {
+        ActionError::retryable(
+            "VM_CREATE_FAILED",
+            format!("deploy of {name} finished but the VM is not listed"),
+        )
+    })?;
     Ok(json!({"destination_vm_id": vm.id, "vm_name": vm.name, "adopted": false}))
+}
+
+/// Adopts the VM this run already created; a VM a failed deploy left in Error state is
+/// destroyed instead (and the caller deploys again, or fails).
+async fn adopt_or_clear(cx: &Cx<'_>) -> Result<Option<Value>, ActionError> {
+    let Some(vm) = cx.find_vm().await? else {
+        return Ok(None);
+    };
+    if vm.state != VmState::Error {
+        return Ok(Some(
+            json!({"destination_vm_id": vm.id, "vm_name": vm.name, "adopted": true}),
+        ));
+    }
+    let cmd = AsyncCommand::DestroyVm {
+        id: vm.id.clone(),
+        expunge: true,
+    };
+    cx.job(&format!("destroy_failed:{}", vm.id), cmd, "VM_CREATE_FAILED")
+        .await?;
+    Err(ActionError::retryable(
+        "VM_CREATE_FAILED",
+        format!(
+            "deploy of {} failed (VM {} was left in Error state and has been removed)",
+            vm.name, vm.id
+        ),
+    ))
 }
 
 /// Starts the VM and waits until it is Running.
 pub(crate) async fn start(cx: &Cx<'_>) -> Result<Value, ActionError> {
-    let vm = cx
-        .find_vm()
-        .await?
-        .ok_or_else(|| ActionError::permanent("VM_NOT_FOUND", format!("VM {} to start does not exist", cx.vm_name())))?;
+    let vm = cx.find_vm().await?.ok_or_else(|| {
+        ActionError::permanent("VM_NOT_FOUND", format!("VM {} to start does not exist", cx.vm_name()))
+    })?;
     if vm.state != VmState::Running {
-        cx.job("start", AsyncCommand::StartVm { id: vm.id.clone() }, "VM_START_FAILED").await?;
+        cx.job("start", AsyncCommand::StartVm { id: vm.id.clone() }, "VM_START_FAILED")
+            .await?;
     }
-    let now = cx.cloud().get_vm(&vm.id).await.map_err(|e| fail("VM_START_FAILED", e))?;
+    let now = cx
+        .cloud()
+        .get_vm(&vm.id)
+        .await
+        .map_err(|e| fail("VM_START_FAILED", e))?;
     if now.state != VmState::Running {
-        return Err(ActionError::retryable("VM_START_FAILED", format!("VM {} is {:?}, not Running", vm.id, now.state)));
+        return Err(ActionError::retryable(
+            "VM_START_FAILED",
+            format!("VM {} is {:?}, not Running", vm.id, now.state),
+        ));
     }
     Ok(json!({"vm_id": vm.id, "state": "Running"}))
 }
@@ -97,7 +147,15 @@ pub(crate) async fn stop(cx: &Cx<'_>) -> Result<Value, ActionError> {
         return Ok(json!({"skipped": "no VM to stop"}));
     };
     if vm.state != VmState::Stopped {
-        cx.job("stop", AsyncCommand::StopVm { id: vm.id.clone(), forced: false }, "VM_STOP_FAILED").await?;
+        cx.job(
+            "stop",
+            AsyncCommand::StopVm {
+                id: vm.id.clone(),
+                forced: false,
+            },
+            "VM_STOP_FAILED",
+        )
+        .await?;
     }
     Ok(json!({"vm_id": vm.id, "state": "Stopped"}))
 }
@@ -108,17 +166,42 @@ pub(crate) async fn destroy(cx: &Cx<'_>) -> Result<Value, ActionError> {
     let Some(vm) = cx.find_vm().await? else {
         return Ok(json!({"skipped": "no VM to destroy"}));
     };
-    let vol = cx.cloud().get_volume(&cx.vm.volume_id).await.map_err(|e| fail("VM_DESTROY_FAILED", e))?;
+    let vol = cx
+        .cloud()
+        .get_volume(&cx.vm.volume_id)
+        .await
+        .map_err(|e| fail("VM_DESTROY_FAILED", e))?;
     if vol.vm_id.as_deref() == Some(vm.id.as_str()) {
         return Err(ActionError::permanent(
             "VOLUME_STILL_ATTACHED",
-            format!("refusing to destroy VM {}: the replicated volume {} is attached to it", vm.id, vol.id),
+            format!(
+                "refusing to destroy VM {}: the replicated volume {} is attached to it",
+                vm.id, vol.id
+            ),
         ));
     }
-    cx.job("destroy", AsyncCommand::DestroyVm { id: vm.id.clone(), expunge: true }, "VM_DESTROY_FAILED").await?;
-    let left = cx.cloud().list_vms(VmFilter::id(vm.id.clone())).await.map_err(|e| fail("VM_DESTROY_FAILED", e))?;
-    if left.iter().any(|v| !matches!(v.state, VmState::Destroyed | VmState::Expunging)) {
-        return Err(ActionError::retryable("VM_DESTROY_FAILED", format!("VM {} still exists", vm.id)));
+    cx.job(
+        "destroy",
+        AsyncCommand::DestroyVm {
+            id: vm.id.clone(),
+            expunge: true,
+        },
+        "VM_DESTROY_FAILED",
+    )
+    .await?;
+    let left = cx
+        .cloud()
+        .list_vms(VmFilter::id(vm.id.clone()))
+        .await
+        .map_err(|e| fail("VM_DESTROY_FAILED", e))?;
+    if left
+        .iter()
+        .any(|v| !matches!(v.state, VmState::Destroyed | VmState::Expunging))
+    {
+        return Err(ActionError::retryable(
+            "VM_DESTROY_FAILED",
+            format!("VM {} still exists", vm.id),
+        ));
     }
     Ok(json!({"destroyed": vm.id}))
 }

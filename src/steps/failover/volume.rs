@@ -2,12 +2,89 @@
 //!
 //! Safety invariant: the replicated volume is attached to exactly one VM, or the step's
 //! progress holds an `intent` naming where it goes next, which the next attempt completes.
+//! After a volume job fails, the world is looked at again: an earlier attempt's job (whose
+//! reply was lost) may have done the work already, or may still be moving the volume, in which
+//! case the failure is retryable rather than final.
 
 use serde_json::{json, Value};
 
-use super::{fail, Cx};
-use crate::providers::{AsyncCommand, VmState, VolumeFilter, VolumeType};
+use super::{fail, retryable, Cx};
+use crate::providers::{AsyncCommand, ProviderError, VmState, Volume, VolumeFilter, VolumeType};
 use crate::steps::ActionError;
+
+/// Runs a volume job; on failure, succeeds anyway if the world already is as wanted (`done`),
+/// otherwise fails retryably.
+async fn settle(
+    cx: &Cx<'_>,
+    op: &str,
+    cmd: AsyncCommand,
+    code: &str,
+    done: impl Fn(&Volume) -> bool,
+) -> Result<(), ActionError> {
+    let Err(e) = cx.job(op, cmd, code).await else {
+        return Ok(());
+    };
+    let now = cx
+        .cloud()
+        .get_volume(&cx.vm.volume_id)
+        .await
+        .map_err(|e| fail(code, e))?;
+    if done(&now) {
+        return Ok(());
+    }
+    Err(retryable(e))
+}
+
+/// Deletes the new VM's own ROOT volumes recorded in `progress` (and any still attached to
+/// `vm`): detach if needed, then delete. The replicated volume is never touched.
+async fn delete_own_roots(cx: &Cx<'_>, recorded: &[String], vm: Option<&str>, code: &str) -> Result<(), ActionError> {
+    let src = cx.vm.volume_id.as_str();
+    let mut ids: Vec<String> = recorded.iter().filter(|id| id.as_str() != src).cloned().collect();
+    if let Some(vm) = vm {
+        let filter = VolumeFilter {
+            vm_id: Some(vm.to_string()),
+            volume_type: Some(VolumeType::Root),
+            ..Default::default()
+        };
+        for v in cx.cloud().list_volumes(filter).await.map_err(|e| fail(code, e))? {
+            if v.id != src && !ids.contains(&v.id) {
+                ids.push(v.id);
+            }
+        }
+        // Recorded before anything is detached, so a crash cannot lose track of them.
+        if ids.len() > recorded.len() {
+            cx.record("own_root", json!(ids)).await?;
+        }
+    }
+    for id in ids {
+        let vol = match cx.cloud().get_volume(&id).await {
+            Ok(v) => v,
+            Err(ProviderError::NotFound { .. }) => continue,
+            Err(e) => return Err(fail(code, e)),
+        };
+        if vol.vm_id.is_some() {
+            cx.job(
+                &format!("detach_own_root:{id}"),
+                AsyncCommand::DetachVolume { volume_id: id.clone() },
+                code,
+            )
+            .await?;
+        }
+        match cx.cloud().delete_volume(&id).await {
+            Ok(()) | Err(ProviderError::NotFound { .. }) => {}
+            Err(e) => return Err(fail(code, e)),
+        }
+    }
+    Ok(())
+}
+
+fn recorded_roots(progress: Option<&Value>) -> Vec<String> {
+    progress
+        .and_then(|p| p.get("own_root"))
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
 
 /// Moves the replicated volume from the OMA to the new VM as its ROOT disk (deviceid 0),
 /// after deleting the new VM's own ROOT volume.
@@ -19,37 +96,40 @@ pub(crate) async fn attach(cx: &Cx<'_>) -> Result<Value, ActionError> {
         .await?
         .ok_or_else(|| ActionError::permanent(CODE, format!("VM {} does not exist", cx.vm_name())))?;
     if target.state != VmState::Stopped {
-        return Err(ActionError::retryable(CODE, format!("VM {} must be Stopped to swap its ROOT disk", target.id)));
+        return Err(ActionError::retryable(
+            CODE,
+            format!("VM {} must be Stopped to swap its ROOT disk", target.id),
+        ));
     }
     // 1. The new VM's own ROOT disk goes (never the replicated volume).
-    let filter = VolumeFilter { vm_id: Some(target.id.clone()), volume_type: Some(VolumeType::Root), ..Default::default() };
-    for v in cx.cloud().list_volumes(filter).await.map_err(|e| fail(CODE, e))? {
-        if v.id == src {
-            continue;
-        }
-        cx.job("detach_own_root", AsyncCommand::DetachVolume { volume_id: v.id.clone() }, CODE).await?;
-        match cx.cloud().delete_volume(&v.id).await {
-            Ok(()) | Err(crate::providers::ProviderError::NotFound { .. }) => {}
-            Err(e) => return Err(fail(CODE, e)),
-        }
-    }
+    let recorded = recorded_roots(cx.recorded("own_root").await.map(|v| json!({"own_root": v})).as_ref());
+    delete_own_roots(cx, &recorded, Some(&target.id), CODE).await?;
     // 2. The replicated volume moves, with the intent recorded before it leaves the OMA.
     let vol = cx.cloud().get_volume(&src).await.map_err(|e| fail(CODE, e))?;
+    let on_target = |v: &Volume| v.vm_id.as_deref() == Some(target.id.as_str());
     match vol.vm_id.as_deref() {
         Some(vm) if vm == target.id => {
             return Ok(json!({"volume_id": src, "attached_to": target.id, "device_id": vol.device_id, "adopted": true}))
         }
         Some(vm) if vm == cx.vm.oma_vm_id => {
             cx.record("intent", json!({"attach_to": target.id})).await?;
-            cx.job("detach_from_oma", AsyncCommand::DetachVolume { volume_id: src.clone() }, CODE).await?;
+            let cmd = AsyncCommand::DetachVolume { volume_id: src.clone() };
+            settle(cx, "detach_from_oma", cmd, CODE, |v| v.vm_id.is_none() || on_target(v)).await?;
         }
         Some(other) => {
-            return Err(ActionError::permanent(CODE, format!("volume {src} is attached to an unexpected VM {other}")));
+            return Err(ActionError::permanent(
+                CODE,
+                format!("volume {src} is attached to an unexpected VM {other}"),
+            ));
         }
         None => cx.record("intent", json!({"attach_to": target.id})).await?,
     }
-    let cmd = AsyncCommand::AttachVolume { volume_id: src.clone(), vm_id: target.id.clone(), device_id: Some(0) };
-    cx.job("attach_as_root", cmd, CODE).await?;
+    let cmd = AsyncCommand::AttachVolume {
+        volume_id: src.clone(),
+        vm_id: target.id.clone(),
+        device_id: Some(0),
+    };
+    settle(cx, "attach_as_root", cmd, CODE, on_target).await?;
     Ok(json!({"volume_id": src, "attached_to": target.id, "device_id": 0, "adopted": false}))
 }
 
@@ -67,30 +147,65 @@ pub(crate) async fn detach(cx: &Cx<'_>) -> Result<Value, ActionError> {
     }
     let ours = cx.find_vm().await?;
     if ours.as_ref().map(|v| v.id.as_str()) != Some(on.as_str()) {
-        return Err(ActionError::permanent(CODE, format!("volume {src} is attached to {on}, which this run did not create")));
+        return Err(ActionError::permanent(
+            CODE,
+            format!("volume {src} is attached to {on}, which this run did not create"),
+        ));
     }
     if let Some(vm) = ours.filter(|v| v.state != VmState::Stopped) {
-        cx.job("stop_before_detach", AsyncCommand::StopVm { id: vm.id.clone(), forced: false }, CODE).await?;
+        cx.job(
+            "stop_before_detach",
+            AsyncCommand::StopVm {
+                id: vm.id.clone(),
+                forced: false,
+            },
+            CODE,
+        )
+        .await?;
     }
     cx.record("intent", json!({"attach_to": cx.vm.oma_vm_id})).await?;
-    cx.job("detach", AsyncCommand::DetachVolume { volume_id: src.clone() }, CODE).await?;
+    let oma = cx.vm.oma_vm_id.clone();
+    let cmd = AsyncCommand::DetachVolume { volume_id: src.clone() };
+    settle(cx, "detach", cmd, CODE, |v| {
+        v.vm_id.is_none() || v.vm_id.as_deref() == Some(oma.as_str())
+    })
+    .await?;
     Ok(json!({"volume_id": src, "detached_from": on}))
 }
 
 /// Gives the replicated volume back to the OMA: detaches it from this run's VM if needed, then
-/// attaches it to the OMA. Used by rollback and by the teardown's reattach step.
+/// attaches it to the OMA. As the compensation of volume-attachment it also finishes deleting
+/// the new VM's own ROOT disk if the forward step had started to. Used by rollback and by the
+/// teardown's reattach step.
 pub(crate) async fn give_back(cx: &Cx<'_>) -> Result<Value, ActionError> {
     const CODE: &str = "VOLUME_ATTACH_FAILED";
     let src = cx.vm.volume_id.clone();
     let oma = cx.vm.oma_vm_id.clone();
+    if cx.step.undo {
+        let roots = recorded_roots(cx.step.forward_progress.as_ref());
+        if !roots.is_empty() {
+            delete_own_roots(cx, &roots, None, CODE).await?;
+        }
+    }
     let vol = cx.cloud().get_volume(&src).await.map_err(|e| fail(CODE, e))?;
     if vol.vm_id.as_deref() == Some(oma.as_str()) {
         return Ok(json!({"volume_id": src, "attached_to": oma, "adopted": true}));
     }
     if vol.vm_id.is_some() {
         detach(cx).await?;
+        let now = cx.cloud().get_volume(&src).await.map_err(|e| fail(CODE, e))?;
+        if now.vm_id.as_deref() == Some(oma.as_str()) {
+            return Ok(json!({"volume_id": src, "attached_to": oma, "adopted": true}));
+        }
     }
-    let cmd = AsyncCommand::AttachVolume { volume_id: src.clone(), vm_id: oma.clone(), device_id: None };
-    cx.job("attach_to_oma", cmd, CODE).await?;
+    let cmd = AsyncCommand::AttachVolume {
+        volume_id: src.clone(),
+        vm_id: oma.clone(),
+        device_id: None,
+    };
+    settle(cx, "attach_to_oma", cmd, CODE, |v| {
+        v.vm_id.as_deref() == Some(oma.as_str())
+    })
+    .await?;
     Ok(json!({"volume_id": src, "attached_to": oma}))
 }
