@@ -135,6 +135,7 @@ fn apply(w: &mut super::model::World, rsc: &str, op: Op, now: i64, changed: &mut
                     },
                 );
             }
+            *w.created.entry(format!("linstor:{snap}")).or_insert(0) += 1;
             *changed = true;
             (
                 201,

@@ -267,6 +267,10 @@ pub struct World {
     /// empty) while a never-seen id is a 431.
     #[serde(default)]
     pub removed: std::collections::BTreeSet<String>,
+    /// How many times each named resource was successfully created (`vm:<name>`,
+    /// `snapshot:<name>`, `linstor:<name>`): a test's proof that nothing was created twice.
+    #[serde(default)]
+    pub created: BTreeMap<String, u32>,
 }
 
 /// Deterministic ids from the seed, for the catalog and the sample.
@@ -563,6 +567,8 @@ impl World {
             JobOp::Deploy { vm_id, start } => {
                 let vm = self.vms.get_mut(vm_id).ok_or_else(|| gone("VM", vm_id))?;
                 vm.state = if *start { "Running" } else { "Stopped" }.into();
+                let key = format!("vm:{}", vm.name);
+                *self.created.entry(key).or_insert(0) += 1;
                 Ok(json!({ "virtualmachine": self.render_vm(vm_id) }))
             }
             JobOp::Start { vm_id } => {
@@ -621,6 +627,8 @@ impl World {
                 if let Some(s) = self.snapshots.get_mut(snapshot_id) {
                     s.content = content;
                     s.state = "BackedUp".into();
+                    let key = format!("snapshot:{}", s.name);
+                    *self.created.entry(key).or_insert(0) += 1;
                 }
                 Ok(json!({ "snapshot": self.render_snapshot(snapshot_id) }))
             }

@@ -23,6 +23,8 @@ use tokio::process::{Child, Command};
 
 use common::TestDb;
 
+mod failover;
+
 /// One kind of run in the batch and what must be true once it is terminal.
 struct Case {
     input: Value,
@@ -183,7 +185,18 @@ async fn batch(db: &TestDb, copies: usize) -> Batch {
 }
 
 fn worker(db: &TestDb, b: &Batch, name: &str, crash_at: Option<&str>) -> Child {
-    let log = std::fs::File::create(b.log_dir.path().join(format!("{name}.log"))).unwrap();
+    worker_in(db, b.log_dir.path(), name, crash_at, &[])
+}
+
+/// A `tern worker` child process logging to `<log_dir>/<name>.log`, with extra environment.
+fn worker_in(
+    db: &TestDb,
+    log_dir: &std::path::Path,
+    name: &str,
+    crash_at: Option<&str>,
+    env: &[(String, String)],
+) -> Child {
+    let log = std::fs::File::create(log_dir.join(format!("{name}.log"))).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern"));
     cmd.args([
         "worker",
@@ -210,12 +223,20 @@ fn worker(db: &TestDb, b: &Batch, name: &str, crash_at: Option<&str>) -> Child {
     if let Some(point) = crash_at {
         cmd.env("TERN_CRASH_AT", point);
     }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     cmd.spawn().expect("spawn tern worker")
 }
 
 fn logs(b: &Batch) -> String {
+    logs_in(b.log_dir.path())
+}
+
+/// The last lines of every worker log in `dir`, for failure messages.
+fn logs_in(dir: &std::path::Path) -> String {
     let mut out = String::new();
-    for e in std::fs::read_dir(b.log_dir.path()).unwrap().flatten() {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
         let text = std::fs::read_to_string(e.path()).unwrap_or_default();
         let tail: Vec<&str> = text
             .lines()
@@ -286,9 +307,14 @@ async fn until_all_terminal(b: &Batch) {
 }
 
 /// SIGTERM: the worker must stop claiming, finish and exit cleanly, leaving no lease behind.
-async fn terminate(b: &Batch, mut child: Child, name: &str) {
+async fn terminate(b: &Batch, child: Child, name: &str) {
+    terminate_in(b.log_dir.path(), child, name).await
+}
+
+/// SIGTERM once the worker is up; it must exit cleanly.
+async fn terminate_in(log_dir: &std::path::Path, mut child: Child, name: &str) {
     // Wait until this worker is up (its handler installed, its loop running) before SIGTERM.
-    let log = b.log_dir.path().join(format!("{name}.log"));
+    let log = log_dir.join(format!("{name}.log"));
     for _ in 0..200 {
         if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("worker started")) {
             break;
@@ -304,7 +330,11 @@ async fn terminate(b: &Batch, mut child: Child, name: &str) {
         .await
         .expect("worker stops on SIGTERM")
         .unwrap();
-    assert!(status.success(), "worker exit after SIGTERM: {status:?}\n{}", logs(b));
+    assert!(
+        status.success(),
+        "worker exit after SIGTERM: {status:?}\n{}",
+        logs_in(log_dir)
+    );
 }
 
 async fn check(b: &Batch) {

@@ -243,11 +243,13 @@ impl<'a> Cx<'a> {
                 if let Some(rid) = &job.resource_id {
                     self.record(&format!("{op}:resource_id"), json!(rid)).await?;
                 }
+                crate::engine::crash::point("failover_job_recorded");
                 job.job_id
             }
         };
         let cfg = &self.deps.config;
         let result = self.cloud().wait_job(&job_id, cfg.job_poll, cfg.job_timeout).await;
+        crate::engine::crash::point("failover_job_finished");
         if matches!(&result, Ok(_) | Err(ProviderError::AsyncJobFailed { .. })) {
             // A finished job is not polled again: whoever comes next looks at the world anew
             // (a retry of this operation is a new job). A job we merely lost sight of

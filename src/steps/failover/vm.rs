@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use super::{fail, Cx};
+use super::{fail, retryable, Cx};
 use crate::domain::inventory::NetworkKind;
 use crate::providers::{AsyncCommand, VmFilter, VmState};
 use crate::steps::ActionError;
@@ -123,20 +123,27 @@ pub(crate) async fn start(cx: &Cx<'_>) -> Result<Value, ActionError> {
     let vm = cx.find_vm().await?.ok_or_else(|| {
         ActionError::permanent("VM_NOT_FOUND", format!("VM {} to start does not exist", cx.vm_name()))
     })?;
-    if vm.state != VmState::Running {
-        cx.job("start", AsyncCommand::StartVm { id: vm.id.clone() }, "VM_START_FAILED")
-            .await?;
-    }
+    let result = match vm.state {
+        VmState::Running => Ok(Value::Null),
+        _ => {
+            cx.job("start", AsyncCommand::StartVm { id: vm.id.clone() }, "VM_START_FAILED")
+                .await
+        }
+    };
+    // The world decides: an earlier attempt's start (its reply lost) may have won the race.
     let now = cx
         .cloud()
         .get_vm(&vm.id)
         .await
         .map_err(|e| fail("VM_START_FAILED", e))?;
     if now.state != VmState::Running {
-        return Err(ActionError::retryable(
-            "VM_START_FAILED",
-            format!("VM {} is {:?}, not Running", vm.id, now.state),
-        ));
+        return Err(match result {
+            Err(e) => retryable(e),
+            Ok(_) => ActionError::retryable(
+                "VM_START_FAILED",
+                format!("VM {} is {:?}, not Running", vm.id, now.state),
+            ),
+        });
     }
     Ok(json!({"vm_id": vm.id, "state": "Running"}))
 }
@@ -147,15 +154,17 @@ pub(crate) async fn stop(cx: &Cx<'_>) -> Result<Value, ActionError> {
         return Ok(json!({"skipped": "no VM to stop"}));
     };
     if vm.state != VmState::Stopped {
-        cx.job(
-            "stop",
-            AsyncCommand::StopVm {
-                id: vm.id.clone(),
-                forced: false,
-            },
-            "VM_STOP_FAILED",
-        )
-        .await?;
+        let cmd = AsyncCommand::StopVm {
+            id: vm.id.clone(),
+            forced: false,
+        };
+        if let Err(e) = cx.job("stop", cmd, "VM_STOP_FAILED").await {
+            // An earlier attempt's stop (its reply lost) may have won the race.
+            let now = cx.cloud().get_vm(&vm.id).await.map_err(|e| fail("VM_STOP_FAILED", e))?;
+            if now.state != VmState::Stopped {
+                return Err(retryable(e));
+            }
+        }
     }
     Ok(json!({"vm_id": vm.id, "state": "Stopped"}))
 }
@@ -180,15 +189,13 @@ pub(crate) async fn destroy(cx: &Cx<'_>) -> Result<Value, ActionError> {
             ),
         ));
     }
-    cx.job(
-        "destroy",
-        AsyncCommand::DestroyVm {
-            id: vm.id.clone(),
-            expunge: true,
-        },
-        "VM_DESTROY_FAILED",
-    )
-    .await?;
+    let cmd = AsyncCommand::DestroyVm {
+        id: vm.id.clone(),
+        expunge: true,
+    };
+    let result = cx.job("destroy", cmd, "VM_DESTROY_FAILED").await;
+    // Whatever the job said, the world decides: an earlier attempt's destroy (its reply lost)
+    // may have removed the VM already, and then this job's "VM not found" is success.
     let left = cx
         .cloud()
         .list_vms(VmFilter::id(vm.id.clone()))
@@ -198,10 +205,10 @@ pub(crate) async fn destroy(cx: &Cx<'_>) -> Result<Value, ActionError> {
         .iter()
         .any(|v| !matches!(v.state, VmState::Destroyed | VmState::Expunging))
     {
-        return Err(ActionError::retryable(
-            "VM_DESTROY_FAILED",
-            format!("VM {} still exists", vm.id),
-        ));
+        return Err(match result {
+            Err(e) => retryable(e),
+            Ok(_) => ActionError::retryable("VM_DESTROY_FAILED", format!("VM {} still exists", vm.id)),
+        });
     }
     Ok(json!({"destroyed": vm.id}))
 }

@@ -1,0 +1,346 @@
+//! The failover crash campaign: `tern worker` processes drive test and live failovers against
+//! the CloudStack/LINSTOR simulator (real HTTP) while the simulator injects seeded faults (lost
+//! replies, errors, hangs past the client's timeout, failed jobs) and the workers are SIGKILLed,
+//! at random moments and at crash points inside CloudStack jobs. Afterwards: every run is
+//! terminal, every replicated volume is attached to exactly the VM it should be, nothing the
+//! runs created is left over, and no VM or snapshot was ever created twice.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tern::domain::inventory::NetworkKind;
+use tern::domain::RunId;
+use tern::engine::machine::RunStatus;
+use tern::engine::{Engine, EngineConfig, SubmitRequest};
+use tern::store::Store;
+use tokio_util::sync::CancellationToken;
+
+use super::{delays, logs_in, terminate_in, worker_in};
+use crate::common::{self, TestDb};
+
+struct Campaign {
+    base: String,
+    stop: CancellationToken,
+    store: Arc<dyn Store>,
+    engine: Arc<Engine>,
+    env: Vec<(String, String)>,
+    logs: tempfile::TempDir,
+    _defs: tempfile::TempDir,
+    inv: tern::domain::inventory::InventoryFile,
+    oma: String,
+    runs: Vec<(RunId, String, bool)>, // (run, vm_id, live)
+}
+
+impl Drop for Campaign {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn faults() -> Value {
+    json!({
+        "hang_ms": 1500,
+        "commands": {
+            "deployVirtualMachine": {"lost_reply_rate": 0.15, "job_failure_rate": 0.05},
+            "attachVolume": {"lost_reply_rate": 0.15, "error_rate": 0.05},
+            "detachVolume": {"lost_reply_rate": 0.1, "error_rate": 0.05, "hang_rate": 0.03},
+            "createSnapshot": {"lost_reply_rate": 0.2},
+            "revertSnapshot": {"error_rate": 0.1},
+            "deleteSnapshot": {"lost_reply_rate": 0.1},
+            "startVirtualMachine": {"error_rate": 0.1},
+            "stopVirtualMachine": {"lost_reply_rate": 0.1},
+            "destroyVirtualMachine": {"lost_reply_rate": 0.1},
+            "listVolumes": {"error_rate": 0.03}
+        }
+    })
+}
+
+async fn campaign(db: &TestDb) -> Campaign {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let config = tern::sim::SimConfig {
+        api_key: "k".into(),
+        secret_key: "s".into(),
+        state_file: None,
+        async_latency: Duration::from_millis(30),
+        fault_plan: Some(tern::sim::FaultPlan::from_json(&faults().to_string()).unwrap()),
+        seed: 11,
+        sample: true,
+    };
+    let s = stop.clone();
+    tokio::spawn(async move { tern::sim::serve(listener, config, async move { s.cancelled().await }).await });
+    let sample = tern::sim::sample_inventory(11);
+    let inv = sample.to_inventory();
+    let store = db.open().await;
+    let now = tern::domain::Timestamp::now();
+    for vm in &inv.vms {
+        store.upsert_vm(vm, now).await.unwrap();
+        for kind in [NetworkKind::Test, NetworkKind::Production] {
+            let ms: Vec<_> = inv
+                .network_mappings
+                .iter()
+                .filter(|m| m.vm_id == vm.vm_id && m.kind == kind)
+                .cloned()
+                .collect();
+            store.set_network_mappings(&vm.vm_id, kind, &ms).await.unwrap();
+        }
+    }
+    // Fast retries with a realistic budget, so faults cost milliseconds, not minutes.
+    let defs = tempfile::tempdir().unwrap();
+    for (file, text) in tern::workflow::EMBEDDED {
+        if file.contains("failover") {
+            let fast = text.replace(
+                r#"retry = { max_attempts = 6, initial_delay = "2s", multiplier = 2.0, max_delay = "1m", jitter = 0.2 }"#,
+                r#"retry = { max_attempts = 12, initial_delay = "20ms", multiplier = 2.0, max_delay = "200ms", jitter = 0.1 }"#,
+            );
+            std::fs::write(defs.path().join(file), fast).unwrap();
+        }
+    }
+    let base = format!("http://{addr}");
+    let env: Vec<(String, String)> = [
+        ("TERN_CLOUDSTACK_URL", format!("{base}/client/api")),
+        ("TERN_CLOUDSTACK_API_KEY", "k".into()),
+        ("TERN_CLOUDSTACK_SECRET_KEY", "s".into()),
+        ("TERN_ZONE_ID", sample.zone_id.clone()),
+        ("TERN_SERVICE_OFFERING_ID", sample.service_offering_id.clone()),
+        ("TERN_TEMPLATE_ID", sample.template_id.clone()),
+        ("TERN_TEST_NETWORK_ID", sample.test_network_id.clone()),
+        ("TERN_VIRTIO_SIM_URL", base.clone()),
+        ("TERN_JOB_POLL", "20ms".into()),
+        ("TERN_JOB_TIMEOUT", "10s".into()),
+        ("TERN_REQUEST_TIMEOUT", "1s".into()),
+        ("TERN_WORKFLOWS_DIR", defs.path().display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    // The test process only submits (through an engine with the same definitions).
+    let engine = Engine::with_defaults(store.clone(), Some(defs.path()), EngineConfig::default()).unwrap();
+    Campaign {
+        base,
+        stop,
+        store,
+        engine,
+        env,
+        logs: tempfile::tempdir().unwrap(),
+        _defs: defs,
+        oma: sample.oma_vm_id.clone(),
+        inv,
+        runs: vec![],
+    }
+}
+
+impl Campaign {
+    async fn submit(&mut self, vm: usize, live: bool) {
+        let v = &self.inv.vms[vm];
+        let (def, input) = if live {
+            (
+                "live-failover",
+                json!({"vm_id": v.vm_id, "vm_name": v.name, "job_type": "live"}),
+            )
+        } else {
+            (
+                "test-failover",
+                json!({"vm_id": v.vm_id, "vm_name": v.name, "auto_cleanup": true, "test_duration": "200ms"}),
+            )
+        };
+        let id = self
+            .engine
+            .submit(SubmitRequest {
+                definition: def.into(),
+                input,
+                request_id: None,
+                correlation_id: None,
+            })
+            .await
+            .unwrap()
+            .run
+            .id;
+        self.runs.push((id, v.vm_id.clone(), live));
+    }
+
+    async fn all_terminal(&self) -> bool {
+        for (id, _, _) in &self.runs {
+            if !self.store.get_run(*id).await.unwrap().unwrap().status.is_terminal() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Workers started and SIGKILLed at seeded random moments, one after another.
+    async fn kill_randomly(&self, db: &TestDb, seed: u64, kills: usize) {
+        for (i, ms) in delays(seed, kills).into_iter().enumerate() {
+            let name = format!("victim-{seed}-{i}");
+            let mut child = worker_in(db, self.logs.path(), &name, None, &self.env);
+            tokio::time::sleep(Duration::from_millis(ms * 2)).await;
+            child.kill().await.unwrap();
+            if i % 3 == 2 {
+                tokio::time::sleep(Duration::from_millis(1100)).await; // leases lapse
+            }
+        }
+    }
+
+    /// A worker that kills itself at `point`; returns whether it did (the runs may all finish first).
+    async fn kill_at(&self, db: &TestDb, point: &str) -> bool {
+        let name = format!("doomed-{}", point.replace(':', "-"));
+        let mut child = worker_in(db, self.logs.path(), &name, Some(point), &self.env);
+        for _ in 0..600 {
+            if let Some(status) = child.try_wait().unwrap() {
+                use std::os::unix::process::ExitStatusExt;
+                assert_eq!(
+                    status.signal(),
+                    Some(libc::SIGKILL),
+                    "{point}: {status:?}\n{}",
+                    logs_in(self.logs.path())
+                );
+                return true;
+            }
+            if self.all_terminal().await {
+                child.kill().await.unwrap();
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "crash point {point} neither reached nor passed\n{}",
+            logs_in(self.logs.path())
+        );
+    }
+
+    async fn finish(&self, db: &TestDb) {
+        let heir = worker_in(db, self.logs.path(), "heir", None, &self.env);
+        for _ in 0..1800 {
+            if self.all_terminal().await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            self.all_terminal().await,
+            "runs not terminal after 90 s\n{}",
+            logs_in(self.logs.path())
+        );
+        terminate_in(self.logs.path(), heir, "heir").await;
+    }
+
+    async fn check(&self) {
+        let http = reqwest::Client::new();
+        let state: Value = http
+            .get(format!("{}/sim/state", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let created: BTreeMap<String, u64> = serde_json::from_value(state["created"].clone()).unwrap();
+        for (name, n) in &created {
+            assert_eq!(*n, 1, "{name} was created {n} times");
+        }
+        for (id, vm_id, live) in &self.runs {
+            let row = self.store.get_run(*id).await.unwrap().unwrap();
+            assert!(
+                matches!(row.status, RunStatus::Completed | RunStatus::Failed),
+                "run {id} ({}) ended {:?}\n{}",
+                if *live { "live" } else { "test" },
+                row.state,
+                logs_in(self.logs.path())
+            );
+            let j = self.store.journal(*id, 0, 100_000).await.unwrap();
+            let seqs: Vec<i64> = j.iter().map(|e| e.seq).collect();
+            assert_eq!(seqs, (1..=j.len() as i64).collect::<Vec<_>>(), "run {id}: journal gaps");
+            assert!(j.iter().filter(|e| e.record.kind() == "timer_fired").count() <= 1);
+            // Only the last run on a VM decides where its volume must be now.
+            let last = self.runs.iter().rev().find(|(_, v, _)| v == vm_id).map(|(r, _, _)| *r);
+            if last != Some(*id) {
+                continue;
+            }
+            let vm = self.inv.vms.iter().find(|v| &v.vm_id == vm_id).unwrap();
+            let expect = match (live, row.status) {
+                (true, RunStatus::Completed) => row.context["outputs"]["vm-creation"]["destination_vm_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+                _ => self.oma.clone(),
+            };
+            let inv: Value = http
+                .get(format!("{}/sim/invariant?expect_vm={expect}", self.base))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let mine = inv["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["volume_id"] == json!(vm.volume_id))
+                .unwrap()
+                .clone();
+            assert_eq!(mine["ok"], json!(true), "run {id}: volume {}: {mine}", vm.volume_id);
+        }
+        let inv: Value = http
+            .get(format!("{}/sim/invariant?prefix=tern-t-", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(inv["leaked_vms"].as_array().unwrap().is_empty(), "test VMs left: {inv}");
+        let snaps: Value = http
+            .get(format!("{}/sim/invariant?prefix=tern-", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for key in ["leaked_snapshots", "leaked_vm_snapshots", "leaked_linstor_snapshots"] {
+            assert!(snaps[key].as_array().unwrap().is_empty(), "{key}: {snaps}");
+        }
+    }
+}
+
+async fn failovers_survive_faults_and_kills(backend: &str) {
+    let Some(db) = common::db(backend) else { return };
+    let mut c = campaign(&db).await;
+    // Round 1: a test failover of every sample VM at once, workers killed at random.
+    for vm in 0..3 {
+        c.submit(vm, false).await;
+    }
+    c.kill_randomly(&db, 0xfa11, 6).await;
+    c.finish(&db).await;
+    // Round 2: two more test failovers and a live failover, with kills right after a
+    // CloudStack job id was checkpointed, right after a job finished, and after progress.
+    c.submit(0, false).await;
+    c.submit(1, false).await;
+    c.submit(2, true).await;
+    let mut killed = 0;
+    for point in [
+        "failover_job_recorded:3",
+        "failover_job_finished:4",
+        "after:step_progress:6",
+        "failover_job_recorded:2",
+    ] {
+        killed += usize::from(c.kill_at(&db, point).await);
+    }
+    assert!(killed >= 2, "only {killed} targeted kills happened");
+    c.finish(&db).await;
+    c.check().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failovers_survive_faults_and_kills_sqlite() {
+    failovers_survive_faults_and_kills("sqlite").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failovers_survive_faults_and_kills_postgres() {
+    failovers_survive_faults_and_kills("postgres").await
+}
