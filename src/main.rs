@@ -186,6 +186,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the exact manual recovery for a failover run (snapshot, volume, VM ids, the calls).
+    Recover { run: String },
     /// List runs, newest first.
     List {
         #[arg(long)]
@@ -289,6 +291,21 @@ async fn main() {
 
 async fn real_main() -> Result<()> {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Get { .. }
+            | Command::List { .. }
+            | Command::Recover { .. }
+            | Command::Definitions
+            | Command::Inventory { .. }
+    ) {
+        // Printing commands end quietly when their reader goes away (`tern get … | head`), like
+        // other Unix tools. Long-running network processes keep Rust's default (SIGPIPE ignored).
+        // SAFETY: setting a signal disposition to SIG_DFL before any thread writes output.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let shutdown = match cli.command {
         Command::Dev { .. } | Command::Worker { .. } | Command::Sim(_) => Some(shutdown_on_signal()?),
         _ => None,
@@ -390,6 +407,23 @@ async fn real_main() -> Result<()> {
                     println!("  {:>4}  {}  {}", e.seq, e.at, serde_json::to_string(&e.record)?);
                 }
             }
+        }
+        Command::Recover { run } => {
+            let id = run_id(run)?;
+            let row = store
+                .get_run(id)
+                .await?
+                .with_context(|| format!("run {id} not found"))?;
+            let vm_id = row
+                .input
+                .get("vm_id")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string();
+            let vm = store.get_vm(&vm_id).await?;
+            let job = store.failover_job(id).await?;
+            let snap = job.as_ref().and_then(|j| j.linstor_snapshot_name.as_deref());
+            println!("{}", tern::steps::failover::recover::plan(&row, vm.as_ref(), snap));
         }
         Command::List {
             status,

@@ -63,6 +63,16 @@ async fn world(db: &TestDb, snapshots: SnapshotKind, faults: Option<Value>) -> W
 }
 
 async fn world_with(db: &TestDb, snapshots: SnapshotKind, faults: Option<Value>, attempts: u32) -> World {
+    world_full(db, snapshots, faults, attempts, None).await
+}
+
+async fn world_full(
+    db: &TestDb,
+    snapshots: SnapshotKind,
+    faults: Option<Value>,
+    attempts: u32,
+    injector: Option<InjectorSettings>,
+) -> World {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
@@ -104,7 +114,7 @@ async fn world_with(db: &TestDb, snapshots: SnapshotKind, faults: Option<Value>,
         service_offering_id: sample.service_offering_id.clone(),
         template_id: sample.template_id.clone(),
         test_network_id: Some(sample.test_network_id.clone()),
-        injector: InjectorSettings::Sim { base_url: base.clone() },
+        injector: injector.unwrap_or(InjectorSettings::Sim { base_url: base.clone() }),
         job_poll: Duration::from_millis(10),
         job_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(2),
@@ -485,6 +495,20 @@ async fn a_volume_that_cannot_be_deleted_needs_an_operator(db: TestDb) {
         .unwrap()
         .clone();
     assert_eq!(mine["ok"], json!(true), "{inv}");
+    // `tern recover` spells out the manual recovery from what the run recorded.
+    let job = w.store.failover_job(run).await.unwrap().unwrap();
+    let text = tern::steps::failover::recover::plan(&row, Some(&vm), job.linstor_snapshot_name.as_deref());
+    for needle in [
+        format!("cmk detach volume id={}", vm.volume_id),
+        format!(
+            "cmk attach volume id={} virtualmachineid={}",
+            vm.volume_id, vm.oma_vm_id
+        ),
+        "not undone: volume-attachment".to_string(),
+        "snapshot       tern-".to_string(),
+    ] {
+        assert!(text.contains(&needle), "missing {needle:?} in:\n{text}");
+    }
 }
 
 async fn failure_at_test_vm_startup(db: TestDb) {
@@ -530,6 +554,65 @@ async fn lost_replies_and_flaky_calls_are_adopted_not_repeated(db: TestDb) {
     w.assert_clean(&w.sample.oma_vm_id).await;
 }
 
+async fn failure_at_virtio_injection(db: TestDb) {
+    // The real command injector runs a tool that fails (exit 3): the rollback reverts the disk
+    // from the snapshot (injection may have written to it) and puts everything back.
+    let devices = tempfile::tempdir().unwrap();
+    let vm = tern::sim::sample_inventory(7)
+        .to_inventory()
+        .vms
+        .into_iter()
+        .find(|v| v.os_type == "windows")
+        .unwrap();
+    let serial = tern::providers::virtio::serial_for(&vm.volume_id).unwrap();
+    std::fs::write(devices.path().join(format!("virtio-{serial}")), b"").unwrap();
+    let injector = InjectorSettings::Command(tern::providers::virtio::CommandInjectorConfig {
+        inject_command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo converting {device}; echo viostor missing >&2; exit 3".into(),
+        ],
+        device_pattern: format!("{}/*{{serial}}", devices.path().display()),
+        ..Default::default()
+    });
+    let w = world_full(&db, SnapshotKind::CloudstackVolume, None, 3, Some(injector)).await;
+    let before = w.generation(&vm.volume_id).await;
+    let run = w.submit("test-failover", input(&vm, json!({}))).await;
+    let row = w.finish(run).await;
+    assert_eq!(row.status, RunStatus::Failed, "{:?}", row.state);
+    assert_eq!(error_code(&row), "VIRTIO_FAILED");
+    match &row.state {
+        RunState::Failed { step, error } => {
+            assert_eq!(step, "virtio-injection");
+            assert!(
+                error.message.contains("viostor missing"),
+                "stderr kept: {}",
+                error.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    w.assert_clean(&vm.oma_vm_id).await;
+    assert_eq!(w.generation(&vm.volume_id).await, before);
+}
+
+async fn a_live_failover_that_cannot_start_rolls_back(db: TestDb) {
+    let f = json!({"commands": {"startVirtualMachine": {"job_failure_rate": 1.0}}});
+    let w = world(&db, SnapshotKind::Linstor, Some(f)).await;
+    let vm = w.vm("windows").clone();
+    let before = w.generation(&vm.volume_id).await;
+    let run = w.submit("live-failover", input(&vm, json!({"job_type": "live"}))).await;
+    let row = w.finish(run).await;
+    assert_eq!(row.status, RunStatus::Failed, "{:?}", row.state);
+    assert_eq!(error_code(&row), "VM_START_FAILED");
+    w.assert_clean(&vm.oma_vm_id).await;
+    assert_eq!(
+        w.generation(&vm.volume_id).await,
+        before,
+        "drivers injected for the live VM were reverted"
+    );
+}
+
 crate::on_both_backends!(
     test_failover_with_auto_cleanup_puts_everything_back,
     cancel_during_the_hold_rolls_everything_back
@@ -554,6 +637,8 @@ mod sqlite_only {
         failure_at_test_vm_creation,
         failure_at_volume_attachment,
         failure_at_test_vm_startup,
+        failure_at_virtio_injection,
+        a_live_failover_that_cannot_start_rolls_back,
         a_volume_that_cannot_be_deleted_needs_an_operator,
         an_unknown_vm_fails_with_vm_not_found,
         lost_replies_and_flaky_calls_are_adopted_not_repeated

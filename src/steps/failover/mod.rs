@@ -9,6 +9,7 @@
 //! never deleted or expunged: every destructive call checks it is not the target.
 
 mod network;
+pub mod recover;
 pub mod setup;
 mod snapshot;
 mod validate;
