@@ -8,7 +8,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use tern::domain::inventory::NetworkKind;
 use tern::domain::{parse_duration, RunId};
 use tern::engine::machine::RunStatus;
 use tern::engine::{worker, Engine, EngineConfig, SubmitRequest};
@@ -476,26 +475,7 @@ async fn real_main() -> Result<()> {
                 let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
                 let inv = tern::domain::inventory::InventoryFile::parse(&text)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-                let now = tern::domain::Timestamp::now();
-                for vm in &inv.vms {
-                    store.upsert_vm(vm, now).await?;
-                }
-                for kind in [
-                    tern::domain::inventory::NetworkKind::Test,
-                    tern::domain::inventory::NetworkKind::Production,
-                ] {
-                    for vm in &inv.vms {
-                        let ms: Vec<_> = inv
-                            .network_mappings
-                            .iter()
-                            .filter(|m| m.vm_id == vm.vm_id && m.kind == kind)
-                            .cloned()
-                            .collect();
-                        if !ms.is_empty() {
-                            store.set_network_mappings(&vm.vm_id, kind, &ms).await?;
-                        }
-                    }
-                }
+                store::load_inventory(store.as_ref(), &inv, tern::domain::Timestamp::now()).await?;
                 println!(
                     "loaded {} VMs and {} network mappings",
                     inv.vms.len(),
@@ -644,21 +624,7 @@ async fn dev(
     });
     let inv = tern::sim::sample_inventory(seed);
     let file = inv.to_inventory();
-    let now = tern::domain::Timestamp::now();
-    for vm in &file.vms {
-        store.upsert_vm(vm, now).await?;
-    }
-    for kind in [NetworkKind::Test, NetworkKind::Production] {
-        for vm in &file.vms {
-            let ms: Vec<_> = file
-                .network_mappings
-                .iter()
-                .filter(|m| m.vm_id == vm.vm_id && m.kind == kind)
-                .cloned()
-                .collect();
-            store.set_network_mappings(&vm.vm_id, kind, &ms).await?;
-        }
-    }
+    store::load_inventory(store.as_ref(), &file, tern::domain::Timestamp::now()).await?;
     let settings = CloudSettings {
         cloudstack_url: format!("http://{addr}/client/api"),
         api_key: args.api_key.clone(),

@@ -301,6 +301,26 @@ pub trait Store: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
 }
 
+/// Loads an inventory file: inserts or replaces its VMs, and replaces each VM's test and
+/// production mappings with the file's (a VM the file gives no mappings of a kind keeps its own).
+pub async fn load_inventory(store: &dyn Store, inv: &crate::domain::inventory::InventoryFile, now: Timestamp) -> Result<()> {
+    for vm in &inv.vms {
+        store.upsert_vm(vm, now).await?;
+        for kind in [NetworkKind::Test, NetworkKind::Production] {
+            let mappings: Vec<NetworkMapping> = inv
+                .network_mappings
+                .iter()
+                .filter(|m| m.vm_id == vm.vm_id && m.kind == kind)
+                .cloned()
+                .collect();
+            if !mappings.is_empty() {
+                store.set_network_mappings(&vm.vm_id, kind, &mappings).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Opens the store a URL names: `sqlite://path` / `sqlite::memory:` or `postgres://…`.
 /// A PostgreSQL URL may carry `tern_schema=NAME` to keep Tern's tables in their own schema
 /// (several isolated Terns on one database; the tests use it).

@@ -87,3 +87,57 @@ macro_rules! on_both_backends {
         )*
     };
 }
+
+/// A CloudStack/LINSTOR simulator running in this test process (stopped when dropped).
+pub struct Sim {
+    pub base: String,
+    pub sample: tern::sim::SampleInventory,
+    pub inventory: tern::domain::inventory::InventoryFile,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Starts the simulator with the sample world on 127.0.0.1:0 (keys `key`/`secret`).
+pub async fn start_sim(seed: u64, faults: Option<serde_json::Value>, key: &str, secret: &str, latency_ms: u64) -> Sim {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind simulator");
+    let addr = listener.local_addr().expect("simulator address");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let config = tern::sim::SimConfig {
+        api_key: key.into(),
+        secret_key: secret.into(),
+        state_file: None,
+        async_latency: std::time::Duration::from_millis(latency_ms),
+        fault_plan: faults.map(|f| tern::sim::FaultPlan::from_json(&f.to_string()).expect("fault plan")),
+        seed,
+        sample: true,
+    };
+    let s = stop.clone();
+    tokio::spawn(async move { tern::sim::serve(listener, config, async move { s.cancelled().await }).await });
+    let sample = tern::sim::sample_inventory(seed);
+    let inventory = sample.to_inventory();
+    Sim { base: format!("http://{addr}"), sample, inventory, stop }
+}
+
+/// The embedded failover definitions with fast retries (`attempts` per step, delays from 20ms
+/// up to `max_delay`), so injected failures cost milliseconds.
+pub fn fast_failover_definitions(attempts: u32, max_delay: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (file, text) in tern::workflow::EMBEDDED {
+        if file.contains("failover") {
+            let fast = text.replace(
+                r#"retry = { max_attempts = 6, initial_delay = "2s", multiplier = 2.0, max_delay = "1m", jitter = 0.2 }"#,
+                &format!(
+                    r#"retry = {{ max_attempts = {attempts}, initial_delay = "20ms", multiplier = 2.0, max_delay = "{max_delay}", jitter = 0.0 }}"#
+                ),
+            );
+            assert_ne!(&fast, text, "the failover retry defaults changed; update the tests' fast definitions");
+            std::fs::write(dir.path().join(file), fast).expect("write definition");
+        }
+    }
+    dir
+}

@@ -10,19 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tern::domain::inventory::NetworkKind;
 use tern::domain::RunId;
 use tern::engine::machine::RunStatus;
 use tern::engine::{Engine, EngineConfig, SubmitRequest};
 use tern::store::Store;
-use tokio_util::sync::CancellationToken;
 
 use super::{delays, logs_in, terminate_in, worker_in};
 use crate::common::{self, TestDb};
 
 struct Campaign {
     base: String,
-    stop: CancellationToken,
+    _sim: common::Sim,
     store: Arc<dyn Store>,
     engine: Arc<Engine>,
     env: Vec<(String, String)>,
@@ -31,12 +29,6 @@ struct Campaign {
     inv: tern::domain::inventory::InventoryFile,
     oma: String,
     runs: Vec<(RunId, String, bool)>, // (run, vm_id, live)
-}
-
-impl Drop for Campaign {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }
 
 fn faults() -> Value {
@@ -58,48 +50,14 @@ fn faults() -> Value {
 }
 
 async fn campaign(db: &TestDb) -> Campaign {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let config = tern::sim::SimConfig {
-        api_key: "k".into(),
-        secret_key: "s".into(),
-        state_file: None,
-        async_latency: Duration::from_millis(30),
-        fault_plan: Some(tern::sim::FaultPlan::from_json(&faults().to_string()).unwrap()),
-        seed: 11,
-        sample: true,
-    };
-    let s = stop.clone();
-    tokio::spawn(async move { tern::sim::serve(listener, config, async move { s.cancelled().await }).await });
-    let sample = tern::sim::sample_inventory(11);
-    let inv = sample.to_inventory();
+    let sim = common::start_sim(11, Some(faults()), "k", "s", 30).await;
+    let sample = sim.sample.clone();
+    let inv = sim.inventory.clone();
     let store = db.open().await;
-    let now = tern::domain::Timestamp::now();
-    for vm in &inv.vms {
-        store.upsert_vm(vm, now).await.unwrap();
-        for kind in [NetworkKind::Test, NetworkKind::Production] {
-            let ms: Vec<_> = inv
-                .network_mappings
-                .iter()
-                .filter(|m| m.vm_id == vm.vm_id && m.kind == kind)
-                .cloned()
-                .collect();
-            store.set_network_mappings(&vm.vm_id, kind, &ms).await.unwrap();
-        }
-    }
+    tern::store::load_inventory(store.as_ref(), &inv, tern::domain::Timestamp::now()).await.unwrap();
     // Fast retries with a realistic budget, so faults cost milliseconds, not minutes.
-    let defs = tempfile::tempdir().unwrap();
-    for (file, text) in tern::workflow::EMBEDDED {
-        if file.contains("failover") {
-            let fast = text.replace(
-                r#"retry = { max_attempts = 6, initial_delay = "2s", multiplier = 2.0, max_delay = "1m", jitter = 0.2 }"#,
-                r#"retry = { max_attempts = 12, initial_delay = "20ms", multiplier = 2.0, max_delay = "200ms", jitter = 0.1 }"#,
-            );
-            std::fs::write(defs.path().join(file), fast).unwrap();
-        }
-    }
-    let base = format!("http://{addr}");
+    let defs = common::fast_failover_definitions(12, "200ms");
+    let base = sim.base.clone();
     let env: Vec<(String, String)> = [
         ("TERN_CLOUDSTACK_URL", format!("{base}/client/api")),
         ("TERN_CLOUDSTACK_API_KEY", "k".into()),
@@ -121,7 +79,7 @@ async fn campaign(db: &TestDb) -> Campaign {
     let engine = Engine::with_defaults(store.clone(), Some(defs.path()), EngineConfig::default()).unwrap();
     Campaign {
         base,
-        stop,
+        _sim: sim,
         store,
         engine,
         env,

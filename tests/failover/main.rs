@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tern::domain::inventory::{InventoryFile, NetworkKind};
+use tern::domain::inventory::InventoryFile;
 use tern::domain::RunId;
 use tern::engine::machine::{RunState, RunStatus};
 use tern::engine::{worker, Engine, EngineConfig, SubmitRequest};
 use tern::providers::SnapshotKind;
-use tern::sim::{FaultPlan, SampleInventory, SimConfig};
+use tern::sim::SampleInventory;
 use tern::steps::failover::setup::{self, CloudSettings, InjectorSettings};
 use tern::store::Store;
 use tokio_util::sync::CancellationToken;
@@ -33,29 +33,13 @@ struct World {
     engine: Arc<Engine>,
     store: Arc<dyn Store>,
     _defs: tempfile::TempDir,
+    _sim: common::Sim,
 }
 
 impl Drop for World {
     fn drop(&mut self) {
         self.stop.cancel();
     }
-}
-
-/// The embedded failover definitions with fast retries (`attempts` per step), so injected
-/// failures end quickly.
-fn fast_definitions(attempts: u32) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (file, text) in tern::workflow::EMBEDDED {
-        if file.contains("failover") {
-            let fast = text.replace(
-                r#"retry = { max_attempts = 6, initial_delay = "2s", multiplier = 2.0, max_delay = "1m", jitter = 0.2 }"#,
-                &format!(r#"retry = {{ max_attempts = {attempts}, initial_delay = "20ms", multiplier = 2.0, max_delay = "100ms", jitter = 0.0 }}"#),
-            );
-            assert_ne!(&fast, text, "retry defaults changed; update the test");
-            std::fs::write(dir.path().join(file), fast).unwrap();
-        }
-    }
-    dir
 }
 
 async fn world(db: &TestDb, snapshots: SnapshotKind, faults: Option<Value>) -> World {
@@ -73,37 +57,12 @@ async fn world_full(
     attempts: u32,
     injector: Option<InjectorSettings>,
 ) -> World {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stop = CancellationToken::new();
-    let config = SimConfig {
-        api_key: KEY.into(),
-        secret_key: SECRET.into(),
-        state_file: None,
-        async_latency: Duration::from_millis(20),
-        fault_plan: faults.map(|f| FaultPlan::from_json(&f.to_string()).unwrap()),
-        seed: 7,
-        sample: true,
-    };
-    let s = stop.clone();
-    tokio::spawn(async move { tern::sim::serve(listener, config, async move { s.cancelled().await }).await });
-    let sample = tern::sim::sample_inventory(7);
-    let inv = sample.to_inventory();
+    let sim = common::start_sim(7, faults, KEY, SECRET, 20).await;
+    let sample = sim.sample.clone();
+    let inv = sim.inventory.clone();
     let store = db.open().await;
-    let now = tern::domain::Timestamp::now();
-    for vm in &inv.vms {
-        store.upsert_vm(vm, now).await.unwrap();
-        for kind in [NetworkKind::Test, NetworkKind::Production] {
-            let ms: Vec<_> = inv
-                .network_mappings
-                .iter()
-                .filter(|m| m.vm_id == vm.vm_id && m.kind == kind)
-                .cloned()
-                .collect();
-            store.set_network_mappings(&vm.vm_id, kind, &ms).await.unwrap();
-        }
-    }
-    let base = format!("http://{addr}");
+    tern::store::load_inventory(store.as_ref(), &inv, tern::domain::Timestamp::now()).await.unwrap();
+    let base = sim.base.clone();
     let settings = CloudSettings {
         cloudstack_url: format!("{base}/client/api"),
         api_key: KEY.into(),
@@ -121,7 +80,7 @@ async fn world_full(
     };
     let mut registry = tern::steps::Registry::with_builtins(store.clone());
     tern::steps::failover::register(&mut registry, setup::build(&settings, store.clone()).unwrap());
-    let defs = fast_definitions(attempts);
+    let defs = common::fast_failover_definitions(attempts, "100ms");
     let cfg = EngineConfig {
         worker_id: "failover-test".into(),
         concurrency: 8,
@@ -130,6 +89,7 @@ async fn world_full(
         shutdown_grace: Duration::from_secs(1),
     };
     let engine = Engine::with_registry(store.clone(), Some(defs.path()), registry, cfg).unwrap();
+    let stop = CancellationToken::new();
     let (e, s) = (engine.clone(), stop.clone());
     tokio::spawn(async move { worker::run_worker(e, s).await });
     World {
@@ -141,6 +101,7 @@ async fn world_full(
         engine,
         store,
         _defs: defs,
+        _sim: sim,
     }
 }
 
