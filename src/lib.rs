@@ -16,6 +16,7 @@
 //! *compensation* undoes a completed step; the *hold* waits for a signal or timer; the
 //! *teardown* steps follow the hold.
 
+pub mod bench;
 pub mod domain;
 pub mod engine;
 pub mod providers;

@@ -158,6 +158,8 @@ enum Command {
     },
     /// Run the CloudStack/LINSTOR simulator (a real HTTP server).
     Sim(SimArgs),
+    /// Measure the reference workload (6 checkpointed no-op steps) on SQLite and PostgreSQL.
+    Bench(tern::bench::BenchArgs),
     /// Submit a run of a definition and print its id.
     Submit {
         definition: String,
@@ -312,6 +314,10 @@ async fn real_main() -> Result<()> {
     if let Command::Sim(args) = &cli.command {
         return run_sim(args, shutdown.unwrap_or_default()).await;
     }
+    if let Command::Bench(args) = &cli.command {
+        tern::bench::run(args).await?;
+        return Ok(());
+    }
     let store = open_store(&cli).await?;
     let engine_for = |cfg: EngineConfig| Engine::with_defaults(store.clone(), cli.workflows.as_deref(), cfg);
     match &cli.command {
@@ -334,7 +340,7 @@ async fn real_main() -> Result<()> {
             let engine = dev(&cli, store.clone(), w, sim_listen, token.clone()).await?;
             worker::run_worker(engine, token).await?;
         }
-        Command::Sim(_) => unreachable!("handled before the store is opened"),
+        Command::Sim(_) | Command::Bench(_) => unreachable!("handled before the store is opened"),
         Command::Submit {
             definition,
             input,
@@ -669,4 +675,15 @@ fn print_dev_banner(engine: &Engine, inv: &tern::domain::inventory::InventoryFil
         data_dir().join("sim-state.json").display(),
         vms.join("\n"),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        // Catches clashing flag names and bad defaults at test time instead of at run time.
+        super::Cli::command().debug_assert();
+    }
 }

@@ -267,6 +267,9 @@ impl Driver {
             // A run went to sleep or finished: let the worker loop recompute its next wake-up.
             self.engine.store.wakeup().wake();
         }
+        if self.state.is_terminal() {
+            self.engine.announce_finished(self.run_id);
+        }
         Ok(actions.into_iter().next())
     }
 

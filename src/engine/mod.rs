@@ -89,6 +89,8 @@ pub struct Engine {
     pub registry: Arc<Registry>,
     pub config: EngineConfig,
     pinned: Mutex<HashMap<String, Arc<Definition>>>,
+    /// Runs this process drove to a terminal state, announced after the commit.
+    finished: tokio::sync::broadcast::Sender<RunId>,
 }
 
 impl Engine {
@@ -104,6 +106,7 @@ impl Engine {
             registry,
             config,
             pinned: Mutex::new(HashMap::new()),
+            finished: tokio::sync::broadcast::channel(4096).0,
         })
     }
 
@@ -218,6 +221,16 @@ impl Engine {
             m.insert(hash.to_string(), def.clone());
         }
         Ok(def)
+    }
+
+    /// Runs this process finishes, as they are committed (in-process waiters, the bench).
+    /// A lagging receiver misses ids; combine with [`Engine::wait_terminal`] when that matters.
+    pub fn subscribe_finished(&self) -> tokio::sync::broadcast::Receiver<RunId> {
+        self.finished.subscribe()
+    }
+
+    pub(crate) fn announce_finished(&self, run: RunId) {
+        let _ = self.finished.send(run);
     }
 
     /// Waits until a run is terminal (polling the store; for tests and the CLI).

@@ -270,6 +270,10 @@ pub trait Store: Send + Sync + 'static {
     async fn pending_signals(&self, run: RunId) -> Result<Vec<SignalRow>>;
     /// The earliest wake-up time after `now` (to sleep exactly until the next timer).
     async fn next_wake_after(&self, now: Timestamp) -> Result<Option<Timestamp>>;
+    /// Rows in the journal, all runs (the bench counts stored checkpoints with it).
+    async fn journal_rows(&self) -> Result<i64>;
+    /// The durability settings in force, as the database reports them (for the bench).
+    async fn durability(&self) -> Result<String>;
     /// Counts runs by status (for tests, the bench and operators).
     async fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>>;
 
@@ -303,7 +307,11 @@ pub trait Store: Send + Sync + 'static {
 
 /// Loads an inventory file: inserts or replaces its VMs, and replaces each VM's test and
 /// production mappings with the file's (a VM the file gives no mappings of a kind keeps its own).
-pub async fn load_inventory(store: &dyn Store, inv: &crate::domain::inventory::InventoryFile, now: Timestamp) -> Result<()> {
+pub async fn load_inventory(
+    store: &dyn Store,
+    inv: &crate::domain::inventory::InventoryFile,
+    now: Timestamp,
+) -> Result<()> {
     for vm in &inv.vms {
         store.upsert_vm(vm, now).await?;
         for kind in [NetworkKind::Test, NetworkKind::Production] {

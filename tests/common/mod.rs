@@ -104,7 +104,9 @@ impl Drop for Sim {
 
 /// Starts the simulator with the sample world on 127.0.0.1:0 (keys `key`/`secret`).
 pub async fn start_sim(seed: u64, faults: Option<serde_json::Value>, key: &str, secret: &str, latency_ms: u64) -> Sim {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind simulator");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind simulator");
     let addr = listener.local_addr().expect("simulator address");
     let stop = tokio_util::sync::CancellationToken::new();
     let config = tern::sim::SimConfig {
@@ -120,7 +122,12 @@ pub async fn start_sim(seed: u64, faults: Option<serde_json::Value>, key: &str, 
     tokio::spawn(async move { tern::sim::serve(listener, config, async move { s.cancelled().await }).await });
     let sample = tern::sim::sample_inventory(seed);
     let inventory = sample.to_inventory();
-    Sim { base: format!("http://{addr}"), sample, inventory, stop }
+    Sim {
+        base: format!("http://{addr}"),
+        sample,
+        inventory,
+        stop,
+    }
 }
 
 /// The embedded failover definitions with fast retries (`attempts` per step, delays from 20ms
@@ -135,7 +142,10 @@ pub fn fast_failover_definitions(attempts: u32, max_delay: &str) -> tempfile::Te
                     r#"retry = {{ max_attempts = {attempts}, initial_delay = "20ms", multiplier = 2.0, max_delay = "{max_delay}", jitter = 0.0 }}"#
                 ),
             );
-            assert_ne!(&fast, text, "the failover retry defaults changed; update the tests' fast definitions");
+            assert_ne!(
+                &fast, text,
+                "the failover retry defaults changed; update the tests' fast definitions"
+            );
             std::fs::write(dir.path().join(file), fast).expect("write definition");
         }
     }

@@ -54,7 +54,9 @@ async fn campaign(db: &TestDb) -> Campaign {
     let sample = sim.sample.clone();
     let inv = sim.inventory.clone();
     let store = db.open().await;
-    tern::store::load_inventory(store.as_ref(), &inv, tern::domain::Timestamp::now()).await.unwrap();
+    tern::store::load_inventory(store.as_ref(), &inv, tern::domain::Timestamp::now())
+        .await
+        .unwrap();
     // Fast retries with a realistic budget, so faults cost milliseconds, not minutes.
     let defs = common::fast_failover_definitions(12, "200ms");
     let base = sim.base.clone();

@@ -61,7 +61,9 @@ async fn world_full(
     let sample = sim.sample.clone();
     let inv = sim.inventory.clone();
     let store = db.open().await;
-    tern::store::load_inventory(store.as_ref(), &inv, tern::domain::Timestamp::now()).await.unwrap();
+    tern::store::load_inventory(store.as_ref(), &inv, tern::domain::Timestamp::now())
+        .await
+        .unwrap();
     let base = sim.base.clone();
     let settings = CloudSettings {
         cloudstack_url: format!("{base}/client/api"),

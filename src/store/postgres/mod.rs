@@ -576,6 +576,20 @@ impl Store for PgStore {
         Ok(v.map(Timestamp))
     }
 
+    async fn journal_rows(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM journal")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn durability(&self) -> Result<String> {
+        let fsync: String = sqlx::query_scalar("SHOW fsync").fetch_one(&self.pool).await?;
+        let sc: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(format!("fsync={fsync} synchronous_commit={sc}"))
+    }
+
     async fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>> {
         let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
             .fetch_all(&self.pool)

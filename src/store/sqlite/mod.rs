@@ -484,6 +484,25 @@ impl Store for SqliteStore {
         Ok(v.map(Timestamp))
     }
 
+    async fn journal_rows(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM journal")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn durability(&self) -> Result<String> {
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&self.pool).await?;
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&self.pool).await?;
+        let name = match sync {
+            0 => "OFF",
+            1 => "NORMAL",
+            2 => "FULL",
+            3 => "EXTRA",
+            _ => "?",
+        };
+        Ok(format!("journal_mode={mode} synchronous={name}"))
+    }
+
     async fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>> {
         let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
             .fetch_all(&self.pool)

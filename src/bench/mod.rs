@@ -1,0 +1,309 @@
+//! `tern bench`: the reference workload, measured in-process on a fresh database.
+//!
+//! The workload is `noop-6`, six sequential no-op steps, each checkpointed like any real step:
+//! "started" and "succeeded" both durably committed. Two figures are taken per backend:
+//! * **throughput**: N workflows in a closed loop with K in flight (K clients, each submits
+//!   one, waits for its result, submits the next): workflows/s and steps/s;
+//! * **latency**: M workflows one at a time, submit to completion: p50 and p99.
+//!
+//! Each line also shows the peak RSS, the checkpoints actually stored (journal rows counted in
+//! the database, so durability cannot be faked), and the durability settings the database
+//! reports. The gRPC end-to-end scenarios arrive with the API.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::RunId;
+use crate::engine::{worker, Engine, EngineConfig, EngineError, SubmitRequest};
+use crate::store::{self, Store};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// sqlite, postgres or both.
+    #[arg(long, default_value = "both")]
+    pub backend: String,
+    /// PostgreSQL for the postgres scenarios (a throwaway schema is created and dropped).
+    #[arg(
+        long,
+        env = "TERN_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    pub postgres_url: String,
+    /// Workflows in the throughput scenario.
+    #[arg(long, default_value_t = 1000)]
+    pub runs: usize,
+    /// Clients in the closed loop (workflows in flight).
+    #[arg(long, default_value_t = 50)]
+    pub in_flight: usize,
+    /// Workflows in the latency scenario, one at a time.
+    #[arg(long, default_value_t = 100)]
+    pub latency_runs: usize,
+    /// Runs the worker drives at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// One printed line.
+#[derive(Debug, Clone)]
+pub struct Figures {
+    pub scenario: String,
+    pub backend: &'static str,
+    pub workflows: usize,
+    pub per_sec: f64,
+    pub steps_per_sec: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub peak_rss_mb: f64,
+    pub checkpoints: i64,
+    pub durability: String,
+}
+
+impl std::fmt::Display for Figures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<22} {:<8} {:>6} wf  {:>8.1} wf/s  {:>9.1} steps/s  p50 {:>7.2} ms  p99 {:>7.2} ms  rss {:>6.1} MB  checkpoints {:>7}  [{}]",
+            self.scenario,
+            self.backend,
+            self.workflows,
+            self.per_sec,
+            self.steps_per_sec,
+            self.p50.as_secs_f64() * 1e3,
+            self.p99.as_secs_f64() * 1e3,
+            self.peak_rss_mb,
+            self.checkpoints,
+            self.durability
+        )
+    }
+}
+
+/// Peak resident set size of this process (VmHWM), in MB.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Completion waiters fed by the engine's finished-run broadcast.
+#[derive(Default)]
+struct Waiters {
+    pending: HashMap<RunId, oneshot::Sender<()>>,
+    done: HashSet<RunId>,
+}
+
+struct Harness {
+    engine: Arc<Engine>,
+    waiters: Arc<Mutex<Waiters>>,
+    stop: CancellationToken,
+}
+
+impl Harness {
+    async fn start(store: Arc<dyn Store>, concurrency: usize) -> Result<Harness, BenchError> {
+        let config = EngineConfig {
+            worker_id: format!("bench-{}", std::process::id()),
+            concurrency,
+            lease_ttl: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(500),
+            shutdown_grace: Duration::from_secs(5),
+        };
+        let engine = Engine::with_defaults(store, None, config)?;
+        let stop = CancellationToken::new();
+        let waiters = Arc::new(Mutex::new(Waiters::default()));
+        let mut finished = engine.subscribe_finished();
+        let w = waiters.clone();
+        tokio::spawn(async move {
+            while let Ok(id) = finished.recv().await {
+                if let Ok(mut w) = w.lock() {
+                    match w.pending.remove(&id) {
+                        Some(tx) => {
+                            let _ = tx.send(());
+                        }
+                        None => {
+                            w.done.insert(id);
+                        }
+                    }
+                }
+            }
+        });
+        let (e, s) = (engine.clone(), stop.clone());
+        tokio::spawn(async move { worker::run_worker(e, s).await });
+        Ok(Harness { engine, waiters, stop })
+    }
+
+    /// Submits one noop-6 and waits for it to finish; returns the submit-to-completion time.
+    async fn one(&self) -> Result<Duration, BenchError> {
+        let t = Instant::now();
+        let run = self
+            .engine
+            .submit(SubmitRequest {
+                definition: "noop-6".into(),
+                input: json!({}),
+                request_id: None,
+                correlation_id: None,
+            })
+            .await?
+            .run
+            .id;
+        let rx = {
+            let mut w = self
+                .waiters
+                .lock()
+                .map_err(|_| BenchError::Setup("waiters poisoned".into()))?;
+            if w.done.remove(&run) {
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                w.pending.insert(run, tx);
+                Some(rx)
+            }
+        };
+        if let Some(rx) = rx {
+            if tokio::time::timeout(Duration::from_secs(10), rx).await.is_err() {
+                // Missed announcement (broadcast lag): the database has the answer.
+                self.engine.wait_terminal(run, Duration::from_secs(60)).await?;
+            }
+        }
+        Ok(t.elapsed())
+    }
+}
+
+async fn scenario(
+    name: &str,
+    store: Arc<dyn Store>,
+    args: &BenchArgs,
+    clients: usize,
+    total: usize,
+) -> Result<Figures, BenchError> {
+    let before = store.journal_rows().await?;
+    let durability = store.durability().await?;
+    let backend = store.backend();
+    let h = Arc::new(Harness::start(store.clone(), args.concurrency).await?);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients.max(1) {
+        let (h, next) = (h.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < total {
+                lat.push(h.one().await?);
+            }
+            Ok::<_, BenchError>(lat)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(total);
+    for t in tasks {
+        latencies.extend(t.await.map_err(|e| BenchError::Setup(e.to_string()))??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    h.stop.cancel();
+    latencies.sort();
+    let checkpoints = store.journal_rows().await? - before;
+    let per_sec = total as f64 / elapsed;
+    Ok(Figures {
+        scenario: name.to_string(),
+        backend,
+        workflows: total,
+        per_sec,
+        steps_per_sec: per_sec * 6.0,
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+        peak_rss_mb: peak_rss_mb(),
+        checkpoints,
+        durability,
+    })
+}
+
+async fn backend_store(
+    backend: &str,
+    args: &BenchArgs,
+    dir: &std::path::Path,
+) -> Result<(Arc<dyn Store>, Option<String>), BenchError> {
+    match backend {
+        "sqlite" => {
+            let url = format!(
+                "sqlite://{}",
+                dir.join(format!("bench-{}.db", uuid::Uuid::new_v4().simple()))
+                    .display()
+            );
+            Ok((store::open(&url).await?, None))
+        }
+        "postgres" => {
+            let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+            let store = store::postgres::PgStore::connect(&args.postgres_url, Some(&schema)).await?;
+            Ok((Arc::new(store), Some(schema)))
+        }
+        other => Err(BenchError::Setup(format!(
+            "unknown backend {other:?} (sqlite, postgres, both)"
+        ))),
+    }
+}
+
+async fn drop_schema(args: &BenchArgs, schema: &str) {
+    if let Ok(pool) = sqlx::PgPool::connect(&args.postgres_url).await {
+        let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .execute(&pool)
+            .await;
+    }
+}
+
+/// Runs every scenario and prints a line for each.
+pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, BenchError> {
+    let backends: Vec<&str> = match args.backend.as_str() {
+        "both" => vec!["sqlite", "postgres"],
+        b => vec![b],
+    };
+    let dir = tempfile::tempdir().map_err(|e| BenchError::Setup(format!("temp dir: {e}")))?;
+    println!(
+        "tern bench: noop-6 (6 checkpointed steps), {} workflows with {} in flight, {} one at a time; {} cores",
+        args.runs,
+        args.in_flight,
+        args.latency_runs,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    let mut out = Vec::new();
+    for b in backends {
+        for (name, clients, total) in [
+            ("throughput in-process", args.in_flight, args.runs),
+            ("latency in-process", 1, args.latency_runs),
+        ] {
+            let (store, schema) = backend_store(b, args, dir.path()).await?;
+            let f = scenario(name, store, args, clients, total).await?;
+            println!("{f}");
+            out.push(f);
+            if let Some(s) = schema {
+                drop_schema(args, &s).await;
+            }
+        }
+    }
+    Ok(out)
+}
