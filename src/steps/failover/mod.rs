@@ -260,6 +260,30 @@ impl<'a> Cx<'a> {
         result.map_err(|e| fail(code, e))
     }
 
+    /// Runs a job that moves the replicated volume; on failure, succeeds anyway if the volume
+    /// already is as wanted (`done`): an earlier attempt's job, whose reply was lost, may have
+    /// won the race. Otherwise the failure is retryable: the world is still moving.
+    pub async fn settle(
+        &self,
+        op: &str,
+        cmd: AsyncCommand,
+        code: &str,
+        done: impl Fn(&crate::providers::Volume) -> bool,
+    ) -> Result<(), ActionError> {
+        let Err(e) = self.job(op, cmd, code).await else {
+            return Ok(());
+        };
+        let now = self
+            .cloud()
+            .get_volume(&self.vm.volume_id)
+            .await
+            .map_err(|e| fail(code, e))?;
+        if done(&now) {
+            return Ok(());
+        }
+        Err(retryable(e))
+    }
+
     /// The test (or production) VM this run created: from a step output, a recorded deploy,
     /// or a look-up by its derived name.
     pub async fn find_vm(&self) -> Result<Option<Vm>, ActionError> {

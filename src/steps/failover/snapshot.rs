@@ -6,7 +6,7 @@
 
 use serde_json::{json, Value};
 
-use super::{fail, Cx};
+use super::{fail, retryable, Cx};
 use crate::providers::{AsyncCommand, ProviderError, VmState};
 use crate::steps::ActionError;
 
@@ -29,12 +29,23 @@ pub(crate) async fn delete(cx: &Cx<'_>) -> Result<Value, ActionError> {
     if cx.step.input.get("skip_snapshot") == Some(&Value::Bool(true)) {
         return Ok(json!({"skipped": "no snapshot was taken (skip_snapshot)"}));
     }
+    const CODE: &str = "SNAPSHOT_DELETE_FAILED";
     let name = cx.snapshot_name();
-    cx.deps
-        .snapshots
-        .delete(&cx.snapshot_target(), &name)
-        .await
-        .map_err(|e| fail("SNAPSHOT_DELETE_FAILED", e))?;
+    let target = cx.snapshot_target();
+    if let Err(e) = cx.deps.snapshots.delete(&target, &name).await {
+        // The world decides: an earlier attempt's delete (its reply lost) may have finished
+        // meanwhile, and then this one's "not found" is success.
+        if cx
+            .deps
+            .snapshots
+            .find(&target, &name)
+            .await
+            .map_err(|e| fail(CODE, e))?
+            .is_some()
+        {
+            return Err(retryable(fail(CODE, e)));
+        }
+    }
     Ok(json!({"deleted": name}))
 }
 
@@ -73,12 +84,8 @@ pub(crate) async fn revert(cx: &Cx<'_>) -> Result<Value, ActionError> {
         if vm.state != VmState::Stopped {
             cx.record("restore_to", json!({"vm_id": on, "device_id": vol.device_id}))
                 .await?;
-            cx.job(
-                "detach_for_revert",
-                AsyncCommand::DetachVolume { volume_id: src.clone() },
-                CODE,
-            )
-            .await?;
+            let cmd = AsyncCommand::DetachVolume { volume_id: src.clone() };
+            cx.settle("detach_for_revert", cmd, CODE, |v| v.vm_id.is_none()).await?;
         }
     }
     match cx.deps.snapshots.revert(&target, &name).await {
@@ -104,7 +111,11 @@ pub(crate) async fn revert(cx: &Cx<'_>) -> Result<Value, ActionError> {
                 vm_id: vm_id.clone(),
                 device_id,
             };
-            cx.job("reattach_after_revert", cmd, CODE).await?;
+            let back_on = vm_id.clone();
+            cx.settle("reattach_after_revert", cmd, CODE, move |v| {
+                v.vm_id.as_deref() == Some(back_on.as_str())
+            })
+            .await?;
         }
     }
     Ok(json!({"reverted_to": name, "volume_id": src}))

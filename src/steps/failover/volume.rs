@@ -8,32 +8,9 @@
 
 use serde_json::{json, Value};
 
-use super::{fail, retryable, Cx};
+use super::{fail, Cx};
 use crate::providers::{AsyncCommand, ProviderError, VmState, Volume, VolumeFilter, VolumeType};
 use crate::steps::ActionError;
-
-/// Runs a volume job; on failure, succeeds anyway if the world already is as wanted (`done`),
-/// otherwise fails retryably.
-async fn settle(
-    cx: &Cx<'_>,
-    op: &str,
-    cmd: AsyncCommand,
-    code: &str,
-    done: impl Fn(&Volume) -> bool,
-) -> Result<(), ActionError> {
-    let Err(e) = cx.job(op, cmd, code).await else {
-        return Ok(());
-    };
-    let now = cx
-        .cloud()
-        .get_volume(&cx.vm.volume_id)
-        .await
-        .map_err(|e| fail(code, e))?;
-    if done(&now) {
-        return Ok(());
-    }
-    Err(retryable(e))
-}
 
 /// Deletes the new VM's own ROOT volumes recorded in `progress` (and any still attached to
 /// `vm`): detach if needed, then delete. The replicated volume is never touched.
@@ -114,7 +91,8 @@ pub(crate) async fn attach(cx: &Cx<'_>) -> Result<Value, ActionError> {
         Some(vm) if vm == cx.vm.oma_vm_id => {
             cx.record("intent", json!({"attach_to": target.id})).await?;
             let cmd = AsyncCommand::DetachVolume { volume_id: src.clone() };
-            settle(cx, "detach_from_oma", cmd, CODE, |v| v.vm_id.is_none() || on_target(v)).await?;
+            cx.settle("detach_from_oma", cmd, CODE, |v| v.vm_id.is_none() || on_target(v))
+                .await?;
         }
         Some(other) => {
             return Err(ActionError::permanent(
@@ -129,7 +107,7 @@ pub(crate) async fn attach(cx: &Cx<'_>) -> Result<Value, ActionError> {
         vm_id: target.id.clone(),
         device_id: Some(0),
     };
-    settle(cx, "attach_as_root", cmd, CODE, on_target).await?;
+    cx.settle("attach_as_root", cmd, CODE, on_target).await?;
     Ok(json!({"volume_id": src, "attached_to": target.id, "device_id": 0, "adopted": false}))
 }
 
@@ -166,7 +144,7 @@ pub(crate) async fn detach(cx: &Cx<'_>) -> Result<Value, ActionError> {
     cx.record("intent", json!({"attach_to": cx.vm.oma_vm_id})).await?;
     let oma = cx.vm.oma_vm_id.clone();
     let cmd = AsyncCommand::DetachVolume { volume_id: src.clone() };
-    settle(cx, "detach", cmd, CODE, |v| {
+    cx.settle("detach", cmd, CODE, |v| {
         v.vm_id.is_none() || v.vm_id.as_deref() == Some(oma.as_str())
     })
     .await?;
@@ -203,9 +181,7 @@ pub(crate) async fn give_back(cx: &Cx<'_>) -> Result<Value, ActionError> {
         vm_id: oma.clone(),
         device_id: None,
     };
-    settle(cx, "attach_to_oma", cmd, CODE, |v| {
-        v.vm_id.as_deref() == Some(oma.as_str())
-    })
-    .await?;
+    cx.settle("attach_to_oma", cmd, CODE, |v| v.vm_id.as_deref() == Some(oma.as_str()))
+        .await?;
     Ok(json!({"volume_id": src, "attached_to": oma}))
 }

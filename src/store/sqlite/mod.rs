@@ -11,12 +11,15 @@ use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::types::Json;
 use sqlx::{Row, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
 
 use super::*;
 
 pub struct SqliteStore {
     pool: SqlitePool,
     wakeup: Arc<Wakeup>,
+    /// Checkpoints go through the group-commit writer.
+    writer: mpsc::Sender<WriteJob>,
 }
 
 const RUN_COLUMNS: &str =
@@ -45,9 +48,12 @@ impl SqliteStore {
             .connect_with(opts)
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        let (writer, jobs) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(group_writer(pool.clone(), jobs));
         Ok(SqliteStore {
             pool,
             wakeup: Arc::new(Wakeup::default()),
+            writer,
         })
     }
 
@@ -152,6 +158,120 @@ async fn apply_projection(tx: &mut sqlx::SqliteConnection, run: RunId, p: &Proje
         .await?;
     }
     Ok(())
+}
+
+/// One checkpoint inside an open write transaction: the compare-and-set of the run, then its
+/// journal rows, consumed signals and projections. `None` when the compare-and-set matched
+/// nothing (fenced): then nothing was written.
+async fn apply_checkpoint(tx: &mut sqlx::SqliteConnection, cp: &Checkpoint) -> Result<Option<CheckpointOutcome>> {
+    let n = cp.records.len() as i64;
+    let row = sqlx::query(
+        "UPDATE runs SET state = $1, status = $2, display_status = $3, current_step = $4, \
+             context = COALESCE($5, context), last_seq = last_seq + $6, \
+             wake_at = CASE WHEN ($20 AND cancel_pending AND NOT $17) OR ($8 AND signals_pending - $16 > 0) THEN $9 \
+                            ELSE $7 END, \
+             lease_owner = CASE WHEN $10 THEN NULL ELSE lease_owner END, \
+             lease_expires_at = CASE WHEN $10 THEN NULL ELSE lease_expires_at END, \
+             signals_pending = signals_pending - $16, \
+             cancel_pending = CASE WHEN $17 THEN 0 ELSE cancel_pending END, \
+             updated_at = $9, started_at = COALESCE(started_at, CASE WHEN $11 THEN $9 END), \
+             completed_at = CASE WHEN $12 THEN $9 ELSE completed_at END \
+             WHERE id = $13 AND fencing_token = $14 AND lease_owner = $18 AND last_seq = $15 AND status = $19 \
+             RETURNING last_seq, signals_pending, cancel_pending",
+    )
+    .bind(Json(&cp.state))
+    .bind(cp.state.status().as_str())
+    .bind(&cp.display_status)
+    .bind(&cp.current_step)
+    .bind(cp.context.as_ref().map(Json))
+    .bind(n)
+    .bind(cp.wake_at.map(|t| t.0))
+    .bind(cp.wake_on_signal)
+    .bind(cp.now.0)
+    .bind(cp.release)
+    .bind(cp.projection.started)
+    .bind(cp.state.is_terminal())
+    .bind(cp.run_id.to_string())
+    .bind(cp.lease.token)
+    .bind(cp.expected_seq)
+    .bind(cp.consumed_signals.len() as i64)
+    .bind(cp.consumed_cancel)
+    .bind(&cp.lease.owner)
+    .bind(cp.expected_status.as_str())
+    .bind(!cp.state.is_terminal())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    append_journal(&mut *tx, cp.run_id, cp.expected_seq + 1, &cp.records, cp.now).await?;
+    for id in &cp.consumed_signals {
+        sqlx::query("UPDATE signals SET consumed_at = $1 WHERE id = $2 AND consumed_at IS NULL")
+            .bind(cp.now.0)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    apply_projection(&mut *tx, cp.run_id, &cp.projection, cp.now).await?;
+    Ok(Some(CheckpointOutcome {
+        last_seq: row.try_get("last_seq")?,
+        signals_pending: row.try_get("signals_pending")?,
+        cancel_pending: row.try_get::<i64, _>("cancel_pending")? != 0,
+    }))
+}
+
+type WriteJob = (Checkpoint, oneshot::Sender<Result<CheckpointOutcome>>);
+
+/// Most checkpoints committed in one transaction.
+const MAX_BATCH: usize = 256;
+
+/// Group commit: the one writer of this process. It takes every checkpoint that queued up
+/// while the previous batch was committing and commits them in one transaction, so many runs
+/// share one fsync. Each keeps its own compare-and-set; nobody is answered before COMMIT
+/// returned (durable with synchronous=FULL). If the batch fails, each checkpoint is retried in
+/// a transaction of its own, so one bad checkpoint cannot fail the others.
+async fn group_writer(pool: SqlitePool, mut jobs: mpsc::Receiver<WriteJob>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let checkpoints: Vec<&Checkpoint> = batch.iter().map(|(cp, _)| cp).collect();
+        let outcomes = match commit_batch(&pool, &checkpoints).await {
+            Ok(outcomes) => outcomes,
+            Err(e) if checkpoints.len() == 1 => vec![Err(e)],
+            Err(e) => {
+                tracing::warn!(error = %e, size = checkpoints.len(), "group commit failed; committing one by one");
+                let mut each = Vec::with_capacity(checkpoints.len());
+                for cp in &checkpoints {
+                    each.push(match commit_batch(&pool, &[*cp]).await {
+                        Ok(mut one) => one.pop().unwrap_or(Err(StoreError::Corrupt("no outcome".into()))),
+                        Err(e) => Err(e),
+                    });
+                }
+                each
+            }
+        };
+        for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
+            let _ = reply.send(outcome);
+        }
+    }
+}
+
+async fn commit_batch(pool: &SqlitePool, batch: &[&Checkpoint]) -> Result<Vec<Result<CheckpointOutcome>>> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut out = Vec::with_capacity(batch.len());
+    for cp in batch {
+        out.push(match apply_checkpoint(&mut tx, cp).await? {
+            Some(outcome) => Ok(outcome),
+            None => Err(StoreError::Fenced { run: cp.run_id }),
+        });
+    }
+    tx.commit().await?;
+    Ok(out)
 }
 
 #[async_trait]
@@ -269,62 +389,14 @@ impl Store for SqliteStore {
     }
 
     async fn checkpoint(&self, cp: Checkpoint) -> Result<CheckpointOutcome> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let n = cp.records.len() as i64;
-        let row = sqlx::query(
-            "UPDATE runs SET state = $1, status = $2, display_status = $3, current_step = $4, \
-             context = COALESCE($5, context), last_seq = last_seq + $6, \
-             wake_at = CASE WHEN ($20 AND cancel_pending AND NOT $17) OR ($8 AND signals_pending - $16 > 0) THEN $9 \
-                            ELSE $7 END, \
-             lease_owner = CASE WHEN $10 THEN NULL ELSE lease_owner END, \
-             lease_expires_at = CASE WHEN $10 THEN NULL ELSE lease_expires_at END, \
-             signals_pending = signals_pending - $16, \
-             cancel_pending = CASE WHEN $17 THEN 0 ELSE cancel_pending END, \
-             updated_at = $9, started_at = COALESCE(started_at, CASE WHEN $11 THEN $9 END), \
-             completed_at = CASE WHEN $12 THEN $9 ELSE completed_at END \
-             WHERE id = $13 AND fencing_token = $14 AND lease_owner = $18 AND last_seq = $15 AND status = $19 \
-             RETURNING last_seq, signals_pending, cancel_pending",
-        )
-        .bind(Json(&cp.state))
-        .bind(cp.state.status().as_str())
-        .bind(&cp.display_status)
-        .bind(&cp.current_step)
-        .bind(cp.context.as_ref().map(Json))
-        .bind(n)
-        .bind(cp.wake_at.map(|t| t.0))
-        .bind(cp.wake_on_signal)
-        .bind(cp.now.0)
-        .bind(cp.release)
-        .bind(cp.projection.started)
-        .bind(cp.state.is_terminal())
-        .bind(cp.run_id.to_string())
-        .bind(cp.lease.token)
-        .bind(cp.expected_seq)
-        .bind(cp.consumed_signals.len() as i64)
-        .bind(cp.consumed_cancel)
-        .bind(&cp.lease.owner)
-        .bind(cp.expected_status.as_str())
-        .bind(!cp.state.is_terminal())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Err(StoreError::Fenced { run: cp.run_id });
-        };
-        append_journal(&mut tx, cp.run_id, cp.expected_seq + 1, &cp.records, cp.now).await?;
-        for id in &cp.consumed_signals {
-            sqlx::query("UPDATE signals SET consumed_at = $1 WHERE id = $2 AND consumed_at IS NULL")
-                .bind(cp.now.0)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        apply_projection(&mut tx, cp.run_id, &cp.projection, cp.now).await?;
-        tx.commit().await?;
-        Ok(CheckpointOutcome {
-            last_seq: row.try_get("last_seq")?,
-            signals_pending: row.try_get("signals_pending")?,
-            cancel_pending: row.try_get::<i64, _>("cancel_pending")? != 0,
-        })
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send((cp, reply))
+            .await
+            .map_err(|_| StoreError::Config("the checkpoint writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Config("the checkpoint writer has stopped".into()))?
     }
 
     async fn release(&self, run: RunId, lease: &Lease) -> Result<()> {
