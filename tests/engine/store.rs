@@ -29,6 +29,7 @@ fn new_run(request_id: Option<&str>, now: Timestamp) -> NewRun {
         request_id: request_id.map(str::to_string),
         correlation_id: "corr-1".into(),
         input: json!({"vm_id": "vm-1", "vm_name": "pgtest1"}),
+        lock_key: None,
         display_status: "pending".into(),
         projection: projection::project(std::slice::from_ref(&record), "pending"),
         record,
