@@ -775,7 +775,8 @@ async fn workflow_service_runs_any_definition(db: TestDb) {
     let held = wf
         .submit_workflow(pb::SubmitWorkflowRequest {
             definition: "crash-saga".into(),
-            input_json: r#"{"hold": "1h"}"#.into(),
+            // The teardown's first step takes a while, so the run is still busy at the second signal.
+            input_json: r#"{"hold": "1h", "test": {"sleep_ms": {"stop": 1000}}}"#.into(),
             request_id: String::new(),
         })
         .await
