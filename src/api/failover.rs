@@ -113,6 +113,12 @@ impl FailoverApi {
         // A retried request returns its job even if the VM has since left the inventory.
         if let Some(r) = &request_id {
             if let Some(run) = store.find_by_request_id(r).await? {
+                if run.definition != s.definition {
+                    return Err(ApiError::field(
+                        "request_id",
+                        format!("already used by a {} run ({})", run.definition, run.id),
+                    ));
+                }
                 let mut job = self.job(&run, true).await?;
                 job.created = false;
                 return Ok(job);

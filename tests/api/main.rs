@@ -5,6 +5,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod restart;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -953,6 +954,9 @@ on_both_backends!(
     watch_resumes_without_gaps_or_duplicates,
     workflow_service_runs_any_definition,
 );
+
+use restart::server_killed_mid_failovers_and_restarted;
+on_both_backends!(server_killed_mid_failovers_and_restarted);
 
 mod sqlite_only {
     use super::*;
