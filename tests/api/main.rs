@@ -35,6 +35,7 @@ struct Api {
     fo: FailoverServiceClient<Channel>,
     wf: WorkflowServiceClient<Channel>,
     channel: Channel,
+    endpoint: String,
     _defs: tempfile::TempDir,
 }
 
@@ -139,6 +140,7 @@ async fn api(db: &TestDb) -> Api {
         fo: FailoverServiceClient::new(channel.clone()),
         wf: WorkflowServiceClient::new(channel.clone()),
         channel,
+        endpoint: format!("http://{addr}"),
         _defs: defs,
     }
 }
@@ -980,4 +982,37 @@ mod sqlite_only {
     async fn health_and_reflection() {
         health_and_reflection_are_served(common::sqlite_db()).await
     }
+}
+
+/// A Python client generated from proto/ with grpcio-tools (installed from PyPI into
+/// target/py-venv by tests/api/python/run.sh) runs a test failover with a 2-second
+/// auto-cleanup. `TERN_SKIP_PYTHON=1` skips it (offline machines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_runs_a_test_failover() {
+    if std::env::var("TERN_SKIP_PYTHON").is_ok_and(|v| v == "1") {
+        eprintln!("skipping: TERN_SKIP_PYTHON=1");
+        return;
+    }
+    let db = common::sqlite_db();
+    let a = api(&db).await;
+    let vm = a.vm("linux");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/python/run.sh");
+    let endpoint = a.endpoint.trim_start_matches("http://").to_string();
+    let out = tokio::time::timeout(
+        Duration::from_secs(600),
+        tokio::process::Command::new("bash")
+            .args([script, &endpoint, &vm.vm_id])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("python client timed out")
+    .expect("run bash");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "python client failed:\n{text}");
+    assert!(text.contains("completed"), "{text}");
 }
