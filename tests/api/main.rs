@@ -45,20 +45,37 @@ impl Drop for Api {
     }
 }
 
+const FAST_RETRY: &str =
+    r#"retry = { max_attempts = 3, initial_delay = "20ms", multiplier = 2.0, max_delay = "100ms", jitter = 0.0 }"#;
+/// Many slow retries: a failing step stays in its backoff long enough to be looked at.
+const SLOW_RETRY: &str =
+    r#"retry = { max_attempts = 50, initial_delay = "300ms", multiplier = 1.0, max_delay = "300ms", jitter = 0.0 }"#;
+
 /// The embedded definitions with fast retries, so failures end quickly.
 fn fast_definitions() -> tempfile::TempDir {
+    definitions_with(FAST_RETRY)
+}
+
+fn definitions_with(retry: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for (file, text) in tern::workflow::EMBEDDED {
         let fast = text.replace(
             r#"retry = { max_attempts = 6, initial_delay = "2s", multiplier = 2.0, max_delay = "1m", jitter = 0.2 }"#,
-            r#"retry = { max_attempts = 3, initial_delay = "20ms", multiplier = 2.0, max_delay = "100ms", jitter = 0.0 }"#,
+            retry,
         );
+        if file.contains("failover") {
+            assert_ne!(&fast, text, "retry defaults changed; update the test");
+        }
         std::fs::write(dir.path().join(file), fast).unwrap();
     }
     dir
 }
 
 async fn api(db: &TestDb) -> Api {
+    api_with(db, None, FAST_RETRY).await
+}
+
+async fn api_with(db: &TestDb, faults: Option<&str>, retry: &str) -> Api {
     let stop = CancellationToken::new();
     let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sim_addr = sim_listener.local_addr().unwrap();
@@ -67,7 +84,7 @@ async fn api(db: &TestDb) -> Api {
         secret_key: "s".into(),
         state_file: None,
         async_latency: Duration::from_millis(20),
-        fault_plan: None,
+        fault_plan: faults.map(|f| tern::sim::FaultPlan::from_json(f).unwrap()),
         seed: 7,
         sample: true,
     };
@@ -108,7 +125,7 @@ async fn api(db: &TestDb) -> Api {
     let deps = setup::build(&settings, store.clone()).unwrap();
     let mut registry = tern::steps::Registry::with_builtins(store.clone());
     tern::steps::failover::register(&mut registry, deps.clone());
-    let defs = fast_definitions();
+    let defs = definitions_with(retry);
     let cfg = EngineConfig {
         worker_id: "api-test".into(),
         concurrency: 8,
@@ -552,6 +569,55 @@ async fn end_and_cancel_are_idempotent_and_refused_once_finished(db: TestDb) {
     a.terminal(&live.job_id).await;
 }
 
+/// A step failing in CloudStack shows in the job: retrying with its error code, cancellable in
+/// its backoff, and as the job's error once it fails for good.
+async fn step_failures_show_in_the_job_and_cancel_works_while_retrying(db: TestDb) {
+    let deploy_fails = r#"{"commands": {"deployVirtualMachine": {"error_rate": 1.0}}}"#;
+    let a = api_with(&db, Some(deploy_fails), SLOW_RETRY).await;
+    let vm = a.vm("linux");
+    let mut fo = a.fo.clone();
+    let job = fo.start_test_failover(a.test_request(&vm)).await.unwrap().into_inner();
+    let retrying = a
+        .until(&job.job_id, "a retrying step", |j| {
+            j.steps.iter().any(|s| s.status == "retrying" && s.attempt >= 2)
+        })
+        .await;
+    let step = retrying.steps.iter().find(|s| s.status == "retrying").unwrap();
+    assert_eq!(step.name, "test-vm-creation");
+    assert_eq!(step.error.as_ref().map(|e| e.code.as_str()), Some("VM_CREATE_FAILED"));
+    assert_eq!(retrying.status, "creating_vm");
+    fo.cancel_failover(pb::CancelFailoverRequest {
+        job_id: job.job_id.clone(),
+        reason: "gave up".into(),
+    })
+    .await
+    .unwrap();
+    let done = a.terminal(&job.job_id).await;
+    assert_eq!(done.run_status, "cancelled", "{done:?}");
+    assert_eq!(
+        done.error.as_ref().map(|e| (e.code.as_str(), e.message.as_str())),
+        Some(("CANCELLED", "gave up"))
+    );
+    assert!(done
+        .steps
+        .iter()
+        .any(|s| s.phase == "rollback" && s.name == "snapshot" && s.status == "completed"));
+    drop(a);
+
+    let a = api_with(&db, Some(deploy_fails), FAST_RETRY).await;
+    let job =
+        a.fo.clone()
+            .start_test_failover(a.test_request(&vm))
+            .await
+            .unwrap()
+            .into_inner();
+    let done = a.terminal(&job.job_id).await;
+    assert_eq!(done.run_status, "failed");
+    assert_eq!(done.error.as_ref().map(|e| e.code.as_str()), Some("VM_CREATE_FAILED"));
+    let failed = done.steps.iter().find(|s| s.status == "failed").unwrap();
+    assert_eq!((failed.name.as_str(), failed.attempt), ("test-vm-creation", 3));
+}
+
 /// Read some events, drop the stream, resume from the last sequence seen: the two parts are
 /// the whole journal, with no gap and no duplicate.
 async fn watch_resumes_without_gaps_or_duplicates(db: TestDb) {
@@ -979,6 +1045,11 @@ mod sqlite_only {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn step_failures_and_cancel_while_retrying() {
+        step_failures_show_in_the_job_and_cancel_works_while_retrying(common::sqlite_db()).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn health_and_reflection() {
         health_and_reflection_are_served(common::sqlite_db()).await
     }
@@ -1013,6 +1084,7 @@ async fn python_client_runs_a_test_failover() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    eprintln!("{text}");
     assert!(out.status.success(), "python client failed:\n{text}");
     assert!(text.contains("completed"), "{text}");
 }
