@@ -398,6 +398,132 @@ pub fn readiness(r: &ReadinessReport) -> pb::ReadinessReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::RunId;
+
+    const DEF: &str = r#"
+name = "t"
+[[step]]
+name = "a"
+action = "noop"
+compensate = "noop"
+[[step]]
+name = "b"
+action = "noop"
+compensate = "noop"
+skip_if = "skip_b"
+[[step]]
+name = "c"
+action = "noop"
+compensate = "noop"
+[hold]
+signal = "end-test"
+[[teardown]]
+name = "z"
+action = "noop"
+"#;
+
+    fn journal(records: Vec<Record>) -> Vec<JournalEntry> {
+        let run = RunId::new();
+        records
+            .into_iter()
+            .enumerate()
+            .map(|(i, record)| JournalEntry {
+                run_id: run,
+                seq: i as i64 + 1,
+                record,
+                at: Timestamp(1_000 * (i as i64 + 1)),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn steps_fold_from_the_journal_with_rollbacks_and_progress() {
+        let def = crate::workflow::parse("t.toml", DEF, &|_| true).unwrap();
+        let err = StepError::retryable("VM_CREATE_FAILED", "530");
+        let started = |step: &str, attempt| Record::StepStarted {
+            phase: Phase::Forward,
+            step: step.into(),
+            attempt,
+            idempotency_key: String::new(),
+        };
+        let j = journal(vec![
+            started("a", 1),
+            Record::StepSucceeded {
+                phase: Phase::Forward,
+                step: "a".into(),
+                attempt: 1,
+                output: Value::Null,
+            },
+            Record::StepSkipped {
+                phase: Phase::Forward,
+                step: "b".into(),
+                reason: "skip_b".into(),
+            },
+            started("c", 1),
+            Record::StepFailed {
+                phase: Phase::Forward,
+                step: "c".into(),
+                attempt: 1,
+                error: err.clone(),
+                retry_at: Some(Timestamp(9_000)),
+            },
+        ]);
+        let s = steps(&def, &j);
+        let view: Vec<(&str, &str, &str, u32)> = s
+            .iter()
+            .map(|s| (s.name.as_str(), s.phase.as_str(), s.status.as_str(), s.attempt))
+            .collect();
+        assert_eq!(
+            view,
+            vec![
+                ("a", "forward", "completed", 1),
+                ("b", "forward", "skipped", 0),
+                ("c", "forward", "retrying", 1),
+                ("z", "teardown", "pending", 0),
+            ]
+        );
+        assert_eq!(s[0].started_at, Some(timestamp(Timestamp(1_000))));
+        assert_eq!(s[0].completed_at, Some(timestamp(Timestamp(2_000))));
+        assert_eq!(s[2].error.as_ref().map(|e| e.code.as_str()), Some("VM_CREATE_FAILED"));
+        assert!(s[2].completed_at.is_none());
+        assert_eq!(progress(&RunState::Pending, &s), 50, "a done, b skipped, of 4");
+
+        // The retry starts: the error clears; then a permanent failure and the undo of a.
+        let mut more = j.clone();
+        more.extend(journal(vec![
+            started("c", 2),
+            Record::StepFailed {
+                phase: Phase::Forward,
+                step: "c".into(),
+                attempt: 2,
+                error: StepError::permanent("VM_CREATE_FAILED", "no"),
+                retry_at: None,
+            },
+            Record::CompensationStarted {
+                step: "a".into(),
+                attempt: 1,
+                idempotency_key: String::new(),
+            },
+            Record::CompensationSucceeded {
+                step: "a".into(),
+                attempt: 1,
+            },
+        ]));
+        let s = steps(&def, &more);
+        assert_eq!((s[2].status.as_str(), s[2].attempt), ("failed", 2));
+        assert!(s[2].completed_at.is_some());
+        assert_eq!(
+            s[2].started_at,
+            Some(timestamp(Timestamp(4_000))),
+            "first attempt's start"
+        );
+        let undo = s.last().unwrap();
+        assert_eq!(
+            (undo.name.as_str(), undo.phase.as_str(), undo.status.as_str()),
+            ("a", "rollback", "completed")
+        );
+        assert_eq!(progress(&RunState::Completed, &s), 100);
+    }
 
     #[test]
     fn timestamps_round_trip_including_before_the_epoch() {
