@@ -1088,3 +1088,71 @@ async fn python_client_runs_a_test_failover() {
     assert!(out.status.success(), "python client failed:\n{text}");
     assert!(text.contains("completed"), "{text}");
 }
+
+/// The failover commands of the `tern` binary against the server: exit codes, one-line
+/// errors, tables and JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_commands_talk_to_the_server() {
+    let db = common::sqlite_db();
+    let a = api(&db).await;
+    let vm = a.vm("linux");
+    let tern = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tern"));
+        cmd.arg("--endpoint")
+            .arg(&a.endpoint)
+            .args(args)
+            .env("RUST_LOG", "warn");
+        async move {
+            let out = cmd.output().await.expect("run tern");
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).to_string(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        }
+    };
+    let (code, out, err) = tern(&["readiness", &vm.vm_id]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("ready (score 100)"), "{out}");
+
+    let (code, out, err) = tern(&[
+        "test-failover",
+        &vm.vm_id,
+        "--duration",
+        "1s",
+        "--auto-cleanup",
+        "--watch",
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let job = out.lines().next().unwrap().trim().to_string();
+    assert!(
+        out.contains("hold timer fired") && out.contains("finished: completed"),
+        "{out}"
+    );
+    assert!(out.contains("status       completed (completed), 100%"), "{out}");
+
+    let (code, out, _) = tern(&["get-failover", &job, "--json"]).await;
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["steps"].as_array().map(Vec::len), Some(12));
+
+    let (code, out, _) = tern(&["list-failovers", "--vm", &vm.vm_id]).await;
+    assert_eq!(code, Some(0));
+    assert!(out.lines().nth(1).is_some_and(|l| l.starts_with(&job)), "{out}");
+
+    let (code, _, err) = tern(&["end-test", &job]).await;
+    assert_eq!(code, Some(1));
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("[JOB_FINISHED]"), "{err}");
+    let (code, _, err) = tern(&["test-failover", &vm.vm_id, "--duration", "soon", "--auto-cleanup"]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("test_duration") && err.contains("[INVALID_ARGUMENT]"),
+        "{err}"
+    );
+    let (code, _, err) = tern(&["live-failover", "no-such-vm"]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("[VM_NOT_FOUND]"), "{err}");
+}

@@ -164,10 +164,16 @@ pub async fn server_killed_mid_failovers_and_restarted(db: TestDb) {
         jobs.push((job.unwrap().into_inner(), i));
     }
     // Let the steps get going, then kill the process without warning.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut in_flight = 0;
+    for (job, _) in &jobs {
+        let run = store.get_run(job.job_id.parse().unwrap()).await.unwrap().unwrap();
+        in_flight += usize::from(!run.status.is_terminal());
+    }
+    assert_eq!(in_flight, jobs.len(), "every job must still be running at the kill");
     child.start_kill().unwrap();
     child.wait().await.unwrap();
-    let _child = server.spawn("server-2");
+    let mut child = server.spawn("server-2");
     let mut fo = server.client().await;
     // A client retrying its start after the crash gets the same job back.
     let again = fo
@@ -220,6 +226,15 @@ pub async fn server_killed_mid_failovers_and_restarted(db: TestDb) {
             .collect();
         assert_eq!(seqs, (1..=j.last_sequence).collect::<Vec<_>>(), "journal gaps");
     }
+    // SIGTERM: the server drains and exits cleanly.
+    let pid = child.id().expect("running") as i32;
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("server stops after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit {status:?}\n{}", server.logs());
     // Nothing Tern named is left in the cloud but the live failover's VM.
     let inv_check: serde_json::Value = reqwest::get(format!("{base}/sim/invariant?prefix=tern-t-"))
         .await
