@@ -1,4 +1,4 @@
--- One active exclusive run per resource (a failover per VM): the key is set at submit for
+-- One active exclusive run per resource (a failover per VM): the key ("vm_id=<id>") is set at submit for
 -- definitions with `exclusive_on`, and the unique index makes a second concurrent submit fail
 -- in the database, whoever wins the race. A finished run (completed_at set) frees the key.
 ALTER TABLE failover_jobs ADD COLUMN lock_key TEXT;

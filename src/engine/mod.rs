@@ -183,7 +183,7 @@ impl Engine {
                 request_id: req.request_id,
                 correlation_id: req.correlation_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
                 input: req.input,
-                lock_key: lock.as_ref().map(|(_, v)| v.clone()),
+                lock_key: lock.as_ref().map(|(field, value)| format!("{field}={value}")),
                 display_status: RunState::Pending.display_status(&def),
                 record,
                 projection,

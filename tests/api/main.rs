@@ -878,7 +878,8 @@ async fn workflow_service_runs_any_definition(db: TestDb) {
     let to_cancel = wf
         .submit_workflow(pb::SubmitWorkflowRequest {
             definition: "crash-saga".into(),
-            input_json: r#"{"hold": "1h"}"#.into(),
+            // attach and its undo take a while, so the run is still busy at the second cancel.
+            input_json: r#"{"hold": "1h", "test": {"sleep_ms": {"attach": 1000}}}"#.into(),
             request_id: String::new(),
         })
         .await
