@@ -145,7 +145,7 @@ struct SimArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Run Tern on its embedded default: SQLite in the data directory, the built-in CloudStack
-    /// simulator with sample VMs, and a worker.
+    /// simulator with sample VMs, a worker and the gRPC API.
     Dev {
         #[command(flatten)]
         worker: WorkerArgs,
