@@ -76,7 +76,10 @@ impl FailoverApi {
         let store = &self.state.engine.store;
         let def = self.state.engine.pinned(&run.definition_hash).await?;
         let job = store.failover_job(run.id).await?;
-        let journal = store.journal(run.id, 0, 100_000).await?;
+        // Up to the row's last_seq: the steps match the row's state even if the run moved on since.
+        let journal = store
+            .journal(run.id, 0, run.last_seq.clamp(0, u32::MAX as i64) as u32)
+            .await?;
         Ok(convert::failover_job(run, job.as_ref(), &def, &journal, with_steps))
     }
 

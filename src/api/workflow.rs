@@ -43,7 +43,13 @@ impl WorkflowApi {
 
     async fn view(&self, run: &RunRow, created: bool) -> ApiResult<pb::Workflow> {
         let def = self.state.engine.pinned(&run.definition_hash).await?;
-        let journal = self.state.engine.store.journal(run.id, 0, 100_000).await?;
+        // Up to the row's last_seq: the steps match the row's state even if the run moved on since.
+        let journal = self
+            .state
+            .engine
+            .store
+            .journal(run.id, 0, run.last_seq.clamp(0, u32::MAX as i64) as u32)
+            .await?;
         Ok(convert::workflow(run, &def, &journal, created))
     }
 
