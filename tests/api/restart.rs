@@ -70,7 +70,7 @@ pub async fn server_killed_mid_failovers_and_restarted(db: TestDb) {
         api_key: "k".into(),
         secret_key: "s".into(),
         state_file: None,
-        async_latency: Duration::from_millis(50),
+        async_latency: Duration::from_millis(200),
         fault_plan: None,
         seed: 7,
         sample: true,
