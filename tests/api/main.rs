@@ -501,6 +501,31 @@ async fn second_active_failover_on_a_vm_is_vm_busy(db: TestDb) {
             .unwrap()
             .into_inner();
     assert_ne!(j1.job_id, j2.job_id);
+
+    // ListFailovers pages: newest first, no overlap, all five jobs.
+    let mut seen: Vec<String> = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page =
+            a.fo.clone()
+                .list_failovers(pb::ListFailoversRequest {
+                    page_size: 2,
+                    page_token: token.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+        assert!(page.jobs.len() <= 2);
+        seen.extend(page.jobs.into_iter().map(|j| j.job_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] > w[1]), "newest first: {seen:?}");
+    assert_eq!(seen[0], j2.job_id);
 }
 
 async fn end_and_cancel_are_idempotent_and_refused_once_finished(db: TestDb) {
@@ -1013,6 +1038,28 @@ async fn health_and_reflection_are_served(db: TestDb) {
         "grpc.health.v1.Health",
     ] {
         assert!(names.iter().any(|x| x == n), "{names:?}");
+    }
+    // What grpcurl does next: the file defining a service, then each import by name.
+    let ask = |m: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    };
+    let reqs = vec![
+        ask(MessageRequest::FileContainingSymbol("tern.v1.FailoverService".into())),
+        ask(MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into())),
+        ask(MessageRequest::FileByFilename("tern/v1/common.proto".into())),
+    ];
+    let mut stream = refl
+        .server_reflection_info(futures::stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..3 {
+        let resp = stream.message().await.unwrap().unwrap();
+        match resp.message_response {
+            Some(MessageResponse::FileDescriptorResponse(f)) => assert!(!f.file_descriptor_proto.is_empty()),
+            other => panic!("reflection could not resolve a file: {other:?}"),
+        }
     }
 }
 
