@@ -15,7 +15,7 @@ use super::{correlation_of, respond, ApiState, LIVE_FAILOVER, TEST_FAILOVER};
 use crate::domain::inventory::NetworkKind;
 use crate::domain::{parse_duration, RunId, Timestamp};
 use crate::engine::{EngineError, SubmitRequest};
-use crate::store::{JobFilter, RunRow, SignalOutcome};
+use crate::store::{FailoverJobRow, JobFilter, RunRow, SignalOutcome};
 
 const MAX_PAGE: u32 = 100;
 const DEFAULT_PAGE: u32 = 20;
@@ -73,14 +73,24 @@ impl FailoverApi {
     }
 
     async fn job(&self, run: &RunRow, with_steps: bool) -> ApiResult<pb::FailoverJob> {
+        let row = self.state.engine.store.failover_job(run.id).await?;
+        self.job_with(run, row.as_ref(), with_steps).await
+    }
+
+    /// The job from its run and (already fetched) `failover_jobs` row.
+    async fn job_with(
+        &self,
+        run: &RunRow,
+        job: Option<&FailoverJobRow>,
+        with_steps: bool,
+    ) -> ApiResult<pb::FailoverJob> {
         let store = &self.state.engine.store;
         let def = self.state.engine.pinned(&run.definition_hash).await?;
-        let job = store.failover_job(run.id).await?;
         // Up to the row's last_seq: the steps match the row's state even if the run moved on since.
         let journal = store
             .journal(run.id, 0, run.last_seq.clamp(0, u32::MAX as i64) as u32)
             .await?;
-        Ok(convert::failover_job(run, job.as_ref(), &def, &journal, with_steps))
+        Ok(convert::failover_job(run, job, &def, &journal, with_steps))
     }
 
     async fn start(&self, s: Start<'_>, correlation_id: String) -> ApiResult<pb::FailoverJob> {
@@ -349,7 +359,7 @@ impl FailoverService for FailoverApi {
                 let id = run_id("job_id", &row.job_id)
                     .map_err(|_| ApiError::Internal(format!("bad job id {:?}", row.job_id)))?;
                 if let Some(run) = self.state.engine.store.get_run(id).await? {
-                    jobs.push(self.job(&run, false).await?);
+                    jobs.push(self.job_with(&run, Some(row), false).await?);
                 }
             }
             let next_page_token = match (more, rows.last()) {
