@@ -7,6 +7,7 @@
 //! - [`steps`] — the actions steps run (registry, built-ins; failover actions come with providers).
 //! - [`providers`] — the `Cloud` and `SnapshotBackend` traits, the CloudStack and LINSTOR clients.
 //! - [`sim`] — the CloudStack/LINSTOR simulator, a real HTTP server speaking the same protocols.
+//! - [`api`] — the gRPC services (tonic), generated code, proto <-> domain conversions.
 //! - [`store`] — the `Store` trait and its SQLite and PostgreSQL backends; the only place with SQL.
 //! - [`telemetry`] — logging (tracing spans per run and step).
 //!
@@ -16,7 +17,9 @@
 //! *compensation* undoes a completed step; the *hold* waits for a signal or timer; the
 //! *teardown* steps follow the hold.
 
+pub mod api;
 pub mod bench;
+pub mod cli;
 pub mod domain;
 pub mod engine;
 pub mod providers;

@@ -24,6 +24,9 @@ struct Cli {
     /// Directory whose *.toml definitions override the embedded ones.
     #[arg(long, global = true, env = "TERN_WORKFLOWS_DIR")]
     workflows: Option<PathBuf>,
+    /// The Tern server the failover commands talk gRPC to.
+    #[arg(long, global = true, env = "TERN_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    endpoint: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -141,13 +144,26 @@ struct SimArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Run Tern on its embedded default: SQLite in the data directory, the built-in CloudStack
-    /// simulator with sample VMs, and a worker.
+    /// simulator with sample VMs, a worker and the gRPC API.
     Dev {
         #[command(flatten)]
         worker: WorkerArgs,
         /// Address of the built-in simulator.
         #[arg(long, default_value = "127.0.0.1:8080")]
         sim_listen: String,
+        /// Address of the gRPC API.
+        #[arg(long, env = "TERN_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: String,
+    },
+    /// Run the gRPC API and a worker in one process until SIGTERM/SIGINT.
+    Server {
+        /// Address of the gRPC API.
+        #[arg(long, env = "TERN_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: String,
+        #[command(flatten)]
+        worker: WorkerArgs,
+        #[command(flatten)]
+        cloud: CloudArgs,
     },
     /// Run a worker process: claims and drives runs until SIGTERM/SIGINT.
     Worker {
@@ -207,6 +223,8 @@ enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
+    #[command(flatten)]
+    Client(tern::cli::ClientCommand),
 }
 
 #[derive(Subcommand)]
@@ -307,8 +325,13 @@ async fn real_main() -> Result<()> {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
+    if let Command::Client(c) = cli.command {
+        return tern::cli::run(&cli.endpoint, c).await;
+    }
     let shutdown = match cli.command {
-        Command::Dev { .. } | Command::Worker { .. } | Command::Sim(_) => Some(shutdown_on_signal()?),
+        Command::Dev { .. } | Command::Worker { .. } | Command::Server { .. } | Command::Sim(_) => {
+            Some(shutdown_on_signal()?)
+        }
         _ => None,
     };
     if let Command::Sim(args) = &cli.command {
@@ -322,25 +345,30 @@ async fn real_main() -> Result<()> {
     let engine_for = |cfg: EngineConfig| Engine::with_defaults(store.clone(), cli.workflows.as_deref(), cfg);
     match &cli.command {
         Command::Worker { worker: w, cloud } => {
-            let mut registry = tern::steps::Registry::with_builtins(store.clone());
-            match cloud_settings(cloud)? {
-                Some(settings) => {
-                    let deps = failover_setup::build(&settings, store.clone()).map_err(anyhow::Error::msg)?;
-                    tern::steps::failover::register(&mut registry, deps);
-                }
-                None => tracing::warn!(
-                    "TERN_CLOUDSTACK_URL not set: failover steps will fail until CloudStack is configured"
-                ),
-            }
-            let engine = Engine::with_registry(store.clone(), cli.workflows.as_deref(), registry, config(w)?)?;
+            let (engine, _) = cloud_engine(&cli, store.clone(), w, cloud)?;
             worker::run_worker(engine, shutdown.unwrap_or_default()).await?;
         }
-        Command::Dev { worker: w, sim_listen } => {
-            let token = shutdown.unwrap_or_default();
-            let engine = dev(&cli, store.clone(), w, sim_listen, token.clone()).await?;
-            worker::run_worker(engine, token).await?;
+        Command::Server {
+            listen,
+            worker: w,
+            cloud,
+        } => {
+            let listener = bind_api(listen).await?;
+            let (engine, deps) = cloud_engine(&cli, store.clone(), w, cloud)?;
+            serve_and_work(listener, engine, deps, shutdown.unwrap_or_default()).await?;
         }
-        Command::Sim(_) | Command::Bench(_) => unreachable!("handled before the store is opened"),
+        Command::Dev {
+            worker: w,
+            sim_listen,
+            listen,
+        } => {
+            let token = shutdown.unwrap_or_default();
+            let listener = bind_api(listen).await?;
+            let (engine, deps) = dev(&cli, store.clone(), w, sim_listen, token.clone()).await?;
+            eprintln!("tern dev: gRPC API on {}", listener.local_addr()?);
+            serve_and_work(listener, engine, Some(deps), token).await?;
+        }
+        Command::Client(_) | Command::Sim(_) | Command::Bench(_) => unreachable!("handled before the store is opened"),
         Command::Submit {
             definition,
             input,
@@ -512,6 +540,58 @@ async fn real_main() -> Result<()> {
     Ok(())
 }
 
+/// The engine of `tern worker` / `tern server`: built-ins plus the failover steps bound to the
+/// configured cloud (or failing with NOT_CONFIGURED when there is none).
+fn cloud_engine(
+    cli: &Cli,
+    store: Arc<dyn Store>,
+    w: &WorkerArgs,
+    cloud: &CloudArgs,
+) -> Result<(Arc<Engine>, Option<Arc<tern::steps::failover::FailoverDeps>>)> {
+    let mut registry = tern::steps::Registry::with_builtins(store.clone());
+    let deps = match cloud_settings(cloud)? {
+        Some(settings) => {
+            let deps = failover_setup::build(&settings, store.clone()).map_err(anyhow::Error::msg)?;
+            tern::steps::failover::register(&mut registry, deps.clone());
+            Some(deps)
+        }
+        None => {
+            tracing::warn!("TERN_CLOUDSTACK_URL not set: failover steps will fail until CloudStack is configured");
+            None
+        }
+    };
+    let engine = Engine::with_registry(store, cli.workflows.as_deref(), registry, config(w)?)?;
+    Ok((engine, deps))
+}
+
+async fn bind_api(listen: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the gRPC API to {listen} (use --listen)"))
+}
+
+/// The gRPC API and a worker in one process; both stop on `token` (the API first drains its calls).
+async fn serve_and_work(
+    listener: tokio::net::TcpListener,
+    engine: Arc<Engine>,
+    failover: Option<Arc<tern::steps::failover::FailoverDeps>>,
+    token: CancellationToken,
+) -> Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "gRPC API listening");
+    let state = tern::api::ApiState {
+        engine: engine.clone(),
+        failover,
+    };
+    let stop = token.clone();
+    let api = tokio::spawn(tern::api::serve(listener, state, async move { stop.cancelled().await }));
+    let worked = worker::run_worker(engine, token.clone()).await;
+    token.cancel();
+    let served = api.await.context("the gRPC server task panicked")?;
+    worked?;
+    served?;
+    Ok(())
+}
+
 fn report(outcome: SignalOutcome, what: &str) -> Result<()> {
     match outcome {
         SignalOutcome::Accepted => println!("{what}: accepted"),
@@ -605,7 +685,7 @@ async fn dev(
     w: &WorkerArgs,
     sim_listen: &str,
     token: CancellationToken,
-) -> Result<Arc<Engine>> {
+) -> Result<(Arc<Engine>, Arc<tern::steps::failover::FailoverDeps>)> {
     let seed = 1;
     let args = SimArgs {
         listen: sim_listen.to_string(),
@@ -650,10 +730,10 @@ async fn dev(
     };
     let mut registry = tern::steps::Registry::with_builtins(store.clone());
     let deps = failover_setup::build(&settings, store.clone()).map_err(anyhow::Error::msg)?;
-    tern::steps::failover::register(&mut registry, deps);
+    tern::steps::failover::register(&mut registry, deps.clone());
     let engine = Engine::with_registry(store, cli.workflows.as_deref(), registry, config(w)?)?;
     print_dev_banner(&engine, &file, &format!("http://{addr}"));
-    Ok(engine)
+    Ok((engine, deps))
 }
 
 fn print_dev_banner(engine: &Engine, inv: &tern::domain::inventory::InventoryFile, sim: &str) {
@@ -667,6 +747,8 @@ fn print_dev_banner(engine: &Engine, inv: &tern::domain::inventory::InventoryFil
         "tern dev: engine on {} with the CloudStack simulator at {sim} (state in {})\n\
          sample VMs:\n{}\n\
          try, in another terminal:\n  \
+         tern test-failover {first} --duration 30s --auto-cleanup --watch\n  \
+         tern list-failovers\n  tern readiness {first}\n  \
          tern submit test-failover --input '{{\"vm_id\": \"{first}\", \"auto_cleanup\": true, \"test_duration\": \"30s\"}}' --wait 2m\n  \
          tern list\n  tern get <run-id>\n  \
          curl -s '{sim}/sim/invariant?prefix=tern-'\n\

@@ -28,6 +28,10 @@ pub enum EngineError {
     NotFound(RunId),
     #[error("run {run} is already {status}")]
     Finished { run: RunId, status: &'static str },
+    /// The definition is exclusive on an input field and an unfinished run holds that value
+    /// (e.g. a second failover of the same VM). Decided by the database at submit.
+    #[error("{field} {value:?} is busy: another unfinished run holds it")]
+    Busy { field: String, value: String },
     #[error(transparent)]
     Definition(#[from] DefinitionError),
     #[error(transparent)]
@@ -163,6 +167,13 @@ impl Engine {
             input: req.input.clone(),
         };
         let projection = store::projection::project(std::slice::from_ref(&record), "pending");
+        let lock = def.exclusive_on.as_ref().and_then(|field| {
+            req.input
+                .get(field)
+                .and_then(Value::as_str)
+                .filter(|v| !v.is_empty())
+                .map(|v| (field.clone(), v.to_string()))
+        });
         let id = RunId::new();
         let submitted = self
             .store
@@ -175,12 +186,20 @@ impl Engine {
                 request_id: req.request_id,
                 correlation_id: req.correlation_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
                 input: req.input,
+                lock_key: lock.as_ref().map(|(field, value)| format!("{field}={value}")),
                 display_status: RunState::Pending.display_status(&def),
                 record,
                 projection,
                 now,
             })
-            .await?;
+            .await
+            .map_err(|e| match (e, &lock) {
+                (StoreError::Conflict { .. }, Some((field, value))) => EngineError::Busy {
+                    field: field.clone(),
+                    value: value.clone(),
+                },
+                (e, _) => EngineError::Store(e),
+            })?;
         if submitted.created {
             crash::point("after:run_submitted");
             tracing::info!(run_id = %id, definition = %def.name, correlation_id = %submitted.run.correlation_id, "run submitted");

@@ -26,6 +26,9 @@ pub enum StoreError {
     Fenced { run: RunId },
     #[error("run {0} not found")]
     NotFound(RunId),
+    /// Another unfinished run holds the exclusive key (e.g. a failover of the same VM).
+    #[error("{key:?} is held by an unfinished run")]
+    Conflict { key: String },
     /// Stored data that does not parse (a bug or a hand-edited row).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
@@ -48,6 +51,7 @@ impl StoreError {
             ),
             StoreError::Fenced { .. }
             | StoreError::NotFound(_)
+            | StoreError::Conflict { .. }
             | StoreError::Corrupt(_)
             | StoreError::Migrate(_)
             | StoreError::Config(_) => false,
@@ -104,6 +108,8 @@ pub struct NewRun {
     pub request_id: Option<String>,
     pub correlation_id: String,
     pub input: Value,
+    /// At most one unfinished run may hold this key (`Conflict` otherwise); None: no lock.
+    pub lock_key: Option<String>,
     pub display_status: String,
     /// The first journal entry (`RunSubmitted`).
     pub record: Record,
@@ -183,6 +189,20 @@ pub struct RunFilter {
     pub status: Option<RunStatus>,
     pub definition: Option<String>,
     /// Keyset pagination: only runs with an id below this one (newest first).
+    pub before: Option<RunId>,
+    pub limit: u32,
+}
+
+/// Which `failover_jobs` rows to list (newest first, keyset on the run id).
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    /// Only runs of these definitions (all when empty).
+    pub definitions: Vec<String>,
+    /// The user-visible status (`failover_jobs.status`).
+    pub status: Option<String>,
+    pub job_type: Option<String>,
+    pub vm_id: Option<String>,
+    /// Only jobs whose run id is below this one.
     pub before: Option<RunId>,
     pub limit: u32,
 }
@@ -279,6 +299,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// The run's `failover_jobs` projection row.
     async fn failover_job(&self, run: RunId) -> Result<Option<FailoverJobRow>>;
+    /// `failover_jobs` rows matching `filter`, newest first.
+    async fn list_failover_jobs(&self, filter: &JobFilter) -> Result<Vec<FailoverJobRow>>;
     /// The run's `job_tracking` projection rows, in creation order.
     async fn job_tracking(&self, run: RunId) -> Result<Vec<JobTrackingRow>>;
 

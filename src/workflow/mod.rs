@@ -114,6 +114,9 @@ pub struct Definition {
     pub description: String,
     /// `job_type` projected into `failover_jobs` (e.g. "test", "live"); defaults to the name.
     pub job_type: String,
+    /// Input field naming a resource (e.g. `vm_id`) that only one unfinished run of any
+    /// exclusive definition may hold at a time; the database enforces it at submit.
+    pub exclusive_on: Option<String>,
     pub steps: Vec<StepDef>,
     pub hold: Option<HoldDef>,
     pub teardown: Vec<StepDef>,
@@ -196,6 +199,7 @@ struct RawDefinition {
     #[serde(default)]
     description: String,
     job_type: Option<String>,
+    exclusive_on: Option<String>,
     #[serde(default)]
     defaults: RawDefaults,
     #[serde(default, rename = "step")]
@@ -365,6 +369,7 @@ pub fn parse(file: &str, source: &str, known_action: &dyn Fn(&str) -> bool) -> R
     let hash = hex::encode(Sha256::digest(source.as_bytes()));
     Ok(Definition {
         job_type: raw.job_type.unwrap_or_else(|| raw.name.clone()),
+        exclusive_on: raw.exclusive_on,
         name: raw.name,
         description: raw.description,
         steps,

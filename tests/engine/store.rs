@@ -6,7 +6,9 @@ use std::time::Duration;
 use serde_json::json;
 use tern::domain::{RunId, StepError, Timestamp};
 use tern::engine::machine::{Record, RunState, RunStatus};
-use tern::store::{projection, Checkpoint, Lease, LedgerRow, NewRun, RunFilter, SignalOutcome, Store, StoreError};
+use tern::store::{
+    projection, Checkpoint, JobFilter, Lease, LedgerRow, NewRun, RunFilter, SignalOutcome, Store, StoreError,
+};
 use tern::workflow::Phase;
 
 use crate::common::TestDb;
@@ -29,6 +31,7 @@ fn new_run(request_id: Option<&str>, now: Timestamp) -> NewRun {
         request_id: request_id.map(str::to_string),
         correlation_id: "corr-1".into(),
         input: json!({"vm_id": "vm-1", "vm_name": "pgtest1"}),
+        lock_key: None,
         display_status: "pending".into(),
         projection: projection::project(std::slice::from_ref(&record), "pending"),
         record,
@@ -137,6 +140,78 @@ async fn concurrent_submits_with_one_request_id_make_one_run(db: TestDb) {
     }
     assert_eq!(created, 1);
     assert_eq!(ids.len(), 1);
+}
+
+/// One unfinished run per lock key, whoever wins the race: the database decides.
+async fn concurrent_submits_with_one_lock_key_make_one_run(db: TestDb) {
+    let s = db.open().await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut r = new_run(None, Timestamp::now());
+            r.lock_key = Some("vm-1".into());
+            s.submit(r).await
+        }));
+    }
+    let mut won = Vec::new();
+    let mut conflicts = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => won.push(r.run.id),
+            Err(StoreError::Conflict { key }) => {
+                assert_eq!(key, "vm-1");
+                conflicts += 1;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!((won.len(), conflicts), (1, 7));
+    // Other keys and runs without a key are not affected.
+    let mut other = new_run(None, Timestamp::now());
+    other.lock_key = Some("vm-2".into());
+    s.submit(other).await.unwrap();
+    s.submit(new_run(None, Timestamp::now())).await.unwrap();
+    // The failover_jobs listing: filters and keyset pagination, newest first.
+    let all = s
+        .list_failover_jobs(&JobFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 3);
+    assert!(all.windows(2).all(|w| w[0].job_id > w[1].job_id));
+    let page2 = s
+        .list_failover_jobs(&JobFilter {
+            before: Some(all[0].job_id.parse().unwrap()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page2, all[1..].to_vec());
+    let none = s
+        .list_failover_jobs(&JobFilter {
+            definitions: vec!["other".into()],
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let demo = s
+        .list_failover_jobs(&JobFilter {
+            definitions: vec!["demo".into(), "x".into()],
+            vm_id: Some("vm-1".into()),
+            job_type: Some("test".into()),
+            status: Some("pending".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(demo.len(), 3);
 }
 
 async fn claims_lease_and_fence_stale_workers(db: TestDb) {
@@ -622,6 +697,7 @@ on_both_backends!(
     inventory_and_network_mappings,
     submit_is_idempotent_by_request_id,
     concurrent_submits_with_one_request_id_make_one_run,
+    concurrent_submits_with_one_lock_key_make_one_run,
     claims_lease_and_fence_stale_workers,
     checkpoint_is_a_compare_and_set_on_the_journal_position,
     sleeping_runs_wake_at_their_time_only,

@@ -371,7 +371,8 @@ async fn failure_at(db: TestDb, os: &str, faults: Option<Value>, extra: Value, c
 }
 
 async fn failure_at_validation(db: TestDb) {
-    // A second failover of a VM that is already failing over: Active Jobs is critical.
+    // A second failover of a VM that is already failing over is refused at submit (the
+    // database allows one unfinished failover per VM); a VM that never synced fails validation.
     let w = world(&db, SnapshotKind::CloudstackVolume, None).await;
     let vm = w.vm("linux").clone();
     let first = w
@@ -381,6 +382,28 @@ async fn failure_at_validation(db: TestDb) {
         )
         .await;
     w.wait_status(first, RunStatus::Holding).await;
+    let busy = w
+        .engine
+        .submit(SubmitRequest {
+            definition: "test-failover".into(),
+            input: input(&vm, json!({})),
+            request_id: None,
+            correlation_id: None,
+        })
+        .await;
+    assert!(
+        matches!(&busy, Err(tern::engine::EngineError::Busy { value, .. }) if value == &vm.vm_id),
+        "{busy:?}"
+    );
+    w.engine.cancel(first, "done").await.unwrap();
+    assert_eq!(w.finish(first).await.status, RunStatus::Cancelled);
+
+    let mut unsynced = vm.clone();
+    unsynced.last_sync_change_id = None;
+    w.store
+        .upsert_vm(&unsynced, tern::domain::Timestamp::now())
+        .await
+        .unwrap();
     let second = w.submit("test-failover", input(&vm, json!({}))).await;
     let row = w.finish(second).await;
     assert_eq!(row.status, RunStatus::Failed);
@@ -391,8 +414,6 @@ async fn failure_at_validation(db: TestDb) {
         json!(false),
         "the report is stored with the run: {progress}"
     );
-    w.engine.cancel(first, "done").await.unwrap();
-    assert_eq!(w.finish(first).await.status, RunStatus::Cancelled);
     w.assert_clean(&vm.oma_vm_id).await;
 }
 

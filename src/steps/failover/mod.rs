@@ -17,6 +17,8 @@ mod virtio;
 mod vm;
 mod volume;
 
+pub use validate::readiness_for;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

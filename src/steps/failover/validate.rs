@@ -2,9 +2,10 @@
 
 use serde_json::{json, Value};
 
-use super::{fail, Cx};
-use crate::domain::inventory::NetworkMapping;
-use crate::domain::validation::{validate, CheckStatus, Facts, VolumeFacts};
+use super::{fail, Cx, FailoverDeps};
+use crate::domain::inventory::{NetworkKind, NetworkMapping, VmRecord};
+use crate::domain::validation::{validate, CheckStatus, Facts, ReadinessReport, VolumeFacts};
+use crate::domain::RunId;
 use crate::providers::ProviderError;
 use crate::steps::ActionError;
 
@@ -34,10 +35,8 @@ pub(crate) async fn run(cx: &Cx<'_>) -> Result<Value, ActionError> {
 }
 
 /// Runs the checks for this run's VM (other runs on the VM count as active jobs).
-pub(crate) async fn readiness(cx: &Cx<'_>) -> Result<crate::domain::validation::ReadinessReport, ActionError> {
-    let store = &cx.deps.store;
-    let active = store.active_jobs_for_vm(&cx.vm.vm_id, Some(cx.run_id())).await?;
-    let mut mappings = store.network_mappings(&cx.vm.vm_id).await?;
+pub(crate) async fn readiness(cx: &Cx<'_>) -> Result<ReadinessReport, ActionError> {
+    let mut mappings = cx.deps.store.network_mappings(&cx.vm.vm_id).await?;
     for (source, dest) in &cx.input.network_overrides {
         mappings.push(NetworkMapping {
             vm_id: cx.vm.vm_id.clone(),
@@ -46,23 +45,61 @@ pub(crate) async fn readiness(cx: &Cx<'_>) -> Result<crate::domain::validation::
             kind: cx.input.kind,
         });
     }
-    let volume = match cx.cloud().get_volume(&cx.vm.volume_id).await {
-        Ok(v) => Ok(Some(VolumeFacts {
-            volume_id: v.id,
-            state: v.state,
-            attached_to: v.vm_id,
-            size_gb: v.size.unwrap_or(0) / (1 << 30),
-        })),
-        Err(ProviderError::NotFound { .. }) => Ok(None),
-        Err(e) if e.is_retryable() => return Err(fail("VALIDATION_FAILED", e)),
-        Err(e) => Err(e.to_string()),
+    report(
+        cx.deps,
+        &cx.vm.vm_id,
+        Some(&cx.vm),
+        Some(cx.run_id()),
+        cx.input.kind,
+        &mappings,
+    )
+    .await
+}
+
+/// The readiness report for a VM outside any run (the API's CheckReadiness): every unfinished
+/// failover of the VM counts as an active job, and the stored mappings of `kind` count.
+pub async fn readiness_for(
+    deps: &FailoverDeps,
+    vm_id: &str,
+    kind: NetworkKind,
+) -> Result<ReadinessReport, ActionError> {
+    let vm = deps.store.get_vm(vm_id).await?;
+    let mappings = match &vm {
+        Some(_) => deps.store.network_mappings(vm_id).await?,
+        None => Vec::new(),
+    };
+    report(deps, vm_id, vm.as_ref(), None, kind, &mappings).await
+}
+
+async fn report(
+    deps: &FailoverDeps,
+    vm_id: &str,
+    vm: Option<&VmRecord>,
+    except: Option<RunId>,
+    kind: NetworkKind,
+    mappings: &[NetworkMapping],
+) -> Result<ReadinessReport, ActionError> {
+    let active = deps.store.active_jobs_for_vm(vm_id, except).await?;
+    let volume = match vm {
+        None => Ok(None),
+        Some(vm) => match deps.cloud.get_volume(&vm.volume_id).await {
+            Ok(v) => Ok(Some(VolumeFacts {
+                volume_id: v.id,
+                state: v.state,
+                attached_to: v.vm_id,
+                size_gb: v.size.unwrap_or(0) / (1 << 30),
+            })),
+            Err(ProviderError::NotFound { .. }) => Ok(None),
+            Err(e) if e.is_retryable() => return Err(fail("VALIDATION_FAILED", e)),
+            Err(e) => Err(e.to_string()),
+        },
     };
     Ok(validate(&Facts {
-        vm_id: &cx.vm.vm_id,
-        vm: Some(&cx.vm),
+        vm_id,
+        vm,
         active_runs: &active,
-        mappings: &mappings,
-        kind: cx.input.kind,
+        mappings,
+        kind,
         volume,
     }))
 }

@@ -319,7 +319,7 @@ impl Store for SqliteStore {
         let at = rfc3339(run.now);
         sqlx::query(
             "INSERT INTO failover_jobs (job_id, vm_id, vm_name, job_type, status, source_vm_spec, network_mappings, \
-             correlation_id, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+             correlation_id, created_at, updated_at, lock_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10)",
         )
         .bind(run.id.to_string())
         .bind(run.input.get("vm_id").and_then(Value::as_str).unwrap_or(""))
@@ -330,8 +330,10 @@ impl Store for SqliteStore {
         .bind(run.input.get("network_mappings").map(|v| v.to_string()))
         .bind(&run.correlation_id)
         .bind(&at)
+        .bind(&run.lock_key)
         .execute(&mut *tx)
-        .await?;
+        .await
+        .map_err(|e| lock_conflict(e, &run.lock_key))?;
         apply_projection(&mut tx, run.id, &run.projection, run.now).await?;
         tx.commit().await?;
         self.wakeup.wake();
@@ -589,30 +591,36 @@ impl Store for SqliteStore {
     }
 
     async fn failover_job(&self, run: RunId) -> Result<Option<FailoverJobRow>> {
-        let row = sqlx::query(
-            "SELECT job_id, vm_id, vm_name, job_type, status, linstor_snapshot_name, destination_vm_id, error_message, \
-             correlation_id, created_at, started_at, completed_at FROM failover_jobs WHERE job_id = $1",
-        )
-        .bind(run.to_string())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            Ok(FailoverJobRow {
-                job_id: r.try_get("job_id")?,
-                vm_id: r.try_get("vm_id")?,
-                vm_name: r.try_get("vm_name")?,
-                job_type: r.try_get("job_type")?,
-                status: r.try_get("status")?,
-                linstor_snapshot_name: r.try_get("linstor_snapshot_name")?,
-                destination_vm_id: r.try_get("destination_vm_id")?,
-                error_message: r.try_get("error_message")?,
-                correlation_id: r.try_get("correlation_id")?,
-                created_at: r.try_get("created_at")?,
-                started_at: r.try_get("started_at")?,
-                completed_at: r.try_get("completed_at")?,
-            })
-        })
-        .transpose()
+        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM failover_jobs f WHERE job_id = $1"))
+            .bind(run.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn list_failover_jobs(&self, f: &JobFilter) -> Result<Vec<FailoverJobRow>> {
+        let defs: Vec<String> = (0..f.definitions.len()).map(|i| format!("${}", i + 6)).collect();
+        let def_clause = if defs.is_empty() {
+            String::new()
+        } else {
+            format!(" AND r.definition IN ({})", defs.join(", "))
+        };
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM failover_jobs f JOIN runs r ON r.id = f.job_id \
+             WHERE ($1 IS NULL OR f.status = $1) AND ($2 IS NULL OR f.job_type = $2) AND ($3 IS NULL OR f.vm_id = $3) \
+             AND ($4 IS NULL OR r.id < $4){def_clause} ORDER BY r.id DESC LIMIT $5"
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(&f.status)
+            .bind(&f.job_type)
+            .bind(&f.vm_id)
+            .bind(f.before.map(|b| b.to_string()))
+            .bind(f.limit.max(1) as i64);
+        for d in &f.definitions {
+            q = q.bind(d);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(job_from_row).collect()
     }
 
     async fn job_tracking(&self, run: RunId) -> Result<Vec<JobTrackingRow>> {
@@ -789,5 +797,33 @@ impl Store for SqliteStore {
 
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+}
+
+const JOB_COLUMNS: &str = "f.job_id, f.vm_id, f.vm_name, f.job_type, f.status, f.linstor_snapshot_name, \
+    f.destination_vm_id, f.error_message, f.correlation_id, f.created_at, f.started_at, f.completed_at";
+
+fn job_from_row(r: &SqliteRow) -> Result<FailoverJobRow> {
+    Ok(FailoverJobRow {
+        job_id: r.try_get("job_id")?,
+        vm_id: r.try_get("vm_id")?,
+        vm_name: r.try_get("vm_name")?,
+        job_type: r.try_get("job_type")?,
+        status: r.try_get("status")?,
+        linstor_snapshot_name: r.try_get("linstor_snapshot_name")?,
+        destination_vm_id: r.try_get("destination_vm_id")?,
+        error_message: r.try_get("error_message")?,
+        correlation_id: r.try_get("correlation_id")?,
+        created_at: r.try_get("created_at")?,
+        started_at: r.try_get("started_at")?,
+        completed_at: r.try_get("completed_at")?,
+    })
+}
+
+/// A unique violation of the insert that carries `lock_key` is the lock being held.
+fn lock_conflict(e: sqlx::Error, key: &Option<String>) -> StoreError {
+    match (&e, key) {
+        (sqlx::Error::Database(d), Some(key)) if d.is_unique_violation() => StoreError::Conflict { key: key.clone() },
+        _ => StoreError::Database(e),
     }
 }

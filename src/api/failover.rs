@@ -1,0 +1,568 @@
+//! `tern.v1.FailoverService`: starts test and live failovers as runs of the `test-failover`
+//! and `live-failover` definitions, and shows them as the seeds' failover jobs.
+
+use std::collections::HashMap;
+
+use serde_json::{json, Map, Value};
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::error::ApiError;
+use super::pb;
+use super::pb::failover_service_server::FailoverService;
+use super::watch::{watch, WatchStream};
+use super::{correlation_of, respond, ApiState, LIVE_FAILOVER, TEST_FAILOVER};
+use crate::domain::inventory::NetworkKind;
+use crate::domain::{parse_duration, RunId, Timestamp};
+use crate::engine::{EngineError, SubmitRequest};
+use crate::store::{FailoverJobRow, JobFilter, RunRow, SignalOutcome};
+
+const MAX_PAGE: u32 = 100;
+const DEFAULT_PAGE: u32 = 20;
+
+pub struct FailoverApi {
+    state: ApiState,
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The fields both start requests share.
+struct Start<'a> {
+    definition: &'static str,
+    job_type: &'static str,
+    vm_id: &'a str,
+    vm_name: &'a str,
+    skip_validation: bool,
+    skip_snapshot: bool,
+    skip_virtio_injection: bool,
+    network_mappings: &'a HashMap<String, String>,
+    custom_config: &'a HashMap<String, String>,
+    notification_config: &'a HashMap<String, String>,
+    request_id: &'a str,
+    /// Test failovers only: (auto_cleanup, test_duration).
+    hold: Option<(bool, &'a str)>,
+}
+
+pub(crate) fn run_id(field: &str, s: &str) -> ApiResult<RunId> {
+    if s.trim().is_empty() {
+        return Err(ApiError::field(field, "is required"));
+    }
+    s.trim()
+        .parse()
+        .map_err(|_| ApiError::field(field, format!("{s:?} is not a job id (a UUID)")))
+}
+
+fn string_map(m: &HashMap<String, String>) -> Value {
+    Value::Object(m.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<Map<_, _>>())
+}
+
+impl FailoverApi {
+    pub fn new(state: ApiState) -> FailoverApi {
+        FailoverApi { state }
+    }
+
+    /// A failover run, or JOB_NOT_FOUND (also for runs of other definitions).
+    async fn run(&self, id: RunId) -> ApiResult<RunRow> {
+        match self.state.engine.store.get_run(id).await? {
+            Some(r) if r.definition == TEST_FAILOVER || r.definition == LIVE_FAILOVER => Ok(r),
+            _ => Err(ApiError::NotFound {
+                reason: "JOB_NOT_FOUND",
+                message: format!("failover job {id} not found"),
+            }),
+        }
+    }
+
+    async fn job(&self, run: &RunRow, with_steps: bool) -> ApiResult<pb::FailoverJob> {
+        let row = self.state.engine.store.failover_job(run.id).await?;
+        self.job_with(run, row.as_ref(), with_steps).await
+    }
+
+    /// The job from its run and (already fetched) `failover_jobs` row.
+    async fn job_with(
+        &self,
+        run: &RunRow,
+        job: Option<&FailoverJobRow>,
+        with_steps: bool,
+    ) -> ApiResult<pb::FailoverJob> {
+        let store = &self.state.engine.store;
+        let def = self.state.engine.pinned(&run.definition_hash).await?;
+        // Up to the row's last_seq: the steps match the row's state even if the run moved on since.
+        let journal = store
+            .journal(run.id, 0, run.last_seq.clamp(0, u32::MAX as i64) as u32)
+            .await?;
+        Ok(convert::failover_job(run, job, &def, &journal, with_steps))
+    }
+
+    async fn start(&self, s: Start<'_>, correlation_id: String) -> ApiResult<pb::FailoverJob> {
+        let store = &self.state.engine.store;
+        let mut problems = Vec::new();
+        if s.vm_id.trim().is_empty() {
+            problems.push(("vm_id".to_string(), "is required (the VMware VM UUID)".to_string()));
+        }
+        if let Some((auto_cleanup, duration)) = s.hold {
+            if !duration.trim().is_empty() {
+                if let Err(e) = parse_duration(duration) {
+                    problems.push(("test_duration".into(), e));
+                }
+            } else if auto_cleanup {
+                problems.push(("test_duration".into(), "is required when auto_cleanup is set".into()));
+            }
+        }
+        for (source, dest) in s.network_mappings {
+            if source.trim().is_empty() || dest.trim().is_empty() {
+                problems.push((
+                    format!("network_mappings[{source}]"),
+                    "source and destination network must not be empty".into(),
+                ));
+            }
+        }
+        if s.request_id.len() > 200 {
+            problems.push(("request_id".into(), "is longer than 200 characters".into()));
+        }
+        if !problems.is_empty() {
+            return Err(ApiError::InvalidArgument(problems));
+        }
+        let request_id = Some(s.request_id.trim().to_string()).filter(|r| !r.is_empty());
+        // A retried request returns its job even if the VM has since left the inventory.
+        if let Some(r) = &request_id {
+            if let Some(run) = store.find_by_request_id(r).await? {
+                if run.definition != s.definition {
+                    return Err(ApiError::field(
+                        "request_id",
+                        format!("already used by a {} run ({})", run.definition, run.id),
+                    ));
+                }
+                let mut job = self.job(&run, true).await?;
+                job.created = false;
+                return Ok(job);
+            }
+        }
+        let vm_id = s.vm_id.trim();
+        let vm = store.get_vm(vm_id).await?.ok_or_else(|| ApiError::NotFound {
+            reason: "VM_NOT_FOUND",
+            message: format!("VM {vm_id} is not in the inventory (not replicated?)"),
+        })?;
+        let mut input = json!({
+            "vm_id": vm_id,
+            "vm_name": if s.vm_name.trim().is_empty() { vm.name.as_str() } else { s.vm_name.trim() },
+            "job_type": s.job_type,
+            "skip_validation": s.skip_validation,
+            "skip_snapshot": s.skip_snapshot,
+            "skip_virtio_injection": s.skip_virtio_injection,
+            "network_mappings": string_map(s.network_mappings),
+            "custom_config": string_map(s.custom_config),
+            "notification_config": string_map(s.notification_config),
+        });
+        if let (Some((auto_cleanup, duration)), Some(obj)) = (s.hold, input.as_object_mut()) {
+            obj.insert("auto_cleanup".into(), json!(auto_cleanup));
+            if !duration.trim().is_empty() {
+                obj.insert("test_duration".into(), json!(duration.trim()));
+            }
+        }
+        let submitted = self
+            .state
+            .engine
+            .submit(SubmitRequest {
+                definition: s.definition.into(),
+                input,
+                request_id,
+                correlation_id: Some(correlation_id),
+            })
+            .await;
+        let submitted = match submitted {
+            Ok(s) => s,
+            Err(EngineError::Busy { value, .. }) => {
+                let active = store.active_jobs_for_vm(&value, None).await.unwrap_or_default();
+                return Err(ApiError::Precondition {
+                    reason: "VM_BUSY",
+                    message: format!(
+                        "VM {value} already has an unfinished failover ({}); end or cancel it first",
+                        active.join(", ")
+                    ),
+                    metadata: HashMap::from([
+                        ("vm_id".to_string(), value),
+                        ("active_jobs".to_string(), active.join(",")),
+                    ]),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut job = self.job(&submitted.run, true).await?;
+        job.created = submitted.created;
+        Ok(job)
+    }
+
+    /// Sends `end-test` or a cancel, then returns the job.
+    async fn stop(&self, job_id: &str, end_test: bool, reason: &str) -> ApiResult<pb::FailoverJob> {
+        let id = run_id("job_id", job_id)?;
+        let run = self.run(id).await?;
+        let outcome = if end_test {
+            if run.definition != TEST_FAILOVER {
+                return Err(ApiError::precondition(
+                    "NOT_A_TEST_FAILOVER",
+                    format!("job {id} is a live failover: only a test failover has a test to end"),
+                ));
+            }
+            self.state.engine.signal(id, "end-test").await?
+        } else {
+            self.state.engine.cancel(id, reason).await?
+        };
+        if let SignalOutcome::Finished(status) = outcome {
+            return Err(ApiError::precondition(
+                "JOB_FINISHED",
+                format!("job {id} is already {}", status.as_str()),
+            ));
+        }
+        let run = self.run(id).await?;
+        self.job(&run, true).await
+    }
+
+    /// A response with the job's correlation id, or the error with the request's.
+    fn reply(result: ApiResult<pb::FailoverJob>, correlation_id: &str) -> Result<Response<pb::FailoverJob>, Status> {
+        match result {
+            Ok(job) => {
+                let c = job.correlation_id.clone();
+                Ok(respond(job, &c))
+            }
+            Err(e) => Err(e.into_status(correlation_id)),
+        }
+    }
+}
+
+fn reply<T>(result: ApiResult<T>, correlation_id: &str) -> Result<Response<T>, Status> {
+    result
+        .map(|v| respond(v, correlation_id))
+        .map_err(|e| e.into_status(correlation_id))
+}
+
+#[tonic::async_trait]
+impl FailoverService for FailoverApi {
+    async fn start_test_failover(
+        &self,
+        req: Request<pb::StartTestFailoverRequest>,
+    ) -> Result<Response<pb::FailoverJob>, Status> {
+        let c = correlation_of(&req);
+        let r = req.into_inner();
+        let start = Start {
+            definition: TEST_FAILOVER,
+            job_type: "test",
+            vm_id: &r.vm_id,
+            vm_name: &r.vm_name,
+            skip_validation: r.skip_validation,
+            skip_snapshot: r.skip_snapshot,
+            skip_virtio_injection: r.skip_virtio_injection,
+            network_mappings: &r.network_mappings,
+            custom_config: &r.custom_config,
+            notification_config: &r.notification_config,
+            request_id: &r.request_id,
+            hold: Some((r.auto_cleanup, &r.test_duration)),
+        };
+        Self::reply(self.start(start, c.clone()).await, &c)
+    }
+
+    async fn start_live_failover(
+        &self,
+        req: Request<pb::StartLiveFailoverRequest>,
+    ) -> Result<Response<pb::FailoverJob>, Status> {
+        let c = correlation_of(&req);
+        let r = req.into_inner();
+        let start = Start {
+            definition: LIVE_FAILOVER,
+            job_type: "live",
+            vm_id: &r.vm_id,
+            vm_name: &r.vm_name,
+            skip_validation: r.skip_validation,
+            skip_snapshot: r.skip_snapshot,
+            skip_virtio_injection: r.skip_virtio_injection,
+            network_mappings: &r.network_mappings,
+            custom_config: &r.custom_config,
+            notification_config: &r.notification_config,
+            request_id: &r.request_id,
+            hold: None,
+        };
+        Self::reply(self.start(start, c.clone()).await, &c)
+    }
+
+    async fn end_test_failover(
+        &self,
+        req: Request<pb::EndTestFailoverRequest>,
+    ) -> Result<Response<pb::FailoverJob>, Status> {
+        let c = correlation_of(&req);
+        Self::reply(self.stop(&req.get_ref().job_id, true, "").await, &c)
+    }
+
+    async fn cancel_failover(
+        &self,
+        req: Request<pb::CancelFailoverRequest>,
+    ) -> Result<Response<pb::FailoverJob>, Status> {
+        let c = correlation_of(&req);
+        let r = req.get_ref();
+        let reason = if r.reason.trim().is_empty() {
+            "cancelled through the API"
+        } else {
+            r.reason.trim()
+        };
+        Self::reply(self.stop(&r.job_id, false, reason).await, &c)
+    }
+
+    async fn get_failover(&self, req: Request<pb::GetFailoverRequest>) -> Result<Response<pb::FailoverJob>, Status> {
+        let c = correlation_of(&req);
+        let result = async {
+            let run = self.run(run_id("job_id", &req.get_ref().job_id)?).await?;
+            self.job(&run, true).await
+        }
+        .await;
+        Self::reply(result, &c)
+    }
+
+    async fn list_failovers(
+        &self,
+        req: Request<pb::ListFailoversRequest>,
+    ) -> Result<Response<pb::ListFailoversResponse>, Status> {
+        let c = correlation_of(&req);
+        let r = req.get_ref();
+        let result = async {
+            let size = match r.page_size {
+                0 => DEFAULT_PAGE,
+                n => n.min(MAX_PAGE),
+            };
+            let before = match r.page_token.trim() {
+                "" => None,
+                t => Some(
+                    t.parse::<RunId>()
+                        .map_err(|_| ApiError::field("page_token", "not a token from a previous page"))?,
+                ),
+            };
+            let job_type = Some(r.job_type.trim().to_string()).filter(|s| !s.is_empty());
+            if let Some(t) = &job_type {
+                if t != "test" && t != "live" {
+                    return Err(ApiError::field("job_type", "must be \"test\" or \"live\""));
+                }
+            }
+            let mut rows = self
+                .state
+                .engine
+                .store
+                .list_failover_jobs(&JobFilter {
+                    definitions: vec![TEST_FAILOVER.into(), LIVE_FAILOVER.into()],
+                    status: Some(r.status.trim().to_string()).filter(|s| !s.is_empty()),
+                    job_type,
+                    vm_id: Some(r.vm_id.trim().to_string()).filter(|s| !s.is_empty()),
+                    before,
+                    limit: size + 1,
+                })
+                .await?;
+            let more = rows.len() > size as usize;
+            rows.truncate(size as usize);
+            let mut jobs = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let id = run_id("job_id", &row.job_id)
+                    .map_err(|_| ApiError::Internal(format!("bad job id {:?}", row.job_id)))?;
+                if let Some(run) = self.state.engine.store.get_run(id).await? {
+                    jobs.push(self.job_with(&run, Some(row), false).await?);
+                }
+            }
+            let next_page_token = match (more, rows.last()) {
+                (true, Some(last)) => last.job_id.clone(),
+                _ => String::new(),
+            };
+            Ok(pb::ListFailoversResponse { jobs, next_page_token })
+        }
+        .await;
+        reply(result, &c)
+    }
+
+    type WatchFailoverStream = WatchStream;
+
+    async fn watch_failover(&self, req: Request<pb::WatchFailoverRequest>) -> Result<Response<WatchStream>, Status> {
+        let c = correlation_of(&req);
+        let r = req.get_ref();
+        let result = async {
+            if r.after_sequence < 0 {
+                return Err(ApiError::field("after_sequence", "must not be negative"));
+            }
+            let run = self.run(run_id("job_id", &r.job_id)?).await?;
+            Ok(run)
+        }
+        .await;
+        match result {
+            Ok(run) => Ok(respond(
+                watch(self.state.engine.store.clone(), run.id, r.after_sequence, c),
+                &run.correlation_id,
+            )),
+            Err(e) => Err(e.into_status(&c)),
+        }
+    }
+
+    async fn check_readiness(
+        &self,
+        req: Request<pb::CheckReadinessRequest>,
+    ) -> Result<Response<pb::ReadinessReport>, Status> {
+        let c = correlation_of(&req);
+        let r = req.get_ref();
+        let result = async {
+            if r.vm_id.trim().is_empty() {
+                return Err(ApiError::field("vm_id", "is required"));
+            }
+            let kind = match r.job_type.trim() {
+                "" | "test" => NetworkKind::Test,
+                "live" => NetworkKind::Production,
+                _ => return Err(ApiError::field("job_type", "must be \"test\" or \"live\"")),
+            };
+            let deps = self.state.failover.as_ref().ok_or_else(|| {
+                ApiError::precondition(
+                    "NOT_CONFIGURED",
+                    "CloudStack is not configured on this server: readiness cannot be checked",
+                )
+            })?;
+            let report = crate::steps::failover::readiness_for(deps, r.vm_id.trim(), kind)
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("readiness of {}: {e}", r.vm_id)))?;
+            Ok(convert::readiness(&report))
+        }
+        .await;
+        reply(result, &c)
+    }
+
+    async fn upsert_vm(&self, req: Request<pb::UpsertVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let c = correlation_of(&req);
+        let result = async {
+            let vm = req
+                .get_ref()
+                .vm
+                .as_ref()
+                .ok_or_else(|| ApiError::field("vm", "is required"))?;
+            let record = convert::vm_record(vm);
+            let problems = record.problems();
+            if !problems.is_empty() {
+                return Err(ApiError::InvalidArgument(
+                    problems.into_iter().map(|(f, why)| (format!("vm.{f}"), why)).collect(),
+                ));
+            }
+            self.state.engine.store.upsert_vm(&record, Timestamp::now()).await?;
+            Ok(convert::vm(&record))
+        }
+        .await;
+        reply(result, &c)
+    }
+
+    async fn get_vm(&self, req: Request<pb::GetVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let c = correlation_of(&req);
+        let id = req.get_ref().vm_id.trim().to_string();
+        let result = async {
+            if id.is_empty() {
+                return Err(ApiError::field("vm_id", "is required"));
+            }
+            let vm = self
+                .state
+                .engine
+                .store
+                .get_vm(&id)
+                .await?
+                .ok_or_else(|| ApiError::NotFound {
+                    reason: "VM_NOT_FOUND",
+                    message: format!("VM {id} is not in the inventory"),
+                })?;
+            Ok(convert::vm(&vm))
+        }
+        .await;
+        reply(result, &c)
+    }
+
+    async fn list_vms(&self, req: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let c = correlation_of(&req);
+        let result = async {
+            let vms = self.state.engine.store.list_vms().await?;
+            Ok(pb::ListVmsResponse {
+                vms: vms.iter().map(convert::vm).collect(),
+            })
+        }
+        .await;
+        reply(result, &c)
+    }
+
+    async fn set_network_mappings(
+        &self,
+        req: Request<pb::SetNetworkMappingsRequest>,
+    ) -> Result<Response<pb::NetworkMappings>, Status> {
+        let c = correlation_of(&req);
+        let r = req.get_ref();
+        let result = async {
+            let vm_id = r.vm_id.trim();
+            let mut problems = Vec::new();
+            if vm_id.is_empty() {
+                problems.push(("vm_id".to_string(), "is required".to_string()));
+            }
+            let kind = convert::network_kind(r.kind.trim());
+            if kind.is_none() {
+                problems.push(("kind".into(), "must be \"test\" or \"production\"".into()));
+            }
+            for (i, m) in r.mappings.iter().enumerate() {
+                if m.source_network.trim().is_empty() {
+                    problems.push((format!("mappings[{i}].source_network"), "must not be empty".into()));
+                }
+                if m.destination_network_id.trim().is_empty() {
+                    problems.push((
+                        format!("mappings[{i}].destination_network_id"),
+                        "must not be empty".into(),
+                    ));
+                }
+            }
+            let Some(kind) = kind.filter(|_| problems.is_empty()) else {
+                return Err(ApiError::InvalidArgument(problems));
+            };
+            let store = &self.state.engine.store;
+            if store.get_vm(vm_id).await?.is_none() {
+                return Err(ApiError::NotFound {
+                    reason: "VM_NOT_FOUND",
+                    message: format!("VM {vm_id} is not in the inventory"),
+                });
+            }
+            let mappings: Vec<_> = r
+                .mappings
+                .iter()
+                .map(|m| crate::domain::inventory::NetworkMapping {
+                    vm_id: vm_id.to_string(),
+                    source_network: m.source_network.trim().to_string(),
+                    destination_network_id: m.destination_network_id.trim().to_string(),
+                    kind,
+                })
+                .collect();
+            store.set_network_mappings(vm_id, kind, &mappings).await?;
+            let all = store.network_mappings(vm_id).await?;
+            Ok(pb::NetworkMappings {
+                vm_id: vm_id.to_string(),
+                mappings: all.iter().map(convert::mapping).collect(),
+            })
+        }
+        .await;
+        reply(result, &c)
+    }
+
+    async fn get_network_mappings(
+        &self,
+        req: Request<pb::GetNetworkMappingsRequest>,
+    ) -> Result<Response<pb::NetworkMappings>, Status> {
+        let c = correlation_of(&req);
+        let vm_id = req.get_ref().vm_id.trim().to_string();
+        let result = async {
+            if vm_id.is_empty() {
+                return Err(ApiError::field("vm_id", "is required"));
+            }
+            let store = &self.state.engine.store;
+            if store.get_vm(&vm_id).await?.is_none() {
+                return Err(ApiError::NotFound {
+                    reason: "VM_NOT_FOUND",
+                    message: format!("VM {vm_id} is not in the inventory"),
+                });
+            }
+            let all = store.network_mappings(&vm_id).await?;
+            Ok(pb::NetworkMappings {
+                vm_id,
+                mappings: all.iter().map(convert::mapping).collect(),
+            })
+        }
+        .await;
+        reply(result, &c)
+    }
+}

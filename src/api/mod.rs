@@ -1,0 +1,109 @@
+//! The gRPC API: `tern.v1.FailoverService` and `tern.v1.WorkflowService` (tonic), health and
+//! reflection. This module owns the wire: the generated code ([`pb`]), the conversions between
+//! proto and domain types ([`convert`]), and the one mapping from errors to `tonic::Status`
+//! ([`error`]). Domain types never derive prost.
+
+// tonic's service traits return `Result<_, tonic::Status>` by value; our helpers match them.
+#![allow(clippy::result_large_err)]
+
+pub mod convert;
+pub mod error;
+mod failover;
+mod watch;
+mod workflow;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tonic::metadata::MetadataValue;
+
+use crate::engine::Engine;
+use crate::steps::failover::FailoverDeps;
+pub use failover::FailoverApi;
+pub use workflow::WorkflowApi;
+
+/// The code generated from `proto/tern/v1/*.proto`.
+#[allow(clippy::all, clippy::pedantic, missing_docs, unused_qualifications)]
+pub mod pb {
+    tonic::include_proto!("tern.v1");
+
+    /// The encoded descriptor set of the protos (what server reflection serves).
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tern_descriptor.bin"));
+}
+
+/// The metadata key every response (and error) carries the correlation id under. A client may
+/// send one with a start request; it becomes the job's correlation id.
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+
+/// The definitions FailoverService starts and shows.
+pub const TEST_FAILOVER: &str = "test-failover";
+pub const LIVE_FAILOVER: &str = "live-failover";
+
+/// What the services work with. `failover` is None when no cloud is configured: failovers can
+/// still be started (their steps fail with NOT_CONFIGURED) but readiness cannot be checked.
+#[derive(Clone)]
+pub struct ApiState {
+    pub engine: Arc<Engine>,
+    pub failover: Option<Arc<FailoverDeps>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves the API on `listener` until `shutdown` completes (then drains in-flight calls).
+pub async fn serve(
+    listener: TcpListener,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    use pb::failover_service_server::FailoverServiceServer;
+    use pb::workflow_service_server::WorkflowServiceServer;
+    let (mut reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<FailoverServiceServer<FailoverApi>>().await;
+    reporter.set_serving::<WorkflowServiceServer<WorkflowApi>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(FailoverServiceServer::new(FailoverApi::new(state.clone())))
+        .add_service(WorkflowServiceServer::new(WorkflowApi::new(state)))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// The correlation id a request carries (a printable `x-correlation-id` of at most 128
+/// characters), or a new one.
+pub(crate) fn correlation_of<T>(req: &tonic::Request<T>) -> String {
+    req.metadata()
+        .get(CORRELATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// A response carrying `correlation_id` as `x-correlation-id` metadata.
+pub(crate) fn respond<T>(msg: T, correlation_id: &str) -> tonic::Response<T> {
+    let mut r = tonic::Response::new(msg);
+    if let Ok(v) = MetadataValue::try_from(correlation_id) {
+        r.metadata_mut().insert(CORRELATION_HEADER, v);
+    }
+    r
+}

@@ -1,0 +1,79 @@
+//! Watching a run: every committed journal entry after a sequence number, in order and once,
+//! then a terminal event. A client that reconnects with the last sequence it saw gets no gap
+//! and no duplicate, because the stream is read back from the journal itself.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::convert;
+use super::error::ApiError;
+use super::pb;
+use super::pb::watch_event::Event;
+use crate::domain::RunId;
+use crate::store::Store;
+
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+/// How often an idle watch looks at the journal. The store's wake-up channel is not used: it
+/// hands out one stored permit that a worker must get, and a watcher taking it would delay
+/// the worker (the journal is cheap to poll by primary key).
+const POLL: Duration = Duration::from_millis(100);
+const BATCH: u32 = 500;
+
+/// Streams `run`'s journal after `after`, then its terminal event. The run must exist.
+pub fn watch(store: Arc<dyn Store>, run: RunId, after: i64, correlation_id: String) -> WatchStream {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut last = after;
+        loop {
+            let step = async {
+                let entries = store.journal(run, last, BATCH).await?;
+                let full = entries.len() as u32 == BATCH;
+                for e in &entries {
+                    let ev = pb::WatchEvent {
+                        event: Some(Event::Entry(convert::entry(e))),
+                    };
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return Ok::<_, ApiError>(Some(false));
+                    }
+                    last = e.seq;
+                }
+                if full || !entries.is_empty() {
+                    return Ok(None);
+                }
+                // The run row and its journal are committed together: once the row is terminal,
+                // every entry up to its last_seq is readable.
+                let row = store.get_run(run).await?.ok_or(ApiError::NotFound {
+                    reason: "JOB_NOT_FOUND",
+                    message: format!("job {run} not found"),
+                })?;
+                if row.status.is_terminal() && last >= row.last_seq {
+                    let ev = pb::WatchEvent {
+                        event: Some(Event::Terminal(convert::terminal(&row))),
+                    };
+                    let _ = tx.send(Ok(ev)).await;
+                    return Ok(Some(true));
+                }
+                Ok(None)
+            };
+            match step.await {
+                Ok(Some(_)) => return,
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e.into_status(&correlation_id))).await;
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

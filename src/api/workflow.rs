@@ -1,0 +1,268 @@
+//! `tern.v1.WorkflowService`: the generic engine. Any definition the server carries can be
+//! submitted, read, listed, watched, signalled and cancelled.
+
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::error::ApiError;
+use super::failover::run_id;
+use super::pb;
+use super::pb::workflow_service_server::WorkflowService;
+use super::watch::{watch, WatchStream};
+use super::{correlation_of, respond, ApiState};
+use crate::domain::RunId;
+use crate::engine::machine::RunStatus;
+use crate::engine::SubmitRequest;
+use crate::store::{RunFilter, RunRow, SignalOutcome};
+
+const MAX_PAGE: u32 = 100;
+const DEFAULT_PAGE: u32 = 20;
+
+pub struct WorkflowApi {
+    state: ApiState,
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+impl WorkflowApi {
+    pub fn new(state: ApiState) -> WorkflowApi {
+        WorkflowApi { state }
+    }
+
+    async fn run(&self, id: RunId) -> ApiResult<RunRow> {
+        self.state
+            .engine
+            .store
+            .get_run(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound {
+                reason: "RUN_NOT_FOUND",
+                message: format!("run {id} not found"),
+            })
+    }
+
+    async fn view(&self, run: &RunRow, created: bool) -> ApiResult<pb::Workflow> {
+        let def = self.state.engine.pinned(&run.definition_hash).await?;
+        // Up to the row's last_seq: the steps match the row's state even if the run moved on since.
+        let journal = self
+            .state
+            .engine
+            .store
+            .journal(run.id, 0, run.last_seq.clamp(0, u32::MAX as i64) as u32)
+            .await?;
+        Ok(convert::workflow(run, &def, &journal, created))
+    }
+
+    fn outcome(id: RunId, o: SignalOutcome) -> ApiResult<pb::SignalOutcome> {
+        match o {
+            SignalOutcome::Accepted => Ok(pb::SignalOutcome {
+                outcome: "accepted".into(),
+            }),
+            SignalOutcome::Duplicate => Ok(pb::SignalOutcome {
+                outcome: "duplicate".into(),
+            }),
+            SignalOutcome::Finished(s) => Err(ApiError::precondition(
+                "RUN_FINISHED",
+                format!("run {id} is already {}", s.as_str()),
+            )),
+        }
+    }
+}
+
+fn reply<T>(result: ApiResult<T>, correlation_id: &str) -> Result<Response<T>, Status> {
+    result
+        .map(|v| respond(v, correlation_id))
+        .map_err(|e| e.into_status(correlation_id))
+}
+
+fn reply_run(result: ApiResult<pb::Workflow>, correlation_id: &str) -> Result<Response<pb::Workflow>, Status> {
+    match result {
+        Ok(w) => {
+            let c = w.correlation_id.clone();
+            Ok(respond(w, &c))
+        }
+        Err(e) => Err(e.into_status(correlation_id)),
+    }
+}
+
+#[tonic::async_trait]
+impl WorkflowService for WorkflowApi {
+    async fn submit_workflow(&self, req: Request<pb::SubmitWorkflowRequest>) -> Result<Response<pb::Workflow>, Status> {
+        let c = correlation_of(&req);
+        let r = req.get_ref();
+        let result = async {
+            if r.definition.trim().is_empty() {
+                return Err(ApiError::field("definition", "is required"));
+            }
+            let input: serde_json::Value = match r.input_json.trim() {
+                "" => serde_json::json!({}),
+                text => serde_json::from_str(text)
+                    .map_err(|e| ApiError::field("input_json", format!("not valid JSON: {e}")))?,
+            };
+            if !input.is_object() {
+                return Err(ApiError::field("input_json", "must be a JSON object"));
+            }
+            let s = self
+                .state
+                .engine
+                .submit(SubmitRequest {
+                    definition: r.definition.trim().to_string(),
+                    input,
+                    request_id: Some(r.request_id.trim().to_string()).filter(|s| !s.is_empty()),
+                    correlation_id: Some(c.clone()),
+                })
+                .await?;
+            self.view(&s.run, s.created).await
+        }
+        .await;
+        reply_run(result, &c)
+    }
+
+    async fn get_workflow(&self, req: Request<pb::GetWorkflowRequest>) -> Result<Response<pb::Workflow>, Status> {
+        let c = correlation_of(&req);
+        let result = async {
+            let run = self.run(run_id("run_id", &req.get_ref().run_id)?).await?;
+            self.view(&run, true).await
+        }
+        .await;
+        reply_run(result, &c)
+    }
+
+    async fn list_workflows(
+        &self,
+        req: Request<pb::ListWorkflowsRequest>,
+    ) -> Result<Response<pb::ListWorkflowsResponse>, Status> {
+        let c = correlation_of(&req);
+        let r = req.get_ref();
+        let result = async {
+            let size = match r.page_size {
+                0 => DEFAULT_PAGE,
+                n => n.min(MAX_PAGE),
+            };
+            let status = match r.status.trim() {
+                "" => None,
+                s => Some(
+                    RunStatus::parse(s).ok_or_else(|| ApiError::field("status", format!("unknown status {s:?}")))?,
+                ),
+            };
+            let before = match r.page_token.trim() {
+                "" => None,
+                t => Some(
+                    t.parse::<RunId>()
+                        .map_err(|_| ApiError::field("page_token", "not a token from a previous page"))?,
+                ),
+            };
+            let mut rows = self
+                .state
+                .engine
+                .store
+                .list_runs(&RunFilter {
+                    status,
+                    definition: Some(r.definition.trim().to_string()).filter(|s| !s.is_empty()),
+                    before,
+                    limit: size + 1,
+                })
+                .await?;
+            let more = rows.len() > size as usize;
+            rows.truncate(size as usize);
+            let mut workflows = Vec::with_capacity(rows.len());
+            for run in &rows {
+                let mut w = self.view(run, true).await?;
+                w.steps.clear();
+                w.context_json.clear();
+                workflows.push(w);
+            }
+            let next_page_token = match (more, rows.last()) {
+                (true, Some(last)) => last.id.to_string(),
+                _ => String::new(),
+            };
+            Ok(pb::ListWorkflowsResponse {
+                workflows,
+                next_page_token,
+            })
+        }
+        .await;
+        reply(result, &c)
+    }
+
+    type WatchWorkflowStream = WatchStream;
+
+    async fn watch_workflow(&self, req: Request<pb::WatchWorkflowRequest>) -> Result<Response<WatchStream>, Status> {
+        let c = correlation_of(&req);
+        let r = req.get_ref();
+        let result = async {
+            if r.after_sequence < 0 {
+                return Err(ApiError::field("after_sequence", "must not be negative"));
+            }
+            self.run(run_id("run_id", &r.run_id)?).await
+        }
+        .await;
+        match result {
+            Ok(run) => Ok(respond(
+                watch(self.state.engine.store.clone(), run.id, r.after_sequence, c),
+                &run.correlation_id,
+            )),
+            Err(e) => Err(e.into_status(&c)),
+        }
+    }
+
+    async fn signal_workflow(
+        &self,
+        req: Request<pb::SignalWorkflowRequest>,
+    ) -> Result<Response<pb::SignalOutcome>, Status> {
+        let c = correlation_of(&req);
+        let r = req.get_ref();
+        let result = async {
+            let id = run_id("run_id", &r.run_id)?;
+            if r.name.trim().is_empty() {
+                return Err(ApiError::field("name", "is required"));
+            }
+            let o = self.state.engine.signal(id, r.name.trim()).await?;
+            Self::outcome(id, o)
+        }
+        .await;
+        reply(result, &c)
+    }
+
+    async fn cancel_workflow(
+        &self,
+        req: Request<pb::CancelWorkflowRequest>,
+    ) -> Result<Response<pb::SignalOutcome>, Status> {
+        let c = correlation_of(&req);
+        let r = req.get_ref();
+        let result = async {
+            let id = run_id("run_id", &r.run_id)?;
+            let reason = match r.reason.trim() {
+                "" => "cancelled through the API",
+                s => s,
+            };
+            let o = self.state.engine.cancel(id, reason).await?;
+            Self::outcome(id, o)
+        }
+        .await;
+        reply(result, &c)
+    }
+
+    async fn list_definitions(
+        &self,
+        req: Request<pb::ListDefinitionsRequest>,
+    ) -> Result<Response<pb::ListDefinitionsResponse>, Status> {
+        let c = correlation_of(&req);
+        let definitions = self
+            .state
+            .engine
+            .catalog
+            .all()
+            .map(|d| pb::Definition {
+                name: d.name.clone(),
+                description: d.description.clone(),
+                job_type: d.job_type.clone(),
+                hash: d.hash.clone(),
+                steps: d.steps.iter().map(|s| s.name.clone()).collect(),
+                has_hold: d.hold.is_some(),
+                teardown: d.teardown.iter().map(|s| s.name.clone()).collect(),
+            })
+            .collect();
+        Ok(respond(pb::ListDefinitionsResponse { definitions }, &c))
+    }
+}

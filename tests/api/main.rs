@@ -1,0 +1,1206 @@
+//! The gRPC API end to end: a real tonic server on 127.0.0.1:0 in front of the engine, a worker
+//! and the CloudStack simulator, driven by the generated Rust clients. Every RPC, its error
+//! paths, the database-enforced one-failover-per-VM rule and the gap-free watch, on both backends
+//! where the database matters.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod restart;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern::api::pb;
+use tern::api::pb::failover_service_client::FailoverServiceClient;
+use tern::api::pb::watch_event::Event;
+use tern::api::pb::workflow_service_client::WorkflowServiceClient;
+use tern::domain::inventory::{InventoryFile, NetworkKind, VmRecord};
+use tern::engine::{worker, Engine, EngineConfig};
+use tern::sim::SimConfig;
+use tern::steps::failover::setup::{self, CloudSettings, InjectorSettings};
+use tern::steps::failover::FailoverDeps;
+use tern::store::Store;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use common::TestDb;
+
+struct Api {
+    stop: CancellationToken,
+    inv: InventoryFile,
+    store: Arc<dyn Store>,
+    deps: Arc<FailoverDeps>,
+    fo: FailoverServiceClient<Channel>,
+    wf: WorkflowServiceClient<Channel>,
+    channel: Channel,
+    endpoint: String,
+    _defs: tempfile::TempDir,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+const FAST_RETRY: &str =
+    r#"retry = { max_attempts = 3, initial_delay = "20ms", multiplier = 2.0, max_delay = "100ms", jitter = 0.0 }"#;
+/// Many slow retries: a failing step stays in its backoff long enough to be looked at.
+const SLOW_RETRY: &str =
+    r#"retry = { max_attempts = 50, initial_delay = "300ms", multiplier = 1.0, max_delay = "300ms", jitter = 0.0 }"#;
+
+/// The embedded definitions with fast retries, so failures end quickly.
+fn fast_definitions() -> tempfile::TempDir {
+    definitions_with(FAST_RETRY)
+}
+
+fn definitions_with(retry: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (file, text) in tern::workflow::EMBEDDED {
+        let fast = text.replace(
+            r#"retry = { max_attempts = 6, initial_delay = "2s", multiplier = 2.0, max_delay = "1m", jitter = 0.2 }"#,
+            retry,
+        );
+        if file.contains("failover") {
+            assert_ne!(&fast, text, "retry defaults changed; update the test");
+        }
+        std::fs::write(dir.path().join(file), fast).unwrap();
+    }
+    dir
+}
+
+async fn api(db: &TestDb) -> Api {
+    api_with(db, None, FAST_RETRY).await
+}
+
+async fn api_with(db: &TestDb, faults: Option<&str>, retry: &str) -> Api {
+    let stop = CancellationToken::new();
+    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim_addr = sim_listener.local_addr().unwrap();
+    let config = SimConfig {
+        api_key: "k".into(),
+        secret_key: "s".into(),
+        state_file: None,
+        async_latency: Duration::from_millis(20),
+        fault_plan: faults.map(|f| tern::sim::FaultPlan::from_json(f).unwrap()),
+        seed: 7,
+        sample: true,
+    };
+    let s = stop.clone();
+    tokio::spawn(async move { tern::sim::serve(sim_listener, config, async move { s.cancelled().await }).await });
+    let sample = tern::sim::sample_inventory(7);
+    let inv = sample.to_inventory();
+    let store = db.open().await;
+    let now = tern::domain::Timestamp::now();
+    for vm in &inv.vms {
+        store.upsert_vm(vm, now).await.unwrap();
+        for kind in [NetworkKind::Test, NetworkKind::Production] {
+            let ms: Vec<_> = inv
+                .network_mappings
+                .iter()
+                .filter(|m| m.vm_id == vm.vm_id && m.kind == kind)
+                .cloned()
+                .collect();
+            store.set_network_mappings(&vm.vm_id, kind, &ms).await.unwrap();
+        }
+    }
+    let base = format!("http://{sim_addr}");
+    let settings = CloudSettings {
+        cloudstack_url: format!("{base}/client/api"),
+        api_key: "k".into(),
+        secret_key: "s".into(),
+        linstor_url: Some(base.clone()),
+        snapshot_backend: tern::providers::SnapshotKind::CloudstackVolume,
+        zone_id: sample.zone_id.clone(),
+        service_offering_id: sample.service_offering_id.clone(),
+        template_id: sample.template_id.clone(),
+        test_network_id: Some(sample.test_network_id.clone()),
+        injector: InjectorSettings::Sim { base_url: base.clone() },
+        job_poll: Duration::from_millis(10),
+        job_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(2),
+    };
+    let deps = setup::build(&settings, store.clone()).unwrap();
+    let mut registry = tern::steps::Registry::with_builtins(store.clone());
+    tern::steps::failover::register(&mut registry, deps.clone());
+    let defs = definitions_with(retry);
+    let cfg = EngineConfig {
+        worker_id: "api-test".into(),
+        concurrency: 8,
+        lease_ttl: Duration::from_secs(5),
+        poll_interval: Duration::from_millis(50),
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let engine: Arc<Engine> = Engine::with_registry(store.clone(), Some(defs.path()), registry, cfg).unwrap();
+    let (e, s) = (engine.clone(), stop.clone());
+    tokio::spawn(async move { worker::run_worker(e, s).await });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = tern::api::ApiState {
+        engine,
+        failover: Some(deps.clone()),
+    };
+    let s = stop.clone();
+    tokio::spawn(async move { tern::api::serve(listener, state, async move { s.cancelled().await }).await });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Api {
+        stop,
+        inv,
+        store,
+        deps,
+        fo: FailoverServiceClient::new(channel.clone()),
+        wf: WorkflowServiceClient::new(channel.clone()),
+        channel,
+        endpoint: format!("http://{addr}"),
+        _defs: defs,
+    }
+}
+
+impl Api {
+    fn vm(&self, os: &str) -> VmRecord {
+        self.inv
+            .vms
+            .iter()
+            .find(|v| v.os_type == os)
+            .expect("sample VM")
+            .clone()
+    }
+
+    fn test_request(&self, vm: &VmRecord) -> pb::StartTestFailoverRequest {
+        pb::StartTestFailoverRequest {
+            vm_id: vm.vm_id.clone(),
+            ..Default::default()
+        }
+    }
+
+    async fn get(&self, job: &str) -> pb::FailoverJob {
+        self.fo
+            .clone()
+            .get_failover(pb::GetFailoverRequest { job_id: job.into() })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Polls GetFailover until `done` holds.
+    async fn until(&self, job: &str, what: &str, done: impl Fn(&pb::FailoverJob) -> bool) -> pb::FailoverJob {
+        for _ in 0..1500 {
+            let j = self.get(job).await;
+            if done(&j) {
+                return j;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("job {job} never got {what}: {:?}", self.get(job).await);
+    }
+
+    async fn terminal(&self, job: &str) -> pb::FailoverJob {
+        self.until(job, "terminal", |j| {
+            ["completed", "failed", "cancelled", "needs_operator"].contains(&j.run_status.as_str())
+        })
+        .await
+    }
+
+    /// All events of a watch from `after` to the terminal event (or `max` entries).
+    async fn watch(&self, job: &str, after: i64, max: usize) -> (Vec<pb::JournalEntry>, Option<pb::Terminal>) {
+        let mut stream = self
+            .fo
+            .clone()
+            .watch_failover(pb::WatchFailoverRequest {
+                job_id: job.into(),
+                after_sequence: after,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut entries = Vec::new();
+        while let Some(ev) = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("watch stalled")
+            .unwrap()
+        {
+            match ev.event.unwrap() {
+                Event::Entry(e) => {
+                    entries.push(e);
+                    if entries.len() == max {
+                        return (entries, None);
+                    }
+                }
+                Event::Terminal(t) => return (entries, Some(t)),
+            }
+        }
+        panic!("stream ended without a terminal event");
+    }
+}
+
+fn reason(s: &tonic::Status) -> String {
+    s.get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
+}
+
+fn bad_fields(s: &tonic::Status) -> Vec<String> {
+    s.get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}
+
+fn correlation(md: &tonic::metadata::MetadataMap) -> String {
+    md.get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+// ---- FailoverService ----
+
+async fn test_failover_with_auto_cleanup_through_the_api(db: TestDb) {
+    let a = api(&db).await;
+    let vm = a.vm("linux");
+    let mut req = tonic::Request::new(pb::StartTestFailoverRequest {
+        auto_cleanup: true,
+        test_duration: "2s".into(),
+        custom_config: [("ticket".to_string(), "CHG-1".to_string())].into(),
+        ..a.test_request(&vm)
+    });
+    req.metadata_mut()
+        .insert("x-correlation-id", "corr-e2e-1".parse().unwrap());
+    let resp = a.fo.clone().start_test_failover(req).await.unwrap();
+    assert_eq!(correlation(resp.metadata()), "corr-e2e-1");
+    let job = resp.into_inner();
+    assert!(job.created);
+    assert_eq!(
+        (job.vm_id.as_str(), job.vm_name.as_str(), job.job_type.as_str()),
+        (vm.vm_id.as_str(), vm.name.as_str(), "test")
+    );
+    assert_eq!(job.correlation_id, "corr-e2e-1");
+    assert_eq!(job.steps.len(), 12, "6 forward + 6 teardown steps: {:?}", job.steps);
+    assert!(job.steps.iter().all(|s| s.status == "pending"));
+
+    // In the hold: testing, with the auto-cleanup time and what the bring-up created.
+    let held = a.until(&job.job_id, "testing", |j| j.status == "testing").await;
+    let cleanup = held.cleanup_at.expect("cleanup_at while holding");
+    let started = held.started_at.expect("started_at");
+    assert!(cleanup.seconds > started.seconds, "{cleanup:?} vs {started:?}");
+    assert!(held.snapshot_name.starts_with("tern-"), "{held:?}");
+    assert!(!held.destination_vm_id.is_empty());
+    assert_eq!(held.progress_percent, 50, "6 of 12 steps done");
+    let forward: Vec<_> = held.steps.iter().filter(|s| s.phase == "forward").collect();
+    assert!(forward
+        .iter()
+        .all(|s| s.status == "completed" && s.attempt >= 1 && s.completed_at.is_some()));
+
+    let (entries, terminal) = a.watch(&job.job_id, 0, usize::MAX).await;
+    let terminal = terminal.unwrap();
+    assert_eq!(terminal.status, "completed");
+    assert_eq!(entries.last().map(|e| e.sequence), Some(terminal.last_sequence));
+    assert!(entries.iter().any(|e| e.kind == "timer_fired"));
+
+    let done = a.get(&job.job_id).await;
+    assert_eq!((done.status.as_str(), done.progress_percent), ("completed", 100));
+    assert!(done.completed_at.is_some() && done.cleanup_at.is_none() && done.error.is_none());
+    assert!(done
+        .steps
+        .iter()
+        .all(|s| s.status == "completed" && s.phase != "rollback"));
+    assert_eq!(done.steps.iter().filter(|s| s.phase == "teardown").count(), 6);
+
+    // Listed, newest first, with filters.
+    let list =
+        a.fo.clone()
+            .list_failovers(pb::ListFailoversRequest {
+                vm_id: vm.vm_id.clone(),
+                job_type: "test".into(),
+                status: "completed".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(
+        list.jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(),
+        vec![job.job_id.as_str()]
+    );
+    assert!(list.jobs[0].steps.is_empty() && list.next_page_token.is_empty());
+    let none =
+        a.fo.clone()
+            .list_failovers(pb::ListFailoversRequest {
+                job_type: "live".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(none.jobs.is_empty());
+}
+
+async fn bad_requests_are_rejected_with_field_details(db: TestDb) {
+    let a = api(&db).await;
+    let vm = a.vm("linux");
+    let mut fo = a.fo.clone();
+    let e = fo
+        .start_test_failover(pb::StartTestFailoverRequest {
+            test_duration: "soon".into(),
+            auto_cleanup: true,
+            ..a.test_request(&vm)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(bad_fields(&e), vec!["test_duration"]);
+    assert_eq!(reason(&e), "INVALID_ARGUMENT");
+    assert!(!correlation(e.metadata()).is_empty());
+
+    let e = fo
+        .start_test_failover(pb::StartTestFailoverRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), bad_fields(&e)),
+        (Code::InvalidArgument, vec!["vm_id".to_string()])
+    );
+    let e = fo
+        .start_test_failover(pb::StartTestFailoverRequest {
+            auto_cleanup: true,
+            ..a.test_request(&vm)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&e), vec!["test_duration"], "auto_cleanup needs a duration");
+
+    let e = fo
+        .start_live_failover(pb::StartLiveFailoverRequest {
+            vm_id: "4205ffff-no-such-vm".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!((e.code(), reason(&e)), (Code::NotFound, "VM_NOT_FOUND".to_string()));
+
+    let e = fo
+        .get_failover(pb::GetFailoverRequest { job_id: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), bad_fields(&e)),
+        (Code::InvalidArgument, vec!["job_id".to_string()])
+    );
+    let e = fo
+        .get_failover(pb::GetFailoverRequest {
+            job_id: tern::domain::RunId::new().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!((e.code(), reason(&e)), (Code::NotFound, "JOB_NOT_FOUND".to_string()));
+    let e = fo
+        .cancel_failover(pb::CancelFailoverRequest {
+            job_id: tern::domain::RunId::new().to_string(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = fo
+        .list_failovers(pb::ListFailoversRequest {
+            page_token: "garbage".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&e), vec!["page_token"]);
+    let e = fo
+        .watch_failover(pb::WatchFailoverRequest {
+            job_id: tern::domain::RunId::new().to_string(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+async fn duplicate_request_id_returns_the_same_job(db: TestDb) {
+    let a = api(&db).await;
+    let vm = a.vm("linux");
+    let req = pb::StartTestFailoverRequest {
+        request_id: "req-42".into(),
+        ..a.test_request(&vm)
+    };
+    let (mut c1, mut c2) = (a.fo.clone(), a.fo.clone());
+    let (x, y) = tokio::join!(c1.start_test_failover(req.clone()), c2.start_test_failover(req.clone()));
+    let (x, y) = (x.unwrap().into_inner(), y.unwrap().into_inner());
+    assert_eq!(x.job_id, y.job_id);
+    assert_eq!(
+        [x.created, y.created].iter().filter(|c| **c).count(),
+        1,
+        "one of them created it"
+    );
+    let again = a.fo.clone().start_test_failover(req).await.unwrap().into_inner();
+    assert_eq!((again.job_id.as_str(), again.created), (x.job_id.as_str(), false));
+    let all =
+        a.fo.clone()
+            .list_failovers(pb::ListFailoversRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(all.jobs.len(), 1, "never a second job");
+}
+
+/// Two concurrent starts on one VM (different request ids): the database lets exactly one win.
+async fn second_active_failover_on_a_vm_is_vm_busy(db: TestDb) {
+    let a = api(&db).await;
+    let vm = a.vm("linux");
+    for round in 0..3 {
+        let (mut c1, mut c2) = (a.fo.clone(), a.fo.clone());
+        let (x, y) = tokio::join!(
+            c1.start_test_failover(a.test_request(&vm)),
+            c2.start_live_failover(pb::StartLiveFailoverRequest {
+                vm_id: vm.vm_id.clone(),
+                ..Default::default()
+            })
+        );
+        let (won, lost) = match (x, y) {
+            (Ok(j), Err(e)) => (j.into_inner(), e),
+            (Err(e), Ok(j)) => (j.into_inner(), e),
+            other => panic!("round {round}: exactly one must win: {other:?}"),
+        };
+        assert_eq!(lost.code(), Code::FailedPrecondition, "{lost:?}");
+        assert_eq!(reason(&lost), "VM_BUSY");
+        assert!(lost.message().contains(&won.job_id), "{}", lost.message());
+        // Finishing the winner frees the VM.
+        a.fo.clone()
+            .cancel_failover(pb::CancelFailoverRequest {
+                job_id: won.job_id.clone(),
+                reason: "test".into(),
+            })
+            .await
+            .unwrap();
+        let done = a.terminal(&won.job_id).await;
+        assert_eq!(done.run_status, "cancelled", "{done:?}");
+        assert_eq!(done.error.map(|e| e.code), Some("CANCELLED".to_string()));
+    }
+    // Another VM is not affected by a busy one.
+    let other = a.vm("windows");
+    let j1 =
+        a.fo.clone()
+            .start_test_failover(a.test_request(&vm))
+            .await
+            .unwrap()
+            .into_inner();
+    let j2 =
+        a.fo.clone()
+            .start_test_failover(a.test_request(&other))
+            .await
+            .unwrap()
+            .into_inner();
+    assert_ne!(j1.job_id, j2.job_id);
+
+    // ListFailovers pages: newest first, no overlap, all five jobs.
+    let mut seen: Vec<String> = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page =
+            a.fo.clone()
+                .list_failovers(pb::ListFailoversRequest {
+                    page_size: 2,
+                    page_token: token.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+        assert!(page.jobs.len() <= 2);
+        seen.extend(page.jobs.into_iter().map(|j| j.job_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] > w[1]), "newest first: {seen:?}");
+    assert_eq!(seen[0], j2.job_id);
+}
+
+async fn end_and_cancel_are_idempotent_and_refused_once_finished(db: TestDb) {
+    let a = api(&db).await;
+    let vm = a.vm("linux");
+    let mut fo = a.fo.clone();
+    let job = fo.start_test_failover(a.test_request(&vm)).await.unwrap().into_inner();
+    let held = a.until(&job.job_id, "testing", |j| j.status == "testing").await;
+    assert!(held.cleanup_at.is_none(), "no auto-cleanup asked for");
+    let end = || pb::EndTestFailoverRequest {
+        job_id: job.job_id.clone(),
+    };
+    fo.end_test_failover(end()).await.unwrap();
+    fo.end_test_failover(end()).await.unwrap();
+    let done = a.terminal(&job.job_id).await;
+    assert_eq!(done.run_status, "completed");
+    let e = fo.end_test_failover(end()).await.unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e)),
+        (Code::FailedPrecondition, "JOB_FINISHED".to_string())
+    );
+    let e = fo
+        .cancel_failover(pb::CancelFailoverRequest {
+            job_id: job.job_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e)),
+        (Code::FailedPrecondition, "JOB_FINISHED".to_string())
+    );
+
+    // Cancel in the hold rolls back; twice is the same as once.
+    let job = fo.start_test_failover(a.test_request(&vm)).await.unwrap().into_inner();
+    a.until(&job.job_id, "testing", |j| j.status == "testing").await;
+    let cancel = pb::CancelFailoverRequest {
+        job_id: job.job_id.clone(),
+        reason: "change window closed".into(),
+    };
+    fo.cancel_failover(cancel.clone()).await.unwrap();
+    fo.cancel_failover(cancel).await.unwrap();
+    let done = a.terminal(&job.job_id).await;
+    assert_eq!(done.run_status, "cancelled");
+    assert!(done
+        .steps
+        .iter()
+        .any(|s| s.phase == "rollback" && s.status == "completed"));
+    // A live failover has no test to end.
+    let live = fo
+        .start_live_failover(pb::StartLiveFailoverRequest {
+            vm_id: vm.vm_id.clone(),
+            skip_validation: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = fo
+        .end_test_failover(pb::EndTestFailoverRequest {
+            job_id: live.job_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&e), "NOT_A_TEST_FAILOVER");
+    a.terminal(&live.job_id).await;
+}
+
+/// A step failing in CloudStack shows in the job: retrying with its error code, cancellable in
+/// its backoff, and as the job's error once it fails for good.
+async fn step_failures_show_in_the_job_and_cancel_works_while_retrying(db: TestDb) {
+    let deploy_fails = r#"{"commands": {"deployVirtualMachine": {"error_rate": 1.0}}}"#;
+    let a = api_with(&db, Some(deploy_fails), SLOW_RETRY).await;
+    let vm = a.vm("linux");
+    let mut fo = a.fo.clone();
+    let job = fo.start_test_failover(a.test_request(&vm)).await.unwrap().into_inner();
+    let retrying = a
+        .until(&job.job_id, "a retrying step", |j| {
+            j.steps.iter().any(|s| s.status == "retrying" && s.attempt >= 2)
+        })
+        .await;
+    let step = retrying.steps.iter().find(|s| s.status == "retrying").unwrap();
+    assert_eq!(step.name, "test-vm-creation");
+    assert_eq!(step.error.as_ref().map(|e| e.code.as_str()), Some("VM_CREATE_FAILED"));
+    assert_eq!(retrying.status, "creating_vm");
+    fo.cancel_failover(pb::CancelFailoverRequest {
+        job_id: job.job_id.clone(),
+        reason: "gave up".into(),
+    })
+    .await
+    .unwrap();
+    let done = a.terminal(&job.job_id).await;
+    assert_eq!(done.run_status, "cancelled", "{done:?}");
+    assert_eq!(
+        done.error.as_ref().map(|e| (e.code.as_str(), e.message.as_str())),
+        Some(("CANCELLED", "gave up"))
+    );
+    assert!(done
+        .steps
+        .iter()
+        .any(|s| s.phase == "rollback" && s.name == "snapshot" && s.status == "completed"));
+    drop(a);
+
+    let a = api_with(&db, Some(deploy_fails), FAST_RETRY).await;
+    let job =
+        a.fo.clone()
+            .start_test_failover(a.test_request(&vm))
+            .await
+            .unwrap()
+            .into_inner();
+    let done = a.terminal(&job.job_id).await;
+    assert_eq!(done.run_status, "failed");
+    assert_eq!(done.error.as_ref().map(|e| e.code.as_str()), Some("VM_CREATE_FAILED"));
+    let failed = done.steps.iter().find(|s| s.status == "failed").unwrap();
+    assert_eq!((failed.name.as_str(), failed.attempt), ("test-vm-creation", 3));
+}
+
+/// Read some events, drop the stream, resume from the last sequence seen: the two parts are
+/// the whole journal, with no gap and no duplicate.
+async fn watch_resumes_without_gaps_or_duplicates(db: TestDb) {
+    let a = api(&db).await;
+    let vm = a.vm("linux");
+    let job =
+        a.fo.clone()
+            .start_test_failover(pb::StartTestFailoverRequest {
+                auto_cleanup: true,
+                test_duration: "1s".into(),
+                ..a.test_request(&vm)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    let (first, t) = a.watch(&job.job_id, 0, 5).await;
+    assert!(t.is_none());
+    assert_eq!(first.len(), 5);
+    let last = first.last().unwrap().sequence;
+    tokio::time::sleep(Duration::from_millis(300)).await; // the run moves on while disconnected
+    let (rest, t) = a.watch(&job.job_id, last, usize::MAX).await;
+    let t = t.expect("terminal");
+    let seqs: Vec<i64> = first.iter().chain(rest.iter()).map(|e| e.sequence).collect();
+    assert_eq!(seqs, (1..=t.last_sequence).collect::<Vec<_>>());
+    let run: tern::domain::RunId = job.job_id.parse().unwrap();
+    let journal = a.store.journal(run, 0, 10_000).await.unwrap();
+    let kinds: Vec<&str> = journal.iter().map(|e| e.record.kind()).collect();
+    let watched: Vec<&str> = first.iter().chain(rest.iter()).map(|e| e.kind.as_str()).collect();
+    assert_eq!(watched, kinds);
+    // Resuming after the end gives just the terminal event.
+    let (none, t2) = a.watch(&job.job_id, t.last_sequence, usize::MAX).await;
+    assert!(none.is_empty());
+    assert_eq!(t2.unwrap().status, "completed");
+}
+
+async fn readiness_and_inventory_rpcs(db: TestDb) {
+    let a = api(&db).await;
+    let vm = a.vm("linux");
+    let mut fo = a.fo.clone();
+    let r = fo
+        .check_readiness(pb::CheckReadinessRequest {
+            vm_id: vm.vm_id.clone(),
+            job_type: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.is_ready, "{r:?}");
+    assert!(r
+        .checks
+        .iter()
+        .any(|c| c.check_name == "Active Jobs" && c.status == "pass"));
+    // The library function the RPC uses, directly.
+    let direct = tern::steps::failover::readiness_for(&a.deps, &vm.vm_id, NetworkKind::Test)
+        .await
+        .unwrap();
+    assert_eq!(direct.readiness_score, r.readiness_score);
+    let missing = tern::steps::failover::readiness_for(&a.deps, "no-such-vm", NetworkKind::Test)
+        .await
+        .unwrap();
+    assert!(!missing.is_ready && missing.readiness_score == 0.0);
+    let e = fo
+        .check_readiness(pb::CheckReadinessRequest {
+            vm_id: vm.vm_id.clone(),
+            job_type: "sideways".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&e), vec!["job_type"]);
+
+    // An unfinished failover makes the VM not ready.
+    let job = fo.start_test_failover(a.test_request(&vm)).await.unwrap().into_inner();
+    let busy = fo
+        .check_readiness(pb::CheckReadinessRequest {
+            vm_id: vm.vm_id.clone(),
+            job_type: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!busy.is_ready);
+    fo.cancel_failover(pb::CancelFailoverRequest {
+        job_id: job.job_id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+
+    // Inventory.
+    let mut new_vm = pb::Vm {
+        vm_id: "4205aaaa-0000-0000-0000-000000000001".into(),
+        name: "api-vm".into(),
+        cpu_count: 0,
+        memory_mb: 2048,
+        os_type: "linux".into(),
+        nics: vec![pb::Nic {
+            source_network: "VM Network".into(),
+            mac: String::new(),
+        }],
+        volume_id: "vol-api".into(),
+        oma_vm_id: "oma-api".into(),
+        last_sync_change_id: String::new(),
+    };
+    let e = fo
+        .upsert_vm(pb::UpsertVmRequest {
+            vm: Some(new_vm.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&e), vec!["vm.cpu_count"]);
+    new_vm.cpu_count = 2;
+    let saved = fo
+        .upsert_vm(pb::UpsertVmRequest {
+            vm: Some(new_vm.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(saved, new_vm);
+    let got = fo
+        .get_vm(pb::GetVmRequest {
+            vm_id: new_vm.vm_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, new_vm);
+    let all = fo.list_vms(pb::ListVmsRequest {}).await.unwrap().into_inner();
+    assert_eq!(all.vms.len(), a.inv.vms.len() + 1);
+    let e = fo.get_vm(pb::GetVmRequest { vm_id: "nope".into() }).await.unwrap_err();
+    assert_eq!((e.code(), reason(&e)), (Code::NotFound, "VM_NOT_FOUND".to_string()));
+
+    let set = fo
+        .set_network_mappings(pb::SetNetworkMappingsRequest {
+            vm_id: new_vm.vm_id.clone(),
+            kind: "test".into(),
+            mappings: vec![pb::NetworkMapping {
+                source_network: "VM Network".into(),
+                destination_network_id: "net-test-1".into(),
+                kind: String::new(),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(set.mappings.len(), 1);
+    assert_eq!(set.mappings[0].kind, "test");
+    let got = fo
+        .get_network_mappings(pb::GetNetworkMappingsRequest {
+            vm_id: new_vm.vm_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, set);
+    let e = fo
+        .set_network_mappings(pb::SetNetworkMappingsRequest {
+            vm_id: new_vm.vm_id.clone(),
+            kind: "bogus".into(),
+            mappings: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&e), vec!["kind"]);
+    a.terminal(&job.job_id).await;
+}
+
+// ---- WorkflowService ----
+
+async fn workflow_service_runs_any_definition(db: TestDb) {
+    let a = api(&db).await;
+    let mut wf = a.wf.clone();
+    let defs = wf
+        .list_definitions(pb::ListDefinitionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = defs.definitions.iter().map(|d| d.name.as_str()).collect();
+    for n in ["noop-6", "crash-saga", "test-failover", "live-failover"] {
+        assert!(names.contains(&n), "{names:?}");
+    }
+    let submit = pb::SubmitWorkflowRequest {
+        definition: "noop-6".into(),
+        input_json: String::new(),
+        request_id: "noop-req".into(),
+    };
+    let resp = wf.submit_workflow(submit.clone()).await.unwrap();
+    let corr = correlation(resp.metadata());
+    let run = resp.into_inner();
+    assert!(run.created);
+    assert_eq!(run.correlation_id, corr);
+    let again = wf.submit_workflow(submit).await.unwrap().into_inner();
+    assert_eq!((again.run_id.as_str(), again.created), (run.run_id.as_str(), false));
+
+    let mut stream = wf
+        .watch_workflow(pb::WatchWorkflowRequest {
+            run_id: run.run_id.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seqs = Vec::new();
+    let terminal = loop {
+        match stream.message().await.unwrap().expect("terminal event").event.unwrap() {
+            Event::Entry(e) => seqs.push(e.sequence),
+            Event::Terminal(t) => break t,
+        }
+    };
+    assert_eq!(terminal.status, "completed");
+    assert_eq!(seqs, (1..=terminal.last_sequence).collect::<Vec<_>>());
+    let got = wf
+        .get_workflow(pb::GetWorkflowRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.status, "completed");
+    assert_eq!(got.steps.len(), 6);
+    assert!(got.steps.iter().all(|s| s.status == "completed"));
+
+    // Signal and cancel a run waiting in its hold.
+    let held = wf
+        .submit_workflow(pb::SubmitWorkflowRequest {
+            definition: "crash-saga".into(),
+            // The teardown's first step takes a while, so the run is still busy at the second signal.
+            input_json: r#"{"hold": "1h", "test": {"sleep_ms": {"stop": 1000}}}"#.into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sig = pb::SignalWorkflowRequest {
+        run_id: held.run_id.clone(),
+        name: "end-test".into(),
+    };
+    assert_eq!(
+        wf.signal_workflow(sig.clone()).await.unwrap().into_inner().outcome,
+        "accepted"
+    );
+    assert_eq!(
+        wf.signal_workflow(sig.clone()).await.unwrap().into_inner().outcome,
+        "duplicate"
+    );
+    let id: tern::domain::RunId = held.run_id.parse().unwrap();
+    for _ in 0..500 {
+        if a.store.get_run(id).await.unwrap().unwrap().status.is_terminal() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let e = wf.signal_workflow(sig).await.unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e)),
+        (Code::FailedPrecondition, "RUN_FINISHED".to_string())
+    );
+    let to_cancel = wf
+        .submit_workflow(pb::SubmitWorkflowRequest {
+            definition: "crash-saga".into(),
+            // attach and its undo take a while, so the run is still busy at the second cancel.
+            input_json: r#"{"hold": "1h", "test": {"sleep_ms": {"attach": 1000}}}"#.into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let c = pb::CancelWorkflowRequest {
+        run_id: to_cancel.run_id.clone(),
+        reason: "no".into(),
+    };
+    assert_eq!(
+        wf.cancel_workflow(c.clone()).await.unwrap().into_inner().outcome,
+        "accepted"
+    );
+    assert_eq!(wf.cancel_workflow(c).await.unwrap().into_inner().outcome, "duplicate");
+
+    // Pagination: newest first, keyset on the run id, no overlap.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = wf
+            .list_workflows(pb::ListWorkflowsRequest {
+                page_size: 2,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(page.workflows.iter().map(|w| w.run_id.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(
+        seen,
+        vec![to_cancel.run_id.clone(), held.run_id.clone(), run.run_id.clone()]
+    );
+    let filtered = wf
+        .list_workflows(pb::ListWorkflowsRequest {
+            definition: "noop-6".into(),
+            status: "completed".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(filtered.workflows.len(), 1);
+
+    // Errors.
+    let e = wf
+        .submit_workflow(pb::SubmitWorkflowRequest {
+            definition: "no-such".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), reason(&e)),
+        (Code::NotFound, "UNKNOWN_DEFINITION".to_string())
+    );
+    let e = wf
+        .submit_workflow(pb::SubmitWorkflowRequest {
+            definition: "noop-6".into(),
+            input_json: "{not json".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&e), vec!["input_json"]);
+    let e = wf
+        .submit_workflow(pb::SubmitWorkflowRequest {
+            definition: "crash-saga".into(),
+            input_json: r#"{"hold": "whenever"}"#.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), bad_fields(&e)),
+        (Code::InvalidArgument, vec!["hold".to_string()])
+    );
+    let e = wf
+        .list_workflows(pb::ListWorkflowsRequest {
+            status: "sideways".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&e), vec!["status"]);
+}
+
+async fn health_and_reflection_are_served(db: TestDb) {
+    let a = api(&db).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(a.channel.clone());
+    for service in ["", "tern.v1.FailoverService", "tern.v1.WorkflowService"] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+    }
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut refl = ServerReflectionClient::new(a.channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl
+        .server_reflection_info(futures::stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection answer {resp:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for n in [
+        "tern.v1.FailoverService",
+        "tern.v1.WorkflowService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{names:?}");
+    }
+    // What grpcurl does next: the file defining a service, then each import by name.
+    let ask = |m: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    };
+    let reqs = vec![
+        ask(MessageRequest::FileContainingSymbol("tern.v1.FailoverService".into())),
+        ask(MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into())),
+        ask(MessageRequest::FileByFilename("tern/v1/common.proto".into())),
+    ];
+    let mut stream = refl
+        .server_reflection_info(futures::stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..3 {
+        let resp = stream.message().await.unwrap().unwrap();
+        match resp.message_response {
+            Some(MessageResponse::FileDescriptorResponse(f)) => assert!(!f.file_descriptor_proto.is_empty()),
+            other => panic!("reflection could not resolve a file: {other:?}"),
+        }
+    }
+}
+
+on_both_backends!(
+    test_failover_with_auto_cleanup_through_the_api,
+    second_active_failover_on_a_vm_is_vm_busy,
+    duplicate_request_id_returns_the_same_job,
+    watch_resumes_without_gaps_or_duplicates,
+    workflow_service_runs_any_definition,
+);
+
+use restart::server_killed_mid_failovers_and_restarted;
+on_both_backends!(server_killed_mid_failovers_and_restarted);
+
+mod sqlite_only {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_requests() {
+        bad_requests_are_rejected_with_field_details(common::sqlite_db()).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn end_and_cancel() {
+        end_and_cancel_are_idempotent_and_refused_once_finished(common::sqlite_db()).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readiness_and_inventory() {
+        readiness_and_inventory_rpcs(common::sqlite_db()).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn step_failures_and_cancel_while_retrying() {
+        step_failures_show_in_the_job_and_cancel_works_while_retrying(common::sqlite_db()).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn health_and_reflection() {
+        health_and_reflection_are_served(common::sqlite_db()).await
+    }
+}
+
+/// A Python client generated from proto/ with grpcio-tools (installed from PyPI into
+/// target/py-venv by tests/api/python/run.sh) runs a test failover with a 2-second
+/// auto-cleanup. `TERN_SKIP_PYTHON=1` skips it (offline machines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_runs_a_test_failover() {
+    if std::env::var("TERN_SKIP_PYTHON").is_ok_and(|v| v == "1") {
+        eprintln!("skipping: TERN_SKIP_PYTHON=1");
+        return;
+    }
+    let db = common::sqlite_db();
+    let a = api(&db).await;
+    let vm = a.vm("linux");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/python/run.sh");
+    let endpoint = a.endpoint.trim_start_matches("http://").to_string();
+    let out = tokio::time::timeout(
+        Duration::from_secs(600),
+        tokio::process::Command::new("bash")
+            .args([script, &endpoint, &vm.vm_id])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("python client timed out")
+    .expect("run bash");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    assert!(out.status.success(), "python client failed:\n{text}");
+    assert!(text.contains("completed"), "{text}");
+}
+
+/// The failover commands of the `tern` binary against the server: exit codes, one-line
+/// errors, tables and JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_commands_talk_to_the_server() {
+    let db = common::sqlite_db();
+    let a = api(&db).await;
+    let vm = a.vm("linux");
+    let tern = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tern"));
+        cmd.arg("--endpoint")
+            .arg(&a.endpoint)
+            .args(args)
+            .env("RUST_LOG", "warn");
+        async move {
+            let out = cmd.output().await.expect("run tern");
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).to_string(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        }
+    };
+    let (code, out, err) = tern(&["readiness", &vm.vm_id]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("ready (score 100)"), "{out}");
+
+    let (code, out, err) = tern(&[
+        "test-failover",
+        &vm.vm_id,
+        "--duration",
+        "1s",
+        "--auto-cleanup",
+        "--watch",
+    ])
+    .await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let job = out.lines().next().unwrap().trim().to_string();
+    assert!(
+        out.contains("hold timer fired") && out.contains("finished: completed"),
+        "{out}"
+    );
+    assert!(out.contains("status       completed (completed), 100%"), "{out}");
+
+    let (code, out, _) = tern(&["get-failover", &job, "--json"]).await;
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["steps"].as_array().map(Vec::len), Some(12));
+
+    let (code, out, _) = tern(&["list-failovers", "--vm", &vm.vm_id]).await;
+    assert_eq!(code, Some(0));
+    assert!(out.lines().nth(1).is_some_and(|l| l.starts_with(&job)), "{out}");
+
+    let (code, _, err) = tern(&["end-test", &job]).await;
+    assert_eq!(code, Some(1));
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("[JOB_FINISHED]"), "{err}");
+    let (code, _, err) = tern(&["test-failover", &vm.vm_id, "--duration", "soon", "--auto-cleanup"]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("test_duration") && err.contains("[INVALID_ARGUMENT]"),
+        "{err}"
+    );
+    let (code, _, err) = tern(&["live-failover", "no-such-vm"]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("[VM_NOT_FOUND]"), "{err}");
+}
