@@ -191,22 +191,22 @@ enum Command {
     },
     /// Send a named signal to a run (e.g. end-test).
     Signal { run: String, name: String },
-    /// Cancel a run: stop forward progress and roll back.
-    Cancel {
+    /// Cancel any run directly in the database: stop forward progress and roll back.
+    CancelRun {
         run: String,
         #[arg(long, default_value = "cancelled by operator")]
         reason: String,
     },
-    /// Show a run and its journal.
-    Get {
+    /// Show any run and its full journal, read from the database.
+    Journal {
         run: String,
         #[arg(long)]
         json: bool,
     },
     /// Print the exact manual recovery for a failover run (snapshot, volume, VM ids, the calls).
     Recover { run: String },
-    /// List runs, newest first.
-    List {
+    /// List runs of any definition from the database, newest first.
+    Runs {
         #[arg(long)]
         status: Option<String>,
         #[arg(long)]
@@ -312,13 +312,13 @@ async fn real_main() -> Result<()> {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Command::Get { .. }
-            | Command::List { .. }
+        Command::Journal { .. }
+            | Command::Runs { .. }
             | Command::Recover { .. }
             | Command::Definitions
             | Command::Inventory { .. }
     ) {
-        // Printing commands end quietly when their reader goes away (`tern get … | head`), like
+        // Printing commands end quietly when their reader goes away (`tern journal … | head`), like
         // other Unix tools. Long-running network processes keep Rust's default (SIGPIPE ignored).
         // SAFETY: setting a signal disposition to SIG_DFL before any thread writes output.
         unsafe {
@@ -406,11 +406,11 @@ async fn real_main() -> Result<()> {
             let engine = engine_for(EngineConfig::default())?;
             report(engine.signal(run_id(run)?, name).await?, &format!("signal {name}"))?;
         }
-        Command::Cancel { run, reason } => {
+        Command::CancelRun { run, reason } => {
             let engine = engine_for(EngineConfig::default())?;
             report(engine.cancel(run_id(run)?, reason).await?, "cancel")?;
         }
-        Command::Get { run, json } => {
+        Command::Journal { run, json } => {
             let id = run_id(run)?;
             let row = store
                 .get_run(id)
@@ -458,7 +458,7 @@ async fn real_main() -> Result<()> {
             let snap = job.as_ref().and_then(|j| j.linstor_snapshot_name.as_deref());
             println!("{}", tern::steps::failover::recover::plan(&row, vm.as_ref(), snap));
         }
-        Command::List {
+        Command::Runs {
             status,
             definition,
             limit,
@@ -748,9 +748,9 @@ fn print_dev_banner(engine: &Engine, inv: &tern::domain::inventory::InventoryFil
          sample VMs:\n{}\n\
          try, in another terminal:\n  \
          tern test-failover {first} --duration 30s --auto-cleanup --watch\n  \
-         tern list-failovers\n  tern readiness {first}\n  \
+         tern list\n  tern readiness {first}\n  \
          tern submit test-failover --input '{{\"vm_id\": \"{first}\", \"auto_cleanup\": true, \"test_duration\": \"30s\"}}' --wait 2m\n  \
-         tern list\n  tern get <run-id>\n  \
+         tern runs\n  tern journal <run-id>\n  \
          curl -s '{sim}/sim/invariant?prefix=tern-'\n\
          stop with Ctrl-C.",
         engine.store.backend(),

@@ -39,19 +39,19 @@ pub enum ClientCommand {
     /// End a test failover's test now: the teardown starts (idempotent).
     EndTest { job: String },
     /// Cancel a failover: stop and roll back (idempotent).
-    CancelFailover {
+    Cancel {
         job: String,
         #[arg(long, default_value = "cancelled by operator")]
         reason: String,
     },
     /// Show a failover job and its steps.
-    GetFailover {
+    Get {
         job: String,
         #[arg(long)]
         json: bool,
     },
     /// List failover jobs, newest first.
-    ListFailovers {
+    List {
         /// User-visible status, e.g. testing, completed, failed.
         #[arg(long)]
         status: Option<String>,
@@ -155,7 +155,7 @@ pub async fn run(endpoint: &str, cmd: ClientCommand) -> Result<()> {
                 .into_inner();
             println!("end-test sent: job {} is {}", j.job_id, j.status);
         }
-        ClientCommand::CancelFailover { job, reason } => {
+        ClientCommand::Cancel { job, reason } => {
             let j = fo
                 .cancel_failover(pb::CancelFailoverRequest { job_id: job, reason })
                 .await
@@ -163,7 +163,7 @@ pub async fn run(endpoint: &str, cmd: ClientCommand) -> Result<()> {
                 .into_inner();
             println!("cancel sent: job {} is {}", j.job_id, j.status);
         }
-        ClientCommand::GetFailover { job, json } => {
+        ClientCommand::Get { job, json } => {
             let j = fo
                 .get_failover(pb::GetFailoverRequest { job_id: job })
                 .await
@@ -175,7 +175,7 @@ pub async fn run(endpoint: &str, cmd: ClientCommand) -> Result<()> {
                 print_job(&j);
             }
         }
-        ClientCommand::ListFailovers {
+        ClientCommand::List {
             status,
             job_type,
             vm,

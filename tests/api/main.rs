@@ -1180,13 +1180,13 @@ async fn cli_commands_talk_to_the_server() {
     );
     assert!(out.contains("status       completed (completed), 100%"), "{out}");
 
-    let (code, out, _) = tern(&["get-failover", &job, "--json"]).await;
+    let (code, out, _) = tern(&["get", &job, "--json"]).await;
     assert_eq!(code, Some(0));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["status"], "completed");
     assert_eq!(v["steps"].as_array().map(Vec::len), Some(12));
 
-    let (code, out, _) = tern(&["list-failovers", "--vm", &vm.vm_id]).await;
+    let (code, out, _) = tern(&["list", "--vm", &vm.vm_id]).await;
     assert_eq!(code, Some(0));
     assert!(out.lines().nth(1).is_some_and(|l| l.starts_with(&job)), "{out}");
 
