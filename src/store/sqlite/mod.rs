@@ -220,16 +220,27 @@ async fn apply_checkpoint(tx: &mut sqlx::SqliteConnection, cp: &Checkpoint) -> R
     }))
 }
 
-type WriteJob = (Checkpoint, oneshot::Sender<Result<CheckpointOutcome>>);
+/// Work for the one writer: checkpoints and submits, each answered after its batch commits.
+enum WriteJob {
+    Checkpoint(Box<Checkpoint>, oneshot::Sender<Result<CheckpointOutcome>>),
+    Submit(Box<NewRun>, oneshot::Sender<Result<Submitted>>),
+}
 
-/// Most checkpoints committed in one transaction.
+/// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 256;
 
-/// Group commit: the one writer of this process. It takes every checkpoint that queued up
-/// while the previous batch was committing and commits them in one transaction, so many runs
-/// share one fsync. Each keeps its own compare-and-set; nobody is answered before COMMIT
-/// returned (durable with synchronous=FULL). If the batch fails, each checkpoint is retried in
-/// a transaction of its own, so one bad checkpoint cannot fail the others.
+enum Outcome {
+    Checkpoint(Result<CheckpointOutcome>),
+    Submit(Box<Result<Submitted>>),
+}
+
+/// Group commit: the one writer of this process. It takes every checkpoint and submit that
+/// queued up while the previous batch was committing and commits them in one transaction, so
+/// many runs share one fsync. A checkpoint keeps its own compare-and-set (fenced: nothing
+/// written); a submit runs under a savepoint, so one that fails (say, a VM_BUSY conflict) is
+/// undone without touching the others. Nobody is answered before COMMIT returned (durable
+/// with synchronous=FULL). If the batch fails otherwise, every job is retried in a
+/// transaction of its own.
 async fn group_writer(pool: SqlitePool, mut jobs: mpsc::Receiver<WriteJob>) {
     while let Some(first) = jobs.recv().await {
         let mut batch = vec![first];
@@ -239,108 +250,158 @@ async fn group_writer(pool: SqlitePool, mut jobs: mpsc::Receiver<WriteJob>) {
                 Err(_) => break,
             }
         }
-        let checkpoints: Vec<&Checkpoint> = batch.iter().map(|(cp, _)| cp).collect();
-        let outcomes = match commit_batch(&pool, &checkpoints).await {
+        let refs: Vec<&WriteJob> = batch.iter().collect();
+        let outcomes = match commit_batch(&pool, &refs).await {
             Ok(outcomes) => outcomes,
-            Err(e) if checkpoints.len() == 1 => vec![Err(e)],
+            Err(e) if refs.len() == 1 => vec![failed(refs[0], e)],
             Err(e) => {
-                tracing::warn!(error = %e, size = checkpoints.len(), "group commit failed; committing one by one");
-                let mut each = Vec::with_capacity(checkpoints.len());
-                for cp in &checkpoints {
-                    each.push(match commit_batch(&pool, &[*cp]).await {
-                        Ok(mut one) => one.pop().unwrap_or(Err(StoreError::Corrupt("no outcome".into()))),
-                        Err(e) => Err(e),
+                tracing::warn!(error = %e, size = refs.len(), "group commit failed; committing one by one");
+                let mut each = Vec::with_capacity(refs.len());
+                for job in &refs {
+                    each.push(match commit_batch(&pool, &[*job]).await {
+                        Ok(mut one) => one
+                            .pop()
+                            .unwrap_or_else(|| failed(job, StoreError::Corrupt("no outcome".into()))),
+                        Err(e) => failed(job, e),
                     });
                 }
                 each
             }
         };
-        for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
-            let _ = reply.send(outcome);
+        for (job, outcome) in batch.into_iter().zip(outcomes) {
+            match (job, outcome) {
+                (WriteJob::Checkpoint(_, reply), Outcome::Checkpoint(r)) => {
+                    let _ = reply.send(r);
+                }
+                (WriteJob::Submit(_, reply), Outcome::Submit(r)) => {
+                    let _ = reply.send(*r);
+                }
+                (WriteJob::Checkpoint(_, reply), Outcome::Submit(_)) => {
+                    let _ = reply.send(Err(StoreError::Corrupt("writer answered out of order".into())));
+                }
+                (WriteJob::Submit(_, reply), Outcome::Checkpoint(_)) => {
+                    let _ = reply.send(Err(StoreError::Corrupt("writer answered out of order".into())));
+                }
+            }
         }
     }
 }
 
-async fn commit_batch(pool: &SqlitePool, batch: &[&Checkpoint]) -> Result<Vec<Result<CheckpointOutcome>>> {
+fn failed(job: &WriteJob, e: StoreError) -> Outcome {
+    match job {
+        WriteJob::Checkpoint(..) => Outcome::Checkpoint(Err(e)),
+        WriteJob::Submit(..) => Outcome::Submit(Box::new(Err(e))),
+    }
+}
+
+async fn commit_batch(pool: &SqlitePool, batch: &[&WriteJob]) -> Result<Vec<Outcome>> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let mut out = Vec::with_capacity(batch.len());
-    for cp in batch {
-        out.push(match apply_checkpoint(&mut tx, cp).await? {
-            Some(outcome) => Ok(outcome),
-            None => Err(StoreError::Fenced { run: cp.run_id }),
-        });
+    for job in batch {
+        let outcome = match job {
+            // A checkpoint's only expected failure is the compare-and-set (nothing written); any
+            // other error fails the batch, which is then retried one transaction per job.
+            WriteJob::Checkpoint(cp, _) => Outcome::Checkpoint(match apply_checkpoint(&mut tx, cp).await? {
+                Some(o) => Ok(o),
+                None => Err(StoreError::Fenced { run: cp.run_id }),
+            }),
+            // A submit can fail on its own (VM_BUSY): its savepoint undoes its partial writes.
+            WriteJob::Submit(run, _) => {
+                sqlx::query("SAVEPOINT submit").execute(&mut *tx).await?;
+                let r = apply_submit(&mut tx, run).await;
+                if r.is_err() {
+                    sqlx::query("ROLLBACK TO SAVEPOINT submit").execute(&mut *tx).await?;
+                }
+                sqlx::query("RELEASE SAVEPOINT submit").execute(&mut *tx).await?;
+                Outcome::Submit(Box::new(r))
+            }
+        };
+        out.push(outcome);
     }
     tx.commit().await?;
     Ok(out)
 }
 
+/// One submit inside an open write transaction (idempotent by request id).
+async fn apply_submit(tx: &mut sqlx::SqliteConnection, run: &NewRun) -> Result<Submitted> {
+    if let Some(req) = &run.request_id {
+        let existing = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE request_id = $1"))
+            .bind(req)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(row) = existing {
+            return Ok(Submitted {
+                run: run_from_row(&row)?,
+                created: false,
+            });
+        }
+    }
+    sqlx::query("INSERT INTO definitions (hash, name, source, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (hash) DO NOTHING")
+        .bind(&run.definition_hash)
+        .bind(&run.definition)
+        .bind(&run.definition_source)
+        .bind(run.now.0)
+        .execute(&mut *tx)
+        .await?;
+    let state = RunState::Pending;
+    let row = sqlx::query(&format!(
+        "INSERT INTO runs (id, definition, definition_hash, request_id, correlation_id, status, display_status, \
+         current_step, state, input, context, last_seq, wake_at, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, '{{}}', 1, $10, $10, $10) RETURNING {RUN_COLUMNS}"
+    ))
+    .bind(run.id.to_string())
+    .bind(&run.definition)
+    .bind(&run.definition_hash)
+    .bind(&run.request_id)
+    .bind(&run.correlation_id)
+    .bind(state.status().as_str())
+    .bind(&run.display_status)
+    .bind(Json(&state))
+    .bind(Json(&run.input))
+    .bind(run.now.0)
+    .fetch_one(&mut *tx)
+    .await?;
+    append_journal(&mut *tx, run.id, 1, std::slice::from_ref(&run.record), run.now).await?;
+    let at = rfc3339(run.now);
+    sqlx::query(
+        "INSERT INTO failover_jobs (job_id, vm_id, vm_name, job_type, status, source_vm_spec, network_mappings, \
+         correlation_id, created_at, updated_at, lock_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10)",
+    )
+    .bind(run.id.to_string())
+    .bind(run.input.get("vm_id").and_then(Value::as_str).unwrap_or(""))
+    .bind(run.input.get("vm_name").and_then(Value::as_str))
+    .bind(&run.job_type)
+    .bind(&run.display_status)
+    .bind(run.input.get("source_vm_spec").map(|v| v.to_string()))
+    .bind(run.input.get("network_mappings").map(|v| v.to_string()))
+    .bind(&run.correlation_id)
+    .bind(&at)
+    .bind(&run.lock_key)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| lock_conflict(e, &run.lock_key))?;
+    apply_projection(&mut *tx, run.id, &run.projection, run.now).await?;
+    Ok(Submitted {
+        run: run_from_row(&row)?,
+        created: true,
+    })
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn submit(&self, run: NewRun) -> Result<Submitted> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some(req) = &run.request_id {
-            let existing = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE request_id = $1"))
-                .bind(req)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if let Some(row) = existing {
-                return Ok(Submitted {
-                    run: run_from_row(&row)?,
-                    created: false,
-                });
-            }
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(WriteJob::Submit(Box::new(run), reply))
+            .await
+            .map_err(|_| StoreError::Config("the writer has stopped".into()))?;
+        let submitted = answer
+            .await
+            .map_err(|_| StoreError::Config("the writer has stopped".into()))??;
+        if submitted.created {
+            self.wakeup.wake();
         }
-        sqlx::query("INSERT INTO definitions (hash, name, source, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (hash) DO NOTHING")
-            .bind(&run.definition_hash)
-            .bind(&run.definition)
-            .bind(&run.definition_source)
-            .bind(run.now.0)
-            .execute(&mut *tx)
-            .await?;
-        let state = RunState::Pending;
-        let row = sqlx::query(&format!(
-            "INSERT INTO runs (id, definition, definition_hash, request_id, correlation_id, status, display_status, \
-             current_step, state, input, context, last_seq, wake_at, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, '{{}}', 1, $10, $10, $10) RETURNING {RUN_COLUMNS}"
-        ))
-        .bind(run.id.to_string())
-        .bind(&run.definition)
-        .bind(&run.definition_hash)
-        .bind(&run.request_id)
-        .bind(&run.correlation_id)
-        .bind(state.status().as_str())
-        .bind(&run.display_status)
-        .bind(Json(&state))
-        .bind(Json(&run.input))
-        .bind(run.now.0)
-        .fetch_one(&mut *tx)
-        .await?;
-        append_journal(&mut tx, run.id, 1, std::slice::from_ref(&run.record), run.now).await?;
-        let at = rfc3339(run.now);
-        sqlx::query(
-            "INSERT INTO failover_jobs (job_id, vm_id, vm_name, job_type, status, source_vm_spec, network_mappings, \
-             correlation_id, created_at, updated_at, lock_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10)",
-        )
-        .bind(run.id.to_string())
-        .bind(run.input.get("vm_id").and_then(Value::as_str).unwrap_or(""))
-        .bind(run.input.get("vm_name").and_then(Value::as_str))
-        .bind(&run.job_type)
-        .bind(&run.display_status)
-        .bind(run.input.get("source_vm_spec").map(|v| v.to_string()))
-        .bind(run.input.get("network_mappings").map(|v| v.to_string()))
-        .bind(&run.correlation_id)
-        .bind(&at)
-        .bind(&run.lock_key)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| lock_conflict(e, &run.lock_key))?;
-        apply_projection(&mut tx, run.id, &run.projection, run.now).await?;
-        tx.commit().await?;
-        self.wakeup.wake();
-        Ok(Submitted {
-            run: run_from_row(&row)?,
-            created: true,
-        })
+        Ok(submitted)
     }
 
     async fn claim(
@@ -393,7 +454,7 @@ impl Store for SqliteStore {
     async fn checkpoint(&self, cp: Checkpoint) -> Result<CheckpointOutcome> {
         let (reply, answer) = oneshot::channel();
         self.writer
-            .send((cp, reply))
+            .send(WriteJob::Checkpoint(Box::new(cp), reply))
             .await
             .map_err(|_| StoreError::Config("the checkpoint writer has stopped".into()))?;
         answer
