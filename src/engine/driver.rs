@@ -42,10 +42,13 @@ struct Driver {
 }
 
 /// Drives `run` (claimed under `lease`) until it sleeps, finishes, is fenced or shutdown stops it.
+/// `first` is the action of a transition already committed (a run submitted and started at
+/// once); without it the driver decides the first event itself.
 pub async fn drive(
     engine: Arc<Engine>,
     run: RunRow,
     lease: Lease,
+    first: Option<Action>,
     shutdown: CancellationToken,
 ) -> Result<Stopped, EngineError> {
     let span = tracing::info_span!("run", run_id = %run.id, definition = %run.definition, correlation_id = %run.correlation_id, fence = lease.token);
@@ -68,7 +71,7 @@ pub async fn drive(
             lost,
             shutdown,
         };
-        let result = d.run().await;
+        let result = d.run(first).await;
         if let Err(EngineError::Store(StoreError::Fenced { .. })) = &result {
             tracing::warn!("lease lost to another worker; leaving the run to it");
         }
@@ -110,8 +113,11 @@ impl Driver {
         }
     }
 
-    async fn run(&mut self) -> Result<Stopped, EngineError> {
-        let mut next = self.on_claim().await?;
+    async fn run(&mut self, first: Option<Action>) -> Result<Stopped, EngineError> {
+        let mut next = match first {
+            Some(action) => Some(action),
+            None => self.on_claim().await?,
+        };
         loop {
             match next {
                 None | Some(Action::Sleep) | Some(Action::Finish) => return Ok(Stopped::Released),
@@ -390,7 +396,7 @@ impl Driver {
     }
 }
 
-fn current_step(def: &Definition, s: &RunState) -> Option<String> {
+pub(crate) fn current_step(def: &Definition, s: &RunState) -> Option<String> {
     let name = |phase: Phase, i: usize| def.step(phase, i).map(|s| s.name.clone());
     match s {
         RunState::Running { phase, step, .. } | RunState::Backoff { phase, step, .. } => name(*phase, *step),

@@ -95,6 +95,25 @@ pub struct Engine {
     pinned: Mutex<HashMap<String, Arc<Definition>>>,
     /// Runs this process drove to a terminal state, announced after the commit.
     finished: tokio::sync::broadcast::Sender<RunId>,
+    /// The worker of this process, when one runs: submits start on it at once.
+    local: Mutex<Option<LocalWorker>>,
+}
+
+/// A worker in this process that takes runs straight from [`Engine::submit`] (see [`store::Start`]).
+#[derive(Clone)]
+pub(crate) struct LocalWorker {
+    pub owner: String,
+    /// Its free driving slots; a submit starts a run on it only if it can take one.
+    pub slots: Arc<tokio::sync::Semaphore>,
+    pub runs: tokio::sync::mpsc::UnboundedSender<Dispatched>,
+}
+
+/// A run submitted and started in one commit, handed to the local worker to drive.
+pub(crate) struct Dispatched {
+    pub run: store::RunRow,
+    pub lease: store::Lease,
+    pub action: machine::Action,
+    pub slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Engine {
@@ -111,6 +130,7 @@ impl Engine {
             config,
             pinned: Mutex::new(HashMap::new()),
             finished: tokio::sync::broadcast::channel(4096).0,
+            local: Mutex::new(None),
         })
     }
 
@@ -166,7 +186,25 @@ impl Engine {
             definition_hash: def.hash.clone(),
             input: req.input.clone(),
         };
-        let projection = store::projection::project(std::slice::from_ref(&record), "pending");
+        let id = RunId::new();
+        let started = self.start_locally(&def, id, &req.input, now);
+        let (display_status, projection) = match &started {
+            Some((start, ..)) => {
+                let display = start.state.display_status(&def);
+                let mut all = vec![record.clone()];
+                all.extend(start.records.iter().cloned());
+                let p = store::projection::project(&all, &display);
+                (display, p)
+            }
+            None => (
+                RunState::Pending.display_status(&def),
+                store::projection::project(std::slice::from_ref(&record), "pending"),
+            ),
+        };
+        let (start, dispatch) = match started {
+            Some((start, action, slot, worker)) => (Some(start), Some((action, slot, worker))),
+            None => (None, None),
+        };
         let lock = def.exclusive_on.as_ref().and_then(|field| {
             req.input
                 .get(field)
@@ -174,7 +212,6 @@ impl Engine {
                 .filter(|v| !v.is_empty())
                 .map(|v| (field.clone(), v.to_string()))
         });
-        let id = RunId::new();
         let submitted = self
             .store
             .submit(NewRun {
@@ -187,10 +224,11 @@ impl Engine {
                 correlation_id: req.correlation_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
                 input: req.input,
                 lock_key: lock.as_ref().map(|(field, value)| format!("{field}={value}")),
-                display_status: RunState::Pending.display_status(&def),
+                display_status,
                 record,
                 projection,
                 now,
+                start,
             })
             .await
             .map_err(|e| match (e, &lock) {
@@ -202,9 +240,71 @@ impl Engine {
             })?;
         if submitted.created {
             crash::point("after:run_submitted");
-            tracing::info!(run_id = %id, definition = %def.name, correlation_id = %submitted.run.correlation_id, "run submitted");
+            tracing::info!(run_id = %id, definition = %def.name, correlation_id = %submitted.run.correlation_id, started = dispatch.is_some(), "run submitted");
+            if let Some((action, slot, worker)) = dispatch {
+                let lease = store::Lease {
+                    owner: worker.owner.clone(),
+                    token: submitted.run.fencing_token,
+                };
+                let d = Dispatched {
+                    run: submitted.run.clone(),
+                    lease: lease.clone(),
+                    action,
+                    slot,
+                };
+                if worker.runs.send(d).is_err() {
+                    // The worker stopped in between: hand the run to whichever worker claims next.
+                    if let Err(e) = self.store.release(id, &lease).await {
+                        tracing::warn!(run_id = %id, error = %e, "could not release a run the stopped worker did not take; it moves when its lease expires");
+                    }
+                    self.store.wakeup().wake();
+                }
+            }
         }
         Ok(submitted)
+    }
+
+    /// Prepares submit-and-start on this process's worker: a free slot, and the `Begin`
+    /// transition when it starts a step (a run that skips to a hold or finishes at once is
+    /// submitted plainly and claimed).
+    fn start_locally(
+        &self,
+        def: &Definition,
+        id: RunId,
+        input: &Value,
+        now: Timestamp,
+    ) -> Option<(
+        store::Start,
+        machine::Action,
+        tokio::sync::OwnedSemaphorePermit,
+        LocalWorker,
+    )> {
+        let worker = self.local.lock().ok()?.clone()?;
+        let slot = worker.slots.clone().try_acquire_owned().ok()?;
+        let m = machine::Machine { run_id: id, def, input };
+        let t = m.transition(&RunState::Pending, &machine::Event::Begin, now).ok()?;
+        let action = t.actions.into_iter().next()?;
+        if !matches!(t.state, RunState::Running { .. }) || !matches!(action, machine::Action::Execute { .. }) {
+            return None;
+        }
+        let start = store::Start {
+            lease: store::Lease {
+                owner: worker.owner.clone(),
+                token: 1,
+            },
+            lease_expires_at: now.plus(self.config.lease_ttl),
+            current_step: driver::current_step(def, &t.state),
+            state: t.state,
+            records: t.records,
+        };
+        Some((start, action, slot, worker))
+    }
+
+    /// Registers (or, with None, removes) the worker of this process.
+    pub(crate) fn set_local_worker(&self, worker: Option<LocalWorker>) {
+        if let Ok(mut l) = self.local.lock() {
+            *l = worker;
+        }
     }
 
     /// Sends a named signal (e.g. `end-test`); idempotent.

@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::driver::{drive, Stopped};
-use super::{Engine, EngineError};
+use super::{Dispatched, Engine, EngineError, LocalWorker};
 use crate::domain::Timestamp;
 use crate::store::StoreError;
 
@@ -19,13 +20,31 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
     let cfg = engine.config.clone();
     let wake = engine.store.wakeup();
     let mut drivers: JoinSet<Result<Stopped, EngineError>> = JoinSet::new();
+    // One slot per run driven at once, shared with submits that start runs here directly.
+    let slots = Arc::new(Semaphore::new(cfg.concurrency));
+    let (local_tx, mut local) = mpsc::unbounded_channel::<Dispatched>();
+    engine.set_local_worker(Some(LocalWorker {
+        owner: cfg.worker_id.clone(),
+        slots: slots.clone(),
+        runs: local_tx,
+    }));
+    let spawn = |drivers: &mut JoinSet<_>, run, lease, first, slot: OwnedSemaphorePermit| {
+        let (engine, shutdown) = (engine.clone(), shutdown.clone());
+        drivers.spawn(async move {
+            let _slot = slot;
+            drive(engine, run, lease, first, shutdown).await
+        });
+    };
     tracing::info!(worker = %cfg.worker_id, backend = engine.store.backend(), concurrency = cfg.concurrency, "worker started");
     let mut store_errors = 0u32;
     while !shutdown.is_cancelled() {
         while let Some(done) = drivers.try_join_next() {
             log_driver_end(done);
         }
-        let free = cfg.concurrency.saturating_sub(drivers.len());
+        while let Ok(d) = local.try_recv() {
+            spawn(&mut drivers, d.run, d.lease, Some(d.action), d.slot);
+        }
+        let free = slots.available_permits();
         let mut full_batch = false;
         if free > 0 {
             match engine
@@ -37,7 +56,15 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
                     store_errors = 0;
                     full_batch = runs.len() == free;
                     for (run, lease) in runs {
-                        drivers.spawn(drive(engine.clone(), run, lease, shutdown.clone()));
+                        match slots.clone().try_acquire_owned() {
+                            Ok(slot) => spawn(&mut drivers, run, lease, None, slot),
+                            // A submit took the slot meanwhile: give the run back at once.
+                            Err(_) => {
+                                if let Err(e) = engine.store.release(run.id, &lease).await {
+                                    tracing::warn!(run_id = %run.id, error = %e, "could not give back a claimed run; it moves when its lease expires");
+                                }
+                            }
+                        }
                     }
                 }
                 Err(e) => {
@@ -48,7 +75,7 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
                 }
             }
         }
-        if full_batch && drivers.len() < cfg.concurrency {
+        if full_batch && slots.available_permits() > 0 {
             continue;
         }
         let now = Timestamp::now();
@@ -60,10 +87,17 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
         }
         tokio::select! {
             _ = wake.wait() => {}
+            Some(d) = local.recv() => spawn(&mut drivers, d.run, d.lease, Some(d.action), d.slot),
             Some(done) = drivers.join_next(), if !drivers.is_empty() => log_driver_end(done),
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => {}
         }
+    }
+    engine.set_local_worker(None);
+    // Runs handed over while stopping: their drivers see the shutdown and give the lease back.
+    local.close();
+    while let Some(d) = local.recv().await {
+        spawn(&mut drivers, d.run, d.lease, Some(d.action), d.slot);
     }
     tracing::info!(in_flight = drivers.len(), grace = ?cfg.shutdown_grace, "worker stopping: no new claims");
     let drain = async {

@@ -4,6 +4,7 @@
 //! SQL lives only in the backend modules. Every state write is a compare-and-set on the run's
 //! fencing token and journal position; a lost race is the typed [`StoreError::Fenced`].
 
+pub(crate) mod group;
 pub mod postgres;
 pub mod projection;
 pub mod sqlite;
@@ -113,8 +114,27 @@ pub struct NewRun {
     pub display_status: String,
     /// The first journal entry (`RunSubmitted`).
     pub record: Record,
+    /// The projection of `record` and, when the run starts at once, of `start.records`.
     pub projection: Projection,
     pub now: Timestamp,
+    /// Start at once on a worker of this process (None: the run waits to be claimed).
+    pub start: Option<Start>,
+}
+
+/// Submit-and-start: the run is created already leased to a worker of this process, with its
+/// first transition (`Begin`: the first step started) committed in the same transaction. The
+/// first step then starts one commit after the request instead of three (submit, claim, begin),
+/// and nothing is weaker: the step still starts only after its `step_started` is durable, and if
+/// this process dies the lease expires and any worker resumes the run like any other.
+#[derive(Debug, Clone)]
+pub struct Start {
+    pub lease: Lease,
+    pub lease_expires_at: Timestamp,
+    /// The state after `Begin` (running the first step).
+    pub state: RunState,
+    /// The journal records of `Begin`, stored after `RunSubmitted`.
+    pub records: Vec<Record>,
+    pub current_step: Option<String>,
 }
 
 #[derive(Debug, Clone)]

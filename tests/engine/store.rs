@@ -7,7 +7,7 @@ use serde_json::json;
 use tern::domain::{RunId, StepError, Timestamp};
 use tern::engine::machine::{Record, RunState, RunStatus};
 use tern::store::{
-    projection, Checkpoint, JobFilter, Lease, LedgerRow, NewRun, RunFilter, SignalOutcome, Store, StoreError,
+    projection, Checkpoint, JobFilter, Lease, LedgerRow, NewRun, RunFilter, SignalOutcome, Start, Store, StoreError,
 };
 use tern::workflow::Phase;
 
@@ -36,6 +36,7 @@ fn new_run(request_id: Option<&str>, now: Timestamp) -> NewRun {
         projection: projection::project(std::slice::from_ref(&record), "pending"),
         record,
         now,
+        start: None,
     }
 }
 
@@ -693,7 +694,117 @@ async fn inventory_and_network_mappings(db: TestDb) {
     assert!(s.active_jobs_for_vm("other", None).await.unwrap().is_empty());
 }
 
+async fn submit_and_start_commits_the_first_step_leased_to_the_submitter(db: TestDb) {
+    let s = db.open().await;
+    let now = Timestamp::now();
+    let mut run = new_run(None, now);
+    run.start = Some(Start {
+        lease: Lease {
+            owner: "local".into(),
+            token: 1,
+        },
+        lease_expires_at: now.plus(TTL),
+        state: running(0),
+        records: vec![started("s0", 1)],
+        current_step: Some("s0".into()),
+    });
+    let all = vec![run.record.clone(), started("s0", 1)];
+    run.projection = projection::project(&all, "executing");
+    run.display_status = "executing".into();
+    let row = s.submit(run).await.unwrap().run;
+    assert_eq!(row.status, RunStatus::Running);
+    assert_eq!((row.last_seq, row.fencing_token), (2, 1));
+    assert_eq!(row.lease_owner.as_deref(), Some("local"));
+    assert_eq!(row.current_step.as_deref(), Some("s0"));
+    assert!(row.started_at.is_some());
+    let j = s.journal(row.id, 0, 10).await.unwrap();
+    assert_eq!(j.len(), 2);
+    assert_eq!(j[1].record, started("s0", 1));
+    // Leased: nobody else claims it while the lease lasts...
+    assert!(s.claim("other", 10, TTL, now).await.unwrap().is_empty());
+    // ...the submitter checkpoints under it...
+    let lease = Lease {
+        owner: "local".into(),
+        token: 1,
+    };
+    let out = s
+        .checkpoint(cp(
+            row.id,
+            &lease,
+            2,
+            RunStatus::Running,
+            running(1),
+            vec![started("s1", 1)],
+            now,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(out.last_seq, 3);
+    // ...and if it dies, the run is claimed after the lease with a higher token.
+    let later = now.plus(TTL + Duration::from_secs(1));
+    let (again, l2) = claim_one(&s, "other", later).await;
+    assert_eq!((again.id, l2.token, again.status), (row.id, 2, RunStatus::Running));
+    let job = s.failover_job(row.id).await.unwrap().unwrap();
+    assert_eq!(job.status, "executing");
+    assert!(job.started_at.is_some());
+    let tracking = s.job_tracking(row.id).await.unwrap();
+    assert_eq!(
+        tracking.iter().map(|t| t.operation.as_str()).collect::<Vec<_>>(),
+        vec!["s0", "s1"]
+    );
+}
+
+/// Many checkpoints at once (one group commit on SQLite), some of them stale: each is its own
+/// compare-and-set, the stale ones write nothing and the others all land.
+async fn concurrent_checkpoints_each_compare_and_set_alone(db: TestDb) {
+    let s = db.open().await;
+    let now = Timestamp::now();
+    let mut runs = Vec::new();
+    for _ in 0..40 {
+        runs.push(s.submit(new_run(None, now)).await.unwrap().run.id);
+    }
+    let claimed = s.claim("A", 40, TTL, now).await.unwrap();
+    assert_eq!(claimed.len(), 40);
+    let mut tasks = Vec::new();
+    for (i, (run, lease)) in claimed.into_iter().enumerate() {
+        let s = s.clone();
+        // Every third checkpoint expects a position the run is not at.
+        let seq = if i % 3 == 0 { 7 } else { run.last_seq };
+        tasks.push(tokio::spawn(async move {
+            let r = s
+                .checkpoint(cp(
+                    run.id,
+                    &lease,
+                    seq,
+                    RunStatus::Pending,
+                    running(0),
+                    vec![started("s0", 1)],
+                    now,
+                ))
+                .await;
+            (i, run.id, r)
+        }));
+    }
+    for t in tasks {
+        let (i, id, r) = t.await.unwrap();
+        let j = s.journal(id, 0, 10).await.unwrap();
+        if i % 3 == 0 {
+            assert!(matches!(r, Err(StoreError::Fenced { .. })), "{i}: {r:?}");
+            assert_eq!(j.len(), 1, "a fenced checkpoint wrote nothing");
+            assert_eq!(s.get_run(id).await.unwrap().unwrap().status, RunStatus::Pending);
+        } else {
+            assert_eq!(r.unwrap().last_seq, 2);
+            assert_eq!(j.len(), 2);
+            assert_eq!(s.get_run(id).await.unwrap().unwrap().status, RunStatus::Running);
+            assert_eq!(s.job_tracking(id).await.unwrap().len(), 1);
+        }
+    }
+    assert_eq!(runs.len(), 40);
+}
+
 on_both_backends!(
+    submit_and_start_commits_the_first_step_leased_to_the_submitter,
+    concurrent_checkpoints_each_compare_and_set_alone,
     inventory_and_network_mappings,
     submit_is_idempotent_by_request_id,
     concurrent_submits_with_one_request_id_make_one_run,

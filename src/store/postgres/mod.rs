@@ -15,11 +15,16 @@ use uuid::Uuid;
 
 use super::*;
 
+mod writer;
+use crate::store::group::{WriteJob, MAX_BATCH};
+
 pub struct PgStore {
     pool: PgPool,
     wakeup: Arc<Wakeup>,
     channel: String,
     listener: tokio::task::JoinHandle<()>,
+    /// Checkpoints and submits go through the group-commit writer.
+    writer: tokio::sync::mpsc::Sender<WriteJob>,
 }
 
 impl Drop for PgStore {
@@ -77,16 +82,31 @@ impl PgStore {
         let channel = format!("tern_wakeup_{}", schema.unwrap_or("public"));
         let wakeup = Arc::new(Wakeup::default());
         let listener = tokio::spawn(listen(pool.clone(), channel.clone(), wakeup.clone()));
+        let (writer, jobs) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
+        let committer = writer::PgCommitter {
+            pool: pool.clone(),
+            channel: channel.clone(),
+        };
+        tokio::spawn(crate::store::group::group_writer(committer, jobs));
         Ok(PgStore {
             pool,
             wakeup,
             channel,
             listener,
+            writer,
         })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Queues a job for the group-commit writer and waits until its batch committed.
+    async fn write<T>(&self, job: impl FnOnce(tokio::sync::oneshot::Sender<Result<T>>) -> WriteJob) -> Result<T> {
+        let stopped = || StoreError::Config("the database writer has stopped".into());
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.writer.send(job(reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     async fn notify(&self, tx: &mut sqlx::PgConnection) -> Result<()> {
@@ -164,147 +184,14 @@ fn run_from_row(row: &PgRow) -> Result<RunRow> {
     })
 }
 
-async fn append_journal(
-    tx: &mut sqlx::PgConnection,
-    run: RunId,
-    first_seq: i64,
-    records: &[Record],
-    now: Timestamp,
-) -> Result<()> {
-    if records.is_empty() {
-        return Ok(());
-    }
-    // One round trip for the whole batch.
-    let seqs: Vec<i64> = (0..records.len() as i64).map(|i| first_seq + i).collect();
-    let kinds: Vec<&str> = records.iter().map(Record::kind).collect();
-    let bodies: Vec<Value> = records
-        .iter()
-        .map(|r| serde_json::to_value(r).map_err(|e| StoreError::Corrupt(format!("record: {e}"))))
-        .collect::<Result<_>>()?;
-    sqlx::query(
-        "INSERT INTO journal (run_id, seq, kind, record, at) \
-         SELECT $1, s, k, r, $5 FROM UNNEST($2::bigint[], $3::text[], $4::jsonb[]) AS t(s, k, r)",
-    )
-    .bind(run.0)
-    .bind(&seqs)
-    .bind(&kinds)
-    .bind(bodies.into_iter().map(Json).collect::<Vec<_>>())
-    .bind(now.0)
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
-}
-
-async fn apply_projection(tx: &mut sqlx::PgConnection, run: RunId, p: &Projection, now: Timestamp) -> Result<()> {
-    let at = tsz(8);
-    sqlx::query(&format!(
-        "UPDATE failover_jobs SET status = COALESCE($2, status), \
-         linstor_snapshot_name = COALESCE($3, linstor_snapshot_name), \
-         destination_vm_id = COALESCE($4, destination_vm_id), error_message = COALESCE($5, error_message), \
-         started_at = CASE WHEN $6 AND started_at IS NULL THEN {at} ELSE started_at END, \
-         completed_at = CASE WHEN $7 THEN {at} ELSE completed_at END, updated_at = {at} WHERE job_id = $1"
-    ))
-    .bind(run.to_string())
-    .bind(&p.status)
-    .bind(&p.snapshot_name)
-    .bind(&p.destination_vm_id)
-    .bind(&p.error_message)
-    .bind(p.started)
-    .bind(p.completed)
-    .bind(now.0)
-    .execute(&mut *tx)
-    .await?;
-    let at = tsz(7);
-    for t in &p.tracking {
-        sqlx::query(&format!(
-            "INSERT INTO job_tracking (id, parent_job_id, operation, status, metadata, error_message, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, {at}, {at}) \
-             ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, metadata = excluded.metadata, \
-             error_message = excluded.error_message, updated_at = excluded.updated_at"
-        ))
-        .bind(Uuid::now_v7().to_string())
-        .bind(run.to_string())
-        .bind(&t.operation)
-        .bind(t.status)
-        .bind(Json(&t.metadata))
-        .bind(&t.error_message)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?;
-    }
-    Ok(())
-}
-
 #[async_trait]
 impl Store for PgStore {
     async fn submit(&self, run: NewRun) -> Result<Submitted> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO definitions (hash, name, source, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (hash) DO NOTHING")
-            .bind(&run.definition_hash)
-            .bind(&run.definition)
-            .bind(&run.definition_source)
-            .bind(run.now.0)
-            .execute(&mut *tx)
-            .await?;
-        let state = RunState::Pending;
-        // ON CONFLICT on request_id: two concurrent submits with one request id make one run.
-        let row = sqlx::query(&format!(
-            "INSERT INTO runs (id, definition, definition_hash, request_id, correlation_id, status, display_status, \
-             current_step, state, input, context, last_seq, wake_at, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, '{{}}'::jsonb, 1, $10, $10, $10) \
-             ON CONFLICT (request_id) DO NOTHING RETURNING {RUN_COLUMNS}"
-        ))
-        .bind(run.id.0)
-        .bind(&run.definition)
-        .bind(&run.definition_hash)
-        .bind(&run.request_id)
-        .bind(&run.correlation_id)
-        .bind(state.status().as_str())
-        .bind(&run.display_status)
-        .bind(Json(&state))
-        .bind(Json(&run.input))
-        .bind(run.now.0)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            tx.rollback().await?;
-            let req = run.request_id.as_deref().unwrap_or_default();
-            let existing = self
-                .find_by_request_id(req)
-                .await?
-                .ok_or_else(|| StoreError::Corrupt(format!("request id {req:?} conflicted but no run has it")))?;
-            return Ok(Submitted {
-                run: existing,
-                created: false,
-            });
-        };
-        append_journal(&mut tx, run.id, 1, std::slice::from_ref(&run.record), run.now).await?;
-        let at = tsz(9);
-        sqlx::query(&format!(
-            "INSERT INTO failover_jobs (job_id, vm_id, vm_name, job_type, status, source_vm_spec, network_mappings, \
-             correlation_id, created_at, updated_at, lock_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {at}, {at}, $10)"
-        ))
-        .bind(run.id.to_string())
-        .bind(run.input.get("vm_id").and_then(Value::as_str).unwrap_or(""))
-        .bind(run.input.get("vm_name").and_then(Value::as_str))
-        .bind(&run.job_type)
-        .bind(&run.display_status)
-        .bind(run.input.get("source_vm_spec").map(|v| v.to_string()))
-        .bind(run.input.get("network_mappings").map(|v| v.to_string()))
-        .bind(&run.correlation_id)
-        .bind(run.now.0)
-        .bind(&run.lock_key)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| lock_conflict(e, &run.lock_key))?;
-        apply_projection(&mut tx, run.id, &run.projection, run.now).await?;
-        self.notify(&mut tx).await?;
-        tx.commit().await?;
-        self.wakeup.wake();
-        Ok(Submitted {
-            run: run_from_row(&row)?,
-            created: true,
-        })
+        let submitted = self.write(|reply| WriteJob::Submit(Box::new(run), reply)).await?;
+        if submitted.created {
+            self.wakeup.wake();
+        }
+        Ok(submitted)
     }
 
     async fn claim(
@@ -361,62 +248,7 @@ impl Store for PgStore {
     }
 
     async fn checkpoint(&self, cp: Checkpoint) -> Result<CheckpointOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let n = cp.records.len() as i64;
-        let row = sqlx::query(
-            "UPDATE runs SET state = $1, status = $2, display_status = $3, current_step = $4, \
-             context = COALESCE($5, context), last_seq = last_seq + $6, \
-             wake_at = CASE WHEN ($20 AND cancel_pending AND NOT $17) OR ($8 AND signals_pending - $16 > 0) THEN $9 \
-                            ELSE $7 END, \
-             lease_owner = CASE WHEN $10 THEN NULL ELSE lease_owner END, \
-             lease_expires_at = CASE WHEN $10 THEN NULL ELSE lease_expires_at END, \
-             signals_pending = signals_pending - $16, \
-             cancel_pending = CASE WHEN $17 THEN FALSE ELSE cancel_pending END, \
-             updated_at = $9, started_at = COALESCE(started_at, CASE WHEN $11 THEN $9 END), \
-             completed_at = CASE WHEN $12 THEN $9 ELSE completed_at END \
-             WHERE id = $13 AND fencing_token = $14 AND lease_owner = $18 AND last_seq = $15 AND status = $19 \
-             RETURNING last_seq, signals_pending, cancel_pending",
-        )
-        .bind(Json(&cp.state))
-        .bind(cp.state.status().as_str())
-        .bind(&cp.display_status)
-        .bind(&cp.current_step)
-        .bind(cp.context.as_ref().map(Json))
-        .bind(n)
-        .bind(cp.wake_at.map(|t| t.0))
-        .bind(cp.wake_on_signal)
-        .bind(cp.now.0)
-        .bind(cp.release)
-        .bind(cp.projection.started)
-        .bind(cp.state.is_terminal())
-        .bind(cp.run_id.0)
-        .bind(cp.lease.token)
-        .bind(cp.expected_seq)
-        .bind(cp.consumed_signals.len() as i64)
-        .bind(cp.consumed_cancel)
-        .bind(&cp.lease.owner)
-        .bind(cp.expected_status.as_str())
-        .bind(!cp.state.is_terminal())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Err(StoreError::Fenced { run: cp.run_id });
-        };
-        append_journal(&mut tx, cp.run_id, cp.expected_seq + 1, &cp.records, cp.now).await?;
-        if !cp.consumed_signals.is_empty() {
-            sqlx::query("UPDATE signals SET consumed_at = $1 WHERE id = ANY($2) AND consumed_at IS NULL")
-                .bind(cp.now.0)
-                .bind(&cp.consumed_signals)
-                .execute(&mut *tx)
-                .await?;
-        }
-        apply_projection(&mut tx, cp.run_id, &cp.projection, cp.now).await?;
-        tx.commit().await?;
-        Ok(CheckpointOutcome {
-            last_seq: row.try_get("last_seq")?,
-            signals_pending: row.try_get("signals_pending")?,
-            cancel_pending: row.try_get("cancel_pending")?,
-        })
+        self.write(|reply| WriteJob::Checkpoint(Box::new(cp), reply)).await
     }
 
     async fn release(&self, run: RunId, lease: &Lease) -> Result<()> {

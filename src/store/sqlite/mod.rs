@@ -15,6 +15,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::*;
 
+mod writer;
+use crate::store::group::{ClaimJob, LeaseJob, WriteJob, MAX_BATCH};
+
 pub struct SqliteStore {
     pool: SqlitePool,
     wakeup: Arc<Wakeup>,
@@ -26,10 +29,6 @@ const RUN_COLUMNS: &str =
     "id, definition, definition_hash, request_id, correlation_id, state, status, display_status, \
     current_step, input, context, last_seq, fencing_token, lease_owner, lease_expires_at, wake_at, signals_pending, \
     cancel_reason, cancel_pending, created_at, updated_at, started_at, completed_at";
-
-fn rfc3339(t: Timestamp) -> String {
-    t.to_rfc3339()
-}
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `url` and applies migrations.
@@ -49,7 +48,10 @@ impl SqliteStore {
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
         let (writer, jobs) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(group_writer(pool.clone(), jobs));
+        tokio::spawn(crate::store::group::group_writer(
+            writer::SqliteCommitter(pool.clone()),
+            jobs,
+        ));
         Ok(SqliteStore {
             pool,
             wakeup: Arc::new(Wakeup::default()),
@@ -59,6 +61,14 @@ impl SqliteStore {
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Queues a job for the group-commit writer and waits until its batch committed.
+    async fn write<T>(&self, job: impl FnOnce(oneshot::Sender<Result<T>>) -> WriteJob) -> Result<T> {
+        let stopped = || StoreError::Config("the database writer has stopped".into());
+        let (reply, answer) = oneshot::channel();
+        self.writer.send(job(reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 }
 
@@ -101,303 +111,10 @@ fn run_from_row(row: &SqliteRow) -> Result<RunRow> {
     })
 }
 
-async fn append_journal(
-    tx: &mut sqlx::SqliteConnection,
-    run: RunId,
-    first_seq: i64,
-    records: &[Record],
-    now: Timestamp,
-) -> Result<()> {
-    for (i, r) in records.iter().enumerate() {
-        sqlx::query("INSERT INTO journal (run_id, seq, kind, record, at) VALUES ($1, $2, $3, $4, $5)")
-            .bind(run.to_string())
-            .bind(first_seq + i as i64)
-            .bind(r.kind())
-            .bind(Json(r))
-            .bind(now.0)
-            .execute(&mut *tx)
-            .await?;
-    }
-    Ok(())
-}
-
-async fn apply_projection(tx: &mut sqlx::SqliteConnection, run: RunId, p: &Projection, now: Timestamp) -> Result<()> {
-    let at = rfc3339(now);
-    sqlx::query(
-        "UPDATE failover_jobs SET status = COALESCE($2, status), \
-         linstor_snapshot_name = COALESCE($3, linstor_snapshot_name), \
-         destination_vm_id = COALESCE($4, destination_vm_id), error_message = COALESCE($5, error_message), \
-         started_at = CASE WHEN $6 AND started_at IS NULL THEN $8 ELSE started_at END, \
-         completed_at = CASE WHEN $7 THEN $8 ELSE completed_at END, updated_at = $8 WHERE job_id = $1",
-    )
-    .bind(run.to_string())
-    .bind(&p.status)
-    .bind(&p.snapshot_name)
-    .bind(&p.destination_vm_id)
-    .bind(&p.error_message)
-    .bind(p.started)
-    .bind(p.completed)
-    .bind(&at)
-    .execute(&mut *tx)
-    .await?;
-    for t in &p.tracking {
-        sqlx::query(
-            "INSERT INTO job_tracking (id, parent_job_id, operation, status, metadata, error_message, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7) \
-             ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, metadata = excluded.metadata, \
-             error_message = excluded.error_message, updated_at = excluded.updated_at",
-        )
-        .bind(uuid::Uuid::now_v7().to_string())
-        .bind(run.to_string())
-        .bind(&t.operation)
-        .bind(t.status)
-        .bind(Json(&t.metadata))
-        .bind(&t.error_message)
-        .bind(&at)
-        .execute(&mut *tx)
-        .await?;
-    }
-    Ok(())
-}
-
-/// One checkpoint inside an open write transaction: the compare-and-set of the run, then its
-/// journal rows, consumed signals and projections. `None` when the compare-and-set matched
-/// nothing (fenced): then nothing was written.
-async fn apply_checkpoint(tx: &mut sqlx::SqliteConnection, cp: &Checkpoint) -> Result<Option<CheckpointOutcome>> {
-    let n = cp.records.len() as i64;
-    let row = sqlx::query(
-        "UPDATE runs SET state = $1, status = $2, display_status = $3, current_step = $4, \
-             context = COALESCE($5, context), last_seq = last_seq + $6, \
-             wake_at = CASE WHEN ($20 AND cancel_pending AND NOT $17) OR ($8 AND signals_pending - $16 > 0) THEN $9 \
-                            ELSE $7 END, \
-             lease_owner = CASE WHEN $10 THEN NULL ELSE lease_owner END, \
-             lease_expires_at = CASE WHEN $10 THEN NULL ELSE lease_expires_at END, \
-             signals_pending = signals_pending - $16, \
-             cancel_pending = CASE WHEN $17 THEN 0 ELSE cancel_pending END, \
-             updated_at = $9, started_at = COALESCE(started_at, CASE WHEN $11 THEN $9 END), \
-             completed_at = CASE WHEN $12 THEN $9 ELSE completed_at END \
-             WHERE id = $13 AND fencing_token = $14 AND lease_owner = $18 AND last_seq = $15 AND status = $19 \
-             RETURNING last_seq, signals_pending, cancel_pending",
-    )
-    .bind(Json(&cp.state))
-    .bind(cp.state.status().as_str())
-    .bind(&cp.display_status)
-    .bind(&cp.current_step)
-    .bind(cp.context.as_ref().map(Json))
-    .bind(n)
-    .bind(cp.wake_at.map(|t| t.0))
-    .bind(cp.wake_on_signal)
-    .bind(cp.now.0)
-    .bind(cp.release)
-    .bind(cp.projection.started)
-    .bind(cp.state.is_terminal())
-    .bind(cp.run_id.to_string())
-    .bind(cp.lease.token)
-    .bind(cp.expected_seq)
-    .bind(cp.consumed_signals.len() as i64)
-    .bind(cp.consumed_cancel)
-    .bind(&cp.lease.owner)
-    .bind(cp.expected_status.as_str())
-    .bind(!cp.state.is_terminal())
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    append_journal(&mut *tx, cp.run_id, cp.expected_seq + 1, &cp.records, cp.now).await?;
-    for id in &cp.consumed_signals {
-        sqlx::query("UPDATE signals SET consumed_at = $1 WHERE id = $2 AND consumed_at IS NULL")
-            .bind(cp.now.0)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-    }
-    apply_projection(&mut *tx, cp.run_id, &cp.projection, cp.now).await?;
-    Ok(Some(CheckpointOutcome {
-        last_seq: row.try_get("last_seq")?,
-        signals_pending: row.try_get("signals_pending")?,
-        cancel_pending: row.try_get::<i64, _>("cancel_pending")? != 0,
-    }))
-}
-
-/// Work for the one writer: checkpoints and submits, each answered after its batch commits.
-enum WriteJob {
-    Checkpoint(Box<Checkpoint>, oneshot::Sender<Result<CheckpointOutcome>>),
-    Submit(Box<NewRun>, oneshot::Sender<Result<Submitted>>),
-}
-
-/// Most jobs committed in one transaction.
-const MAX_BATCH: usize = 256;
-
-enum Outcome {
-    Checkpoint(Result<CheckpointOutcome>),
-    Submit(Box<Result<Submitted>>),
-}
-
-/// Group commit: the one writer of this process. It takes every checkpoint and submit that
-/// queued up while the previous batch was committing and commits them in one transaction, so
-/// many runs share one fsync. A checkpoint keeps its own compare-and-set (fenced: nothing
-/// written); a submit runs under a savepoint, so one that fails (say, a VM_BUSY conflict) is
-/// undone without touching the others. Nobody is answered before COMMIT returned (durable
-/// with synchronous=FULL). If the batch fails otherwise, every job is retried in a
-/// transaction of its own.
-async fn group_writer(pool: SqlitePool, mut jobs: mpsc::Receiver<WriteJob>) {
-    while let Some(first) = jobs.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let refs: Vec<&WriteJob> = batch.iter().collect();
-        let outcomes = match commit_batch(&pool, &refs).await {
-            Ok(outcomes) => outcomes,
-            Err(e) if refs.len() == 1 => vec![failed(refs[0], e)],
-            Err(e) => {
-                tracing::warn!(error = %e, size = refs.len(), "group commit failed; committing one by one");
-                let mut each = Vec::with_capacity(refs.len());
-                for job in &refs {
-                    each.push(match commit_batch(&pool, &[*job]).await {
-                        Ok(mut one) => one
-                            .pop()
-                            .unwrap_or_else(|| failed(job, StoreError::Corrupt("no outcome".into()))),
-                        Err(e) => failed(job, e),
-                    });
-                }
-                each
-            }
-        };
-        for (job, outcome) in batch.into_iter().zip(outcomes) {
-            match (job, outcome) {
-                (WriteJob::Checkpoint(_, reply), Outcome::Checkpoint(r)) => {
-                    let _ = reply.send(r);
-                }
-                (WriteJob::Submit(_, reply), Outcome::Submit(r)) => {
-                    let _ = reply.send(*r);
-                }
-                (WriteJob::Checkpoint(_, reply), Outcome::Submit(_)) => {
-                    let _ = reply.send(Err(StoreError::Corrupt("writer answered out of order".into())));
-                }
-                (WriteJob::Submit(_, reply), Outcome::Checkpoint(_)) => {
-                    let _ = reply.send(Err(StoreError::Corrupt("writer answered out of order".into())));
-                }
-            }
-        }
-    }
-}
-
-fn failed(job: &WriteJob, e: StoreError) -> Outcome {
-    match job {
-        WriteJob::Checkpoint(..) => Outcome::Checkpoint(Err(e)),
-        WriteJob::Submit(..) => Outcome::Submit(Box::new(Err(e))),
-    }
-}
-
-async fn commit_batch(pool: &SqlitePool, batch: &[&WriteJob]) -> Result<Vec<Outcome>> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let mut out = Vec::with_capacity(batch.len());
-    for job in batch {
-        let outcome = match job {
-            // A checkpoint's only expected failure is the compare-and-set (nothing written); any
-            // other error fails the batch, which is then retried one transaction per job.
-            WriteJob::Checkpoint(cp, _) => Outcome::Checkpoint(match apply_checkpoint(&mut tx, cp).await? {
-                Some(o) => Ok(o),
-                None => Err(StoreError::Fenced { run: cp.run_id }),
-            }),
-            // A submit can fail on its own (VM_BUSY): its savepoint undoes its partial writes.
-            WriteJob::Submit(run, _) => {
-                sqlx::query("SAVEPOINT submit").execute(&mut *tx).await?;
-                let r = apply_submit(&mut tx, run).await;
-                if r.is_err() {
-                    sqlx::query("ROLLBACK TO SAVEPOINT submit").execute(&mut *tx).await?;
-                }
-                sqlx::query("RELEASE SAVEPOINT submit").execute(&mut *tx).await?;
-                Outcome::Submit(Box::new(r))
-            }
-        };
-        out.push(outcome);
-    }
-    tx.commit().await?;
-    Ok(out)
-}
-
-/// One submit inside an open write transaction (idempotent by request id).
-async fn apply_submit(tx: &mut sqlx::SqliteConnection, run: &NewRun) -> Result<Submitted> {
-    if let Some(req) = &run.request_id {
-        let existing = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE request_id = $1"))
-            .bind(req)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if let Some(row) = existing {
-            return Ok(Submitted {
-                run: run_from_row(&row)?,
-                created: false,
-            });
-        }
-    }
-    sqlx::query("INSERT INTO definitions (hash, name, source, created_at) VALUES ($1, $2, $3, $4) ON CONFLICT (hash) DO NOTHING")
-        .bind(&run.definition_hash)
-        .bind(&run.definition)
-        .bind(&run.definition_source)
-        .bind(run.now.0)
-        .execute(&mut *tx)
-        .await?;
-    let state = RunState::Pending;
-    let row = sqlx::query(&format!(
-        "INSERT INTO runs (id, definition, definition_hash, request_id, correlation_id, status, display_status, \
-         current_step, state, input, context, last_seq, wake_at, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, '{{}}', 1, $10, $10, $10) RETURNING {RUN_COLUMNS}"
-    ))
-    .bind(run.id.to_string())
-    .bind(&run.definition)
-    .bind(&run.definition_hash)
-    .bind(&run.request_id)
-    .bind(&run.correlation_id)
-    .bind(state.status().as_str())
-    .bind(&run.display_status)
-    .bind(Json(&state))
-    .bind(Json(&run.input))
-    .bind(run.now.0)
-    .fetch_one(&mut *tx)
-    .await?;
-    append_journal(&mut *tx, run.id, 1, std::slice::from_ref(&run.record), run.now).await?;
-    let at = rfc3339(run.now);
-    sqlx::query(
-        "INSERT INTO failover_jobs (job_id, vm_id, vm_name, job_type, status, source_vm_spec, network_mappings, \
-         correlation_id, created_at, updated_at, lock_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10)",
-    )
-    .bind(run.id.to_string())
-    .bind(run.input.get("vm_id").and_then(Value::as_str).unwrap_or(""))
-    .bind(run.input.get("vm_name").and_then(Value::as_str))
-    .bind(&run.job_type)
-    .bind(&run.display_status)
-    .bind(run.input.get("source_vm_spec").map(|v| v.to_string()))
-    .bind(run.input.get("network_mappings").map(|v| v.to_string()))
-    .bind(&run.correlation_id)
-    .bind(&at)
-    .bind(&run.lock_key)
-    .execute(&mut *tx)
-    .await
-    .map_err(|e| lock_conflict(e, &run.lock_key))?;
-    apply_projection(&mut *tx, run.id, &run.projection, run.now).await?;
-    Ok(Submitted {
-        run: run_from_row(&row)?,
-        created: true,
-    })
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn submit(&self, run: NewRun) -> Result<Submitted> {
-        let (reply, answer) = oneshot::channel();
-        self.writer
-            .send(WriteJob::Submit(Box::new(run), reply))
-            .await
-            .map_err(|_| StoreError::Config("the writer has stopped".into()))?;
-        let submitted = answer
-            .await
-            .map_err(|_| StoreError::Config("the writer has stopped".into()))??;
+        let submitted = self.write(|reply| WriteJob::Submit(Box::new(run), reply)).await?;
         if submitted.created {
             self.wakeup.wake();
         }
@@ -411,67 +128,35 @@ impl Store for SqliteStore {
         lease_ttl: Duration,
         now: Timestamp,
     ) -> Result<Vec<(RunRow, Lease)>> {
-        let rows = sqlx::query(&format!(
-            "UPDATE runs SET lease_owner = $1, lease_expires_at = $2, fencing_token = fencing_token + 1 \
-             WHERE id IN (SELECT id FROM runs WHERE wake_at IS NOT NULL AND wake_at <= $3 \
-                          AND (lease_expires_at IS NULL OR lease_expires_at < $3) ORDER BY wake_at LIMIT $4) \
-             RETURNING {RUN_COLUMNS}"
-        ))
-        .bind(owner)
-        .bind(now.plus(lease_ttl).0)
-        .bind(now.0)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let run = run_from_row(r)?;
-                let lease = Lease {
-                    owner: owner.to_string(),
-                    token: run.fencing_token,
-                };
-                Ok((run, lease))
-            })
-            .collect()
+        let job = ClaimJob {
+            owner: owner.to_string(),
+            limit,
+            lease_ttl,
+            now,
+        };
+        self.write(|reply| WriteJob::Claim(job, reply)).await
     }
 
     async fn heartbeat(&self, run: RunId, lease: &Lease, expires_at: Timestamp) -> Result<()> {
-        let r = sqlx::query(
-            "UPDATE runs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND fencing_token = $4",
-        )
-        .bind(expires_at.0)
-        .bind(run.to_string())
-        .bind(&lease.owner)
-        .bind(lease.token)
-        .execute(&self.pool)
-        .await?;
-        if r.rows_affected() == 0 {
-            return Err(StoreError::Fenced { run });
-        }
-        Ok(())
+        let job = LeaseJob {
+            run,
+            lease: lease.clone(),
+            expires_at,
+        };
+        self.write(|reply| WriteJob::Heartbeat(job, reply)).await
     }
 
     async fn checkpoint(&self, cp: Checkpoint) -> Result<CheckpointOutcome> {
-        let (reply, answer) = oneshot::channel();
-        self.writer
-            .send(WriteJob::Checkpoint(Box::new(cp), reply))
-            .await
-            .map_err(|_| StoreError::Config("the checkpoint writer has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Config("the checkpoint writer has stopped".into()))?
+        self.write(|reply| WriteJob::Checkpoint(Box::new(cp), reply)).await
     }
 
     async fn release(&self, run: RunId, lease: &Lease) -> Result<()> {
-        sqlx::query(
-            "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL WHERE id = $1 AND lease_owner = $2 AND fencing_token = $3",
-        )
-        .bind(run.to_string())
-        .bind(&lease.owner)
-        .bind(lease.token)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let job = LeaseJob {
+            run,
+            lease: lease.clone(),
+            expires_at: Timestamp(0),
+        };
+        self.write(|reply| WriteJob::Release(job, reply)).await
     }
 
     async fn get_run(&self, run: RunId) -> Result<Option<RunRow>> {

@@ -1,0 +1,294 @@
+//! Group commit, shared by the backends: one writer per process takes every checkpoint (and,
+//! where the backend routes them here, submits, claims and lease updates) that queued up while
+//! the previous batch was committing, and commits them in one transaction, so many runs share
+//! one fsync. Nobody is answered before COMMIT returned. The rows a batch writes are gathered
+//! here ([`BatchRows`], [`CasRow`]) and sent as one JSON parameter per statement, so a batch
+//! costs a fixed number of statements whatever its size.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::domain::{RunId, Timestamp};
+use crate::engine::machine::{Record, RunState};
+use crate::store::projection::Projection;
+use crate::store::{Checkpoint, CheckpointOutcome, Lease, NewRun, Result, RunRow, StoreError, Submitted};
+
+/// Most jobs committed in one transaction.
+pub(crate) const MAX_BATCH: usize = 512;
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// Work for the writer, each answered after its batch commits.
+pub(crate) enum WriteJob {
+    Checkpoint(Box<Checkpoint>, Reply<CheckpointOutcome>),
+    Submit(Box<NewRun>, Reply<Submitted>),
+    Claim(ClaimJob, Reply<Vec<(RunRow, Lease)>>),
+    Heartbeat(LeaseJob, Reply<()>),
+    Release(LeaseJob, Reply<()>),
+}
+
+pub(crate) struct ClaimJob {
+    pub owner: String,
+    pub limit: u32,
+    pub lease_ttl: Duration,
+    pub now: Timestamp,
+}
+
+pub(crate) struct LeaseJob {
+    pub run: RunId,
+    pub lease: Lease,
+    pub expires_at: Timestamp,
+}
+
+pub(crate) enum Outcome {
+    Checkpoint(Result<CheckpointOutcome>),
+    Submit(Box<Result<Submitted>>),
+    Claim(Result<Vec<(RunRow, Lease)>>),
+    Lease(Result<()>),
+}
+
+impl WriteJob {
+    pub(crate) fn run_id(&self) -> Option<RunId> {
+        match self {
+            WriteJob::Checkpoint(cp, _) => Some(cp.run_id),
+            WriteJob::Heartbeat(j, _) | WriteJob::Release(j, _) => Some(j.run),
+            WriteJob::Submit(..) | WriteJob::Claim(..) => None,
+        }
+    }
+
+    pub(crate) fn failed(&self, e: StoreError) -> Outcome {
+        match self {
+            WriteJob::Checkpoint(..) => Outcome::Checkpoint(Err(e)),
+            WriteJob::Submit(..) => Outcome::Submit(Box::new(Err(e))),
+            WriteJob::Claim(..) => Outcome::Claim(Err(e)),
+            WriteJob::Heartbeat(..) | WriteJob::Release(..) => Outcome::Lease(Err(e)),
+        }
+    }
+
+    pub(crate) fn answer(self, outcome: Outcome) {
+        let mismatch = || StoreError::Corrupt("writer answered out of order".into());
+        match (self, outcome) {
+            (WriteJob::Checkpoint(_, r), Outcome::Checkpoint(o)) => drop(r.send(o)),
+            (WriteJob::Submit(_, r), Outcome::Submit(o)) => drop(r.send(*o)),
+            (WriteJob::Claim(_, r), Outcome::Claim(o)) => drop(r.send(o)),
+            (WriteJob::Heartbeat(_, r) | WriteJob::Release(_, r), Outcome::Lease(o)) => drop(r.send(o)),
+            (WriteJob::Checkpoint(_, r), _) => drop(r.send(Err(mismatch()))),
+            (WriteJob::Submit(_, r), _) => drop(r.send(Err(mismatch()))),
+            (WriteJob::Claim(_, r), _) => drop(r.send(Err(mismatch()))),
+            (WriteJob::Heartbeat(_, r) | WriteJob::Release(_, r), _) => drop(r.send(Err(mismatch()))),
+        }
+    }
+}
+
+/// A backend's batch: every job in one transaction, answered in order. `known` holds the
+/// definitions already stored; the committer adds the ones it stored once it committed.
+#[async_trait]
+pub(crate) trait Committer: Send + Sync + 'static {
+    async fn commit(&self, batch: &[&WriteJob], known: &mut HashSet<String>) -> Result<Vec<Outcome>>;
+}
+
+/// The writer loop; ends when every sender is gone.
+pub(crate) async fn group_writer<C: Committer>(db: C, mut jobs: mpsc::Receiver<WriteJob>) {
+    // Definitions known to be stored (only added after their transaction committed).
+    let mut known: HashSet<String> = HashSet::new();
+    // A job for a run already in the batch waits for the next one (one compare-and-set per run).
+    let mut held: Option<WriteJob> = None;
+    loop {
+        let first = match held.take() {
+            Some(j) => j,
+            None => match jobs.recv().await {
+                Some(j) => j,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        let mut runs: HashSet<RunId> = batch.iter().filter_map(WriteJob::run_id).collect();
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    if let Some(id) = job.run_id() {
+                        if !runs.insert(id) {
+                            held = Some(job);
+                            break;
+                        }
+                    }
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let refs: Vec<&WriteJob> = batch.iter().collect();
+        let outcomes = match db.commit(&refs, &mut known).await {
+            Ok(outcomes) => outcomes,
+            Err(e) if refs.len() == 1 => vec![refs[0].failed(e)],
+            Err(e) => {
+                tracing::warn!(error = %e, size = refs.len(), "group commit failed; committing one by one");
+                let mut each = Vec::with_capacity(refs.len());
+                for job in &refs {
+                    each.push(match db.commit(&[*job], &mut known).await {
+                        Ok(mut one) => one
+                            .pop()
+                            .unwrap_or_else(|| job.failed(StoreError::Corrupt("no outcome".into()))),
+                        Err(e) => job.failed(e),
+                    });
+                }
+                each
+            }
+        };
+        for (job, outcome) in batch.into_iter().zip(outcomes) {
+            job.answer(outcome);
+        }
+    }
+}
+
+/// Rows the batch writes with one statement each, after the per-job work.
+#[derive(Default)]
+pub(crate) struct BatchRows<'a> {
+    pub journal: Vec<JournalRow<'a>>,
+    pub projections: Vec<ProjectionRow<'a>>,
+    pub tracking: Vec<TrackingRow<'a>>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct JournalRow<'a> {
+    run: String,
+    seq: i64,
+    kind: &'static str,
+    record: &'a Record,
+    at: i64,
+}
+
+#[derive(Serialize)]
+pub(crate) struct ProjectionRow<'a> {
+    id: String,
+    status: Option<&'a str>,
+    snapshot: Option<&'a str>,
+    vm: Option<&'a str>,
+    error: Option<&'a str>,
+    started: bool,
+    completed: bool,
+    at: String,
+}
+
+#[derive(Serialize)]
+pub(crate) struct TrackingRow<'a> {
+    id: String,
+    parent: String,
+    operation: &'a str,
+    status: &'static str,
+    metadata: &'a Value,
+    error: Option<&'a str>,
+    at: String,
+}
+
+impl<'a> BatchRows<'a> {
+    pub(crate) fn add_journal(&mut self, run: RunId, first_seq: i64, records: &'a [Record], now: Timestamp) {
+        let id = run.to_string();
+        for (i, r) in records.iter().enumerate() {
+            self.journal.push(JournalRow {
+                run: id.clone(),
+                seq: first_seq + i as i64,
+                kind: r.kind(),
+                record: r,
+                at: now.0,
+            });
+        }
+    }
+
+    /// A run's journal rows and its projection (at most one per run and batch).
+    pub(crate) fn add(
+        &mut self,
+        run: RunId,
+        first_seq: i64,
+        records: &'a [Record],
+        projection: &'a Projection,
+        now: Timestamp,
+    ) {
+        self.add_journal(run, first_seq, records, now);
+        let id = run.to_string();
+        let at = now.to_rfc3339();
+        self.projections.push(ProjectionRow {
+            id: id.clone(),
+            status: projection.status.as_deref(),
+            snapshot: projection.snapshot_name.as_deref(),
+            vm: projection.destination_vm_id.as_deref(),
+            error: projection.error_message.as_deref(),
+            started: projection.started,
+            completed: projection.completed,
+            at: at.clone(),
+        });
+        for t in &projection.tracking {
+            // Within one transition the last update of an operation wins, as it would row by row.
+            self.tracking
+                .retain(|o| !(o.parent == id && o.operation == t.operation.as_str()));
+            self.tracking.push(TrackingRow {
+                id: uuid::Uuid::now_v7().to_string(),
+                parent: id.clone(),
+                operation: &t.operation,
+                status: t.status,
+                metadata: &t.metadata,
+                error: t.error_message.as_deref(),
+                at: at.clone(),
+            });
+        }
+    }
+}
+
+pub(crate) fn json<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(format!("encoding a batch: {e}")))
+}
+
+/// One checkpoint's compare-and-set inputs.
+#[derive(Serialize)]
+pub(crate) struct CasRow<'a> {
+    id: String,
+    token: i64,
+    owner: &'a str,
+    seq: i64,
+    expect: &'static str,
+    state: &'a RunState,
+    status: &'static str,
+    display: &'a str,
+    step: Option<&'a str>,
+    context: Option<&'a Value>,
+    n: i64,
+    wake: Option<i64>,
+    wake_on_signal: bool,
+    now: i64,
+    release: bool,
+    started: bool,
+    terminal: bool,
+    signals: i64,
+    cancel: bool,
+}
+
+impl<'a> CasRow<'a> {
+    pub(crate) fn of(cp: &'a Checkpoint) -> CasRow<'a> {
+        CasRow {
+            id: cp.run_id.to_string(),
+            token: cp.lease.token,
+            owner: &cp.lease.owner,
+            seq: cp.expected_seq,
+            expect: cp.expected_status.as_str(),
+            state: &cp.state,
+            status: cp.state.status().as_str(),
+            display: &cp.display_status,
+            step: cp.current_step.as_deref(),
+            context: cp.context.as_ref(),
+            n: cp.records.len() as i64,
+            wake: cp.wake_at.map(|t| t.0),
+            wake_on_signal: cp.wake_on_signal,
+            now: cp.now.0,
+            release: cp.release,
+            started: cp.projection.started,
+            terminal: cp.state.is_terminal(),
+            signals: cp.consumed_signals.len() as i64,
+            cancel: cp.consumed_cancel,
+        }
+    }
+}
