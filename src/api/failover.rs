@@ -387,7 +387,7 @@ impl FailoverService for FailoverApi {
         .await;
         match result {
             Ok(run) => Ok(respond(
-                watch(self.state.engine.store.clone(), run.id, r.after_sequence, c),
+                watch(self.state.engine.clone(), run.id, r.after_sequence, c),
                 &run.correlation_id,
             )),
             Err(e) => Err(e.into_status(&c)),

@@ -75,7 +75,10 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // No Nagle: a watch stream's small messages would otherwise wait for delayed ACKs (~40 ms each).
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+        s.and_then(|s| s.set_nodelay(true).map(|_| s))
+    });
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection_v1)

@@ -15,19 +15,22 @@ use super::error::ApiError;
 use super::pb;
 use super::pb::watch_event::Event;
 use crate::domain::RunId;
-use crate::store::Store;
+use crate::engine::Engine;
 
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
-/// How often an idle watch looks at the journal. The store's wake-up channel is not used: it
-/// hands out one stored permit that a worker must get, and a watcher taking it would delay
-/// the worker (the journal is cheap to poll by primary key).
+/// How often an idle watch looks at the journal when nothing told it to. A run driven by this
+/// process wakes its watchers as each transition commits ([`Engine::watch_run`]); the poll
+/// covers runs driven by other processes. (The store's wake-up channel is not used: it hands
+/// out one stored permit that a worker must get.)
 const POLL: Duration = Duration::from_millis(100);
 const BATCH: u32 = 500;
 
 /// Streams `run`'s journal after `after`, then its terminal event. The run must exist.
-pub fn watch(store: Arc<dyn Store>, run: RunId, after: i64, correlation_id: String) -> WatchStream {
+pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String) -> WatchStream {
     let (tx, rx) = mpsc::channel(64);
+    let store = engine.store.clone();
+    let committed = engine.watch_run(run);
     tokio::spawn(async move {
         let mut last = after;
         loop {
@@ -43,7 +46,15 @@ pub fn watch(store: Arc<dyn Store>, run: RunId, after: i64, correlation_id: Stri
                     }
                     last = e.seq;
                 }
-                if full || !entries.is_empty() {
+                if full {
+                    return Ok(None);
+                }
+                // Entries but no `run_finished` yet: wait for more. Otherwise (nothing new, or the
+                // run just finished) look at the row to send the terminal event at once.
+                let finished = entries
+                    .last()
+                    .is_some_and(|e| matches!(e.record, crate::engine::machine::Record::RunFinished { .. }));
+                if !entries.is_empty() && !finished {
                     return Ok(None);
                 }
                 // The run row and its journal are committed together: once the row is terminal,
@@ -70,6 +81,7 @@ pub fn watch(store: Arc<dyn Store>, run: RunId, after: i64, correlation_id: Stri
                 }
             }
             tokio::select! {
+                _ = committed.notified() => {}
                 _ = tokio::time::sleep(POLL) => {}
                 _ = tx.closed() => return,
             }

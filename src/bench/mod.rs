@@ -6,9 +6,13 @@
 //!   one, waits for its result, submits the next): workflows/s and steps/s;
 //! * **latency**: M workflows one at a time, submit to completion: p50 and p99.
 //!
+//! Both run in-process (the engine's own submit) and end to end through the gRPC API (a client
+//! on a loopback connection calls `SubmitWorkflow`, then `WatchWorkflow` until the terminal
+//! event; the server and the client share this process and its cores).
+//!
 //! Each line also shows the peak RSS, the checkpoints actually stored (journal rows counted in
 //! the database, so durability cannot be faked), and the durability settings the database
-//! reports. The gRPC end-to-end scenarios arrive with the API.
+//! reports.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -18,6 +22,8 @@ use serde_json::json;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::pb;
+use crate::api::pb::workflow_service_client::WorkflowServiceClient;
 use crate::domain::RunId;
 use crate::engine::{worker, Engine, EngineConfig, EngineError, SubmitRequest};
 use crate::store::{self, Store};
@@ -56,6 +62,8 @@ pub enum BenchError {
     Store(#[from] store::StoreError),
     #[error("{0}")]
     Setup(String),
+    #[error("gRPC: {0}")]
+    Grpc(#[from] tonic::Status),
 }
 
 /// One printed line.
@@ -124,6 +132,8 @@ struct Harness {
     engine: Arc<Engine>,
     waiters: Arc<Mutex<Waiters>>,
     stop: CancellationToken,
+    /// Set for the end-to-end scenarios: the API served on a loopback port.
+    api: Option<WorkflowServiceClient<tonic::transport::Channel>>,
 }
 
 impl Harness {
@@ -156,7 +166,74 @@ impl Harness {
         });
         let (e, s) = (engine.clone(), stop.clone());
         tokio::spawn(async move { worker::run_worker(e, s).await });
-        Ok(Harness { engine, waiters, stop })
+        Ok(Harness {
+            engine,
+            waiters,
+            stop,
+            api: None,
+        })
+    }
+
+    /// Serves the API on a loopback port and connects a client to it.
+    async fn serve_api(&mut self) -> Result<(), BenchError> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| BenchError::Setup(format!("binding a loopback port: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| BenchError::Setup(format!("loopback port: {e}")))?;
+        let state = crate::api::ApiState {
+            engine: self.engine.clone(),
+            failover: None,
+        };
+        let stop = self.stop.clone();
+        tokio::spawn(crate::api::serve(
+            listener,
+            state,
+            async move { stop.cancelled().await },
+        ));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| BenchError::Setup(e.to_string()))?
+            .connect()
+            .await
+            .map_err(|e| BenchError::Setup(format!("connecting to the API at {addr}: {e}")))?;
+        self.api = Some(WorkflowServiceClient::new(channel));
+        Ok(())
+    }
+
+    /// Submits one noop-6 through the API and watches it to its end.
+    async fn one_grpc(
+        &self,
+        mut client: WorkflowServiceClient<tonic::transport::Channel>,
+    ) -> Result<Duration, BenchError> {
+        let t = Instant::now();
+        let run = client
+            .submit_workflow(pb::SubmitWorkflowRequest {
+                definition: "noop-6".into(),
+                input_json: String::new(),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner()
+            .run_id;
+        let mut events = client
+            .watch_workflow(pb::WatchWorkflowRequest {
+                run_id: run.clone(),
+                after_sequence: 0,
+            })
+            .await?
+            .into_inner();
+        while let Some(ev) = events.message().await? {
+            if let Some(pb::watch_event::Event::Terminal(end)) = ev.event {
+                if end.status != "completed" {
+                    return Err(BenchError::Setup(format!("run {run} ended {}", end.status)));
+                }
+                return Ok(t.elapsed());
+            }
+        }
+        Err(BenchError::Setup(format!(
+            "the watch of run {run} ended without its terminal event"
+        )))
     }
 
     /// Submits one noop-6 and waits for it to finish; returns the submit-to-completion time.
@@ -202,11 +279,16 @@ async fn scenario(
     args: &BenchArgs,
     clients: usize,
     total: usize,
+    grpc: bool,
 ) -> Result<Figures, BenchError> {
     let before = store.journal_rows().await?;
     let durability = store.durability().await?;
     let backend = store.backend();
-    let h = Arc::new(Harness::start(store.clone(), args.concurrency).await?);
+    let mut h = Harness::start(store.clone(), args.concurrency).await?;
+    if grpc {
+        h.serve_api().await?;
+    }
+    let h = Arc::new(h);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -215,7 +297,10 @@ async fn scenario(
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < total {
-                lat.push(h.one().await?);
+                lat.push(match &h.api {
+                    Some(client) => h.one_grpc(client.clone()).await?,
+                    None => h.one().await?,
+                });
             }
             Ok::<_, BenchError>(lat)
         }));
@@ -292,12 +377,14 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, BenchError> {
     );
     let mut out = Vec::new();
     for b in backends {
-        for (name, clients, total) in [
-            ("throughput in-process", args.in_flight, args.runs),
-            ("latency in-process", 1, args.latency_runs),
+        for (name, clients, total, grpc) in [
+            ("throughput in-process", args.in_flight, args.runs, false),
+            ("latency in-process", 1, args.latency_runs, false),
+            ("throughput gRPC", args.in_flight, args.runs, true),
+            ("latency gRPC", 1, args.latency_runs, true),
         ] {
             let (store, schema) = backend_store(b, args, dir.path()).await?;
-            let f = scenario(name, store, args, clients, total).await?;
+            let f = scenario(name, store, args, clients, total, grpc).await?;
             println!("{f}");
             out.push(f);
             if let Some(s) = schema {

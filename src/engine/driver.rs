@@ -273,6 +273,7 @@ impl Driver {
             // A run went to sleep or finished: let the worker loop recompute its next wake-up.
             self.engine.store.wakeup().wake();
         }
+        self.engine.committed(self.run_id, self.state.is_terminal());
         if self.state.is_terminal() {
             self.engine.announce_finished(self.run_id);
         }

@@ -97,6 +97,8 @@ pub struct Engine {
     finished: tokio::sync::broadcast::Sender<RunId>,
     /// The worker of this process, when one runs: submits start on it at once.
     local: Mutex<Option<LocalWorker>>,
+    /// Watchers of runs, told when this process commits a transition of theirs.
+    watchers: Mutex<HashMap<RunId, std::sync::Weak<tokio::sync::Notify>>>,
 }
 
 /// A worker in this process that takes runs straight from [`Engine::submit`] (see [`store::Start`]).
@@ -131,6 +133,7 @@ impl Engine {
             pinned: Mutex::new(HashMap::new()),
             finished: tokio::sync::broadcast::channel(4096).0,
             local: Mutex::new(None),
+            watchers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -350,6 +353,36 @@ impl Engine {
 
     pub(crate) fn announce_finished(&self, run: RunId) {
         let _ = self.finished.send(run);
+    }
+
+    /// A wake-up for watching `run`: notified (a stored permit, so none is missed) each time this
+    /// process commits a transition of it. Runs driven by other processes are not seen here, so
+    /// a watcher keeps polling as well. Dropping the handle ends the registration.
+    pub fn watch_run(&self, run: RunId) -> Arc<tokio::sync::Notify> {
+        let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = w.get(&run).and_then(std::sync::Weak::upgrade) {
+            return n;
+        }
+        if w.len() >= 1024 {
+            w.retain(|_, n| n.strong_count() > 0);
+        }
+        let n = Arc::new(tokio::sync::Notify::new());
+        w.insert(run, Arc::downgrade(&n));
+        n
+    }
+
+    pub(crate) fn committed(&self, run: RunId, terminal: bool) {
+        let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        if w.is_empty() {
+            return;
+        }
+        let n = match terminal {
+            true => w.remove(&run),
+            false => w.get(&run).cloned(),
+        };
+        if let Some(n) = n.and_then(|n| n.upgrade()) {
+            n.notify_one();
+        }
     }
 
     /// Waits until a run is terminal (polling the store; for tests and the CLI).
