@@ -495,7 +495,60 @@ async fn a_dead_workers_run_moves_to_another_after_its_lease(db: TestDb) {
     heir.stop().await;
 }
 
+/// With a worker in the process and a free slot, a submit commits the run already started
+/// (first step started, leased to that worker) and the worker drives it from there; without a
+/// free slot the run waits, pending, to be claimed.
+async fn a_submit_starts_on_the_local_worker_when_it_has_a_slot(db: TestDb) {
+    let mut cfg = config("local");
+    cfg.concurrency = 1;
+    let w = start_with(db.open().await, &[], cfg).await;
+    let slow = json!({"hold": "1ms", "test": {"sleep_ms": {"snapshot": 800}}});
+    let first = w
+        .engine
+        .submit(SubmitRequest {
+            definition: "crash-saga".into(),
+            input: slow,
+            request_id: None,
+            correlation_id: None,
+        })
+        .await
+        .unwrap()
+        .run;
+    assert_eq!(first.status, RunStatus::Running, "started in the submit's own commit");
+    assert_eq!(first.lease_owner.as_deref(), Some("local"));
+    assert_eq!(first.last_seq, 2);
+    let second = w
+        .engine
+        .submit(SubmitRequest {
+            definition: "crash-saga".into(),
+            input: json!({"hold": "1ms"}),
+            request_id: None,
+            correlation_id: None,
+        })
+        .await
+        .unwrap()
+        .run;
+    assert_eq!(second.status, RunStatus::Pending, "no free slot: claimed later");
+    for run in [first.id, second.id] {
+        assert_eq!(finish(&w.engine, run).await.status, RunStatus::Completed);
+        let j = journal(&w.engine, run).await;
+        let starts: Vec<(String, u32)> = j
+            .iter()
+            .filter_map(|e| match &e.record {
+                Record::StepStarted { step, attempt, .. } => Some((step.clone(), *attempt)),
+                _ => None,
+            })
+            .collect();
+        assert!(starts.iter().all(|(_, a)| *a == 1), "one attempt per step: {starts:?}");
+        let steps: std::collections::HashSet<&str> = starts.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(steps.len(), starts.len(), "no step started twice: {starts:?}");
+        assert!(ledger(&w.engine, run).await.values().all(|n| *n == 1));
+    }
+    w.stop().await;
+}
+
 on_both_backends!(
+    a_submit_starts_on_the_local_worker_when_it_has_a_slot,
     happy_path_with_hold_timer,
     retries_sleep_in_the_database_then_succeed,
     permanent_failure_rolls_back_in_reverse,
