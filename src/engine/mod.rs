@@ -303,6 +303,11 @@ impl Engine {
         Some((start, action, slot, worker))
     }
 
+    /// Whether a worker of this process is running and takes submits directly.
+    pub fn has_local_worker(&self) -> bool {
+        self.local.lock().map(|l| l.is_some()).unwrap_or(false)
+    }
+
     /// Registers (or, with None, removes) the worker of this process.
     pub(crate) fn set_local_worker(&self, worker: Option<LocalWorker>) {
         if let Ok(mut l) = self.local.lock() {

@@ -156,34 +156,34 @@ pub(crate) struct BatchRows<'a> {
 
 #[derive(Serialize)]
 pub(crate) struct JournalRow<'a> {
-    run: String,
-    seq: i64,
-    kind: &'static str,
-    record: &'a Record,
-    at: i64,
+    pub run: String,
+    pub seq: i64,
+    pub kind: &'static str,
+    pub record: &'a Record,
+    pub at: i64,
 }
 
 #[derive(Serialize)]
 pub(crate) struct ProjectionRow<'a> {
-    id: String,
-    status: Option<&'a str>,
-    snapshot: Option<&'a str>,
-    vm: Option<&'a str>,
-    error: Option<&'a str>,
-    started: bool,
-    completed: bool,
-    at: String,
+    pub id: String,
+    pub status: Option<&'a str>,
+    pub snapshot: Option<&'a str>,
+    pub vm: Option<&'a str>,
+    pub error: Option<&'a str>,
+    pub started: bool,
+    pub completed: bool,
+    pub at: String,
 }
 
 #[derive(Serialize)]
 pub(crate) struct TrackingRow<'a> {
-    id: String,
-    parent: String,
-    operation: &'a str,
-    status: &'static str,
-    metadata: &'a Value,
-    error: Option<&'a str>,
-    at: String,
+    pub id: String,
+    pub parent: String,
+    pub operation: &'a str,
+    pub status: &'static str,
+    pub metadata: &'a Value,
+    pub error: Option<&'a str>,
+    pub at: String,
 }
 
 impl<'a> BatchRows<'a> {
@@ -246,25 +246,25 @@ pub(crate) fn json<T: Serialize>(v: &T) -> Result<String> {
 /// One checkpoint's compare-and-set inputs.
 #[derive(Serialize)]
 pub(crate) struct CasRow<'a> {
-    id: String,
-    token: i64,
-    owner: &'a str,
-    seq: i64,
-    expect: &'static str,
-    state: &'a RunState,
-    status: &'static str,
-    display: &'a str,
-    step: Option<&'a str>,
-    context: Option<&'a Value>,
-    n: i64,
-    wake: Option<i64>,
-    wake_on_signal: bool,
-    now: i64,
-    release: bool,
-    started: bool,
-    terminal: bool,
-    signals: i64,
-    cancel: bool,
+    pub id: String,
+    pub token: i64,
+    pub owner: &'a str,
+    pub seq: i64,
+    pub expect: &'static str,
+    pub state: &'a RunState,
+    pub status: &'static str,
+    pub display: &'a str,
+    pub step: Option<&'a str>,
+    pub context: Option<&'a Value>,
+    pub n: i64,
+    pub wake: Option<i64>,
+    pub wake_on_signal: bool,
+    pub now: i64,
+    pub release: bool,
+    pub started: bool,
+    pub terminal: bool,
+    pub signals: i64,
+    pub cancel: bool,
 }
 
 impl<'a> CasRow<'a> {

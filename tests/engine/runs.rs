@@ -502,6 +502,12 @@ async fn a_submit_starts_on_the_local_worker_when_it_has_a_slot(db: TestDb) {
     let mut cfg = config("local");
     cfg.concurrency = 1;
     let w = start_with(db.open().await, &[], cfg).await;
+    for _ in 0..500 {
+        if w.engine.has_local_worker() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let slow = json!({"hold": "1ms", "test": {"sleep_ms": {"snapshot": 800}}});
     let first = w
         .engine

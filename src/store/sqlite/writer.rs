@@ -2,11 +2,12 @@
 //! writer at a time, every write of the hot path goes through the one writer: checkpoints,
 //! submits, claims, heartbeats and releases, so no write ever waits on the busy timeout.
 //!
-//! A batch: one compare-and-set over all its checkpoints (`UPDATE ... FROM json_each`; a
-//! checkpoint it did not match was fenced and writes nothing), the submits one by one (a locked
-//! one under a savepoint, so a VM_BUSY failure is undone alone), then one insert of every
-//! journal row, one update of every projection, and the claims last, so a run submitted in the
-//! batch can be claimed in it.
+//! A batch: one compare-and-set over all its checkpoints (`WITH v AS (VALUES ...) UPDATE runs
+//! ... FROM v`; a checkpoint it did not match was fenced and writes nothing), the submits one by
+//! one (a locked one under a savepoint, so a VM_BUSY failure is undone alone), then one insert
+//! of every journal row, one update of every projection, and the claims last, so a run
+//! submitted in the batch can be claimed in it. Multi-row statements come in a few fixed row
+//! counts ([`CHUNKS`]).
 
 use std::collections::{HashMap, HashSet};
 
@@ -16,48 +17,95 @@ use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use super::{lock_conflict, run_from_row, RUN_COLUMNS};
 use crate::engine::machine::RunState;
-use crate::store::group::{json, BatchRows, CasRow, ClaimJob, Committer, Outcome, WriteJob};
+use crate::store::group::{BatchRows, CasRow, ClaimJob, Committer, Outcome, WriteJob};
 use crate::store::{Checkpoint, CheckpointOutcome, Lease, NewRun, Result, RunRow, StoreError, Submitted};
 
-/// The batch's journal rows, projections and tracking rows: one statement each.
-async fn write_rows(tx: &mut SqliteConnection, rows: &BatchRows<'_>) -> Result<()> {
-    if !rows.journal.is_empty() {
-        sqlx::query(
-            "INSERT INTO journal (run_id, seq, kind, record, at) \
-             SELECT value->>'run', value->>'seq', value->>'kind', value->>'record', value->>'at' FROM json_each($1)",
-        )
-        .bind(json(&rows.journal)?)
-        .execute(&mut *tx)
-        .await?;
+/// Row counts a multi-row statement is prepared for: a batch is cut into chunks of these sizes,
+/// so only a handful of distinct statements are ever prepared (and cached by sqlx). Values are
+/// bound as parameters: parsing a JSON document per row cost more than the statements.
+const CHUNKS: [usize; 4] = [64, 16, 4, 1];
+
+fn chunked<T>(rows: &[T]) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let k = CHUNKS.iter().copied().find(|&k| k <= rest.len()).unwrap_or(1);
+        let (chunk, more) = rest.split_at(k);
+        out.push(chunk);
+        rest = more;
     }
-    if !rows.projections.is_empty() {
-        sqlx::query(
-            "UPDATE failover_jobs SET status = COALESCE(v.status, failover_jobs.status), \
+    out
+}
+
+/// `(?, ?, ?), (?, ?, ?)`: `rows` rows of `cols` placeholders.
+fn placeholders(cols: usize, rows: usize) -> String {
+    let row = format!("({})", vec!["?"; cols].join(", "));
+    vec![row; rows].join(", ")
+}
+
+fn text<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(format!("encoding: {e}")))
+}
+
+/// The batch's journal rows, projections and tracking rows: one statement per chunk.
+async fn write_rows(tx: &mut SqliteConnection, rows: &BatchRows<'_>) -> Result<()> {
+    for chunk in chunked(&rows.journal) {
+        let sql = format!(
+            "INSERT INTO journal (run_id, seq, kind, record, at) VALUES {}",
+            placeholders(5, chunk.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for r in chunk {
+            q = q.bind(&r.run).bind(r.seq).bind(r.kind).bind(text(r.record)?).bind(r.at);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    for chunk in chunked(&rows.projections) {
+        let sql = format!(
+            "WITH v(id, status, snapshot, vm, error, started, completed, at) AS (VALUES {}) \
+             UPDATE failover_jobs SET status = COALESCE(v.status, failover_jobs.status), \
              linstor_snapshot_name = COALESCE(v.snapshot, failover_jobs.linstor_snapshot_name), \
              destination_vm_id = COALESCE(v.vm, failover_jobs.destination_vm_id), \
              error_message = COALESCE(v.error, failover_jobs.error_message), \
              started_at = CASE WHEN v.started AND failover_jobs.started_at IS NULL THEN v.at ELSE failover_jobs.started_at END, \
              completed_at = CASE WHEN v.completed THEN v.at ELSE failover_jobs.completed_at END, updated_at = v.at \
-             FROM (SELECT value->>'id' AS id, value->>'status' AS status, value->>'snapshot' AS snapshot, \
-                   value->>'vm' AS vm, value->>'error' AS error, value->>'started' AS started, \
-                   value->>'completed' AS completed, value->>'at' AS at FROM json_each($1)) AS v \
-             WHERE failover_jobs.job_id = v.id",
-        )
-        .bind(json(&rows.projections)?)
-        .execute(&mut *tx)
-        .await?;
+             FROM v WHERE failover_jobs.job_id = v.id",
+            placeholders(8, chunk.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for p in chunk {
+            q = q
+                .bind(&p.id)
+                .bind(p.status)
+                .bind(p.snapshot)
+                .bind(p.vm)
+                .bind(p.error)
+                .bind(p.started)
+                .bind(p.completed)
+                .bind(&p.at);
+        }
+        q.execute(&mut *tx).await?;
     }
-    if !rows.tracking.is_empty() {
-        sqlx::query(
+    for chunk in chunked(&rows.tracking) {
+        let sql = format!(
             "INSERT INTO job_tracking (id, parent_job_id, operation, status, metadata, error_message, created_at, updated_at) \
-             SELECT value->>'id', value->>'parent', value->>'operation', value->>'status', value->>'metadata', \
-                    value->>'error', value->>'at', value->>'at' FROM json_each($1) WHERE true \
-             ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, metadata = excluded.metadata, \
-             error_message = excluded.error_message, updated_at = excluded.updated_at",
-        )
-        .bind(json(&rows.tracking)?)
-        .execute(&mut *tx)
-        .await?;
+             VALUES {} ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, \
+             metadata = excluded.metadata, error_message = excluded.error_message, updated_at = excluded.updated_at",
+            placeholders(8, chunk.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for t in chunk {
+            q = q
+                .bind(&t.id)
+                .bind(&t.parent)
+                .bind(t.operation)
+                .bind(t.status)
+                .bind(text(t.metadata)?)
+                .bind(t.error)
+                .bind(&t.at)
+                .bind(&t.at);
+        }
+        q.execute(&mut *tx).await?;
     }
     Ok(())
 }
@@ -65,45 +113,63 @@ async fn write_rows(tx: &mut SqliteConnection, rows: &BatchRows<'_>) -> Result<(
 /// The compare-and-set of every checkpoint at once. Returns the outcome of each run it matched;
 /// a run it did not match was fenced and nothing of it was written.
 async fn compare_and_set(tx: &mut SqliteConnection, cps: &[&Checkpoint]) -> Result<HashMap<String, CheckpointOutcome>> {
-    let rows: Vec<CasRow> = cps.iter().map(|cp| CasRow::of(cp)).collect();
-    let out = sqlx::query(
-        "UPDATE runs SET state = v.state, status = v.status, display_status = v.display, current_step = v.step, \
-             context = COALESCE(v.context, runs.context), last_seq = runs.last_seq + v.n, \
-             wake_at = CASE WHEN (NOT v.terminal AND runs.cancel_pending AND NOT v.cancel) \
-                              OR (v.wake_on_signal AND runs.signals_pending - v.signals > 0) THEN v.now \
-                            ELSE v.wake END, \
-             lease_owner = CASE WHEN v.release THEN NULL ELSE runs.lease_owner END, \
-             lease_expires_at = CASE WHEN v.release THEN NULL ELSE runs.lease_expires_at END, \
-             signals_pending = runs.signals_pending - v.signals, \
-             cancel_pending = CASE WHEN v.cancel THEN 0 ELSE runs.cancel_pending END, \
-             updated_at = v.now, started_at = COALESCE(runs.started_at, CASE WHEN v.started THEN v.now END), \
-             completed_at = CASE WHEN v.terminal THEN v.now ELSE runs.completed_at END \
-         FROM (SELECT value->>'id' AS id, value->>'token' AS token, value->>'owner' AS owner, value->>'seq' AS seq, \
-                      value->>'expect' AS expect, value->>'state' AS state, value->>'status' AS status, \
-                      value->>'display' AS display, value->>'step' AS step, value->>'context' AS context, \
-                      value->>'n' AS n, value->>'wake' AS wake, value->>'wake_on_signal' AS wake_on_signal, \
-                      value->>'now' AS now, value->>'release' AS release, value->>'started' AS started, \
-                      value->>'terminal' AS terminal, value->>'signals' AS signals, value->>'cancel' AS cancel \
-               FROM json_each($1)) AS v \
-         WHERE runs.id = v.id AND runs.fencing_token = v.token AND runs.lease_owner = v.owner \
-           AND runs.last_seq = v.seq AND runs.status = v.expect \
-         RETURNING runs.id, runs.last_seq, runs.signals_pending, runs.cancel_pending",
-    )
-    .bind(json(&rows)?)
-    .fetch_all(&mut *tx)
-    .await?;
-    out.iter()
-        .map(|r| {
-            Ok((
-                r.try_get::<String, _>("id")?,
+    let mut matched = HashMap::with_capacity(cps.len());
+    for chunk in chunked(cps) {
+        let sql = format!(
+            "WITH v(id, token, owner, seq, expect, state, status, display, step, context, n, wake, wake_on_signal, \
+                    now, release, started, terminal, signals, cancel) AS (VALUES {}) \
+             UPDATE runs SET state = v.state, status = v.status, display_status = v.display, current_step = v.step, \
+                 context = COALESCE(v.context, runs.context), last_seq = runs.last_seq + v.n, \
+                 wake_at = CASE WHEN (NOT v.terminal AND runs.cancel_pending AND NOT v.cancel) \
+                                  OR (v.wake_on_signal AND runs.signals_pending - v.signals > 0) THEN v.now \
+                                ELSE v.wake END, \
+                 lease_owner = CASE WHEN v.release THEN NULL ELSE runs.lease_owner END, \
+                 lease_expires_at = CASE WHEN v.release THEN NULL ELSE runs.lease_expires_at END, \
+                 signals_pending = runs.signals_pending - v.signals, \
+                 cancel_pending = CASE WHEN v.cancel THEN 0 ELSE runs.cancel_pending END, \
+                 updated_at = v.now, started_at = COALESCE(runs.started_at, CASE WHEN v.started THEN v.now END), \
+                 completed_at = CASE WHEN v.terminal THEN v.now ELSE runs.completed_at END \
+             FROM v WHERE runs.id = v.id AND runs.fencing_token = v.token AND runs.lease_owner = v.owner \
+               AND runs.last_seq = v.seq AND runs.status = v.expect \
+             RETURNING runs.id, runs.last_seq, runs.signals_pending, runs.cancel_pending",
+            placeholders(19, chunk.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for cp in chunk {
+            let r = CasRow::of(cp);
+            q = q
+                .bind(r.id)
+                .bind(r.token)
+                .bind(r.owner)
+                .bind(r.seq)
+                .bind(r.expect)
+                .bind(text(r.state)?)
+                .bind(r.status)
+                .bind(r.display)
+                .bind(r.step)
+                .bind(r.context.map(text).transpose()?)
+                .bind(r.n)
+                .bind(r.wake)
+                .bind(r.wake_on_signal)
+                .bind(r.now)
+                .bind(r.release)
+                .bind(r.started)
+                .bind(r.terminal)
+                .bind(r.signals)
+                .bind(r.cancel);
+        }
+        for row in q.fetch_all(&mut *tx).await? {
+            matched.insert(
+                row.try_get::<String, _>("id")?,
                 CheckpointOutcome {
-                    last_seq: r.try_get("last_seq")?,
-                    signals_pending: r.try_get("signals_pending")?,
-                    cancel_pending: r.try_get::<i64, _>("cancel_pending")? != 0,
+                    last_seq: row.try_get("last_seq")?,
+                    signals_pending: row.try_get("signals_pending")?,
+                    cancel_pending: row.try_get::<i64, _>("cancel_pending")? != 0,
                 },
-            ))
-        })
-        .collect()
+            );
+        }
+    }
+    Ok(matched)
 }
 
 /// The SQLite side of group commit: everything, claims and leases included, goes through it.
