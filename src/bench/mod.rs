@@ -52,6 +52,12 @@ pub struct BenchArgs {
     /// Runs the worker drives at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// Runs in flight when the recovery scenario SIGKILLs a worker process (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    pub recovery_runs: usize,
+    /// Lease TTL in the recovery scenario: a killed worker's runs move after it.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub recovery_lease_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -328,6 +334,105 @@ async fn scenario(
     })
 }
 
+/// Recovery: a `tern worker` child process drives `n` runs, each inside a long step, and is
+/// SIGKILLed; a new worker starts at once. Measures the time from the kill until every run is
+/// moving again (its interrupted step started anew as attempt 2). Target: lease TTL + 1 s.
+async fn recovery(url: &str, store: Arc<dyn Store>, args: &BenchArgs) -> Result<String, BenchError> {
+    let n = args.recovery_runs;
+    let ttl = args.recovery_lease_ttl;
+    let exe = std::env::current_exe().map_err(|e| BenchError::Setup(format!("own executable: {e}")))?;
+    let mut child = std::process::Command::new(exe)
+        .args(["worker", "--database", url, "--concurrency", &n.to_string()])
+        .args([
+            "--lease-ttl",
+            &format!("{}ms", ttl.as_millis()),
+            "--poll-interval",
+            "100ms",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| BenchError::Setup(format!("starting a worker process: {e}")))?;
+    let engine = Engine::with_defaults(store.clone(), None, EngineConfig::default())?;
+    // Each run sleeps ten minutes in `snapshot`: it is in flight when the worker dies.
+    let input = json!({"hold": "1ms", "test": {"sleep_ms": {"snapshot": 600_000}}});
+    let mut runs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let req = SubmitRequest {
+            definition: "crash-saga".into(),
+            input: input.clone(),
+            request_id: None,
+            correlation_id: None,
+        };
+        runs.push(engine.submit(req).await?.run.id);
+    }
+    let in_step = |attempt: u32| {
+        let store = store.clone();
+        async move {
+            let rows = store
+                .list_runs(&store::RunFilter {
+                    limit: n as u32,
+                    ..Default::default()
+                })
+                .await?;
+            Ok::<_, BenchError>(
+                rows.iter()
+                    .filter(|r| {
+                        r.current_step.as_deref() == Some("snapshot")
+                            && matches!(r.state, crate::engine::machine::RunState::Running { attempt: a, .. } if a >= attempt)
+                    })
+                    .count(),
+            )
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while in_step(1).await? < n {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(BenchError::Setup(
+                "the worker process did not start every run within 120 s".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child
+        .kill()
+        .map_err(|e| BenchError::Setup(format!("SIGKILL of the worker process: {e}")))?;
+    let _ = child.wait();
+    let killed = Instant::now();
+    let config = EngineConfig {
+        worker_id: format!("bench-heir-{}", std::process::id()),
+        concurrency: n.max(1),
+        lease_ttl: ttl,
+        poll_interval: Duration::from_millis(100),
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let heir = Engine::with_defaults(store.clone(), None, config)?;
+    let stop = CancellationToken::new();
+    let (e, st) = (heir.clone(), stop.clone());
+    let heir_task = tokio::spawn(async move { worker::run_worker(e, st).await });
+    let deadline = killed + ttl + Duration::from_secs(60);
+    let mut moving = 0;
+    while moving < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        moving = in_step(2).await?;
+    }
+    let took = killed.elapsed();
+    // Stop the heir: the runs' steps are cut off after the shutdown grace and handed back.
+    stop.cancel();
+    let _ = heir_task.await;
+    Ok(format!(
+        "{:<22} {:<8} {n:>6} runs in flight, worker SIGKILLed: {moving} moving again after {:.2} s (lease TTL {:.1} s; target <= TTL + 1 s: {})",
+        "recovery",
+        store.backend(),
+        took.as_secs_f64(),
+        ttl.as_secs_f64(),
+        if moving == n && took <= ttl + Duration::from_secs(1) { "met" } else { "NOT met" }
+    ))
+}
+
 async fn backend_store(
     backend: &str,
     args: &BenchArgs,
@@ -387,6 +492,25 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, BenchError> {
             let f = scenario(name, store, args, clients, total, grpc).await?;
             println!("{f}");
             out.push(f);
+            if let Some(s) = schema {
+                drop_schema(args, &s).await;
+            }
+        }
+        if args.recovery_runs > 0 {
+            let (store, schema, url) = match b {
+                "sqlite" => {
+                    let url = format!("sqlite://{}", dir.path().join("recovery.db").display());
+                    (store::open(&url).await?, None, url)
+                }
+                _ => {
+                    let (store, schema) = backend_store(b, args, dir.path()).await?;
+                    let schema = schema.unwrap_or_default();
+                    let sep = if args.postgres_url.contains('?') { '&' } else { '?' };
+                    let url = format!("{}{sep}tern_schema={schema}", args.postgres_url);
+                    (store, Some(schema), url)
+                }
+            };
+            println!("{}", recovery(&url, store, args).await?);
             if let Some(s) = schema {
                 drop_schema(args, &s).await;
             }

@@ -1,0 +1,74 @@
+//! `tern bench` runs end to end on small numbers: every scenario prints its line, and the
+//! checkpoints it counts in the database are exactly the workload's (14 journal rows per
+//! workflow). Figures are printed, never asserted on: the machines here are shared and noisy.
+
+mod common;
+
+use std::process::Command;
+
+fn bench(backend: &str, pg: Option<&str>) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern"));
+    cmd.args([
+        "bench",
+        "--backend",
+        backend,
+        "--runs",
+        "20",
+        "--in-flight",
+        "5",
+        "--latency-runs",
+        "3",
+    ])
+    .args(["--recovery-runs", "5", "--recovery-lease-ttl", "1s"])
+    .env("RUST_LOG", "error");
+    if let Some(url) = pg {
+        cmd.args(["--postgres-url", url]);
+    }
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "bench failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn check(out: &str, backend: &str) {
+    for (scenario, workflows) in [
+        ("throughput in-process", 20),
+        ("latency in-process", 3),
+        ("throughput gRPC", 20),
+        ("latency gRPC", 3),
+    ] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(scenario) && l.contains(backend))
+            .unwrap_or_else(|| panic!("no {scenario} line for {backend} in:\n{out}"));
+        assert!(
+            line.contains(&format!("checkpoints {:>7}", workflows * 14)),
+            "every step's started and succeeded stored: {line}"
+        );
+        assert!(line.contains("wf/s") && line.contains("p99"), "{line}");
+    }
+    let recovery = out
+        .lines()
+        .find(|l| l.starts_with("recovery") && l.contains(backend))
+        .unwrap_or_else(|| panic!("no recovery line in:\n{out}"));
+    assert!(recovery.contains("SIGKILLed: 5 moving again"), "{recovery}");
+}
+
+#[test]
+fn bench_runs_every_scenario_on_sqlite() {
+    check(&bench("sqlite", None), "sqlite");
+}
+
+#[test]
+fn bench_runs_every_scenario_on_postgres() {
+    // Outside CI without PostgreSQL this is skipped; in CI pg_url() panics instead.
+    let Some(url) = common::pg_url() else {
+        eprintln!("skipped: TERN_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    check(&bench("postgres", Some(&url)), "postgres");
+}
