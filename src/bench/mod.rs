@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::pb;
+use crate::api::pb::failover_service_client::FailoverServiceClient;
 use crate::api::pb::workflow_service_client::WorkflowServiceClient;
 use crate::domain::RunId;
 use crate::engine::{worker, Engine, EngineConfig, EngineError, SubmitRequest};
@@ -58,6 +59,17 @@ pub struct BenchArgs {
     /// Lease TTL in the recovery scenario: a killed worker's runs move after it.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub recovery_lease_ttl: Duration,
+    /// Runs held at once on their timers in the held scenario (0 skips it; the target is
+    /// measured with 100000).
+    #[arg(long, default_value_t = 0)]
+    pub held_runs: usize,
+    /// Failover jobs seeded for the ListFailovers scenario (0 skips it; the target is measured
+    /// with 1000000).
+    #[arg(long, default_value_t = 0)]
+    pub list_runs: usize,
+    /// How long each held run waits on its timer: long enough that all are held at once.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    pub held_for: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +152,7 @@ struct Harness {
     stop: CancellationToken,
     /// Set for the end-to-end scenarios: the API served on a loopback port.
     api: Option<WorkflowServiceClient<tonic::transport::Channel>>,
+    channel: Option<tonic::transport::Channel>,
 }
 
 impl Harness {
@@ -177,6 +190,7 @@ impl Harness {
             waiters,
             stop,
             api: None,
+            channel: None,
         })
     }
 
@@ -203,7 +217,8 @@ impl Harness {
             .connect()
             .await
             .map_err(|e| BenchError::Setup(format!("connecting to the API at {addr}: {e}")))?;
-        self.api = Some(WorkflowServiceClient::new(channel));
+        self.api = Some(WorkflowServiceClient::new(channel.clone()));
+        self.channel = Some(channel);
         Ok(())
     }
 
@@ -334,6 +349,119 @@ async fn scenario(
     })
 }
 
+/// Resident set size of this process now (VmRSS), in MB.
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Held runs: `n` test-failover-shaped runs (`noop-hold`) brought up and left waiting on their
+/// hold timers, all at once. Measures the server memory each costs while held (RSS growth over
+/// the idle engine) and, once every timer fired and the runs finished, how late each timer
+/// fired (the commit of `timer_fired` against the time `timer_set` asked for).
+async fn held(store: Arc<dyn Store>, args: &BenchArgs) -> Result<String, BenchError> {
+    let n = args.held_runs;
+    let h = Arc::new(Harness::start(store.clone(), args.concurrency).await?);
+    let count = |status: crate::engine::machine::RunStatus| {
+        let store = store.clone();
+        async move {
+            Ok::<_, BenchError>(
+                store
+                    .count_by_status()
+                    .await?
+                    .into_iter()
+                    .find(|(s, _)| *s == status)
+                    .map_or(0, |(_, c)| c as usize),
+            )
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let base = rss_mb();
+    let hold = format!("{}ms", args.held_for.as_millis());
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.in_flight.max(1) {
+        let (h, next, hold) = (h.clone(), next.clone(), hold.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n {
+                let req = SubmitRequest {
+                    definition: "noop-hold".into(),
+                    input: json!({ "hold": hold }),
+                    request_id: None,
+                    correlation_id: None,
+                };
+                ids.push(h.engine.submit(req).await?.run.id);
+            }
+            Ok::<_, BenchError>(ids)
+        }));
+    }
+    let mut runs = Vec::with_capacity(n);
+    for t in tasks {
+        runs.extend(t.await.map_err(|e| BenchError::Setup(e.to_string()))??);
+    }
+    use crate::engine::machine::RunStatus;
+    while count(RunStatus::Holding).await? < n {
+        if started.elapsed() >= args.held_for {
+            return Err(BenchError::Setup(format!(
+                "not all {n} runs were held before the first timers fired: raise --held-for"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let brought_up = started.elapsed();
+    let held_rss = rss_mb();
+    let per_run = (held_rss - base).max(0.0) * 1024.0 * 1024.0 / n as f64;
+    // Wait for every timer, then every teardown.
+    while count(RunStatus::Completed).await? < n {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    h.stop.cancel();
+    let mut late: Vec<i64> = Vec::with_capacity(n);
+    for id in runs {
+        let j = store.journal(id, 0, 100).await?;
+        let due = j.iter().find_map(|e| match e.record {
+            crate::engine::machine::Record::TimerSet { at } => Some(at.0),
+            _ => None,
+        });
+        let fired = j
+            .iter()
+            .find(|e| matches!(e.record, crate::engine::machine::Record::TimerFired { .. }))
+            .map(|e| e.at.0);
+        if let (Some(due), Some(fired)) = (due, fired) {
+            late.push(fired - due);
+        }
+    }
+    late.sort_unstable();
+    let pct = |p: f64| {
+        late.get(((late.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    Ok(format!(
+        "{:<22} {:<8} {n:>6} runs held at once (brought up in {:.1} s): {:.0} bytes each (RSS {:.1} -> {:.1} MB; target < 2048); \
+         timers late p50 {} ms, p99 {} ms, max {} ms over {} timers (target <= 1000 ms)",
+        "held",
+        store.backend(),
+        brought_up.as_secs_f64(),
+        per_run,
+        base,
+        held_rss,
+        pct(0.5),
+        pct(0.99),
+        late.last().copied().unwrap_or(0),
+        late.len()
+    ))
+}
+
 /// Recovery: a `tern worker` child process drives `n` runs, each inside a long step, and is
 /// SIGKILLed; a new worker starts at once. Measures the time from the kill until every run is
 /// moving again (its interrupted step started anew as attempt 2). Target: lease TTL + 1 s.
@@ -433,11 +561,167 @@ async fn recovery(url: &str, store: Arc<dyn Store>, args: &BenchArgs) -> Result<
     ))
 }
 
+/// Seeds `n` finished failover jobs (and their runs, pinned to the real failover definitions)
+/// straight into the database: half test, half live; 1% testing, 10% failed, the rest
+/// completed; spread over 1,000 VMs. Ids sort like UUIDv7 by creation (x in the leading digits).
+async fn seed_jobs(
+    backend: &str,
+    url: &str,
+    args: &BenchArgs,
+    schema: Option<&str>,
+    catalog: &crate::workflow::Catalog,
+    n: usize,
+) -> Result<(), BenchError> {
+    let n = n as i64;
+    let def = |name: &str| {
+        catalog
+            .get(name)
+            .ok_or_else(|| BenchError::Setup(format!("no embedded definition {name}")))
+    };
+    let (test, live) = (def(crate::api::TEST_FAILOVER)?, def(crate::api::LIVE_FAILOVER)?);
+    let defs_sql = "INSERT INTO definitions (hash, name, source, created_at) VALUES ($1, $2, $3, 0), ($4, $5, $6, 0) \
+                    ON CONFLICT (hash) DO NOTHING";
+    let (runs_sql, jobs_sql) = match backend {
+        "sqlite" => (
+            "WITH RECURSIVE c(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM c WHERE x < $1 - 1) \
+             INSERT INTO runs (id, definition, definition_hash, correlation_id, status, display_status, state, input, \
+             context, last_seq, created_at, updated_at, completed_at) \
+             SELECT printf('%08x-0000-7000-8000-%012x', x, x), CASE x % 2 WHEN 0 THEN $2 ELSE $4 END, \
+             CASE x % 2 WHEN 0 THEN $3 ELSE $5 END, 'seeded', 'completed', 'completed', '{\"state\":\"completed\"}', \
+             '{}', '{}', 1, x, x, x FROM c",
+            "INSERT INTO failover_jobs (job_id, vm_id, vm_name, job_type, status, correlation_id, created_at, \
+             updated_at, completed_at) SELECT id, 'vm-' || (created_at % 1000), 'pgtest' || (created_at % 1000), \
+             CASE created_at % 2 WHEN 0 THEN 'test' ELSE 'live' END, \
+             CASE WHEN created_at % 100 = 0 THEN 'testing' WHEN created_at % 10 = 1 THEN 'failed' ELSE 'completed' END, \
+             'seeded', '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z' \
+             FROM runs WHERE correlation_id = 'seeded'",
+        ),
+        _ => (
+            "INSERT INTO runs (id, definition, definition_hash, correlation_id, status, display_status, state, input, \
+             context, last_seq, created_at, updated_at, completed_at) \
+             SELECT (lpad(to_hex(x), 8, '0') || '-0000-7000-8000-' || lpad(to_hex(x), 12, '0'))::uuid, \
+             CASE x % 2 WHEN 0 THEN $2 ELSE $4 END, CASE x % 2 WHEN 0 THEN $3 ELSE $5 END, 'seeded', 'completed', \
+             'completed', '{\"state\":\"completed\"}'::jsonb, '{}'::jsonb, '{}'::jsonb, 1, x, x, x \
+             FROM generate_series(0, $1 - 1) AS x",
+            "INSERT INTO failover_jobs (job_id, vm_id, vm_name, job_type, status, correlation_id, created_at, \
+             updated_at, completed_at) SELECT id::text, 'vm-' || (created_at % 1000), 'pgtest' || (created_at % 1000), \
+             CASE created_at % 2 WHEN 0 THEN 'test' ELSE 'live' END, \
+             CASE WHEN created_at % 100 = 0 THEN 'testing' WHEN created_at % 10 = 1 THEN 'failed' ELSE 'completed' END, \
+             'seeded', now(), now(), now() FROM runs WHERE correlation_id = 'seeded'",
+        ),
+    };
+    macro_rules! seed {
+        ($pool:expr) => {{
+            let pool = $pool;
+            sqlx::query(defs_sql)
+                .bind(&test.hash)
+                .bind(&test.name)
+                .bind(&test.source)
+                .bind(&live.hash)
+                .bind(&live.name)
+                .bind(&live.source)
+                .execute(&pool)
+                .await
+                .map_err(store::StoreError::from)?;
+            sqlx::query(runs_sql)
+                .bind(n)
+                .bind(&test.name)
+                .bind(&test.hash)
+                .bind(&live.name)
+                .bind(&live.hash)
+                .execute(&pool)
+                .await
+                .map_err(store::StoreError::from)?;
+            sqlx::query(jobs_sql)
+                .execute(&pool)
+                .await
+                .map_err(store::StoreError::from)?;
+            sqlx::query("ANALYZE")
+                .execute(&pool)
+                .await
+                .map_err(store::StoreError::from)?;
+        }};
+    }
+    match backend {
+        "sqlite" => seed!(sqlx::SqlitePool::connect(url).await.map_err(store::StoreError::from)?),
+        _ => {
+            let opts: sqlx::postgres::PgConnectOptions = args
+                .postgres_url
+                .parse()
+                .map_err(|e: sqlx::Error| BenchError::Setup(e.to_string()))?;
+            let opts = opts.options([("search_path", schema.unwrap_or("public"))]);
+            seed!(sqlx::PgPool::connect_with(opts)
+                .await
+                .map_err(store::StoreError::from)?)
+        }
+    }
+    Ok(())
+}
+
+/// ListFailovers through the gRPC API over `n` seeded jobs: each filter a user would use, and
+/// a page deep in the list by its page token; 100 calls each, p50 and p99.
+async fn list_failovers(backend: &str, args: &BenchArgs, dir: &std::path::Path) -> Result<Vec<String>, BenchError> {
+    let n = args.list_runs;
+    let (store, schema, url) = backend_store(backend, args, dir).await?;
+    let mut h = Harness::start(store.clone(), 4).await?;
+    let seeded = Instant::now();
+    seed_jobs(backend, &url, args, schema.as_deref(), &h.engine.catalog, n).await?;
+    let seed_secs = seeded.elapsed().as_secs_f64();
+    h.serve_api().await?;
+    let channel = h
+        .channel
+        .clone()
+        .ok_or_else(|| BenchError::Setup("no API channel".into()))?;
+    let mut client = FailoverServiceClient::new(channel);
+    let req = |status: &str, job_type: &str, vm: &str| pb::ListFailoversRequest {
+        status: status.into(),
+        job_type: job_type.into(),
+        vm_id: vm.into(),
+        page_size: 50,
+        page_token: String::new(),
+    };
+    // A page token 100 pages into the whole list.
+    let mut deep = req("", "", "");
+    for _ in 0..100 {
+        deep.page_token = client.list_failovers(deep.clone()).await?.into_inner().next_page_token;
+    }
+    let mut lines = Vec::new();
+    for (name, r) in [
+        ("no filter", req("", "", "")),
+        ("status=failed", req("failed", "", "")),
+        ("status=testing", req("testing", "", "")),
+        ("job_type=live", req("", "live", "")),
+        ("vm_id=vm-7", req("", "", "vm-7")),
+        ("page 101", deep),
+    ] {
+        let mut lat = Vec::with_capacity(100);
+        let mut got = 0;
+        for _ in 0..100 {
+            let t = Instant::now();
+            got = client.list_failovers(r.clone()).await?.into_inner().jobs.len();
+            lat.push(t.elapsed());
+        }
+        lat.sort();
+        lines.push(format!(
+            "{:<22} {:<8} {n:>7} jobs (seeded in {seed_secs:.1} s)  {name:<15} {got:>3} per page  p50 {:>6.2} ms  p99 {:>6.2} ms (target p99 < 50 ms)",
+            "ListFailovers gRPC",
+            backend,
+            percentile(&lat, 0.5).as_secs_f64() * 1e3,
+            percentile(&lat, 0.99).as_secs_f64() * 1e3,
+        ));
+    }
+    h.stop.cancel();
+    if let Some(s) = schema {
+        drop_schema(args, &s).await;
+    }
+    Ok(lines)
+}
+
 async fn backend_store(
     backend: &str,
     args: &BenchArgs,
     dir: &std::path::Path,
-) -> Result<(Arc<dyn Store>, Option<String>), BenchError> {
+) -> Result<(Arc<dyn Store>, Option<String>, String), BenchError> {
     match backend {
         "sqlite" => {
             let url = format!(
@@ -445,12 +729,14 @@ async fn backend_store(
                 dir.join(format!("bench-{}.db", uuid::Uuid::new_v4().simple()))
                     .display()
             );
-            Ok((store::open(&url).await?, None))
+            Ok((store::open(&url).await?, None, url))
         }
         "postgres" => {
             let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
             let store = store::postgres::PgStore::connect(&args.postgres_url, Some(&schema)).await?;
-            Ok((Arc::new(store), Some(schema)))
+            let sep = if args.postgres_url.contains('?') { '&' } else { '?' };
+            let url = format!("{}{sep}tern_schema={schema}", args.postgres_url);
+            Ok((Arc::new(store), Some(schema), url))
         }
         other => Err(BenchError::Setup(format!(
             "unknown backend {other:?} (sqlite, postgres, both)"
@@ -488,7 +774,7 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, BenchError> {
             ("throughput gRPC", args.in_flight, args.runs, true),
             ("latency gRPC", 1, args.latency_runs, true),
         ] {
-            let (store, schema) = backend_store(b, args, dir.path()).await?;
+            let (store, schema, _) = backend_store(b, args, dir.path()).await?;
             let f = scenario(name, store, args, clients, total, grpc).await?;
             println!("{f}");
             out.push(f);
@@ -496,20 +782,20 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, BenchError> {
                 drop_schema(args, &s).await;
             }
         }
+        if args.list_runs > 0 {
+            for line in list_failovers(b, args, dir.path()).await? {
+                println!("{line}");
+            }
+        }
+        if args.held_runs > 0 {
+            let (store, schema, _) = backend_store(b, args, dir.path()).await?;
+            println!("{}", held(store, args).await?);
+            if let Some(s) = schema {
+                drop_schema(args, &s).await;
+            }
+        }
         if args.recovery_runs > 0 {
-            let (store, schema, url) = match b {
-                "sqlite" => {
-                    let url = format!("sqlite://{}", dir.path().join("recovery.db").display());
-                    (store::open(&url).await?, None, url)
-                }
-                _ => {
-                    let (store, schema) = backend_store(b, args, dir.path()).await?;
-                    let schema = schema.unwrap_or_default();
-                    let sep = if args.postgres_url.contains('?') { '&' } else { '?' };
-                    let url = format!("{}{sep}tern_schema={schema}", args.postgres_url);
-                    (store, Some(schema), url)
-                }
-            };
+            let (store, schema, url) = backend_store(b, args, dir.path()).await?;
             println!("{}", recovery(&url, store, args).await?);
             if let Some(s) = schema {
                 drop_schema(args, &s).await;

@@ -612,6 +612,10 @@ async fn shutdown_lets_the_step_finish_and_hands_the_run_back(db: TestDb) {
     )
     .await;
     wait_step(&w.engine, run, "snapshot").await;
+    // Let the action begin (it sleeps 400 ms): a step whose start is committed but whose action
+    // has not begun yet is handed back at once on shutdown and resumes elsewhere as attempt 2,
+    // which is another case.
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let stopped = tokio::time::Instant::now();
     let engine = w.engine.clone();
     w.stop().await; // in-flight step finishes within the 2s grace, then the lease is handed back

@@ -446,20 +446,42 @@ impl Store for PgStore {
     }
 
     async fn list_failover_jobs(&self, f: &JobFilter) -> Result<Vec<FailoverJobRow>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {JOB_COLUMNS} FROM failover_jobs f JOIN runs r ON r.id::text = f.job_id \
-             WHERE ($1::text IS NULL OR f.status = $1) AND ($2::text IS NULL OR f.job_type = $2) \
-             AND ($3::text IS NULL OR f.vm_id = $3) AND ($4::uuid IS NULL OR r.id < $4) \
-             AND (cardinality($6::text[]) = 0 OR r.definition = ANY($6)) ORDER BY r.id DESC LIMIT $5"
-        ))
-        .bind(&f.status)
-        .bind(&f.job_type)
-        .bind(&f.vm_id)
-        .bind(f.before.map(|b| b.0))
-        .bind(f.limit.max(1) as i64)
-        .bind(&f.definitions)
-        .fetch_all(&self.pool)
-        .await?;
+        // Only the filters given, so each query walks an index in (filter, job_id) order and
+        // stops at the page size (keyset pagination, newest first; job_id is the run id).
+        let mut clauses: Vec<String> = Vec::new();
+        let mut binds: Vec<String> = Vec::new();
+        for (column, value) in [
+            ("f.status = ", f.status.clone()),
+            ("f.job_type = ", f.job_type.clone()),
+            ("f.vm_id = ", f.vm_id.clone()),
+            ("f.job_id < ", f.before.map(|b| b.to_string())),
+        ] {
+            if let Some(v) = value {
+                binds.push(v);
+                clauses.push(format!("{column}${}", binds.len()));
+            }
+        }
+        let defs = !f.definitions.is_empty();
+        if defs {
+            clauses.push(format!("r.definition = ANY(${}::text[])", binds.len() + 1));
+        }
+        let filter = match clauses.is_empty() {
+            true => String::new(),
+            false => format!("WHERE {}", clauses.join(" AND ")),
+        };
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM failover_jobs f JOIN runs r ON r.id = f.job_id::uuid {filter} \
+             ORDER BY f.job_id DESC LIMIT {}",
+            f.limit.max(1)
+        );
+        let mut q = sqlx::query(&sql);
+        for v in binds {
+            q = q.bind(v);
+        }
+        if defs {
+            q = q.bind(&f.definitions);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
         rows.iter().map(job_from_row).collect()
     }
 

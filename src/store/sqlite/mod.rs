@@ -345,25 +345,42 @@ impl Store for SqliteStore {
     }
 
     async fn list_failover_jobs(&self, f: &JobFilter) -> Result<Vec<FailoverJobRow>> {
-        let defs: Vec<String> = (0..f.definitions.len()).map(|i| format!("${}", i + 6)).collect();
-        let def_clause = if defs.is_empty() {
-            String::new()
-        } else {
-            format!(" AND r.definition IN ({})", defs.join(", "))
+        // Only the filters given, so each query walks an index in (filter, job_id) order and
+        // stops at the page size (keyset pagination, newest first).
+        let mut clauses: Vec<String> = Vec::new();
+        let mut binds: Vec<&str> = Vec::new();
+        let before = f.before.map(|b| b.to_string());
+        for (column, value) in [
+            ("f.status = ", f.status.as_deref()),
+            ("f.job_type = ", f.job_type.as_deref()),
+            ("f.vm_id = ", f.vm_id.as_deref()),
+            ("f.job_id < ", before.as_deref()),
+        ] {
+            if let Some(v) = value {
+                binds.push(v);
+                clauses.push(format!("{column}${}", binds.len()));
+            }
+        }
+        if !f.definitions.is_empty() {
+            let start = binds.len();
+            binds.extend(f.definitions.iter().map(String::as_str));
+            let list: Vec<String> = (start + 1..=binds.len()).map(|i| format!("${i}")).collect();
+            clauses.push(format!("r.definition IN ({})", list.join(", ")));
+        }
+        let filter = match clauses.is_empty() {
+            true => String::new(),
+            false => format!("WHERE {}", clauses.join(" AND ")),
         };
         let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM failover_jobs f JOIN runs r ON r.id = f.job_id \
-             WHERE ($1 IS NULL OR f.status = $1) AND ($2 IS NULL OR f.job_type = $2) AND ($3 IS NULL OR f.vm_id = $3) \
-             AND ($4 IS NULL OR r.id < $4){def_clause} ORDER BY r.id DESC LIMIT $5"
+            // CROSS JOIN keeps failover_jobs the outer loop: the page walks its index backwards
+            // and stops after `limit` rows instead of sorting every run of the definitions.
+            "SELECT {JOB_COLUMNS} FROM failover_jobs f CROSS JOIN runs r ON r.id = f.job_id {filter} \
+             ORDER BY f.job_id DESC LIMIT {}",
+            f.limit.max(1)
         );
-        let mut q = sqlx::query(&sql)
-            .bind(&f.status)
-            .bind(&f.job_type)
-            .bind(&f.vm_id)
-            .bind(f.before.map(|b| b.to_string()))
-            .bind(f.limit.max(1) as i64);
-        for d in &f.definitions {
-            q = q.bind(d);
+        let mut q = sqlx::query(&sql);
+        for v in binds {
+            q = q.bind(v);
         }
         let rows = q.fetch_all(&self.pool).await?;
         rows.iter().map(job_from_row).collect()
