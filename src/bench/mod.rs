@@ -81,7 +81,13 @@ pub enum BenchError {
     #[error("{0}")]
     Setup(String),
     #[error("gRPC: {0}")]
-    Grpc(#[from] tonic::Status),
+    Grpc(Box<tonic::Status>),
+}
+
+impl From<tonic::Status> for BenchError {
+    fn from(s: tonic::Status) -> Self {
+        BenchError::Grpc(Box::new(s))
+    }
 }
 
 /// One printed line.
