@@ -222,10 +222,15 @@ impl<'a> BatchRows<'a> {
             completed: projection.completed,
             at: at.clone(),
         });
-        for t in &projection.tracking {
-            // Within one transition the last update of an operation wins, as it would row by row.
-            self.tracking
-                .retain(|o| !(o.parent == id && o.operation == t.operation.as_str()));
+        // Within one transition the last update of an operation wins, as it would row by row.
+        // (A batch holds one projection per run, so duplicates can only come from this one.)
+        for (i, t) in projection.tracking.iter().enumerate() {
+            if projection.tracking[i + 1..]
+                .iter()
+                .any(|later| later.operation == t.operation)
+            {
+                continue;
+            }
             self.tracking.push(TrackingRow {
                 id: uuid::Uuid::now_v7().to_string(),
                 parent: id.clone(),
