@@ -92,11 +92,10 @@ pub(crate) trait Committer: Send + Sync + 'static {
     async fn commit(&self, batch: &[&WriteJob], known: &mut HashSet<String>) -> Result<Vec<Outcome>>;
 }
 
-/// The writer loop; ends when every sender is gone.
+/// The writer loop of a backend with an async client; ends when every sender is gone.
 pub(crate) async fn group_writer<C: Committer>(db: C, mut jobs: mpsc::Receiver<WriteJob>) {
     // Definitions known to be stored (only added after their transaction committed).
     let mut known: HashSet<String> = HashSet::new();
-    // A job for a run already in the batch waits for the next one (one compare-and-set per run).
     let mut held: Option<WriteJob> = None;
     loop {
         let first = match held.take() {
@@ -106,22 +105,7 @@ pub(crate) async fn group_writer<C: Committer>(db: C, mut jobs: mpsc::Receiver<W
                 None => return,
             },
         };
-        let mut batch = vec![first];
-        let mut runs: HashSet<RunId> = batch.iter().filter_map(WriteJob::run_id).collect();
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => {
-                    if let Some(id) = job.run_id() {
-                        if !runs.insert(id) {
-                            held = Some(job);
-                            break;
-                        }
-                    }
-                    batch.push(job);
-                }
-                Err(_) => break,
-            }
-        }
+        let batch = gather(first, &mut jobs, &mut held);
         let refs: Vec<&WriteJob> = batch.iter().collect();
         let outcomes = match db.commit(&refs, &mut known).await {
             Ok(outcomes) => outcomes,
@@ -130,19 +114,80 @@ pub(crate) async fn group_writer<C: Committer>(db: C, mut jobs: mpsc::Receiver<W
                 tracing::warn!(error = %e, size = refs.len(), "group commit failed; committing one by one");
                 let mut each = Vec::with_capacity(refs.len());
                 for job in &refs {
-                    each.push(match db.commit(&[*job], &mut known).await {
-                        Ok(mut one) => one
-                            .pop()
-                            .unwrap_or_else(|| job.failed(StoreError::Corrupt("no outcome".into()))),
-                        Err(e) => job.failed(e),
-                    });
+                    each.push(only(job, db.commit(&[*job], &mut known).await));
                 }
                 each
             }
         };
-        for (job, outcome) in batch.into_iter().zip(outcomes) {
-            job.answer(outcome);
+        answer_all(batch, outcomes);
+    }
+}
+
+/// The same loop for a backend whose client blocks (SQLite): it runs on a thread of its own.
+pub(crate) fn blocking_group_writer(
+    mut commit: impl FnMut(&[&WriteJob], &mut HashSet<String>) -> Result<Vec<Outcome>>,
+    mut jobs: mpsc::Receiver<WriteJob>,
+) {
+    let mut known: HashSet<String> = HashSet::new();
+    let mut held: Option<WriteJob> = None;
+    loop {
+        let first = match held.take() {
+            Some(j) => j,
+            None => match jobs.blocking_recv() {
+                Some(j) => j,
+                None => return,
+            },
+        };
+        let batch = gather(first, &mut jobs, &mut held);
+        let refs: Vec<&WriteJob> = batch.iter().collect();
+        let outcomes = match commit(&refs, &mut known) {
+            Ok(outcomes) => outcomes,
+            Err(e) if refs.len() == 1 => vec![refs[0].failed(e)],
+            Err(e) => {
+                tracing::warn!(error = %e, size = refs.len(), "group commit failed; committing one by one");
+                refs.iter().map(|job| only(job, commit(&[*job], &mut known))).collect()
+            }
+        };
+        answer_all(batch, outcomes);
+    }
+}
+
+/// `first` and whatever queued behind it, up to [`MAX_BATCH`]. A job for a run already in the
+/// batch is `held` for the next one (one compare-and-set per run and batch).
+fn gather(first: WriteJob, jobs: &mut mpsc::Receiver<WriteJob>, held: &mut Option<WriteJob>) -> Vec<WriteJob> {
+    let mut batch = vec![first];
+    let mut runs: HashSet<RunId> = batch.iter().filter_map(WriteJob::run_id).collect();
+    while batch.len() < MAX_BATCH {
+        match jobs.try_recv() {
+            Ok(job) => {
+                if let Some(id) = job.run_id() {
+                    if !runs.insert(id) {
+                        *held = Some(job);
+                        break;
+                    }
+                }
+                batch.push(job);
+            }
+            Err(_) => break,
         }
+    }
+    batch
+}
+
+/// The outcome of a job committed on its own.
+fn only(job: &WriteJob, r: Result<Vec<Outcome>>) -> Outcome {
+    match r {
+        Ok(mut one) => one
+            .pop()
+            .unwrap_or_else(|| job.failed(StoreError::Corrupt("no outcome".into()))),
+        Err(e) => job.failed(e),
+    }
+}
+
+/// Answers every job of a committed batch, in order.
+fn answer_all(batch: Vec<WriteJob>, outcomes: Vec<Outcome>) {
+    for (job, outcome) in batch.into_iter().zip(outcomes) {
+        job.answer(outcome);
     }
 }
 

@@ -36,6 +36,9 @@ pub enum StoreError {
     /// The database could not be reached or answered with an error.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// An error of the SQLite writer's own connection (see `store::sqlite::writer`).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("bad database URL or option: {0}")]
@@ -50,6 +53,14 @@ impl StoreError {
                 e,
                 sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Database(_)
             ),
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::DiskFull
+            ),
+            StoreError::Sqlite(_) => false,
             StoreError::Fenced { .. }
             | StoreError::NotFound(_)
             | StoreError::Conflict { .. }
@@ -371,7 +382,8 @@ pub async fn load_inventory(
     Ok(())
 }
 
-/// Opens the store a URL names: `sqlite://path` / `sqlite::memory:` or `postgres://…`.
+/// Opens the store a URL names: `sqlite://path` (a file; in-memory databases are refused) or
+/// `postgres://…`.
 /// A PostgreSQL URL may carry `tern_schema=NAME` to keep Tern's tables in their own schema
 /// (several isolated Terns on one database; the tests use it).
 pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
@@ -448,5 +460,14 @@ mod tests {
             super::split_schema("postgres://h/db"),
             ("postgres://h/db".to_string(), None)
         );
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_sqlite_database_is_refused_with_the_reason() {
+        let err = match super::open("sqlite::memory:").await {
+            Ok(_) => panic!("an in-memory database was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("in-memory SQLite database is not supported"), "{err}");
     }
 }

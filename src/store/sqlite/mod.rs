@@ -25,6 +25,9 @@ pub struct SqliteStore {
     writer: mpsc::Sender<WriteJob>,
 }
 
+/// How long a write waits for another connection's transaction before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
 const RUN_COLUMNS: &str =
     "id, definition, definition_hash, request_id, correlation_id, state, status, display_status, \
     current_step, input, context, last_seq, fencing_token, lease_owner, lease_expires_at, wake_at, signals_pending, \
@@ -33,25 +36,28 @@ const RUN_COLUMNS: &str =
 impl SqliteStore {
     /// Opens (creating if needed) the database at `url` and applies migrations.
     pub async fn connect(url: &str) -> Result<SqliteStore> {
-        let memory = url.contains(":memory:") || url.contains("mode=memory");
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            return Err(StoreError::Config(format!(
+                "{}: an in-memory SQLite database is not supported (the writer has a connection of its own); \
+                 give a file, e.g. sqlite://tern.db",
+                redact_url(url)
+            )));
+        }
         let opts = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("{}: {e}", redact_url(url))))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(30))
+            .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
-            .max_connections(if memory { 1 } else { 8 })
+            .max_connections(8)
             .acquire_timeout(Duration::from_secs(60))
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
         let (writer, jobs) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(crate::store::group::group_writer(
-            writer::SqliteCommitter(pool.clone()),
-            jobs,
-        ));
+        writer::spawn(opts.get_filename(), jobs)?;
         Ok(SqliteStore {
             pool,
             wakeup: Arc::new(Wakeup::default()),
@@ -76,38 +82,71 @@ fn ts(v: Option<i64>) -> Option<Timestamp> {
     v.map(Timestamp)
 }
 
-fn run_from_row(row: &SqliteRow) -> Result<RunRow> {
-    let id: String = row.try_get("id")?;
-    let state: Json<Value> = row.try_get("state")?;
-    let status: String = row.try_get("status")?;
-    let input: Json<Value> = row.try_get("input")?;
-    let context: Json<Value> = row.try_get("context")?;
+/// Column access shared by the pool (sqlx) and the writer thread (rusqlite), so a run row is
+/// decoded in one place whichever connection read it.
+trait Cols {
+    fn text(&self, col: &str) -> Result<Option<String>>;
+    fn int(&self, col: &str) -> Result<Option<i64>>;
+}
+
+impl Cols for SqliteRow {
+    fn text(&self, col: &str) -> Result<Option<String>> {
+        Ok(self.try_get(col)?)
+    }
+    fn int(&self, col: &str) -> Result<Option<i64>> {
+        Ok(self.try_get(col)?)
+    }
+}
+
+impl Cols for rusqlite::Row<'_> {
+    fn text(&self, col: &str) -> Result<Option<String>> {
+        Ok(self.get(col)?)
+    }
+    fn int(&self, col: &str) -> Result<Option<i64>> {
+        Ok(self.get(col)?)
+    }
+}
+
+fn run_from_row(row: &impl Cols) -> Result<RunRow> {
+    let text = |c: &str| {
+        row.text(c)?
+            .ok_or_else(|| StoreError::Corrupt(format!("runs.{c} is NULL")))
+    };
+    let int = |c: &str| {
+        row.int(c)?
+            .ok_or_else(|| StoreError::Corrupt(format!("runs.{c} is NULL")))
+    };
+    let doc = |c: &str| -> Result<Value> {
+        serde_json::from_str(&text(c)?).map_err(|e| StoreError::Corrupt(format!("runs.{c}: {e}")))
+    };
+    let id = text("id")?;
+    let status = text("status")?;
     Ok(RunRow {
         id: id
             .parse()
             .map_err(|e| StoreError::Corrupt(format!("run id {id:?}: {e}")))?,
-        definition: row.try_get("definition")?,
-        definition_hash: row.try_get("definition_hash")?,
-        request_id: row.try_get("request_id")?,
-        correlation_id: row.try_get("correlation_id")?,
-        state: parse_json("run state", state.0)?,
+        definition: text("definition")?,
+        definition_hash: text("definition_hash")?,
+        request_id: row.text("request_id")?,
+        correlation_id: text("correlation_id")?,
+        state: parse_json("run state", doc("state")?)?,
         status: RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?,
-        display_status: row.try_get("display_status")?,
-        current_step: row.try_get("current_step")?,
-        input: input.0,
-        context: context.0,
-        last_seq: row.try_get("last_seq")?,
-        fencing_token: row.try_get("fencing_token")?,
-        lease_owner: row.try_get("lease_owner")?,
-        lease_expires_at: ts(row.try_get("lease_expires_at")?),
-        wake_at: ts(row.try_get("wake_at")?),
-        signals_pending: row.try_get("signals_pending")?,
-        cancel_reason: row.try_get("cancel_reason")?,
-        cancel_pending: row.try_get::<i64, _>("cancel_pending")? != 0,
-        created_at: Timestamp(row.try_get("created_at")?),
-        updated_at: Timestamp(row.try_get("updated_at")?),
-        started_at: ts(row.try_get("started_at")?),
-        completed_at: ts(row.try_get("completed_at")?),
+        display_status: text("display_status")?,
+        current_step: row.text("current_step")?,
+        input: doc("input")?,
+        context: doc("context")?,
+        last_seq: int("last_seq")?,
+        fencing_token: int("fencing_token")?,
+        lease_owner: row.text("lease_owner")?,
+        lease_expires_at: ts(row.int("lease_expires_at")?),
+        wake_at: ts(row.int("wake_at")?),
+        signals_pending: int("signals_pending")?,
+        cancel_reason: row.text("cancel_reason")?,
+        cancel_pending: int("cancel_pending")? != 0,
+        created_at: Timestamp(int("created_at")?),
+        updated_at: Timestamp(int("updated_at")?),
+        started_at: ts(row.int("started_at")?),
+        completed_at: ts(row.int("completed_at")?),
     })
 }
 
@@ -581,12 +620,4 @@ fn job_from_row(r: &SqliteRow) -> Result<FailoverJobRow> {
         started_at: r.try_get("started_at")?,
         completed_at: r.try_get("completed_at")?,
     })
-}
-
-/// A unique violation of the insert that carries `lock_key` is the lock being held.
-fn lock_conflict(e: sqlx::Error, key: &Option<String>) -> StoreError {
-    match (&e, key) {
-        (sqlx::Error::Database(d), Some(key)) if d.is_unique_violation() => StoreError::Conflict { key: key.clone() },
-        _ => StoreError::Database(e),
-    }
 }

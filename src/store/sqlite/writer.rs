@@ -1,29 +1,71 @@
-//! The SQLite side of group commit (see [`crate::store::group`]). Because SQLite has one
-//! writer at a time, every write of the hot path goes through the one writer: checkpoints,
-//! submits, claims, heartbeats and releases, so no write ever waits on the busy timeout.
+//! The SQLite side of group commit (see [`crate::store::group`]). SQLite has one writer at a
+//! time, so every write of the hot path goes through one writer: checkpoints, submits, claims,
+//! heartbeats and releases, and no write ever waits on the busy timeout.
+//!
+//! The writer is a thread of its own with its own connection: a batch runs start to finish on
+//! it, with no hop between threads per statement (a pooled async connection hands every
+//! statement and every returned row to its worker thread and back, and those wake-ups cost
+//! more than the statements). Readers keep using the pool.
 //!
 //! A batch: one compare-and-set over all its checkpoints (`WITH v AS (VALUES ...) UPDATE runs
 //! ... FROM v`; a checkpoint it did not match was fenced and writes nothing), the submits one by
 //! one (a locked one under a savepoint, so a VM_BUSY failure is undone alone), then one insert
 //! of every journal row, one update of every projection, and the claims last, so a run
 //! submitted in the batch can be claimed in it. Multi-row statements come in a few fixed row
-//! counts ([`CHUNKS`]).
+//! counts ([`CHUNKS`]) and are prepared once.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 
-use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags, Statement, ToSql, Transaction, TransactionBehavior};
 use serde_json::Value;
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use tokio::sync::mpsc;
 
-use super::{lock_conflict, run_from_row, RUN_COLUMNS};
+use super::{run_from_row, BUSY_TIMEOUT, RUN_COLUMNS};
 use crate::engine::machine::RunState;
-use crate::store::group::{BatchRows, CasRow, ClaimJob, Committer, Outcome, WriteJob};
+use crate::store::group::{blocking_group_writer, BatchRows, CasRow, ClaimJob, Outcome, WriteJob};
 use crate::store::{Checkpoint, CheckpointOutcome, Lease, NewRun, Result, RunRow, StoreError, Submitted};
 
 /// Row counts a multi-row statement is prepared for: a batch is cut into chunks of these sizes,
-/// so only a handful of distinct statements are ever prepared (and cached by sqlx). Values are
-/// bound as parameters: parsing a JSON document per row cost more than the statements.
+/// so only a handful of distinct statements are ever prepared (and cached). Values are bound as
+/// parameters: parsing a JSON document per row cost more than the statements.
 const CHUNKS: [usize; 4] = [64, 16, 4, 1];
+
+/// Opens the writer's connection to the (migrated) database at `path` and starts its thread,
+/// which commits `jobs` until every sender is gone.
+pub(super) fn spawn(path: &Path, jobs: mpsc::Receiver<WriteJob>) -> Result<()> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+    )?;
+    // The same durability as the pool's connections: WAL, and fsync at every commit.
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Config(format!(
+            "{}: journal_mode is {mode}, not WAL",
+            path.display()
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let sync: i64 = conn.pragma_query_value(None, "synchronous", |r| r.get(0))?;
+    if sync != 2 {
+        return Err(StoreError::Config(format!(
+            "{}: the writer's synchronous is {sync}, not FULL (2)",
+            path.display()
+        )));
+    }
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    std::thread::Builder::new()
+        .name("tern-sqlite-writer".into())
+        .spawn(move || {
+            let mut conn = conn;
+            blocking_group_writer(|batch, known| commit_batch(&mut conn, batch, known), jobs)
+        })
+        .map_err(|e| StoreError::Config(format!("starting the SQLite writer thread: {e}")))?;
+    Ok(())
+}
 
 fn chunked<T>(rows: &[T]) -> Vec<&[T]> {
     let mut out = Vec::new();
@@ -47,18 +89,41 @@ fn text<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(format!("encoding: {e}")))
 }
 
+/// Binds parameters in order to a prepared statement.
+struct Binder<'s, 'c> {
+    stmt: &'s mut Statement<'c>,
+    next: usize,
+}
+
+impl<'s, 'c> Binder<'s, 'c> {
+    fn new(stmt: &'s mut Statement<'c>) -> Self {
+        Binder { stmt, next: 1 }
+    }
+
+    fn bind(&mut self, v: impl ToSql) -> Result<&mut Self> {
+        self.stmt.raw_bind_parameter(self.next, v)?;
+        self.next += 1;
+        Ok(self)
+    }
+}
+
 /// The batch's journal rows, projections and tracking rows: one statement per chunk.
-async fn write_rows(tx: &mut SqliteConnection, rows: &BatchRows<'_>) -> Result<()> {
+fn write_rows(tx: &Transaction, rows: &BatchRows<'_>) -> Result<()> {
     for chunk in chunked(&rows.journal) {
         let sql = format!(
             "INSERT INTO journal (run_id, seq, kind, record, at) VALUES {}",
             placeholders(5, chunk.len())
         );
-        let mut q = sqlx::query(&sql);
+        let mut stmt = tx.prepare_cached(&sql)?;
+        let mut b = Binder::new(&mut stmt);
         for r in chunk {
-            q = q.bind(&r.run).bind(r.seq).bind(r.kind).bind(text(r.record)?).bind(r.at);
+            b.bind(&r.run)?
+                .bind(r.seq)?
+                .bind(r.kind)?
+                .bind(text(r.record)?)?
+                .bind(r.at)?;
         }
-        q.execute(&mut *tx).await?;
+        stmt.raw_execute()?;
     }
     for chunk in chunked(&rows.projections) {
         let sql = format!(
@@ -72,19 +137,19 @@ async fn write_rows(tx: &mut SqliteConnection, rows: &BatchRows<'_>) -> Result<(
              FROM v WHERE failover_jobs.job_id = v.id",
             placeholders(8, chunk.len())
         );
-        let mut q = sqlx::query(&sql);
+        let mut stmt = tx.prepare_cached(&sql)?;
+        let mut b = Binder::new(&mut stmt);
         for p in chunk {
-            q = q
-                .bind(&p.id)
-                .bind(p.status)
-                .bind(p.snapshot)
-                .bind(p.vm)
-                .bind(p.error)
-                .bind(p.started)
-                .bind(p.completed)
-                .bind(&p.at);
+            b.bind(&p.id)?
+                .bind(p.status)?
+                .bind(p.snapshot)?
+                .bind(p.vm)?
+                .bind(p.error)?
+                .bind(p.started)?
+                .bind(p.completed)?
+                .bind(&p.at)?;
         }
-        q.execute(&mut *tx).await?;
+        stmt.raw_execute()?;
     }
     for chunk in chunked(&rows.tracking) {
         let sql = format!(
@@ -93,26 +158,26 @@ async fn write_rows(tx: &mut SqliteConnection, rows: &BatchRows<'_>) -> Result<(
              metadata = excluded.metadata, error_message = excluded.error_message, updated_at = excluded.updated_at",
             placeholders(8, chunk.len())
         );
-        let mut q = sqlx::query(&sql);
+        let mut stmt = tx.prepare_cached(&sql)?;
+        let mut b = Binder::new(&mut stmt);
         for t in chunk {
-            q = q
-                .bind(&t.id)
-                .bind(&t.parent)
-                .bind(t.operation)
-                .bind(t.status)
-                .bind(text(t.metadata)?)
-                .bind(t.error)
-                .bind(&t.at)
-                .bind(&t.at);
+            b.bind(&t.id)?
+                .bind(&t.parent)?
+                .bind(t.operation)?
+                .bind(t.status)?
+                .bind(text(t.metadata)?)?
+                .bind(t.error)?
+                .bind(&t.at)?
+                .bind(&t.at)?;
         }
-        q.execute(&mut *tx).await?;
+        stmt.raw_execute()?;
     }
     Ok(())
 }
 
 /// The compare-and-set of every checkpoint at once. Returns the outcome of each run it matched;
 /// a run it did not match was fenced and nothing of it was written.
-async fn compare_and_set(tx: &mut SqliteConnection, cps: &[&Checkpoint]) -> Result<HashMap<String, CheckpointOutcome>> {
+fn compare_and_set(tx: &Transaction, cps: &[&Checkpoint]) -> Result<HashMap<String, CheckpointOutcome>> {
     let mut matched = HashMap::with_capacity(cps.len());
     for chunk in chunked(cps) {
         let sql = format!(
@@ -134,37 +199,38 @@ async fn compare_and_set(tx: &mut SqliteConnection, cps: &[&Checkpoint]) -> Resu
              RETURNING runs.id, runs.last_seq, runs.signals_pending, runs.cancel_pending",
             placeholders(19, chunk.len())
         );
-        let mut q = sqlx::query(&sql);
+        let mut stmt = tx.prepare_cached(&sql)?;
+        let mut b = Binder::new(&mut stmt);
         for cp in chunk {
             let r = CasRow::of(cp);
-            q = q
-                .bind(r.id)
-                .bind(r.token)
-                .bind(r.owner)
-                .bind(r.seq)
-                .bind(r.expect)
-                .bind(text(r.state)?)
-                .bind(r.status)
-                .bind(r.display)
-                .bind(r.step)
-                .bind(r.context.map(text).transpose()?)
-                .bind(r.n)
-                .bind(r.wake)
-                .bind(r.wake_on_signal)
-                .bind(r.now)
-                .bind(r.release)
-                .bind(r.started)
-                .bind(r.terminal)
-                .bind(r.signals)
-                .bind(r.cancel);
+            b.bind(&r.id)?
+                .bind(r.token)?
+                .bind(r.owner)?
+                .bind(r.seq)?
+                .bind(r.expect)?
+                .bind(text(r.state)?)?
+                .bind(r.status)?
+                .bind(r.display)?
+                .bind(r.step)?
+                .bind(r.context.map(text).transpose()?)?
+                .bind(r.n)?
+                .bind(r.wake)?
+                .bind(r.wake_on_signal)?
+                .bind(r.now)?
+                .bind(r.release)?
+                .bind(r.started)?
+                .bind(r.terminal)?
+                .bind(r.signals)?
+                .bind(r.cancel)?;
         }
-        for row in q.fetch_all(&mut *tx).await? {
+        let mut rows = stmt.raw_query();
+        while let Some(row) = rows.next()? {
             matched.insert(
-                row.try_get::<String, _>("id")?,
+                row.get::<_, String>(0)?,
                 CheckpointOutcome {
-                    last_seq: row.try_get("last_seq")?,
-                    signals_pending: row.try_get("signals_pending")?,
-                    cancel_pending: row.try_get::<i64, _>("cancel_pending")? != 0,
+                    last_seq: row.get(1)?,
+                    signals_pending: row.get(2)?,
+                    cancel_pending: row.get::<_, i64>(3)? != 0,
                 },
             );
         }
@@ -172,18 +238,8 @@ async fn compare_and_set(tx: &mut SqliteConnection, cps: &[&Checkpoint]) -> Resu
     Ok(matched)
 }
 
-/// The SQLite side of group commit: everything, claims and leases included, goes through it.
-pub(super) struct SqliteCommitter(pub SqlitePool);
-
-#[async_trait]
-impl Committer for SqliteCommitter {
-    async fn commit(&self, batch: &[&WriteJob], known: &mut HashSet<String>) -> Result<Vec<Outcome>> {
-        commit_batch(&self.0, batch, known).await
-    }
-}
-
-async fn commit_batch(pool: &SqlitePool, batch: &[&WriteJob], known: &mut HashSet<String>) -> Result<Vec<Outcome>> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+fn commit_batch(conn: &mut Connection, batch: &[&WriteJob], known: &mut HashSet<String>) -> Result<Vec<Outcome>> {
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut out: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
     let mut rows = BatchRows::default();
     let mut new_defs: Vec<&str> = Vec::new();
@@ -199,17 +255,14 @@ async fn commit_batch(pool: &SqlitePool, batch: &[&WriteJob], known: &mut HashSe
         .collect();
     if !cps.is_empty() {
         let all: Vec<&Checkpoint> = cps.iter().map(|(_, cp)| *cp).collect();
-        let matched = compare_and_set(&mut tx, &all).await?;
+        let matched = compare_and_set(&tx, &all)?;
         for (i, cp) in cps {
             out[i] = Some(Outcome::Checkpoint(match matched.get(&cp.run_id.to_string()) {
                 Some(o) => {
                     rows.add(cp.run_id, cp.expected_seq + 1, &cp.records, &cp.projection, cp.now);
                     for id in &cp.consumed_signals {
-                        sqlx::query("UPDATE signals SET consumed_at = $1 WHERE id = $2 AND consumed_at IS NULL")
-                            .bind(cp.now.0)
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await?;
+                        tx.prepare_cached("UPDATE signals SET consumed_at = ?1 WHERE id = ?2 AND consumed_at IS NULL")?
+                            .execute((cp.now.0, id))?;
                     }
                     Ok(*o)
                 }
@@ -222,28 +275,23 @@ async fn commit_batch(pool: &SqlitePool, batch: &[&WriteJob], known: &mut HashSe
     for (i, job) in batch.iter().enumerate() {
         let WriteJob::Submit(run, _) = job else { continue };
         if !known.contains(&run.definition_hash) && !new_defs.contains(&run.definition_hash.as_str()) {
-            sqlx::query(
-                "INSERT INTO definitions (hash, name, source, created_at) VALUES ($1, $2, $3, $4) \
+            tx.prepare_cached(
+                "INSERT INTO definitions (hash, name, source, created_at) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT (hash) DO NOTHING",
-            )
-            .bind(&run.definition_hash)
-            .bind(&run.definition)
-            .bind(&run.definition_source)
-            .bind(run.now.0)
-            .execute(&mut *tx)
-            .await?;
+            )?
+            .execute((&run.definition_hash, &run.definition, &run.definition_source, run.now.0))?;
             new_defs.push(&run.definition_hash);
         }
         let r = if run.lock_key.is_some() {
-            sqlx::query("SAVEPOINT submit").execute(&mut *tx).await?;
-            let r = insert_run(&mut tx, run).await;
-            if r.is_err() {
-                sqlx::query("ROLLBACK TO SAVEPOINT submit").execute(&mut *tx).await?;
+            // Dropping the savepoint unreleased rolls it back: a refused submit leaves nothing.
+            let sp = tx.savepoint()?;
+            let r = insert_run(&sp, run);
+            if r.is_ok() {
+                sp.commit()?;
             }
-            sqlx::query("RELEASE SAVEPOINT submit").execute(&mut *tx).await?;
             r
         } else {
-            insert_run(&mut tx, run).await
+            insert_run(&tx, run)
         };
         if let Ok(Submitted { created: true, .. }) = &r {
             rows.add(run.id, 1, std::slice::from_ref(&run.record), &run.projection, run.now);
@@ -254,38 +302,29 @@ async fn commit_batch(pool: &SqlitePool, batch: &[&WriteJob], known: &mut HashSe
         out[i] = Some(Outcome::Submit(Box::new(r)));
     }
 
-    write_rows(&mut tx, &rows).await?;
+    write_rows(&tx, &rows)?;
 
     // Leases: claims after the submits, so a run submitted in this batch can be claimed in it.
     for (i, job) in batch.iter().enumerate() {
         let o = match job {
-            WriteJob::Claim(c, _) => Outcome::Claim(claim(&mut tx, c).await),
+            WriteJob::Claim(c, _) => Outcome::Claim(claim(&tx, c)),
             WriteJob::Heartbeat(h, _) => Outcome::Lease(
-                match sqlx::query(
-                    "UPDATE runs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND fencing_token = $4",
-                )
-                .bind(h.expires_at.0)
-                .bind(h.run.to_string())
-                .bind(&h.lease.owner)
-                .bind(h.lease.token)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
+                match tx
+                    .prepare_cached(
+                        "UPDATE runs SET lease_expires_at = ?1 WHERE id = ?2 AND lease_owner = ?3 AND fencing_token = ?4",
+                    )?
+                    .execute((h.expires_at.0, h.run.to_string(), &h.lease.owner, h.lease.token))?
                 {
                     0 => Err(StoreError::Fenced { run: h.run }),
                     _ => Ok(()),
                 },
             ),
             WriteJob::Release(r, _) => {
-                sqlx::query(
+                tx.prepare_cached(
                     "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL \
-                     WHERE id = $1 AND lease_owner = $2 AND fencing_token = $3",
-                )
-                .bind(r.run.to_string())
-                .bind(&r.lease.owner)
-                .bind(r.lease.token)
-                .execute(&mut *tx)
-                .await?;
+                     WHERE id = ?1 AND lease_owner = ?2 AND fencing_token = ?3",
+                )?
+                .execute((r.run.to_string(), &r.lease.owner, r.lease.token))?;
                 Outcome::Lease(Ok(()))
             }
             WriteJob::Checkpoint(..) | WriteJob::Submit(..) => continue,
@@ -293,7 +332,7 @@ async fn commit_batch(pool: &SqlitePool, batch: &[&WriteJob], known: &mut HashSe
         out[i] = Some(o);
     }
 
-    tx.commit().await?;
+    tx.commit()?;
     known.extend(new_defs.into_iter().map(str::to_string));
     out.into_iter()
         .zip(batch)
@@ -301,42 +340,35 @@ async fn commit_batch(pool: &SqlitePool, batch: &[&WriteJob], known: &mut HashSe
         .collect()
 }
 
-async fn claim(tx: &mut SqliteConnection, c: &ClaimJob) -> Result<Vec<(RunRow, Lease)>> {
-    let rows = sqlx::query(&format!(
-        "UPDATE runs SET lease_owner = $1, lease_expires_at = $2, fencing_token = fencing_token + 1 \
-         WHERE id IN (SELECT id FROM runs WHERE wake_at IS NOT NULL AND wake_at <= $3 \
-                      AND (lease_expires_at IS NULL OR lease_expires_at < $3) ORDER BY wake_at LIMIT $4) \
+fn claim(tx: &Transaction, c: &ClaimJob) -> Result<Vec<(RunRow, Lease)>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "UPDATE runs SET lease_owner = ?1, lease_expires_at = ?2, fencing_token = fencing_token + 1 \
+         WHERE id IN (SELECT id FROM runs WHERE wake_at IS NOT NULL AND wake_at <= ?3 \
+                      AND (lease_expires_at IS NULL OR lease_expires_at < ?3) ORDER BY wake_at LIMIT ?4) \
          RETURNING {RUN_COLUMNS}"
-    ))
-    .bind(&c.owner)
-    .bind(c.now.plus(c.lease_ttl).0)
-    .bind(c.now.0)
-    .bind(c.limit as i64)
-    .fetch_all(&mut *tx)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            let run = run_from_row(r)?;
-            let lease = Lease {
-                owner: c.owner.clone(),
-                token: run.fencing_token,
-            };
-            Ok((run, lease))
-        })
-        .collect()
+    ))?;
+    let mut rows = stmt.query((&c.owner, c.now.plus(c.lease_ttl).0, c.now.0, c.limit as i64))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let run = run_from_row(row)?;
+        let lease = Lease {
+            owner: c.owner.clone(),
+            token: run.fencing_token,
+        };
+        out.push((run, lease));
+    }
+    Ok(out)
 }
 
 /// Creates the run row and its failover_jobs row (idempotent by request id). Its journal rows and
 /// projection are written with the batch's.
-async fn insert_run(tx: &mut SqliteConnection, run: &NewRun) -> Result<Submitted> {
+fn insert_run(tx: &Connection, run: &NewRun) -> Result<Submitted> {
     if let Some(req) = &run.request_id {
-        let existing = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE request_id = $1"))
-            .bind(req)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if let Some(row) = existing {
+        let mut stmt = tx.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE request_id = ?1"))?;
+        let mut rows = stmt.query([req])?;
+        if let Some(row) = rows.next()? {
             return Ok(Submitted {
-                run: run_from_row(&row)?,
+                run: run_from_row(row)?,
                 created: false,
             });
         }
@@ -347,50 +379,68 @@ async fn insert_run(tx: &mut SqliteConnection, run: &NewRun) -> Result<Submitted
         None => (&pending, None, 1),
     };
     let lease = run.start.as_ref().map(|s| (&s.lease, s.lease_expires_at));
-    let row = sqlx::query(&format!(
+    let mut stmt = tx.prepare_cached(&format!(
         "INSERT INTO runs (id, definition, definition_hash, request_id, correlation_id, status, display_status, \
          current_step, state, input, context, last_seq, wake_at, fencing_token, lease_owner, lease_expires_at, \
          created_at, updated_at, started_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, '{{}}', $11, $12, $13, $14, $15, $12, $12, $16) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, '{{}}', ?11, ?12, ?13, ?14, ?15, ?12, ?12, ?16) \
          RETURNING {RUN_COLUMNS}"
-    ))
-    .bind(run.id.to_string())
-    .bind(&run.definition)
-    .bind(&run.definition_hash)
-    .bind(&run.request_id)
-    .bind(&run.correlation_id)
-    .bind(state.status().as_str())
-    .bind(&run.display_status)
-    .bind(current_step)
-    .bind(sqlx::types::Json(state))
-    .bind(sqlx::types::Json(&run.input))
-    .bind(last_seq)
-    .bind(run.now.0)
-    .bind(lease.map_or(0, |(l, _)| l.token))
-    .bind(lease.map(|(l, _)| l.owner.as_str()))
-    .bind(lease.map(|(_, at)| at.0))
-    .bind(run.start.as_ref().map(|_| run.now.0))
-    .fetch_one(&mut *tx)
-    .await?;
-    sqlx::query(
+    ))?;
+    let mut b = Binder::new(&mut stmt);
+    b.bind(run.id.to_string())?
+        .bind(&run.definition)?
+        .bind(&run.definition_hash)?
+        .bind(&run.request_id)?
+        .bind(&run.correlation_id)?
+        .bind(state.status().as_str())?
+        .bind(&run.display_status)?
+        .bind(current_step)?
+        .bind(text(state)?)?
+        .bind(text(&run.input)?)?
+        .bind(last_seq)?
+        .bind(run.now.0)?
+        .bind(lease.map_or(0, |(l, _)| l.token))?
+        .bind(lease.map(|(l, _)| l.owner.as_str()))?
+        .bind(lease.map(|(_, at)| at.0))?
+        .bind(run.start.as_ref().map(|_| run.now.0))?;
+    let created = {
+        let mut rows = stmt.raw_query();
+        let row = rows
+            .next()?
+            .ok_or_else(|| StoreError::Corrupt("INSERT ... RETURNING gave no row".into()))?;
+        run_from_row(row)?
+    };
+    tx.prepare_cached(
         "INSERT INTO failover_jobs (job_id, vm_id, vm_name, job_type, status, source_vm_spec, network_mappings, \
-         correlation_id, created_at, updated_at, lock_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10)",
-    )
-    .bind(run.id.to_string())
-    .bind(run.input.get("vm_id").and_then(Value::as_str).unwrap_or(""))
-    .bind(run.input.get("vm_name").and_then(Value::as_str))
-    .bind(&run.job_type)
-    .bind(&run.display_status)
-    .bind(run.input.get("source_vm_spec").map(|v| v.to_string()))
-    .bind(run.input.get("network_mappings").map(|v| v.to_string()))
-    .bind(&run.correlation_id)
-    .bind(run.now.to_rfc3339())
-    .bind(&run.lock_key)
-    .execute(&mut *tx)
-    .await
+         correlation_id, created_at, updated_at, lock_key) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
+    )?
+    .execute((
+        run.id.to_string(),
+        run.input.get("vm_id").and_then(Value::as_str).unwrap_or(""),
+        run.input.get("vm_name").and_then(Value::as_str),
+        &run.job_type,
+        &run.display_status,
+        run.input.get("source_vm_spec").map(|v| v.to_string()),
+        run.input.get("network_mappings").map(|v| v.to_string()),
+        &run.correlation_id,
+        run.now.to_rfc3339(),
+        &run.lock_key,
+    ))
     .map_err(|e| lock_conflict(e, &run.lock_key))?;
     Ok(Submitted {
-        run: run_from_row(&row)?,
+        run: created,
         created: true,
     })
+}
+
+/// A unique violation of the insert that carries `lock_key` is the lock being held.
+fn lock_conflict(e: rusqlite::Error, key: &Option<String>) -> StoreError {
+    match (&e, key) {
+        (rusqlite::Error::SqliteFailure(f, _), Some(key))
+            if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+        {
+            StoreError::Conflict { key: key.clone() }
+        }
+        _ => StoreError::Sqlite(e),
+    }
 }
