@@ -93,19 +93,26 @@ pub(crate) trait Committer: Send + Sync + 'static {
 }
 
 /// The writer loop of a backend with an async client; ends when every sender is gone.
-pub(crate) async fn group_writer<C: Committer>(db: C, mut jobs: mpsc::Receiver<WriteJob>) {
+/// Several loops may share one queue: each takes a batch, and while it commits the next one
+/// gathers what queued meanwhile (the database overlaps their commits). A run has at most one
+/// checkpoint queued at a time (its driver waits for each), so concurrent batches touch
+/// different runs.
+pub(crate) async fn group_writer<C: Committer>(db: std::sync::Arc<C>, jobs: SharedQueue) {
     // Definitions known to be stored (only added after their transaction committed).
     let mut known: HashSet<String> = HashSet::new();
     let mut held: Option<WriteJob> = None;
     loop {
-        let first = match held.take() {
-            Some(j) => j,
-            None => match jobs.recv().await {
+        let batch = {
+            let mut jobs = jobs.lock().await;
+            let first = match held.take() {
                 Some(j) => j,
-                None => return,
-            },
+                None => match jobs.recv().await {
+                    Some(j) => j,
+                    None => return,
+                },
+            };
+            gather(first, &mut jobs, &mut held)
         };
-        let batch = gather(first, &mut jobs, &mut held);
         let refs: Vec<&WriteJob> = batch.iter().collect();
         let outcomes = match db.commit(&refs, &mut known).await {
             Ok(outcomes) => outcomes,
@@ -122,6 +129,9 @@ pub(crate) async fn group_writer<C: Committer>(db: C, mut jobs: mpsc::Receiver<W
         answer_all(batch, outcomes);
     }
 }
+
+/// The writer queue, shared by the loops of one process.
+pub(crate) type SharedQueue = std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<WriteJob>>>;
 
 /// The same loop for a backend whose client blocks (SQLite): it runs on a thread of its own.
 pub(crate) fn blocking_group_writer(

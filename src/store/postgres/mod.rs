@@ -15,6 +15,10 @@ use uuid::Uuid;
 
 use super::*;
 
+/// Group-commit loops per process: while one batch waits for its commit (a network round trip
+/// per statement, then the WAL flush), the next is already being written.
+const WRITERS: usize = 3;
+
 mod writer;
 use crate::store::group::{WriteJob, MAX_BATCH};
 
@@ -37,11 +41,6 @@ const RUN_COLUMNS: &str =
     "id, definition, definition_hash, request_id, correlation_id, state, status, display_status, \
     current_step, input, context, last_seq, fencing_token, lease_owner, lease_expires_at, wake_at, signals_pending, \
     cancel_reason, cancel_pending, created_at, updated_at, started_at, completed_at";
-
-/// `$n` milliseconds as a TIMESTAMPTZ, for the projection tables.
-fn tsz(n: u32) -> String {
-    format!("to_timestamp(${n}::bigint / 1000.0)")
-}
 
 impl PgStore {
     /// Connects, applies migrations and starts LISTENing. `schema` (created if missing) isolates
@@ -83,11 +82,14 @@ impl PgStore {
         let wakeup = Arc::new(Wakeup::default());
         let listener = tokio::spawn(listen(pool.clone(), channel.clone(), wakeup.clone()));
         let (writer, jobs) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
-        let committer = writer::PgCommitter {
+        let committer = Arc::new(writer::PgCommitter {
             pool: pool.clone(),
             channel: channel.clone(),
-        };
-        tokio::spawn(crate::store::group::group_writer(committer, jobs));
+        });
+        let jobs = Arc::new(tokio::sync::Mutex::new(jobs));
+        for _ in 0..WRITERS {
+            tokio::spawn(crate::store::group::group_writer(committer.clone(), jobs.clone()));
+        }
         Ok(PgStore {
             pool,
             wakeup,

@@ -1,24 +1,31 @@
 //! The PostgreSQL side of group commit (see [`crate::store::group`]): checkpoints and submits
-//! of this process go through one writer, so one transaction (one WAL flush) carries the
-//! checkpoints of many runs. Claims, heartbeats and releases stay on the pool: PostgreSQL has
-//! row locks and `SKIP LOCKED`, so they never wait on the writer. Several processes each have
-//! their own writer; the compare-and-set decides between them exactly as it does for one.
+//! of this process go through a few writer loops ([`super::WRITERS`]), so one statement (one
+//! WAL flush) carries the checkpoints of many runs. Claims, heartbeats and releases stay on the
+//! pool: PostgreSQL has row locks and `SKIP LOCKED`, so they never wait on the writer. Several
+//! processes each have their own writers; the compare-and-set decides between them exactly as
+//! it does for one.
 //!
-//! A batch: one compare-and-set over all its checkpoints (`UPDATE ... FROM
-//! jsonb_array_elements`), the submits one by one (a locked one under a savepoint, so VM_BUSY is
-//! undone alone), then one insert of every journal row and one update of every projection.
+//! Every write is a single statement, atomic on its own, so it needs no transaction round trips:
+//! - a batch's checkpoints: the compare-and-set of every run (`UPDATE ... FROM
+//!   jsonb_array_elements`) and, in data-modifying CTEs that take only the runs it matched,
+//!   their journal rows, projections, tracking rows and consumed signals (a fenced checkpoint
+//!   writes nothing);
+//! - a batch's submits without a lock: their `runs` and `failover_jobs` rows, journal and
+//!   tracking rows, and the wake-up of other processes' workers;
+//! - each submit with a lock alone, so a VM_BUSY refusal is its own.
+//!
+//! The checkpoint and submit statements of a batch go at once on two connections.
 
 use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use serde_json::Value;
-use sqlx::types::Json;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgExecutor, PgPool, Row};
 
-use super::{lock_conflict, run_from_row, tsz, RUN_COLUMNS};
+use super::{lock_conflict, run_from_row, RUN_COLUMNS};
 use crate::engine::machine::RunState;
 use crate::store::group::{json, BatchRows, CasRow, Committer, Outcome, WriteJob};
-use crate::store::{Checkpoint, CheckpointOutcome, NewRun, Result, StoreError, Submitted};
+use crate::store::{Checkpoint, CheckpointOutcome, NewRun, Result, RunRow, StoreError, Submitted};
 
 pub(super) struct PgCommitter {
     pub pool: PgPool,
@@ -29,101 +36,48 @@ pub(super) struct PgCommitter {
 #[async_trait]
 impl Committer for PgCommitter {
     async fn commit(&self, batch: &[&WriteJob], known: &mut HashSet<String>) -> Result<Vec<Outcome>> {
-        let mut tx = self.pool.begin().await?;
-        let mut out: Vec<Option<Outcome>> = batch.iter().map(|_| None).collect();
-        let mut rows = BatchRows::default();
-        let mut new_defs: Vec<&str> = Vec::new();
-
-        let cps: Vec<(usize, &Checkpoint)> = batch
-            .iter()
-            .enumerate()
-            .filter_map(|(i, j)| match j {
-                WriteJob::Checkpoint(cp, _) => Some((i, &**cp)),
-                _ => None,
-            })
-            .collect();
-        if !cps.is_empty() {
-            let all: Vec<&Checkpoint> = cps.iter().map(|(_, cp)| *cp).collect();
-            let matched = compare_and_set(&mut tx, &all).await?;
-            for (i, cp) in cps {
-                out[i] = Some(Outcome::Checkpoint(match matched.get(&cp.run_id.to_string()) {
-                    Some(o) => {
-                        rows.add(cp.run_id, cp.expected_seq + 1, &cp.records, &cp.projection, cp.now);
-                        if !cp.consumed_signals.is_empty() {
-                            sqlx::query(
-                                "UPDATE signals SET consumed_at = $1 WHERE id = ANY($2) AND consumed_at IS NULL",
-                            )
-                            .bind(cp.now.0)
-                            .bind(&cp.consumed_signals)
-                            .execute(&mut *tx)
-                            .await?;
-                        }
-                        Ok(*o)
-                    }
-                    None => Err(StoreError::Fenced { run: cp.run_id }),
-                }));
+        let mut cps: Vec<(usize, &Checkpoint)> = Vec::new();
+        let mut free: Vec<(usize, &NewRun)> = Vec::new();
+        let mut locked: Vec<(usize, &NewRun)> = Vec::new();
+        let mut out: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
+        for (i, job) in batch.iter().enumerate() {
+            out.push(None);
+            match job {
+                WriteJob::Checkpoint(cp, _) => cps.push((i, &**cp)),
+                WriteJob::Submit(run, _) if run.lock_key.is_some() => locked.push((i, &**run)),
+                WriteJob::Submit(run, _) => free.push((i, &**run)),
+                other @ (WriteJob::Claim(..) | WriteJob::Heartbeat(..) | WriteJob::Release(..)) => {
+                    out[i] = Some(other.failed(StoreError::Config(
+                        "leases are not written by the PostgreSQL writer".into(),
+                    )))
+                }
             }
         }
-
-        let mut created = false;
-        for (i, job) in batch.iter().enumerate() {
-            let o = match job {
-                WriteJob::Submit(run, _) => {
-                    if !known.contains(&run.definition_hash) && !new_defs.contains(&run.definition_hash.as_str()) {
-                        sqlx::query(
-                            "INSERT INTO definitions (hash, name, source, created_at) VALUES ($1, $2, $3, $4) \
-                             ON CONFLICT (hash) DO NOTHING",
-                        )
-                        .bind(&run.definition_hash)
-                        .bind(&run.definition)
-                        .bind(&run.definition_source)
-                        .bind(run.now.0)
-                        .execute(&mut *tx)
-                        .await?;
-                        new_defs.push(&run.definition_hash);
-                    }
-                    let r = if run.lock_key.is_some() {
-                        sqlx::query("SAVEPOINT submit").execute(&mut *tx).await?;
-                        let r = insert_run(&mut tx, run).await;
-                        match r {
-                            Err(StoreError::Conflict { .. }) => {
-                                sqlx::query("ROLLBACK TO SAVEPOINT submit").execute(&mut *tx).await?;
-                            }
-                            // Any other error aborted the transaction: the batch is retried job by job.
-                            Err(e) => return Err(e),
-                            Ok(_) => {}
-                        }
-                        sqlx::query("RELEASE SAVEPOINT submit").execute(&mut *tx).await?;
-                        r
-                    } else {
-                        Ok(insert_run(&mut tx, run).await?)
-                    };
-                    if let Ok(Submitted { created: true, .. }) = &r {
-                        created = true;
-                        rows.add(run.id, 1, std::slice::from_ref(&run.record), &run.projection, run.now);
-                        if let Some(start) = &run.start {
-                            rows.add_journal(run.id, 2, &start.records, run.now);
-                        }
-                    }
-                    Outcome::Submit(Box::new(r))
+        // A definition first, in its own statement (runs reference it); once per process.
+        for (_, run) in free.iter().chain(&locked) {
+            if known.insert(run.definition_hash.clone()) {
+                let stored = sqlx::query(
+                    "INSERT INTO definitions (hash, name, source, created_at) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (hash) DO NOTHING",
+                )
+                .bind(&run.definition_hash)
+                .bind(&run.definition)
+                .bind(&run.definition_source)
+                .bind(run.now.0)
+                .execute(&self.pool)
+                .await;
+                if let Err(e) = stored {
+                    known.remove(&run.definition_hash);
+                    return Err(e.into());
                 }
-                WriteJob::Checkpoint(..) => continue,
-                other @ (WriteJob::Claim(..) | WriteJob::Heartbeat(..) | WriteJob::Release(..)) => other.failed(
-                    StoreError::Config("leases are not written by the PostgreSQL writer".into()),
-                ),
-            };
+            }
+        }
+        // Checkpoints and submits touch different runs: their statements go at once, on two
+        // connections, and the database flushes both commits together.
+        let (checkpointed, submitted) = tokio::join!(self.checkpoint_all(&cps), self.submit_all(&free, &locked));
+        for (i, o) in checkpointed.into_iter().chain(submitted) {
             out[i] = Some(o);
         }
-
-        write_rows(&mut tx, &rows).await?;
-        if created {
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(&self.channel)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        known.extend(new_defs.into_iter().map(str::to_string));
         Ok(out
             .into_iter()
             .zip(batch)
@@ -132,11 +86,266 @@ impl Committer for PgCommitter {
     }
 }
 
-async fn compare_and_set(tx: &mut PgConnection, cps: &[&Checkpoint]) -> Result<HashMap<String, CheckpointOutcome>> {
-    let rows: Vec<CasRow> = cps.iter().map(|cp| CasRow::of(cp)).collect();
+impl PgCommitter {
+    /// The checkpoints in one statement; if it fails, each alone (a failed statement wrote
+    /// nothing), so one bad checkpoint does not fail the others.
+    async fn checkpoint_all(&self, cps: &[(usize, &Checkpoint)]) -> Vec<(usize, Outcome)> {
+        if cps.is_empty() {
+            return vec![];
+        }
+        let all: Vec<&Checkpoint> = cps.iter().map(|(_, cp)| *cp).collect();
+        let answer =
+            |matched: &HashMap<String, CheckpointOutcome>, cp: &Checkpoint| match matched.get(&cp.run_id.to_string()) {
+                Some(o) => Outcome::Checkpoint(Ok(*o)),
+                None => Outcome::Checkpoint(Err(StoreError::Fenced { run: cp.run_id })),
+            };
+        match checkpoints(&self.pool, &all).await {
+            Ok(matched) => cps.iter().map(|(i, cp)| (*i, answer(&matched, cp))).collect(),
+            Err(e) if cps.len() == 1 => vec![(cps[0].0, Outcome::Checkpoint(Err(e)))],
+            Err(e) => {
+                tracing::warn!(error = %e, size = cps.len(), "checkpoint batch failed; committing one by one");
+                let mut each = Vec::with_capacity(cps.len());
+                for (i, cp) in cps {
+                    each.push((
+                        *i,
+                        match checkpoints(&self.pool, &[*cp]).await {
+                            Ok(matched) => answer(&matched, cp),
+                            Err(e) => Outcome::Checkpoint(Err(e)),
+                        },
+                    ));
+                }
+                each
+            }
+        }
+    }
+
+    /// Submits without a lock in one statement (each alone if it fails); each locked one in a
+    /// statement of its own, so a VM_BUSY refusal is its own.
+    async fn submit_all(&self, free: &[(usize, &NewRun)], locked: &[(usize, &NewRun)]) -> Vec<(usize, Outcome)> {
+        let mut out = Vec::with_capacity(free.len() + locked.len());
+        let one = |r: Result<Submitted>| Outcome::Submit(Box::new(r));
+        if !free.is_empty() {
+            let runs: Vec<&NewRun> = free.iter().map(|(_, r)| *r).collect();
+            match submit_runs(&self.pool, &runs, &self.channel).await {
+                Ok(results) => out.extend(free.iter().map(|(i, _)| *i).zip(results.into_iter().map(one))),
+                Err(e) if free.len() == 1 => out.push((free[0].0, one(Err(e)))),
+                Err(e) => {
+                    tracing::warn!(error = %e, size = free.len(), "submit batch failed; submitting one by one");
+                    for (i, run) in free {
+                        out.push((*i, one(submit_one(&self.pool, run, &self.channel).await)));
+                    }
+                }
+            }
+        }
+        for (i, run) in locked {
+            out.push((*i, one(submit_one(&self.pool, run, &self.channel).await)));
+        }
+        out
+    }
+}
+
+async fn submit_one(pool: &PgPool, run: &NewRun, channel: &str) -> Result<Submitted> {
+    submit_runs(pool, &[run], channel)
+        .await?
+        .pop()
+        .unwrap_or_else(|| Err(StoreError::Corrupt("a submit without an outcome".into())))
+}
+
+/// One run to create, as the submit statement reads it: the `runs` row and the
+/// `failover_jobs` row with its projection already applied (a row cannot be updated in the
+/// statement that inserts it).
+#[derive(serde::Serialize)]
+struct SubmitRow<'a> {
+    id: String,
+    definition: &'a str,
+    hash: &'a str,
+    request_id: Option<&'a str>,
+    correlation_id: &'a str,
+    status: &'static str,
+    display: &'a str,
+    step: Option<&'a str>,
+    state: &'a RunState,
+    input: &'a Value,
+    last_seq: i64,
+    now: i64,
+    token: i64,
+    owner: Option<&'a str>,
+    lease_expires: Option<i64>,
+    started: Option<i64>,
+    vm_id: &'a str,
+    vm_name: Option<&'a str>,
+    job_type: &'a str,
+    job_status: &'a str,
+    snapshot: Option<&'a str>,
+    vm: Option<&'a str>,
+    error: Option<&'a str>,
+    source_vm_spec: Option<String>,
+    network_mappings: Option<String>,
+    lock_key: Option<&'a str>,
+    job_started: bool,
+    job_completed: bool,
+}
+
+impl<'a> SubmitRow<'a> {
+    fn of(run: &'a NewRun, pending: &'a RunState) -> SubmitRow<'a> {
+        let (state, step, last_seq) = match &run.start {
+            Some(s) => (&s.state, s.current_step.as_deref(), 1 + s.records.len() as i64),
+            None => (pending, None, 1),
+        };
+        let p = &run.projection;
+        SubmitRow {
+            id: run.id.to_string(),
+            definition: &run.definition,
+            hash: &run.definition_hash,
+            request_id: run.request_id.as_deref(),
+            correlation_id: &run.correlation_id,
+            status: state.status().as_str(),
+            display: &run.display_status,
+            step,
+            state,
+            input: &run.input,
+            last_seq,
+            now: run.now.0,
+            token: run.start.as_ref().map_or(0, |s| s.lease.token),
+            owner: run.start.as_ref().map(|s| s.lease.owner.as_str()),
+            lease_expires: run.start.as_ref().map(|s| s.lease_expires_at.0),
+            started: run.start.as_ref().map(|_| run.now.0),
+            vm_id: run.input.get("vm_id").and_then(Value::as_str).unwrap_or(""),
+            vm_name: run.input.get("vm_name").and_then(Value::as_str),
+            job_type: &run.job_type,
+            job_status: p.status.as_deref().unwrap_or(&run.display_status),
+            snapshot: p.snapshot_name.as_deref(),
+            vm: p.destination_vm_id.as_deref(),
+            error: p.error_message.as_deref(),
+            source_vm_spec: run.input.get("source_vm_spec").map(|v| v.to_string()),
+            network_mappings: run.input.get("network_mappings").map(|v| v.to_string()),
+            lock_key: run.lock_key.as_deref(),
+            job_started: p.started,
+            job_completed: p.completed,
+        }
+    }
+}
+
+/// Creates runs in one statement: their `runs` rows (idempotent by request id: a run whose
+/// request id is taken is answered with the existing run), `failover_jobs` rows, journal and
+/// tracking rows, and a wake-up for the workers of every process. One answer per run, in order.
+async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<Vec<Result<Submitted>>> {
+    let pending = RunState::Pending;
+    let new: Vec<SubmitRow> = runs.iter().map(|r| SubmitRow::of(r, &pending)).collect();
+    let mut rows = BatchRows::default();
+    for run in runs {
+        rows.add(run.id, 1, std::slice::from_ref(&run.record), &run.projection, run.now);
+        if let Some(start) = &run.start {
+            rows.add_journal(run.id, 2, &start.records, run.now);
+        }
+    }
+    let at = |field: &str| format!("to_timestamp((e->>'{field}')::bigint / 1000.0)");
+    let inserted = sqlx::query(&format!(
+        "WITH v AS (SELECT e FROM jsonb_array_elements($1::jsonb) AS e), \
+         ins AS (INSERT INTO runs (id, definition, definition_hash, request_id, correlation_id, status, display_status, \
+                     current_step, state, input, context, last_seq, wake_at, fencing_token, lease_owner, \
+                     lease_expires_at, created_at, updated_at, started_at) \
+             SELECT (e->>'id')::uuid, e->>'definition', e->>'hash', e->>'request_id', e->>'correlation_id', \
+                    e->>'status', e->>'display', e->>'step', e->'state', e->'input', '{{}}'::jsonb, \
+                    (e->>'last_seq')::bigint, (e->>'now')::bigint, (e->>'token')::bigint, e->>'owner', \
+                    (e->>'lease_expires')::bigint, (e->>'now')::bigint, (e->>'now')::bigint, (e->>'started')::bigint \
+             FROM v ON CONFLICT (request_id) DO NOTHING RETURNING {RUN_COLUMNS}), \
+         jobs AS (INSERT INTO failover_jobs (job_id, vm_id, vm_name, job_type, status, linstor_snapshot_name, \
+                     destination_vm_id, source_vm_spec, network_mappings, error_message, correlation_id, created_at, \
+                     updated_at, started_at, completed_at, lock_key) \
+             SELECT e->>'id', e->>'vm_id', e->>'vm_name', e->>'job_type', e->>'job_status', e->>'snapshot', e->>'vm', \
+                    e->>'source_vm_spec', e->>'network_mappings', e->>'error', e->>'correlation_id', {now}, {now}, \
+                    CASE WHEN (e->>'job_started')::boolean THEN {now} END, \
+                    CASE WHEN (e->>'job_completed')::boolean THEN {now} END, e->>'lock_key' \
+             FROM v WHERE (e->>'id')::uuid IN (SELECT id FROM ins)), \
+         journal_rows AS (INSERT INTO journal (run_id, seq, kind, record, at) \
+             SELECT (e->>'run')::uuid, (e->>'seq')::bigint, e->>'kind', e->'record', (e->>'at')::bigint \
+             FROM jsonb_array_elements($2::jsonb) AS e WHERE (e->>'run')::uuid IN (SELECT id FROM ins)), \
+         tracking AS (INSERT INTO job_tracking (id, parent_job_id, operation, status, metadata, error_message, \
+                                                created_at, updated_at) \
+             SELECT e->>'id', e->>'parent', e->>'operation', e->>'status', e->'metadata', e->>'error', \
+                    (e->>'at')::timestamptz, (e->>'at')::timestamptz FROM jsonb_array_elements($3::jsonb) AS e \
+             WHERE (e->>'parent')::uuid IN (SELECT id FROM ins) \
+             ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, \
+                 metadata = excluded.metadata, error_message = excluded.error_message, updated_at = excluded.updated_at) \
+         SELECT {RUN_COLUMNS}, pg_notify($4, '') IS NULL AS woke FROM ins",
+        now = at("now"),
+    ))
+    .bind(json(&new)?)
+    .bind(json(&rows.journal)?)
+    .bind(json(&rows.tracking)?)
+    .bind(channel)
+    .fetch_all(pool)
+    .await
+    .map_err(|e| match runs {
+        [one] => lock_conflict(e, &one.lock_key),
+        _ => StoreError::Database(e),
+    })?;
+    let mut created: HashMap<uuid::Uuid, RunRow> = HashMap::with_capacity(inserted.len());
+    for row in &inserted {
+        let run = run_from_row(row)?;
+        created.insert(run.id.0, run);
+    }
+    // Runs whose request id was taken: answered with the run that has it.
+    let taken: Vec<&str> = runs
+        .iter()
+        .filter(|r| !created.contains_key(&r.id.0))
+        .filter_map(|r| r.request_id.as_deref())
+        .collect();
+    let mut existing: HashMap<String, RunRow> = HashMap::new();
+    if !taken.is_empty() {
+        for row in sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE request_id = ANY($1)"))
+            .bind(&taken)
+            .fetch_all(pool)
+            .await?
+        {
+            let run = run_from_row(&row)?;
+            if let Some(req) = run.request_id.clone() {
+                existing.insert(req, run);
+            }
+        }
+    }
+    Ok(runs
+        .iter()
+        .map(|r| match created.remove(&r.id.0) {
+            Some(run) => Ok(Submitted { run, created: true }),
+            None => r
+                .request_id
+                .as_ref()
+                .and_then(|req| existing.get(req).cloned())
+                .map(|run| Submitted { run, created: false })
+                .ok_or_else(|| StoreError::Corrupt(format!("run {} was neither created nor found", r.id))),
+        })
+        .collect())
+}
+
+/// A signal a checkpoint consumed.
+#[derive(serde::Serialize)]
+struct ConsumedRow {
+    id: i64,
+    run: String,
+    now: i64,
+}
+
+/// Every checkpoint of a batch in one statement: the compare-and-set, then (only for the runs
+/// it matched) the journal rows, projections, tracking rows and consumed signals. Returns the
+/// outcome of each run it matched; a run it did not match was fenced and nothing of it was
+/// written.
+async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<HashMap<String, CheckpointOutcome>> {
+    let cas: Vec<CasRow> = cps.iter().map(|cp| CasRow::of(cp)).collect();
+    let mut rows = BatchRows::default();
+    let mut consumed = Vec::new();
+    for cp in cps {
+        rows.add(cp.run_id, cp.expected_seq + 1, &cp.records, &cp.projection, cp.now);
+        consumed.extend(cp.consumed_signals.iter().map(|&id| ConsumedRow {
+            id,
+            run: cp.run_id.to_string(),
+            now: cp.now.0,
+        }));
+    }
     let out = sqlx::query(
-        "UPDATE runs SET state = v.state, status = v.status, display_status = v.display, current_step = v.step, \
-             context = COALESCE(v.context, runs.context), last_seq = runs.last_seq + v.n, \
+        "WITH cas AS (UPDATE runs SET state = v.state, status = v.status, display_status = v.display, \
+             current_step = v.step, context = COALESCE(v.context, runs.context), last_seq = runs.last_seq + v.n, \
              wake_at = CASE WHEN (NOT v.terminal AND runs.cancel_pending AND NOT v.cancel) \
                               OR (v.wake_on_signal AND runs.signals_pending - v.signals > 0) THEN v.now \
                             ELSE v.wake END, \
@@ -157,10 +366,39 @@ async fn compare_and_set(tx: &mut PgConnection, cps: &[&Checkpoint]) -> Result<H
                FROM jsonb_array_elements($1::jsonb) AS e) AS v \
          WHERE runs.id = v.id AND runs.fencing_token = v.token AND runs.lease_owner = v.owner \
            AND runs.last_seq = v.seq AND runs.status = v.expect \
-         RETURNING runs.id::text AS id, runs.last_seq, runs.signals_pending, runs.cancel_pending",
+         RETURNING runs.id, runs.last_seq, runs.signals_pending, runs.cancel_pending), \
+         journal_rows AS (INSERT INTO journal (run_id, seq, kind, record, at) \
+             SELECT (e->>'run')::uuid, (e->>'seq')::bigint, e->>'kind', e->'record', (e->>'at')::bigint \
+             FROM jsonb_array_elements($2::jsonb) AS e WHERE (e->>'run')::uuid IN (SELECT id FROM cas)), \
+         projections AS (UPDATE failover_jobs SET status = COALESCE(v.status, failover_jobs.status), \
+             linstor_snapshot_name = COALESCE(v.snapshot, failover_jobs.linstor_snapshot_name), \
+             destination_vm_id = COALESCE(v.vm, failover_jobs.destination_vm_id), \
+             error_message = COALESCE(v.error, failover_jobs.error_message), \
+             started_at = CASE WHEN v.started AND failover_jobs.started_at IS NULL THEN v.at ELSE failover_jobs.started_at END, \
+             completed_at = CASE WHEN v.completed THEN v.at ELSE failover_jobs.completed_at END, updated_at = v.at \
+             FROM (SELECT e->>'id' AS id, e->>'status' AS status, e->>'snapshot' AS snapshot, e->>'vm' AS vm, \
+                          e->>'error' AS error, (e->>'started')::boolean AS started, \
+                          (e->>'completed')::boolean AS completed, (e->>'at')::timestamptz AS at \
+                   FROM jsonb_array_elements($3::jsonb) AS e) AS v \
+             WHERE failover_jobs.job_id = v.id AND v.id::uuid IN (SELECT id FROM cas)), \
+         tracking AS (INSERT INTO job_tracking (id, parent_job_id, operation, status, metadata, error_message, \
+                                                created_at, updated_at) \
+             SELECT e->>'id', e->>'parent', e->>'operation', e->>'status', e->'metadata', e->>'error', \
+                    (e->>'at')::timestamptz, (e->>'at')::timestamptz FROM jsonb_array_elements($4::jsonb) AS e \
+             WHERE (e->>'parent')::uuid IN (SELECT id FROM cas) \
+             ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, \
+                 metadata = excluded.metadata, error_message = excluded.error_message, updated_at = excluded.updated_at), \
+         consumed AS (UPDATE signals SET consumed_at = (e->>'now')::bigint FROM jsonb_array_elements($5::jsonb) AS e \
+             WHERE signals.id = (e->>'id')::bigint AND signals.consumed_at IS NULL \
+               AND (e->>'run')::uuid IN (SELECT id FROM cas)) \
+         SELECT id::text AS id, last_seq, signals_pending, cancel_pending FROM cas",
     )
-    .bind(json(&rows)?)
-    .fetch_all(&mut *tx)
+    .bind(json(&cas)?)
+    .bind(json(&rows.journal)?)
+    .bind(json(&rows.projections)?)
+    .bind(json(&rows.tracking)?)
+    .bind(json(&consumed)?)
+    .fetch_all(db)
     .await?;
     out.iter()
         .map(|r| {
@@ -174,119 +412,4 @@ async fn compare_and_set(tx: &mut PgConnection, cps: &[&Checkpoint]) -> Result<H
             ))
         })
         .collect()
-}
-
-/// The batch's journal rows, projections and tracking rows: one statement each.
-async fn write_rows(tx: &mut PgConnection, rows: &BatchRows<'_>) -> Result<()> {
-    if !rows.journal.is_empty() {
-        sqlx::query(
-            "INSERT INTO journal (run_id, seq, kind, record, at) \
-             SELECT (e->>'run')::uuid, (e->>'seq')::bigint, e->>'kind', e->'record', (e->>'at')::bigint \
-             FROM jsonb_array_elements($1::jsonb) AS e",
-        )
-        .bind(json(&rows.journal)?)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !rows.projections.is_empty() {
-        sqlx::query(
-            "UPDATE failover_jobs SET status = COALESCE(v.status, failover_jobs.status), \
-             linstor_snapshot_name = COALESCE(v.snapshot, failover_jobs.linstor_snapshot_name), \
-             destination_vm_id = COALESCE(v.vm, failover_jobs.destination_vm_id), \
-             error_message = COALESCE(v.error, failover_jobs.error_message), \
-             started_at = CASE WHEN v.started AND failover_jobs.started_at IS NULL THEN v.at ELSE failover_jobs.started_at END, \
-             completed_at = CASE WHEN v.completed THEN v.at ELSE failover_jobs.completed_at END, updated_at = v.at \
-             FROM (SELECT e->>'id' AS id, e->>'status' AS status, e->>'snapshot' AS snapshot, e->>'vm' AS vm, \
-                          e->>'error' AS error, (e->>'started')::boolean AS started, \
-                          (e->>'completed')::boolean AS completed, (e->>'at')::timestamptz AS at \
-                   FROM jsonb_array_elements($1::jsonb) AS e) AS v \
-             WHERE failover_jobs.job_id = v.id",
-        )
-        .bind(json(&rows.projections)?)
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !rows.tracking.is_empty() {
-        sqlx::query(
-            "INSERT INTO job_tracking (id, parent_job_id, operation, status, metadata, error_message, created_at, updated_at) \
-             SELECT e->>'id', e->>'parent', e->>'operation', e->>'status', e->'metadata', e->>'error', \
-                    (e->>'at')::timestamptz, (e->>'at')::timestamptz FROM jsonb_array_elements($1::jsonb) AS e \
-             ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, metadata = excluded.metadata, \
-             error_message = excluded.error_message, updated_at = excluded.updated_at",
-        )
-        .bind(json(&rows.tracking)?)
-        .execute(&mut *tx)
-        .await?;
-    }
-    Ok(())
-}
-
-/// Creates the run row and its failover_jobs row (idempotent by request id: two concurrent
-/// submits with one request id make one run). Its journal rows and projection go with the batch.
-async fn insert_run(tx: &mut PgConnection, run: &NewRun) -> Result<Submitted> {
-    let pending = RunState::Pending;
-    let (state, current_step, last_seq) = match &run.start {
-        Some(s) => (&s.state, s.current_step.as_deref(), 1 + s.records.len() as i64),
-        None => (&pending, None, 1),
-    };
-    let lease = run.start.as_ref().map(|s| (&s.lease, s.lease_expires_at));
-    let row = sqlx::query(&format!(
-        "INSERT INTO runs (id, definition, definition_hash, request_id, correlation_id, status, display_status, \
-         current_step, state, input, context, last_seq, wake_at, fencing_token, lease_owner, lease_expires_at, \
-         created_at, updated_at, started_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, '{{}}'::jsonb, $11, $12, $13, $14, $15, $12, $12, $16) \
-         ON CONFLICT (request_id) DO NOTHING RETURNING {RUN_COLUMNS}"
-    ))
-    .bind(run.id.0)
-    .bind(&run.definition)
-    .bind(&run.definition_hash)
-    .bind(&run.request_id)
-    .bind(&run.correlation_id)
-    .bind(state.status().as_str())
-    .bind(&run.display_status)
-    .bind(current_step)
-    .bind(Json(state))
-    .bind(Json(&run.input))
-    .bind(last_seq)
-    .bind(run.now.0)
-    .bind(lease.map_or(0, |(l, _)| l.token))
-    .bind(lease.map(|(l, _)| l.owner.as_str()))
-    .bind(lease.map(|(_, at)| at.0))
-    .bind(run.start.as_ref().map(|_| run.now.0))
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(row) = row else {
-        let req = run.request_id.as_deref().unwrap_or_default();
-        let existing = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE request_id = $1"))
-            .bind(req)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt(format!("request id {req:?} conflicted but no run has it")))?;
-        return Ok(Submitted {
-            run: run_from_row(&existing)?,
-            created: false,
-        });
-    };
-    let at = tsz(9);
-    sqlx::query(&format!(
-        "INSERT INTO failover_jobs (job_id, vm_id, vm_name, job_type, status, source_vm_spec, network_mappings, \
-         correlation_id, created_at, updated_at, lock_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {at}, {at}, $10)"
-    ))
-    .bind(run.id.to_string())
-    .bind(run.input.get("vm_id").and_then(Value::as_str).unwrap_or(""))
-    .bind(run.input.get("vm_name").and_then(Value::as_str))
-    .bind(&run.job_type)
-    .bind(&run.display_status)
-    .bind(run.input.get("source_vm_spec").map(|v| v.to_string()))
-    .bind(run.input.get("network_mappings").map(|v| v.to_string()))
-    .bind(&run.correlation_id)
-    .bind(run.now.0)
-    .bind(&run.lock_key)
-    .execute(&mut *tx)
-    .await
-    .map_err(|e| lock_conflict(e, &run.lock_key))?;
-    Ok(Submitted {
-        run: run_from_row(&row)?,
-        created: true,
-    })
 }
