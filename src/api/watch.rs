@@ -16,6 +16,7 @@ use super::pb;
 use super::pb::watch_event::Event;
 use crate::domain::RunId;
 use crate::engine::Engine;
+use crate::store::JournalEntry;
 
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
@@ -27,17 +28,32 @@ const POLL: Duration = Duration::from_millis(100);
 const BATCH: u32 = 500;
 
 /// Streams `run`'s journal after `after`, then its terminal event. The run must exist.
+///
+/// The history comes from the journal. After that, entries this process commits arrive through
+/// the run's feed ([`Engine::watch_run`]) without a read; whenever what the feed holds does not
+/// follow on from the last entry sent (a run driven elsewhere, or a feed that overflowed), the
+/// journal is read instead.
 pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String) -> WatchStream {
     let (tx, rx) = mpsc::channel(64);
     let store = engine.store.clone();
-    let committed = engine.watch_run(run);
+    let feed = engine.watch_run(run);
     tokio::spawn(async move {
         let mut last = after;
+        let mut fed: Vec<JournalEntry> = Vec::new();
         loop {
             let step = async {
-                let entries = store.journal(run, last, BATCH).await?;
-                let full = entries.len() as u32 == BATCH;
+                let (entries, full) = match fed.first() {
+                    Some(first) if first.seq == last + 1 => (std::mem::take(&mut fed), false),
+                    _ => {
+                        let read = store.journal(run, last, BATCH).await?;
+                        let full = read.len() as u32 == BATCH;
+                        (read, full)
+                    }
+                };
                 for e in &entries {
+                    if e.seq <= last {
+                        continue;
+                    }
                     let ev = pb::WatchEvent {
                         event: Some(Event::Entry(convert::entry(e))),
                     };
@@ -80,11 +96,19 @@ pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String
                     return;
                 }
             }
+            // Whatever was committed meanwhile is in the feed already: no need to wait for it.
+            fed = feed.take();
+            fed.retain(|e| e.seq > last);
+            if !fed.is_empty() {
+                continue;
+            }
             tokio::select! {
-                _ = committed.notified() => {}
+                _ = feed.changed() => {}
                 _ = tokio::time::sleep(POLL) => {}
                 _ = tx.closed() => return,
             }
+            fed = feed.take();
+            fed.retain(|e| e.seq > last);
         }
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))

@@ -67,6 +67,14 @@ pub struct BenchArgs {
     /// with 1000000).
     #[arg(long, default_value_t = 0)]
     pub list_runs: usize,
+    /// Workflows per phase of the scale-out scenario (PostgreSQL only; 0 skips it): `tern server`
+    /// processes on one database, one server then `--servers`, then `--servers` with one of
+    /// them SIGKILLed under load.
+    #[arg(long, default_value_t = 2000)]
+    pub scale_out_runs: usize,
+    /// `tern server` processes in the scale-out scenario.
+    #[arg(long, default_value_t = 3)]
+    pub servers: usize,
     /// How long each held run waits on its timer: long enough that all are held at once.
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     pub held_for: Duration,
@@ -567,6 +575,229 @@ async fn recovery(url: &str, store: Arc<dyn Store>, args: &BenchArgs) -> Result<
     ))
 }
 
+/// `tern server` child processes on one database, each serving the API on its own loopback
+/// port (and running its worker). Killed when dropped.
+struct Servers {
+    children: Vec<std::process::Child>,
+    clients: Vec<WorkflowServiceClient<tonic::transport::Channel>>,
+}
+
+impl Servers {
+    async fn start(url: &str, k: usize, lease_ttl: Duration) -> Result<Servers, BenchError> {
+        let exe = std::env::current_exe().map_err(|e| BenchError::Setup(format!("own executable: {e}")))?;
+        let mut servers = Servers {
+            children: Vec::new(),
+            clients: Vec::new(),
+        };
+        let mut addrs = Vec::new();
+        for _ in 0..k {
+            // A free loopback port: bound here, released, then given to the server.
+            let addr = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| BenchError::Setup(format!("finding a free loopback port: {e}")))?;
+            let child = std::process::Command::new(&exe)
+                .args(["server", "--database", url, "--listen", &addr.to_string()])
+                .args(["--lease-ttl", &format!("{}ms", lease_ttl.as_millis()), "--poll-interval", "200ms"])
+                .env("RUST_LOG", "error")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| BenchError::Setup(format!("starting a server process: {e}")))?;
+            servers.children.push(child);
+            addrs.push(addr);
+        }
+        for addr in addrs {
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| BenchError::Setup(e.to_string()))?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let channel = loop {
+                match endpoint.connect().await {
+                    Ok(c) => break c,
+                    Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => return Err(BenchError::Setup(format!("the server at {addr} did not come up: {e}"))),
+                }
+            };
+            servers.clients.push(WorkflowServiceClient::new(channel));
+        }
+        Ok(servers)
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One workflow through a set of servers, starting with server `at`: submitted with
+/// `request_id` (so a submit whose answer was lost is not doubled when retried elsewhere) and
+/// watched to its end. On a dead server, the client moves to the next one and asks again.
+async fn one_somewhere(
+    clients: &[WorkflowServiceClient<tonic::transport::Channel>],
+    mut at: usize,
+    request_id: String,
+) -> Result<Duration, BenchError> {
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(120);
+    loop {
+        let mut client = clients[at % clients.len()].clone();
+        let attempt = async {
+            let run = client
+                .submit_workflow(pb::SubmitWorkflowRequest {
+                    definition: "noop-6".into(),
+                    input_json: String::new(),
+                    request_id: request_id.clone(),
+                })
+                .await?
+                .into_inner()
+                .run_id;
+            let mut events = client
+                .watch_workflow(pb::WatchWorkflowRequest {
+                    run_id: run.clone(),
+                    after_sequence: 0,
+                })
+                .await?
+                .into_inner();
+            while let Some(ev) = events.message().await? {
+                if let Some(pb::watch_event::Event::Terminal(end)) = ev.event {
+                    return Ok::<_, tonic::Status>(Some((run, end.status)));
+                }
+            }
+            Ok(None)
+        };
+        match attempt.await {
+            Ok(Some((_, status))) if status == "completed" => return Ok(t.elapsed()),
+            Ok(Some((run, status))) => return Err(BenchError::Setup(format!("run {run} ended {status}"))),
+            // A stream cut off or a server gone: ask the next server.
+            Ok(None) | Err(_) if Instant::now() < deadline => {
+                at += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(None) => return Err(BenchError::Setup(format!("request {request_id}: no server finished it"))),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Scale-out (PostgreSQL): the gRPC closed loop through `tern server` processes sharing one
+/// database, clients spread over them: one server, then `--servers`, then `--servers` with the
+/// first SIGKILLed a third of the way in. Each phase on a fresh schema; after the kill, the
+/// journal must show every run completed and no step started again after it had succeeded
+/// (a step in flight at the kill may start again: its idempotency key is the contract).
+async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
+    let n = args.scale_out_runs;
+    let k = args.servers.max(1);
+    let ttl = args.recovery_lease_ttl;
+    let mut lines = Vec::new();
+    for (servers, kill) in [(1, false), (k, false), (k, true)] {
+        let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+        // Created (and migrated) here first, so the servers start together on a ready schema.
+        let store = store::postgres::PgStore::connect(&args.postgres_url, Some(&schema)).await?;
+        let sep = if args.postgres_url.contains('?') { '&' } else { '?' };
+        let url = format!("{}{sep}tern_schema={schema}", args.postgres_url);
+        let result = async {
+            let fleet = Servers::start(&url, servers, ttl).await?;
+            let clients = Arc::new(fleet.clients.clone());
+            let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..args.in_flight.max(1) {
+                let (clients, next) = (clients.clone(), next.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if i >= n {
+                            break;
+                        }
+                        lat.push(one_somewhere(&clients, c, format!("scale-out-{i}")).await?);
+                    }
+                    Ok::<_, BenchError>(lat)
+                }));
+            }
+            let mut fleet = fleet;
+            let mut killed_at = None;
+            if kill {
+                while next.load(std::sync::atomic::Ordering::SeqCst) < n / 3 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                fleet.children[0]
+                    .kill()
+                    .map_err(|e| BenchError::Setup(format!("SIGKILL of a server: {e}")))?;
+                let _ = fleet.children[0].wait();
+                killed_at = Some(started.elapsed());
+            }
+            let mut latencies = Vec::with_capacity(n);
+            for t in tasks {
+                latencies.extend(t.await.map_err(|e| BenchError::Setup(e.to_string()))??);
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            drop(fleet);
+            latencies.sort();
+            let audit = audit_runs(&args.postgres_url, &schema, n).await?;
+            Ok::<_, BenchError>((n as f64 / elapsed, latencies, killed_at, audit))
+        }
+        .await;
+        drop(store);
+        drop_schema(args, &schema).await;
+        let (per_sec, latencies, killed_at, audit) = result?;
+        let what = match killed_at {
+            Some(t) => format!("{servers} servers, one SIGKILLed at {:.1} s", t.as_secs_f64()),
+            None if servers == 1 => "1 server".to_string(),
+            None => format!("{servers} servers"),
+        };
+        lines.push(format!(
+            "{:<22} {:<8} {n:>6} wf {per_sec:>9.1} wf/s  p50 {:>7.2} ms  p99 {:>7.2} ms  {what}: {audit}",
+            "scale-out gRPC",
+            "postgres",
+            percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+            percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        ));
+    }
+    Ok(lines)
+}
+
+/// What the journal of a scale-out phase shows: runs completed, runs another server took over,
+/// steps started more than once, and steps started again after they had succeeded (must be 0).
+async fn audit_runs(url: &str, schema: &str, n: usize) -> Result<String, BenchError> {
+    let pool = sqlx::PgPool::connect(url)
+        .await
+        .map_err(|e| BenchError::Setup(format!("connecting for the audit: {e}")))?;
+    let q = |sql: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&sql)
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| BenchError::Setup(format!("audit query: {e}")))
+        }
+    };
+    let runs = q(format!("SELECT COUNT(*) FROM {schema}.runs")).await?;
+    let completed = q(format!("SELECT COUNT(*) FROM {schema}.runs WHERE status = 'completed'")).await?;
+    let taken_over = q(format!("SELECT COUNT(*) FROM {schema}.runs WHERE fencing_token > 1")).await?;
+    let restarted = q(format!(
+        "SELECT COUNT(*) FROM (SELECT run_id, record->>'step' FROM {schema}.journal WHERE kind = 'step_started' \
+         GROUP BY 1, 2 HAVING COUNT(*) > 1) AS again"
+    ))
+    .await?;
+    let after_success = q(format!(
+        "SELECT COUNT(*) FROM {schema}.journal s JOIN {schema}.journal d ON d.run_id = s.run_id \
+         AND d.kind = 'step_succeeded' AND d.record->>'step' = s.record->>'step' AND s.seq > d.seq \
+         WHERE s.kind = 'step_started'"
+    ))
+    .await?;
+    pool.close().await;
+    Ok(format!(
+        "{completed}/{runs} runs completed, {taken_over} taken over, {restarted} steps started again \
+         (in flight at a kill), {after_success} run again after success{}",
+        if runs == n as i64 && completed == runs && after_success == 0 { "" } else { " (NOT met)" }
+    ))
+}
+
 /// Seeds `n` finished failover jobs (and their runs, pinned to the real failover definitions)
 /// straight into the database: half test, half live; 1% testing, 10% failed, the rest
 /// completed; spread over 1,000 VMs. Ids sort like UUIDv7 by creation (x in the leading digits).
@@ -798,6 +1029,11 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, BenchError> {
             println!("{}", held(store, args).await?);
             if let Some(s) = schema {
                 drop_schema(args, &s).await;
+            }
+        }
+        if args.scale_out_runs > 0 && b == "postgres" {
+            for line in scale_out(args).await? {
+                println!("{line}");
             }
         }
         if args.recovery_runs > 0 {

@@ -269,11 +269,13 @@ impl Driver {
             tracing::debug!(seq = self.seq, record = r.kind(), "committed");
             crash::point(&format!("after:{}", r.kind()));
         }
-        if !live {
-            // A run went to sleep or finished: let the worker loop recompute its next wake-up.
+        if !live && !self.state.is_terminal() {
+            // A run went to sleep: let the worker loop recompute its next wake-up.
             self.engine.store.wakeup().wake();
         }
-        self.engine.committed(self.run_id, self.state.is_terminal());
+        let first_seq = self.seq - records.len() as i64 + 1;
+        self.engine
+            .committed(self.run_id, first_seq, &records, now, self.state.is_terminal());
         if self.state.is_terminal() {
             self.engine.announce_finished(self.run_id);
         }

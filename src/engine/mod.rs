@@ -97,8 +97,47 @@ pub struct Engine {
     finished: tokio::sync::broadcast::Sender<RunId>,
     /// The worker of this process, when one runs: submits start on it at once.
     local: Mutex<Option<LocalWorker>>,
-    /// Watchers of runs, told when this process commits a transition of theirs.
-    watchers: Mutex<HashMap<RunId, std::sync::Weak<tokio::sync::Notify>>>,
+    /// Watchers of runs, each sent the entries this process commits for its run.
+    watchers: Mutex<HashMap<RunId, Vec<std::sync::Weak<RunFeed>>>>,
+}
+
+/// One watcher's view of the transitions this process commits for a run (see
+/// [`Engine::watch_run`]).
+#[derive(Default)]
+pub struct RunFeed {
+    notify: tokio::sync::Notify,
+    entries: Mutex<Vec<store::JournalEntry>>,
+}
+
+impl RunFeed {
+    /// Most entries held for a watcher that does not take them; past that it reads the journal.
+    const MAX: usize = 1024;
+
+    fn push(&self, run: RunId, first_seq: i64, records: &[Record], at: Timestamp) {
+        if let Ok(mut e) = self.entries.lock() {
+            if e.len() + records.len() > Self::MAX {
+                e.clear();
+            }
+            e.extend(records.iter().enumerate().map(|(i, r)| store::JournalEntry {
+                run_id: run,
+                seq: first_seq + i as i64,
+                record: r.clone(),
+                at,
+            }));
+        }
+        self.notify.notify_one();
+    }
+
+    /// Waits until this process commits something for the run.
+    pub async fn changed(&self) {
+        self.notify.notified().await
+    }
+
+    /// The entries committed since the last call, in order (possibly with a gap, if more were
+    /// committed than it holds: the caller checks the sequence numbers).
+    pub fn take(&self) -> Vec<store::JournalEntry> {
+        self.entries.lock().map(|mut e| std::mem::take(&mut *e)).unwrap_or_default()
+    }
 }
 
 /// A worker in this process that takes runs straight from [`Engine::submit`] (see [`store::Start`]).
@@ -360,33 +399,36 @@ impl Engine {
         let _ = self.finished.send(run);
     }
 
-    /// A wake-up for watching `run`: notified (a stored permit, so none is missed) each time this
-    /// process commits a transition of it. Runs driven by other processes are not seen here, so
-    /// a watcher keeps polling as well. Dropping the handle ends the registration.
-    pub fn watch_run(&self, run: RunId) -> Arc<tokio::sync::Notify> {
+    /// A feed for watching `run`: each time this process commits a transition of it, the new
+    /// journal entries are handed to the feed and it is woken (a stored permit, so none is
+    /// missed). Runs driven by other processes are not seen here, so a watcher keeps reading
+    /// the journal as well. Dropping the feed ends the registration.
+    pub fn watch_run(&self, run: RunId) -> Arc<RunFeed> {
         let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = w.get(&run).and_then(std::sync::Weak::upgrade) {
-            return n;
-        }
         if w.len() >= 1024 {
-            w.retain(|_, n| n.strong_count() > 0);
+            w.retain(|_, feeds| {
+                feeds.retain(|f| f.strong_count() > 0);
+                !feeds.is_empty()
+            });
         }
-        let n = Arc::new(tokio::sync::Notify::new());
-        w.insert(run, Arc::downgrade(&n));
-        n
+        let feed = Arc::new(RunFeed::default());
+        w.entry(run).or_default().push(Arc::downgrade(&feed));
+        feed
     }
 
-    pub(crate) fn committed(&self, run: RunId, terminal: bool) {
+    /// Hands the entries just committed for `run` (from `first_seq` on) to its watchers.
+    pub(crate) fn committed(&self, run: RunId, first_seq: i64, records: &[Record], at: Timestamp, terminal: bool) {
         let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         if w.is_empty() {
             return;
         }
-        let n = match terminal {
-            true => w.remove(&run),
-            false => w.get(&run).cloned(),
+        let feeds = match terminal {
+            true => w.remove(&run).unwrap_or_default(),
+            false => w.get(&run).cloned().unwrap_or_default(),
         };
-        if let Some(n) = n.and_then(|n| n.upgrade()) {
-            n.notify_one();
+        drop(w);
+        for feed in feeds.iter().filter_map(std::sync::Weak::upgrade) {
+            feed.push(run, first_seq, records, at);
         }
     }
 

@@ -37,6 +37,13 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
     };
     tracing::info!(worker = %cfg.worker_id, backend = engine.store.backend(), concurrency = cfg.concurrency, "worker started");
     let mut store_errors = 0u32;
+    // Whether a run may be waiting to be claimed: set by a wake-up (submit, signal, a run put
+    // to sleep, another process's notification), the timer and a full claim; cleared by a claim
+    // that found fewer runs than it asked for. A driver ending alone only frees a slot, so it
+    // does not send the loop to the database unless work is known to be waiting.
+    let mut claimable = true;
+    // When to look again without a wake-up: the next stored wake-up time or the fallback poll.
+    let mut next_look = tokio::time::Instant::now();
     while !shutdown.is_cancelled() {
         while let Some(done) = drivers.try_join_next() {
             log_driver_end(done);
@@ -45,8 +52,7 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
             spawn(&mut drivers, d.run, d.lease, Some(d.action), d.slot);
         }
         let free = slots.available_permits();
-        let mut full_batch = false;
-        if free > 0 {
+        if free > 0 && claimable {
             match engine
                 .store
                 .claim(&cfg.worker_id, free as u32, cfg.lease_ttl, Timestamp::now())
@@ -54,12 +60,13 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
             {
                 Ok(runs) => {
                     store_errors = 0;
-                    full_batch = runs.len() == free;
+                    claimable = runs.len() == free;
                     for (run, lease) in runs {
                         match slots.clone().try_acquire_owned() {
                             Ok(slot) => spawn(&mut drivers, run, lease, None, slot),
                             // A submit took the slot meanwhile: give the run back at once.
                             Err(_) => {
+                                claimable = true;
                                 if let Err(e) = engine.store.release(run.id, &lease).await {
                                     tracing::warn!(run_id = %run.id, error = %e, "could not give back a claimed run; it moves when its lease expires");
                                 }
@@ -74,22 +81,27 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
                     continue;
                 }
             }
-        }
-        if full_batch && slots.available_permits() > 0 {
-            continue;
-        }
-        let now = Timestamp::now();
-        let mut wait = cfg.poll_interval;
-        match engine.store.next_wake_after(now).await {
-            Ok(Some(next)) => wait = wait.min(now.until(next)),
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "could not read the next wake-up time"),
+            if claimable && slots.available_permits() > 0 {
+                continue;
+            }
+            let now = Timestamp::now();
+            let mut wait = cfg.poll_interval;
+            match engine.store.next_wake_after(now).await {
+                Ok(Some(next)) => wait = wait.min(now.until(next)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "could not read the next wake-up time"),
+            }
+            next_look = tokio::time::Instant::now() + wait;
         }
         tokio::select! {
-            _ = wake.wait() => {}
+            _ = wake.wait() => claimable = true,
             Some(d) = local.recv() => spawn(&mut drivers, d.run, d.lease, Some(d.action), d.slot),
             Some(done) = drivers.join_next(), if !drivers.is_empty() => log_driver_end(done),
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep_until(next_look) => {
+                claimable = true;
+                // Due work with every slot busy: look again once a slot frees, not before.
+                next_look = tokio::time::Instant::now() + cfg.poll_interval;
+            }
             _ = shutdown.cancelled() => {}
         }
     }

@@ -189,8 +189,10 @@ fn run_from_row(row: &PgRow) -> Result<RunRow> {
 #[async_trait]
 impl Store for PgStore {
     async fn submit(&self, run: NewRun) -> Result<Submitted> {
+        // A run started at submit is already leased: no worker needs to look for it.
+        let claimable = run.start.is_none();
         let submitted = self.write(|reply| WriteJob::Submit(Box::new(run), reply)).await?;
-        if submitted.created {
+        if submitted.created && claimable {
             self.wakeup.wake();
         }
         Ok(submitted)

@@ -228,7 +228,8 @@ impl<'a> SubmitRow<'a> {
 
 /// Creates runs in one statement: their `runs` rows (idempotent by request id: a run whose
 /// request id is taken is answered with the existing run), `failover_jobs` rows, journal and
-/// tracking rows, and a wake-up for the workers of every process. One answer per run, in order.
+/// tracking rows, and a wake-up for the workers of every process when a run is left for them to
+/// claim (one started at submit is leased already). One answer per run, in order.
 async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<Vec<Result<Submitted>>> {
     let pending = RunState::Pending;
     let new: Vec<SubmitRow> = runs.iter().map(|r| SubmitRow::of(r, &pending)).collect();
@@ -268,7 +269,7 @@ async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<V
              WHERE (e->>'parent')::uuid IN (SELECT id FROM ins) \
              ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, \
                  metadata = excluded.metadata, error_message = excluded.error_message, updated_at = excluded.updated_at) \
-         SELECT {RUN_COLUMNS}, pg_notify($4, '') IS NULL AS woke FROM ins",
+         SELECT {RUN_COLUMNS}, (CASE WHEN lease_owner IS NULL THEN pg_notify($4, '') END) IS NULL AS woke FROM ins",
         now = at("now"),
     ))
     .bind(json(&new)?)

@@ -153,8 +153,10 @@ fn run_from_row(row: &impl Cols) -> Result<RunRow> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn submit(&self, run: NewRun) -> Result<Submitted> {
+        // A run started at submit is already leased: no worker needs to look for it.
+        let claimable = run.start.is_none();
         let submitted = self.write(|reply| WriteJob::Submit(Box::new(run), reply)).await?;
-        if submitted.created {
+        if submitted.created && claimable {
             self.wakeup.wake();
         }
         Ok(submitted)
