@@ -20,6 +20,7 @@ fn bench(backend: &str, pg: Option<&str>) -> String {
         "3",
     ])
     .args(["--recovery-runs", "5", "--recovery-lease-ttl", "1s"])
+    .args(["--scale-out-runs", "30", "--servers", "3"])
     .env("RUST_LOG", "error");
     if let Some(url) = pg {
         cmd.args(["--postgres-url", url]);
@@ -56,6 +57,19 @@ fn check(out: &str, backend: &str) {
         .find(|l| l.starts_with("recovery") && l.contains(backend))
         .unwrap_or_else(|| panic!("no recovery line in:\n{out}"));
     assert!(recovery.contains("SIGKILLed: 5 moving again"), "{recovery}");
+    let scale_out: Vec<&str> = out.lines().filter(|l| l.starts_with("scale-out")).collect();
+    if backend != "postgres" {
+        assert!(scale_out.is_empty(), "scale-out is PostgreSQL's: {out}");
+        return;
+    }
+    assert_eq!(scale_out.len(), 3, "1 server, 3 servers, 3 with a SIGKILL:\n{out}");
+    for line in &scale_out {
+        // Every run completed, none doubled by a retried submit, no step run again after success.
+        assert!(line.contains("30/30 runs completed"), "{line}");
+        assert!(line.contains(" 0 run again after success"), "{line}");
+        assert!(!line.contains("NOT met"), "{line}");
+    }
+    assert!(scale_out[2].contains("one SIGKILLed"), "{}", scale_out[2]);
 }
 
 #[test]

@@ -242,33 +242,11 @@ impl Harness {
         mut client: WorkflowServiceClient<tonic::transport::Channel>,
     ) -> Result<Duration, BenchError> {
         let t = Instant::now();
-        let run = client
-            .submit_workflow(pb::SubmitWorkflowRequest {
-                definition: "noop-6".into(),
-                input_json: String::new(),
-                request_id: String::new(),
-            })
-            .await?
-            .into_inner()
-            .run_id;
-        let mut events = client
-            .watch_workflow(pb::WatchWorkflowRequest {
-                run_id: run.clone(),
-                after_sequence: 0,
-            })
-            .await?
-            .into_inner();
-        while let Some(ev) = events.message().await? {
-            if let Some(pb::watch_event::Event::Terminal(end)) = ev.event {
-                if end.status != "completed" {
-                    return Err(BenchError::Setup(format!("run {run} ended {}", end.status)));
-                }
-                return Ok(t.elapsed());
-            }
+        match submit_and_watch(&mut client, String::new()).await? {
+            Some((_, status)) if status == "completed" => Ok(t.elapsed()),
+            Some((run, status)) => Err(BenchError::Setup(format!("run {run} ended {status}"))),
+            None => Err(BenchError::Setup("a watch ended without its terminal event".into())),
         }
-        Err(BenchError::Setup(format!(
-            "the watch of run {run} ended without its terminal event"
-        )))
     }
 
     /// Submits one noop-6 and waits for it to finish; returns the submit-to-completion time.
@@ -597,7 +575,12 @@ impl Servers {
                 .map_err(|e| BenchError::Setup(format!("finding a free loopback port: {e}")))?;
             let child = std::process::Command::new(&exe)
                 .args(["server", "--database", url, "--listen", &addr.to_string()])
-                .args(["--lease-ttl", &format!("{}ms", lease_ttl.as_millis()), "--poll-interval", "200ms"])
+                .args([
+                    "--lease-ttl",
+                    &format!("{}ms", lease_ttl.as_millis()),
+                    "--poll-interval",
+                    "200ms",
+                ])
                 .env("RUST_LOG", "error")
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
@@ -633,6 +616,36 @@ impl Drop for Servers {
     }
 }
 
+/// Submits one noop-6 through the API and watches it: its run id and final status, or None if
+/// the stream ended before the terminal event.
+async fn submit_and_watch(
+    client: &mut WorkflowServiceClient<tonic::transport::Channel>,
+    request_id: String,
+) -> Result<Option<(String, String)>, tonic::Status> {
+    let run = client
+        .submit_workflow(pb::SubmitWorkflowRequest {
+            definition: "noop-6".into(),
+            input_json: String::new(),
+            request_id,
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let mut events = client
+        .watch_workflow(pb::WatchWorkflowRequest {
+            run_id: run.clone(),
+            after_sequence: 0,
+        })
+        .await?
+        .into_inner();
+    while let Some(ev) = events.message().await? {
+        if let Some(pb::watch_event::Event::Terminal(end)) = ev.event {
+            return Ok(Some((run, end.status)));
+        }
+    }
+    Ok(None)
+}
+
 /// One workflow through a set of servers, starting with server `at`: submitted with
 /// `request_id` (so a submit whose answer was lost is not doubled when retried elsewhere) and
 /// watched to its end. On a dead server, the client moves to the next one and asks again.
@@ -645,30 +658,7 @@ async fn one_somewhere(
     let deadline = t + Duration::from_secs(120);
     loop {
         let mut client = clients[at % clients.len()].clone();
-        let attempt = async {
-            let run = client
-                .submit_workflow(pb::SubmitWorkflowRequest {
-                    definition: "noop-6".into(),
-                    input_json: String::new(),
-                    request_id: request_id.clone(),
-                })
-                .await?
-                .into_inner()
-                .run_id;
-            let mut events = client
-                .watch_workflow(pb::WatchWorkflowRequest {
-                    run_id: run.clone(),
-                    after_sequence: 0,
-                })
-                .await?
-                .into_inner();
-            while let Some(ev) = events.message().await? {
-                if let Some(pb::watch_event::Event::Terminal(end)) = ev.event {
-                    return Ok::<_, tonic::Status>(Some((run, end.status)));
-                }
-            }
-            Ok(None)
-        };
+        let attempt = submit_and_watch(&mut client, request_id.clone());
         match attempt.await {
             Ok(Some((_, status))) if status == "completed" => return Ok(t.elapsed()),
             Ok(Some((run, status))) => return Err(BenchError::Setup(format!("run {run} ended {status}"))),
@@ -677,7 +667,11 @@ async fn one_somewhere(
                 at += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Ok(None) => return Err(BenchError::Setup(format!("request {request_id}: no server finished it"))),
+            Ok(None) => {
+                return Err(BenchError::Setup(format!(
+                    "request {request_id}: no server finished it"
+                )))
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -794,7 +788,11 @@ async fn audit_runs(url: &str, schema: &str, n: usize) -> Result<String, BenchEr
     Ok(format!(
         "{completed}/{runs} runs completed, {taken_over} taken over, {restarted} steps started again \
          (in flight at a kill), {after_success} run again after success{}",
-        if runs == n as i64 && completed == runs && after_success == 0 { "" } else { " (NOT met)" }
+        if runs == n as i64 && completed == runs && after_success == 0 {
+            ""
+        } else {
+            " (NOT met)"
+        }
     ))
 }
 

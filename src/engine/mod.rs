@@ -136,7 +136,10 @@ impl RunFeed {
     /// The entries committed since the last call, in order (possibly with a gap, if more were
     /// committed than it holds: the caller checks the sequence numbers).
     pub fn take(&self) -> Vec<store::JournalEntry> {
-        self.entries.lock().map(|mut e| std::mem::take(&mut *e)).unwrap_or_default()
+        self.entries
+            .lock()
+            .map(|mut e| std::mem::take(&mut *e))
+            .unwrap_or_default()
     }
 }
 

@@ -259,18 +259,11 @@ async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<V
                     CASE WHEN (e->>'job_started')::boolean THEN {now} END, \
                     CASE WHEN (e->>'job_completed')::boolean THEN {now} END, e->>'lock_key' \
              FROM v WHERE (e->>'id')::uuid IN (SELECT id FROM ins)), \
-         journal_rows AS (INSERT INTO journal (run_id, seq, kind, record, at) \
-             SELECT (e->>'run')::uuid, (e->>'seq')::bigint, e->>'kind', e->'record', (e->>'at')::bigint \
-             FROM jsonb_array_elements($2::jsonb) AS e WHERE (e->>'run')::uuid IN (SELECT id FROM ins)), \
-         tracking AS (INSERT INTO job_tracking (id, parent_job_id, operation, status, metadata, error_message, \
-                                                created_at, updated_at) \
-             SELECT e->>'id', e->>'parent', e->>'operation', e->>'status', e->'metadata', e->>'error', \
-                    (e->>'at')::timestamptz, (e->>'at')::timestamptz FROM jsonb_array_elements($3::jsonb) AS e \
-             WHERE (e->>'parent')::uuid IN (SELECT id FROM ins) \
-             ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, \
-                 metadata = excluded.metadata, error_message = excluded.error_message, updated_at = excluded.updated_at) \
+         {journal}, {tracking} \
          SELECT {RUN_COLUMNS}, (CASE WHEN lease_owner IS NULL THEN pg_notify($4, '') END) IS NULL AS woke FROM ins",
         now = at("now"),
+        journal = journal_cte(2, "ins"),
+        tracking = tracking_cte(3, "ins"),
     ))
     .bind(json(&new)?)
     .bind(json(&rows.journal)?)
@@ -344,7 +337,7 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
             now: cp.now.0,
         }));
     }
-    let out = sqlx::query(
+    let out = sqlx::query(&format!(
         "WITH cas AS (UPDATE runs SET state = v.state, status = v.status, display_status = v.display, \
              current_step = v.step, context = COALESCE(v.context, runs.context), last_seq = runs.last_seq + v.n, \
              wake_at = CASE WHEN (NOT v.terminal AND runs.cancel_pending AND NOT v.cancel) \
@@ -368,9 +361,7 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
          WHERE runs.id = v.id AND runs.fencing_token = v.token AND runs.lease_owner = v.owner \
            AND runs.last_seq = v.seq AND runs.status = v.expect \
          RETURNING runs.id, runs.last_seq, runs.signals_pending, runs.cancel_pending), \
-         journal_rows AS (INSERT INTO journal (run_id, seq, kind, record, at) \
-             SELECT (e->>'run')::uuid, (e->>'seq')::bigint, e->>'kind', e->'record', (e->>'at')::bigint \
-             FROM jsonb_array_elements($2::jsonb) AS e WHERE (e->>'run')::uuid IN (SELECT id FROM cas)), \
+         {journal}, \
          projections AS (UPDATE failover_jobs SET status = COALESCE(v.status, failover_jobs.status), \
              linstor_snapshot_name = COALESCE(v.snapshot, failover_jobs.linstor_snapshot_name), \
              destination_vm_id = COALESCE(v.vm, failover_jobs.destination_vm_id), \
@@ -382,18 +373,14 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
                           (e->>'completed')::boolean AS completed, (e->>'at')::timestamptz AS at \
                    FROM jsonb_array_elements($3::jsonb) AS e) AS v \
              WHERE failover_jobs.job_id = v.id AND v.id::uuid IN (SELECT id FROM cas)), \
-         tracking AS (INSERT INTO job_tracking (id, parent_job_id, operation, status, metadata, error_message, \
-                                                created_at, updated_at) \
-             SELECT e->>'id', e->>'parent', e->>'operation', e->>'status', e->'metadata', e->>'error', \
-                    (e->>'at')::timestamptz, (e->>'at')::timestamptz FROM jsonb_array_elements($4::jsonb) AS e \
-             WHERE (e->>'parent')::uuid IN (SELECT id FROM cas) \
-             ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, \
-                 metadata = excluded.metadata, error_message = excluded.error_message, updated_at = excluded.updated_at), \
+         {tracking}, \
          consumed AS (UPDATE signals SET consumed_at = (e->>'now')::bigint FROM jsonb_array_elements($5::jsonb) AS e \
              WHERE signals.id = (e->>'id')::bigint AND signals.consumed_at IS NULL \
                AND (e->>'run')::uuid IN (SELECT id FROM cas)) \
          SELECT id::text AS id, last_seq, signals_pending, cancel_pending FROM cas",
-    )
+        journal = journal_cte(2, "cas"),
+        tracking = tracking_cte(4, "cas"),
+    ))
     .bind(json(&cas)?)
     .bind(json(&rows.journal)?)
     .bind(json(&rows.projections)?)
@@ -413,4 +400,27 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
             ))
         })
         .collect()
+}
+
+/// A CTE inserting the journal rows of JSON parameter `$param` whose runs are in `runs` (the
+/// CTE of the runs this statement wrote).
+fn journal_cte(param: u8, runs: &str) -> String {
+    format!(
+        "journal_rows AS (INSERT INTO journal (run_id, seq, kind, record, at) \
+         SELECT (e->>'run')::uuid, (e->>'seq')::bigint, e->>'kind', e->'record', (e->>'at')::bigint \
+         FROM jsonb_array_elements(${param}::jsonb) AS e WHERE (e->>'run')::uuid IN (SELECT id FROM {runs}))"
+    )
+}
+
+/// A CTE upserting the `job_tracking` rows of JSON parameter `$param` whose runs are in `runs`.
+fn tracking_cte(param: u8, runs: &str) -> String {
+    format!(
+        "tracking AS (INSERT INTO job_tracking (id, parent_job_id, operation, status, metadata, error_message, \
+                                             created_at, updated_at) \
+         SELECT e->>'id', e->>'parent', e->>'operation', e->>'status', e->'metadata', e->>'error', \
+                (e->>'at')::timestamptz, (e->>'at')::timestamptz FROM jsonb_array_elements(${param}::jsonb) AS e \
+         WHERE (e->>'parent')::uuid IN (SELECT id FROM {runs}) \
+         ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, \
+             metadata = excluded.metadata, error_message = excluded.error_message, updated_at = excluded.updated_at)"
+    )
 }
