@@ -407,14 +407,15 @@ async fn held(store: Arc<dyn Store>, args: &BenchArgs) -> Result<String, BenchEr
                 "not all {n} runs were held before the first timers fired: raise --held-for"
             )));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Counting scans every run: not so often that it slows what it measures.
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let brought_up = started.elapsed();
     let held_rss = rss_mb();
     let per_run = (held_rss - base).max(0.0) * 1024.0 * 1024.0 / n as f64;
     // Wait for every timer, then every teardown.
     while count(RunStatus::Completed).await? < n {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     h.stop.cancel();
     let mut late: Vec<i64> = Vec::with_capacity(n);
@@ -737,7 +738,7 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
         }
         .await;
         drop(store);
-        drop_schema(args, &schema).await;
+        drop_schema(args, Some(&schema)).await;
         let (per_sec, latencies, killed_at, audit) = result?;
         let what = match killed_at {
             Some(t) => format!("{servers} servers, one SIGKILLed at {:.1} s", t.as_secs_f64()),
@@ -946,9 +947,7 @@ async fn list_failovers(backend: &str, args: &BenchArgs, dir: &std::path::Path) 
         ));
     }
     h.stop.cancel();
-    if let Some(s) = schema {
-        drop_schema(args, &s).await;
-    }
+    drop_schema(args, schema).await;
     Ok(lines)
 }
 
@@ -979,7 +978,10 @@ async fn backend_store(
     }
 }
 
-async fn drop_schema(args: &BenchArgs, schema: &str) {
+/// Drops a scenario's PostgreSQL schema (None: a SQLite file in the temporary directory).
+async fn drop_schema(args: &BenchArgs, schema: Option<impl AsRef<str>>) {
+    let Some(schema) = schema else { return };
+    let schema = schema.as_ref();
     if let Ok(pool) = sqlx::PgPool::connect(&args.postgres_url).await {
         let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
             .execute(&pool)
@@ -1010,12 +1012,11 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, BenchError> {
             ("latency gRPC", 1, args.latency_runs, true),
         ] {
             let (store, schema, _) = backend_store(b, args, dir.path()).await?;
-            let f = scenario(name, store, args, clients, total, grpc).await?;
+            let f = scenario(name, store, args, clients, total, grpc).await;
+            drop_schema(args, schema).await;
+            let f = f?;
             println!("{f}");
             out.push(f);
-            if let Some(s) = schema {
-                drop_schema(args, &s).await;
-            }
         }
         if args.list_runs > 0 {
             for line in list_failovers(b, args, dir.path()).await? {
@@ -1024,10 +1025,9 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, BenchError> {
         }
         if args.held_runs > 0 {
             let (store, schema, _) = backend_store(b, args, dir.path()).await?;
-            println!("{}", held(store, args).await?);
-            if let Some(s) = schema {
-                drop_schema(args, &s).await;
-            }
+            let line = held(store, args).await;
+            drop_schema(args, schema).await;
+            println!("{}", line?);
         }
         if args.scale_out_runs > 0 && b == "postgres" {
             for line in scale_out(args).await? {
@@ -1036,10 +1036,9 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, BenchError> {
         }
         if args.recovery_runs > 0 {
             let (store, schema, url) = backend_store(b, args, dir.path()).await?;
-            println!("{}", recovery(&url, store, args).await?);
-            if let Some(s) = schema {
-                drop_schema(args, &s).await;
-            }
+            let line = recovery(&url, store, args).await;
+            drop_schema(args, schema).await;
+            println!("{}", line?);
         }
     }
     Ok(out)

@@ -97,13 +97,14 @@ pub(crate) trait Committer: Send + Sync + 'static {
 /// gathers what queued meanwhile (the database overlaps their commits). A run has at most one
 /// checkpoint queued at a time (its driver waits for each), so concurrent batches touch
 /// different runs.
-pub(crate) async fn group_writer<C: Committer>(db: std::sync::Arc<C>, jobs: SharedQueue) {
+pub(crate) async fn group_writer<C: Committer>(db: std::sync::Arc<C>, queue: std::sync::Arc<SharedQueue>) {
+    use std::sync::atomic::Ordering::SeqCst;
     // Definitions known to be stored (only added after their transaction committed).
     let mut known: HashSet<String> = HashSet::new();
     let mut held: Option<WriteJob> = None;
     loop {
         let batch = {
-            let mut jobs = jobs.lock().await;
+            let mut jobs = queue.jobs.lock().await;
             let first = match held.take() {
                 Some(j) => j,
                 None => match jobs.recv().await {
@@ -111,8 +112,32 @@ pub(crate) async fn group_writer<C: Committer>(db: std::sync::Arc<C>, jobs: Shar
                     None => return,
                 },
             };
-            gather(first, &mut jobs, &mut held)
+            let mut batch = vec![first];
+            fill(&mut batch, &mut jobs, &mut held);
+            // Overlapping commits pays only when each carries enough: while another loop is
+            // committing, a small batch grows with what arrives until that commit ends.
+            while batch.len() < OVERLAP_MIN && held.is_none() && queue.committing.load(SeqCst) > 0 {
+                let done = queue.done.notified();
+                tokio::pin!(done);
+                done.as_mut().enable();
+                if queue.committing.load(SeqCst) == 0 {
+                    break;
+                }
+                tokio::select! {
+                    _ = &mut done => break,
+                    job = jobs.recv() => match job {
+                        Some(job) => {
+                            add(&mut batch, job, &mut held);
+                            fill(&mut batch, &mut jobs, &mut held);
+                        }
+                        None => break,
+                    },
+                }
+            }
+            fill(&mut batch, &mut jobs, &mut held);
+            batch
         };
+        queue.committing.fetch_add(1, SeqCst);
         let refs: Vec<&WriteJob> = batch.iter().collect();
         let outcomes = match db.commit(&refs, &mut known).await {
             Ok(outcomes) => outcomes,
@@ -126,12 +151,33 @@ pub(crate) async fn group_writer<C: Committer>(db: std::sync::Arc<C>, jobs: Shar
                 each
             }
         };
+        queue.committing.fetch_sub(1, SeqCst);
+        queue.done.notify_waiters();
         answer_all(batch, outcomes);
     }
 }
 
+/// Below this many jobs, a batch waits for a commit under way rather than overlap it.
+const OVERLAP_MIN: usize = 8;
+
 /// The writer queue, shared by the loops of one process.
-pub(crate) type SharedQueue = std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<WriteJob>>>;
+pub(crate) struct SharedQueue {
+    jobs: tokio::sync::Mutex<mpsc::Receiver<WriteJob>>,
+    /// Batches being committed now, by any loop.
+    committing: std::sync::atomic::AtomicUsize,
+    /// Told each time a commit ends.
+    done: tokio::sync::Notify,
+}
+
+impl SharedQueue {
+    pub(crate) fn new(jobs: mpsc::Receiver<WriteJob>) -> std::sync::Arc<SharedQueue> {
+        std::sync::Arc::new(SharedQueue {
+            jobs: tokio::sync::Mutex::new(jobs),
+            committing: Default::default(),
+            done: Default::default(),
+        })
+    }
+}
 
 /// The same loop for a backend whose client blocks (SQLite): it runs on a thread of its own.
 pub(crate) fn blocking_group_writer(
@@ -148,7 +194,8 @@ pub(crate) fn blocking_group_writer(
                 None => return,
             },
         };
-        let batch = gather(first, &mut jobs, &mut held);
+        let mut batch = vec![first];
+        fill(&mut batch, &mut jobs, &mut held);
         let refs: Vec<&WriteJob> = batch.iter().collect();
         let outcomes = match commit(&refs, &mut known) {
             Ok(outcomes) => outcomes,
@@ -162,26 +209,27 @@ pub(crate) fn blocking_group_writer(
     }
 }
 
-/// `first` and whatever queued behind it, up to [`MAX_BATCH`]. A job for a run already in the
-/// batch is `held` for the next one (one compare-and-set per run and batch).
-fn gather(first: WriteJob, jobs: &mut mpsc::Receiver<WriteJob>, held: &mut Option<WriteJob>) -> Vec<WriteJob> {
-    let mut batch = vec![first];
+/// Adds to `batch` whatever has queued, up to [`MAX_BATCH`], without waiting.
+fn fill(batch: &mut Vec<WriteJob>, jobs: &mut mpsc::Receiver<WriteJob>, held: &mut Option<WriteJob>) {
     let mut runs: HashSet<RunId> = batch.iter().filter_map(WriteJob::run_id).collect();
-    while batch.len() < MAX_BATCH {
+    while batch.len() < MAX_BATCH && held.is_none() {
         match jobs.try_recv() {
-            Ok(job) => {
-                if let Some(id) = job.run_id() {
-                    if !runs.insert(id) {
-                        *held = Some(job);
-                        break;
-                    }
-                }
-                batch.push(job);
-            }
+            Ok(job) => match job.run_id() {
+                Some(id) if !runs.insert(id) => *held = Some(job),
+                _ => batch.push(job),
+            },
             Err(_) => break,
         }
     }
-    batch
+}
+
+/// Adds `job` to `batch`, or, if the batch has a job for its run already, `held`s it for the
+/// next batch (one compare-and-set per run and batch).
+fn add(batch: &mut Vec<WriteJob>, job: WriteJob, held: &mut Option<WriteJob>) {
+    match job.run_id() {
+        Some(id) if batch.iter().any(|j| j.run_id() == Some(id)) => *held = Some(job),
+        _ => batch.push(job),
+    }
 }
 
 /// The outcome of a job committed on its own.

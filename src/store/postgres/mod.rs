@@ -86,7 +86,7 @@ impl PgStore {
             pool: pool.clone(),
             channel: channel.clone(),
         });
-        let jobs = Arc::new(tokio::sync::Mutex::new(jobs));
+        let jobs = crate::store::group::SharedQueue::new(jobs);
         for _ in 0..WRITERS {
             tokio::spawn(crate::store::group::group_writer(committer.clone(), jobs.clone()));
         }
