@@ -1,9 +1,10 @@
-//! Group commit, shared by the backends: one writer per process takes every checkpoint (and,
-//! where the backend routes them here, submits, claims and lease updates) that queued up while
-//! the previous batch was committing, and commits them in one transaction, so many runs share
-//! one fsync. Nobody is answered before COMMIT returned. The rows a batch writes are gathered
-//! here ([`BatchRows`], [`CasRow`]) and sent as one JSON parameter per statement, so a batch
-//! costs a fixed number of statements whatever its size.
+//! Group commit, shared by the backends: a writer takes every checkpoint (and, where the
+//! backend routes them here, submits, claims and lease updates) that queued up while the
+//! previous batch was committing, and commits them together, so many runs share one fsync.
+//! Nobody is answered before the commit returned. SQLite has one writer, on a thread of its own
+//! ([`blocking_group_writer`]); PostgreSQL has a few async loops on one queue
+//! ([`group_writer`]). The rows a batch writes are gathered here ([`BatchRows`], [`CasRow`]),
+//! so a batch costs a fixed number of statements whatever its size.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -137,7 +138,7 @@ pub(crate) async fn group_writer<C: Committer>(db: std::sync::Arc<C>, queue: std
             fill(&mut batch, &mut jobs, &mut held);
             batch
         };
-        queue.committing.fetch_add(1, SeqCst);
+        let committing = Committing::start(&queue);
         let refs: Vec<&WriteJob> = batch.iter().collect();
         let outcomes = match db.commit(&refs, &mut known).await {
             Ok(outcomes) => outcomes,
@@ -151,8 +152,7 @@ pub(crate) async fn group_writer<C: Committer>(db: std::sync::Arc<C>, queue: std
                 each
             }
         };
-        queue.committing.fetch_sub(1, SeqCst);
-        queue.done.notify_waiters();
+        drop(committing);
         answer_all(batch, outcomes);
     }
 }
@@ -167,6 +167,24 @@ pub(crate) struct SharedQueue {
     committing: std::sync::atomic::AtomicUsize,
     /// Told each time a commit ends.
     done: tokio::sync::Notify,
+}
+
+/// A commit under way, counted in its queue until dropped (a panicking commit included, so the
+/// other loops never wait on a commit that will not end).
+struct Committing<'a>(&'a SharedQueue);
+
+impl<'a> Committing<'a> {
+    fn start(queue: &'a SharedQueue) -> Self {
+        queue.committing.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Committing(queue)
+    }
+}
+
+impl Drop for Committing<'_> {
+    fn drop(&mut self) {
+        self.0.committing.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.done.notify_waiters();
+    }
 }
 
 impl SharedQueue {

@@ -425,7 +425,9 @@ impl Store for PgStore {
         let sc: String = sqlx::query_scalar("SHOW synchronous_commit")
             .fetch_one(&self.pool)
             .await?;
-        Ok(format!("fsync={fsync} synchronous_commit={sc}"))
+        // Not durability, but it decides how a long run ages: without autovacuum, dead rows pile up.
+        let av: String = sqlx::query_scalar("SHOW autovacuum").fetch_one(&self.pool).await?;
+        Ok(format!("fsync={fsync} synchronous_commit={sc} autovacuum={av}"))
     }
 
     async fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>> {
