@@ -51,9 +51,6 @@ pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String
                     }
                 };
                 for e in &entries {
-                    if e.seq <= last {
-                        continue;
-                    }
                     let ev = pb::WatchEvent {
                         event: Some(Event::Entry(convert::entry(e))),
                     };
@@ -97,18 +94,15 @@ pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String
                 }
             }
             // Whatever was committed meanwhile is in the feed already: no need to wait for it.
-            fed = feed.take();
-            fed.retain(|e| e.seq > last);
-            if !fed.is_empty() {
-                continue;
+            fed = feed.take_after(last);
+            if fed.is_empty() {
+                tokio::select! {
+                    _ = feed.changed() => {}
+                    _ = tokio::time::sleep(POLL) => {}
+                    _ = tx.closed() => return,
+                }
+                fed = feed.take_after(last);
             }
-            tokio::select! {
-                _ = feed.changed() => {}
-                _ = tokio::time::sleep(POLL) => {}
-                _ = tx.closed() => return,
-            }
-            fed = feed.take();
-            fed.retain(|e| e.seq > last);
         }
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))

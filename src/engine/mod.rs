@@ -133,13 +133,17 @@ impl RunFeed {
         self.notify.notified().await
     }
 
-    /// The entries committed since the last call, in order (possibly with a gap, if more were
-    /// committed than it holds: the caller checks the sequence numbers).
-    pub fn take(&self) -> Vec<store::JournalEntry> {
-        self.entries
+    /// The entries committed since the last call with a sequence number after `last`, in order
+    /// (possibly with a gap, if more were committed than it holds: the caller checks that the
+    /// first follows on from `last`).
+    pub fn take_after(&self, last: i64) -> Vec<store::JournalEntry> {
+        let mut taken = self
+            .entries
             .lock()
             .map(|mut e| std::mem::take(&mut *e))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        taken.retain(|e| e.seq > last);
+        taken
     }
 }
 
