@@ -237,10 +237,15 @@ pub fn entry(e: &JournalEntry) -> pb::JournalEntry {
 }
 
 pub fn terminal(run: &RunRow) -> pb::Terminal {
+    terminal_of(&run.state, run.last_seq)
+}
+
+/// The terminal event of a run that ended in `state` with `last_seq` as its last entry.
+pub fn terminal_of(state: &RunState, last_seq: i64) -> pb::Terminal {
     pb::Terminal {
-        status: run.status.as_str().into(),
-        error: run_error(&run.state),
-        last_sequence: run.last_seq,
+        status: state.status().as_str().into(),
+        error: run_error(state),
+        last_sequence: last_seq,
     }
 }
 

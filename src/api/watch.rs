@@ -70,6 +70,14 @@ pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String
                 if !entries.is_empty() && !finished {
                     return Ok(None);
                 }
+                // This process committed the end: the feed has the terminal state, no read needed.
+                if let Some((seq, state)) = feed.finished().filter(|(seq, _)| *seq == last) {
+                    let ev = pb::WatchEvent {
+                        event: Some(Event::Terminal(convert::terminal_of(state, *seq))),
+                    };
+                    let _ = tx.send(Ok(ev)).await;
+                    return Ok(Some(true));
+                }
                 // The run row and its journal are committed together: once the row is terminal,
                 // every entry up to its last_seq is readable.
                 let row = store.get_run(run).await?.ok_or(ApiError::NotFound {

@@ -13,7 +13,7 @@ use super::{correlation_of, respond, ApiState};
 use crate::domain::RunId;
 use crate::engine::machine::RunStatus;
 use crate::engine::SubmitRequest;
-use crate::store::{RunFilter, RunRow, SignalOutcome};
+use crate::store::{RunFilter, RunRow, SignalOutcome, Submitted};
 
 const MAX_PAGE: u32 = 100;
 const DEFAULT_PAGE: u32 = 20;
@@ -51,6 +51,18 @@ impl WorkflowApi {
             .journal(run.id, 0, run.last_seq.clamp(0, u32::MAX as i64) as u32)
             .await?;
         Ok(convert::workflow(run, &def, &journal, created))
+    }
+
+    /// The view of a submit's run: a run it created is shown from the entries the submit
+    /// committed, with no read.
+    async fn view_submitted(&self, s: &Submitted) -> ApiResult<pb::Workflow> {
+        match s.journal.last() {
+            Some(last) if s.created && last.seq == s.run.last_seq => {
+                let def = self.state.engine.pinned(&s.run.definition_hash).await?;
+                Ok(convert::workflow(&s.run, &def, &s.journal, true))
+            }
+            _ => self.view(&s.run, s.created).await,
+        }
     }
 
     fn outcome(id: RunId, o: SignalOutcome) -> ApiResult<pb::SignalOutcome> {
@@ -112,7 +124,7 @@ impl WorkflowService for WorkflowApi {
                     correlation_id: Some(c.clone()),
                 })
                 .await?;
-            self.view(&s.run, s.created).await
+            self.view_submitted(&s).await
         }
         .await;
         reply_run(result, &c)

@@ -274,8 +274,8 @@ impl Driver {
             self.engine.store.wakeup().wake();
         }
         let first_seq = self.seq - records.len() as i64 + 1;
-        self.engine
-            .committed(self.run_id, first_seq, &records, now, self.state.is_terminal());
+        let terminal = Some(&self.state).filter(|s| s.is_terminal());
+        self.engine.committed(self.run_id, first_seq, &records, now, terminal);
         if self.state.is_terminal() {
             self.engine.announce_finished(self.run_id);
         }

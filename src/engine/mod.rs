@@ -107,13 +107,18 @@ pub struct Engine {
 pub struct RunFeed {
     notify: tokio::sync::Notify,
     entries: Mutex<Vec<store::JournalEntry>>,
+    /// The terminal state this process committed for the run, and its last sequence number.
+    finished: std::sync::OnceLock<(i64, RunState)>,
 }
 
 impl RunFeed {
     /// Most entries held for a watcher that does not take them; past that it reads the journal.
     const MAX: usize = 1024;
 
-    fn push(&self, run: RunId, first_seq: i64, records: &[Record], at: Timestamp) {
+    fn push(&self, run: RunId, first_seq: i64, records: &[Record], at: Timestamp, terminal: Option<&RunState>) {
+        if let Some(state) = terminal {
+            let _ = self.finished.set((first_seq + records.len() as i64 - 1, state.clone()));
+        }
         if let Ok(mut e) = self.entries.lock() {
             if e.len() + records.len() > Self::MAX {
                 e.clear();
@@ -126,6 +131,12 @@ impl RunFeed {
             }));
         }
         self.notify.notify_one();
+    }
+
+    /// The terminal state this process committed for the run, with the run's last sequence
+    /// number then (a terminal run's row never moves on), once it has.
+    pub fn finished(&self) -> Option<&(i64, RunState)> {
+        self.finished.get()
     }
 
     /// Waits until this process commits something for the run.
@@ -217,6 +228,7 @@ impl Engine {
             return Ok(Submitted {
                 run: existing,
                 created: false,
+                journal: Vec::new(),
             });
         }
         def.validate_input(&req.input)
@@ -423,19 +435,27 @@ impl Engine {
         feed
     }
 
-    /// Hands the entries just committed for `run` (from `first_seq` on) to its watchers.
-    pub(crate) fn committed(&self, run: RunId, first_seq: i64, records: &[Record], at: Timestamp, terminal: bool) {
+    /// Hands the entries just committed for `run` (from `first_seq` on) to its watchers, and
+    /// the state committed with them when it is terminal.
+    pub(crate) fn committed(
+        &self,
+        run: RunId,
+        first_seq: i64,
+        records: &[Record],
+        at: Timestamp,
+        terminal: Option<&RunState>,
+    ) {
         let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         if w.is_empty() {
             return;
         }
         let feeds = match terminal {
-            true => w.remove(&run).unwrap_or_default(),
-            false => w.get(&run).cloned().unwrap_or_default(),
+            Some(_) => w.remove(&run).unwrap_or_default(),
+            None => w.get(&run).cloned().unwrap_or_default(),
         };
         drop(w);
         for feed in feeds.iter().filter_map(std::sync::Weak::upgrade) {
-            feed.push(run, first_seq, records, at);
+            feed.push(run, first_seq, records, at, terminal);
         }
     }
 

@@ -369,6 +369,19 @@ pub(crate) fn json<T: Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(format!("encoding a batch: {e}")))
 }
 
+/// The `wake_at` a checkpoint's compare-and-set writes, in SQL both backends speak (`runs` is
+/// the row, `v` the checkpoint's [`CasRow`]). The run is due at once when a cancel or signal
+/// arrived while it was leased; else it wakes when its state says. A run that was due already
+/// and stays due keeps its earlier time: a worker claims it just the same once its lease
+/// expires, and the indexed column does not change, so PostgreSQL updates the row in place
+/// (HOT) instead of adding an entry to every index of `runs` at each step.
+pub(crate) fn cas_wake_at() -> String {
+    let due = "(CASE WHEN (NOT v.terminal AND runs.cancel_pending AND NOT v.cancel) \
+                      OR (v.wake_on_signal AND runs.signals_pending - v.signals > 0) THEN v.now \
+                    ELSE v.wake END)";
+    format!("CASE WHEN {due} <= v.now AND runs.wake_at <= {due} THEN runs.wake_at ELSE {due} END")
+}
+
 /// One checkpoint's compare-and-set inputs.
 #[derive(Serialize)]
 pub(crate) struct CasRow<'a> {

@@ -153,6 +153,27 @@ pub struct Submitted {
     pub run: RunRow,
     /// False when `request_id` matched an existing run, which is returned instead.
     pub created: bool,
+    /// The journal entries this submit committed (the whole journal of the run it created);
+    /// empty when it created nothing. Spares a caller reading back what it just wrote.
+    pub journal: Vec<JournalEntry>,
+}
+
+impl NewRun {
+    /// The journal entries the run is created with: `RunSubmitted`, then `Begin`'s records if
+    /// it starts at once.
+    pub fn journal(&self) -> Vec<JournalEntry> {
+        let started = self.start.as_ref().map_or(&[][..], |s| &s.records[..]);
+        std::iter::once(&self.record)
+            .chain(started)
+            .enumerate()
+            .map(|(i, record)| JournalEntry {
+                run_id: self.id,
+                seq: 1 + i as i64,
+                record: record.clone(),
+                at: self.now,
+            })
+            .collect()
+    }
 }
 
 /// One transaction: append `records` to the journal and move the run to `state`, provided

@@ -1083,12 +1083,104 @@ async fn health_and_reflection_are_served(db: TestDb) {
     }
 }
 
+/// The terminal event a watcher gets as this process commits the end (from memory) is the one
+/// a watcher gets from the stored row afterwards, for a failed run and a cancelled one.
+async fn watch_terminal_event_matches_the_stored_run(db: TestDb) {
+    let a = api(&db).await;
+    let mut wf = a.wf.clone();
+    let watch_all = |run_id: String, mut wf: WorkflowServiceClient<tonic::transport::Channel>| async move {
+        let mut stream = wf
+            .watch_workflow(pb::WatchWorkflowRequest {
+                run_id,
+                after_sequence: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seqs = Vec::new();
+        loop {
+            let ev = tokio::time::timeout(Duration::from_secs(60), stream.message())
+                .await
+                .expect("watch stalled")
+                .unwrap()
+                .expect("a terminal event");
+            match ev.event.unwrap() {
+                Event::Entry(e) => seqs.push(e.sequence),
+                Event::Terminal(t) => break (seqs, t),
+            }
+        }
+    };
+    let cases = [
+        // attach fails for good (after a while, so the watch is there before the end): the run
+        // rolls back and ends failed, with attach's error.
+        (
+            r#"{"test": {"sleep_ms": {"attach": 300}, "fail": {"attach": {"times": 99, "class": "permanent"}}}}"#,
+            false,
+            "failed",
+        ),
+        // cancelled while attach runs.
+        (
+            r#"{"hold": "1h", "test": {"sleep_ms": {"attach": 500}}}"#,
+            true,
+            "cancelled",
+        ),
+    ];
+    for (input, cancel, status) in cases {
+        let run = wf
+            .submit_workflow(pb::SubmitWorkflowRequest {
+                definition: "crash-saga".into(),
+                input_json: input.into(),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let live = tokio::spawn(watch_all(run.run_id.clone(), wf.clone()));
+        if cancel {
+            let id: tern::domain::RunId = run.run_id.parse().unwrap();
+            for _ in 0..500 {
+                if a.store.get_run(id).await.unwrap().unwrap().current_step.as_deref() == Some("attach") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            wf.cancel_workflow(pb::CancelWorkflowRequest {
+                run_id: run.run_id.clone(),
+                reason: "operator said no".into(),
+            })
+            .await
+            .unwrap();
+        }
+        let (seqs, live_end) = live.await.unwrap();
+        assert_eq!(live_end.status, status, "{live_end:?}");
+        assert_eq!(seqs, (1..=live_end.last_sequence).collect::<Vec<_>>());
+        let error = live_end.error.clone().expect("an error on a failed or cancelled run");
+        assert!(!error.code.is_empty() && !error.message.is_empty(), "{error:?}");
+        // Watched again after the end: from the row, the same event.
+        let (again, stored_end) = watch_all(run.run_id.clone(), wf.clone()).await;
+        assert_eq!(again, seqs);
+        assert_eq!(stored_end, live_end);
+        let got = wf
+            .get_workflow(pb::GetWorkflowRequest {
+                run_id: run.run_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (got.status.as_str(), got.error.as_ref(), got.last_sequence),
+            (status, Some(&error), live_end.last_sequence)
+        );
+    }
+}
+
 on_both_backends!(
     test_failover_with_auto_cleanup_through_the_api,
     second_active_failover_on_a_vm_is_vm_busy,
     duplicate_request_id_returns_the_same_job,
     watch_resumes_without_gaps_or_duplicates,
     workflow_service_runs_any_definition,
+    watch_terminal_event_matches_the_stored_run,
 );
 
 use restart::server_killed_mid_failovers_and_restarted;

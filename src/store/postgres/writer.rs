@@ -24,7 +24,7 @@ use sqlx::{PgExecutor, PgPool, Row};
 
 use super::{lock_conflict, run_from_row, RUN_COLUMNS};
 use crate::engine::machine::RunState;
-use crate::store::group::{json, BatchRows, CasRow, Committer, Outcome, WriteJob};
+use crate::store::group::{cas_wake_at, json, BatchRows, CasRow, Committer, Outcome, WriteJob};
 use crate::store::{Checkpoint, CheckpointOutcome, NewRun, Result, RunRow, StoreError, Submitted};
 
 pub(super) struct PgCommitter {
@@ -302,12 +302,20 @@ async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<V
     Ok(runs
         .iter()
         .map(|r| match created.remove(&r.id.0) {
-            Some(run) => Ok(Submitted { run, created: true }),
+            Some(run) => Ok(Submitted {
+                run,
+                created: true,
+                journal: r.journal(),
+            }),
             None => r
                 .request_id
                 .as_ref()
                 .and_then(|req| existing.get(req).cloned())
-                .map(|run| Submitted { run, created: false })
+                .map(|run| Submitted {
+                    run,
+                    created: false,
+                    journal: Vec::new(),
+                })
                 .ok_or_else(|| StoreError::Corrupt(format!("run {} was neither created nor found", r.id))),
         })
         .collect())
@@ -325,6 +333,10 @@ struct ConsumedRow {
 /// it matched) the journal rows, projections, tracking rows and consumed signals. Returns the
 /// outcome of each run it matched; a run it did not match was fenced and nothing of it was
 /// written.
+///
+/// The run ids also go as an array (`$6`): `runs.id = ANY($6)` lets the planner find the rows
+/// by primary key whatever its statistics say. Without it, a table never analyzed (autovacuum
+/// off, or a young table) was hashed whole by a sequential scan at every batch.
 async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<HashMap<String, CheckpointOutcome>> {
     let cas: Vec<CasRow> = cps.iter().map(|cp| CasRow::of(cp)).collect();
     let mut rows = BatchRows::default();
@@ -340,9 +352,7 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
     let out = sqlx::query(&format!(
         "WITH cas AS (UPDATE runs SET state = v.state, status = v.status, display_status = v.display, \
              current_step = v.step, context = COALESCE(v.context, runs.context), last_seq = runs.last_seq + v.n, \
-             wake_at = CASE WHEN (NOT v.terminal AND runs.cancel_pending AND NOT v.cancel) \
-                              OR (v.wake_on_signal AND runs.signals_pending - v.signals > 0) THEN v.now \
-                            ELSE v.wake END, \
+             wake_at = {wake}, \
              lease_owner = CASE WHEN v.release THEN NULL ELSE runs.lease_owner END, \
              lease_expires_at = CASE WHEN v.release THEN NULL ELSE runs.lease_expires_at END, \
              signals_pending = runs.signals_pending - v.signals, \
@@ -358,8 +368,8 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
                       (e->>'terminal')::boolean AS terminal, (e->>'signals')::bigint AS signals, \
                       (e->>'cancel')::boolean AS cancel \
                FROM jsonb_array_elements($1::jsonb) AS e) AS v \
-         WHERE runs.id = v.id AND runs.fencing_token = v.token AND runs.lease_owner = v.owner \
-           AND runs.last_seq = v.seq AND runs.status = v.expect \
+         WHERE runs.id = ANY($6::uuid[]) AND runs.id = v.id AND runs.fencing_token = v.token \
+           AND runs.lease_owner = v.owner AND runs.last_seq = v.seq AND runs.status = v.expect \
          RETURNING runs.id, runs.last_seq, runs.signals_pending, runs.cancel_pending), \
          {journal}, \
          projections AS (UPDATE failover_jobs SET status = COALESCE(v.status, failover_jobs.status), \
@@ -378,6 +388,7 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
              WHERE signals.id = (e->>'id')::bigint AND signals.consumed_at IS NULL \
                AND (e->>'run')::uuid IN (SELECT id FROM cas)) \
          SELECT id::text AS id, last_seq, signals_pending, cancel_pending FROM cas",
+        wake = cas_wake_at(),
         journal = journal_cte(2, "cas"),
         tracking = tracking_cte(4, "cas"),
     ))
@@ -386,6 +397,7 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
     .bind(json(&rows.projections)?)
     .bind(json(&rows.tracking)?)
     .bind(json(&consumed)?)
+    .bind(cps.iter().map(|cp| cp.run_id.0).collect::<Vec<uuid::Uuid>>())
     .fetch_all(db)
     .await?;
     out.iter()

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use super::{run_from_row, BUSY_TIMEOUT, RUN_COLUMNS};
 use crate::engine::machine::RunState;
-use crate::store::group::{blocking_group_writer, BatchRows, CasRow, ClaimJob, Outcome, WriteJob};
+use crate::store::group::{blocking_group_writer, cas_wake_at, BatchRows, CasRow, ClaimJob, Outcome, WriteJob};
 use crate::store::{Checkpoint, CheckpointOutcome, Lease, NewRun, Result, RunRow, StoreError, Submitted};
 
 /// Row counts a multi-row statement is prepared for: a batch is cut into chunks of these sizes,
@@ -185,9 +185,7 @@ fn compare_and_set(tx: &Transaction, cps: &[&Checkpoint]) -> Result<HashMap<Stri
                     now, release, started, terminal, signals, cancel) AS (VALUES {}) \
              UPDATE runs SET state = v.state, status = v.status, display_status = v.display, current_step = v.step, \
                  context = COALESCE(v.context, runs.context), last_seq = runs.last_seq + v.n, \
-                 wake_at = CASE WHEN (NOT v.terminal AND runs.cancel_pending AND NOT v.cancel) \
-                                  OR (v.wake_on_signal AND runs.signals_pending - v.signals > 0) THEN v.now \
-                                ELSE v.wake END, \
+                 wake_at = {wake}, \
                  lease_owner = CASE WHEN v.release THEN NULL ELSE runs.lease_owner END, \
                  lease_expires_at = CASE WHEN v.release THEN NULL ELSE runs.lease_expires_at END, \
                  signals_pending = runs.signals_pending - v.signals, \
@@ -197,7 +195,8 @@ fn compare_and_set(tx: &Transaction, cps: &[&Checkpoint]) -> Result<HashMap<Stri
              FROM v WHERE runs.id = v.id AND runs.fencing_token = v.token AND runs.lease_owner = v.owner \
                AND runs.last_seq = v.seq AND runs.status = v.expect \
              RETURNING runs.id, runs.last_seq, runs.signals_pending, runs.cancel_pending",
-            placeholders(19, chunk.len())
+            placeholders(19, chunk.len()),
+            wake = cas_wake_at(),
         );
         let mut stmt = tx.prepare_cached(&sql)?;
         let mut b = Binder::new(&mut stmt);
@@ -370,6 +369,7 @@ fn insert_run(tx: &Connection, run: &NewRun) -> Result<Submitted> {
             return Ok(Submitted {
                 run: run_from_row(row)?,
                 created: false,
+                journal: Vec::new(),
             });
         }
     }
@@ -430,6 +430,7 @@ fn insert_run(tx: &Connection, run: &NewRun) -> Result<Submitted> {
     Ok(Submitted {
         run: created,
         created: true,
+        journal: run.journal(),
     })
 }
 
