@@ -711,15 +711,19 @@ async fn submit_and_start_commits_the_first_step_leased_to_the_submitter(db: Tes
     let all = vec![run.record.clone(), started("s0", 1)];
     run.projection = projection::project(&all, "executing");
     run.display_status = "executing".into();
-    let row = s.submit(run).await.unwrap().run;
+    let submitted = s.submit(run).await.unwrap();
+    let row = submitted.run;
     assert_eq!(row.status, RunStatus::Running);
     assert_eq!((row.last_seq, row.fencing_token), (2, 1));
     assert_eq!(row.lease_owner.as_deref(), Some("local"));
     assert_eq!(row.current_step.as_deref(), Some("s0"));
     assert!(row.started_at.is_some());
+    assert_eq!(row.wake_at, Some(now), "running: due at once for a taker-over");
     let j = s.journal(row.id, 0, 10).await.unwrap();
     assert_eq!(j.len(), 2);
     assert_eq!(j[1].record, started("s0", 1));
+    // The submit answers with exactly what it stored.
+    assert_eq!(submitted.journal, j);
     // Leased: nobody else claims it while the lease lasts...
     assert!(s.claim("other", 10, TTL, now).await.unwrap().is_empty());
     // ...the submitter checkpoints under it...
@@ -735,11 +739,13 @@ async fn submit_and_start_commits_the_first_step_leased_to_the_submitter(db: Tes
             RunStatus::Running,
             running(1),
             vec![started("s1", 1)],
-            now,
+            now.plus(Duration::from_secs(1)),
         ))
         .await
         .unwrap();
     assert_eq!(out.last_seq, 3);
+    // Still due: it keeps its earlier wake-up time (the row is then updated in place).
+    assert_eq!(s.get_run(row.id).await.unwrap().unwrap().wake_at, Some(now));
     // ...and if it dies, the run is claimed after the lease with a higher token.
     let later = now.plus(TTL + Duration::from_secs(1));
     let (again, l2) = claim_one(&s, "other", later).await;
