@@ -111,13 +111,16 @@ pub struct Figures {
     pub peak_rss_mb: f64,
     pub checkpoints: i64,
     pub durability: String,
+    /// CPU time the whole machine spent per workflow (this process, the database, everything):
+    /// steadier than a rate on a shared, noisy machine. None where /proc/stat is not readable.
+    pub cpu_per_wf: Option<Duration>,
 }
 
 impl std::fmt::Display for Figures {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:<22} {:<8} {:>6} wf  {:>8.1} wf/s  {:>9.1} steps/s  p50 {:>7.2} ms  p99 {:>7.2} ms  rss {:>6.1} MB  checkpoints {:>7}  [{}]",
+            "{:<22} {:<8} {:>6} wf  {:>8.1} wf/s  {:>9.1} steps/s  p50 {:>7.2} ms  p99 {:>7.2} ms  cpu {} ms/wf  rss {:>6.1} MB  checkpoints {:>7}  [{}]",
             self.scenario,
             self.backend,
             self.workflows,
@@ -125,11 +128,31 @@ impl std::fmt::Display for Figures {
             self.steps_per_sec,
             self.p50.as_secs_f64() * 1e3,
             self.p99.as_secs_f64() * 1e3,
+            self.cpu_per_wf
+                .map_or("-".to_string(), |c| format!("{:.2}", c.as_secs_f64() * 1e3)),
             self.peak_rss_mb,
             self.checkpoints,
             self.durability
         )
     }
+}
+
+/// CPU time the machine has spent busy so far (every process and the kernel, not idle, not
+/// waiting for I/O, not stolen by a hypervisor), from /proc/stat.
+pub fn machine_busy() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: u64 = [0, 1, 2, 5, 6].iter().filter_map(|&i| ticks.get(i)).sum();
+    // SAFETY: sysconf only reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| Duration::from_secs_f64(busy as f64 / hz as f64))
 }
 
 /// Peak resident set size of this process (VmHWM), in MB.
@@ -303,6 +326,7 @@ async fn scenario(
     }
     let h = Arc::new(h);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let busy = machine_busy();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients.max(1) {
@@ -323,6 +347,9 @@ async fn scenario(
         latencies.extend(t.await.map_err(|e| BenchError::Setup(e.to_string()))??);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu_per_wf = busy
+        .zip(machine_busy())
+        .map(|(before, after)| after.saturating_sub(before) / total.max(1) as u32);
     h.stop.cancel();
     latencies.sort();
     let checkpoints = store.journal_rows().await? - before;
@@ -338,6 +365,7 @@ async fn scenario(
         peak_rss_mb: peak_rss_mb(),
         checkpoints,
         durability,
+        cpu_per_wf,
     })
 }
 

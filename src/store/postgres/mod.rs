@@ -67,7 +67,7 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(60))
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await?;
         // Serialise concurrent migrations from several processes starting at once.
         let mut conn = pool.acquire().await?;
@@ -82,8 +82,24 @@ impl PgStore {
         let wakeup = Arc::new(Wakeup::default());
         let listener = tokio::spawn(listen(pool.clone(), channel.clone(), wakeup.clone()));
         let (writer, jobs) = tokio::sync::mpsc::channel(4 * MAX_BATCH);
+        // The writer's connections of their own. Its statements reach rows by key only, and a
+        // plan a connection caches is kept: one made while a table was young (or never
+        // analyzed, with autovacuum off) chose to scan `runs` whole and hash it, and went on
+        // scanning it at every batch as it grew. With sequential scans off, these connections
+        // always go by index, whatever the statistics say.
+        let writer_pool = PgPoolOptions::new()
+            .max_connections(2 * WRITERS as u32)
+            .acquire_timeout(Duration::from_secs(60))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("SET enable_seqscan = off").execute(conn).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await?;
         let committer = Arc::new(writer::PgCommitter {
-            pool: pool.clone(),
+            pool: writer_pool,
             channel: channel.clone(),
         });
         let jobs = crate::store::group::SharedQueue::new(jobs);
