@@ -20,11 +20,14 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use serde_json::Value;
+use sqlx::types::Json;
 use sqlx::{PgExecutor, PgPool, Row};
 
 use super::{lock_conflict, run_from_row, RUN_COLUMNS};
 use crate::engine::machine::RunState;
-use crate::store::group::{cas_wake_at, json, BatchRows, CasRow, Committer, Outcome, WriteJob};
+use crate::store::group::{
+    cas_wake_at, json, BatchRows, CasRow, Committer, JournalRow, Outcome, TrackingRow, WriteJob,
+};
 use crate::store::{Checkpoint, CheckpointOutcome, NewRun, Result, RunRow, StoreError, Submitted};
 
 pub(super) struct PgCommitter {
@@ -241,7 +244,7 @@ async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<V
         }
     }
     let at = |field: &str| format!("to_timestamp((e->>'{field}')::bigint / 1000.0)");
-    let inserted = sqlx::query(&format!(
+    let sql = format!(
         "WITH v AS (SELECT e FROM jsonb_array_elements($1::jsonb) AS e), \
          ins AS (INSERT INTO runs (id, definition, definition_hash, request_id, correlation_id, status, display_status, \
                      current_step, state, input, context, last_seq, wake_at, fencing_token, lease_owner, \
@@ -260,21 +263,20 @@ async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<V
                     CASE WHEN (e->>'job_completed')::boolean THEN {now} END, e->>'lock_key' \
              FROM v WHERE (e->>'id')::uuid IN (SELECT id FROM ins)), \
          {journal}, {tracking} \
-         SELECT {RUN_COLUMNS}, (CASE WHEN lease_owner IS NULL THEN pg_notify($4, '') END) IS NULL AS woke FROM ins",
+         SELECT {RUN_COLUMNS}, (CASE WHEN lease_owner IS NULL THEN pg_notify($14, '') END) IS NULL AS woke FROM ins",
         now = at("now"),
         journal = journal_cte(2, "ins"),
-        tracking = tracking_cte(3, "ins"),
-    ))
-    .bind(json(&new)?)
-    .bind(json(&rows.journal)?)
-    .bind(json(&rows.tracking)?)
-    .bind(channel)
-    .fetch_all(pool)
-    .await
-    .map_err(|e| match runs {
-        [one] => lock_conflict(e, &one.lock_key),
-        _ => StoreError::Database(e),
-    })?;
+        tracking = tracking_cte(7, "ins"),
+    );
+    let inserted = sqlx::query(&sql).bind(json(&new)?);
+    let inserted = bind_tracking(bind_journal(inserted, &rows.journal), &rows.tracking)
+        .bind(channel)
+        .fetch_all(pool)
+        .await
+        .map_err(|e| match runs {
+            [one] => lock_conflict(e, &one.lock_key),
+            _ => StoreError::Database(e),
+        })?;
     let mut created: HashMap<uuid::Uuid, RunRow> = HashMap::with_capacity(inserted.len());
     for row in &inserted {
         let run = run_from_row(row)?;
@@ -321,35 +323,28 @@ async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<V
         .collect())
 }
 
-/// A signal a checkpoint consumed.
-#[derive(serde::Serialize)]
-struct ConsumedRow {
-    id: i64,
-    run: String,
-    now: i64,
-}
-
 /// Every checkpoint of a batch in one statement: the compare-and-set, then (only for the runs
 /// it matched) the journal rows, projections, tracking rows and consumed signals. Returns the
 /// outcome of each run it matched; a run it did not match was fenced and nothing of it was
 /// written.
 ///
-/// The run ids also go as an array (`$6`): `runs.id = ANY($6)` lets the planner find the rows
-/// by primary key whatever its statistics say. Without it, a table never analyzed (autovacuum
-/// off, or a young table) was hashed whole by a sequential scan at every batch.
+/// Every column goes as a typed array (`unnest`), in PostgreSQL's binary format: nothing to
+/// parse but the JSON columns themselves. `runs.id = ANY($1)` lets the planner find the rows by
+/// primary key (the writer's connections have sequential scans off, see `PgStore::connect`).
 async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<HashMap<String, CheckpointOutcome>> {
-    let cas: Vec<CasRow> = cps.iter().map(|cp| CasRow::of(cp)).collect();
     let mut rows = BatchRows::default();
-    let mut consumed = Vec::new();
     for cp in cps {
         rows.add(cp.run_id, cp.expected_seq + 1, &cp.records, &cp.projection, cp.now);
-        consumed.extend(cp.consumed_signals.iter().map(|&id| ConsumedRow {
-            id,
-            run: cp.run_id.to_string(),
-            now: cp.now.0,
-        }));
     }
-    let out = sqlx::query(&format!(
+    let cas: Vec<CasRow> = cps.iter().map(|cp| CasRow::of(cp)).collect();
+    let col = |f: fn(&CasRow) -> i64| cas.iter().map(f).collect::<Vec<i64>>();
+    let flag = |f: fn(&CasRow) -> bool| cas.iter().map(f).collect::<Vec<bool>>();
+    let consumed: Vec<(i64, uuid::Uuid, i64)> = cps
+        .iter()
+        .flat_map(|cp| cp.consumed_signals.iter().map(|&id| (id, cp.run_id.0, cp.now.0)))
+        .collect();
+    let p = &rows.projections;
+    let sql = format!(
         "WITH cas AS (UPDATE runs SET state = v.state, status = v.status, display_status = v.display, \
              current_step = v.step, context = COALESCE(v.context, runs.context), last_seq = runs.last_seq + v.n, \
              wake_at = {wake}, \
@@ -359,16 +354,12 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
              cancel_pending = CASE WHEN v.cancel THEN FALSE ELSE runs.cancel_pending END, \
              updated_at = v.now, started_at = COALESCE(runs.started_at, CASE WHEN v.started THEN v.now END), \
              completed_at = CASE WHEN v.terminal THEN v.now ELSE runs.completed_at END \
-         FROM (SELECT (e->>'id')::uuid AS id, (e->>'token')::bigint AS token, e->>'owner' AS owner, \
-                      (e->>'seq')::bigint AS seq, e->>'expect' AS expect, e->'state' AS state, e->>'status' AS status, \
-                      e->>'display' AS display, e->>'step' AS step, NULLIF(e->'context', 'null'::jsonb) AS context, \
-                      (e->>'n')::bigint AS n, (e->>'wake')::bigint AS wake, \
-                      (e->>'wake_on_signal')::boolean AS wake_on_signal, (e->>'now')::bigint AS now, \
-                      (e->>'release')::boolean AS release, (e->>'started')::boolean AS started, \
-                      (e->>'terminal')::boolean AS terminal, (e->>'signals')::bigint AS signals, \
-                      (e->>'cancel')::boolean AS cancel \
-               FROM jsonb_array_elements($1::jsonb) AS e) AS v \
-         WHERE runs.id = ANY($6::uuid[]) AND runs.id = v.id AND runs.fencing_token = v.token \
+         FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::jsonb[], $7::text[], \
+                     $8::text[], $9::text[], $10::jsonb[], $11::int8[], $12::int8[], $13::bool[], $14::int8[], \
+                     $15::bool[], $16::bool[], $17::bool[], $18::int8[], $19::bool[]) \
+              AS v(id, token, owner, seq, expect, state, status, display, step, context, n, wake, wake_on_signal, \
+                   now, release, started, terminal, signals, cancel) \
+         WHERE runs.id = ANY($1) AND runs.id = v.id AND runs.fencing_token = v.token \
            AND runs.lease_owner = v.owner AND runs.last_seq = v.seq AND runs.status = v.expect \
          RETURNING runs.id, runs.last_seq, runs.signals_pending, runs.cancel_pending), \
          {journal}, \
@@ -376,30 +367,57 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
              linstor_snapshot_name = COALESCE(v.snapshot, failover_jobs.linstor_snapshot_name), \
              destination_vm_id = COALESCE(v.vm, failover_jobs.destination_vm_id), \
              error_message = COALESCE(v.error, failover_jobs.error_message), \
-             started_at = CASE WHEN v.started AND failover_jobs.started_at IS NULL THEN v.at ELSE failover_jobs.started_at END, \
-             completed_at = CASE WHEN v.completed THEN v.at ELSE failover_jobs.completed_at END, updated_at = v.at \
-             FROM (SELECT e->>'id' AS id, e->>'status' AS status, e->>'snapshot' AS snapshot, e->>'vm' AS vm, \
-                          e->>'error' AS error, (e->>'started')::boolean AS started, \
-                          (e->>'completed')::boolean AS completed, (e->>'at')::timestamptz AS at \
-                   FROM jsonb_array_elements($3::jsonb) AS e) AS v \
+             started_at = CASE WHEN v.started AND failover_jobs.started_at IS NULL THEN v.at::timestamptz \
+                               ELSE failover_jobs.started_at END, \
+             completed_at = CASE WHEN v.completed THEN v.at::timestamptz ELSE failover_jobs.completed_at END, \
+             updated_at = v.at::timestamptz \
+             FROM unnest($25::text[], $26::text[], $27::text[], $28::text[], $29::text[], $30::bool[], $31::bool[], \
+                         $32::text[]) AS v(id, status, snapshot, vm, error, started, completed, at) \
              WHERE failover_jobs.job_id = v.id AND v.id::uuid IN (SELECT id FROM cas)), \
          {tracking}, \
-         consumed AS (UPDATE signals SET consumed_at = (e->>'now')::bigint FROM jsonb_array_elements($5::jsonb) AS e \
-             WHERE signals.id = (e->>'id')::bigint AND signals.consumed_at IS NULL \
-               AND (e->>'run')::uuid IN (SELECT id FROM cas)) \
+         consumed AS (UPDATE signals SET consumed_at = c.now \
+             FROM unnest($40::int8[], $41::uuid[], $42::int8[]) AS c(id, run, now) \
+             WHERE signals.id = c.id AND signals.consumed_at IS NULL AND c.run IN (SELECT id FROM cas)) \
          SELECT id::text AS id, last_seq, signals_pending, cancel_pending FROM cas",
         wake = cas_wake_at(),
-        journal = journal_cte(2, "cas"),
-        tracking = tracking_cte(4, "cas"),
-    ))
-    .bind(json(&cas)?)
-    .bind(json(&rows.journal)?)
-    .bind(json(&rows.projections)?)
-    .bind(json(&rows.tracking)?)
-    .bind(json(&consumed)?)
-    .bind(cps.iter().map(|cp| cp.run_id.0).collect::<Vec<uuid::Uuid>>())
-    .fetch_all(db)
-    .await?;
+        journal = journal_cte(20, "cas"),
+        tracking = tracking_cte(33, "cas"),
+    );
+    let q = sqlx::query(&sql)
+        .bind(cps.iter().map(|cp| cp.run_id.0).collect::<Vec<uuid::Uuid>>())
+        .bind(col(|c| c.token))
+        .bind(cas.iter().map(|c| c.owner).collect::<Vec<&str>>())
+        .bind(col(|c| c.seq))
+        .bind(cas.iter().map(|c| c.expect).collect::<Vec<&str>>())
+        .bind(cas.iter().map(|c| Json(c.state)).collect::<Vec<_>>())
+        .bind(cas.iter().map(|c| c.status).collect::<Vec<&str>>())
+        .bind(cas.iter().map(|c| c.display).collect::<Vec<&str>>())
+        .bind(cas.iter().map(|c| c.step).collect::<Vec<Option<&str>>>())
+        .bind(cas.iter().map(|c| c.context.map(Json)).collect::<Vec<_>>())
+        .bind(col(|c| c.n))
+        .bind(cas.iter().map(|c| c.wake).collect::<Vec<Option<i64>>>())
+        .bind(flag(|c| c.wake_on_signal))
+        .bind(col(|c| c.now))
+        .bind(flag(|c| c.release))
+        .bind(flag(|c| c.started))
+        .bind(flag(|c| c.terminal))
+        .bind(col(|c| c.signals))
+        .bind(flag(|c| c.cancel));
+    let q = bind_journal(q, &rows.journal)
+        .bind(p.iter().map(|r| r.id.as_str()).collect::<Vec<&str>>())
+        .bind(p.iter().map(|r| r.status).collect::<Vec<Option<&str>>>())
+        .bind(p.iter().map(|r| r.snapshot).collect::<Vec<Option<&str>>>())
+        .bind(p.iter().map(|r| r.vm).collect::<Vec<Option<&str>>>())
+        .bind(p.iter().map(|r| r.error).collect::<Vec<Option<&str>>>())
+        .bind(p.iter().map(|r| r.started).collect::<Vec<bool>>())
+        .bind(p.iter().map(|r| r.completed).collect::<Vec<bool>>())
+        .bind(p.iter().map(|r| r.at.as_str()).collect::<Vec<&str>>());
+    let out = bind_tracking(q, &rows.tracking)
+        .bind(consumed.iter().map(|c| c.0).collect::<Vec<i64>>())
+        .bind(consumed.iter().map(|c| c.1).collect::<Vec<uuid::Uuid>>())
+        .bind(consumed.iter().map(|c| c.2).collect::<Vec<i64>>())
+        .fetch_all(db)
+        .await?;
     out.iter()
         .map(|r| {
             Ok((
@@ -414,25 +432,52 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
         .collect()
 }
 
-/// A CTE inserting the journal rows of JSON parameter `$param` whose runs are in `runs` (the
-/// CTE of the runs this statement wrote).
-fn journal_cte(param: u8, runs: &str) -> String {
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// A CTE inserting the journal rows of array parameters `$first`.. (five: see
+/// [`bind_journal`]) whose runs are in `runs` (the CTE of the runs this statement wrote).
+fn journal_cte(first: u8, runs: &str) -> String {
+    let [a, b, c, d, e] = [0, 1, 2, 3, 4].map(|i| first + i);
     format!(
         "journal_rows AS (INSERT INTO journal (run_id, seq, kind, record, at) \
-         SELECT (e->>'run')::uuid, (e->>'seq')::bigint, e->>'kind', e->'record', (e->>'at')::bigint \
-         FROM jsonb_array_elements(${param}::jsonb) AS e WHERE (e->>'run')::uuid IN (SELECT id FROM {runs}))"
+         SELECT j.run::uuid, j.seq, j.kind, j.record, j.at \
+         FROM unnest(${a}::text[], ${b}::int8[], ${c}::text[], ${d}::jsonb[], ${e}::int8[]) AS j(run, seq, kind, record, at) \
+         WHERE j.run::uuid IN (SELECT id FROM {runs}))"
     )
 }
 
-/// A CTE upserting the `job_tracking` rows of JSON parameter `$param` whose runs are in `runs`.
-fn tracking_cte(param: u8, runs: &str) -> String {
+/// Binds the journal rows as the five arrays [`journal_cte`] reads.
+fn bind_journal<'q>(q: PgQuery<'q>, rows: &'q [JournalRow<'q>]) -> PgQuery<'q> {
+    q.bind(rows.iter().map(|r| r.run.as_str()).collect::<Vec<&str>>())
+        .bind(rows.iter().map(|r| r.seq).collect::<Vec<i64>>())
+        .bind(rows.iter().map(|r| r.kind).collect::<Vec<&str>>())
+        .bind(rows.iter().map(|r| Json(r.record)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.at).collect::<Vec<i64>>())
+}
+
+/// A CTE upserting the `job_tracking` rows of array parameters `$first`.. (seven: see
+/// [`bind_tracking`]) whose runs are in `runs`.
+fn tracking_cte(first: u8, runs: &str) -> String {
+    let [a, b, c, d, e, f, g] = [0, 1, 2, 3, 4, 5, 6].map(|i| first + i);
     format!(
         "tracking AS (INSERT INTO job_tracking (id, parent_job_id, operation, status, metadata, error_message, \
                                              created_at, updated_at) \
-         SELECT e->>'id', e->>'parent', e->>'operation', e->>'status', e->'metadata', e->>'error', \
-                (e->>'at')::timestamptz, (e->>'at')::timestamptz FROM jsonb_array_elements(${param}::jsonb) AS e \
-         WHERE (e->>'parent')::uuid IN (SELECT id FROM {runs}) \
+         SELECT t.id, t.parent, t.operation, t.status, t.metadata, t.error, t.at::timestamptz, t.at::timestamptz \
+         FROM unnest(${a}::text[], ${b}::text[], ${c}::text[], ${d}::text[], ${e}::jsonb[], ${f}::text[], ${g}::text[]) \
+              AS t(id, parent, operation, status, metadata, error, at) \
+         WHERE t.parent::uuid IN (SELECT id FROM {runs}) \
          ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, \
              metadata = excluded.metadata, error_message = excluded.error_message, updated_at = excluded.updated_at)"
     )
+}
+
+/// Binds the tracking rows as the seven arrays [`tracking_cte`] reads.
+fn bind_tracking<'q>(q: PgQuery<'q>, rows: &'q [TrackingRow<'q>]) -> PgQuery<'q> {
+    q.bind(rows.iter().map(|r| r.id.as_str()).collect::<Vec<&str>>())
+        .bind(rows.iter().map(|r| r.parent.as_str()).collect::<Vec<&str>>())
+        .bind(rows.iter().map(|r| r.operation).collect::<Vec<&str>>())
+        .bind(rows.iter().map(|r| r.status).collect::<Vec<&str>>())
+        .bind(rows.iter().map(|r| Json(r.metadata)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.error).collect::<Vec<Option<&str>>>())
+        .bind(rows.iter().map(|r| r.at.as_str()).collect::<Vec<&str>>())
 }
