@@ -349,7 +349,8 @@ async fn scenario(
     let elapsed = started.elapsed().as_secs_f64();
     let cpu_per_wf = busy
         .zip(machine_busy())
-        .map(|(before, after)| after.saturating_sub(before) / total.max(1) as u32);
+        .filter(|_| total > 0)
+        .map(|(before, after)| after.saturating_sub(before) / total as u32);
     h.stop.cancel();
     latencies.sort();
     let checkpoints = store.journal_rows().await? - before;
