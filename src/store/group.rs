@@ -10,7 +10,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
@@ -275,7 +274,6 @@ pub(crate) struct BatchRows<'a> {
     pub tracking: Vec<TrackingRow<'a>>,
 }
 
-#[derive(Serialize)]
 pub(crate) struct JournalRow<'a> {
     pub run: String,
     pub seq: i64,
@@ -284,7 +282,6 @@ pub(crate) struct JournalRow<'a> {
     pub at: i64,
 }
 
-#[derive(Serialize)]
 pub(crate) struct ProjectionRow<'a> {
     pub id: String,
     pub status: Option<&'a str>,
@@ -296,7 +293,6 @@ pub(crate) struct ProjectionRow<'a> {
     pub at: String,
 }
 
-#[derive(Serialize)]
 pub(crate) struct TrackingRow<'a> {
     pub id: String,
     pub parent: String,
@@ -365,10 +361,6 @@ impl<'a> BatchRows<'a> {
     }
 }
 
-pub(crate) fn json<T: Serialize>(v: &T) -> Result<String> {
-    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(format!("encoding a batch: {e}")))
-}
-
 /// The `wake_at` a checkpoint's compare-and-set writes, in SQL both backends speak (`runs` is
 /// the row, `v` the checkpoint's [`CasRow`]). The run is due at once when a cancel or signal
 /// arrived while it was leased; else it wakes when its state says. A run that was due already
@@ -383,7 +375,6 @@ pub(crate) fn cas_wake_at() -> String {
 }
 
 /// One checkpoint's compare-and-set inputs.
-#[derive(Serialize)]
 pub(crate) struct CasRow<'a> {
     pub id: String,
     pub token: i64,

@@ -6,8 +6,8 @@
 //! it does for one.
 //!
 //! Every write is a single statement, atomic on its own, so it needs no transaction round trips:
-//! - a batch's checkpoints: the compare-and-set of every run (`UPDATE ... FROM
-//!   jsonb_array_elements`) and, in data-modifying CTEs that take only the runs it matched,
+//! - a batch's checkpoints: the compare-and-set of every run (`UPDATE ... FROM unnest(...)`,
+//!   one typed array per column) and, in data-modifying CTEs that take only the runs it matched,
 //!   their journal rows, projections, tracking rows and consumed signals (a fenced checkpoint
 //!   writes nothing);
 //! - a batch's submits without a lock: their `runs` and `failover_jobs` rows, journal and
@@ -25,9 +25,7 @@ use sqlx::{PgExecutor, PgPool, Row};
 
 use super::{lock_conflict, run_from_row, RUN_COLUMNS};
 use crate::engine::machine::RunState;
-use crate::store::group::{
-    cas_wake_at, json, BatchRows, CasRow, Committer, JournalRow, Outcome, TrackingRow, WriteJob,
-};
+use crate::store::group::{cas_wake_at, BatchRows, CasRow, Committer, JournalRow, Outcome, TrackingRow, WriteJob};
 use crate::store::{Checkpoint, CheckpointOutcome, NewRun, Result, RunRow, StoreError, Submitted};
 
 pub(super) struct PgCommitter {
@@ -430,6 +428,10 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
             ))
         })
         .collect()
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(format!("encoding a batch: {e}")))
 }
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
