@@ -17,6 +17,7 @@
 //! The checkpoint and submit statements of a batch go at once on two connections.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -241,8 +242,10 @@ async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<V
             rows.add_journal(run.id, 2, &start.records, run.now);
         }
     }
-    let at = |field: &str| format!("to_timestamp((e->>'{field}')::bigint / 1000.0)");
-    let sql = format!(
+    // The statement's text is built once per process.
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        let at = |field: &str| format!("to_timestamp((e->>'{field}')::bigint / 1000.0)");
+        format!(
         "WITH v AS (SELECT e FROM jsonb_array_elements($1::jsonb) AS e), \
          ins AS (INSERT INTO runs (id, definition, definition_hash, request_id, correlation_id, status, display_status, \
                      current_step, state, input, context, last_seq, wake_at, fencing_token, lease_owner, \
@@ -265,8 +268,9 @@ async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<V
         now = at("now"),
         journal = journal_cte(2, "ins"),
         tracking = tracking_cte(7, "ins"),
-    );
-    let inserted = sqlx::query(&sql).bind(json(&new)?);
+    )
+    });
+    let inserted = sqlx::query(SQL.as_str()).bind(json(&new)?);
     let inserted = bind_tracking(bind_journal(inserted, &rows.journal), &rows.tracking)
         .bind(channel)
         .fetch_all(pool)
@@ -342,8 +346,10 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
         .flat_map(|cp| cp.consumed_signals.iter().map(|&id| (id, cp.run_id.0, cp.now.0)))
         .collect();
     let p = &rows.projections;
-    let sql = format!(
-        "WITH cas AS (UPDATE runs SET state = v.state, status = v.status, display_status = v.display, \
+    // The statement's text is built once per process.
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH cas AS (UPDATE runs SET state = v.state, status = v.status, display_status = v.display, \
              current_step = v.step, context = COALESCE(v.context, runs.context), last_seq = runs.last_seq + v.n, \
              wake_at = {wake}, \
              lease_owner = CASE WHEN v.release THEN NULL ELSE runs.lease_owner END, \
@@ -377,11 +383,12 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
              FROM unnest($40::int8[], $41::uuid[], $42::int8[]) AS c(id, run, now) \
              WHERE signals.id = c.id AND signals.consumed_at IS NULL AND c.run IN (SELECT id FROM cas)) \
          SELECT id::text AS id, last_seq, signals_pending, cancel_pending FROM cas",
-        wake = cas_wake_at(),
-        journal = journal_cte(20, "cas"),
-        tracking = tracking_cte(33, "cas"),
-    );
-    let q = sqlx::query(&sql)
+            wake = cas_wake_at(),
+            journal = journal_cte(20, "cas"),
+            tracking = tracking_cte(33, "cas"),
+        )
+    });
+    let q = sqlx::query(SQL.as_str())
         .bind(cps.iter().map(|cp| cp.run_id.0).collect::<Vec<uuid::Uuid>>())
         .bind(col(|c| c.token))
         .bind(cas.iter().map(|c| c.owner).collect::<Vec<&str>>())
