@@ -817,20 +817,32 @@ async fn invariant_catches_an_expunged_replica() {
 #[tokio::test]
 async fn wait_job_polls_through_transient_errors() {
     let mut cfg = config();
-    cfg.fault_plan = Some(plan(
+    let p = plan(
         "queryAsyncJobResult",
         FaultRates {
             error_rate: 0.5,
             ..Default::default()
         },
-    ));
+    );
+    // A seed whose first two polls fail: however fast the job ends, the client must poll
+    // through errors (with a fixed seed, a job done at the first poll could see none).
+    cfg.seed = (0..)
+        .find(|seed| (0..2).all(|n| sim::faults::decide(*seed, &p, "queryAsyncJobResult", n, false).is_some()))
+        .unwrap();
+    cfg.fault_plan = Some(p);
     let sim = start(cfg).await;
     let inv = sim.inventory().await;
     let c = sim.cloud();
     let result = run(&c, deploy("tern-poll-vm", &inv, true)).await.unwrap();
     assert_eq!(result["virtualmachine"]["state"], "Running");
     let faults = sim.get("/sim/faults").await;
-    assert!(!faults.as_array().unwrap().is_empty());
+    let polls_failed = faults
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["command"] == "queryAsyncJobResult")
+        .count();
+    assert!(polls_failed >= 2, "{faults}");
     sim.stop().await;
 }
 
