@@ -25,6 +25,9 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>>
 /// covers runs driven by other processes. (The store's wake-up channel is not used: it hands
 /// out one stored permit that a worker must get.)
 const POLL: Duration = Duration::from_millis(100);
+/// The same while a driver of this process holds the run: its commits reach the feed, and the
+/// feed is woken when the driver stops, so this is only a safety net.
+const POLL_DRIVEN_HERE: Duration = Duration::from_secs(2);
 const BATCH: u32 = 500;
 
 /// Streams `run`'s journal after `after`, then its terminal event. The run must exist.
@@ -103,13 +106,21 @@ pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String
             }
             // Whatever was committed meanwhile is in the feed already: no need to wait for it.
             fed = feed.take_after(last);
-            if fed.is_empty() {
-                tokio::select! {
-                    _ = feed.changed() => {}
-                    _ = tokio::time::sleep(POLL) => {}
+            while fed.is_empty() {
+                let driven = feed.driven_here();
+                let poll = if driven { POLL_DRIVEN_HERE } else { POLL };
+                let woken = tokio::select! {
+                    _ = feed.changed() => true,
+                    _ = tokio::time::sleep(poll) => false,
                     _ = tx.closed() => return,
-                }
+                };
                 fed = feed.take_after(last);
+                // A wake-up whose entries were taken already, while a driver here holds the run:
+                // nothing can be in the journal that the feed did not get, so wait again rather
+                // than read it. A poll, or the driver stopping, reads it.
+                if !(fed.is_empty() && woken && driven && feed.driven_here()) {
+                    break;
+                }
             }
         }
     });

@@ -206,13 +206,18 @@ impl WorkflowService for WorkflowApi {
             if r.after_sequence < 0 {
                 return Err(ApiError::field("after_sequence", "must not be negative"));
             }
-            self.run(run_id("run_id", &r.run_id)?).await
+            let id = run_id("run_id", &r.run_id)?;
+            // A run driven here exists: its correlation id is known without a read.
+            match self.state.engine.driven_here(id) {
+                Some(correlation_id) => Ok((id, correlation_id.to_string())),
+                None => self.run(id).await.map(|run| (run.id, run.correlation_id)),
+            }
         }
         .await;
         match result {
-            Ok(run) => Ok(respond(
-                watch(self.state.engine.clone(), run.id, r.after_sequence, c),
-                &run.correlation_id,
+            Ok((id, correlation_id)) => Ok(respond(
+                watch(self.state.engine.clone(), id, r.after_sequence, c),
+                &correlation_id,
             )),
             Err(e) => Err(e.into_status(&c)),
         }

@@ -717,7 +717,9 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
     let k = args.servers.max(1);
     let ttl = args.recovery_lease_ttl;
     let mut lines = Vec::new();
-    for (servers, kill) in [(1, false), (k, false), (k, true)] {
+    // A SIGKILL needs a survivor to take the runs over: with one server, no kill phase.
+    let phases = [(1, false), (k, false), (k, true)];
+    for (servers, kill) in phases.into_iter().filter(|&(servers, kill)| !kill || servers > 1) {
         let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
         // Created (and migrated) here first, so the servers start together on a ready schema.
         let store = store::postgres::PgStore::connect(&args.postgres_url, Some(&schema)).await?;
@@ -727,6 +729,8 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
             let fleet = Servers::start(&url, servers, ttl).await?;
             let clients = Arc::new(fleet.clients.clone());
             let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let pg_before = pg_work(&args.postgres_url).await;
+            let busy = machine_busy();
             let started = Instant::now();
             let mut tasks = Vec::new();
             for c in 0..args.in_flight.max(1) {
@@ -760,22 +764,34 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
                 latencies.extend(t.await.map_err(|e| BenchError::Setup(e.to_string()))??);
             }
             let elapsed = started.elapsed().as_secs_f64();
+            let cpu = busy.zip(machine_busy()).map(|(b, a)| a.saturating_sub(b));
             drop(fleet);
+            // Backends report their counters as they exit.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let pg = match (pg_before, pg_work(&args.postgres_url).await) {
+                (Some((x0, b0)), Some((x1, b1))) => format!(
+                    ", PostgreSQL {:.1} transactions and {:.0} buffer reads/wf",
+                    (x1 - x0) as f64 / n as f64,
+                    (b1 - b0) as f64 / n as f64
+                ),
+                _ => String::new(),
+            };
             latencies.sort();
             let audit = audit_runs(&args.postgres_url, &schema, n).await?;
-            Ok::<_, BenchError>((n as f64 / elapsed, latencies, killed_at, audit))
+            let cpu = cpu_figures(cpu, n, elapsed) + &pg;
+            Ok::<_, BenchError>((n as f64 / elapsed, latencies, killed_at, audit, cpu))
         }
         .await;
         drop(store);
         drop_schema(args, Some(&schema)).await;
-        let (per_sec, latencies, killed_at, audit) = result?;
+        let (per_sec, latencies, killed_at, audit, cpu) = result?;
         let what = match killed_at {
             Some(t) => format!("{servers} servers, one SIGKILLed at {:.1} s", t.as_secs_f64()),
             None if servers == 1 => "1 server".to_string(),
             None => format!("{servers} servers"),
         };
         lines.push(format!(
-            "{:<22} {:<8} {n:>6} wf {per_sec:>9.1} wf/s  p50 {:>7.2} ms  p99 {:>7.2} ms  {what}: {audit}",
+            "{:<22} {:<8} {n:>6} wf {per_sec:>9.1} wf/s  p50 {:>7.2} ms  p99 {:>7.2} ms  {cpu}  {what}: {audit}",
             "scale-out gRPC",
             "postgres",
             percentile(&latencies, 0.50).as_secs_f64() * 1e3,
@@ -783,6 +799,35 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
         ));
     }
     Ok(lines)
+}
+
+/// The database's committed transactions and buffer reads (hits and misses) so far, from
+/// `pg_stat_database`: what a phase cost PostgreSQL, whatever else shares the machine.
+async fn pg_work(url: &str) -> Option<(i64, i64)> {
+    let pool = sqlx::PgPool::connect(url).await.ok()?;
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT xact_commit, blks_hit + blks_read FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_optional(&pool)
+    .await
+    .ok()
+    .flatten();
+    pool.close().await;
+    row
+}
+
+/// The machine's CPU time per workflow over a phase, and how much of its cores stayed idle (a
+/// phase that leaves cores idle is held back by waiting, not by CPU).
+fn cpu_figures(busy: Option<Duration>, workflows: usize, elapsed_secs: f64) -> String {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    match busy {
+        Some(busy) if workflows > 0 && elapsed_secs > 0.0 => format!(
+            "CPU {:.2} ms/wf, idle {:.0}%",
+            busy.as_secs_f64() * 1e3 / workflows as f64,
+            (100.0 * (1.0 - busy.as_secs_f64() / (elapsed_secs * cores))).max(0.0)
+        ),
+        _ => "CPU n/a".to_string(),
+    }
 }
 
 /// What the journal of a scale-out phase shows: runs completed, runs another server took over,

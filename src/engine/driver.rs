@@ -53,6 +53,7 @@ pub async fn drive(
 ) -> Result<Stopped, EngineError> {
     let span = tracing::info_span!("run", run_id = %run.id, definition = %run.definition, correlation_id = %run.correlation_id, fence = lease.token);
     async move {
+        let _driving = engine.driving(run.id, &run.correlation_id);
         let def = engine.pinned(&run.definition_hash).await?;
         let lost = CancellationToken::new();
         let heartbeat = tokio::spawn(heartbeat(engine.clone(), run.id, lease.clone(), lost.clone()));

@@ -97,8 +97,17 @@ pub struct Engine {
     finished: tokio::sync::broadcast::Sender<RunId>,
     /// The worker of this process, when one runs: submits start on it at once.
     local: Mutex<Option<LocalWorker>>,
-    /// Watchers of runs, each sent the entries this process commits for its run.
-    watchers: Mutex<HashMap<RunId, Vec<std::sync::Weak<RunFeed>>>>,
+    /// Watchers of runs, each sent the entries this process commits for its run, and the runs
+    /// this process drives now.
+    watchers: Mutex<Watchers>,
+}
+
+#[derive(Default)]
+struct Watchers {
+    feeds: HashMap<RunId, Vec<std::sync::Weak<RunFeed>>>,
+    /// Runs a driver of this process holds: how many drivers (a run re-claimed here while its
+    /// old driver winds down has two for a moment) and the run's correlation id.
+    driven: HashMap<RunId, (usize, Arc<str>)>,
 }
 
 /// One watcher's view of the transitions this process commits for a run (see
@@ -109,6 +118,9 @@ pub struct RunFeed {
     entries: Mutex<Vec<store::JournalEntry>>,
     /// The terminal state this process committed for the run, and its last sequence number.
     finished: std::sync::OnceLock<(i64, RunState)>,
+    /// A driver of this process holds the run: every transition of it is committed here and
+    /// reaches the feed, so a watcher need not poll the journal for it.
+    driven_here: std::sync::atomic::AtomicBool,
 }
 
 impl RunFeed {
@@ -139,7 +151,13 @@ impl RunFeed {
         self.finished.get()
     }
 
-    /// Waits until this process commits something for the run.
+    /// Whether a driver of this process holds the run now (it may stop at any time: the feed is
+    /// woken when it does).
+    pub fn driven_here(&self) -> bool {
+        self.driven_here.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until this process commits something for the run, or stops driving it.
     pub async fn changed(&self) {
         self.notify.notified().await
     }
@@ -155,6 +173,18 @@ impl RunFeed {
             .unwrap_or_default();
         taken.retain(|e| e.seq > last);
         taken
+    }
+}
+
+/// A run driven by this process, until dropped (see [`Engine::driving`]).
+pub(crate) struct Driving {
+    engine: Arc<Engine>,
+    run: RunId,
+}
+
+impl Drop for Driving {
+    fn drop(&mut self) {
+        self.engine.set_driven(self.run, None);
     }
 }
 
@@ -190,7 +220,7 @@ impl Engine {
             pinned: Mutex::new(HashMap::new()),
             finished: tokio::sync::broadcast::channel(4096).0,
             local: Mutex::new(None),
-            watchers: Mutex::new(HashMap::new()),
+            watchers: Mutex::new(Watchers::default()),
         })
     }
 
@@ -221,16 +251,8 @@ impl Engine {
             .catalog
             .get(&req.definition)
             .ok_or_else(|| EngineError::UnknownDefinition(req.definition.clone()))?;
-        if let Some(existing) = match &req.request_id {
-            Some(r) => self.store.find_by_request_id(r).await?,
-            None => None,
-        } {
-            return Ok(Submitted {
-                run: existing,
-                created: false,
-                journal: Vec::new(),
-            });
-        }
+        // A request id already used is answered by the store with its run (`created` false), in
+        // the same commit that would have created it: no read first.
         def.validate_input(&req.input)
             .map_err(|reason| EngineError::InvalidInput {
                 field: def
@@ -421,18 +443,72 @@ impl Engine {
     /// A feed for watching `run`: each time this process commits a transition of it, the new
     /// journal entries are handed to the feed and it is woken (a stored permit, so none is
     /// missed). Runs driven by other processes are not seen here, so a watcher keeps reading
-    /// the journal as well. Dropping the feed ends the registration.
+    /// the journal as well, often unless the feed says the run is driven here
+    /// ([`RunFeed::driven_here`]). Dropping the feed ends the registration.
     pub fn watch_run(&self, run: RunId) -> Arc<RunFeed> {
         let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
-        if w.len() >= 1024 {
-            w.retain(|_, feeds| {
+        if w.feeds.len() >= 1024 {
+            w.feeds.retain(|_, feeds| {
                 feeds.retain(|f| f.strong_count() > 0);
                 !feeds.is_empty()
             });
         }
         let feed = Arc::new(RunFeed::default());
-        w.entry(run).or_default().push(Arc::downgrade(&feed));
+        feed.driven_here
+            .store(w.driven.contains_key(&run), std::sync::atomic::Ordering::SeqCst);
+        w.feeds.entry(run).or_default().push(Arc::downgrade(&feed));
         feed
+    }
+
+    /// Marks `run` as driven by this process until the guard is dropped (the driver ends,
+    /// panics or is aborted); its watchers' feeds are told both ways.
+    pub(crate) fn driving(self: &Arc<Self>, run: RunId, correlation_id: &str) -> Driving {
+        self.set_driven(run, Some(correlation_id));
+        Driving {
+            engine: self.clone(),
+            run,
+        }
+    }
+
+    /// The correlation id of a run a driver of this process holds now (known without a read).
+    pub fn driven_here(&self, run: RunId) -> Option<Arc<str>> {
+        let w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        w.driven.get(&run).map(|(_, c)| c.clone())
+    }
+
+    /// One more driver of `run` here (with its correlation id), or one fewer (None).
+    fn set_driven(&self, run: RunId, starts: Option<&str>) {
+        let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        let here = match (starts, w.driven.get_mut(&run)) {
+            (Some(_), Some((count, _))) => {
+                *count += 1;
+                true
+            }
+            (Some(c), None) => {
+                w.driven.insert(run, (1, Arc::from(c)));
+                true
+            }
+            (None, Some((count, _))) if *count > 1 => {
+                *count -= 1;
+                true
+            }
+            (None, _) => {
+                w.driven.remove(&run);
+                false
+            }
+        };
+        for feed in w
+            .feeds
+            .get(&run)
+            .into_iter()
+            .flatten()
+            .filter_map(std::sync::Weak::upgrade)
+        {
+            feed.driven_here.store(here, std::sync::atomic::Ordering::SeqCst);
+            if !here {
+                feed.notify.notify_one();
+            }
+        }
     }
 
     /// Hands the entries just committed for `run` (from `first_seq` on) to its watchers, and
@@ -446,12 +522,12 @@ impl Engine {
         terminal: Option<&RunState>,
     ) {
         let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
-        if w.is_empty() {
+        if w.feeds.is_empty() {
             return;
         }
         let feeds = match terminal {
-            Some(_) => w.remove(&run).unwrap_or_default(),
-            None => w.get(&run).cloned().unwrap_or_default(),
+            Some(_) => w.feeds.remove(&run).unwrap_or_default(),
+            None => w.feeds.get(&run).cloned().unwrap_or_default(),
         };
         drop(w);
         for feed in feeds.iter().filter_map(std::sync::Weak::upgrade) {

@@ -553,7 +553,64 @@ async fn a_submit_starts_on_the_local_worker_when_it_has_a_slot(db: TestDb) {
     w.stop().await;
 }
 
+/// While a driver of this process holds a run, the engine knows it (and its correlation id)
+/// without a read, and the run's watch feeds say so; when the driver lets go (the run goes to
+/// sleep in its hold), the feeds learn it. A repeated request id is answered by the store with
+/// the existing run, and the worker slot the repeat had reserved is given back.
+async fn a_run_driven_here_is_known_to_its_watchers(db: TestDb) {
+    let mut cfg = config("here");
+    cfg.concurrency = 1;
+    let w = start_with(db.open().await, &[], cfg).await;
+    for _ in 0..500 {
+        if w.engine.has_local_worker() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let req = |request_id: &str, input: Value| SubmitRequest {
+        definition: "crash-saga".into(),
+        input,
+        request_id: Some(request_id.into()),
+        correlation_id: Some(format!("corr-{request_id}")),
+    };
+    let slow = json!({"hold": "60s", "test": {"sleep_ms": {"snapshot": 600}}});
+    let first = w.engine.submit(req("a", slow.clone())).await.unwrap();
+    assert!(first.created);
+    let run = first.run.id;
+    let feed = w.engine.watch_run(run);
+    wait_step(&w.engine, run, "snapshot").await;
+    assert_eq!(w.engine.driven_here(run).as_deref(), Some("corr-a"));
+    assert!(feed.driven_here());
+    // The run is asleep in its hold: no driver holds it, and its feed was told.
+    wait_status(&w.engine, run, RunStatus::Holding).await;
+    for _ in 0..500 {
+        if !feed.driven_here() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(!feed.driven_here());
+    assert_eq!(w.engine.driven_here(run), None);
+    // A repeat of request "a" while the only slot is free: the same run, not started again.
+    let again = w.engine.submit(req("a", slow)).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.run.id, run);
+    assert_eq!(count(&journal(&w.engine, run).await, "run_submitted"), 1);
+    // The slot the repeat had reserved is free again: a new run starts in its submit.
+    let next = w.engine.submit(req("b", json!({"hold": "1ms"}))).await.unwrap();
+    assert!(next.created);
+    assert_eq!(
+        next.run.status,
+        RunStatus::Running,
+        "started in the submit's own commit"
+    );
+    assert_eq!(finish(&w.engine, next.run.id).await.status, RunStatus::Completed);
+    assert_eq!(w.engine.driven_here(next.run.id), None);
+    w.stop().await;
+}
+
 on_both_backends!(
+    a_run_driven_here_is_known_to_its_watchers,
     a_submit_starts_on_the_local_worker_when_it_has_a_slot,
     happy_path_with_hold_timer,
     retries_sleep_in_the_database_then_succeed,
