@@ -42,7 +42,8 @@ pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String
     let feed = engine.watch_run(run);
     tokio::spawn(async move {
         let mut last = after;
-        let mut fed: Vec<JournalEntry> = Vec::new();
+        // A run driven here may come with its whole journal: then nothing is read.
+        let mut fed: Vec<JournalEntry> = feed.take_after(last);
         loop {
             let step = async {
                 let (entries, full) = match fed.first() {

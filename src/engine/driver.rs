@@ -42,18 +42,22 @@ struct Driver {
 }
 
 /// Drives `run` (claimed under `lease`) until it sleeps, finishes, is fenced or shutdown stops it.
-/// `first` is the action of a transition already committed (a run submitted and started at
-/// once); without it the driver decides the first event itself.
-pub async fn drive(
+/// `first` is what the submit of a run submitted and started at once committed; without it the
+/// driver decides the first event itself.
+pub(crate) async fn drive(
     engine: Arc<Engine>,
     run: RunRow,
     lease: Lease,
-    first: Option<Action>,
+    first: Option<Started>,
     shutdown: CancellationToken,
 ) -> Result<Stopped, EngineError> {
     let span = tracing::info_span!("run", run_id = %run.id, definition = %run.definition, correlation_id = %run.correlation_id, fence = lease.token);
     async move {
-        let _driving = engine.driving(run.id, &run.correlation_id);
+        let (first, journal) = match first {
+            Some(s) => (Some(s.action), s.journal),
+            None => (None, Vec::new()),
+        };
+        let _driving = engine.driving(&run, journal);
         let def = engine.pinned(&run.definition_hash).await?;
         let lost = CancellationToken::new();
         let heartbeat = tokio::spawn(heartbeat(engine.clone(), run.id, lease.clone(), lost.clone()));
@@ -80,6 +84,13 @@ pub async fn drive(
     }
     .instrument(span)
     .await
+}
+
+/// A run submitted and started at once: the action of the transition its submit committed, and
+/// the journal entries that submit stored (the run's whole journal so far).
+pub(crate) struct Started {
+    pub action: Action,
+    pub journal: Vec<crate::store::JournalEntry>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

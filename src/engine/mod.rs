@@ -105,10 +105,24 @@ pub struct Engine {
 #[derive(Default)]
 struct Watchers {
     feeds: HashMap<RunId, Vec<std::sync::Weak<RunFeed>>>,
-    /// Runs a driver of this process holds: how many drivers (a run re-claimed here while its
-    /// old driver winds down has two for a moment) and the run's correlation id.
-    driven: HashMap<RunId, (usize, Arc<str>)>,
+    /// Runs a driver of this process holds.
+    driven: HashMap<RunId, Driven>,
 }
+
+/// A run a driver of this process holds.
+struct Driven {
+    /// How many drivers (a run re-claimed here while its old driver winds down has two for a
+    /// moment).
+    drivers: usize,
+    correlation_id: Arc<str>,
+    /// The run's whole journal, while this process knows it in full: a run submitted and
+    /// started here, every entry since committed here. A watch starts from it without a read.
+    /// None for a run claimed with a history, or once it grows past [`HISTORY_MAX`].
+    history: Option<Vec<store::JournalEntry>>,
+}
+
+/// Most journal entries kept in memory for a run driven here.
+const HISTORY_MAX: usize = 256;
 
 /// One watcher's view of the transitions this process commits for a run (see
 /// [`Engine::watch_run`]).
@@ -135,12 +149,7 @@ impl RunFeed {
             if e.len() + records.len() > Self::MAX {
                 e.clear();
             }
-            e.extend(records.iter().enumerate().map(|(i, r)| store::JournalEntry {
-                run_id: run,
-                seq: first_seq + i as i64,
-                record: r.clone(),
-                at,
-            }));
+            e.extend(entries(run, first_seq, records, at));
         }
         self.notify.notify_one();
     }
@@ -176,6 +185,21 @@ impl RunFeed {
     }
 }
 
+/// `records` as the journal entries they were committed as, from `first_seq` on.
+fn entries(
+    run: RunId,
+    first_seq: i64,
+    records: &[Record],
+    at: Timestamp,
+) -> impl Iterator<Item = store::JournalEntry> + '_ {
+    records.iter().enumerate().map(move |(i, r)| store::JournalEntry {
+        run_id: run,
+        seq: first_seq + i as i64,
+        record: r.clone(),
+        at,
+    })
+}
+
 /// A run driven by this process, until dropped (see [`Engine::driving`]).
 pub(crate) struct Driving {
     engine: Arc<Engine>,
@@ -201,7 +225,7 @@ pub(crate) struct LocalWorker {
 pub(crate) struct Dispatched {
     pub run: store::RunRow,
     pub lease: store::Lease,
-    pub action: machine::Action,
+    pub first: driver::Started,
     pub slot: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -332,7 +356,10 @@ impl Engine {
                 let d = Dispatched {
                     run: submitted.run.clone(),
                     lease: lease.clone(),
-                    action,
+                    first: driver::Started {
+                        action,
+                        journal: submitted.journal.clone(),
+                    },
                     slot,
                 };
                 if worker.runs.send(d).is_err() {
@@ -454,42 +481,62 @@ impl Engine {
             });
         }
         let feed = Arc::new(RunFeed::default());
-        feed.driven_here
-            .store(w.driven.contains_key(&run), std::sync::atomic::Ordering::SeqCst);
+        if let Some(d) = w.driven.get(&run) {
+            feed.driven_here.store(true, std::sync::atomic::Ordering::SeqCst);
+            // The whole journal so far, so the watch starts without reading it.
+            if let (Some(history), Ok(mut entries)) = (&d.history, feed.entries.lock()) {
+                entries.clone_from(history);
+            }
+        }
         w.feeds.entry(run).or_default().push(Arc::downgrade(&feed));
         feed
     }
 
     /// Marks `run` as driven by this process until the guard is dropped (the driver ends,
-    /// panics or is aborted); its watchers' feeds are told both ways.
-    pub(crate) fn driving(self: &Arc<Self>, run: RunId, correlation_id: &str) -> Driving {
-        self.set_driven(run, Some(correlation_id));
+    /// panics or is aborted); its watchers' feeds are told both ways. `journal` is the run's
+    /// journal so far when the driver knows it (a run submitted and started here), else empty.
+    pub(crate) fn driving(self: &Arc<Self>, run: &store::RunRow, journal: Vec<store::JournalEntry>) -> Driving {
+        let whole = journal.len() as i64 == run.last_seq
+            && journal
+                .iter()
+                .enumerate()
+                .all(|(i, e)| e.seq == i as i64 + 1 && e.run_id == run.id);
+        self.set_driven(
+            run.id,
+            Some(Driven {
+                drivers: 1,
+                correlation_id: Arc::from(run.correlation_id.as_str()),
+                history: whole.then_some(journal),
+            }),
+        );
         Driving {
             engine: self.clone(),
-            run,
+            run: run.id,
         }
     }
 
     /// The correlation id of a run a driver of this process holds now (known without a read).
     pub fn driven_here(&self, run: RunId) -> Option<Arc<str>> {
         let w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
-        w.driven.get(&run).map(|(_, c)| c.clone())
+        w.driven.get(&run).map(|d| d.correlation_id.clone())
     }
 
-    /// One more driver of `run` here (with its correlation id), or one fewer (None).
-    fn set_driven(&self, run: RunId, starts: Option<&str>) {
+    /// One more driver of `run` here, or one fewer (None).
+    fn set_driven(&self, run: RunId, starts: Option<Driven>) {
         let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         let here = match (starts, w.driven.get_mut(&run)) {
-            (Some(_), Some((count, _))) => {
-                *count += 1;
+            (Some(_), Some(d)) => {
+                // A second driver claimed the run: what the first knew may be behind.
+                d.drivers += 1;
+                d.history = None;
                 true
             }
-            (Some(c), None) => {
-                w.driven.insert(run, (1, Arc::from(c)));
+            (Some(new), None) => {
+                w.driven.insert(run, new);
                 true
             }
-            (None, Some((count, _))) if *count > 1 => {
-                *count -= 1;
+            (None, Some(d)) if d.drivers > 1 => {
+                d.drivers -= 1;
                 true
             }
             (None, _) => {
@@ -522,6 +569,16 @@ impl Engine {
         terminal: Option<&RunState>,
     ) {
         let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = w.driven.get_mut(&run) {
+            let follows = |h: &Vec<store::JournalEntry>| {
+                h.last().map(|e| e.seq + 1) == Some(first_seq) && h.len() + records.len() <= HISTORY_MAX
+            };
+            match &mut d.history {
+                Some(h) if follows(h) => h.extend(entries(run, first_seq, records, at)),
+                Some(_) => d.history = None,
+                None => {}
+            }
+        }
         if w.feeds.is_empty() {
             return;
         }

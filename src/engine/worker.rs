@@ -49,7 +49,7 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
             log_driver_end(done);
         }
         while let Ok(d) = local.try_recv() {
-            spawn(&mut drivers, d.run, d.lease, Some(d.action), d.slot);
+            spawn(&mut drivers, d.run, d.lease, Some(d.first), d.slot);
         }
         let free = slots.available_permits();
         if free > 0 && claimable {
@@ -95,7 +95,7 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
         }
         tokio::select! {
             _ = wake.wait() => claimable = true,
-            Some(d) = local.recv() => spawn(&mut drivers, d.run, d.lease, Some(d.action), d.slot),
+            Some(d) = local.recv() => spawn(&mut drivers, d.run, d.lease, Some(d.first), d.slot),
             Some(done) = drivers.join_next(), if !drivers.is_empty() => log_driver_end(done),
             _ = tokio::time::sleep_until(next_look) => {
                 claimable = true;
@@ -109,7 +109,7 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
     // Runs handed over while stopping: their drivers see the shutdown and give the lease back.
     local.close();
     while let Some(d) = local.recv().await {
-        spawn(&mut drivers, d.run, d.lease, Some(d.action), d.slot);
+        spawn(&mut drivers, d.run, d.lease, Some(d.first), d.slot);
     }
     tracing::info!(in_flight = drivers.len(), grace = ?cfg.shutdown_grace, "worker stopping: no new claims");
     let drain = async {

@@ -581,6 +581,14 @@ async fn a_run_driven_here_is_known_to_its_watchers(db: TestDb) {
     wait_step(&w.engine, run, "snapshot").await;
     assert_eq!(w.engine.driven_here(run).as_deref(), Some("corr-a"));
     assert!(feed.driven_here());
+    // A watch that starts now gets the run's whole journal from memory, as stored.
+    let stored = journal(&w.engine, run).await;
+    let late = w.engine.watch_run(run).take_after(0);
+    assert_eq!(late.first().map(|e| e.seq), Some(1), "{late:?}");
+    assert!(late.len() >= stored.len(), "{late:?}");
+    for (held, read) in late.iter().zip(&stored) {
+        assert_eq!((held.seq, &held.record, held.at), (read.seq, &read.record, read.at));
+    }
     // The run is asleep in its hold: no driver holds it, and its feed was told.
     wait_status(&w.engine, run, RunStatus::Holding).await;
     for _ in 0..500 {
