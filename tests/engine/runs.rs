@@ -495,11 +495,9 @@ async fn a_dead_workers_run_moves_to_another_after_its_lease(db: TestDb) {
     heir.stop().await;
 }
 
-/// With a worker in the process and a free slot, a submit commits the run already started
-/// (first step started, leased to that worker) and the worker drives it from there; without a
-/// free slot the run waits, pending, to be claimed.
-async fn a_submit_starts_on_the_local_worker_when_it_has_a_slot(db: TestDb) {
-    let mut cfg = config("local");
+/// A worker with one driving slot, registered with its engine (so submits start on it).
+async fn start_one_slot(db: &TestDb, name: &str) -> Worker {
+    let mut cfg = config(name);
     cfg.concurrency = 1;
     let w = start_with(db.open().await, &[], cfg).await;
     for _ in 0..500 {
@@ -508,6 +506,14 @@ async fn a_submit_starts_on_the_local_worker_when_it_has_a_slot(db: TestDb) {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    w
+}
+
+/// With a worker in the process and a free slot, a submit commits the run already started
+/// (first step started, leased to that worker) and the worker drives it from there; without a
+/// free slot the run waits, pending, to be claimed.
+async fn a_submit_starts_on_the_local_worker_when_it_has_a_slot(db: TestDb) {
+    let w = start_one_slot(&db, "local").await;
     let slow = json!({"hold": "1ms", "test": {"sleep_ms": {"snapshot": 800}}});
     let first = w
         .engine
@@ -558,15 +564,7 @@ async fn a_submit_starts_on_the_local_worker_when_it_has_a_slot(db: TestDb) {
 /// sleep in its hold), the feeds learn it. A repeated request id is answered by the store with
 /// the existing run, and the worker slot the repeat had reserved is given back.
 async fn a_run_driven_here_is_known_to_its_watchers(db: TestDb) {
-    let mut cfg = config("here");
-    cfg.concurrency = 1;
-    let w = start_with(db.open().await, &[], cfg).await;
-    for _ in 0..500 {
-        if w.engine.has_local_worker() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let w = start_one_slot(&db, "here").await;
     let req = |request_id: &str, input: Value| SubmitRequest {
         definition: "crash-saga".into(),
         input,
@@ -591,7 +589,7 @@ async fn a_run_driven_here_is_known_to_its_watchers(db: TestDb) {
     }
     // The run is asleep in its hold: no driver holds it, and its feed was told.
     wait_status(&w.engine, run, RunStatus::Holding).await;
-    for _ in 0..500 {
+    for _ in 0..2500 {
         if !feed.driven_here() {
             break;
         }
