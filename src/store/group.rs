@@ -3,7 +3,8 @@
 //! previous batch was committing, and commits them together, so many runs share one fsync.
 //! Nobody is answered before the commit returned. SQLite has one writer, on a thread of its own
 //! ([`blocking_group_writer`]); PostgreSQL has a few async loops on one queue
-//! ([`group_writer`]). The rows a batch writes are gathered here ([`BatchRows`], [`CasRow`]),
+//! ([`group_writer`]), whose small batches linger a moment for more while other runs are
+//! committing too. The rows a batch writes are gathered here ([`BatchRows`], [`CasRow`]),
 //! so a batch costs a fixed number of statements whatever its size.
 
 use std::collections::HashSet;
@@ -135,6 +136,27 @@ pub(crate) async fn group_writer<C: Committer>(db: std::sync::Arc<C>, queue: std
                 }
             }
             fill(&mut batch, &mut jobs, &mut held);
+            // Under load (the last batch carried more than one job), a small batch lingers a
+            // moment for more: a statement costs the database about as much for one job as for
+            // ten (PostgreSQL's own commit_delay, done here). A lone workflow never waits.
+            if let Some(linger) = queue.linger {
+                if batch.len() < LINGER_UNTIL && held.is_none() && queue.last_batch.load(SeqCst) > 1 {
+                    let deadline = tokio::time::Instant::now() + linger;
+                    while batch.len() < LINGER_UNTIL && held.is_none() {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(deadline) => break,
+                            job = jobs.recv() => match job {
+                                Some(job) => {
+                                    add(&mut batch, job, &mut held);
+                                    fill(&mut batch, &mut jobs, &mut held);
+                                }
+                                None => break,
+                            },
+                        }
+                    }
+                }
+            }
+            queue.last_batch.store(batch.len(), SeqCst);
             batch
         };
         let committing = Committing::start(&queue);
@@ -166,7 +188,14 @@ pub(crate) struct SharedQueue {
     committing: std::sync::atomic::AtomicUsize,
     /// Told each time a commit ends.
     done: tokio::sync::Notify,
+    /// Jobs in the last batch taken: more than one means other runs are committing too.
+    last_batch: std::sync::atomic::AtomicUsize,
+    /// How long a small batch waits for more under load (None: never).
+    linger: Option<Duration>,
 }
+
+/// A lingering batch stops waiting once it has this many jobs.
+const LINGER_UNTIL: usize = 16;
 
 /// A commit under way, counted in its queue until dropped (a panicking commit included, so the
 /// other loops never wait on a commit that will not end).
@@ -187,11 +216,13 @@ impl Drop for Committing<'_> {
 }
 
 impl SharedQueue {
-    pub(crate) fn new(jobs: mpsc::Receiver<WriteJob>) -> std::sync::Arc<SharedQueue> {
+    pub(crate) fn new(jobs: mpsc::Receiver<WriteJob>, linger: Option<Duration>) -> std::sync::Arc<SharedQueue> {
         std::sync::Arc::new(SharedQueue {
             jobs: tokio::sync::Mutex::new(jobs),
             committing: Default::default(),
             done: Default::default(),
+            last_batch: Default::default(),
+            linger,
         })
     }
 }

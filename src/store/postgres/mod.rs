@@ -18,6 +18,11 @@ use super::*;
 /// Group-commit loops per process: while one batch waits for its commit (a network round trip
 /// per statement, then the WAL flush), the next is already being written.
 const WRITERS: usize = 3;
+/// How long a small batch waits for more jobs while other runs are committing too (see
+/// [`crate::store::group::group_writer`]). With three servers on one database this cut the
+/// statements per workflow from 1.8 to 1.1, and the machine's CPU per workflow by about a
+/// fifth; a lone workflow never waits. tokio's timers round it up to the millisecond.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 
 mod writer;
 use crate::store::group::{WriteJob, MAX_BATCH};
@@ -102,7 +107,7 @@ impl PgStore {
             pool: writer_pool,
             channel: channel.clone(),
         });
-        let jobs = crate::store::group::SharedQueue::new(jobs);
+        let jobs = crate::store::group::SharedQueue::new(jobs, Some(LINGER));
         for _ in 0..WRITERS {
             tokio::spawn(crate::store::group::group_writer(committer.clone(), jobs.clone()));
         }
