@@ -208,7 +208,7 @@ impl WorkflowService for WorkflowApi {
             }
             let id = run_id("run_id", &r.run_id)?;
             // A run driven here exists: its correlation id is known without a read.
-            match self.state.engine.driven_here(id) {
+            match self.state.engine.driven_correlation_id(id) {
                 Some(correlation_id) => Ok((id, correlation_id.to_string())),
                 None => self.run(id).await.map(|run| (run.id, run.correlation_id)),
             }

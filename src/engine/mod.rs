@@ -516,7 +516,7 @@ impl Engine {
     }
 
     /// The correlation id of a run a driver of this process holds now (known without a read).
-    pub fn driven_here(&self, run: RunId) -> Option<Arc<str>> {
+    pub fn driven_correlation_id(&self, run: RunId) -> Option<Arc<str>> {
         let w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         w.driven.get(&run).map(|d| d.correlation_id.clone())
     }

@@ -126,12 +126,8 @@ pub(crate) async fn group_writer<C: Committer>(db: std::sync::Arc<C>, queue: std
                 }
                 tokio::select! {
                     _ = &mut done => break,
-                    job = jobs.recv() => match job {
-                        Some(job) => {
-                            add(&mut batch, job, &mut held);
-                            fill(&mut batch, &mut jobs, &mut held);
-                        }
-                        None => break,
+                    job = jobs.recv() => if !arrived(&mut batch, job, &mut jobs, &mut held) {
+                        break;
                     },
                 }
             }
@@ -139,20 +135,18 @@ pub(crate) async fn group_writer<C: Committer>(db: std::sync::Arc<C>, queue: std
             // Under load (the last batch carried more than one job), a small batch lingers a
             // moment for more: a statement costs the database about as much for one job as for
             // ten (PostgreSQL's own commit_delay, done here). A lone workflow never waits.
-            if let Some(linger) = queue.linger {
-                if batch.len() < LINGER_UNTIL && held.is_none() && queue.last_batch.load(SeqCst) > 1 {
-                    let deadline = tokio::time::Instant::now() + linger;
-                    while batch.len() < LINGER_UNTIL && held.is_none() {
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(deadline) => break,
-                            job = jobs.recv() => match job {
-                                Some(job) => {
-                                    add(&mut batch, job, &mut held);
-                                    fill(&mut batch, &mut jobs, &mut held);
-                                }
-                                None => break,
-                            },
-                        }
+            if !queue.linger.is_zero()
+                && batch.len() < LINGER_UNTIL
+                && held.is_none()
+                && queue.last_batch.load(SeqCst) > 1
+            {
+                let deadline = tokio::time::Instant::now() + queue.linger;
+                while batch.len() < LINGER_UNTIL && held.is_none() {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(deadline) => break,
+                        job = jobs.recv() => if !arrived(&mut batch, job, &mut jobs, &mut held) {
+                            break;
+                        },
                     }
                 }
             }
@@ -190,8 +184,8 @@ pub(crate) struct SharedQueue {
     done: tokio::sync::Notify,
     /// Jobs in the last batch taken: more than one means other runs are committing too.
     last_batch: std::sync::atomic::AtomicUsize,
-    /// How long a small batch waits for more under load (None: never).
-    linger: Option<Duration>,
+    /// How long a small batch waits for more under load (zero: never).
+    linger: Duration,
 }
 
 /// A lingering batch stops waiting once it has this many jobs.
@@ -216,7 +210,7 @@ impl Drop for Committing<'_> {
 }
 
 impl SharedQueue {
-    pub(crate) fn new(jobs: mpsc::Receiver<WriteJob>, linger: Option<Duration>) -> std::sync::Arc<SharedQueue> {
+    pub(crate) fn new(jobs: mpsc::Receiver<WriteJob>, linger: Duration) -> std::sync::Arc<SharedQueue> {
         std::sync::Arc::new(SharedQueue {
             jobs: tokio::sync::Mutex::new(jobs),
             committing: Default::default(),
@@ -277,6 +271,24 @@ fn add(batch: &mut Vec<WriteJob>, job: WriteJob, held: &mut Option<WriteJob>) {
     match job.run_id() {
         Some(id) if batch.iter().any(|j| j.run_id() == Some(id)) => *held = Some(job),
         _ => batch.push(job),
+    }
+}
+
+/// Adds a job the queue just gave to `batch` (see [`add`]) with whatever queued behind it;
+/// false when the queue is closed.
+fn arrived(
+    batch: &mut Vec<WriteJob>,
+    job: Option<WriteJob>,
+    jobs: &mut mpsc::Receiver<WriteJob>,
+    held: &mut Option<WriteJob>,
+) -> bool {
+    match job {
+        Some(job) => {
+            add(batch, job, held);
+            fill(batch, jobs, held);
+            true
+        }
+        None => false,
     }
 }
 

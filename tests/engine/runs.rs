@@ -577,7 +577,7 @@ async fn a_run_driven_here_is_known_to_its_watchers(db: TestDb) {
     let run = first.run.id;
     let feed = w.engine.watch_run(run);
     wait_step(&w.engine, run, "snapshot").await;
-    assert_eq!(w.engine.driven_here(run).as_deref(), Some("corr-a"));
+    assert_eq!(w.engine.driven_correlation_id(run).as_deref(), Some("corr-a"));
     assert!(feed.driven_here());
     // A watch that starts now gets the run's whole journal from memory, as stored.
     let stored = journal(&w.engine, run).await;
@@ -596,7 +596,7 @@ async fn a_run_driven_here_is_known_to_its_watchers(db: TestDb) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     assert!(!feed.driven_here());
-    assert_eq!(w.engine.driven_here(run), None);
+    assert_eq!(w.engine.driven_correlation_id(run), None);
     // A repeat of request "a" while the only slot is free: the same run, not started again.
     let again = w.engine.submit(req("a", slow)).await.unwrap();
     assert!(!again.created);
@@ -611,7 +611,7 @@ async fn a_run_driven_here_is_known_to_its_watchers(db: TestDb) {
         "started in the submit's own commit"
     );
     assert_eq!(finish(&w.engine, next.run.id).await.status, RunStatus::Completed);
-    assert_eq!(w.engine.driven_here(next.run.id), None);
+    assert_eq!(w.engine.driven_correlation_id(next.run.id), None);
     w.stop().await;
 }
 

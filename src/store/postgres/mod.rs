@@ -107,7 +107,7 @@ impl PgStore {
             pool: writer_pool,
             channel: channel.clone(),
         });
-        let jobs = crate::store::group::SharedQueue::new(jobs, Some(LINGER));
+        let jobs = crate::store::group::SharedQueue::new(jobs, LINGER);
         for _ in 0..WRITERS {
             tokio::spawn(crate::store::group::group_writer(committer.clone(), jobs.clone()));
         }
