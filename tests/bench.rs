@@ -64,9 +64,12 @@ fn check(out: &str, backend: &str) {
     }
     assert_eq!(scale_out.len(), 3, "1 server, 3 servers, 3 with a SIGKILL:\n{out}");
     for line in &scale_out {
-        // Every run completed, none doubled by a retried submit, no step run again after success.
+        // Every run completed, none doubled by a retried submit, no step run again after success, no
+        // journal row without its run; the CPU is split between the servers, PostgreSQL and the bench.
         assert!(line.contains("30/30 runs completed"), "{line}");
         assert!(line.contains(" 0 run again after success"), "{line}");
+        assert!(line.contains(" 0 journal rows without a run"), "{line}");
+        assert!(line.contains("(servers ") && line.contains(", PostgreSQL "), "{line}");
         assert!(!line.contains("NOT met"), "{line}");
     }
     assert!(scale_out[2].contains("one SIGKILLed"), "{}", scale_out[2]);

@@ -75,6 +75,11 @@ pub struct BenchArgs {
     /// `tern server` processes in the scale-out scenario.
     #[arg(long, default_value_t = 3)]
     pub servers: usize,
+    /// Rounds of the scale-out comparison: each runs one server, then `--servers`, back to back,
+    /// so the two meet the same state of a shared machine; with more than one, a last line gives
+    /// each round's ratio and their median.
+    #[arg(long, default_value_t = 1)]
+    pub scale_out_rounds: usize,
     /// How long each held run waits on its timer: long enough that all are held at once.
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     pub held_for: Duration,
@@ -153,6 +158,48 @@ pub fn machine_busy() -> Option<Duration> {
     // SAFETY: sysconf only reads a constant of the system.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     (hz > 0).then(|| Duration::from_secs_f64(busy as f64 / hz as f64))
+}
+
+/// CPU time (user and system; with `reaped`, that of reaped children too) of the processes `pick`
+/// selects by pid and command name, from /proc/<pid>/stat. PostgreSQL's exited backends are
+/// counted in the postmaster's children time, so a phase's difference is whole.
+fn processes_cpu(reaped: bool, pick: impl Fn(u32, &str) -> bool) -> Duration {
+    // SAFETY: sysconf only reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut ticks = 0u64;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ... utime(14) stime(15) cutime(16) cstime(17)
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if !pick(pid, &stat[open + 1..close]) {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let own: &[usize] = if reaped { &[11, 12, 13, 14] } else { &[11, 12] };
+        ticks += own
+            .iter()
+            .filter_map(|&i| fields.get(i).and_then(|t| t.parse::<u64>().ok()))
+            .sum::<u64>();
+    }
+    Duration::from_secs_f64(ticks as f64 / hz)
+}
+
+/// CPU spent so far by the given server processes, by PostgreSQL, and by this process (not
+/// counting a server it reaped after a SIGKILL).
+fn cpu_split(servers: &[u32]) -> [Duration; 3] {
+    let me = std::process::id();
+    [
+        processes_cpu(false, |pid, _| servers.contains(&pid)),
+        processes_cpu(true, |_, comm| comm == "postgres"),
+        processes_cpu(false, |pid, _| pid == me),
+    ]
 }
 
 /// Peak resident set size of this process (VmHWM), in MB.
@@ -717,12 +764,18 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
     let k = args.servers.max(1);
     let ttl = args.recovery_lease_ttl;
     let mut lines = Vec::new();
-    // A SIGKILL needs a survivor to take the runs over: with one server, no kill phase.
-    let phases = [(1, false), (k, false), (k, true)];
+    // Rounds of one server then `k`, then `k` with a SIGKILL. A SIGKILL needs a survivor to
+    // take the runs over: with one server, no kill phase.
+    let mut phases: Vec<(usize, bool)> = (0..args.scale_out_rounds.max(1))
+        .flat_map(|_| [(1, false), (k, false)])
+        .collect();
+    phases.push((k, true));
+    let mut rates: Vec<(usize, bool, f64)> = Vec::new();
     for (servers, kill) in phases.into_iter().filter(|&(servers, kill)| !kill || servers > 1) {
         let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
-        // Created (and migrated) here first, so the servers start together on a ready schema.
-        let store = store::postgres::PgStore::connect(&args.postgres_url, Some(&schema)).await?;
+        // Created (and migrated) here first, so the servers start together on a ready schema;
+        // then closed, so that the servers share the database's commits among themselves only.
+        drop(store::postgres::PgStore::connect(&args.postgres_url, Some(&schema)).await?);
         let sep = if args.postgres_url.contains('?') { '&' } else { '?' };
         let url = format!("{}{sep}tern_schema={schema}", args.postgres_url);
         let result = async {
@@ -731,6 +784,8 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
             let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let pg_before = pg_work(&args.postgres_url).await;
             let busy = machine_busy();
+            let pids: Vec<u32> = fleet.children.iter().map(|c| c.id()).collect();
+            let split_before = cpu_split(&pids);
             let started = Instant::now();
             let mut tasks = Vec::new();
             for c in 0..args.in_flight.max(1) {
@@ -765,6 +820,15 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
             }
             let elapsed = started.elapsed().as_secs_f64();
             let cpu = busy.zip(machine_busy()).map(|(b, a)| a.saturating_sub(b));
+            // A SIGKILLed server's time is lost with it: the split is of the survivors.
+            let split_after = cpu_split(&pids);
+            let per_wf = |i: usize| split_after[i].saturating_sub(split_before[i]).as_secs_f64() * 1e3 / n as f64;
+            let split = format!(
+                " (servers {:.2}, PostgreSQL {:.2}, bench {:.2})",
+                per_wf(0),
+                per_wf(1),
+                per_wf(2)
+            );
             drop(fleet);
             // Backends report their counters as they exit.
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -778,13 +842,13 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
             };
             latencies.sort();
             let audit = audit_runs(&args.postgres_url, &schema, n).await?;
-            let cpu = cpu_figures(cpu, n, elapsed) + &pg;
+            let cpu = cpu_figures(cpu, n, elapsed) + &split + &pg;
             Ok::<_, BenchError>((n as f64 / elapsed, latencies, killed_at, audit, cpu))
         }
         .await;
-        drop(store);
         drop_schema(args, Some(&schema)).await;
         let (per_sec, latencies, killed_at, audit, cpu) = result?;
+        rates.push((servers, kill, per_sec));
         let what = match killed_at {
             Some(t) => format!("{servers} servers, one SIGKILLed at {:.1} s", t.as_secs_f64()),
             None if servers == 1 => "1 server".to_string(),
@@ -798,7 +862,43 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
             percentile(&latencies, 0.99).as_secs_f64() * 1e3,
         ));
     }
+    if let Some(line) = rounds_line(&rates, k) {
+        lines.push(line);
+    }
     Ok(lines)
+}
+
+/// With more than one round: each round's throughput of `k` servers against one server just
+/// before it, and their median (what the scale-out target compares, steadier than any one
+/// round on a shared machine).
+fn rounds_line(rates: &[(usize, bool, f64)], k: usize) -> Option<String> {
+    let pairs: Vec<f64> = rates
+        .iter()
+        .filter(|&&(_, kill, _)| !kill)
+        .collect::<Vec<_>>()
+        .chunks_exact(2)
+        .filter(|p| p[0].0 == 1 && p[1].0 == k)
+        .map(|p| p[1].2 / p[0].2 - 1.0)
+        .collect();
+    if pairs.len() < 2 || k == 1 {
+        return None;
+    }
+    let mut sorted = pairs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = if sorted.len() % 2 == 1 {
+        sorted[sorted.len() / 2]
+    } else {
+        (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
+    };
+    let each: Vec<String> = pairs.iter().map(|r| format!("{:+.0}%", r * 100.0)).collect();
+    Some(format!(
+        "{:<22} {:<8} {k} servers against 1: median {:+.1}% over {} rounds ({})",
+        "scale-out rounds",
+        "postgres",
+        median * 100.0,
+        pairs.len(),
+        each.join(", ")
+    ))
 }
 
 /// The database's committed transactions and buffer reads (hits and misses) so far, from
@@ -859,11 +959,15 @@ async fn audit_runs(url: &str, schema: &str, n: usize) -> Result<String, BenchEr
          WHERE s.kind = 'step_started'"
     ))
     .await?;
+    let orphans = q(format!(
+        "SELECT COUNT(*) FROM {schema}.journal j WHERE NOT EXISTS (SELECT 1 FROM {schema}.runs r WHERE r.id = j.run_id)"
+    ))
+    .await?;
     pool.close().await;
     Ok(format!(
         "{completed}/{runs} runs completed, {taken_over} taken over, {restarted} steps started again \
-         (in flight at a kill), {after_success} run again after success{}",
-        if runs == n as i64 && completed == runs && after_success == 0 {
+         (in flight at a kill), {after_success} run again after success, {orphans} journal rows without a run{}",
+        if runs == n as i64 && completed == runs && after_success == 0 && orphans == 0 {
             ""
         } else {
             " (NOT met)"

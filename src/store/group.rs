@@ -98,12 +98,24 @@ pub(crate) trait Committer: Send + Sync + 'static {
 /// gathers what queued meanwhile (the database overlaps their commits). A run has at most one
 /// checkpoint queued at a time (its driver waits for each), so concurrent batches touch
 /// different runs.
-pub(crate) async fn group_writer<C: Committer>(db: std::sync::Arc<C>, queue: std::sync::Arc<SharedQueue>) {
+///
+/// Loop `index` takes batches only while it is among the first `active` loops of its queue (a
+/// job it holds for its next batch is always committed first).
+pub(crate) async fn group_writer<C: Committer>(
+    db: std::sync::Arc<C>,
+    queue: std::sync::Arc<SharedQueue>,
+    index: usize,
+) {
     use std::sync::atomic::Ordering::SeqCst;
     // Definitions known to be stored (only added after their transaction committed).
     let mut known: HashSet<String> = HashSet::new();
     let mut held: Option<WriteJob> = None;
+    let mut active = queue.active.clone();
     loop {
+        if let (None, Some(active)) = (&held, active.as_mut()) {
+            // Err: the count is gone with its store; the queue closes next.
+            let _ = active.wait_for(|&n| index < n).await;
+        }
         let batch = {
             let mut jobs = queue.jobs.lock().await;
             let first = match held.take() {
@@ -186,6 +198,8 @@ pub(crate) struct SharedQueue {
     last_batch: std::sync::atomic::AtomicUsize,
     /// How long a small batch waits for more under load (zero: never).
     linger: Duration,
+    /// How many of the loops may take batches (None: all).
+    active: Option<tokio::sync::watch::Receiver<usize>>,
 }
 
 /// A lingering batch stops waiting once it has this many jobs.
@@ -210,13 +224,18 @@ impl Drop for Committing<'_> {
 }
 
 impl SharedQueue {
-    pub(crate) fn new(jobs: mpsc::Receiver<WriteJob>, linger: Duration) -> std::sync::Arc<SharedQueue> {
+    pub(crate) fn new(
+        jobs: mpsc::Receiver<WriteJob>,
+        linger: Duration,
+        active: Option<tokio::sync::watch::Receiver<usize>>,
+    ) -> std::sync::Arc<SharedQueue> {
         std::sync::Arc::new(SharedQueue {
             jobs: tokio::sync::Mutex::new(jobs),
             committing: Default::default(),
             done: Default::default(),
             last_batch: Default::default(),
             linger,
+            active,
         })
     }
 }
@@ -382,6 +401,23 @@ impl<'a> BatchRows<'a> {
             completed: projection.completed,
             at: at.clone(),
         });
+        self.add_tracking(&id, projection, &at);
+    }
+
+    /// A submitted run's first journal row and its tracking rows: its projection is written
+    /// with its job row.
+    pub(crate) fn add_submitted(
+        &mut self,
+        run: RunId,
+        record: &'a [Record],
+        projection: &'a Projection,
+        now: Timestamp,
+    ) {
+        self.add_journal(run, 1, record, now);
+        self.add_tracking(&run.to_string(), projection, &now.to_rfc3339());
+    }
+
+    fn add_tracking(&mut self, id: &str, projection: &'a Projection, at: &str) {
         // Within one transition the last update of an operation wins, as it would row by row.
         // (A batch holds one projection per run, so duplicates can only come from this one.)
         for (i, t) in projection.tracking.iter().enumerate() {
@@ -393,12 +429,12 @@ impl<'a> BatchRows<'a> {
             }
             self.tracking.push(TrackingRow {
                 id: uuid::Uuid::now_v7().to_string(),
-                parent: id.clone(),
+                parent: id.to_string(),
                 operation: &t.operation,
                 status: t.status,
                 metadata: &t.metadata,
                 error: t.error_message.as_deref(),
-                at: at.clone(),
+                at: at.to_string(),
             });
         }
     }

@@ -772,6 +772,28 @@ async fn concurrent_checkpoints_each_compare_and_set_alone(db: TestDb) {
     let claimed = s.claim("A", 40, TTL, now).await.unwrap();
     assert_eq!(claimed.len(), 40);
     let mut tasks = Vec::new();
+    // Checkpoints of runs that do not exist, in the same batches: refused, and nothing of them
+    // is written (PostgreSQL has no foreign key on the journal: the statement itself writes
+    // journal rows only for runs it just updated).
+    let lease = claimed[0].1.clone();
+    for _ in 0..8 {
+        let (s, lease) = (s.clone(), lease.clone());
+        tasks.push(tokio::spawn(async move {
+            let unknown = RunId::new();
+            let r = s
+                .checkpoint(cp(
+                    unknown,
+                    &lease,
+                    1,
+                    RunStatus::Pending,
+                    running(0),
+                    vec![started("s0", 1)],
+                    now,
+                ))
+                .await;
+            (usize::MAX, unknown, r)
+        }));
+    }
     for (i, (run, lease)) in claimed.into_iter().enumerate() {
         let s = s.clone();
         // Every third checkpoint expects a position the run is not at.
@@ -794,6 +816,12 @@ async fn concurrent_checkpoints_each_compare_and_set_alone(db: TestDb) {
     for t in tasks {
         let (i, id, r) = t.await.unwrap();
         let j = s.journal(id, 0, 10).await.unwrap();
+        if i == usize::MAX {
+            assert!(matches!(r, Err(StoreError::Fenced { .. })), "unknown run: {r:?}");
+            assert!(j.is_empty(), "a checkpoint of an unknown run wrote {j:?}");
+            assert!(s.job_tracking(id).await.unwrap().is_empty());
+            continue;
+        }
         if i % 3 == 0 {
             assert!(matches!(r, Err(StoreError::Fenced { .. })), "{i}: {r:?}");
             assert_eq!(j.len(), 1, "a fenced checkpoint wrote nothing");
@@ -808,7 +836,93 @@ async fn concurrent_checkpoints_each_compare_and_set_alone(db: TestDb) {
     assert_eq!(runs.len(), 40);
 }
 
+/// Submits and checkpoints queued together (one statement on PostgreSQL, one transaction on
+/// SQLite): each submit creates its run with its job row and first journal row, a reused request
+/// id is answered with its run, and each checkpoint lands or is fenced on its own.
+async fn submits_and_checkpoints_in_one_batch_each_land_alone(db: TestDb) {
+    let s = db.open().await;
+    let now = Timestamp::now();
+    let first = s.submit(new_run(Some("taken"), now)).await.unwrap().run.id;
+    for _ in 0..19 {
+        s.submit(new_run(None, now)).await.unwrap();
+    }
+    let claimed = s.claim("A", 20, TTL, now).await.unwrap();
+    assert_eq!(claimed.len(), 20);
+    let mut checkpoints = Vec::new();
+    let mut submits = Vec::new();
+    for (i, (run, lease)) in claimed.into_iter().enumerate() {
+        let (s1, s2) = (s.clone(), s.clone());
+        // Every fourth checkpoint expects a position the run is not at.
+        let seq = if i % 4 == 0 { 9 } else { run.last_seq };
+        checkpoints.push(tokio::spawn(async move {
+            let r = s1
+                .checkpoint(cp(
+                    run.id,
+                    &lease,
+                    seq,
+                    RunStatus::Pending,
+                    running(0),
+                    vec![started("s0", 1)],
+                    now,
+                ))
+                .await;
+            (i, run.id, r)
+        }));
+        // Every fifth submit reuses the request id of the first run.
+        let request = (i % 5 == 0).then_some("taken");
+        submits.push(tokio::spawn(async move {
+            (request, s2.submit(new_run(request, now)).await)
+        }));
+    }
+    for t in checkpoints {
+        let (i, id, r) = t.await.unwrap();
+        let j = s.journal(id, 0, 10).await.unwrap();
+        if i % 4 == 0 {
+            assert!(matches!(r, Err(StoreError::Fenced { .. })), "{i}: {r:?}");
+            assert_eq!(j.len(), 1, "a fenced checkpoint wrote nothing");
+        } else {
+            assert_eq!(r.unwrap().last_seq, 2);
+            assert_eq!(j.len(), 2);
+            assert_eq!(s.get_run(id).await.unwrap().unwrap().status, RunStatus::Running);
+        }
+    }
+    let mut created = 0;
+    for t in submits {
+        let (request, r) = t.await.unwrap();
+        let r = r.unwrap();
+        if request.is_some() {
+            assert!(!r.created, "a taken request id makes no run");
+            assert_eq!(r.run.id, first);
+            assert!(r.journal.is_empty());
+            continue;
+        }
+        created += 1;
+        assert!(r.created);
+        assert_eq!(r.run.status, RunStatus::Pending);
+        assert_eq!(r.run.last_seq, 1);
+        assert_eq!(s.journal(r.run.id, 0, 10).await.unwrap(), r.journal);
+        assert_eq!(r.journal.len(), 1);
+        let job = s.failover_job(r.run.id).await.unwrap().expect("failover_jobs row");
+        assert_eq!((job.vm_id.as_str(), job.status.as_str()), ("vm-1", "pending"));
+        let stored = s.get_run(r.run.id).await.unwrap().unwrap();
+        assert_eq!(
+            (stored.status, stored.last_seq, stored.created_at, stored.correlation_id),
+            (r.run.status, r.run.last_seq, r.run.created_at, r.run.correlation_id)
+        );
+    }
+    assert_eq!(created, 16);
+    let all = s
+        .list_runs(&RunFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 36);
+}
+
 on_both_backends!(
+    submits_and_checkpoints_in_one_batch_each_land_alone,
     submit_and_start_commits_the_first_step_leased_to_the_submitter,
     concurrent_checkpoints_each_compare_and_set_alone,
     inventory_and_network_mappings,
@@ -826,3 +940,60 @@ on_both_backends!(
     ledger_adopts_by_key,
     releasing_a_lease_makes_the_run_claimable_at_once,
 );
+
+/// Waits up to 15 s for `what` of `store` to be `want` (the share is counted every second).
+async fn commit_loops_become(store: &tern::store::postgres::PgStore, want: usize, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while store.commit_loops() != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {} writer loops, expected {want}",
+            store.commit_loops()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Processes writing to one PostgreSQL schema share its commits in flight: alone, a process
+/// commits with 3 writer loops; with two more on the schema, each with 1; a process on another
+/// schema is not counted; when the others are gone, the one left takes all 3 again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_on_one_postgres_schema_share_the_writer_loops() {
+    use tern::store::postgres::PgStore;
+    let Some(url) = crate::common::pg_url() else {
+        eprintln!("skipping: TERN_TEST_POSTGRES_URL not set (it is required in CI)");
+        return;
+    };
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let elsewhere = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let a = PgStore::connect(&url, Some(&schema)).await.unwrap();
+    let other = PgStore::connect(&url, Some(&elsewhere)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    commit_loops_become(&a, 3, "alone on its schema").await;
+    let b = PgStore::connect(&url, Some(&schema)).await.unwrap();
+    let c = PgStore::connect(&url, Some(&schema)).await.unwrap();
+    for (store, name) in [(&a, "a"), (&b, "b"), (&c, "c")] {
+        commit_loops_become(store, 1, &format!("{name}, one of three")).await;
+    }
+    commit_loops_become(&other, 3, "alone on another schema").await;
+    // The loops each may use still commit.
+    let now = Timestamp::now();
+    for store in [&a, &b, &c] {
+        let run = store.submit(new_run(None, now)).await.unwrap();
+        assert!(run.created);
+    }
+    drop((b, c));
+    commit_loops_become(&a, 3, "alone again").await;
+    assert!(a.submit(new_run(None, now)).await.unwrap().created);
+    assert_eq!(s_runs(&a).await, 4, "one run by each store, and one more by a");
+}
+
+async fn s_runs(s: &dyn Store) -> usize {
+    s.list_runs(&RunFilter {
+        limit: 100,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .len()
+}

@@ -5,16 +5,18 @@
 //! processes each have their own writers; the compare-and-set decides between them exactly as
 //! it does for one.
 //!
-//! Every write is a single statement, atomic on its own, so it needs no transaction round trips:
-//! - a batch's checkpoints: the compare-and-set of every run (`UPDATE ... FROM unnest(...)`,
-//!   one typed array per column) and, in data-modifying CTEs that take only the runs it matched,
-//!   their journal rows, projections, tracking rows and consumed signals (a fenced checkpoint
-//!   writes nothing);
-//! - a batch's submits without a lock: their `runs` and `failover_jobs` rows, journal and
-//!   tracking rows, and the wake-up of other processes' workers;
-//! - each submit with a lock alone, so a VM_BUSY refusal is its own.
+//! Every write is a single statement, atomic on its own, so it needs no transaction round trips.
+//! A batch is one statement (one commit) holding:
+//! - its checkpoints: the compare-and-set of every run (`UPDATE ... FROM unnest(...)`, one typed
+//!   array per column) and, in data-modifying CTEs that take only the runs it matched, their
+//!   journal rows, projections, tracking rows and consumed signals (a fenced checkpoint writes
+//!   nothing);
+//! - its submits without a lock: their `runs` and `failover_jobs` rows, journal and tracking
+//!   rows, and the wake-up of other processes' workers.
 //!
-//! The checkpoint and submit statements of a batch go at once on two connections.
+//! Each submit with a lock goes alone, at the same time on another connection, so a VM_BUSY
+//! refusal is its own. Should a batch's statement fail, its checkpoints and its submits go
+//! apart (each kind in one statement, then one by one), so one bad job does not fail the rest.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
@@ -74,10 +76,27 @@ impl Committer for PgCommitter {
                 }
             }
         }
-        // Checkpoints and submits touch different runs: their statements go at once, on two
-        // connections, and the database flushes both commits together.
-        let (checkpointed, submitted) = tokio::join!(self.checkpoint_all(&cps), self.submit_all(&free, &locked));
-        for (i, o) in checkpointed.into_iter().chain(submitted) {
+        // Checkpoints and submits without a lock touch different runs: one statement writes them
+        // all (one commit for the batch). Should it fail, they go apart, as when only one kind
+        // is in the batch: at once, on two connections.
+        let (written, alone): (Vec<(usize, Outcome)>, _) = if !cps.is_empty() && !free.is_empty() {
+            let (together, alone) = tokio::join!(self.write_together(&cps, &free), self.submit_all(&[], &locked));
+            let written = match together {
+                Ok(written) => written,
+                Err(e) => {
+                    tracing::warn!(error = %e, checkpoints = cps.len(), submits = free.len(),
+                        "batch statement failed; writing its checkpoints and submits apart");
+                    let (checkpointed, submitted) =
+                        tokio::join!(self.checkpoint_all(&cps), self.submit_all(&free, &[]));
+                    checkpointed.into_iter().chain(submitted).collect()
+                }
+            };
+            (written, alone)
+        } else {
+            let (checkpointed, submitted) = tokio::join!(self.checkpoint_all(&cps), self.submit_all(&free, &locked));
+            (checkpointed.into_iter().chain(submitted).collect(), Vec::new())
+        };
+        for (i, o) in written.into_iter().chain(alone) {
             out[i] = Some(o);
         }
         Ok(out
@@ -96,11 +115,7 @@ impl PgCommitter {
             return vec![];
         }
         let all: Vec<&Checkpoint> = cps.iter().map(|(_, cp)| *cp).collect();
-        let answer =
-            |matched: &HashMap<String, CheckpointOutcome>, cp: &Checkpoint| match matched.get(&cp.run_id.to_string()) {
-                Some(o) => Outcome::Checkpoint(Ok(*o)),
-                None => Outcome::Checkpoint(Err(StoreError::Fenced { run: cp.run_id })),
-            };
+        let answer = answer_checkpoint;
         match checkpoints(&self.pool, &all).await {
             Ok(matched) => cps.iter().map(|(i, cp)| (*i, answer(&matched, cp))).collect(),
             Err(e) if cps.len() == 1 => vec![(cps[0].0, Outcome::Checkpoint(Err(e)))],
@@ -119,6 +134,29 @@ impl PgCommitter {
                 each
             }
         }
+    }
+
+    /// Checkpoints and submits without a lock in one statement. Once it committed, every job is
+    /// answered from it: an error here means nothing was written.
+    async fn write_together(
+        &self,
+        cps: &[(usize, &Checkpoint)],
+        free: &[(usize, &NewRun)],
+    ) -> Result<Vec<(usize, Outcome)>> {
+        let all: Vec<&Checkpoint> = cps.iter().map(|(_, cp)| *cp).collect();
+        let runs: Vec<&NewRun> = free.iter().map(|(_, r)| *r).collect();
+        let written = write(&self.pool, &all, &runs, &self.channel).await?;
+        let mut out: Vec<(usize, Outcome)> = cps
+            .iter()
+            .map(|(i, cp)| (*i, answer_checkpoint(&written.checkpoints, cp)))
+            .collect();
+        let submitted = answer_submits(&self.pool, &runs, written.created).await;
+        out.extend(
+            free.iter()
+                .map(|(i, _)| *i)
+                .zip(submitted.into_iter().map(|r| Outcome::Submit(Box::new(r)))),
+        );
+        Ok(out)
     }
 
     /// Submits without a lock in one statement (each alone if it fails); each locked one in a
@@ -228,25 +266,22 @@ impl<'a> SubmitRow<'a> {
     }
 }
 
-/// Creates runs in one statement: their `runs` rows (idempotent by request id: a run whose
-/// request id is taken is answered with the existing run), `failover_jobs` rows, journal and
-/// tracking rows, and a wake-up for the workers of every process when a run is left for them to
-/// claim (one started at submit is leased already). One answer per run, in order.
-async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<Vec<Result<Submitted>>> {
-    let pending = RunState::Pending;
-    let new: Vec<SubmitRow> = runs.iter().map(|r| SubmitRow::of(r, &pending)).collect();
-    let mut rows = BatchRows::default();
-    for run in runs {
-        rows.add(run.id, 1, std::slice::from_ref(&run.record), &run.projection, run.now);
-        if let Some(start) = &run.start {
-            rows.add_journal(run.id, 2, &start.records, run.now);
-        }
+/// A checkpoint's answer: what the statement returned for its run, or fenced if it matched
+/// nothing (and so wrote nothing).
+fn answer_checkpoint(matched: &HashMap<String, CheckpointOutcome>, cp: &Checkpoint) -> Outcome {
+    match matched.get(&cp.run_id.to_string()) {
+        Some(o) => Outcome::Checkpoint(Ok(*o)),
+        None => Outcome::Checkpoint(Err(StoreError::Fenced { run: cp.run_id })),
     }
-    // The statement's text is built once per process.
-    static SQL: LazyLock<String> = LazyLock::new(|| {
-        let at = |field: &str| format!("to_timestamp((e->>'{field}')::bigint / 1000.0)");
-        format!(
-        "WITH v AS (SELECT e FROM jsonb_array_elements($1::jsonb) AS e), \
+}
+
+/// The CTEs that create runs (`ins`, with [`RUN_COLUMNS`]) and their `failover_jobs` rows from
+/// the JSON array parameter `$json` of [`SubmitRow`]s. A run whose request id is taken is not
+/// inserted (and is not in `ins`).
+fn submit_ctes(json: u8) -> String {
+    let at = |field: &str| format!("to_timestamp((e->>'{field}')::bigint / 1000.0)");
+    format!(
+        "sub AS (SELECT e FROM jsonb_array_elements(${json}::jsonb) AS e), \
          ins AS (INSERT INTO runs (id, definition, definition_hash, request_id, correlation_id, status, display_status, \
                      current_step, state, input, context, last_seq, wake_at, fencing_token, lease_owner, \
                      lease_expires_at, created_at, updated_at, started_at) \
@@ -254,7 +289,7 @@ async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<V
                     e->>'status', e->>'display', e->>'step', e->'state', e->'input', '{{}}'::jsonb, \
                     (e->>'last_seq')::bigint, (e->>'now')::bigint, (e->>'token')::bigint, e->>'owner', \
                     (e->>'lease_expires')::bigint, (e->>'now')::bigint, (e->>'now')::bigint, (e->>'started')::bigint \
-             FROM v ON CONFLICT (request_id) DO NOTHING RETURNING {RUN_COLUMNS}), \
+             FROM sub ON CONFLICT (request_id) DO NOTHING RETURNING {RUN_COLUMNS}), \
          jobs AS (INSERT INTO failover_jobs (job_id, vm_id, vm_name, job_type, status, linstor_snapshot_name, \
                      destination_vm_id, source_vm_spec, network_mappings, error_message, correlation_id, created_at, \
                      updated_at, started_at, completed_at, lock_key) \
@@ -262,15 +297,42 @@ async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<V
                     e->>'source_vm_spec', e->>'network_mappings', e->>'error', e->>'correlation_id', {now}, {now}, \
                     CASE WHEN (e->>'job_started')::boolean THEN {now} END, \
                     CASE WHEN (e->>'job_completed')::boolean THEN {now} END, e->>'lock_key' \
-             FROM v WHERE (e->>'id')::uuid IN (SELECT id FROM ins)), \
-         {journal}, {tracking} \
-         SELECT {RUN_COLUMNS}, (CASE WHEN lease_owner IS NULL THEN pg_notify($14, '') END) IS NULL AS woke FROM ins",
+             FROM sub WHERE (e->>'id')::uuid IN (SELECT id FROM ins))",
         now = at("now"),
-        journal = journal_cte(2, "ins"),
-        tracking = tracking_cte(7, "ins"),
     )
+}
+
+/// The submits' rows: the [`SubmitRow`]s (as JSON), and their journal and tracking rows.
+fn submit_rows<'a>(runs: &[&'a NewRun], pending: &'a RunState, rows: &mut BatchRows<'a>) -> Result<String> {
+    let new: Vec<SubmitRow> = runs.iter().map(|r| SubmitRow::of(r, pending)).collect();
+    for run in runs {
+        rows.add_submitted(run.id, std::slice::from_ref(&run.record), &run.projection, run.now);
+        if let Some(start) = &run.start {
+            rows.add_journal(run.id, 2, &start.records, run.now);
+        }
+    }
+    json(&new)
+}
+
+/// Creates runs in one statement: their `runs` rows (idempotent by request id: a run whose
+/// request id is taken is answered with the existing run), `failover_jobs` rows, journal and
+/// tracking rows, and a wake-up for the workers of every process when a run is left for them to
+/// claim (one started at submit is leased already). One answer per run, in order.
+async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<Vec<Result<Submitted>>> {
+    let pending = RunState::Pending;
+    let mut rows = BatchRows::default();
+    let new = submit_rows(runs, &pending, &mut rows)?;
+    // The statement's text is built once per process.
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH {submits}, {journal}, {tracking} \
+             SELECT {RUN_COLUMNS}, (CASE WHEN lease_owner IS NULL THEN pg_notify($14, '') END) IS NULL AS woke FROM ins",
+            submits = submit_ctes(1),
+            journal = journal_cte(2, "ins"),
+            tracking = tracking_cte(7, "ins"),
+        )
     });
-    let inserted = sqlx::query(SQL.as_str()).bind(json(&new)?);
+    let inserted = sqlx::query(SQL.as_str()).bind(new);
     let inserted = bind_tracking(bind_journal(inserted, &rows.journal), &rows.tracking)
         .bind(channel)
         .fetch_all(pool)
@@ -284,60 +346,103 @@ async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<V
         let run = run_from_row(row)?;
         created.insert(run.id.0, run);
     }
-    // Runs whose request id was taken: answered with the run that has it.
+    Ok(answer_submits(pool, runs, created).await)
+}
+
+/// Each submit's answer once its statement committed: the run it created, or, where its
+/// request id was taken, the run that has it (one more read, only then). Should that read fail,
+/// those submits are answered with a retryable error (submitting again with the request id
+/// finds the run).
+async fn answer_submits(
+    pool: &PgPool,
+    runs: &[&NewRun],
+    mut created: HashMap<uuid::Uuid, RunRow>,
+) -> Vec<Result<Submitted>> {
     let taken: Vec<&str> = runs
         .iter()
         .filter(|r| !created.contains_key(&r.id.0))
         .filter_map(|r| r.request_id.as_deref())
         .collect();
     let mut existing: HashMap<String, RunRow> = HashMap::new();
+    let mut lookup_failed: Option<String> = None;
     if !taken.is_empty() {
-        for row in sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE request_id = ANY($1)"))
+        let found = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE request_id = ANY($1)"))
             .bind(&taken)
             .fetch_all(pool)
-            .await?
-        {
-            let run = run_from_row(&row)?;
-            if let Some(req) = run.request_id.clone() {
-                existing.insert(req, run);
+            .await;
+        match found {
+            Ok(rows) => {
+                for row in &rows {
+                    match run_from_row(row) {
+                        Ok(run) => {
+                            if let Some(req) = run.request_id.clone() {
+                                existing.insert(req, run);
+                            }
+                        }
+                        Err(e) => lookup_failed = Some(e.to_string()),
+                    }
+                }
             }
+            Err(e) => lookup_failed = Some(e.to_string()),
         }
     }
-    Ok(runs
-        .iter()
+    runs.iter()
         .map(|r| match created.remove(&r.id.0) {
             Some(run) => Ok(Submitted {
                 run,
                 created: true,
                 journal: r.journal(),
             }),
-            None => r
-                .request_id
-                .as_ref()
-                .and_then(|req| existing.get(req).cloned())
-                .map(|run| Submitted {
+            None => match (
+                r.request_id.as_ref().and_then(|req| existing.get(req).cloned()),
+                &lookup_failed,
+            ) {
+                (Some(run), _) => Ok(Submitted {
                     run,
                     created: false,
                     journal: Vec::new(),
-                })
-                .ok_or_else(|| StoreError::Corrupt(format!("run {} was neither created nor found", r.id))),
+                }),
+                (None, Some(e)) => Err(StoreError::Database(sqlx::Error::Io(std::io::Error::other(format!(
+                    "reading the run that holds request id {:?}: {e}",
+                    r.request_id
+                ))))),
+                (None, None) => Err(StoreError::Corrupt(format!(
+                    "run {} was neither created nor found",
+                    r.id
+                ))),
+            },
         })
-        .collect())
+        .collect()
+}
+
+/// What one batch statement wrote: the outcome of each checkpoint it matched (by run id), and
+/// the runs it created.
+struct Written {
+    checkpoints: HashMap<String, CheckpointOutcome>,
+    created: HashMap<uuid::Uuid, RunRow>,
+}
+
+/// The checkpoints of a batch in one statement (see [`write`]).
+async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<HashMap<String, CheckpointOutcome>> {
+    Ok(write(db, cps, &[], "").await?.checkpoints)
 }
 
 /// Every checkpoint of a batch in one statement: the compare-and-set, then (only for the runs
 /// it matched) the journal rows, projections, tracking rows and consumed signals. Returns the
 /// outcome of each run it matched; a run it did not match was fenced and nothing of it was
-/// written.
+/// written. With `submits` (none of them locked), the same statement creates those runs as
+/// [`submit_runs`] does: a batch is then one commit.
 ///
 /// Every column goes as a typed array (`unnest`), in PostgreSQL's binary format: nothing to
 /// parse but the JSON columns themselves. `runs.id = ANY($1)` lets the planner find the rows by
 /// primary key (the writer's connections have sequential scans off, see `PgStore::connect`).
-async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<HashMap<String, CheckpointOutcome>> {
+async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun], channel: &str) -> Result<Written> {
     let mut rows = BatchRows::default();
     for cp in cps {
         rows.add(cp.run_id, cp.expected_seq + 1, &cp.records, &cp.projection, cp.now);
     }
+    let pending = RunState::Pending;
+    let new = submit_rows(submits, &pending, &mut rows)?;
     let cas: Vec<CasRow> = cps.iter().map(|cp| CasRow::of(cp)).collect();
     let col = |f: fn(&CasRow) -> i64| cas.iter().map(f).collect::<Vec<i64>>();
     let flag = |f: fn(&CasRow) -> bool| cas.iter().map(f).collect::<Vec<bool>>();
@@ -346,8 +451,33 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
         .flat_map(|cp| cp.consumed_signals.iter().map(|&id| (id, cp.run_id.0, cp.now.0)))
         .collect();
     let p = &rows.projections;
-    // The statement's text is built once per process.
-    static SQL: LazyLock<String> = LazyLock::new(|| {
+    // The statement's text is built once per process, in two forms: with submits and without.
+    static SQL: LazyLock<[String; 2]> = LazyLock::new(|| [write_sql(false), write_sql(true)]);
+    fn write_sql(submits: bool) -> String {
+        let written = if submits {
+            "(SELECT id FROM cas UNION ALL SELECT id FROM ins) AS written"
+        } else {
+            "cas"
+        };
+        // A checkpoint's row, or (with submits) a created run's, never both: FULL JOIN ON false
+        // is a union of rows of two shapes, each column keeping its type.
+        let (submits, select) = if submits {
+            (
+                format!(", {}", submit_ctes(43)),
+                "SELECT c.id::text AS cp_id, c.last_seq AS cp_seq, c.signals_pending AS cp_signals, \
+                 c.cancel_pending AS cp_cancel, i.*, \
+                 (CASE WHEN i.id IS NOT NULL AND i.lease_owner IS NULL THEN pg_notify($44, '') END) IS NULL AS woke \
+                 FROM cas c FULL JOIN ins i ON false"
+                    .to_string(),
+            )
+        } else {
+            (
+                String::new(),
+                "SELECT id::text AS cp_id, last_seq AS cp_seq, signals_pending AS cp_signals, \
+                 cancel_pending AS cp_cancel FROM cas"
+                    .to_string(),
+            )
+        };
         format!(
             "WITH cas AS (UPDATE runs SET state = v.state, status = v.status, display_status = v.display, \
              current_step = v.step, context = COALESCE(v.context, runs.context), last_seq = runs.last_seq + v.n, \
@@ -365,7 +495,7 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
                    now, release, started, terminal, signals, cancel) \
          WHERE runs.id = ANY($1) AND runs.id = v.id AND runs.fencing_token = v.token \
            AND runs.lease_owner = v.owner AND runs.last_seq = v.seq AND runs.status = v.expect \
-         RETURNING runs.id, runs.last_seq, runs.signals_pending, runs.cancel_pending), \
+         RETURNING runs.id, runs.last_seq, runs.signals_pending, runs.cancel_pending){submits}, \
          {journal}, \
          projections AS (UPDATE failover_jobs SET status = COALESCE(v.status, failover_jobs.status), \
              linstor_snapshot_name = COALESCE(v.snapshot, failover_jobs.linstor_snapshot_name), \
@@ -382,13 +512,13 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
          consumed AS (UPDATE signals SET consumed_at = c.now \
              FROM unnest($40::int8[], $41::uuid[], $42::int8[]) AS c(id, run, now) \
              WHERE signals.id = c.id AND signals.consumed_at IS NULL AND c.run IN (SELECT id FROM cas)) \
-         SELECT id::text AS id, last_seq, signals_pending, cancel_pending FROM cas",
+         {select}",
             wake = cas_wake_at(),
-            journal = journal_cte(20, "cas"),
-            tracking = tracking_cte(33, "cas"),
+            journal = journal_cte(20, written),
+            tracking = tracking_cte(33, written),
         )
-    });
-    let q = sqlx::query(SQL.as_str())
+    }
+    let q = sqlx::query(SQL[usize::from(!submits.is_empty())].as_str())
         .bind(cps.iter().map(|cp| cp.run_id.0).collect::<Vec<uuid::Uuid>>())
         .bind(col(|c| c.token))
         .bind(cas.iter().map(|c| c.owner).collect::<Vec<&str>>())
@@ -417,24 +547,36 @@ async fn checkpoints(db: impl PgExecutor<'_>, cps: &[&Checkpoint]) -> Result<Has
         .bind(p.iter().map(|r| r.started).collect::<Vec<bool>>())
         .bind(p.iter().map(|r| r.completed).collect::<Vec<bool>>())
         .bind(p.iter().map(|r| r.at.as_str()).collect::<Vec<&str>>());
-    let out = bind_tracking(q, &rows.tracking)
+    let q = bind_tracking(q, &rows.tracking)
         .bind(consumed.iter().map(|c| c.0).collect::<Vec<i64>>())
         .bind(consumed.iter().map(|c| c.1).collect::<Vec<uuid::Uuid>>())
-        .bind(consumed.iter().map(|c| c.2).collect::<Vec<i64>>())
-        .fetch_all(db)
-        .await?;
-    out.iter()
-        .map(|r| {
-            Ok((
-                r.try_get::<String, _>("id")?,
-                CheckpointOutcome {
-                    last_seq: r.try_get("last_seq")?,
-                    signals_pending: r.try_get("signals_pending")?,
-                    cancel_pending: r.try_get("cancel_pending")?,
-                },
-            ))
-        })
-        .collect()
+        .bind(consumed.iter().map(|c| c.2).collect::<Vec<i64>>());
+    let q = if submits.is_empty() {
+        q
+    } else {
+        q.bind(new).bind(channel)
+    };
+    let mut written = Written {
+        checkpoints: HashMap::with_capacity(cps.len()),
+        created: HashMap::with_capacity(submits.len()),
+    };
+    for r in q.fetch_all(db).await? {
+        match r.try_get::<Option<String>, _>("cp_id")? {
+            Some(id) => {
+                let outcome = CheckpointOutcome {
+                    last_seq: r.try_get("cp_seq")?,
+                    signals_pending: r.try_get("cp_signals")?,
+                    cancel_pending: r.try_get("cp_cancel")?,
+                };
+                written.checkpoints.insert(id, outcome);
+            }
+            None => {
+                let run = run_from_row(&r)?;
+                written.created.insert(run.id.0, run);
+            }
+        }
+    }
+    Ok(written)
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Result<String> {
