@@ -760,6 +760,29 @@ async fn submit_and_start_commits_the_first_step_leased_to_the_submitter(db: Tes
     );
 }
 
+/// Spawns the checkpoint "step s0 started" of `run`, expected at `seq` (still pending).
+fn spawn_start(
+    s: &Arc<dyn Store>,
+    run: RunId,
+    lease: Lease,
+    seq: i64,
+    now: Timestamp,
+) -> tokio::task::JoinHandle<Result<tern::store::CheckpointOutcome, StoreError>> {
+    let s = s.clone();
+    tokio::spawn(async move {
+        s.checkpoint(cp(
+            run,
+            &lease,
+            seq,
+            RunStatus::Pending,
+            running(0),
+            vec![started("s0", 1)],
+            now,
+        ))
+        .await
+    })
+}
+
 /// Many checkpoints at once (one group commit on SQLite), some of them stale: each is its own
 /// compare-and-set, the stale ones write nothing and the others all land.
 async fn concurrent_checkpoints_each_compare_and_set_alone(db: TestDb) {
@@ -777,44 +800,16 @@ async fn concurrent_checkpoints_each_compare_and_set_alone(db: TestDb) {
     // journal rows only for runs it just updated).
     let lease = claimed[0].1.clone();
     for _ in 0..8 {
-        let (s, lease) = (s.clone(), lease.clone());
-        tasks.push(tokio::spawn(async move {
-            let unknown = RunId::new();
-            let r = s
-                .checkpoint(cp(
-                    unknown,
-                    &lease,
-                    1,
-                    RunStatus::Pending,
-                    running(0),
-                    vec![started("s0", 1)],
-                    now,
-                ))
-                .await;
-            (usize::MAX, unknown, r)
-        }));
+        let unknown = RunId::new();
+        tasks.push((usize::MAX, unknown, spawn_start(&s, unknown, lease.clone(), 1, now)));
     }
     for (i, (run, lease)) in claimed.into_iter().enumerate() {
-        let s = s.clone();
         // Every third checkpoint expects a position the run is not at.
         let seq = if i % 3 == 0 { 7 } else { run.last_seq };
-        tasks.push(tokio::spawn(async move {
-            let r = s
-                .checkpoint(cp(
-                    run.id,
-                    &lease,
-                    seq,
-                    RunStatus::Pending,
-                    running(0),
-                    vec![started("s0", 1)],
-                    now,
-                ))
-                .await;
-            (i, run.id, r)
-        }));
+        tasks.push((i, run.id, spawn_start(&s, run.id, lease, seq, now)));
     }
-    for t in tasks {
-        let (i, id, r) = t.await.unwrap();
+    for (i, id, t) in tasks {
+        let r = t.await.unwrap();
         let j = s.journal(id, 0, 10).await.unwrap();
         if i == usize::MAX {
             assert!(matches!(r, Err(StoreError::Fenced { .. })), "unknown run: {r:?}");
@@ -851,31 +846,18 @@ async fn submits_and_checkpoints_in_one_batch_each_land_alone(db: TestDb) {
     let mut checkpoints = Vec::new();
     let mut submits = Vec::new();
     for (i, (run, lease)) in claimed.into_iter().enumerate() {
-        let (s1, s2) = (s.clone(), s.clone());
         // Every fourth checkpoint expects a position the run is not at.
         let seq = if i % 4 == 0 { 9 } else { run.last_seq };
-        checkpoints.push(tokio::spawn(async move {
-            let r = s1
-                .checkpoint(cp(
-                    run.id,
-                    &lease,
-                    seq,
-                    RunStatus::Pending,
-                    running(0),
-                    vec![started("s0", 1)],
-                    now,
-                ))
-                .await;
-            (i, run.id, r)
-        }));
+        checkpoints.push((i, run.id, spawn_start(&s, run.id, lease, seq, now)));
         // Every fifth submit reuses the request id of the first run.
         let request = (i % 5 == 0).then_some("taken");
-        submits.push(tokio::spawn(async move {
-            (request, s2.submit(new_run(request, now)).await)
-        }));
+        let s = s.clone();
+        submits.push(tokio::spawn(
+            async move { (request, s.submit(new_run(request, now)).await) },
+        ));
     }
-    for t in checkpoints {
-        let (i, id, r) = t.await.unwrap();
+    for (i, id, t) in checkpoints {
+        let r = t.await.unwrap();
         let j = s.journal(id, 0, 10).await.unwrap();
         if i % 4 == 0 {
             assert!(matches!(r, Err(StoreError::Fenced { .. })), "{i}: {r:?}");
@@ -911,14 +893,7 @@ async fn submits_and_checkpoints_in_one_batch_each_land_alone(db: TestDb) {
         );
     }
     assert_eq!(created, 16);
-    let all = s
-        .list_runs(&RunFilter {
-            limit: 100,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(all.len(), 36);
+    assert_eq!(count_runs(&*s).await, 36);
 }
 
 on_both_backends!(
@@ -985,10 +960,11 @@ async fn processes_on_one_postgres_schema_share_the_writer_loops() {
     drop((b, c));
     commit_loops_become(&a, 3, "alone again").await;
     assert!(a.submit(new_run(None, now)).await.unwrap().created);
-    assert_eq!(s_runs(&a).await, 4, "one run by each store, and one more by a");
+    assert_eq!(count_runs(&a).await, 4, "one run by each store, and one more by a");
 }
 
-async fn s_runs(s: &dyn Store) -> usize {
+/// Runs in the store (up to 100).
+async fn count_runs(s: &dyn Store) -> usize {
     s.list_runs(&RunFilter {
         limit: 100,
         ..Default::default()
