@@ -88,6 +88,24 @@ async fn share_commits(
     }
 }
 
+/// The start of the writer connections' `application_name` of every process on `schema`
+/// (a process adds 12 characters of its own). PostgreSQL keeps 63 bytes of a name: a schema
+/// name too long to fit is cut, with a hash of the whole name, so that two schemas never share
+/// a prefix and no process's own part is cut off.
+fn writers_of_schema(schema: &str) -> String {
+    const ROOM: usize = 63 - "tern-writer ".len() - 1 - 12;
+    if schema.len() <= ROOM {
+        format!("tern-writer {schema} ")
+    } else {
+        let hash = Uuid::new_v5(&Uuid::NAMESPACE_OID, schema.as_bytes())
+            .simple()
+            .to_string();
+        // Schema names are ASCII (checked in `connect`): any byte is a character boundary.
+        let keep = schema.get(..ROOM - 9).unwrap_or_default();
+        format!("tern-writer {keep}~{} ", &hash[..8])
+    }
+}
+
 const RUN_COLUMNS: &str =
     "id, definition, definition_hash, request_id, correlation_id, state, status, display_status, \
     current_step, input, context, last_seq, fencing_token, lease_owner, lease_expires_at, wake_at, signals_pending, \
@@ -140,7 +158,7 @@ impl PgStore {
         // always go by index, whatever the statistics say.
         // Each process's writer connections carry the same name, unique to the process, so
         // that every process can count those writing to its schema (see `WRITERS`).
-        let writers_of_schema = format!("tern-writer {} ", schema.unwrap_or("public"));
+        let writers_of_schema = writers_of_schema(schema.unwrap_or("public"));
         let writer_name = format!("{writers_of_schema}{}", &Uuid::new_v4().simple().to_string()[..12]);
         let writer_pool = PgPoolOptions::new()
             .max_connections(2 * WRITERS as u32)
@@ -781,5 +799,25 @@ fn lock_conflict(e: sqlx::Error, key: &Option<String>) -> StoreError {
     match (&e, key) {
         (sqlx::Error::Database(d), Some(key)) if d.is_unique_violation() => StoreError::Conflict { key: key.clone() },
         _ => StoreError::Database(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::writers_of_schema;
+
+    #[test]
+    fn writer_names_fit_in_an_application_name() {
+        let own = "0123456789ab";
+        assert_eq!(writers_of_schema("t_1"), "tern-writer t_1 ");
+        let longest = "s".repeat(63);
+        let other = format!("{}x", "s".repeat(62));
+        for schema in ["public", "bench_0fdc45d0d5b14ee893014167752acb35", &longest, &other] {
+            let name = format!("{}{own}", writers_of_schema(schema));
+            assert!(name.len() <= 63, "{name} ({} bytes)", name.len());
+            assert!(name.ends_with(own));
+        }
+        assert_ne!(writers_of_schema(&longest), writers_of_schema(&other));
+        assert!(writers_of_schema(&longest).starts_with("tern-writer sss"));
     }
 }
