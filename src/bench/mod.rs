@@ -155,17 +155,20 @@ pub fn machine_busy() -> Option<Duration> {
         .collect();
     // user nice system idle iowait irq softirq steal ...
     let busy: u64 = [0, 1, 2, 5, 6].iter().filter_map(|&i| ticks.get(i)).sum();
+    clock_ticks(busy)
+}
+
+/// `ticks` of /proc's clock as a duration (None if the system does not say its rate).
+fn clock_ticks(ticks: u64) -> Option<Duration> {
     // SAFETY: sysconf only reads a constant of the system.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then(|| Duration::from_secs_f64(busy as f64 / hz as f64))
+    (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
 /// CPU time (user and system; with `reaped`, that of reaped children too) of the processes `pick`
 /// selects by pid and command name, from /proc/<pid>/stat. PostgreSQL's exited backends are
 /// counted in the postmaster's children time, so a phase's difference is whole.
 fn processes_cpu(reaped: bool, pick: impl Fn(u32, &str) -> bool) -> Duration {
-    // SAFETY: sysconf only reads a constant of the system.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let mut ticks = 0u64;
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
@@ -188,7 +191,7 @@ fn processes_cpu(reaped: bool, pick: impl Fn(u32, &str) -> bool) -> Duration {
             .filter_map(|&i| fields.get(i).and_then(|t| t.parse::<u64>().ok()))
             .sum::<u64>();
     }
-    Duration::from_secs_f64(ticks as f64 / hz)
+    clock_ticks(ticks).unwrap_or_default()
 }
 
 /// CPU spent so far by the given server processes, by PostgreSQL, and by this process (not
@@ -770,7 +773,8 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
         .flat_map(|_| [(1, false), (k, false)])
         .collect();
     phases.push((k, true));
-    let mut rates: Vec<(usize, bool, f64)> = Vec::new();
+    // Throughput of the comparison phases, in order: 1 server, `k`, 1, `k`...
+    let mut rates: Vec<f64> = Vec::new();
     for (servers, kill) in phases.into_iter().filter(|&(servers, kill)| !kill || servers > 1) {
         let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
         // Created (and migrated) here first, so the servers start together on a ready schema;
@@ -848,7 +852,9 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
         .await;
         drop_schema(args, Some(&schema)).await;
         let (per_sec, latencies, killed_at, audit, cpu) = result?;
-        rates.push((servers, kill, per_sec));
+        if !kill {
+            rates.push(per_sec);
+        }
         let what = match killed_at {
             Some(t) => format!("{servers} servers, one SIGKILLed at {:.1} s", t.as_secs_f64()),
             None if servers == 1 => "1 server".to_string(),
@@ -871,15 +877,8 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
 /// With more than one round: each round's throughput of `k` servers against one server just
 /// before it, and their median (what the scale-out target compares, steadier than any one
 /// round on a shared machine).
-fn rounds_line(rates: &[(usize, bool, f64)], k: usize) -> Option<String> {
-    let pairs: Vec<f64> = rates
-        .iter()
-        .filter(|&&(_, kill, _)| !kill)
-        .collect::<Vec<_>>()
-        .chunks_exact(2)
-        .filter(|p| p[0].0 == 1 && p[1].0 == k)
-        .map(|p| p[1].2 / p[0].2 - 1.0)
-        .collect();
+fn rounds_line(rates: &[f64], k: usize) -> Option<String> {
+    let pairs: Vec<f64> = rates.chunks_exact(2).map(|p| p[1] / p[0] - 1.0).collect();
     if pairs.len() < 2 || k == 1 {
         return None;
     }

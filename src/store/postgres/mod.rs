@@ -63,10 +63,7 @@ async fn share_commits(
     queue: tokio::sync::mpsc::WeakSender<WriteJob>,
 ) {
     loop {
-        tokio::select! {
-            _ = active.closed() => return,
-            _ = tokio::time::sleep(PEERS_EVERY) => {}
-        }
+        tokio::time::sleep(PEERS_EVERY).await;
         if queue.upgrade().is_none() {
             return;
         }

@@ -76,26 +76,8 @@ impl Committer for PgCommitter {
                 }
             }
         }
-        // Checkpoints and submits without a lock touch different runs: one statement writes them
-        // all (one commit for the batch). Should it fail, they go apart, as when only one kind
-        // is in the batch: at once, on two connections.
-        let (written, alone): (Vec<(usize, Outcome)>, _) = if !cps.is_empty() && !free.is_empty() {
-            let (together, alone) = tokio::join!(self.write_together(&cps, &free), self.submit_all(&[], &locked));
-            let written = match together {
-                Ok(written) => written,
-                Err(e) => {
-                    tracing::warn!(error = %e, checkpoints = cps.len(), submits = free.len(),
-                        "batch statement failed; writing its checkpoints and submits apart");
-                    let (checkpointed, submitted) =
-                        tokio::join!(self.checkpoint_all(&cps), self.submit_all(&free, &[]));
-                    checkpointed.into_iter().chain(submitted).collect()
-                }
-            };
-            (written, alone)
-        } else {
-            let (checkpointed, submitted) = tokio::join!(self.checkpoint_all(&cps), self.submit_all(&free, &locked));
-            (checkpointed.into_iter().chain(submitted).collect(), Vec::new())
-        };
+        // Each submit with a lock alone, at the same time as the rest, on another connection.
+        let (written, alone) = tokio::join!(self.write_unlocked(&cps, &free), self.submit_each(&locked));
         for (i, o) in written.into_iter().chain(alone) {
             out[i] = Some(o);
         }
@@ -115,9 +97,11 @@ impl PgCommitter {
             return vec![];
         }
         let all: Vec<&Checkpoint> = cps.iter().map(|(_, cp)| *cp).collect();
-        let answer = answer_checkpoint;
         match checkpoints(&self.pool, &all).await {
-            Ok(matched) => cps.iter().map(|(i, cp)| (*i, answer(&matched, cp))).collect(),
+            Ok(matched) => cps
+                .iter()
+                .map(|(i, cp)| (*i, answer_checkpoint(&matched, cp)))
+                .collect(),
             Err(e) if cps.len() == 1 => vec![(cps[0].0, Outcome::Checkpoint(Err(e)))],
             Err(e) => {
                 tracing::warn!(error = %e, size = cps.len(), "checkpoint batch failed; committing one by one");
@@ -126,7 +110,7 @@ impl PgCommitter {
                     each.push((
                         *i,
                         match checkpoints(&self.pool, &[*cp]).await {
-                            Ok(matched) => answer(&matched, cp),
+                            Ok(matched) => answer_checkpoint(&matched, cp),
                             Err(e) => Outcome::Checkpoint(Err(e)),
                         },
                     ));
@@ -134,6 +118,21 @@ impl PgCommitter {
                 each
             }
         }
+    }
+
+    /// Checkpoints and submits without a lock touch different runs: one statement writes them all
+    /// (one commit for the batch). Should it fail, or should the batch hold one kind only, each
+    /// kind goes in a statement of its own, both at once on two connections.
+    async fn write_unlocked(&self, cps: &[(usize, &Checkpoint)], free: &[(usize, &NewRun)]) -> Vec<(usize, Outcome)> {
+        if !cps.is_empty() && !free.is_empty() {
+            match self.write_together(cps, free).await {
+                Ok(written) => return written,
+                Err(e) => tracing::warn!(error = %e, checkpoints = cps.len(), submits = free.len(),
+                    "batch statement failed; writing its checkpoints and submits apart"),
+            }
+        }
+        let (checkpointed, submitted) = tokio::join!(self.checkpoint_all(cps), self.submit_free(free));
+        checkpointed.into_iter().chain(submitted).collect()
     }
 
     /// Checkpoints and submits without a lock in one statement. Once it committed, every job is
@@ -150,38 +149,43 @@ impl PgCommitter {
             .iter()
             .map(|(i, cp)| (*i, answer_checkpoint(&written.checkpoints, cp)))
             .collect();
-        let submitted = answer_submits(&self.pool, &runs, written.created).await;
-        out.extend(
-            free.iter()
-                .map(|(i, _)| *i)
-                .zip(submitted.into_iter().map(|r| Outcome::Submit(Box::new(r)))),
-        );
+        let answers = answer_submits(&self.pool, &runs, written.created).await;
+        out.extend(free.iter().map(|(i, _)| *i).zip(answers.into_iter().map(submitted)));
         Ok(out)
     }
 
-    /// Submits without a lock in one statement (each alone if it fails); each locked one in a
-    /// statement of its own, so a VM_BUSY refusal is its own.
-    async fn submit_all(&self, free: &[(usize, &NewRun)], locked: &[(usize, &NewRun)]) -> Vec<(usize, Outcome)> {
-        let mut out = Vec::with_capacity(free.len() + locked.len());
-        let one = |r: Result<Submitted>| Outcome::Submit(Box::new(r));
-        if !free.is_empty() {
-            let runs: Vec<&NewRun> = free.iter().map(|(_, r)| *r).collect();
-            match submit_runs(&self.pool, &runs, &self.channel).await {
-                Ok(results) => out.extend(free.iter().map(|(i, _)| *i).zip(results.into_iter().map(one))),
-                Err(e) if free.len() == 1 => out.push((free[0].0, one(Err(e)))),
-                Err(e) => {
-                    tracing::warn!(error = %e, size = free.len(), "submit batch failed; submitting one by one");
-                    for (i, run) in free {
-                        out.push((*i, one(submit_one(&self.pool, run, &self.channel).await)));
-                    }
-                }
+    /// Submits without a lock in one statement (each alone if it fails).
+    async fn submit_free(&self, free: &[(usize, &NewRun)]) -> Vec<(usize, Outcome)> {
+        if free.is_empty() {
+            return vec![];
+        }
+        let runs: Vec<&NewRun> = free.iter().map(|(_, r)| *r).collect();
+        match submit_runs(&self.pool, &runs, &self.channel).await {
+            Ok(results) => free
+                .iter()
+                .map(|(i, _)| *i)
+                .zip(results.into_iter().map(submitted))
+                .collect(),
+            Err(e) if free.len() == 1 => vec![(free[0].0, submitted(Err(e)))],
+            Err(e) => {
+                tracing::warn!(error = %e, size = free.len(), "submit batch failed; submitting one by one");
+                self.submit_each(free).await
             }
         }
-        for (i, run) in locked {
-            out.push((*i, one(submit_one(&self.pool, run, &self.channel).await)));
+    }
+
+    /// Each submit in a statement of its own (a locked one's VM_BUSY refusal is its own).
+    async fn submit_each(&self, runs: &[(usize, &NewRun)]) -> Vec<(usize, Outcome)> {
+        let mut out = Vec::with_capacity(runs.len());
+        for (i, run) in runs {
+            out.push((*i, submitted(submit_one(&self.pool, run, &self.channel).await)));
         }
         out
     }
+}
+
+fn submitted(r: Result<Submitted>) -> Outcome {
+    Outcome::Submit(Box::new(r))
 }
 
 async fn submit_one(pool: &PgPool, run: &NewRun, channel: &str) -> Result<Submitted> {
