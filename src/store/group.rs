@@ -152,7 +152,7 @@ pub(crate) async fn group_writer<C: Committer>(
                 && held.is_none()
                 && queue.last_batch.load(SeqCst) > 1
             {
-                let deadline = tokio::time::Instant::now() + queue.linger;
+                let deadline = tokio::time::Instant::now() + queue.linger_now();
                 while batch.len() < LINGER_UNTIL && held.is_none() {
                     tokio::select! {
                         _ = tokio::time::sleep_until(deadline) => break,
@@ -200,6 +200,8 @@ pub(crate) struct SharedQueue {
     linger: Duration,
     /// How many of the loops may take batches (None: all).
     active: Option<tokio::sync::watch::Receiver<usize>>,
+    /// How many loops share the queue.
+    loops: usize,
 }
 
 /// A lingering batch stops waiting once it has this many jobs.
@@ -224,9 +226,12 @@ impl Drop for Committing<'_> {
 }
 
 impl SharedQueue {
+    /// `loops` loops will share the queue; `active` (when given) says how many of them may take
+    /// batches now.
     pub(crate) fn new(
         jobs: mpsc::Receiver<WriteJob>,
         linger: Duration,
+        loops: usize,
         active: Option<tokio::sync::watch::Receiver<usize>>,
     ) -> std::sync::Arc<SharedQueue> {
         std::sync::Arc::new(SharedQueue {
@@ -236,7 +241,23 @@ impl SharedQueue {
             last_batch: Default::default(),
             linger,
             active,
+            loops: loops.max(1),
         })
+    }
+
+    /// How long a small batch lingers now: `linger` times the loops over the active ones. With
+    /// fewer of its loops active (other processes commit to the same database, see
+    /// `PgStore::commit_loops`), this process sees only its share of the load, so it lingers as
+    /// much longer for a batch as large as one process alone would gather: each statement
+    /// still carries about as many jobs, and the database runs no more statements for three
+    /// processes than for one.
+    fn linger_now(&self) -> Duration {
+        let active = self
+            .active
+            .as_ref()
+            .map_or(self.loops, |a| *a.borrow())
+            .clamp(1, self.loops);
+        self.linger * u32::try_from(self.loops).unwrap_or(1) / u32::try_from(active).unwrap_or(1)
     }
 }
 
@@ -499,5 +520,40 @@ impl<'a> CasRow<'a> {
             signals: cp.consumed_signals.len() as i64,
             cancel: cp.consumed_cancel,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_with_a_share_of_the_loops_lingers_as_much_longer() {
+        let ms = Duration::from_millis;
+        let (_jobs, rx) = mpsc::channel(1);
+        assert_eq!(
+            SharedQueue::new(rx, ms(1), 3, None).linger_now(),
+            ms(1),
+            "no count: all loops"
+        );
+        let (count, active) = tokio::sync::watch::channel(3);
+        let (_jobs, rx) = mpsc::channel(1);
+        let queue = SharedQueue::new(rx, ms(1), 3, Some(active));
+        assert_eq!(queue.linger_now(), ms(1), "alone on its database");
+        count.send_replace(2);
+        assert_eq!(
+            queue.linger_now(),
+            Duration::from_micros(1500),
+            "two processes: 2 loops of 3"
+        );
+        count.send_replace(1);
+        assert_eq!(queue.linger_now(), ms(3), "three or more processes: 1 loop of 3");
+        count.send_replace(0);
+        assert_eq!(queue.linger_now(), ms(3), "a count of 0 is taken as 1");
+        let (_jobs, rx) = mpsc::channel(1);
+        assert_eq!(
+            SharedQueue::new(rx, Duration::ZERO, 3, None).linger_now(),
+            Duration::ZERO
+        );
     }
 }

@@ -455,9 +455,17 @@ async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun]
         .flat_map(|cp| cp.consumed_signals.iter().map(|&id| (id, cp.run_id.0, cp.now.0)))
         .collect();
     let p = &rows.projections;
-    // The statement's text is built once per process, in two forms: with submits and without.
-    static SQL: LazyLock<[String; 2]> = LazyLock::new(|| [write_sql(false), write_sql(true)]);
-    fn write_sql(submits: bool) -> String {
+    // The statement's text is built once per process, in a form for each set of parts the batch
+    // has rows for: a part with no rows is left out (PostgreSQL would still set up and run its
+    // update or insert for nothing, at every batch). Its parameters are bound all the same,
+    // empty, so that every form numbers them alike.
+    const SUBMITS: usize = 1;
+    const PROJECTIONS: usize = 2;
+    const TRACKING: usize = 4;
+    const CONSUMED: usize = 8;
+    static SQL: LazyLock<Vec<String>> = LazyLock::new(|| (0..16).map(write_sql).collect());
+    fn write_sql(parts: usize) -> String {
+        let submits = parts & SUBMITS != 0;
         let written = if submits {
             "(SELECT id FROM cas UNION ALL SELECT id FROM ins) AS written"
         } else {
@@ -500,8 +508,21 @@ async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun]
          WHERE runs.id = ANY($1) AND runs.id = v.id AND runs.fencing_token = v.token \
            AND runs.lease_owner = v.owner AND runs.last_seq = v.seq AND runs.status = v.expect \
          RETURNING runs.id, runs.last_seq, runs.signals_pending, runs.cancel_pending){submits}, \
-         {journal}, \
-         projections AS (UPDATE failover_jobs SET status = COALESCE(v.status, failover_jobs.status), \
+         {journal}{projections}{tracking}{consumed} \
+         {select}",
+            wake = cas_wake_at(),
+            journal = journal_cte(20, written),
+            projections = if parts & PROJECTIONS != 0 { PROJECTIONS_CTE } else { "" },
+            tracking = if parts & TRACKING != 0 {
+                format!(", {}", tracking_cte(33, written))
+            } else {
+                String::new()
+            },
+            consumed = if parts & CONSUMED != 0 { CONSUMED_CTE } else { "" },
+        )
+    }
+    const PROJECTIONS_CTE: &str =
+        ", projections AS (UPDATE failover_jobs SET status = COALESCE(v.status, failover_jobs.status), \
              linstor_snapshot_name = COALESCE(v.snapshot, failover_jobs.linstor_snapshot_name), \
              destination_vm_id = COALESCE(v.vm, failover_jobs.destination_vm_id), \
              error_message = COALESCE(v.error, failover_jobs.error_message), \
@@ -511,18 +532,20 @@ async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun]
              updated_at = v.at::timestamptz \
              FROM unnest($25::text[], $26::text[], $27::text[], $28::text[], $29::text[], $30::bool[], $31::bool[], \
                          $32::text[]) AS v(id, status, snapshot, vm, error, started, completed, at) \
-             WHERE failover_jobs.job_id = v.id AND v.id::uuid IN (SELECT id FROM cas)), \
-         {tracking}, \
-         consumed AS (UPDATE signals SET consumed_at = c.now \
+             WHERE failover_jobs.job_id = v.id AND v.id::uuid IN (SELECT id FROM cas))";
+    const CONSUMED_CTE: &str = ", consumed AS (UPDATE signals SET consumed_at = c.now \
              FROM unnest($40::int8[], $41::uuid[], $42::int8[]) AS c(id, run, now) \
-             WHERE signals.id = c.id AND signals.consumed_at IS NULL AND c.run IN (SELECT id FROM cas)) \
-         {select}",
-            wake = cas_wake_at(),
-            journal = journal_cte(20, written),
-            tracking = tracking_cte(33, written),
-        )
-    }
-    let q = sqlx::query(SQL[usize::from(!submits.is_empty())].as_str())
+             WHERE signals.id = c.id AND signals.consumed_at IS NULL AND c.run IN (SELECT id FROM cas))";
+    let parts = [
+        (!submits.is_empty(), SUBMITS),
+        (!p.is_empty(), PROJECTIONS),
+        (!rows.tracking.is_empty(), TRACKING),
+        (!consumed.is_empty(), CONSUMED),
+    ]
+    .iter()
+    .filter(|(has, _)| *has)
+    .fold(0, |parts, (_, part)| parts | part);
+    let q = sqlx::query(SQL[parts].as_str())
         .bind(cps.iter().map(|cp| cp.run_id.0).collect::<Vec<uuid::Uuid>>())
         .bind(col(|c| c.token))
         .bind(cas.iter().map(|c| c.owner).collect::<Vec<&str>>())
