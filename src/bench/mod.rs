@@ -50,7 +50,7 @@ pub struct BenchArgs {
     /// Workflows in the latency scenario, one at a time.
     #[arg(long, default_value_t = 100)]
     pub latency_runs: usize,
-    /// Runs the worker drives at once.
+    /// Runs the worker drives at once (each scale-out server: at least `--in-flight`).
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
     /// Runs in flight when the recovery scenario SIGKILLs a worker process (0 skips it).
@@ -641,7 +641,8 @@ struct Servers {
 }
 
 impl Servers {
-    async fn start(url: &str, k: usize, lease_ttl: Duration) -> Result<Servers, BenchError> {
+    /// `slots` is each server's `--concurrency`.
+    async fn start(url: &str, k: usize, lease_ttl: Duration, slots: usize) -> Result<Servers, BenchError> {
         let exe = std::env::current_exe().map_err(|e| BenchError::Setup(format!("own executable: {e}")))?;
         let mut servers = Servers {
             children: Vec::new(),
@@ -660,6 +661,8 @@ impl Servers {
                     &format!("{}ms", lease_ttl.as_millis()),
                     "--poll-interval",
                     "200ms",
+                    "--concurrency",
+                    &slots.to_string(),
                 ])
                 .env("RUST_LOG", "error")
                 .stdin(std::process::Stdio::null())
@@ -783,7 +786,10 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
         let sep = if args.postgres_url.contains('?') { '&' } else { '?' };
         let url = format!("{}{sep}tern_schema={schema}", args.postgres_url);
         let result = async {
-            let fleet = Servers::start(&url, servers, ttl).await?;
+            // Each server may drive every workflow in flight at once: one server alone must not
+            // be measured short of slots (its submits would then wait to be claimed).
+            let slots = args.concurrency.max(args.in_flight);
+            let fleet = Servers::start(&url, servers, ttl, slots).await?;
             let clients = Arc::new(fleet.clients.clone());
             let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let pg_before = pg_work(&args.postgres_url).await;
