@@ -20,11 +20,16 @@ use crate::store::JournalEntry;
 
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
-/// How often an idle watch looks at the journal when nothing told it to. A run driven by this
+/// How often an idle watch first looks at the journal when nothing told it to (then less often,
+/// up to [`POLL_MAX`], while it finds nothing new). A run driven by this
 /// process wakes its watchers as each transition commits ([`Engine::watch_run`]); the poll
 /// covers runs driven by other processes. (The store's wake-up channel is not used: it hands
 /// out one stored permit that a worker must get.)
 const POLL: Duration = Duration::from_millis(100);
+/// The longest wait between two polls: while a poll finds nothing new, the next waits twice as
+/// long (a run asleep in its hold, or queued for a free slot, is not read ten times a second
+/// for as long as it is watched); once one finds entries, polls are [`POLL`] apart again.
+const POLL_MAX: Duration = Duration::from_secs(1);
 /// The same while a driver of this process holds the run: its commits reach the feed, and the
 /// feed is woken when the driver stops, so this is only a safety net.
 const POLL_DRIVEN_HERE: Duration = Duration::from_secs(2);
@@ -44,7 +49,9 @@ pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String
         let mut last = after;
         // A run driven here may come with its whole journal: then nothing is read.
         let mut fed: Vec<JournalEntry> = feed.take_after(last);
+        let mut poll_every = POLL;
         loop {
+            let sent_before = last;
             let step = async {
                 let (entries, full) = match fed.first() {
                     Some(first) if first.seq == last + 1 => (std::mem::take(&mut fed), false),
@@ -105,11 +112,12 @@ pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String
                     return;
                 }
             }
+            poll_every = next_poll(poll_every, last > sent_before);
             // Whatever was committed meanwhile is in the feed already: no need to wait for it.
             fed = feed.take_after(last);
             while fed.is_empty() {
                 let driven = feed.driven_here();
-                let poll = if driven { POLL_DRIVEN_HERE } else { POLL };
+                let poll = if driven { POLL_DRIVEN_HERE } else { poll_every };
                 let woken = tokio::select! {
                     _ = feed.changed() => true,
                     _ = tokio::time::sleep(poll) => false,
@@ -126,4 +134,32 @@ pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String
         }
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// The wait before the next poll, after one that waited `every` and did (or did not) find
+/// entries to send.
+fn next_poll(every: Duration, found: bool) -> Duration {
+    if found {
+        POLL
+    } else {
+        (every * 2).min(POLL_MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_back_off_while_nothing_new_is_found_and_return_once_something_is() {
+        let mut every = POLL;
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            every = next_poll(every, false);
+            waits.push(every.as_millis());
+        }
+        assert_eq!(waits, [200, 400, 800, 1000, 1000, 1000]);
+        assert_eq!(next_poll(POLL_MAX, true), POLL);
+        assert_eq!(next_poll(POLL, true), POLL);
+    }
 }
