@@ -536,15 +536,11 @@ async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun]
     const CONSUMED_CTE: &str = ", consumed AS (UPDATE signals SET consumed_at = c.now \
              FROM unnest($40::int8[], $41::uuid[], $42::int8[]) AS c(id, run, now) \
              WHERE signals.id = c.id AND signals.consumed_at IS NULL AND c.run IN (SELECT id FROM cas))";
-    let parts = [
-        (!submits.is_empty(), SUBMITS),
-        (!p.is_empty(), PROJECTIONS),
-        (!rows.tracking.is_empty(), TRACKING),
-        (!consumed.is_empty(), CONSUMED),
-    ]
-    .iter()
-    .filter(|(has, _)| *has)
-    .fold(0, |parts, (_, part)| parts | part);
+    let part = |has: bool, part: usize| if has { part } else { 0 };
+    let parts = part(!submits.is_empty(), SUBMITS)
+        | part(!p.is_empty(), PROJECTIONS)
+        | part(!rows.tracking.is_empty(), TRACKING)
+        | part(!consumed.is_empty(), CONSUMED);
     let q = sqlx::query(SQL[parts].as_str())
         .bind(cps.iter().map(|cp| cp.run_id.0).collect::<Vec<uuid::Uuid>>())
         .bind(col(|c| c.token))
