@@ -843,10 +843,12 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
             // Backends report their counters as they exit.
             tokio::time::sleep(Duration::from_millis(500)).await;
             let pg = match (pg_before, pg_work(&args.postgres_url).await) {
-                (Some((x0, b0)), Some((x1, b1))) => format!(
-                    ", PostgreSQL {:.1} transactions and {:.0} buffer reads/wf",
-                    (x1 - x0) as f64 / n as f64,
-                    (b1 - b0) as f64 / n as f64
+                (Some(a), Some(b)) => format!(
+                    ", PostgreSQL {:.1} transactions, {:.2} WAL flushes, {:.1} KB of WAL and {:.0} buffer reads/wf",
+                    (b.commits - a.commits) as f64 / n as f64,
+                    (b.wal_syncs - a.wal_syncs) as f64 / n as f64,
+                    (b.wal_bytes - a.wal_bytes) as f64 / 1024.0 / n as f64,
+                    (b.buffers - a.buffers) as f64 / n as f64
                 ),
                 _ => String::new(),
             };
@@ -906,19 +908,34 @@ fn rounds_line(rates: &[f64], k: usize) -> Option<String> {
     ))
 }
 
-/// The database's committed transactions and buffer reads (hits and misses) so far, from
-/// `pg_stat_database`: what a phase cost PostgreSQL, whatever else shares the machine.
-async fn pg_work(url: &str) -> Option<(i64, i64)> {
+/// What a phase cost PostgreSQL so far, whatever else shares the machine: from
+/// `pg_stat_database`, the database's committed transactions and buffer reads (hits and
+/// misses); from `pg_stat_wal`, the server's WAL flushes (fsyncs) and WAL bytes.
+#[derive(Clone, Copy)]
+struct PgWork {
+    commits: i64,
+    buffers: i64,
+    wal_syncs: i64,
+    wal_bytes: i64,
+}
+
+async fn pg_work(url: &str) -> Option<PgWork> {
     let pool = sqlx::PgPool::connect(url).await.ok()?;
-    let row: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT xact_commit, blks_hit + blks_read FROM pg_stat_database WHERE datname = current_database()",
+    let row: Option<(i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT d.xact_commit, d.blks_hit + d.blks_read, w.wal_sync, w.wal_bytes::bigint \
+         FROM pg_stat_database d, pg_stat_wal w WHERE d.datname = current_database()",
     )
     .fetch_optional(&pool)
     .await
     .ok()
     .flatten();
     pool.close().await;
-    row
+    row.map(|(commits, buffers, wal_syncs, wal_bytes)| PgWork {
+        commits,
+        buffers,
+        wal_syncs,
+        wal_bytes,
+    })
 }
 
 /// The machine's CPU time per workflow over a phase, and how much of its cores stayed idle (a
