@@ -15,6 +15,13 @@ use tern::providers::virtio::CommandInjectorConfig;
 use tern::steps::failover::setup::{self as failover_setup, CloudSettings, InjectorSettings};
 use tern::store::{self, RunFilter, SignalOutcome, Store};
 
+/// mimalloc rather than glibc's malloc: allocation was about a fifth of a server's CPU under
+/// load (journal records, JSON, gRPC frames), spread over many threads' arenas. Built without
+/// transparent huge pages (`no_thp`): with them its arenas held about twice the resident memory
+/// for the same throughput.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "tern", version, about = "Durable workflow engine for VM failovers")]
 struct Cli {
