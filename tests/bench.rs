@@ -70,6 +70,8 @@ fn check(out: &str, backend: &str) {
         assert!(line.contains(" 0 run again after success"), "{line}");
         assert!(line.contains(" 0 journal rows without a run"), "{line}");
         assert!(line.contains("(servers ") && line.contains(", PostgreSQL "), "{line}");
+        // Throughput once under way, beside the whole phase's.
+        assert!(line.contains(" wf/s (steady "), "{line}");
         assert!(!line.contains("NOT met"), "{line}");
     }
     assert!(scale_out[2].contains("one SIGKILLed"), "{}", scale_out[2]);

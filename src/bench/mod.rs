@@ -776,8 +776,10 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
         .flat_map(|_| [(1, false), (k, false)])
         .collect();
     phases.push((k, true));
-    // Throughput of the comparison phases, in order: 1 server, `k`, 1, `k`...
+    // Throughput of the comparison phases, in order: 1 server, `k`, 1, `k`... (whole phases,
+    // and their steady state).
     let mut rates: Vec<f64> = Vec::new();
+    let mut steady_rates: Vec<f64> = Vec::new();
     for (servers, kill) in phases.into_iter().filter(|&(servers, kill)| !kill || servers > 1) {
         let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
         // Created (and migrated) here first, so the servers start together on a ready schema;
@@ -807,7 +809,8 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
                         if i >= n {
                             break;
                         }
-                        lat.push(one_somewhere(&clients, c, format!("scale-out-{i}")).await?);
+                        let took = one_somewhere(&clients, c, format!("scale-out-{i}")).await?;
+                        lat.push((took, started.elapsed()));
                     }
                     Ok::<_, BenchError>(lat)
                 }));
@@ -825,10 +828,15 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
                 killed_at = Some(started.elapsed());
             }
             let mut latencies = Vec::with_capacity(n);
+            let mut finished = Vec::with_capacity(n);
             for t in tasks {
-                latencies.extend(t.await.map_err(|e| BenchError::Setup(e.to_string()))??);
+                for (took, at) in t.await.map_err(|e| BenchError::Setup(e.to_string()))?? {
+                    latencies.push(took);
+                    finished.push(at);
+                }
             }
             let elapsed = started.elapsed().as_secs_f64();
+            let steady = steady_rate(&mut finished);
             let cpu = busy.zip(machine_busy()).map(|(b, a)| a.saturating_sub(b));
             // A SIGKILLed server's time is lost with it: the split is of the survivors.
             let split_after = cpu_split(&pids);
@@ -855,56 +863,75 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
             latencies.sort();
             let audit = audit_runs(&args.postgres_url, &schema, n).await?;
             let cpu = cpu_figures(cpu, n, elapsed) + &split + &pg;
-            Ok::<_, BenchError>((n as f64 / elapsed, latencies, killed_at, audit, cpu))
+            Ok::<_, BenchError>((n as f64 / elapsed, steady, latencies, killed_at, audit, cpu))
         }
         .await;
         drop_schema(args, Some(&schema)).await;
-        let (per_sec, latencies, killed_at, audit, cpu) = result?;
+        let (per_sec, steady, latencies, killed_at, audit, cpu) = result?;
         if !kill {
             rates.push(per_sec);
+            steady_rates.push(steady.unwrap_or(per_sec));
         }
+        let steady = steady.map_or_else(String::new, |r| format!(" (steady {r:.1})"));
         let what = match killed_at {
             Some(t) => format!("{servers} servers, one SIGKILLed at {:.1} s", t.as_secs_f64()),
             None if servers == 1 => "1 server".to_string(),
             None => format!("{servers} servers"),
         };
         lines.push(format!(
-            "{:<22} {:<8} {n:>6} wf {per_sec:>9.1} wf/s  p50 {:>7.2} ms  p99 {:>7.2} ms  {cpu}  {what}: {audit}",
+            "{:<22} {:<8} {n:>6} wf {per_sec:>9.1} wf/s{steady}  p50 {:>7.2} ms  p99 {:>7.2} ms  {cpu}  {what}: {audit}",
             "scale-out gRPC",
             "postgres",
             percentile(&latencies, 0.50).as_secs_f64() * 1e3,
             percentile(&latencies, 0.99).as_secs_f64() * 1e3,
         ));
     }
-    if let Some(line) = rounds_line(&rates, k) {
+    if let Some(line) = rounds_line(&steady_rates, &rates, k) {
         lines.push(line);
     }
     Ok(lines)
 }
 
+/// Throughput once a phase is under way: the workflows that finished after the first fifth
+/// had, over the time they took. It leaves out the phase's start (servers opening their
+/// connections and preparing statements, counting their peers), the same for any number of
+/// servers but a larger share of a short phase. `finished`: when each workflow finished, from
+/// the phase's start (sorted here). None with too few workflows to tell.
+fn steady_rate(finished: &mut [Duration]) -> Option<f64> {
+    finished.sort();
+    let first = finished.len() / 5;
+    let span = finished.last()?.checked_sub(*finished.get(first)?)?.as_secs_f64();
+    let counted = finished.len() - 1 - first;
+    (counted >= 10 && span > 0.0).then(|| counted as f64 / span)
+}
+
 /// With more than one round: each round's throughput of `k` servers against one server just
 /// before it, and their median (what the scale-out target compares, steadier than any one
-/// round on a shared machine).
-fn rounds_line(rates: &[f64], k: usize) -> Option<String> {
-    let pairs: Vec<f64> = rates.chunks_exact(2).map(|p| p[1] / p[0] - 1.0).collect();
-    if pairs.len() < 2 || k == 1 {
+/// round on a shared machine), for the steady state and for the whole phases.
+fn rounds_line(steady: &[f64], whole: &[f64], k: usize) -> Option<String> {
+    let compare = |rates: &[f64]| {
+        let pairs: Vec<f64> = rates.chunks_exact(2).map(|p| p[1] / p[0] - 1.0).collect();
+        let mut sorted = pairs.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = if sorted.len() % 2 == 1 {
+            sorted[sorted.len() / 2]
+        } else {
+            (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
+        };
+        let each: Vec<String> = pairs.iter().map(|r| format!("{:+.0}%", r * 100.0)).collect();
+        (
+            pairs.len(),
+            format!("median {:+.1}% ({})", median * 100.0, each.join(", ")),
+        )
+    };
+    let (rounds, steady) = compare(steady);
+    if rounds < 2 || k == 1 {
         return None;
     }
-    let mut sorted = pairs.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = if sorted.len() % 2 == 1 {
-        sorted[sorted.len() / 2]
-    } else {
-        (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
-    };
-    let each: Vec<String> = pairs.iter().map(|r| format!("{:+.0}%", r * 100.0)).collect();
+    let (_, whole) = compare(whole);
     Some(format!(
-        "{:<22} {:<8} {k} servers against 1: median {:+.1}% over {} rounds ({})",
-        "scale-out rounds",
-        "postgres",
-        median * 100.0,
-        pairs.len(),
-        each.join(", ")
+        "{:<22} {:<8} {k} servers against 1 over {rounds} rounds: steady state {steady}; whole phases {whole}",
+        "scale-out rounds", "postgres",
     ))
 }
 
@@ -1242,4 +1269,36 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, BenchError> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_steady_rate_leaves_out_the_first_fifth_of_a_phase() {
+        // 100 workflows: the first 20 slow (one every 100 ms), then one every 10 ms.
+        let mut finished: Vec<Duration> = (0..20)
+            .map(|i| Duration::from_millis(100 * (i + 1)))
+            .chain((1..=80).map(|i| Duration::from_millis(2_000 + 10 * i)))
+            .rev()
+            .collect();
+        let rate = steady_rate(&mut finished).expect("enough workflows");
+        // From the 21st (2.01 s) to the last (2.8 s): 79 workflows in 0.79 s.
+        assert!((rate - 100.0).abs() < 1e-6, "{rate}");
+        assert_eq!(steady_rate(&mut [Duration::from_secs(1); 5]), None);
+    }
+
+    #[test]
+    fn rounds_compare_each_k_servers_phase_with_the_one_server_phase_before_it() {
+        let line = rounds_line(
+            &[100.0, 110.0, 100.0, 90.0, 100.0, 100.0],
+            &[100.0, 90.0, 100.0, 80.0, 100.0, 95.0],
+            3,
+        )
+        .expect("three rounds");
+        assert!(line.contains("steady state median +0.0% (+10%, -10%, +0%)"), "{line}");
+        assert!(line.contains("whole phases median -10.0% (-10%, -20%, -5%)"), "{line}");
+        assert_eq!(rounds_line(&[100.0, 110.0], &[100.0, 110.0], 3), None);
+    }
 }
