@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::convert;
@@ -41,99 +40,139 @@ const BATCH: u32 = 500;
 /// the run's feed ([`Engine::watch_run`]) without a read; whenever what the feed holds does not
 /// follow on from the last entry sent (a run driven elsewhere, or a feed that overflowed), the
 /// journal is read instead.
+///
+/// The stream does its work as the response polls it: no task of its own, so an entry the feed
+/// gets wakes the response directly, the client's pace holds it back, and a client gone drops
+/// it.
 pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String) -> WatchStream {
-    let (tx, rx) = mpsc::channel(64);
-    let store = engine.store.clone();
     let feed = engine.watch_run(run);
-    tokio::spawn(async move {
-        let mut last = after;
-        // A run driven here may come with its whole journal: then nothing is read.
-        let mut fed: Vec<JournalEntry> = feed.take_after(last);
-        let mut poll_every = POLL;
-        loop {
-            let sent_before = last;
-            let step = async {
-                let (entries, full) = match fed.first() {
-                    Some(first) if first.seq == last + 1 => (std::mem::take(&mut fed), false),
-                    _ => {
-                        let read = store.journal(run, last, BATCH).await?;
-                        let full = read.len() as u32 == BATCH;
-                        (read, full)
-                    }
-                };
-                for e in &entries {
-                    let ev = pb::WatchEvent {
-                        event: Some(Event::Entry(convert::entry(e))),
-                    };
-                    if tx.send(Ok(ev)).await.is_err() {
-                        return Ok::<_, ApiError>(Some(false));
-                    }
-                    last = e.seq;
-                }
-                if full {
-                    return Ok(None);
-                }
-                // Entries but no `run_finished` yet: wait for more. Otherwise (nothing new, or the
-                // run just finished) look at the row to send the terminal event at once.
-                let finished = entries
-                    .last()
-                    .is_some_and(|e| matches!(e.record, crate::engine::machine::Record::RunFinished { .. }));
-                if !entries.is_empty() && !finished {
-                    return Ok(None);
-                }
-                // This process committed the end: the feed has the terminal state, no read needed.
-                if let Some((seq, state)) = feed.finished().filter(|(seq, _)| *seq == last) {
-                    let ev = pb::WatchEvent {
-                        event: Some(Event::Terminal(convert::terminal_of(state, *seq))),
-                    };
-                    let _ = tx.send(Ok(ev)).await;
-                    return Ok(Some(true));
-                }
-                // The run row and its journal are committed together: once the row is terminal,
-                // every entry up to its last_seq is readable.
-                let row = store.get_run(run).await?.ok_or(ApiError::NotFound {
-                    reason: "JOB_NOT_FOUND",
-                    message: format!("job {run} not found"),
-                })?;
-                if row.status.is_terminal() && last >= row.last_seq {
-                    let ev = pb::WatchEvent {
-                        event: Some(Event::Terminal(convert::terminal(&row))),
-                    };
-                    let _ = tx.send(Ok(ev)).await;
-                    return Ok(Some(true));
-                }
-                Ok(None)
-            };
-            match step.await {
-                Ok(Some(_)) => return,
-                Ok(None) => {}
-                Err(e) => {
-                    let _ = tx.send(Err(e.into_status(&correlation_id))).await;
-                    return;
-                }
+    // A run driven here may come with its whole journal: then nothing is read.
+    let fed = feed.take_after(after);
+    let watch = Watch {
+        store: engine.store.clone(),
+        feed,
+        run,
+        last: after,
+        fed,
+        poll_every: POLL,
+        started: false,
+        done: false,
+    };
+    let events = futures::stream::unfold((watch, correlation_id), |(mut w, correlation_id)| async move {
+        if w.done {
+            return None;
+        }
+        let events = match w.next().await {
+            Ok(events) => events,
+            Err(e) => {
+                w.done = true;
+                vec![Err(e.into_status(&correlation_id))]
             }
-            poll_every = next_poll(poll_every, last > sent_before);
-            // Whatever was committed meanwhile is in the feed already: no need to wait for it.
-            fed = feed.take_after(last);
-            while fed.is_empty() {
-                let driven = feed.driven_here();
-                let poll = if driven { POLL_DRIVEN_HERE } else { poll_every };
-                let woken = tokio::select! {
-                    _ = feed.changed() => true,
-                    _ = tokio::time::sleep(poll) => false,
-                    _ = tx.closed() => return,
-                };
-                fed = feed.take_after(last);
-                // A wake-up whose entries were taken already, while a driver here holds the run:
-                // nothing can be in the journal that the feed did not get, so wait again rather
-                // than read it. A poll, or the driver stopping, reads it.
-                if !(fed.is_empty() && woken && driven && feed.driven_here()) {
-                    break;
-                }
+        };
+        Some((futures::stream::iter(events), (w, correlation_id)))
+    });
+    Box::pin(futures::StreamExt::flatten(events))
+}
+
+/// A watch between two batches of events.
+struct Watch {
+    store: Arc<dyn crate::store::Store>,
+    feed: Arc<crate::engine::RunFeed>,
+    run: RunId,
+    /// The last entry sent.
+    last: i64,
+    /// Entries the feed gave and not yet sent.
+    fed: Vec<JournalEntry>,
+    poll_every: Duration,
+    /// Whether a batch was sent already (the first goes without waiting).
+    started: bool,
+    /// The terminal event was sent, or an error.
+    done: bool,
+}
+
+impl Watch {
+    /// The next events to send: once the first batch is out, waits for more (the feed, or the
+    /// next poll), then sends what followed the last entry sent, and the terminal event once
+    /// the run has ended.
+    async fn next(&mut self) -> Result<Vec<Result<pb::WatchEvent, Status>>, ApiError> {
+        if self.started {
+            self.wait().await;
+        }
+        self.started = true;
+        let sent_before = self.last;
+        let mut out = Vec::new();
+        let (entries, full) = match self.fed.first() {
+            Some(first) if first.seq == self.last + 1 => (std::mem::take(&mut self.fed), false),
+            _ => {
+                let read = self.store.journal(self.run, self.last, BATCH).await?;
+                let full = read.len() as u32 == BATCH;
+                (read, full)
+            }
+        };
+        for e in &entries {
+            out.push(Ok(pb::WatchEvent {
+                event: Some(Event::Entry(convert::entry(e))),
+            }));
+            self.last = e.seq;
+        }
+        self.poll_every = next_poll(self.poll_every, self.last > sent_before);
+        if full {
+            // More to read at once.
+            self.fed.clear();
+            self.started = false;
+            return Ok(out);
+        }
+        // Entries but no `run_finished` yet: wait for more. Otherwise (nothing new, or the run
+        // just finished) look at the row to send the terminal event at once.
+        let finished = entries
+            .last()
+            .is_some_and(|e| matches!(e.record, crate::engine::machine::Record::RunFinished { .. }));
+        if !entries.is_empty() && !finished {
+            return Ok(out);
+        }
+        // This process committed the end: the feed has the terminal state, no read needed.
+        if let Some((seq, state)) = self.feed.finished().filter(|(seq, _)| *seq == self.last) {
+            out.push(Ok(pb::WatchEvent {
+                event: Some(Event::Terminal(convert::terminal_of(state, *seq))),
+            }));
+            self.done = true;
+            return Ok(out);
+        }
+        // The run row and its journal are committed together: once the row is terminal, every
+        // entry up to its last_seq is readable.
+        let row = self.store.get_run(self.run).await?.ok_or(ApiError::NotFound {
+            reason: "JOB_NOT_FOUND",
+            message: format!("job {} not found", self.run),
+        })?;
+        if row.status.is_terminal() && self.last >= row.last_seq {
+            out.push(Ok(pb::WatchEvent {
+                event: Some(Event::Terminal(convert::terminal(&row))),
+            }));
+            self.done = true;
+        }
+        Ok(out)
+    }
+
+    /// Waits until the feed holds entries after the last one sent, or until the next poll.
+    async fn wait(&mut self) {
+        // Whatever was committed meanwhile is in the feed already: no need to wait for it.
+        self.fed = self.feed.take_after(self.last);
+        while self.fed.is_empty() {
+            let driven = self.feed.driven_here();
+            let poll = if driven { POLL_DRIVEN_HERE } else { self.poll_every };
+            let woken = tokio::select! {
+                _ = self.feed.changed() => true,
+                _ = tokio::time::sleep(poll) => false,
+            };
+            self.fed = self.feed.take_after(self.last);
+            // A wake-up whose entries were taken already, while a driver here holds the run:
+            // nothing can be in the journal that the feed did not get, so wait again rather
+            // than read it. A poll, or the driver stopping, reads it.
+            if !(self.fed.is_empty() && woken && driven && self.feed.driven_here()) {
+                break;
             }
         }
-    });
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
 }
 
 /// The wait before the next poll, after one that waited `every` and did (or did not) find
