@@ -909,30 +909,33 @@ fn steady_rate(finished: &mut [Duration]) -> Option<f64> {
 /// before it, and their median (what the scale-out target compares, steadier than any one
 /// round on a shared machine), for the steady state and for the whole phases.
 fn rounds_line(steady: &[f64], whole: &[f64], k: usize) -> Option<String> {
-    let compare = |rates: &[f64]| {
-        let pairs: Vec<f64> = rates.chunks_exact(2).map(|p| p[1] / p[0] - 1.0).collect();
-        let mut sorted = pairs.clone();
-        sorted.sort_by(f64::total_cmp);
-        let median = if sorted.len() % 2 == 1 {
-            sorted[sorted.len() / 2]
-        } else {
-            (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
-        };
-        let each: Vec<String> = pairs.iter().map(|r| format!("{:+.0}%", r * 100.0)).collect();
-        (
-            pairs.len(),
-            format!("median {:+.1}% ({})", median * 100.0, each.join(", ")),
-        )
-    };
-    let (rounds, steady) = compare(steady);
-    if rounds < 2 || k == 1 {
+    let ratios = |rates: &[f64]| -> Vec<f64> { rates.chunks_exact(2).map(|p| p[1] / p[0] - 1.0).collect() };
+    let (steady, whole) = (ratios(steady), ratios(whole));
+    if steady.len() < 2 || whole.len() != steady.len() || k == 1 {
         return None;
     }
-    let (_, whole) = compare(whole);
     Some(format!(
-        "{:<22} {:<8} {k} servers against 1 over {rounds} rounds: steady state {steady}; whole phases {whole}",
-        "scale-out rounds", "postgres",
+        "{:<22} {:<8} {k} servers against 1 over {} rounds: steady state {}; whole phases {}",
+        "scale-out rounds",
+        "postgres",
+        steady.len(),
+        median_and_each(&steady),
+        median_and_each(&whole),
     ))
+}
+
+/// `median +x% (+a%, +b%, ...)` of at least one ratio.
+fn median_and_each(pairs: &[f64]) -> String {
+    let mut sorted = pairs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    let median = if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    };
+    let each: Vec<String> = pairs.iter().map(|r| format!("{:+.0}%", r * 100.0)).collect();
+    format!("median {:+.1}% ({})", median * 100.0, each.join(", "))
 }
 
 /// What a phase cost PostgreSQL so far, whatever else shares the machine: from
@@ -1300,5 +1303,10 @@ mod tests {
         assert!(line.contains("steady state median +0.0% (+10%, -10%, +0%)"), "{line}");
         assert!(line.contains("whole phases median -10.0% (-10%, -20%, -5%)"), "{line}");
         assert_eq!(rounds_line(&[100.0, 110.0], &[100.0, 110.0], 3), None);
+        assert_eq!(rounds_line(&[], &[], 3), None);
+        assert_eq!(
+            rounds_line(&[100.0, 110.0, 100.0, 90.0], &[100.0, 110.0, 100.0, 90.0], 1),
+            None
+        );
     }
 }
