@@ -776,10 +776,9 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
         .flat_map(|_| [(1, false), (k, false)])
         .collect();
     phases.push((k, true));
-    // Throughput of the comparison phases, in order: 1 server, `k`, 1, `k`... (whole phases,
-    // and their steady state).
-    let mut rates: Vec<f64> = Vec::new();
-    let mut steady_rates: Vec<f64> = Vec::new();
+    // Throughput of the comparison phases, in order: 1 server, `k`, 1, `k`... (whole phase,
+    // steady state).
+    let mut rates: Vec<(f64, f64)> = Vec::new();
     for (servers, kill) in phases.into_iter().filter(|&(servers, kill)| !kill || servers > 1) {
         let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
         // Created (and migrated) here first, so the servers start together on a ready schema;
@@ -869,8 +868,7 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
         drop_schema(args, Some(&schema)).await;
         let (per_sec, steady, latencies, killed_at, audit, cpu) = result?;
         if !kill {
-            rates.push(per_sec);
-            steady_rates.push(steady.unwrap_or(per_sec));
+            rates.push((per_sec, steady.unwrap_or(per_sec)));
         }
         let steady = steady.map_or_else(String::new, |r| format!(" (steady {r:.1})"));
         let what = match killed_at {
@@ -886,7 +884,7 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
             percentile(&latencies, 0.99).as_secs_f64() * 1e3,
         ));
     }
-    if let Some(line) = rounds_line(&steady_rates, &rates, k) {
+    if let Some(line) = rounds_line(&rates, k) {
         lines.push(line);
     }
     Ok(lines)
@@ -907,11 +905,12 @@ fn steady_rate(finished: &mut [Duration]) -> Option<f64> {
 
 /// With more than one round: each round's throughput of `k` servers against one server just
 /// before it, and their median (what the scale-out target compares, steadier than any one
-/// round on a shared machine), for the steady state and for the whole phases.
-fn rounds_line(steady: &[f64], whole: &[f64], k: usize) -> Option<String> {
-    let ratios = |rates: &[f64]| -> Vec<f64> { rates.chunks_exact(2).map(|p| p[1] / p[0] - 1.0).collect() };
-    let (steady, whole) = (ratios(steady), ratios(whole));
-    if steady.len() < 2 || whole.len() != steady.len() || k == 1 {
+/// round on a shared machine), for the steady state and for the whole phases. `rates`: each
+/// phase's (whole phase, steady state) throughput.
+fn rounds_line(rates: &[(f64, f64)], k: usize) -> Option<String> {
+    let whole: Vec<f64> = rates.chunks_exact(2).map(|p| p[1].0 / p[0].0 - 1.0).collect();
+    let steady: Vec<f64> = rates.chunks_exact(2).map(|p| p[1].1 / p[0].1 - 1.0).collect();
+    if steady.len() < 2 || k == 1 {
         return None;
     }
     Some(format!(
@@ -941,7 +940,7 @@ fn median_and_each(pairs: &[f64]) -> String {
 /// What a phase cost PostgreSQL so far, whatever else shares the machine: from
 /// `pg_stat_database`, the database's committed transactions and buffer reads (hits and
 /// misses); from `pg_stat_wal`, the server's WAL flushes (fsyncs) and WAL bytes.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, sqlx::FromRow)]
 struct PgWork {
     commits: i64,
     buffers: i64,
@@ -951,21 +950,16 @@ struct PgWork {
 
 async fn pg_work(url: &str) -> Option<PgWork> {
     let pool = sqlx::PgPool::connect(url).await.ok()?;
-    let row: Option<(i64, i64, i64, i64)> = sqlx::query_as(
-        "SELECT d.xact_commit, d.blks_hit + d.blks_read, w.wal_sync, w.wal_bytes::bigint \
-         FROM pg_stat_database d, pg_stat_wal w WHERE d.datname = current_database()",
+    let row: Option<PgWork> = sqlx::query_as(
+        "SELECT d.xact_commit AS commits, d.blks_hit + d.blks_read AS buffers, w.wal_sync AS wal_syncs, \
+         w.wal_bytes::bigint AS wal_bytes FROM pg_stat_database d, pg_stat_wal w WHERE d.datname = current_database()",
     )
     .fetch_optional(&pool)
     .await
     .ok()
     .flatten();
     pool.close().await;
-    row.map(|(commits, buffers, wal_syncs, wal_bytes)| PgWork {
-        commits,
-        buffers,
-        wal_syncs,
-        wal_bytes,
-    })
+    row
 }
 
 /// The machine's CPU time per workflow over a phase, and how much of its cores stayed idle (a
@@ -1294,19 +1288,14 @@ mod tests {
 
     #[test]
     fn rounds_compare_each_k_servers_phase_with_the_one_server_phase_before_it() {
-        let line = rounds_line(
-            &[100.0, 110.0, 100.0, 90.0, 100.0, 100.0],
-            &[100.0, 90.0, 100.0, 80.0, 100.0, 95.0],
-            3,
-        )
-        .expect("three rounds");
+        let steady = [100.0, 110.0, 100.0, 90.0, 100.0, 100.0];
+        let whole = [100.0, 90.0, 100.0, 80.0, 100.0, 95.0];
+        let rates: Vec<(f64, f64)> = whole.into_iter().zip(steady).collect();
+        let line = rounds_line(&rates, 3).expect("three rounds");
         assert!(line.contains("steady state median +0.0% (+10%, -10%, +0%)"), "{line}");
         assert!(line.contains("whole phases median -10.0% (-10%, -20%, -5%)"), "{line}");
-        assert_eq!(rounds_line(&[100.0, 110.0], &[100.0, 110.0], 3), None);
-        assert_eq!(rounds_line(&[], &[], 3), None);
-        assert_eq!(
-            rounds_line(&[100.0, 110.0, 100.0, 90.0], &[100.0, 110.0, 100.0, 90.0], 1),
-            None
-        );
+        assert_eq!(rounds_line(&[(100.0, 100.0), (110.0, 110.0)], 3), None);
+        assert_eq!(rounds_line(&[], 3), None);
+        assert_eq!(rounds_line(&rates[..4], 1), None);
     }
 }
