@@ -73,6 +73,11 @@ fn check(out: &str, backend: &str) {
         // Throughput once under way, beside the whole phase's.
         assert!(line.contains(" wf/s (steady "), "{line}");
         assert!(!line.contains("NOT met"), "{line}");
+        assert!(line.contains(" max "), "{line}");
+    }
+    // Without a kill, no request fails and is asked again elsewhere.
+    for line in &scale_out[..2] {
+        assert!(line.contains("; 0 requests retried elsewhere"), "{line}");
     }
     assert!(scale_out[2].contains("one SIGKILLed"), "{}", scale_out[2]);
 }

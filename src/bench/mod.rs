@@ -723,6 +723,13 @@ async fn submit_and_watch(
         .into_inner();
     while let Some(ev) = events.message().await? {
         if let Some(pb::watch_event::Event::Terminal(end)) = ev.event {
+            // The server ends the stream right after its terminal event: read that end rather
+            // than drop the stream. A dropped stream is reset, and once more reset streams are
+            // open than the client's HTTP/2 library remembers, the server's closing frames for
+            // the ones it forgot count as protocol errors; after 1,024 of them the library
+            // closes the whole connection (GOAWAY "too_many_internal_resets"), failing every
+            // request in flight on it.
+            let _ = events.trailers().await;
             return Ok(Some((run, end.status)));
         }
     }
@@ -731,11 +738,13 @@ async fn submit_and_watch(
 
 /// One workflow through a set of servers, starting with server `at`: submitted with
 /// `request_id` (so a submit whose answer was lost is not doubled when retried elsewhere) and
-/// watched to its end. On a dead server, the client moves to the next one and asks again.
+/// watched to its end. On a dead server, the client moves to the next one and asks again
+/// (counted in `retries`).
 async fn one_somewhere(
     clients: &[WorkflowServiceClient<tonic::transport::Channel>],
     mut at: usize,
     request_id: String,
+    retries: &std::sync::atomic::AtomicUsize,
 ) -> Result<Duration, BenchError> {
     let t = Instant::now();
     let deadline = t + Duration::from_secs(120);
@@ -747,6 +756,7 @@ async fn one_somewhere(
             Ok(Some((run, status))) => return Err(BenchError::Setup(format!("run {run} ended {status}"))),
             // A stream cut off or a server gone: ask the next server.
             Ok(None) | Err(_) if Instant::now() < deadline => {
+                retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 at += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -793,6 +803,7 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
             let fleet = Servers::start(&url, servers, ttl, slots).await?;
             let clients = Arc::new(fleet.clients.clone());
             let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let retries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let pg_before = pg_work(&args.postgres_url).await;
             let busy = machine_busy();
             let pids: Vec<u32> = fleet.children.iter().map(|c| c.id()).collect();
@@ -800,7 +811,7 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
             let started = Instant::now();
             let mut tasks = Vec::new();
             for c in 0..args.in_flight.max(1) {
-                let (clients, next) = (clients.clone(), next.clone());
+                let (clients, next, retries) = (clients.clone(), next.clone(), retries.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut lat = Vec::new();
                     loop {
@@ -808,7 +819,7 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
                         if i >= n {
                             break;
                         }
-                        let took = one_somewhere(&clients, c, format!("scale-out-{i}")).await?;
+                        let took = one_somewhere(&clients, c, format!("scale-out-{i}"), &retries).await?;
                         lat.push((took, started.elapsed()));
                     }
                     Ok::<_, BenchError>(lat)
@@ -862,6 +873,10 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
             latencies.sort();
             let audit = audit_runs(&args.postgres_url, &schema, n).await?;
             let cpu = cpu_figures(cpu, n, elapsed) + &split + &pg;
+            let audit = format!(
+                "{audit}; {} requests retried elsewhere",
+                retries.load(std::sync::atomic::Ordering::Relaxed)
+            );
             Ok::<_, BenchError>((n as f64 / elapsed, steady, latencies, killed_at, audit, cpu))
         }
         .await;
@@ -877,11 +892,12 @@ async fn scale_out(args: &BenchArgs) -> Result<Vec<String>, BenchError> {
             None => format!("{servers} servers"),
         };
         lines.push(format!(
-            "{:<22} {:<8} {n:>6} wf {per_sec:>9.1} wf/s{steady}  p50 {:>7.2} ms  p99 {:>7.2} ms  {cpu}  {what}: {audit}",
+            "{:<22} {:<8} {n:>6} wf {per_sec:>9.1} wf/s{steady}  p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  {cpu}  {what}: {audit}",
             "scale-out gRPC",
             "postgres",
             percentile(&latencies, 0.50).as_secs_f64() * 1e3,
             percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+            latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
         ));
     }
     if let Some(line) = rounds_line(&rates, k) {

@@ -229,6 +229,36 @@ pub(crate) struct Dispatched {
     pub slot: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// Hands a run just submitted and started (`dispatch`: its first action, its driving slot and
+/// the worker) to the worker to drive; if the worker stopped in between, gives the lease back
+/// for whichever worker claims next.
+async fn hand_over(
+    store: &Arc<dyn Store>,
+    submitted: &Submitted,
+    (action, slot, worker): (machine::Action, tokio::sync::OwnedSemaphorePermit, LocalWorker),
+) {
+    let lease = store::Lease {
+        owner: worker.owner.clone(),
+        token: submitted.run.fencing_token,
+    };
+    let d = Dispatched {
+        run: submitted.run.clone(),
+        lease: lease.clone(),
+        first: driver::Started {
+            action,
+            journal: submitted.journal.clone(),
+        },
+        slot,
+    };
+    if worker.runs.send(d).is_err() {
+        let id = submitted.run.id;
+        if let Err(e) = store.release(id, &lease).await {
+            tracing::warn!(run_id = %id, error = %e, "could not release a run the stopped worker did not take; it moves when its lease expires");
+        }
+        store.wakeup().wake();
+    }
+}
+
 impl Engine {
     pub fn new(
         store: Arc<dyn Store>,
@@ -319,58 +349,56 @@ impl Engine {
                 .filter(|v| !v.is_empty())
                 .map(|v| (field.clone(), v.to_string()))
         });
-        let submitted = self
-            .store
-            .submit(NewRun {
-                id,
-                definition: def.name.clone(),
-                definition_hash: def.hash.clone(),
-                definition_source: def.source.clone(),
-                job_type: def.job_type.clone(),
-                request_id: req.request_id,
-                correlation_id: req.correlation_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-                input: req.input,
-                lock_key: lock.as_ref().map(|(field, value)| format!("{field}={value}")),
-                display_status,
-                record,
-                projection,
-                now,
-                start,
-            })
-            .await
-            .map_err(|e| match (e, &lock) {
-                (StoreError::Conflict { .. }, Some((field, value))) => EngineError::Busy {
-                    field: field.clone(),
-                    value: value.clone(),
-                },
-                (e, _) => EngineError::Store(e),
-            })?;
-        if submitted.created {
-            crash::point("after:run_submitted");
-            tracing::info!(run_id = %id, definition = %def.name, correlation_id = %submitted.run.correlation_id, started = dispatch.is_some(), "run submitted");
-            if let Some((action, slot, worker)) = dispatch {
-                let lease = store::Lease {
-                    owner: worker.owner.clone(),
-                    token: submitted.run.fencing_token,
-                };
-                let d = Dispatched {
-                    run: submitted.run.clone(),
-                    lease: lease.clone(),
-                    first: driver::Started {
-                        action,
-                        journal: submitted.journal.clone(),
-                    },
-                    slot,
-                };
-                if worker.runs.send(d).is_err() {
-                    // The worker stopped in between: hand the run to whichever worker claims next.
-                    if let Err(e) = self.store.release(id, &lease).await {
-                        tracing::warn!(run_id = %id, error = %e, "could not release a run the stopped worker did not take; it moves when its lease expires");
+        let run = NewRun {
+            id,
+            definition: def.name.clone(),
+            definition_hash: def.hash.clone(),
+            definition_source: def.source.clone(),
+            job_type: def.job_type.clone(),
+            request_id: req.request_id,
+            correlation_id: req.correlation_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            input: req.input,
+            lock_key: lock.as_ref().map(|(field, value)| format!("{field}={value}")),
+            display_status,
+            record,
+            projection,
+            now,
+            start,
+        };
+        let submitted = match dispatch {
+            // A run started here is leased to this worker from its commit on, so handing it to
+            // the worker must not depend on the caller: a client that goes away while its submit
+            // commits drops this future, and the run would sit leased and undriven until the
+            // lease expired. The commit and the hand-over run in a task of their own.
+            Some(dispatch) => {
+                let store = self.store.clone();
+                let definition = def.name.clone();
+                tokio::spawn(async move {
+                    let submitted = store.submit(run).await?;
+                    if submitted.created {
+                        crash::point("after:run_submitted");
+                        tracing::info!(run_id = %id, definition = %definition, correlation_id = %submitted.run.correlation_id, started = true, "run submitted");
+                        hand_over(&store, &submitted, dispatch).await;
                     }
-                    self.store.wakeup().wake();
-                }
+                    Ok(submitted)
+                })
+                .await
+                .map_err(|e| StoreError::Corrupt(format!("the submit task ended without an answer: {e}")))?
             }
+            None => self.store.submit(run).await.inspect(|submitted| {
+                if submitted.created {
+                    crash::point("after:run_submitted");
+                    tracing::info!(run_id = %id, definition = %def.name, correlation_id = %submitted.run.correlation_id, started = false, "run submitted");
+                }
+            }),
         }
+        .map_err(|e| match (e, &lock) {
+            (StoreError::Conflict { .. }, Some((field, value))) => EngineError::Busy {
+                field: field.clone(),
+                value: value.clone(),
+            },
+            (e, _) => EngineError::Store(e),
+        })?;
         Ok(submitted)
     }
 

@@ -615,9 +615,69 @@ async fn a_run_driven_here_is_known_to_its_watchers(db: TestDb) {
     w.stop().await;
 }
 
+/// A submit whose caller goes away while it commits (a client that disconnects mid-request)
+/// still hands the run it started to the worker: the run is not left leased and undriven until
+/// its lease expires (a minute here, beyond the whole wait).
+async fn a_submit_dropped_while_it_commits_still_hands_its_run_to_the_worker(db: TestDb) {
+    let mut cfg = config("local");
+    cfg.lease_ttl = Duration::from_secs(60);
+    let w = start_with(db.open().await, &[], cfg).await;
+    for _ in 0..500 {
+        if w.engine.has_local_worker() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut submit = Box::pin(w.engine.submit(SubmitRequest {
+        definition: "noop-6".into(),
+        input: json!({}),
+        request_id: Some("dropped-while-committing".into()),
+        correlation_id: None,
+    }));
+    // One poll queues the run's commit; then the caller is gone.
+    assert!(
+        futures::poll!(submit.as_mut()).is_pending(),
+        "the submit waits for its commit"
+    );
+    drop(submit);
+    let mut row = None;
+    for _ in 0..2000 {
+        row = w
+            .engine
+            .store
+            .find_by_request_id("dropped-while-committing")
+            .await
+            .unwrap();
+        if row.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let row = row.expect("the submit committed although its caller went away");
+    assert_eq!(
+        row.lease_owner.as_deref(),
+        Some("local"),
+        "started in the submit's own commit"
+    );
+    // 20 s: a third of the lease.
+    let done = w.engine.wait_terminal(row.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(
+        done.status,
+        RunStatus::Completed,
+        "driven at once, not after the lease expired: {:?}",
+        done.state
+    );
+    assert_eq!(
+        done.fencing_token, 1,
+        "driven under the submit's own lease, never claimed again"
+    );
+    w.stop().await;
+}
+
 on_both_backends!(
     a_run_driven_here_is_known_to_its_watchers,
     a_submit_starts_on_the_local_worker_when_it_has_a_slot,
+    a_submit_dropped_while_it_commits_still_hands_its_run_to_the_worker,
     happy_path_with_hold_timer,
     retries_sleep_in_the_database_then_succeed,
     permanent_failure_rolls_back_in_reverse,
