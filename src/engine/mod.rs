@@ -229,6 +229,14 @@ pub(crate) struct Dispatched {
     pub slot: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// Logs a run just created (`started`: already leased to this process's worker); the crash
+/// tests' point between the commit and what follows it.
+fn announce(definition: &str, submitted: &Submitted, started: bool) {
+    crash::point("after:run_submitted");
+    let run = &submitted.run;
+    tracing::info!(run_id = %run.id, definition = %definition, correlation_id = %run.correlation_id, started, "run submitted");
+}
+
 /// Hands a run just submitted and started (`dispatch`: its first action, its driving slot and
 /// the worker) to the worker to drive; if the worker stopped in between, gives the lease back
 /// for whichever worker claims next.
@@ -376,19 +384,22 @@ impl Engine {
                 tokio::spawn(async move {
                     let submitted = store.submit(run).await?;
                     if submitted.created {
-                        crash::point("after:run_submitted");
-                        tracing::info!(run_id = %id, definition = %definition, correlation_id = %submitted.run.correlation_id, started = true, "run submitted");
+                        announce(&definition, &submitted, true);
                         hand_over(&store, &submitted, dispatch).await;
                     }
                     Ok(submitted)
                 })
                 .await
-                .map_err(|e| StoreError::Corrupt(format!("the submit task ended without an answer: {e}")))?
+                .map_err(|e| match e.try_into_panic() {
+                    Ok(panic) => std::panic::resume_unwind(panic),
+                    // Only a runtime shutting down cancels it; a retry with the same request id
+                    // answers with whatever it committed.
+                    Err(_) => StoreError::Config("the submit was cancelled: the server is shutting down".into()),
+                })?
             }
             None => self.store.submit(run).await.inspect(|submitted| {
                 if submitted.created {
-                    crash::point("after:run_submitted");
-                    tracing::info!(run_id = %id, definition = %def.name, correlation_id = %submitted.run.correlation_id, started = false, "run submitted");
+                    announce(&def.name, submitted, false);
                 }
             }),
         }
