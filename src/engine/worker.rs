@@ -28,6 +28,10 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
         slots: slots.clone(),
         runs: local_tx,
     }));
+    engine.store.set_driving(Some({
+        let (slots, concurrency) = (slots.clone(), cfg.concurrency);
+        Arc::new(move || concurrency.saturating_sub(slots.available_permits()))
+    }));
     let spawn = |drivers: &mut JoinSet<_>, run, lease, first, slot: OwnedSemaphorePermit| {
         let (engine, shutdown) = (engine.clone(), shutdown.clone());
         drivers.spawn(async move {
@@ -106,6 +110,7 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
         }
     }
     engine.set_local_worker(None);
+    engine.store.set_driving(None);
     // Runs handed over while stopping: their drivers see the shutdown and give the lease back.
     local.close();
     while let Some(d) = local.recv().await {

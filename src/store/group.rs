@@ -148,12 +148,13 @@ pub(crate) async fn group_writer<C: Committer>(
             // moment for more: a statement costs the database about as much for one job as for
             // ten (PostgreSQL's own commit_delay, done here). A lone workflow never waits.
             if !queue.linger.is_zero()
-                && batch.len() < LINGER_UNTIL
+                && batch.len() < queue.linger_until_now()
                 && held.is_none()
                 && queue.last_batch.load(SeqCst) > 1
             {
                 let deadline = tokio::time::Instant::now() + queue.linger_now();
-                while batch.len() < LINGER_UNTIL && held.is_none() {
+                let until = queue.linger_until_now();
+                while batch.len() < until && held.is_none() {
                     tokio::select! {
                         _ = tokio::time::sleep_until(deadline) => break,
                         job = jobs.recv() => if !arrived(&mut batch, job, &mut jobs, &mut held) {
@@ -202,6 +203,9 @@ pub(crate) struct SharedQueue {
     active: Option<tokio::sync::watch::Receiver<usize>>,
     /// How many loops share the queue.
     loops: usize,
+    /// How many runs this process's worker drives now, once it runs (see
+    /// [`crate::store::Driving`]).
+    driving: std::sync::RwLock<Option<crate::store::Driving>>,
 }
 
 /// A lingering batch stops waiting once it has this many jobs.
@@ -242,7 +246,45 @@ impl SharedQueue {
             linger,
             active,
             loops: loops.max(1),
+            driving: std::sync::RwLock::new(None),
         })
+    }
+
+    /// Tells the queue how many runs this process drives (None: no worker runs here).
+    pub(crate) fn set_driving(&self, driving: Option<crate::store::Driving>) {
+        if let Ok(mut d) = self.driving.write() {
+            *d = driving;
+        }
+    }
+
+    /// The loops that may take batches now.
+    fn active_now(&self) -> usize {
+        self.active
+            .as_ref()
+            .map_or(self.loops, |a| *a.borrow())
+            .clamp(1, self.loops)
+    }
+
+    /// How many jobs a lingering batch waits for: [`LINGER_UNTIL`], or, in a process that
+    /// commits only its share of the database's batches (other processes write to it too),
+    /// three quarters of the runs its worker drives, up to [`LINGER_UNTIL`] times the loops
+    /// over the active ones. Such a process sees only its share of the load, and its batches
+    /// would otherwise stay at [`LINGER_UNTIL`] however many runs it drives: each server then
+    /// commits its own small batches, and the database runs more transactions and WAL flushes
+    /// for several servers than for one. Jobs come only from the runs driven here, so it never
+    /// waits for more than most of them (the last few may be finishing, or starting).
+    fn linger_until_now(&self) -> usize {
+        let active = self.active_now();
+        if active >= self.loops {
+            return LINGER_UNTIL;
+        }
+        let driving = self
+            .driving
+            .read()
+            .ok()
+            .and_then(|d| d.as_ref().map(|f| f()))
+            .unwrap_or(0);
+        (driving * 3 / 4).clamp(LINGER_UNTIL, LINGER_UNTIL * self.loops / active)
     }
 
     /// How long a small batch lingers now: `linger` times the loops over the active ones. With
@@ -252,11 +294,7 @@ impl SharedQueue {
     /// still carries about as many jobs, and the database runs no more statements for three
     /// processes than for one.
     fn linger_now(&self) -> Duration {
-        let active = self
-            .active
-            .as_ref()
-            .map_or(self.loops, |a| *a.borrow())
-            .clamp(1, self.loops);
+        let active = self.active_now();
         self.linger * u32::try_from(self.loops).unwrap_or(1) / u32::try_from(active).unwrap_or(1)
     }
 }
@@ -555,5 +593,40 @@ mod tests {
             SharedQueue::new(rx, Duration::ZERO, 3, None).linger_now(),
             Duration::ZERO
         );
+    }
+
+    #[test]
+    fn a_process_with_a_share_of_the_loops_lingers_for_most_of_the_runs_it_drives() {
+        let (count, active) = tokio::sync::watch::channel(3);
+        let (_jobs, rx) = mpsc::channel(1);
+        let queue = SharedQueue::new(rx, Duration::from_millis(1), 3, Some(active));
+        let driven = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(50));
+        queue.set_driving(Some({
+            let driven = driven.clone();
+            std::sync::Arc::new(move || driven.load(std::sync::atomic::Ordering::SeqCst))
+        }));
+        assert_eq!(
+            queue.linger_until_now(),
+            LINGER_UNTIL,
+            "alone on its database: however many it drives"
+        );
+        count.send_replace(1);
+        assert_eq!(
+            queue.linger_until_now(),
+            37,
+            "three quarters of the 50 runs driven here"
+        );
+        driven.store(17, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(queue.linger_until_now(), LINGER_UNTIL, "never fewer than alone");
+        driven.store(500, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            queue.linger_until_now(),
+            3 * LINGER_UNTIL,
+            "at most its share's multiple"
+        );
+        count.send_replace(2);
+        assert_eq!(queue.linger_until_now(), 24, "two processes: 2 loops of 3");
+        queue.set_driving(None);
+        assert_eq!(queue.linger_until_now(), LINGER_UNTIL, "no worker here: as alone");
     }
 }

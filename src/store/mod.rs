@@ -314,6 +314,10 @@ impl Wakeup {
     }
 }
 
+/// How many runs a process's worker is driving or starting now (its busy slots), for
+/// [`Store::set_driving`].
+pub type Driving = Arc<dyn Fn() -> usize + Send + Sync>;
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Creates a run with its first journal entry, or returns the run its `request_id` already made.
@@ -377,6 +381,10 @@ pub trait Store: Send + Sync + 'static {
     fn wakeup(&self) -> Arc<Wakeup>;
     /// A short name for logs and the bench: "sqlite" or "postgres".
     fn backend(&self) -> &'static str;
+    /// How many runs this process's worker drives now, set while a worker runs (None once it
+    /// stopped). A backend whose writer shares the database with other processes sizes its
+    /// batches by it; the others ignore it.
+    fn set_driving(&self, _driving: Option<Driving>) {}
 }
 
 /// Loads an inventory file: inserts or replaces its VMs, and replaces each VM's test and
