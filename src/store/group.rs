@@ -147,13 +147,9 @@ pub(crate) async fn group_writer<C: Committer>(
             // Under load (the last batch carried more than one job), a small batch lingers a
             // moment for more: a statement costs the database about as much for one job as for
             // ten (PostgreSQL's own commit_delay, done here). A lone workflow never waits.
-            if !queue.linger.is_zero()
-                && batch.len() < queue.linger_until_now()
-                && held.is_none()
-                && queue.last_batch.load(SeqCst) > 1
-            {
+            let until = queue.linger_until_now();
+            if !queue.linger.is_zero() && batch.len() < until && held.is_none() && queue.last_batch.load(SeqCst) > 1 {
                 let deadline = tokio::time::Instant::now() + queue.linger_now();
-                let until = queue.linger_until_now();
                 while batch.len() < until && held.is_none() {
                     tokio::select! {
                         _ = tokio::time::sleep_until(deadline) => break,

@@ -382,8 +382,8 @@ pub trait Store: Send + Sync + 'static {
     /// A short name for logs and the bench: "sqlite" or "postgres".
     fn backend(&self) -> &'static str;
     /// How many runs this process's worker drives now, set while a worker runs (None once it
-    /// stopped). A backend whose writer shares the database with other processes sizes its
-    /// batches by it; the others ignore it.
+    /// stopped; with two workers on one store, the last one started). A backend whose writer
+    /// shares the database with other processes sizes its batches by it; the others ignore it.
     fn set_driving(&self, _driving: Option<Driving>) {}
 }
 
