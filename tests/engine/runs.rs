@@ -499,7 +499,11 @@ async fn a_dead_workers_run_moves_to_another_after_its_lease(db: TestDb) {
 async fn start_one_slot(db: &TestDb, name: &str) -> Worker {
     let mut cfg = config(name);
     cfg.concurrency = 1;
-    let w = start_with(db.open().await, &[], cfg).await;
+    registered(start_with(db.open().await, &[], cfg).await).await
+}
+
+/// `w` once its worker is registered with its engine (so submits start on it).
+async fn registered(w: Worker) -> Worker {
     for _ in 0..500 {
         if w.engine.has_local_worker() {
             break;
@@ -621,13 +625,7 @@ async fn a_run_driven_here_is_known_to_its_watchers(db: TestDb) {
 async fn a_submit_dropped_while_it_commits_still_hands_its_run_to_the_worker(db: TestDb) {
     let mut cfg = config("local");
     cfg.lease_ttl = Duration::from_secs(60);
-    let w = start_with(db.open().await, &[], cfg).await;
-    for _ in 0..500 {
-        if w.engine.has_local_worker() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let w = registered(start_with(db.open().await, &[], cfg).await).await;
     let mut submit = Box::pin(w.engine.submit(SubmitRequest {
         // Its second step takes 800 ms: time to see the run leased to this worker.
         definition: "crash-saga".into(),

@@ -44,8 +44,8 @@ fn without_memory_statistics() {
     ONCE.call_once(|| {
         // SAFETY: `sqlite3_config` must run before SQLite initializes and while no other thread
         // is inside SQLite. Every connection of this process is opened through
-        // `SqliteStore::connect`, which calls this first, and `Once` makes concurrent callers wait
-        // for it. Should SQLite be initialized already (a connection opened elsewhere), the call
+        // `SqliteStore::connect`, which calls this first, or after a store was opened (the
+        // bench's seeding pool), and `Once` makes concurrent callers wait for it. Should SQLite be initialized already (a connection opened elsewhere), the call
         // changes nothing and returns SQLITE_MISUSE. The one variadic argument is the C int the
         // option takes.
         let rc = unsafe {
