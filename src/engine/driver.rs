@@ -53,11 +53,10 @@ pub(crate) async fn drive(
 ) -> Result<Stopped, EngineError> {
     let span = tracing::info_span!("run", run_id = %run.id, definition = %run.definition, correlation_id = %run.correlation_id, fence = lease.token);
     async move {
-        let (first, journal) = match first {
-            Some(s) => (Some(s.action), s.journal),
-            None => (None, Vec::new()),
+        let (first, _driving) = match first {
+            Some(s) => (Some(s.action), s.driving),
+            None => (None, engine.driving(&run, Vec::new())),
         };
-        let _driving = engine.driving(&run, journal);
         let def = engine.pinned(&run.definition_hash).await?;
         let lost = CancellationToken::new();
         let heartbeat = tokio::spawn(heartbeat(engine.clone(), run.id, lease.clone(), lost.clone()));
@@ -87,10 +86,11 @@ pub(crate) async fn drive(
 }
 
 /// A run submitted and started at once: the action of the transition its submit committed, and
-/// the journal entries that submit stored (the run's whole journal so far).
+/// its registration as driven here, made when the submit committed (with the journal entries
+/// that submit stored, the run's whole journal so far).
 pub(crate) struct Started {
     pub action: Action,
-    pub journal: Vec<crate::store::JournalEntry>,
+    pub driving: super::Driving,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

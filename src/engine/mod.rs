@@ -239,9 +239,11 @@ fn announce(definition: &str, submitted: &Submitted, started: bool) {
 
 /// Hands a run just submitted and started (`dispatch`: its first action, its driving slot and
 /// the worker) to the worker to drive; if the worker stopped in between, gives the lease back
-/// for whichever worker claims next.
+/// for whichever worker claims next. The run counts as driven here from now on, before the
+/// submit answers: a watch the client opens next then finds its journal in memory, however
+/// soon the worker's driver starts.
 async fn hand_over(
-    store: &Arc<dyn Store>,
+    engine: &Arc<Engine>,
     submitted: &Submitted,
     (action, slot, worker): (machine::Action, tokio::sync::OwnedSemaphorePermit, LocalWorker),
 ) {
@@ -254,16 +256,18 @@ async fn hand_over(
         lease: lease.clone(),
         first: driver::Started {
             action,
-            journal: submitted.journal.clone(),
+            driving: engine.driving(&submitted.run, submitted.journal.clone()),
         },
         slot,
     };
-    if worker.runs.send(d).is_err() {
+    if let Err(undelivered) = worker.runs.send(d) {
+        // Not driven here after all: its watchers read the journal again.
+        drop(undelivered);
         let id = submitted.run.id;
-        if let Err(e) = store.release(id, &lease).await {
+        if let Err(e) = engine.store.release(id, &lease).await {
             tracing::warn!(run_id = %id, error = %e, "could not release a run the stopped worker did not take; it moves when its lease expires");
         }
-        store.wakeup().wake();
+        engine.store.wakeup().wake();
     }
 }
 
@@ -308,7 +312,7 @@ impl Engine {
     }
 
     /// Creates a run (idempotent by `request_id`). The run is committed before this returns.
-    pub async fn submit(&self, req: SubmitRequest) -> Result<Submitted, EngineError> {
+    pub async fn submit(self: &Arc<Self>, req: SubmitRequest) -> Result<Submitted, EngineError> {
         let def = self
             .catalog
             .get(&req.definition)
@@ -379,13 +383,13 @@ impl Engine {
             // commits drops this future, and the run would sit leased and undriven until the
             // lease expired. The commit and the hand-over run in a task of their own.
             Some(dispatch) => {
-                let store = self.store.clone();
+                let engine = self.clone();
                 let definition = def.name.clone();
                 tokio::spawn(async move {
-                    let submitted = store.submit(run).await?;
+                    let submitted = engine.store.submit(run).await?;
                     if submitted.created {
                         announce(&definition, &submitted, true);
-                        hand_over(&store, &submitted, dispatch).await;
+                        hand_over(&engine, &submitted, dispatch).await;
                     }
                     Ok(submitted)
                 })

@@ -62,7 +62,7 @@ async fn start_with(store: Arc<dyn Store>, defs: &[(&str, &str)], cfg: EngineCon
     Worker { engine, stop, task }
 }
 
-async fn submit(e: &Engine, def: &str, input: Value) -> RunId {
+async fn submit(e: &std::sync::Arc<Engine>, def: &str, input: Value) -> RunId {
     e.submit(SubmitRequest {
         definition: def.into(),
         input,
@@ -579,7 +579,16 @@ async fn a_run_driven_here_is_known_to_its_watchers(db: TestDb) {
     let first = w.engine.submit(req("a", slow.clone())).await.unwrap();
     assert!(first.created);
     let run = first.run.id;
+    // Known as driven here from the moment its submit answers, whether or not the worker's
+    // driver has started yet: a watch the client opens next reads nothing from the store.
+    assert_eq!(w.engine.driven_correlation_id(run).as_deref(), Some("corr-a"));
     let feed = w.engine.watch_run(run);
+    assert!(feed.driven_here());
+    let fed = feed.take_after(0);
+    assert!(!first.journal.is_empty() && fed.len() >= first.journal.len(), "{fed:?}");
+    for (held, committed) in fed.iter().zip(&first.journal) {
+        assert_eq!((held.seq, &held.record), (committed.seq, &committed.record));
+    }
     wait_step(&w.engine, run, "snapshot").await;
     assert_eq!(w.engine.driven_correlation_id(run).as_deref(), Some("corr-a"));
     assert!(feed.driven_here());
