@@ -916,7 +916,8 @@ on_both_backends!(
     releasing_a_lease_makes_the_run_claimable_at_once,
 );
 
-/// Waits up to 15 s for `what` of `store` to be `want` (the share is counted every second).
+/// Waits up to 15 s for `what` of `store` to be `want` (the share is counted every second, and
+/// sooner just after the store connected).
 async fn commit_loops_become(store: &tern::store::postgres::PgStore, want: usize, what: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while store.commit_loops() != want {
