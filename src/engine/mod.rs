@@ -536,8 +536,10 @@ impl Engine {
     }
 
     /// Marks `run` as driven by this process until the guard is dropped (the driver ends,
-    /// panics or is aborted); its watchers' feeds are told both ways. `journal` is the run's
-    /// journal so far when the driver knows it (a run submitted and started here), else empty.
+    /// panics or is aborted, or a run handed over never reaches one); its watchers' feeds are
+    /// told both ways. `journal` is the run's journal so far when it is known (a run submitted
+    /// and started here: the guard is then taken at the hand-over, before the submit answers,
+    /// and passed to the driver), else empty.
     pub(crate) fn driving(self: &Arc<Self>, run: &store::RunRow, journal: Vec<store::JournalEntry>) -> Driving {
         let whole = journal.len() as i64 == run.last_seq
             && journal
