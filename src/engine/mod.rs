@@ -693,3 +693,46 @@ pub fn apply_to_context(context: &mut Value, records: &[Record]) -> bool {
     }
     changed
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A submit that starts its run on a worker which stopped in between (its queue closed)
+    /// gives the lease back for any worker to claim, and the run does not stay known as driven
+    /// here: its watchers read the journal rather than wait for a driver that never comes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_handed_to_a_stopped_worker_is_given_back_and_not_driven_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("tern.db").display());
+        let store = store::open(&url).await.unwrap();
+        let engine = Engine::with_defaults(store.clone(), None, EngineConfig::default()).unwrap();
+        let (runs, stopped) = tokio::sync::mpsc::unbounded_channel();
+        drop(stopped);
+        engine.set_local_worker(Some(LocalWorker {
+            owner: "stopped".into(),
+            slots: Arc::new(tokio::sync::Semaphore::new(1)),
+            runs,
+        }));
+        let submitted = engine
+            .submit(SubmitRequest {
+                definition: "noop-6".into(),
+                input: serde_json::json!({}),
+                request_id: None,
+                correlation_id: None,
+            })
+            .await
+            .unwrap();
+        let run = submitted.run.id;
+        assert_eq!(
+            submitted.run.lease_owner.as_deref(),
+            Some("stopped"),
+            "started in its submit's commit"
+        );
+        assert_eq!(engine.driven_correlation_id(run), None);
+        assert!(!engine.watch_run(run).driven_here());
+        let row = store.get_run(run).await.unwrap().unwrap();
+        assert_eq!(row.lease_owner, None, "the lease was given back");
+        assert_eq!(row.last_seq, submitted.run.last_seq, "nothing ran");
+    }
+}

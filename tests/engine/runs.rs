@@ -62,7 +62,7 @@ async fn start_with(store: Arc<dyn Store>, defs: &[(&str, &str)], cfg: EngineCon
     Worker { engine, stop, task }
 }
 
-async fn submit(e: &std::sync::Arc<Engine>, def: &str, input: Value) -> RunId {
+async fn submit(e: &Arc<Engine>, def: &str, input: Value) -> RunId {
     e.submit(SubmitRequest {
         definition: def.into(),
         input,
