@@ -200,8 +200,8 @@ pub(crate) struct SharedQueue {
     /// How many loops share the queue.
     loops: usize,
     /// How many runs this process's worker drives now, once it runs (see
-    /// [`crate::store::Driving`]).
-    driving: std::sync::RwLock<Option<crate::store::Driving>>,
+    /// [`crate::store::DrivenCount`]).
+    driving: std::sync::RwLock<Option<crate::store::DrivenCount>>,
 }
 
 /// A lingering batch stops waiting once it has this many jobs.
@@ -247,7 +247,7 @@ impl SharedQueue {
     }
 
     /// Tells the queue how many runs this process drives (None: no worker runs here).
-    pub(crate) fn set_driving(&self, driving: Option<crate::store::Driving>) {
+    pub(crate) fn set_driving(&self, driving: Option<crate::store::DrivenCount>) {
         if let Ok(mut d) = self.driving.write() {
             *d = driving;
         }

@@ -316,7 +316,7 @@ impl Wakeup {
 
 /// How many runs a process's worker is driving or starting now (its busy slots), for
 /// [`Store::set_driving`].
-pub type Driving = Arc<dyn Fn() -> usize + Send + Sync>;
+pub type DrivenCount = Arc<dyn Fn() -> usize + Send + Sync>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -384,7 +384,7 @@ pub trait Store: Send + Sync + 'static {
     /// How many runs this process's worker drives now, set while a worker runs (None once it
     /// stopped; with two workers on one store, the last one started). A backend whose writer
     /// shares the database with other processes sizes its batches by it; the others ignore it.
-    fn set_driving(&self, _driving: Option<Driving>) {}
+    fn set_driving(&self, _driving: Option<DrivenCount>) {}
 }
 
 /// Loads an inventory file: inserts or replaces its VMs, and replaces each VM's test and

@@ -787,7 +787,7 @@ impl Store for PgStore {
         self.wakeup.clone()
     }
 
-    fn set_driving(&self, driving: Option<crate::store::Driving>) {
+    fn set_driving(&self, driving: Option<crate::store::DrivenCount>) {
         self.queue.set_driving(driving);
     }
 
