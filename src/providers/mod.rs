@@ -106,6 +106,15 @@ impl ProviderError {
         )
     }
 
+    /// What an uncertain error (one that [`may_have_applied`](Self::may_have_applied)) becomes
+    /// when a look-up then finds nothing of `what`: the request was most likely not applied, so
+    /// it may be made again. Unknown is not failed: this is always retryable.
+    pub fn unconfirmed(self, what: &str) -> ProviderError {
+        ProviderError::Unavailable {
+            detail: format!("{what} not found after an uncertain reply ({self})"),
+        }
+    }
+
     /// Maps a CloudStack `errorcode` (= HTTP status of a sync error) to its variant.
     pub fn from_cloudstack_code(code: u16, errortext: String) -> Self {
         match code {

@@ -114,16 +114,24 @@ impl SnapshotBackend for VolumeSnapshots {
             volume_id: target.to_string(),
             name: name.to_string(),
         };
-        match self.run(cmd).await {
-            Ok(_) => {}
+        let uncertain = match self.run(cmd).await {
+            Ok(_) => None,
             Err(e) if e.may_have_applied() => {
                 tracing::warn!(error = %e, name, "createSnapshot may have been applied; looking it up");
+                Some(e)
             }
             Err(e) => return Err(e),
+        };
+        match (self.adopt(target, name).await?, uncertain) {
+            (Some(found), _) => Ok(found),
+            (None, Some(e)) => Err(e.unconfirmed(&format!("snapshot {name} of volume {target}"))),
+            (None, None) => Err(ProviderError::Protocol {
+                detail: format!(
+                    "{} missing after createSnapshot succeeded",
+                    format!("snapshot {name} of volume {target}")
+                ),
+            }),
         }
-        self.adopt(target, name).await?.ok_or_else(|| ProviderError::Protocol {
-            detail: format!("snapshot {name} of volume {target} missing after createSnapshot"),
-        })
     }
 
     async fn revert(&self, target: &str, name: &str) -> Result<()> {
@@ -234,16 +242,24 @@ impl SnapshotBackend for VmSnapshots {
             vm_id: target.to_string(),
             name: name.to_string(),
         };
-        match self.run(cmd).await {
-            Ok(_) => {}
+        let uncertain = match self.run(cmd).await {
+            Ok(_) => None,
             Err(e) if e.may_have_applied() => {
                 tracing::warn!(error = %e, name, "createVMSnapshot may have been applied; looking it up");
+                Some(e)
             }
             Err(e) => return Err(e),
+        };
+        match (self.adopt(target, name).await?, uncertain) {
+            (Some(found), _) => Ok(found),
+            (None, Some(e)) => Err(e.unconfirmed(&format!("VM snapshot {name} of VM {target}"))),
+            (None, None) => Err(ProviderError::Protocol {
+                detail: format!(
+                    "{} missing after createVMSnapshot succeeded",
+                    format!("VM snapshot {name} of VM {target}")
+                ),
+            }),
         }
-        self.adopt(target, name).await?.ok_or_else(|| ProviderError::Protocol {
-            detail: format!("VM snapshot {name} of VM {target} missing after createVMSnapshot"),
-        })
     }
 
     async fn revert(&self, target: &str, name: &str) -> Result<()> {

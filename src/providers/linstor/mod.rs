@@ -207,6 +207,7 @@ impl SnapshotBackend for LinstorClient {
     async fn create(&self, target: &str, name: &str) -> Result<SnapshotInfo> {
         let started = tokio::time::Instant::now();
         let mut requested = false;
+        let mut uncertain: Option<ProviderError> = None;
         loop {
             if let Some(s) = self.find(target, name).await? {
                 if s.ready {
@@ -220,10 +221,13 @@ impl SnapshotBackend for LinstorClient {
                     Err(ProviderError::InvalidState { .. }) => continue,
                     Err(e) if e.may_have_applied() => {
                         tracing::warn!(error = %e, name, "LINSTOR snapshot may exist; looking it up");
+                        uncertain = Some(e);
                         continue;
                     }
                     Err(e) => return Err(e),
                 }
+            } else if let Some(e) = uncertain {
+                return Err(e.unconfirmed(&format!("LINSTOR snapshot {name} of {target}")));
             } else {
                 return Err(ProviderError::Protocol {
                     detail: format!("LINSTOR snapshot {name} of {target} missing after create"),
