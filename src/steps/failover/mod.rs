@@ -238,21 +238,30 @@ impl<'a> Cx<'a> {
     /// previous attempt recorded, or issues the command and records its job before polling.
     pub async fn job(&self, op: &str, cmd: AsyncCommand, code: &str) -> Result<Value, ActionError> {
         let key = format!("job:{op}");
-        let job_id = match self.recorded(&key).await.and_then(|v| v.as_str().map(str::to_string)) {
-            Some(id) => id,
+        let job_id = match self.recorded(&key).await.as_ref().and_then(RecordedJob::read) {
+            Some(job) => {
+                if job.attempt != Some(self.step.attempt) {
+                    // Its outcome is a hint only: callers check the world after it (see `settle`).
+                    tracing::info!(op, job = %job.id, "polling a job an earlier attempt issued");
+                }
+                job.id
+            }
             None => {
                 let job = self.cloud().issue(cmd).await.map_err(|e| fail(code, e))?;
-                self.record(&key, json!(job.job_id)).await?;
+                self.record(&key, json!({"id": job.job_id, "attempt": self.step.attempt}))
+                    .await?;
                 if let Some(rid) = &job.resource_id {
                     self.record(&format!("{op}:resource_id"), json!(rid)).await?;
                 }
                 crate::engine::crash::point("failover_job_recorded");
+                crate::engine::crash::point_of("job_recorded", op);
                 job.job_id
             }
         };
         let cfg = &self.deps.config;
         let result = self.cloud().wait_job(&job_id, cfg.job_poll, cfg.job_timeout).await;
         crate::engine::crash::point("failover_job_finished");
+        crate::engine::crash::point_of("job_finished", op);
         if matches!(&result, Ok(_) | Err(ProviderError::AsyncJobFailed { .. })) {
             // A finished job is not polled again: whoever comes next looks at the world anew
             // (a retry of this operation is a new job). A job we merely lost sight of
@@ -262,9 +271,13 @@ impl<'a> Cx<'a> {
         result.map_err(|e| fail(code, e))
     }
 
-    /// Runs a job that moves the replicated volume; on failure, succeeds anyway if the volume
-    /// already is as wanted (`done`): an earlier attempt's job, whose reply was lost, may have
-    /// won the race. Otherwise the failure is retryable: the world is still moving.
+    /// Runs a job that moves the replicated volume, then lets the world decide: the step is
+    /// done when the volume is as wanted (`done`), whatever the job said. A recorded job may be
+    /// an earlier attempt's, finished before a crash and undone since by this attempt (a revert
+    /// detaches the volume again): its success is then no proof, and the command is issued
+    /// anew (at most twice). A failed job whose effect is nevertheless there (an earlier
+    /// attempt's job won the race) is success; otherwise the failure is retryable, as the
+    /// world is still moving.
     pub async fn settle(
         &self,
         op: &str,
@@ -272,18 +285,25 @@ impl<'a> Cx<'a> {
         code: &str,
         done: impl Fn(&crate::providers::Volume) -> bool,
     ) -> Result<(), ActionError> {
-        let Err(e) = self.job(op, cmd, code).await else {
-            return Ok(());
-        };
-        let now = self
-            .cloud()
-            .get_volume(&self.vm.volume_id)
-            .await
-            .map_err(|e| fail(code, e))?;
-        if done(&now) {
-            return Ok(());
+        for _ in 0..2 {
+            let result = self.job(op, cmd.clone(), code).await;
+            let now = self
+                .cloud()
+                .get_volume(&self.vm.volume_id)
+                .await
+                .map_err(|e| fail(code, e))?;
+            if done(&now) {
+                return Ok(());
+            }
+            if let Err(e) = result {
+                return Err(retryable(e));
+            }
+            tracing::warn!(op, volume = %self.vm.volume_id, "a finished job left the volume elsewhere; issuing it again");
         }
-        Err(retryable(e))
+        Err(ActionError::retryable(
+            code,
+            format!("{op}: volume {} is still not where it must be", self.vm.volume_id),
+        ))
     }
 
     /// The test (or production) VM this run created: from a step output, a recorded deploy,
@@ -305,14 +325,21 @@ impl<'a> Cx<'a> {
                 .await
                 .and_then(|v| v.as_str().map(str::to_string)),
         };
-        let found = match id {
-            Some(id) => self.cloud().list_vms(VmFilter::id(id)).await,
-            None => self.cloud().list_vms(VmFilter::name(self.vm_name())).await,
+        let alive = |found: Vec<Vm>| {
+            found
+                .into_iter()
+                .find(|v| !matches!(v.state, VmState::Destroyed | VmState::Expunging))
+        };
+        if let Some(id) = id {
+            let by_id = self.cloud().list_vms(VmFilter::id(id)).await;
+            if let Some(vm) = alive(by_id.map_err(|e| fail("VM_LOOKUP_FAILED", e))?) {
+                return Ok(Some(vm));
+            }
         }
-        .map_err(|e| fail("VM_LOOKUP_FAILED", e))?;
-        Ok(found
-            .into_iter()
-            .find(|v| !matches!(v.state, VmState::Destroyed | VmState::Expunging)))
+        // The recorded VM is gone (a failed deploy removed it), or none was recorded: a later
+        // deploy whose reply was lost is found by the name the run derives.
+        let by_name = self.cloud().list_vms(VmFilter::name(self.vm_name())).await;
+        Ok(alive(by_name.map_err(|e| fail("VM_LOOKUP_FAILED", e))?))
     }
 
     /// The CloudStack name of the VM this run creates: derived from the run, so a re-run finds it.
@@ -333,6 +360,32 @@ impl<'a> Cx<'a> {
             .config
             .snapshot_kind
             .target(&self.vm.volume_id, &self.vm.oma_vm_id)
+    }
+}
+
+/// A CloudStack job id a step checkpointed (`job:<op>` in its progress), with the attempt that
+/// issued it. Older progress holds the bare id.
+struct RecordedJob {
+    id: String,
+    attempt: Option<u32>,
+}
+
+impl RecordedJob {
+    fn read(v: &Value) -> Option<RecordedJob> {
+        match v {
+            Value::String(id) => Some(RecordedJob {
+                id: id.clone(),
+                attempt: None,
+            }),
+            Value::Object(o) => Some(RecordedJob {
+                id: o.get("id")?.as_str()?.to_string(),
+                attempt: o
+                    .get("attempt")
+                    .and_then(Value::as_u64)
+                    .and_then(|a| u32::try_from(a).ok()),
+            }),
+            _ => None,
+        }
     }
 }
 
