@@ -29,6 +29,14 @@ fn plan() -> Option<&'static Plan> {
     .as_ref()
 }
 
+/// Passes the point `<kind>/<detail>` (e.g. `job_finished/attach_to_oma`): a point of one
+/// kind per sub-operation, named without allocating unless a crash plan is set.
+pub fn point_of(kind: &str, detail: &str) {
+    if plan().is_some() {
+        point(&format!("{kind}/{detail}"));
+    }
+}
+
 /// Passes a named point; kills the process with SIGKILL if the crash plan says so.
 pub fn point(name: &str) {
     let Some(p) = plan() else { return };

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tern::domain::RunId;
-use tern::engine::machine::RunStatus;
+use tern::engine::machine::{Record, RunStatus};
 use tern::engine::{Engine, EngineConfig, SubmitRequest};
 use tern::store::Store;
 
@@ -49,8 +49,8 @@ fn faults() -> Value {
     })
 }
 
-async fn campaign(db: &TestDb) -> Campaign {
-    let sim = common::start_sim(11, Some(faults()), "k", "s", 30).await;
+async fn campaign(db: &TestDb, faults: Option<Value>) -> Campaign {
+    let sim = common::start_sim(11, faults, "k", "s", 30).await;
     let sample = sim.sample.clone();
     let inv = sim.inventory.clone();
     let store = db.open().await;
@@ -269,7 +269,7 @@ impl Campaign {
 
 async fn failovers_survive_faults_and_kills(backend: &str) {
     let Some(db) = common::db(backend) else { return };
-    let mut c = campaign(&db).await;
+    let mut c = campaign(&db, Some(faults())).await;
     // Round 1: a test failover of every sample VM at once, workers killed at random.
     for vm in 0..3 {
         c.submit(vm, false).await;
@@ -303,4 +303,220 @@ async fn failovers_survive_faults_and_kills_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failovers_survive_faults_and_kills_postgres() {
     failovers_survive_faults_and_kills("postgres").await
+}
+
+impl Campaign {
+    fn cloud(&self) -> tern::providers::cloudstack::CloudStackClient {
+        let cfg = tern::providers::cloudstack::CloudStackConfig::new(format!("{}/client/api", self.base), "k", "s");
+        tern::providers::cloudstack::CloudStackClient::new(cfg).unwrap()
+    }
+
+    /// A test failover of sample VM `vm` that holds until told.
+    async fn submit_held(&mut self, vm: usize) -> RunId {
+        let v = &self.inv.vms[vm];
+        let input = json!({"vm_id": v.vm_id, "vm_name": v.name});
+        let id = self
+            .engine
+            .submit(SubmitRequest {
+                definition: "test-failover".into(),
+                input,
+                request_id: None,
+                correlation_id: None,
+            })
+            .await
+            .unwrap()
+            .run
+            .id;
+        self.runs.push((id, v.vm_id.clone(), false));
+        id
+    }
+
+    async fn wait_status(&self, run: RunId, status: RunStatus) {
+        for _ in 0..1200 {
+            if self.store.get_run(run).await.unwrap().unwrap().status == status {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("run {run} never reached {status:?}\n{}", logs_in(self.logs.path()));
+    }
+
+    /// Waits for a worker that must die at its crash point.
+    async fn until_killed(&self, child: &mut tokio::process::Child, point: &str) {
+        for _ in 0..1200 {
+            if let Some(status) = child.try_wait().unwrap() {
+                use std::os::unix::process::ExitStatusExt;
+                assert_eq!(
+                    status.signal(),
+                    Some(libc::SIGKILL),
+                    "{point}: {status:?}\n{}",
+                    logs_in(self.logs.path())
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("crash point {point} was never reached\n{}", logs_in(self.logs.path()));
+    }
+
+    /// Where the simulator says `volume` is, and its device slot.
+    async fn volume_at(&self, volume: &str) -> (Option<String>, Option<u32>) {
+        use tern::providers::Cloud;
+        let v = self.cloud().get_volume(volume).await.unwrap();
+        (v.vm_id, v.device_id)
+    }
+}
+
+fn windows_vm(c: &Campaign) -> usize {
+    c.inv
+        .vms
+        .iter()
+        .position(|v| v.is_windows())
+        .expect("a Windows sample VM")
+}
+
+/// Issue 16, failure 1: a cancel's revert on the running OMA (detach, revert, reattach) killed
+/// after its reattach job finished but before the job was cleared from its progress. The next
+/// attempt detaches again and reverts; it must then attach the volume again, not take the
+/// earlier attempt's finished job as its own result. Before the fix the run ended `cancelled`
+/// with the volume on no VM.
+async fn a_revert_killed_after_its_reattach_puts_the_disk_back_on_the_oma(backend: &str) {
+    let Some(db) = common::db(backend) else { return };
+    let mut c = campaign(&db, None).await;
+    let vm = windows_vm(&c);
+    let volume = c.inv.vms[vm].volume_id.clone();
+    let run = c.submit_held(vm).await;
+    let point = "job_finished/reattach_after_revert";
+    let mut doomed = worker_in(&db, c.logs.path(), "doomed", Some(point), &c.env);
+    c.wait_status(run, RunStatus::Holding).await;
+    c.engine.cancel(run, "fault drill").await.unwrap();
+    c.until_killed(&mut doomed, point).await;
+    c.finish(&db).await;
+    let row = c.store.get_run(run).await.unwrap().unwrap();
+    assert_eq!(
+        row.status,
+        RunStatus::Cancelled,
+        "{:?}\n{}",
+        row.state,
+        logs_in(c.logs.path())
+    );
+    assert_eq!(c.volume_at(&volume).await.0.as_deref(), Some(c.oma.as_str()));
+    c.check_cleanup().await;
+}
+
+/// Issue 16, failure 2: the slot a revert recorded on the OMA is taken (another disk given back
+/// to the OMA while this one was off it) before the revert reattaches. The one slot policy
+/// attaches it in CloudStack's slot instead; before the fix the reattach failed "431 Device id
+/// N is in use" on every attempt and the run ended `needs_operator` with the volume detached.
+async fn a_taken_oma_slot_does_not_strand_the_disk(backend: &str) {
+    use tern::providers::{AsyncCommand, Cloud};
+    let Some(db) = common::db(backend) else { return };
+    let mut c = campaign(&db, None).await;
+    let vm = windows_vm(&c);
+    let volume = c.inv.vms[vm].volume_id.clone();
+    let other = c
+        .inv
+        .vms
+        .iter()
+        .find(|v| v.volume_id != volume)
+        .unwrap()
+        .volume_id
+        .clone();
+    let run = c.submit_held(vm).await;
+    let point = "job_finished/detach_for_revert";
+    let mut doomed = worker_in(&db, c.logs.path(), "doomed", Some(point), &c.env);
+    c.wait_status(run, RunStatus::Holding).await;
+    c.engine.cancel(run, "fault drill").await.unwrap();
+    c.until_killed(&mut doomed, point).await;
+    // The revert recorded the slot the volume had on the OMA; another disk takes it now.
+    let progress = c.store.journal(run, 0, 100_000).await.unwrap();
+    let slot = progress
+        .iter()
+        .rev()
+        .find_map(|e| match &e.record {
+            Record::CompensationProgress { data, .. } => data["restore_to"]["device_id"].as_u64(),
+            _ => None,
+        })
+        .expect("the revert recorded where the volume goes back") as u32;
+    assert_eq!(c.volume_at(&volume).await.0, None, "the revert detached the volume");
+    let cloud = c.cloud();
+    let move_to = |device_id| AsyncCommand::AttachVolume {
+        volume_id: other.clone(),
+        vm_id: c.oma.clone(),
+        device_id,
+    };
+    let detach = cloud
+        .issue(AsyncCommand::DetachVolume {
+            volume_id: other.clone(),
+        })
+        .await
+        .unwrap();
+    cloud
+        .wait_job(&detach.job_id, Duration::from_millis(10), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let attach = cloud.issue(move_to(Some(slot))).await.unwrap();
+    cloud
+        .wait_job(&attach.job_id, Duration::from_millis(10), Duration::from_secs(10))
+        .await
+        .unwrap();
+    c.finish(&db).await;
+    let row = c.store.get_run(run).await.unwrap().unwrap();
+    assert_eq!(
+        row.status,
+        RunStatus::Cancelled,
+        "{:?}\n{}",
+        row.state,
+        logs_in(c.logs.path())
+    );
+    let (on, device) = c.volume_at(&volume).await;
+    assert_eq!(on.as_deref(), Some(c.oma.as_str()));
+    assert_ne!(device, Some(slot), "the taken slot was not given twice");
+    assert_eq!(c.volume_at(&other).await, (Some(c.oma.clone()), Some(slot)));
+    c.check_cleanup().await;
+}
+
+impl Campaign {
+    /// Nothing named after the runs is left, and nothing was created twice.
+    async fn check_cleanup(&self) {
+        let http = reqwest::Client::new();
+        let get = |q: String| {
+            let http = http.clone();
+            async move { http.get(q).send().await.unwrap().json::<Value>().await.unwrap() }
+        };
+        let state = get(format!("{}/sim/state", self.base)).await;
+        let created: BTreeMap<String, u64> = serde_json::from_value(state["created"].clone()).unwrap();
+        for (name, n) in &created {
+            assert_eq!(*n, 1, "{name} was created {n} times");
+        }
+        let inv = get(format!("{}/sim/invariant?prefix=tern-", self.base)).await;
+        for key in [
+            "leaked_vms",
+            "leaked_snapshots",
+            "leaked_vm_snapshots",
+            "leaked_linstor_snapshots",
+        ] {
+            assert!(inv[key].as_array().unwrap().is_empty(), "{key}: {inv}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_killed_after_its_reattach_puts_the_disk_back_on_the_oma_sqlite() {
+    a_revert_killed_after_its_reattach_puts_the_disk_back_on_the_oma("sqlite").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_killed_after_its_reattach_puts_the_disk_back_on_the_oma_postgres() {
+    a_revert_killed_after_its_reattach_puts_the_disk_back_on_the_oma("postgres").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_oma_slot_does_not_strand_the_disk_sqlite() {
+    a_taken_oma_slot_does_not_strand_the_disk("sqlite").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_oma_slot_does_not_strand_the_disk_postgres() {
+    a_taken_oma_slot_does_not_strand_the_disk("postgres").await
 }

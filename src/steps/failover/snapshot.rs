@@ -104,18 +104,8 @@ pub(crate) async fn revert(cx: &Cx<'_>) -> Result<Value, ActionError> {
             let device_id = back
                 .get("device_id")
                 .and_then(Value::as_u64)
-                .map(|d| d as u32)
-                .filter(|d| *d != 0);
-            let cmd = AsyncCommand::AttachVolume {
-                volume_id: src.clone(),
-                vm_id: vm_id.clone(),
-                device_id,
-            };
-            let back_on = vm_id.clone();
-            cx.settle("reattach_after_revert", cmd, CODE, move |v| {
-                v.vm_id.as_deref() == Some(back_on.as_str())
-            })
-            .await?;
+                .and_then(|d| u32::try_from(d).ok());
+            super::volume::put_back(cx, &vm_id, device_id, "reattach_after_revert", CODE).await?;
         }
     }
     Ok(json!({"reverted_to": name, "volume_id": src}))

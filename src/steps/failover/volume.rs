@@ -89,7 +89,12 @@ pub(crate) async fn attach(cx: &Cx<'_>) -> Result<Value, ActionError> {
             return Ok(json!({"volume_id": src, "attached_to": target.id, "device_id": vol.device_id, "adopted": true}))
         }
         Some(vm) if vm == cx.vm.oma_vm_id => {
-            cx.record("intent", json!({"attach_to": target.id})).await?;
+            // The OMA slot is kept with the intent, so every way back can offer it again.
+            cx.record(
+                "intent",
+                json!({"attach_to": target.id, "oma_device_id": vol.device_id}),
+            )
+            .await?;
             let cmd = AsyncCommand::DetachVolume { volume_id: src.clone() };
             cx.settle("detach_from_oma", cmd, CODE, |v| v.vm_id.is_none() || on_target(v))
                 .await?;
@@ -108,7 +113,14 @@ pub(crate) async fn attach(cx: &Cx<'_>) -> Result<Value, ActionError> {
         device_id: Some(0),
     };
     cx.settle("attach_as_root", cmd, CODE, on_target).await?;
-    Ok(json!({"volume_id": src, "attached_to": target.id, "device_id": 0, "adopted": false}))
+    let oma_device_id = cx
+        .recorded("intent")
+        .await
+        .and_then(|i| i.get("oma_device_id").cloned())
+        .unwrap_or(Value::Null);
+    Ok(
+        json!({"volume_id": src, "attached_to": target.id, "device_id": 0, "adopted": false, "oma_device_id": oma_device_id}),
+    )
 }
 
 /// Detaches the replicated volume from this run's VM (stopping it first if needed), keeping
@@ -176,12 +188,66 @@ pub(crate) async fn give_back(cx: &Cx<'_>) -> Result<Value, ActionError> {
             return Ok(json!({"volume_id": src, "attached_to": oma, "adopted": true}));
         }
     }
-    let cmd = AsyncCommand::AttachVolume {
-        volume_id: src.clone(),
-        vm_id: oma.clone(),
-        device_id: None,
-    };
-    cx.settle("attach_to_oma", cmd, CODE, |v| v.vm_id.as_deref() == Some(oma.as_str()))
-        .await?;
+    let slot = oma_slot(cx).await;
+    put_back(cx, &oma, slot, "attach_to_oma", CODE).await?;
     Ok(json!({"volume_id": src, "attached_to": oma}))
+}
+
+/// The slot the volume had on the OMA before this run moved it, if known: from the revert's
+/// own record, the volume move's intent (its compensation), or its output (the teardown).
+async fn oma_slot(cx: &Cx<'_>) -> Option<u32> {
+    let slot = |v: &Value| v.get("oma_device_id").and_then(Value::as_u64);
+    let from_outputs = cx.step.outputs.as_object().and_then(|o| o.values().find_map(slot));
+    let from_forward = cx
+        .step
+        .forward_progress
+        .as_ref()
+        .and_then(|p| p.get("intent"))
+        .and_then(slot);
+    from_forward.or(from_outputs).and_then(|d| u32::try_from(d).ok())
+}
+
+/// The one way the replicated volume goes back onto a VM it came from (the OMA: teardown,
+/// rollback, revert on a running OMA), so no two paths race for a slot: in `preferred` when
+/// that slot is free, else in the slot CloudStack picks (the lowest free one). A slot taken
+/// between the look and the attach (a concurrent job freed and took it) fails that job; the
+/// volume is then still detached, and it is attached once more in CloudStack's slot instead of
+/// failing the step. The disk is found by its volume id, not its slot.
+pub(crate) async fn put_back(
+    cx: &Cx<'_>,
+    vm_id: &str,
+    preferred: Option<u32>,
+    op: &str,
+    code: &str,
+) -> Result<(), ActionError> {
+    let src = cx.vm.volume_id.clone();
+    let back_on = |v: &Volume| v.vm_id.as_deref() == Some(vm_id);
+    let used: Vec<u32> = cx
+        .cloud()
+        .list_volumes(VolumeFilter::vm(vm_id))
+        .await
+        .map_err(|e| fail(code, e))?
+        .into_iter()
+        .filter(|v| v.id != src)
+        .filter_map(|v| v.device_id)
+        .collect();
+    let slot = preferred.filter(|d| *d != 0 && !used.contains(d));
+    let attach = |device_id| AsyncCommand::AttachVolume {
+        volume_id: src.clone(),
+        vm_id: vm_id.to_string(),
+        device_id,
+    };
+    if slot.is_some() {
+        match cx.settle(op, attach(slot), code, back_on).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                let now = cx.cloud().get_volume(&src).await.map_err(|e| fail(code, e))?;
+                if now.vm_id.is_some() {
+                    return Err(e);
+                }
+                tracing::warn!(op, volume = %src, ?slot, "slot taken meanwhile; attaching in CloudStack's slot");
+            }
+        }
+    }
+    cx.settle(&format!("{op}:any_slot"), attach(None), code, back_on).await
 }
