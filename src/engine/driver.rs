@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::machine::{Action, Event, Machine, RunState, Transition};
+use super::machine::{self, Action, Event, Machine, RunState, Transition};
 use super::{apply_to_context, crash, Engine, EngineError};
 use crate::domain::{RunId, StepError, Timestamp};
 use crate::steps::{ActionError, Progress, ProgressRequest, StepInput};
@@ -201,13 +201,7 @@ impl Driver {
     /// Applies the stored cancel request. Returns the action it leads to, or None when the
     /// cancel was absorbed and the in-flight work should carry on.
     async fn deliver_cancel(&mut self) -> Result<Option<Action>, EngineError> {
-        let reason = self
-            .engine
-            .store
-            .get_run(self.run_id)
-            .await?
-            .and_then(|r| r.cancel_reason)
-            .unwrap_or_else(|| "cancelled".into());
+        let reason = self.cancel_reason().await?;
         self.apply(Event::Cancel { reason }, vec![], true).await
     }
 
@@ -233,7 +227,49 @@ impl Driver {
         if absorbed {
             return Ok(t.actions.into_iter().next());
         }
-        self.commit(t, consumed, consumed_cancel, now).await
+        if !t.state.is_terminal() || consumed_cancel {
+            return self.commit(t, consumed, consumed_cancel, now).await;
+        }
+        // The run ends here. A cancel accepted meanwhile (while its last step ran) is recorded
+        // as too late rather than left pending on a finished run; the store refuses a terminal
+        // checkpoint that would leave one, which is how a cancel that raced this commit is seen.
+        if self.cancel_pending {
+            let reason = self.cancel_reason().await?;
+            return self
+                .commit(machine::with_late_cancel(t, &reason), consumed, true, now)
+                .await;
+        }
+        match self.commit(t.clone(), consumed.clone(), false, now).await {
+            Err(EngineError::Store(StoreError::Fenced { .. })) if self.cancel_arrived().await? => {
+                self.cancel_pending = true;
+                let reason = self.cancel_reason().await?;
+                self.commit(machine::with_late_cancel(t, &reason), consumed, true, now)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// After a fenced terminal commit: whether it was a cancel that arrived (the lease and the
+    /// journal position are still this driver's) rather than another worker taking the run.
+    async fn cancel_arrived(&self) -> Result<bool, EngineError> {
+        let Some(row) = self.engine.store.get_run(self.run_id).await? else {
+            return Ok(false);
+        };
+        Ok(row.cancel_pending
+            && row.last_seq == self.seq
+            && row.fencing_token == self.lease.token
+            && row.lease_owner.as_deref() == Some(self.lease.owner.as_str()))
+    }
+
+    async fn cancel_reason(&self) -> Result<String, EngineError> {
+        Ok(self
+            .engine
+            .store
+            .get_run(self.run_id)
+            .await?
+            .and_then(|r| r.cancel_reason)
+            .unwrap_or_else(|| "cancelled".into()))
     }
 
     /// One transaction: journal records + compare-and-set of the run + projections.

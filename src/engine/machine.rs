@@ -955,6 +955,24 @@ fn absorb_cancel(state: &RunState, reason: &str) -> Transition {
     }
 }
 
+/// `t` finishes the run while a cancel was pending that it does not deliver (it arrived while
+/// the last step ran): the cancel is recorded as not applied, just before the run's end.
+pub fn with_late_cancel(mut t: Transition, reason: &str) -> Transition {
+    let at = t
+        .records
+        .iter()
+        .rposition(|r| matches!(r, Record::RunFinished { .. }))
+        .unwrap_or(t.records.len());
+    t.records.insert(
+        at,
+        Record::CancelRequested {
+            reason: reason.to_string(),
+            applied: false,
+        },
+    );
+    t
+}
+
 impl Transition {
     fn with_leading(mut self, mut leading: Vec<Record>) -> Self {
         leading.append(&mut self.records);

@@ -177,7 +177,10 @@ impl NewRun {
 }
 
 /// One transaction: append `records` to the journal and move the run to `state`, provided
-/// the run is still at `expected_seq` under `lease` (compare-and-set).
+/// the run is still at `expected_seq` under `lease` (compare-and-set). A checkpoint that
+/// finishes the run also needs no cancel pending unless it delivers it (`consumed_cancel`):
+/// no terminal run keeps an unrecorded cancel. Either miss is `Fenced`; the driver reads the
+/// run to tell them apart.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     pub run_id: RunId,

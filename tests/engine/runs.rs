@@ -338,6 +338,60 @@ async fn cancel_while_asleep_in_backoff(db: TestDb) {
     w.stop().await;
 }
 
+const LAST_STEP_SLOW: &str = r#"
+name = "last-step-slow"
+[[step]]
+name = "a"
+action = "test.effect"
+compensate = "test.undo"
+[[step]]
+name = "cleanup"
+action = "test.effect"
+compensate = "none"
+"#;
+
+/// Issue 16, failure 3: a cancel accepted while the run's last step runs was dropped (the run
+/// completed, its journal had no `cancel_requested`, and the completed run kept the cancel
+/// pending). The cancel arrives after the driver last read the run, so the run's terminal
+/// commit is what meets it: the end records it as too late, and nothing stays pending.
+async fn a_cancel_during_the_last_step_is_recorded_as_too_late(db: TestDb) {
+    let w = start(db.open().await, &[("last-step-slow", LAST_STEP_SLOW)], "w1").await;
+    let run = submit(
+        &w.engine,
+        "last-step-slow",
+        json!({"test": {"sleep_ms": {"cleanup": 600}}}),
+    )
+    .await;
+    for _ in 0..200 {
+        let row = w.engine.store.get_run(run).await.unwrap().unwrap();
+        if row.current_step.as_deref() == Some("cleanup") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(w.engine.cancel(run, "too late").await.unwrap(), SignalOutcome::Accepted);
+    let row = finish(&w.engine, run).await;
+    assert_eq!(row.status, RunStatus::Completed);
+    assert!(!row.cancel_pending, "a finished run keeps no pending cancel");
+    let kinds: Vec<&str> = journal(&w.engine, run).await.iter().map(|e| e.record.kind()).collect();
+    assert_eq!(
+        kinds[kinds.len() - 2..],
+        ["cancel_requested", "run_finished"],
+        "{kinds:?}"
+    );
+    let j = journal(&w.engine, run).await;
+    assert!(j.iter().any(|e| matches!(
+        &e.record,
+        Record::CancelRequested { reason, applied: false } if reason == "too late"
+    )));
+    // A cancel after the end is refused as finished, as before.
+    assert!(matches!(
+        w.engine.cancel(run, "later").await.unwrap(),
+        SignalOutcome::Finished(RunStatus::Completed)
+    ));
+    w.stop().await;
+}
+
 const TIMEOUTS: &str = r#"
 name = "timeouts"
 [[step]]
@@ -691,6 +745,7 @@ on_both_backends!(
     an_early_signal_waits_for_the_hold,
     cancel_in_the_hold_rolls_back,
     cancel_while_asleep_in_backoff,
+    a_cancel_during_the_last_step_is_recorded_as_too_late,
     a_step_that_times_out_is_retried_then_fails,
     runs_are_pinned_to_the_definition_they_started_with,
     submit_errors_are_typed_and_request_ids_idempotent,

@@ -727,6 +727,20 @@ fn a_definition_without_hold_completes_after_the_last_step() {
 }
 
 #[test]
+fn a_cancel_pending_when_the_run_ends_is_recorded_as_too_late_before_its_end() {
+    let d = def_src("name='n'\n[[step]]\nname='a'\naction='x'\ncompensate='none'\n");
+    let t = step(&d, &json!({}), &running(Phase::Forward, 0, 1), ok()).unwrap();
+    let t = with_late_cancel(t, "operator");
+    assert_eq!(t.state, RunState::Completed);
+    assert_eq!(kinds(&t), vec!["step_succeeded", "cancel_requested", "run_finished"]);
+    assert!(matches!(
+        &t.records[1],
+        Record::CancelRequested { reason, applied: false } if reason == "operator"
+    ));
+    assert_eq!(t.actions, vec![Action::Finish]);
+}
+
+#[test]
 fn every_record_and_state_round_trips_through_json() {
     for s in all_states() {
         let j = serde_json::to_string(&s).unwrap();

@@ -507,6 +507,7 @@ async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun]
                    now, release, started, terminal, signals, cancel) \
          WHERE runs.id = ANY($1) AND runs.id = v.id AND runs.fencing_token = v.token \
            AND runs.lease_owner = v.owner AND runs.last_seq = v.seq AND runs.status = v.expect \
+           AND (NOT v.terminal OR v.cancel OR NOT runs.cancel_pending) \
          RETURNING runs.id, runs.last_seq, runs.signals_pending, runs.cancel_pending){submits}, \
          {journal}{projections}{tracking}{consumed} \
          {select}",

@@ -194,6 +194,7 @@ fn compare_and_set(tx: &Transaction, cps: &[&Checkpoint]) -> Result<HashMap<Stri
                  completed_at = CASE WHEN v.terminal THEN v.now ELSE runs.completed_at END \
              FROM v WHERE runs.id = v.id AND runs.fencing_token = v.token AND runs.lease_owner = v.owner \
                AND runs.last_seq = v.seq AND runs.status = v.expect \
+               AND (NOT v.terminal OR v.cancel OR NOT runs.cancel_pending) \
              RETURNING runs.id, runs.last_seq, runs.signals_pending, runs.cancel_pending",
             placeholders(19, chunk.len()),
             wake = cas_wake_at(),
