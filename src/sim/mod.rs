@@ -45,6 +45,8 @@
 //!   no VM, volume, snapshot, VM snapshot or LINSTOR snapshot whose name starts with `P` is
 //!   left. `ok` sums it up.
 //! - `GET /sim/faults`: the faults injected so far ([`FaultRecord`]s).
+//! - `GET /sim/requests`: requests per command since start ([`RequestCount`]s), what a fault
+//!   sweep enumerates.
 //! - `GET /sim/volumes/{id}`: a volume's [`Content`].
 //!
 //! Faults: see [`FaultPlan`] for the JSON format and [`faults::decide`] for determinism.
@@ -56,7 +58,7 @@ pub mod faults;
 pub mod linstor;
 pub mod model;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -122,7 +124,8 @@ impl Default for SimConfig {
 pub(crate) struct App {
     config: SimConfig,
     world: Mutex<World>,
-    counters: Mutex<HashMap<String, u64>>,
+    /// Requests per command since start (what a fault sweep covers), counted with or without a plan.
+    counters: Mutex<BTreeMap<String, RequestCount>>,
     fault_log: Mutex<Vec<FaultRecord>>,
 }
 
@@ -158,14 +161,16 @@ impl App {
 
     /// The fault for the next request of `command`, recorded if any.
     fn roll(&self, command: &str, is_async: bool) -> Option<Fault> {
-        let plan = self.config.fault_plan.as_ref()?;
         let n = {
             let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-            let slot = c.entry(command.to_string()).or_insert(0);
-            let n = *slot;
-            *slot += 1;
+            let slot = c
+                .entry(command.to_string())
+                .or_insert(RequestCount { count: 0, is_async });
+            let n = slot.count;
+            slot.count += 1;
             n
         };
+        let plan = self.config.fault_plan.as_ref()?;
         let fault = faults::decide(self.config.seed, plan, command, n, is_async)?;
         tracing::info!(command, n, ?fault, "simulator injects a fault");
         self.fault_log
@@ -178,6 +183,14 @@ impl App {
             });
         Some(fault)
     }
+}
+
+/// How often one command was requested, as `GET /sim/requests` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct RequestCount {
+    pub count: u64,
+    /// An async CloudStack command (it can also fail as a job).
+    pub is_async: bool,
 }
 
 /// Serves the simulator on `listener` until `shutdown` completes.
@@ -202,7 +215,7 @@ pub async fn serve(
     let app = Arc::new(App {
         config,
         world: Mutex::new(world),
-        counters: Mutex::new(HashMap::new()),
+        counters: Mutex::new(BTreeMap::new()),
         fault_log: Mutex::new(Vec::new()),
     });
 
@@ -256,6 +269,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/sim/inventory", get(sim_inventory))
         .route("/sim/invariant", get(sim_invariant))
         .route("/sim/faults", get(sim_faults))
+        .route("/sim/requests", get(sim_requests))
         .route("/sim/volumes/:id", get(sim_volume))
         .route("/sim/volumes/:id/write", post(sim_write))
         .route("/sim/volumes/:id/inject-virtio", post(sim_inject))
@@ -345,6 +359,11 @@ async fn sim_invariant(State(app): State<Arc<App>>, Query(q): Query<InvariantQue
 async fn sim_faults(State(app): State<Arc<App>>) -> Response {
     let log = app.fault_log.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Json(log).into_response()
+}
+
+async fn sim_requests(State(app): State<Arc<App>>) -> Response {
+    let counts = app.counters.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Json(counts).into_response()
 }
 
 fn volume_content(app: &App, id: &str, change: impl FnOnce(&mut Content)) -> Response {

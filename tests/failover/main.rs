@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use common::TestDb;
 
+mod sweep;
+
 const KEY: &str = "test-key";
 const SECRET: &str = "test-secret";
 

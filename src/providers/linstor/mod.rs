@@ -120,8 +120,17 @@ impl LinstorClient {
         if !(200..300).contains(&status) {
             return Err(error_from(status, &body, rsc));
         }
-        serde_json::from_str(&body).map_err(|e| ProviderError::Protocol {
-            detail: format!("LINSTOR snapshot list of {rsc}: {e}"),
+        serde_json::from_str(&body).map_err(|e| {
+            // A controller may answer a failed list with its error list (ApiCallRc) and 200.
+            match serde_json::from_str::<Vec<ApiCallRc>>(&body)
+                .ok()
+                .and_then(|rcs| rcs.into_iter().find(ApiCallRc::is_error))
+            {
+                Some(rc) => error_of_rc(&rc, status),
+                None => ProviderError::Protocol {
+                    detail: format!("LINSTOR snapshot list of {rsc}: {e}"),
+                },
+            }
         })
     }
 

@@ -1,0 +1,216 @@
+//! The single-fault sweep: every cloud command a failover issues, each fault kind on its first
+//! request (an error answered without acting, a reply lost after acting, a hang past the
+//! client's timeout, an async job that fails), for both failover definitions and each snapshot
+//! backend. The commands are not listed here: a clean run of each combination tells them (the
+//! simulator counts requests per command), so a command added later is swept too. A single
+//! transient fault never fails a failover: each case must complete, with the replicated volume
+//! where it belongs, nothing Tern named left over, and nothing created twice.
+
+use futures::StreamExt;
+use tern::sim::faults::Fault;
+use tern::sim::RequestCount;
+
+use super::*;
+
+/// A world of its own for one case: a SQLite store, a simulator with fast jobs, a client that
+/// gives up on a hung request quickly, and definitions with a realistic retry budget.
+async fn sweep_world(db: &TestDb, snapshots: SnapshotKind, faults: Option<Value>) -> World {
+    let sim = common::start_sim(7, faults, KEY, SECRET, 5).await;
+    let sample = sim.sample.clone();
+    let inv = sim.inventory.clone();
+    let store = db.open().await;
+    tern::store::load_inventory(store.as_ref(), &inv, tern::domain::Timestamp::now())
+        .await
+        .unwrap();
+    let base = sim.base.clone();
+    let settings = CloudSettings {
+        cloudstack_url: format!("{base}/client/api"),
+        api_key: KEY.into(),
+        secret_key: SECRET.into(),
+        linstor_url: Some(base.clone()),
+        snapshot_backend: snapshots,
+        zone_id: sample.zone_id.clone(),
+        service_offering_id: sample.service_offering_id.clone(),
+        template_id: sample.template_id.clone(),
+        test_network_id: Some(sample.test_network_id.clone()),
+        injector: InjectorSettings::Sim { base_url: base.clone() },
+        job_poll: Duration::from_millis(5),
+        job_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_millis(300),
+    };
+    let mut registry = tern::steps::Registry::with_builtins(store.clone());
+    tern::steps::failover::register(&mut registry, setup::build(&settings, store.clone()).unwrap());
+    let defs = common::fast_failover_definitions(6, "50ms");
+    let cfg = EngineConfig {
+        worker_id: "sweep".into(),
+        concurrency: 4,
+        lease_ttl: Duration::from_secs(5),
+        poll_interval: Duration::from_millis(20),
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let engine = Engine::with_registry(store.clone(), Some(defs.path()), registry, cfg).unwrap();
+    let stop = CancellationToken::new();
+    let (e, s) = (engine.clone(), stop.clone());
+    tokio::spawn(async move { worker::run_worker(e, s).await });
+    World {
+        base,
+        http: reqwest::Client::new(),
+        stop,
+        sample,
+        inv,
+        engine,
+        store,
+        _defs: defs,
+        _sim: sim,
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    snapshots: SnapshotKind,
+    live: bool,
+    /// (command, fault) on the command's first request; None for the clean run.
+    fault: Option<(String, Fault)>,
+}
+
+/// Runs one failover of the Windows sample VM (so driver injection is swept too); returns the
+/// requests the simulator saw, or what went wrong.
+async fn run_case(case: &Case) -> Result<std::collections::BTreeMap<String, RequestCount>, String> {
+    let plan = case
+        .fault
+        .as_ref()
+        .map(|(command, fault)| json!({"hang_ms": 600, "scripted": {command.as_str(): {"0": fault}}}));
+    let faults = usize::from(plan.is_some());
+    run_planned(case.snapshots, case.live, plan, faults).await
+}
+
+/// One failover under a fault plan that must inject exactly `faults` faults.
+async fn run_planned(
+    snapshots: SnapshotKind,
+    live: bool,
+    plan: Option<Value>,
+    faults: usize,
+) -> Result<std::collections::BTreeMap<String, RequestCount>, String> {
+    let db = common::sqlite_db();
+    let w = sweep_world(&db, snapshots, plan).await;
+    let vm = w.vm("windows").clone();
+    let (def, extra) = if live {
+        ("live-failover", json!({"job_type": "live"}))
+    } else {
+        ("test-failover", json!({"auto_cleanup": true, "test_duration": "10ms"}))
+    };
+    let run = w.submit(def, input(&vm, extra)).await;
+    let row = w.engine.wait_terminal(run, Duration::from_secs(60)).await.unwrap();
+    if row.status != RunStatus::Completed {
+        return Err(format!("ended {:?}: {:?}", row.status, row.state));
+    }
+    let expect = if live {
+        row.context["outputs"]["vm-creation"]["destination_vm_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    } else {
+        w.sample.oma_vm_id.clone()
+    };
+    let inv = w
+        .get(&format!("/sim/invariant?prefix=tern-t-&expect_vm={expect}"))
+        .await;
+    let mine = inv["volumes"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["volume_id"] == json!(vm.volume_id)));
+    if mine.is_none_or(|v| v["ok"] != json!(true)) {
+        return Err(format!("volume {}: {mine:?}", vm.volume_id));
+    }
+    if inv["leaked_vms"].as_array().is_none_or(|a| !a.is_empty()) {
+        return Err(format!("test VMs left: {}", inv["leaked_vms"]));
+    }
+    let snaps = w.get("/sim/invariant?prefix=tern-").await;
+    for key in ["leaked_snapshots", "leaked_vm_snapshots", "leaked_linstor_snapshots"] {
+        if snaps[key].as_array().is_none_or(|a| !a.is_empty()) {
+            return Err(format!("{key}: {}", snaps[key]));
+        }
+    }
+    let state = w.get("/sim/state").await;
+    if let Some(created) = state["created"].as_object() {
+        if let Some((name, n)) = created.iter().find(|(_, n)| n.as_u64() != Some(1)) {
+            return Err(format!("{name} was created {n} times"));
+        }
+    }
+    let injected = w.get("/sim/faults").await;
+    if injected.as_array().is_none_or(|a| a.len() != faults) {
+        return Err(format!(
+            "expected {faults} injected faults, the simulator injected {injected}"
+        ));
+    }
+    Ok(serde_json::from_value(w.get("/sim/requests").await).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_fault_anywhere_never_fails_a_failover() {
+    let mut cases = Vec::new();
+    // Not the CloudStack VM-snapshot backend: reverting a disk-only snapshot of the OMA needs
+    // the OMA stopped, so even a clean test failover ends `needs_operator` there (issue 18
+    // replaces that backend).
+    for snapshots in [SnapshotKind::CloudstackVolume, SnapshotKind::Linstor] {
+        for live in [false, true] {
+            let clean = Case {
+                snapshots,
+                live,
+                fault: None,
+            };
+            let requests = run_case(&clean)
+                .await
+                .unwrap_or_else(|e| panic!("clean run {clean:?}: {e}"));
+            for (command, seen) in requests {
+                for fault in [Fault::Error, Fault::LostReply, Fault::Hang, Fault::JobFailure] {
+                    if fault == Fault::JobFailure && !seen.is_async {
+                        continue;
+                    }
+                    cases.push(Case {
+                        snapshots,
+                        live,
+                        fault: Some((command.clone(), fault)),
+                    });
+                }
+            }
+        }
+    }
+    let total = cases.len();
+    let failures: Vec<String> = futures::stream::iter(cases)
+        .map(|case| async move { run_case(&case).await.err().map(|e| format!("{case:?}: {e}")) })
+        .buffer_unordered(4)
+        .filter_map(|r| async move { r })
+        .collect()
+        .await;
+    eprintln!(
+        "single-fault sweep: {total} cases (2 snapshot backends x 2 definitions x each command seen x each fault kind), {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {total} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Issue 16, failure 4: one 530 on `createSnapshot` (answered without acting) failed the whole
+/// failover: the look-up after it found nothing and called that a permanent protocol error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_error_on_create_snapshot_is_retried_not_fatal() {
+    let plan = json!({"scripted": {"createSnapshot": {"0": "error"}}});
+    run_planned(SnapshotKind::CloudstackVolume, false, Some(plan), 1)
+        .await
+        .unwrap();
+}
+
+/// Issue 16, failure 5: a deploy whose job failed (its VM in Error, then removed), then a deploy
+/// whose reply was lost: the VM look-up checked only the first VM's recorded id, and the next
+/// attempt deployed again into the taken name ("431 already exists").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_deploy_then_a_lost_reply_adopts_the_vm_by_name() {
+    let plan = json!({"scripted": {"deployVirtualMachine": {"0": "job_failure", "1": "lost_reply"}}});
+    run_planned(SnapshotKind::CloudstackVolume, true, Some(plan), 2)
+        .await
+        .unwrap();
+}
