@@ -126,10 +126,7 @@ impl SnapshotBackend for VolumeSnapshots {
             (Some(found), _) => Ok(found),
             (None, Some(e)) => Err(e.unconfirmed(&format!("snapshot {name} of volume {target}"))),
             (None, None) => Err(ProviderError::Protocol {
-                detail: format!(
-                    "{} missing after createSnapshot succeeded",
-                    format!("snapshot {name} of volume {target}")
-                ),
+                detail: format!("snapshot {name} of volume {target} missing after createSnapshot succeeded"),
             }),
         }
     }
@@ -254,10 +251,7 @@ impl SnapshotBackend for VmSnapshots {
             (Some(found), _) => Ok(found),
             (None, Some(e)) => Err(e.unconfirmed(&format!("VM snapshot {name} of VM {target}"))),
             (None, None) => Err(ProviderError::Protocol {
-                detail: format!(
-                    "{} missing after createVMSnapshot succeeded",
-                    format!("VM snapshot {name} of VM {target}")
-                ),
+                detail: format!("VM snapshot {name} of VM {target} missing after createVMSnapshot succeeded"),
             }),
         }
     }
