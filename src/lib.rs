@@ -10,6 +10,7 @@
 //! - [`api`] — the gRPC services (tonic), generated code, proto <-> domain conversions.
 //! - [`store`] — the `Store` trait and its SQLite and PostgreSQL backends; the only place with SQL.
 //! - [`telemetry`] — logging (tracing spans per run and step).
+//! - [`crash`] — named crash points for the crash tests (any layer may pass one).
 //!
 //! Glossary: a *run* is one execution of a *definition*; a *step* is one entry of it; an
 //! *attempt* is one try of a step; a *lease* is a worker's time-limited claim on a run, and its
@@ -20,6 +21,7 @@
 pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod crash;
 pub mod domain;
 pub mod engine;
 pub mod providers;

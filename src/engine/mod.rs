@@ -1,7 +1,7 @@
 //! The engine: the pure state machine ([`machine`]), the driver that commits each transition
 //! before acting on it ([`driver`]), and the worker loop that claims runs ([`worker`]).
 
-pub mod crash;
+pub use crate::crash;
 pub mod driver;
 pub mod machine;
 pub mod worker;

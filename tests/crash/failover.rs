@@ -18,17 +18,17 @@ use tern::store::Store;
 use super::{delays, logs_in, terminate_in, worker_in};
 use crate::common::{self, TestDb};
 
-struct Campaign {
-    base: String,
+pub(crate) struct Campaign {
+    pub(crate) base: String,
     _sim: common::Sim,
-    store: Arc<dyn Store>,
-    engine: Arc<Engine>,
-    env: Vec<(String, String)>,
-    logs: tempfile::TempDir,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) logs: tempfile::TempDir,
     _defs: tempfile::TempDir,
-    inv: tern::domain::inventory::InventoryFile,
-    oma: String,
-    runs: Vec<(RunId, String, bool)>, // (run, vm_id, live)
+    pub(crate) inv: tern::domain::inventory::InventoryFile,
+    pub(crate) oma: String,
+    pub(crate) runs: Vec<(RunId, String, bool)>, // (run, vm_id, live)
 }
 
 fn faults() -> Value {
@@ -49,7 +49,7 @@ fn faults() -> Value {
     })
 }
 
-async fn campaign(db: &TestDb, faults: Option<Value>) -> Campaign {
+pub(crate) async fn campaign(db: &TestDb, faults: Option<Value>) -> Campaign {
     let sim = common::start_sim(11, faults, "k", "s", 30).await;
     let sample = sim.sample.clone();
     let inv = sim.inventory.clone();
@@ -94,7 +94,7 @@ async fn campaign(db: &TestDb, faults: Option<Value>) -> Campaign {
 }
 
 impl Campaign {
-    async fn submit(&mut self, vm: usize, live: bool) {
+    pub(crate) async fn submit(&mut self, vm: usize, live: bool) {
         let v = &self.inv.vms[vm];
         let (def, input) = if live {
             (
@@ -171,7 +171,7 @@ impl Campaign {
         );
     }
 
-    async fn finish(&self, db: &TestDb) {
+    pub(crate) async fn finish(&self, db: &TestDb) {
         let heir = worker_in(db, self.logs.path(), "heir", None, &self.env);
         for _ in 0..1800 {
             if self.all_terminal().await {
@@ -312,7 +312,7 @@ impl Campaign {
     }
 
     /// A test failover of sample VM `vm` that holds until told.
-    async fn submit_held(&mut self, vm: usize) -> RunId {
+    pub(crate) async fn submit_held(&mut self, vm: usize) -> RunId {
         let v = &self.inv.vms[vm];
         let input = json!({"vm_id": v.vm_id, "vm_name": v.name});
         let id = self
@@ -477,6 +477,47 @@ async fn a_taken_oma_slot_does_not_strand_the_disk(backend: &str) {
 }
 
 impl Campaign {
+    /// The (single) run's volume is on `expect`, no test VM or snapshot is left, and nothing
+    /// was created twice; what is wrong otherwise.
+    pub(crate) async fn clean(&self, expect: &str) -> Result<(), String> {
+        let http = reqwest::Client::new();
+        let get = |q: String| {
+            let http = http.clone();
+            async move { http.get(q).send().await.unwrap().json::<Value>().await.unwrap() }
+        };
+        let volume = self
+            .inv
+            .vms
+            .iter()
+            .find(|v| Some(&v.vm_id) == self.runs.first().map(|r| &r.1))
+            .map(|v| v.volume_id.clone())
+            .unwrap_or_default();
+        let inv = get(format!("{}/sim/invariant?prefix=tern-t-&expect_vm={expect}", self.base)).await;
+        let mine = inv["volumes"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["volume_id"] == json!(volume)).cloned());
+        if mine.as_ref().is_none_or(|v| v["ok"] != json!(true)) {
+            return Err(format!("volume {volume}: {mine:?}"));
+        }
+        if inv["leaked_vms"].as_array().is_none_or(|a| !a.is_empty()) {
+            return Err(format!("test VMs left: {}", inv["leaked_vms"]));
+        }
+        let snaps = get(format!("{}/sim/invariant?prefix=tern-", self.base)).await;
+        for key in ["leaked_snapshots", "leaked_vm_snapshots", "leaked_linstor_snapshots"] {
+            if snaps[key].as_array().is_none_or(|a| !a.is_empty()) {
+                return Err(format!("{key}: {}", snaps[key]));
+            }
+        }
+        let state = get(format!("{}/sim/state", self.base)).await;
+        if let Some((name, n)) = state["created"]
+            .as_object()
+            .and_then(|c| c.iter().find(|(_, n)| n.as_u64() != Some(1)))
+        {
+            return Err(format!("{name} was created {n} times"));
+        }
+        Ok(())
+    }
+
     /// Nothing named after the runs is left, and nothing was created twice.
     async fn check_cleanup(&self) {
         let http = reqwest::Client::new();

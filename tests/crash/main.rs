@@ -24,6 +24,7 @@ use tokio::process::{Child, Command};
 use common::TestDb;
 
 mod failover;
+mod sweep;
 
 /// One kind of run in the batch and what must be true once it is terminal.
 struct Case {

@@ -101,9 +101,17 @@ impl CloudStackClient {
         } else {
             self.http.get(format!("{}?{}", self.config.endpoint, query))
         };
+        // Job polls are left out: how many a job takes is timing, not a place in the run.
+        let marked = command != "queryAsyncJobResult";
+        if marked {
+            crate::crash::point_of("cloud_call", command);
+        }
         let reply = request.send().await.map_err(transport_error)?;
         let status = reply.status().as_u16();
         let body = reply.text().await.map_err(transport_error)?;
+        if marked {
+            crate::crash::point_of("cloud_answered", command);
+        }
         tracing::debug!(command, status, "cloudstack reply");
         parse_reply(command, status, &body)
     }

@@ -95,20 +95,23 @@ impl LinstorClient {
             .http
             .post(self.url(rsc, "/snapshots"))
             .json(&serde_json::json!({ "name": snap }));
-        self.mutate(req, rsc).await
+        self.mutate("linstor.createSnapshot", req, rsc).await
     }
 
     pub async fn rollback_snapshot(&self, rsc: &str, snap: &str) -> Result<()> {
         let path = format!("/snapshot-rollback/{}", java_url_encode(snap));
-        self.mutate(self.http.post(self.url(rsc, &path)), rsc).await
+        self.mutate("linstor.rollbackSnapshot", self.http.post(self.url(rsc, &path)), rsc)
+            .await
     }
 
     pub async fn delete_snapshot(&self, rsc: &str, snap: &str) -> Result<()> {
         let path = format!("/snapshots/{}", java_url_encode(snap));
-        self.mutate(self.http.delete(self.url(rsc, &path)), rsc).await
+        self.mutate("linstor.deleteSnapshot", self.http.delete(self.url(rsc, &path)), rsc)
+            .await
     }
 
     pub async fn list_snapshots(&self, rsc: &str) -> Result<Vec<LinstorSnapshot>> {
+        crate::crash::point("cloud_call/linstor.listSnapshots");
         let reply = self
             .http
             .get(self.url(rsc, "/snapshots"))
@@ -117,6 +120,7 @@ impl LinstorClient {
             .map_err(transport_error)?;
         let status = reply.status().as_u16();
         let body = reply.text().await.map_err(transport_error)?;
+        crate::crash::point("cloud_answered/linstor.listSnapshots");
         if !(200..300).contains(&status) {
             return Err(error_from(status, &body, rsc));
         }
@@ -134,10 +138,13 @@ impl LinstorClient {
         })
     }
 
-    async fn mutate(&self, req: reqwest::RequestBuilder, rsc: &str) -> Result<()> {
+    /// Sends a mutating request (`op` names it for crash points) and reads its ApiCallRc list.
+    async fn mutate(&self, op: &str, req: reqwest::RequestBuilder, rsc: &str) -> Result<()> {
+        crate::crash::point_of("cloud_call", op);
         let reply = req.send().await.map_err(transport_error)?;
         let status = reply.status().as_u16();
         let body = reply.text().await.map_err(transport_error)?;
+        crate::crash::point_of("cloud_answered", op);
         if !(200..300).contains(&status) {
             return Err(error_from(status, &body, rsc));
         }

@@ -253,15 +253,15 @@ impl<'a> Cx<'a> {
                 if let Some(rid) = &job.resource_id {
                     self.record(&format!("{op}:resource_id"), json!(rid)).await?;
                 }
-                crate::engine::crash::point("failover_job_recorded");
-                crate::engine::crash::point_of("job_recorded", op);
+                crate::crash::point("failover_job_recorded");
+                crate::crash::point_of("job_recorded", crash_name(op));
                 job.job_id
             }
         };
         let cfg = &self.deps.config;
         let result = self.cloud().wait_job(&job_id, cfg.job_poll, cfg.job_timeout).await;
-        crate::engine::crash::point("failover_job_finished");
-        crate::engine::crash::point_of("job_finished", op);
+        crate::crash::point("failover_job_finished");
+        crate::crash::point_of("job_finished", crash_name(op));
         if matches!(&result, Ok(_) | Err(ProviderError::AsyncJobFailed { .. })) {
             // A finished job is not polled again: whoever comes next looks at the world anew
             // (a retry of this operation is a new job). A job we merely lost sight of
@@ -361,6 +361,12 @@ impl<'a> Cx<'a> {
             .snapshot_kind
             .target(&self.vm.volume_id, &self.vm.oma_vm_id)
     }
+}
+
+/// A sub-operation as a crash point names it: without the id some carry (`detach_own_root:<id>`),
+/// so the point is the same in every run.
+fn crash_name(op: &str) -> &str {
+    op.split(':').next().unwrap_or(op)
 }
 
 /// A CloudStack job id a step checkpointed (`job:<op>` in its progress), with the attempt that
