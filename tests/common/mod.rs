@@ -151,3 +151,89 @@ pub fn fast_failover_definitions(attempts: u32, max_delay: &str) -> tempfile::Te
     }
     dir
 }
+
+/// A `tern worker` child process on `db`, logging to `<log_dir>/<name>.log`, with a 1 s lease,
+/// `TERN_CRASH_AT=crash_at` if given, and extra environment.
+pub fn worker_in(
+    db: &TestDb,
+    log_dir: &std::path::Path,
+    name: &str,
+    crash_at: Option<&str>,
+    env: &[(String, String)],
+) -> tokio::process::Child {
+    let log = std::fs::File::create(log_dir.join(format!("{name}.log"))).unwrap();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tern"));
+    cmd.args([
+        "worker",
+        "--database",
+        &db.url,
+        "--concurrency",
+        "8",
+        "--lease-ttl",
+        "1s",
+    ])
+    .args([
+        "--poll-interval",
+        "100ms",
+        "--shutdown-grace",
+        "3s",
+        "--worker-id",
+        name,
+    ])
+    .env("RUST_LOG", "info,sqlx=warn")
+    .env_remove("TERN_CRASH_AT")
+    .stdout(std::process::Stdio::null())
+    .stderr(log)
+    .kill_on_drop(true);
+    if let Some(point) = crash_at {
+        cmd.env("TERN_CRASH_AT", point);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn tern worker")
+}
+
+/// The last lines of every worker log in `dir`, for failure messages.
+pub fn logs_in(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let tail: Vec<&str> = text
+            .lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        out.push_str(&format!("--- {}\n{}\n", e.path().display(), tail.join("\n")));
+    }
+    out
+}
+
+/// SIGTERM once the worker is up; it must exit cleanly.
+pub async fn terminate_in(log_dir: &std::path::Path, mut child: tokio::process::Child, name: &str) {
+    // Wait until this worker is up (its handler installed, its loop running) before SIGTERM.
+    let log = log_dir.join(format!("{name}.log"));
+    for _ in 0..200 {
+        if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("worker started")) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pid = child.id().expect("running child") as i32;
+    // SAFETY: kill(2) with a child's pid and SIGTERM has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let status = tokio::time::timeout(std::time::Duration::from_secs(15), child.wait())
+        .await
+        .expect("worker stops on SIGTERM")
+        .unwrap();
+    assert!(
+        status.success(),
+        "worker exit after SIGTERM: {status:?}\n{}",
+        logs_in(log_dir)
+    );
+}

@@ -10,7 +10,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::os::unix::process::ExitStatusExt;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +20,7 @@ use tern::engine::{Engine, EngineConfig, SubmitRequest};
 use tern::store::Store;
 use tokio::process::{Child, Command};
 
-use common::TestDb;
+use common::{logs_in, terminate_in, worker_in, TestDb};
 
 mod failover;
 mod sweep;
@@ -189,67 +188,8 @@ fn worker(db: &TestDb, b: &Batch, name: &str, crash_at: Option<&str>) -> Child {
     worker_in(db, b.log_dir.path(), name, crash_at, &[])
 }
 
-/// A `tern worker` child process logging to `<log_dir>/<name>.log`, with extra environment.
-fn worker_in(
-    db: &TestDb,
-    log_dir: &std::path::Path,
-    name: &str,
-    crash_at: Option<&str>,
-    env: &[(String, String)],
-) -> Child {
-    let log = std::fs::File::create(log_dir.join(format!("{name}.log"))).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern"));
-    cmd.args([
-        "worker",
-        "--database",
-        &db.url,
-        "--concurrency",
-        "8",
-        "--lease-ttl",
-        "1s",
-    ])
-    .args([
-        "--poll-interval",
-        "100ms",
-        "--shutdown-grace",
-        "3s",
-        "--worker-id",
-        name,
-    ])
-    .env("RUST_LOG", "info,sqlx=warn")
-    .env_remove("TERN_CRASH_AT")
-    .stdout(Stdio::null())
-    .stderr(log)
-    .kill_on_drop(true);
-    if let Some(point) = crash_at {
-        cmd.env("TERN_CRASH_AT", point);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.spawn().expect("spawn tern worker")
-}
-
 fn logs(b: &Batch) -> String {
     logs_in(b.log_dir.path())
-}
-
-/// The last lines of every worker log in `dir`, for failure messages.
-fn logs_in(dir: &std::path::Path) -> String {
-    let mut out = String::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-        let tail: Vec<&str> = text
-            .lines()
-            .rev()
-            .take(30)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        out.push_str(&format!("--- {}\n{}\n", e.path().display(), tail.join("\n")));
-    }
-    out
 }
 
 /// Sends the signals and cancels the cases ask for once their runs hold (idempotent, so sending
@@ -310,32 +250,6 @@ async fn until_all_terminal(b: &Batch) {
 /// SIGTERM: the worker must stop claiming, finish and exit cleanly, leaving no lease behind.
 async fn terminate(b: &Batch, child: Child, name: &str) {
     terminate_in(b.log_dir.path(), child, name).await
-}
-
-/// SIGTERM once the worker is up; it must exit cleanly.
-async fn terminate_in(log_dir: &std::path::Path, mut child: Child, name: &str) {
-    // Wait until this worker is up (its handler installed, its loop running) before SIGTERM.
-    let log = log_dir.join(format!("{name}.log"));
-    for _ in 0..200 {
-        if std::fs::read_to_string(&log).is_ok_and(|t| t.contains("worker started")) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let pid = child.id().expect("running child") as i32;
-    // SAFETY: kill(2) with a child's pid and SIGTERM has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, libc::SIGTERM);
-    }
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("worker stops on SIGTERM")
-        .unwrap();
-    assert!(
-        status.success(),
-        "worker exit after SIGTERM: {status:?}\n{}",
-        logs_in(log_dir)
-    );
 }
 
 async fn check(b: &Batch) {
