@@ -5,6 +5,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod dropped_watches;
 mod restart;
 
 use std::sync::Arc;
@@ -1212,6 +1213,11 @@ mod sqlite_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn health_and_reflection() {
         health_and_reflection_are_served(common::sqlite_db()).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropped_watch_streams() {
+        crate::dropped_watches::dropped_watch_streams_never_cost_the_connection(common::sqlite_db()).await
     }
 }
 
