@@ -6,6 +6,7 @@
 // tonic's service traits return `Result<_, tonic::Status>` by value; our helpers match them.
 #![allow(clippy::result_large_err)]
 
+mod codec;
 pub mod convert;
 mod cork;
 pub mod error;

@@ -1189,6 +1189,119 @@ async fn workflow_service_runs_any_definition(db: TestDb) {
     assert_eq!(bad_fields(&e), vec!["status"]);
 }
 
+/// A codec that sends its bytes as they are, and reads an answer as bytes.
+#[derive(Default)]
+struct Raw;
+
+impl tonic::codec::Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl tonic::codec::Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = prost::bytes::Buf::remaining(buf);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(buf, n).to_vec()))
+    }
+}
+
+/// A request body that is not the method's message, sent as a well-framed gRPC message: the
+/// server answers INVALID_ARGUMENT with the usual details (not tonic's INTERNAL), for unary and
+/// streaming methods alike, and creates nothing.
+async fn undecodable_requests_are_invalid_argument(db: TestDb) {
+    let a = api(&db).await;
+    let mut grpc = tonic::client::Grpc::new(a.channel.clone());
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static;
+    // The raw client works: an empty body is a valid ListDefinitionsRequest.
+    grpc.ready().await.unwrap();
+    let defs = grpc
+        .unary(
+            tonic::Request::new(Vec::new()),
+            path("/tern.v1.WorkflowService/ListDefinitions"),
+            Raw,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!defs.is_empty());
+    let cases: [(&str, &[u8], &str); 3] = [
+        // Field 1 (vm_id): a string whose two bytes are not UTF-8.
+        (
+            "/tern.v1.FailoverService/StartTestFailover",
+            &[0x0a, 0x02, 0xff, 0xfe],
+            "StartTestFailoverRequest",
+        ),
+        // A field key that is not a varint.
+        (
+            "/tern.v1.WorkflowService/SubmitWorkflow",
+            &[0xff; 11],
+            "SubmitWorkflowRequest",
+        ),
+        // Wire type 7, which does not exist (a server-streaming method).
+        (
+            "/tern.v1.WorkflowService/WatchWorkflow",
+            &[0x0f],
+            "WatchWorkflowRequest",
+        ),
+    ];
+    for (method, body, message) in cases {
+        grpc.ready().await.unwrap();
+        let request = tonic::Request::new(body.to_vec());
+        let e = if method.contains("/Watch") {
+            match grpc.server_streaming(request, path(method), Raw).await {
+                Ok(r) => r.into_inner().message().await.expect_err("no event for garbage"),
+                Err(e) => e,
+            }
+        } else {
+            grpc.unary(request, path(method), Raw)
+                .await
+                .expect_err("garbage accepted")
+        };
+        assert_eq!(
+            (e.code(), reason(&e).as_str()),
+            (Code::InvalidArgument, "INVALID_ARGUMENT"),
+            "{method}: {e:?}"
+        );
+        assert_eq!(bad_fields(&e), ["request"], "{method}");
+        assert!(
+            e.message().contains(&format!("tern.v1.{message}")),
+            "{method}: {}",
+            e.message()
+        );
+        assert!(!correlation(e.metadata()).is_empty(), "{method}");
+    }
+    let runs =
+        a.wf.clone()
+            .list_workflows(pb::ListWorkflowsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(runs.workflows.is_empty(), "{runs:?}");
+}
+
 async fn health_and_reflection_are_served(db: TestDb) {
     let a = api(&db).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(a.channel.clone());
@@ -1385,6 +1498,11 @@ mod sqlite_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn health_and_reflection() {
         health_and_reflection_are_served(common::sqlite_db()).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn undecodable_requests() {
+        undecodable_requests_are_invalid_argument(common::sqlite_db()).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
