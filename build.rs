@@ -41,6 +41,8 @@ fn compile_protos() {
     tonic_build::configure()
         .build_client(true)
         .build_server(true)
+        // A request that does not decode is INVALID_ARGUMENT, not tonic's INTERNAL.
+        .codec_path("crate::api::codec::ProstCodec")
         .skip_protoc_run()
         .compile_fds(fds)
         .expect("generating the gRPC code");

@@ -22,6 +22,12 @@ pub enum ApiError {
     InvalidArgument(Vec<(String, String)>),
     /// NOT_FOUND, e.g. VM_NOT_FOUND, JOB_NOT_FOUND, UNKNOWN_DEFINITION.
     NotFound { reason: &'static str, message: String },
+    /// ALREADY_EXISTS: REQUEST_ID_REUSED, a request id already used for other parameters.
+    AlreadyExists {
+        reason: &'static str,
+        message: String,
+        metadata: HashMap<String, String>,
+    },
     /// FAILED_PRECONDITION, e.g. VM_BUSY, JOB_FINISHED, NOT_CONFIGURED.
     Precondition {
         reason: &'static str,
@@ -65,6 +71,14 @@ impl ApiError {
                 (Code::InvalidArgument, message, "INVALID_ARGUMENT")
             }
             ApiError::NotFound { reason, message } => (Code::NotFound, message, reason),
+            ApiError::AlreadyExists {
+                reason,
+                message,
+                metadata,
+            } => {
+                info.extend(metadata);
+                (Code::AlreadyExists, message, reason)
+            }
             ApiError::Precondition {
                 reason,
                 message,

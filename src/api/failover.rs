@@ -52,6 +52,37 @@ pub(crate) fn run_id(field: &str, s: &str) -> ApiResult<RunId> {
         .map_err(|_| ApiError::field(field, format!("{s:?} is not a job id (a UUID)")))
 }
 
+impl Start<'_> {
+    /// The run's input. `inventory_name` is the VM's name unless the request gives one.
+    ///
+    /// A start with a request id already used is the same request when it would store the same
+    /// input (and definition); a request without `vm_name` takes the one recorded.
+    fn input(&self, inventory_name: &str) -> Value {
+        let vm_name = match self.vm_name.trim() {
+            "" => inventory_name,
+            name => name,
+        };
+        let mut input = json!({
+            "vm_id": self.vm_id.trim(),
+            "vm_name": vm_name,
+            "job_type": self.job_type,
+            "skip_validation": self.skip_validation,
+            "skip_snapshot": self.skip_snapshot,
+            "skip_virtio_injection": self.skip_virtio_injection,
+            "network_mappings": string_map(self.network_mappings),
+            "custom_config": string_map(self.custom_config),
+            "notification_config": string_map(self.notification_config),
+        });
+        if let (Some((auto_cleanup, duration)), Some(obj)) = (self.hold, input.as_object_mut()) {
+            obj.insert("auto_cleanup".into(), json!(auto_cleanup));
+            if !duration.trim().is_empty() {
+                obj.insert("test_duration".into(), json!(duration.trim()));
+            }
+        }
+        input
+    }
+}
+
 fn string_map(m: &HashMap<String, String>) -> Value {
     Value::Object(m.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<Map<_, _>>())
 }
@@ -126,15 +157,7 @@ impl FailoverApi {
         // A retried request returns its job even if the VM has since left the inventory.
         if let Some(r) = &request_id {
             if let Some(run) = store.find_by_request_id(r).await? {
-                if run.definition != s.definition {
-                    return Err(ApiError::field(
-                        "request_id",
-                        format!("already used by a {} run ({})", run.definition, run.id),
-                    ));
-                }
-                let mut job = self.job(&run, true).await?;
-                job.created = false;
-                return Ok(job);
+                return self.retried(&s, r, &run).await;
             }
         }
         let vm_id = s.vm_id.trim();
@@ -142,30 +165,14 @@ impl FailoverApi {
             reason: "VM_NOT_FOUND",
             message: format!("VM {vm_id} is not in the inventory (not replicated?)"),
         })?;
-        let mut input = json!({
-            "vm_id": vm_id,
-            "vm_name": if s.vm_name.trim().is_empty() { vm.name.as_str() } else { s.vm_name.trim() },
-            "job_type": s.job_type,
-            "skip_validation": s.skip_validation,
-            "skip_snapshot": s.skip_snapshot,
-            "skip_virtio_injection": s.skip_virtio_injection,
-            "network_mappings": string_map(s.network_mappings),
-            "custom_config": string_map(s.custom_config),
-            "notification_config": string_map(s.notification_config),
-        });
-        if let (Some((auto_cleanup, duration)), Some(obj)) = (s.hold, input.as_object_mut()) {
-            obj.insert("auto_cleanup".into(), json!(auto_cleanup));
-            if !duration.trim().is_empty() {
-                obj.insert("test_duration".into(), json!(duration.trim()));
-            }
-        }
+        let input = s.input(&vm.name);
         let submitted = self
             .state
             .engine
             .submit(SubmitRequest {
                 definition: s.definition.into(),
                 input,
-                request_id,
+                request_id: request_id.clone(),
                 correlation_id: Some(correlation_id),
             })
             .await;
@@ -187,8 +194,21 @@ impl FailoverApi {
             }
             Err(e) => return Err(e.into()),
         };
+        if let (false, Some(r)) = (submitted.created, &request_id) {
+            // A start with the same request id committed first.
+            return self.retried(&s, r, &submitted.run).await;
+        }
         let mut job = self.job(&submitted.run, true).await?;
-        job.created = submitted.created;
+        job.created = true;
+        Ok(job)
+    }
+
+    /// The job `run`, which `request_id` made before, if it was made with `s`'s parameters.
+    async fn retried(&self, s: &Start<'_>, request_id: &str, run: &RunRow) -> ApiResult<pb::FailoverJob> {
+        let recorded = run.input.get("vm_name").and_then(Value::as_str).unwrap_or_default();
+        super::same_request(request_id, run, s.definition, &s.input(recorded), "job")?;
+        let mut job = self.job(run, true).await?;
+        job.created = false;
         Ok(job)
     }
 

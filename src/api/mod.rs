@@ -6,20 +6,25 @@
 // tonic's service traits return `Result<_, tonic::Status>` by value; our helpers match them.
 #![allow(clippy::result_large_err)]
 
+mod codec;
 pub mod convert;
+mod cork;
 pub mod error;
 mod failover;
 mod watch;
 mod workflow;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tonic::metadata::MetadataValue;
 
 use crate::engine::Engine;
 use crate::steps::failover::FailoverDeps;
+use crate::store::RunRow;
 pub use failover::FailoverApi;
 pub use workflow::WorkflowApi;
 
@@ -75,9 +80,10 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    // No Nagle: a watch stream's small messages would otherwise wait for delayed ACKs (~40 ms each).
+    // No Nagle: a watch stream's small messages would otherwise wait for delayed ACKs (~40 ms
+    // each). Corked instead: what a connection queues in one turn leaves in one write.
     let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
-        s.and_then(|s| s.set_nodelay(true).map(|_| s))
+        s.and_then(|s| s.set_nodelay(true).map(|_| cork::Corked::new(s)))
     });
     tonic::transport::Server::builder()
         .add_service(health)
@@ -100,6 +106,47 @@ pub(crate) fn correlation_of<T>(req: &tonic::Request<T>) -> String {
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// Ok when `run`, the run a request's `request_id` already made, was made with this `definition`
+/// and `input` (a JSON object); otherwise ALREADY_EXISTS REQUEST_ID_REUSED, naming the request id,
+/// the run (as `noun`: "job" or "run") and the input fields that differ.
+pub(crate) fn same_request(
+    request_id: &str,
+    run: &RunRow,
+    definition: &str,
+    input: &Value,
+    noun: &str,
+) -> Result<(), error::ApiError> {
+    let mut differ = Vec::new();
+    if run.definition != definition {
+        differ.push("definition".to_string());
+    }
+    let empty = serde_json::Map::new();
+    let (given, stored) = (
+        input.as_object().unwrap_or(&empty),
+        run.input.as_object().unwrap_or(&empty),
+    );
+    let mut keys: Vec<&String> = given.keys().chain(stored.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    differ.extend(keys.into_iter().filter(|k| given.get(*k) != stored.get(*k)).cloned());
+    if differ.is_empty() {
+        return Ok(());
+    }
+    Err(error::ApiError::AlreadyExists {
+        reason: "REQUEST_ID_REUSED",
+        message: format!(
+            "request_id {request_id:?} was already used for {noun} {} with other parameters (differs in: {})",
+            run.id,
+            differ.join(", ")
+        ),
+        metadata: HashMap::from([
+            ("request_id".to_string(), request_id.to_string()),
+            (format!("{noun}_id"), run.id.to_string()),
+            ("fields".to_string(), differ.join(",")),
+        ]),
+    })
 }
 
 /// A response carrying `correlation_id` as `x-correlation-id` metadata.

@@ -56,22 +56,45 @@ pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String
         fed,
         poll_every: POLL,
         started: false,
-        done: false,
     };
-    let events = futures::stream::unfold((watch, correlation_id), |(mut w, correlation_id)| async move {
-        if w.done {
-            return None;
-        }
-        let events = match w.next().await {
-            Ok(events) => events,
-            Err(e) => {
-                w.done = true;
-                vec![Err(e.into_status(&correlation_id))]
-            }
-        };
-        Some((futures::stream::iter(events), (w, correlation_id)))
-    });
+    let events = futures::stream::unfold(
+        (watch, correlation_id, Ending::No),
+        |(mut w, correlation_id, ending)| async move {
+            let (events, ending) = match ending {
+                Ending::Ended => return None,
+                Ending::After(end) => {
+                    // Pending once: tonic sends the entries it holds as a frame of their own.
+                    // The next poll comes at once and gives the event, then the stream's end.
+                    tokio::task::yield_now().await;
+                    (vec![Ok(end)], Ending::Ended)
+                }
+                Ending::No => match w.next().await {
+                    Ok((entries, None)) => (entries.into_iter().map(Ok).collect(), Ending::No),
+                    Ok((entries, Some(end))) if entries.is_empty() => (vec![Ok(end)], Ending::Ended),
+                    Ok((entries, Some(end))) => (entries.into_iter().map(Ok).collect(), Ending::After(end)),
+                    Err(e) => (vec![Err(e.into_status(&correlation_id))], Ending::Ended),
+                },
+            };
+            Some((futures::stream::iter(events), (w, correlation_id, ending)))
+        },
+    );
     Box::pin(futures::StreamExt::flatten(events))
+}
+
+/// Where a watch stands with its terminal event.
+///
+/// The terminal event goes in a DATA frame of its own, a few dozen bytes, right before the
+/// trailers that end the stream, rather than at the end of its batch's entries: h2 copies a
+/// frame that small into its buffer with the trailers, and the [`super::cork`] keeps them in
+/// one write. The client reads the stream's end with the event, so a client that drops the
+/// stream on reading the event sends no RST_STREAM (why that matters: `cork`).
+enum Ending {
+    /// The run has not been seen ended.
+    No,
+    /// The entries of the last batch are out; this terminal event goes next, alone.
+    After(pb::WatchEvent),
+    /// The terminal event, or an error, was sent: the stream ends.
+    Ended,
 }
 
 /// A watch between two batches of events.
@@ -86,21 +109,18 @@ struct Watch {
     poll_every: Duration,
     /// Whether a batch was sent already (the first goes without waiting).
     started: bool,
-    /// The terminal event was sent, or an error.
-    done: bool,
 }
 
 impl Watch {
-    /// The next events to send: once the first batch is out, waits for more (the feed, or the
-    /// next poll), then sends what followed the last entry sent, and the terminal event once
-    /// the run has ended.
-    async fn next(&mut self) -> Result<Vec<Result<pb::WatchEvent, Status>>, ApiError> {
+    /// The next entries to send, and the terminal event once the run has ended: once the first
+    /// batch is out, waits for more (the feed, or the next poll), then takes what followed the
+    /// last entry sent.
+    async fn next(&mut self) -> Result<(Vec<pb::WatchEvent>, Option<pb::WatchEvent>), ApiError> {
         if self.started {
             self.wait().await;
         }
         self.started = true;
         let sent_before = self.last;
-        let mut out = Vec::new();
         let (entries, full) = match self.fed.first() {
             Some(first) if first.seq == self.last + 1 => (std::mem::take(&mut self.fed), false),
             _ => {
@@ -109,10 +129,11 @@ impl Watch {
                 (read, full)
             }
         };
+        let mut out = Vec::with_capacity(entries.len());
         for e in &entries {
-            out.push(Ok(pb::WatchEvent {
+            out.push(pb::WatchEvent {
                 event: Some(Event::Entry(convert::entry(e))),
-            }));
+            });
             self.last = e.seq;
         }
         self.poll_every = next_poll(self.poll_every, self.last > sent_before);
@@ -120,7 +141,7 @@ impl Watch {
             // More to read at once.
             self.fed.clear();
             self.started = false;
-            return Ok(out);
+            return Ok((out, None));
         }
         // Entries but no `run_finished` yet: wait for more. Otherwise (nothing new, or the run
         // just finished) look at the row to send the terminal event at once.
@@ -128,15 +149,14 @@ impl Watch {
             .last()
             .is_some_and(|e| matches!(e.record, crate::engine::machine::Record::RunFinished { .. }));
         if !entries.is_empty() && !finished {
-            return Ok(out);
+            return Ok((out, None));
         }
+        let terminal = |t| pb::WatchEvent {
+            event: Some(Event::Terminal(t)),
+        };
         // This process committed the end: the feed has the terminal state, no read needed.
         if let Some((seq, state)) = self.feed.finished().filter(|(seq, _)| *seq == self.last) {
-            out.push(Ok(pb::WatchEvent {
-                event: Some(Event::Terminal(convert::terminal_of(state, *seq))),
-            }));
-            self.done = true;
-            return Ok(out);
+            return Ok((out, Some(terminal(convert::terminal_of(state, *seq)))));
         }
         // The run row and its journal are committed together: once the row is terminal, every
         // entry up to its last_seq is readable.
@@ -144,13 +164,8 @@ impl Watch {
             reason: "JOB_NOT_FOUND",
             message: format!("job {} not found", self.run),
         })?;
-        if row.status.is_terminal() && self.last >= row.last_seq {
-            out.push(Ok(pb::WatchEvent {
-                event: Some(Event::Terminal(convert::terminal(&row))),
-            }));
-            self.done = true;
-        }
-        Ok(out)
+        let end = (row.status.is_terminal() && self.last >= row.last_seq).then(|| terminal(convert::terminal(&row)));
+        Ok((out, end))
     }
 
     /// Waits until the feed holds entries after the last one sent, or until the next poll.

@@ -114,16 +114,21 @@ impl WorkflowService for WorkflowApi {
             if !input.is_object() {
                 return Err(ApiError::field("input_json", "must be a JSON object"));
             }
+            let definition = r.definition.trim();
+            let request_id = Some(r.request_id.trim().to_string()).filter(|s| !s.is_empty());
             let s = self
                 .state
                 .engine
                 .submit(SubmitRequest {
-                    definition: r.definition.trim().to_string(),
-                    input,
-                    request_id: Some(r.request_id.trim().to_string()).filter(|s| !s.is_empty()),
+                    definition: definition.to_string(),
+                    input: input.clone(),
+                    request_id: request_id.clone(),
                     correlation_id: Some(c.clone()),
                 })
                 .await?;
+            if let (false, Some(request_id)) = (s.created, &request_id) {
+                super::same_request(request_id, &s.run, definition, &input, "run")?;
+            }
             self.view_submitted(&s).await
         }
         .await;

@@ -5,6 +5,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod dropped_watches;
 mod restart;
 
 use std::sync::Arc;
@@ -457,6 +458,177 @@ async fn duplicate_request_id_returns_the_same_job(db: TestDb) {
             .unwrap()
             .into_inner();
     assert_eq!(all.jobs.len(), 1, "never a second job");
+}
+
+/// ALREADY_EXISTS REQUEST_ID_REUSED naming `request_id`, the run it made and the fields that
+/// differ.
+fn assert_reused(e: &tonic::Status, request_id: &str, id_key: &str, id: &str, fields: &str) {
+    assert_eq!(
+        (e.code(), reason(e).as_str()),
+        (Code::AlreadyExists, "REQUEST_ID_REUSED"),
+        "{e:?}"
+    );
+    assert!(e.message().contains(&format!("{request_id:?}")), "{}", e.message());
+    let info = e.get_error_details().error_info().cloned().expect("error info");
+    assert_eq!(info.metadata.get("request_id").map(String::as_str), Some(request_id));
+    assert_eq!(info.metadata.get(id_key).map(String::as_str), Some(id));
+    assert_eq!(info.metadata.get("fields").map(String::as_str), Some(fields), "{e:?}");
+}
+
+/// A request id names one request. Used again with other parameters (another VM, another
+/// option, the other kind of failover, another definition or input) it is ALREADY_EXISTS and
+/// nothing is created, also when the two requests race; with the same parameters it is the same
+/// job or run.
+async fn reused_request_id_with_other_parameters_is_already_exists(db: TestDb) {
+    let a = api(&db).await;
+    let (vm, windows, db_vm) = (a.vm("linux"), a.vm("windows"), a.inv.vms[2].clone());
+    assert!(vm.vm_id != db_vm.vm_id && db_vm.os_type == "linux");
+    let first = pb::StartTestFailoverRequest {
+        request_id: "req-7".into(),
+        test_duration: "1h".into(),
+        ..a.test_request(&vm)
+    };
+    let job =
+        a.fo.clone()
+            .start_test_failover(first.clone())
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(job.created);
+    // vm_name left out the first time records the inventory's name: giving it is the same request.
+    let same =
+        a.fo.clone()
+            .start_test_failover(pb::StartTestFailoverRequest {
+                vm_name: vm.name.clone(),
+                ..first.clone()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!((same.job_id.as_str(), same.created), (job.job_id.as_str(), false));
+    let mappings = std::collections::HashMap::from([("VM Network".to_string(), "net-9".to_string())]);
+    let others = [
+        (
+            pb::StartTestFailoverRequest {
+                vm_id: windows.vm_id.clone(),
+                ..first.clone()
+            },
+            "vm_id",
+        ),
+        (
+            pb::StartTestFailoverRequest {
+                skip_snapshot: true,
+                ..first.clone()
+            },
+            "skip_snapshot",
+        ),
+        (
+            pb::StartTestFailoverRequest {
+                auto_cleanup: true,
+                test_duration: "2h".into(),
+                ..first.clone()
+            },
+            "auto_cleanup,test_duration",
+        ),
+        (
+            pb::StartTestFailoverRequest {
+                network_mappings: mappings,
+                ..first.clone()
+            },
+            "network_mappings",
+        ),
+        (
+            pb::StartTestFailoverRequest {
+                vm_name: "renamed".into(),
+                ..first.clone()
+            },
+            "vm_name",
+        ),
+    ];
+    for (req, fields) in others {
+        let e = a.fo.clone().start_test_failover(req).await.unwrap_err();
+        assert_reused(&e, "req-7", "job_id", &job.job_id, fields);
+    }
+    let e =
+        a.fo.clone()
+            .start_live_failover(pb::StartLiveFailoverRequest {
+                vm_id: vm.vm_id.clone(),
+                request_id: "req-7".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+    assert_reused(
+        &e,
+        "req-7",
+        "job_id",
+        &job.job_id,
+        "definition,auto_cleanup,job_type,test_duration",
+    );
+    let e =
+        a.wf.clone()
+            .submit_workflow(pb::SubmitWorkflowRequest {
+                definition: "test-failover".into(),
+                input_json: r#"{"vm_id": "other"}"#.into(),
+                request_id: "req-7".into(),
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let jobs =
+        a.fo.clone()
+            .list_failovers(pb::ListFailoversRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs;
+    assert_eq!(jobs.len(), 1, "never a second job");
+
+    // Two different requests racing with one request id: one job, and ALREADY_EXISTS.
+    let (mut c1, mut c2) = (a.fo.clone(), a.fo.clone());
+    let race = |vm: &VmRecord| pb::StartTestFailoverRequest {
+        request_id: "req-8".into(),
+        ..a.test_request(vm)
+    };
+    let (x, y) = tokio::join!(
+        c1.start_test_failover(race(&windows)),
+        c2.start_test_failover(race(&db_vm))
+    );
+    let (won, lost) = match (x, y) {
+        (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w.into_inner(), l),
+        other => panic!("one start must win and the other be refused: {other:?}"),
+    };
+    assert!(won.created);
+    assert_reused(&lost, "req-8", "job_id", &won.job_id, "vm_id");
+
+    // SubmitWorkflow: the same definition and input (as JSON, not as text) is the same run.
+    let mut wf = a.wf.clone();
+    let submit = |definition: &str, input: &str| pb::SubmitWorkflowRequest {
+        definition: definition.into(),
+        input_json: input.into(),
+        request_id: "wf-7".into(),
+    };
+    let run = wf
+        .submit_workflow(submit("noop-6", r#"{"n":1}"#))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(run.created);
+    let again = wf
+        .submit_workflow(submit("noop-6", r#" { "n" : 1 } "#))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((again.run_id.as_str(), again.created), (run.run_id.as_str(), false));
+    let e = wf.submit_workflow(submit("noop-6", r#"{"n":2}"#)).await.unwrap_err();
+    assert_reused(&e, "wf-7", "run_id", &run.run_id, "n");
+    let e = wf.submit_workflow(submit("noop-6", "")).await.unwrap_err();
+    assert_reused(&e, "wf-7", "run_id", &run.run_id, "n");
+    let e = wf
+        .submit_workflow(submit("crash-saga", r#"{"n":1}"#))
+        .await
+        .unwrap_err();
+    assert_reused(&e, "wf-7", "run_id", &run.run_id, "definition");
 }
 
 /// Two concurrent starts on one VM (different request ids): the database lets exactly one win.
@@ -1017,6 +1189,119 @@ async fn workflow_service_runs_any_definition(db: TestDb) {
     assert_eq!(bad_fields(&e), vec!["status"]);
 }
 
+/// A codec that sends its bytes as they are, and reads an answer as bytes.
+#[derive(Default)]
+struct Raw;
+
+impl tonic::codec::Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl tonic::codec::Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = prost::bytes::Buf::remaining(buf);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(buf, n).to_vec()))
+    }
+}
+
+/// A request body that is not the method's message, sent as a well-framed gRPC message: the
+/// server answers INVALID_ARGUMENT with the usual details (not tonic's INTERNAL), for unary and
+/// streaming methods alike, and creates nothing.
+async fn undecodable_requests_are_invalid_argument(db: TestDb) {
+    let a = api(&db).await;
+    let mut grpc = tonic::client::Grpc::new(a.channel.clone());
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static;
+    // The raw client works: an empty body is a valid ListDefinitionsRequest.
+    grpc.ready().await.unwrap();
+    let defs = grpc
+        .unary(
+            tonic::Request::new(Vec::new()),
+            path("/tern.v1.WorkflowService/ListDefinitions"),
+            Raw,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!defs.is_empty());
+    let cases: [(&str, &[u8], &str); 3] = [
+        // Field 1 (vm_id): a string whose two bytes are not UTF-8.
+        (
+            "/tern.v1.FailoverService/StartTestFailover",
+            &[0x0a, 0x02, 0xff, 0xfe],
+            "StartTestFailoverRequest",
+        ),
+        // A field key that is not a varint.
+        (
+            "/tern.v1.WorkflowService/SubmitWorkflow",
+            &[0xff; 11],
+            "SubmitWorkflowRequest",
+        ),
+        // Wire type 7, which does not exist (a server-streaming method).
+        (
+            "/tern.v1.WorkflowService/WatchWorkflow",
+            &[0x0f],
+            "WatchWorkflowRequest",
+        ),
+    ];
+    for (method, body, message) in cases {
+        grpc.ready().await.unwrap();
+        let request = tonic::Request::new(body.to_vec());
+        let e = if method.contains("/Watch") {
+            match grpc.server_streaming(request, path(method), Raw).await {
+                Ok(r) => r.into_inner().message().await.expect_err("no event for garbage"),
+                Err(e) => e,
+            }
+        } else {
+            grpc.unary(request, path(method), Raw)
+                .await
+                .expect_err("garbage accepted")
+        };
+        assert_eq!(
+            (e.code(), reason(&e).as_str()),
+            (Code::InvalidArgument, "INVALID_ARGUMENT"),
+            "{method}: {e:?}"
+        );
+        assert_eq!(bad_fields(&e), ["request"], "{method}");
+        assert!(
+            e.message().contains(&format!("tern.v1.{message}")),
+            "{method}: {}",
+            e.message()
+        );
+        assert!(!correlation(e.metadata()).is_empty(), "{method}");
+    }
+    let runs =
+        a.wf.clone()
+            .list_workflows(pb::ListWorkflowsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(runs.workflows.is_empty(), "{runs:?}");
+}
+
 async fn health_and_reflection_are_served(db: TestDb) {
     let a = api(&db).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(a.channel.clone());
@@ -1178,6 +1463,7 @@ on_both_backends!(
     test_failover_with_auto_cleanup_through_the_api,
     second_active_failover_on_a_vm_is_vm_busy,
     duplicate_request_id_returns_the_same_job,
+    reused_request_id_with_other_parameters_is_already_exists,
     watch_resumes_without_gaps_or_duplicates,
     workflow_service_runs_any_definition,
     watch_terminal_event_matches_the_stored_run,
@@ -1212,6 +1498,16 @@ mod sqlite_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn health_and_reflection() {
         health_and_reflection_are_served(common::sqlite_db()).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn undecodable_requests() {
+        undecodable_requests_are_invalid_argument(common::sqlite_db()).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropped_watch_streams() {
+        crate::dropped_watches::dropped_watch_streams_never_cost_the_connection(common::sqlite_db()).await
     }
 }
 

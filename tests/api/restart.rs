@@ -14,14 +14,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common::TestDb;
 
-struct Server {
-    args: Vec<String>,
-    log_dir: tempfile::TempDir,
-    endpoint: String,
+/// A `tern server` child process to start (and start again) with `args`; its logs are kept in
+/// `log_dir`, one file per start.
+pub(crate) struct Server {
+    pub(crate) args: Vec<String>,
+    pub(crate) log_dir: tempfile::TempDir,
+    pub(crate) endpoint: String,
 }
 
 impl Server {
-    fn spawn(&self, name: &str) -> Child {
+    pub(crate) fn spawn(&self, name: &str) -> Child {
         let log = std::fs::File::create(self.log_dir.path().join(format!("{name}.log"))).unwrap();
         Command::new(env!("CARGO_BIN_EXE_tern"))
             .args(&self.args)
@@ -34,7 +36,7 @@ impl Server {
             .expect("spawn tern server")
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let mut out = String::new();
         for e in std::fs::read_dir(self.log_dir.path()).unwrap().flatten() {
             out += &format!(
@@ -46,18 +48,23 @@ impl Server {
         out
     }
 
-    async fn client(&self) -> FailoverServiceClient<tonic::transport::Channel> {
+    /// One connection to the server, once it is up.
+    pub(crate) async fn channel(&self) -> tonic::transport::Channel {
         for _ in 0..300 {
             if let Ok(ch) = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
                 .unwrap()
                 .connect()
                 .await
             {
-                return FailoverServiceClient::new(ch);
+                return ch;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("server never came up\n{}", self.logs());
+    }
+
+    async fn client(&self) -> FailoverServiceClient<tonic::transport::Channel> {
+        FailoverServiceClient::new(self.channel().await)
     }
 }
 
