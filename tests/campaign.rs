@@ -357,23 +357,7 @@ async fn failovers_survive_a_randomized_fault_campaign() {
         .unwrap();
     let defs = common::fast_failover_definitions(12, "500ms");
     let base = sim.base.clone();
-    let env: Vec<(String, String)> = [
-        ("TERN_CLOUDSTACK_URL", format!("{base}/client/api")),
-        ("TERN_CLOUDSTACK_API_KEY", "k".into()),
-        ("TERN_CLOUDSTACK_SECRET_KEY", "s".into()),
-        ("TERN_ZONE_ID", sample.zone_id.clone()),
-        ("TERN_SERVICE_OFFERING_ID", sample.service_offering_id.clone()),
-        ("TERN_TEMPLATE_ID", sample.template_id.clone()),
-        ("TERN_TEST_NETWORK_ID", sample.test_network_id.clone()),
-        ("TERN_VIRTIO_SIM_URL", base.clone()),
-        ("TERN_JOB_POLL", "20ms".into()),
-        ("TERN_JOB_TIMEOUT", "10s".into()),
-        ("TERN_REQUEST_TIMEOUT", "1s".into()),
-        ("TERN_WORKFLOWS_DIR", defs.path().display().to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    let env = common::failover_env(&base, &sample, defs.path());
     let engine = Engine::with_defaults(store.clone(), Some(defs.path()), EngineConfig::default()).unwrap();
     let mut cfg = tern::providers::cloudstack::CloudStackConfig::new(format!("{base}/client/api"), "k", "s");
     cfg.request_timeout = Duration::from_secs(1);

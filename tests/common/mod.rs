@@ -237,3 +237,25 @@ pub async fn terminate_in(log_dir: &std::path::Path, mut child: tokio::process::
         logs_in(log_dir)
     );
 }
+
+/// The environment of a `tern worker` that fails over against the simulator at `base` (keys
+/// `k`/`s`) with the definitions in `defs`: fast job polls, a 1 s request timeout.
+pub fn failover_env(base: &str, sample: &tern::sim::SampleInventory, defs: &std::path::Path) -> Vec<(String, String)> {
+    [
+        ("TERN_CLOUDSTACK_URL", format!("{base}/client/api")),
+        ("TERN_CLOUDSTACK_API_KEY", "k".into()),
+        ("TERN_CLOUDSTACK_SECRET_KEY", "s".into()),
+        ("TERN_ZONE_ID", sample.zone_id.clone()),
+        ("TERN_SERVICE_OFFERING_ID", sample.service_offering_id.clone()),
+        ("TERN_TEMPLATE_ID", sample.template_id.clone()),
+        ("TERN_TEST_NETWORK_ID", sample.test_network_id.clone()),
+        ("TERN_VIRTIO_SIM_URL", base.to_string()),
+        ("TERN_JOB_POLL", "20ms".into()),
+        ("TERN_JOB_TIMEOUT", "10s".into()),
+        ("TERN_REQUEST_TIMEOUT", "1s".into()),
+        ("TERN_WORKFLOWS_DIR", defs.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}

@@ -60,23 +60,7 @@ pub(crate) async fn campaign(db: &TestDb, faults: Option<Value>) -> Campaign {
     // Fast retries with a realistic budget, so faults cost milliseconds, not minutes.
     let defs = common::fast_failover_definitions(12, "200ms");
     let base = sim.base.clone();
-    let env: Vec<(String, String)> = [
-        ("TERN_CLOUDSTACK_URL", format!("{base}/client/api")),
-        ("TERN_CLOUDSTACK_API_KEY", "k".into()),
-        ("TERN_CLOUDSTACK_SECRET_KEY", "s".into()),
-        ("TERN_ZONE_ID", sample.zone_id.clone()),
-        ("TERN_SERVICE_OFFERING_ID", sample.service_offering_id.clone()),
-        ("TERN_TEMPLATE_ID", sample.template_id.clone()),
-        ("TERN_TEST_NETWORK_ID", sample.test_network_id.clone()),
-        ("TERN_VIRTIO_SIM_URL", base.clone()),
-        ("TERN_JOB_POLL", "20ms".into()),
-        ("TERN_JOB_TIMEOUT", "10s".into()),
-        ("TERN_REQUEST_TIMEOUT", "1s".into()),
-        ("TERN_WORKFLOWS_DIR", defs.path().display().to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    let env = common::failover_env(&base, &sample, defs.path());
     // The test process only submits (through an engine with the same definitions).
     let engine = Engine::with_defaults(store.clone(), Some(defs.path()), EngineConfig::default()).unwrap();
     Campaign {
@@ -107,6 +91,17 @@ impl Campaign {
                 json!({"vm_id": v.vm_id, "vm_name": v.name, "auto_cleanup": true, "test_duration": "200ms"}),
             )
         };
+        self.submit_input(vm, def, input, live).await;
+    }
+
+    /// A test failover of sample VM `vm` that holds until told.
+    pub(crate) async fn submit_held(&mut self, vm: usize) -> RunId {
+        let v = &self.inv.vms[vm];
+        let input = json!({"vm_id": v.vm_id, "vm_name": v.name});
+        self.submit_input(vm, "test-failover", input, false).await
+    }
+
+    async fn submit_input(&mut self, vm: usize, def: &str, input: Value, live: bool) -> RunId {
         let id = self
             .engine
             .submit(SubmitRequest {
@@ -119,7 +114,8 @@ impl Campaign {
             .unwrap()
             .run
             .id;
-        self.runs.push((id, v.vm_id.clone(), live));
+        self.runs.push((id, self.inv.vms[vm].vm_id.clone(), live));
+        id
     }
 
     async fn all_terminal(&self) -> bool {
@@ -309,26 +305,6 @@ impl Campaign {
     fn cloud(&self) -> tern::providers::cloudstack::CloudStackClient {
         let cfg = tern::providers::cloudstack::CloudStackConfig::new(format!("{}/client/api", self.base), "k", "s");
         tern::providers::cloudstack::CloudStackClient::new(cfg).unwrap()
-    }
-
-    /// A test failover of sample VM `vm` that holds until told.
-    pub(crate) async fn submit_held(&mut self, vm: usize) -> RunId {
-        let v = &self.inv.vms[vm];
-        let input = json!({"vm_id": v.vm_id, "vm_name": v.name});
-        let id = self
-            .engine
-            .submit(SubmitRequest {
-                definition: "test-failover".into(),
-                input,
-                request_id: None,
-                correlation_id: None,
-            })
-            .await
-            .unwrap()
-            .run
-            .id;
-        self.runs.push((id, v.vm_id.clone(), false));
-        id
     }
 
     async fn wait_status(&self, run: RunId, status: RunStatus) {

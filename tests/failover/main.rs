@@ -52,6 +52,23 @@ async fn world_with(db: &TestDb, snapshots: SnapshotKind, faults: Option<Value>,
     world_full(db, snapshots, faults, attempts, None).await
 }
 
+/// How fast the simulated cloud answers and how patient the client and the retries are.
+struct Tuning {
+    latency_ms: u64,
+    job_poll: Duration,
+    request_timeout: Duration,
+    max_delay: &'static str,
+    concurrency: usize,
+}
+
+const TUNING: Tuning = Tuning {
+    latency_ms: 20,
+    job_poll: Duration::from_millis(10),
+    request_timeout: Duration::from_secs(2),
+    max_delay: "100ms",
+    concurrency: 8,
+};
+
 async fn world_full(
     db: &TestDb,
     snapshots: SnapshotKind,
@@ -59,7 +76,18 @@ async fn world_full(
     attempts: u32,
     injector: Option<InjectorSettings>,
 ) -> World {
-    let sim = common::start_sim(7, faults, KEY, SECRET, 20).await;
+    world_tuned(db, snapshots, faults, attempts, injector, &TUNING).await
+}
+
+async fn world_tuned(
+    db: &TestDb,
+    snapshots: SnapshotKind,
+    faults: Option<Value>,
+    attempts: u32,
+    injector: Option<InjectorSettings>,
+    tuning: &Tuning,
+) -> World {
+    let sim = common::start_sim(7, faults, KEY, SECRET, tuning.latency_ms).await;
     let sample = sim.sample.clone();
     let inv = sim.inventory.clone();
     let store = db.open().await;
@@ -78,16 +106,16 @@ async fn world_full(
         template_id: sample.template_id.clone(),
         test_network_id: Some(sample.test_network_id.clone()),
         injector: injector.unwrap_or(InjectorSettings::Sim { base_url: base.clone() }),
-        job_poll: Duration::from_millis(10),
+        job_poll: tuning.job_poll,
         job_timeout: Duration::from_secs(10),
-        request_timeout: Duration::from_secs(2),
+        request_timeout: tuning.request_timeout,
     };
     let mut registry = tern::steps::Registry::with_builtins(store.clone());
     tern::steps::failover::register(&mut registry, setup::build(&settings, store.clone()).unwrap());
-    let defs = common::fast_failover_definitions(attempts, "100ms");
+    let defs = common::fast_failover_definitions(attempts, tuning.max_delay);
     let cfg = EngineConfig {
         worker_id: "failover-test".into(),
-        concurrency: 8,
+        concurrency: tuning.concurrency,
         lease_ttl: Duration::from_secs(5),
         poll_interval: Duration::from_millis(50),
         shutdown_grace: Duration::from_secs(1),

@@ -14,55 +14,15 @@ use super::*;
 
 /// A world of its own for one case: a SQLite store, a simulator with fast jobs, a client that
 /// gives up on a hung request quickly, and definitions with a realistic retry budget.
-async fn sweep_world(db: &TestDb, snapshots: SnapshotKind, faults: Option<Value>) -> World {
-    let sim = common::start_sim(7, faults, KEY, SECRET, 5).await;
-    let sample = sim.sample.clone();
-    let inv = sim.inventory.clone();
-    let store = db.open().await;
-    tern::store::load_inventory(store.as_ref(), &inv, tern::domain::Timestamp::now())
-        .await
-        .unwrap();
-    let base = sim.base.clone();
-    let settings = CloudSettings {
-        cloudstack_url: format!("{base}/client/api"),
-        api_key: KEY.into(),
-        secret_key: SECRET.into(),
-        linstor_url: Some(base.clone()),
-        snapshot_backend: snapshots,
-        zone_id: sample.zone_id.clone(),
-        service_offering_id: sample.service_offering_id.clone(),
-        template_id: sample.template_id.clone(),
-        test_network_id: Some(sample.test_network_id.clone()),
-        injector: InjectorSettings::Sim { base_url: base.clone() },
+async fn sweep_world(db: &TestDb, snapshots: SnapshotKind, faults: Option<Value>, latency_ms: u64) -> World {
+    let tuning = Tuning {
+        latency_ms,
         job_poll: Duration::from_millis(5),
-        job_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_millis(300),
-    };
-    let mut registry = tern::steps::Registry::with_builtins(store.clone());
-    tern::steps::failover::register(&mut registry, setup::build(&settings, store.clone()).unwrap());
-    let defs = common::fast_failover_definitions(6, "50ms");
-    let cfg = EngineConfig {
-        worker_id: "sweep".into(),
+        max_delay: "50ms",
         concurrency: 4,
-        lease_ttl: Duration::from_secs(5),
-        poll_interval: Duration::from_millis(20),
-        shutdown_grace: Duration::from_secs(1),
     };
-    let engine = Engine::with_registry(store.clone(), Some(defs.path()), registry, cfg).unwrap();
-    let stop = CancellationToken::new();
-    let (e, s) = (engine.clone(), stop.clone());
-    tokio::spawn(async move { worker::run_worker(e, s).await });
-    World {
-        base,
-        http: reqwest::Client::new(),
-        stop,
-        sample,
-        inv,
-        engine,
-        store,
-        _defs: defs,
-        _sim: sim,
-    }
+    world_tuned(db, snapshots, faults, 6, None, &tuning).await
 }
 
 #[derive(Debug, Clone)]
@@ -81,7 +41,7 @@ async fn run_case(case: &Case) -> Result<std::collections::BTreeMap<String, Requ
         .as_ref()
         .map(|(command, fault)| json!({"hang_ms": 600, "scripted": {command.as_str(): {"0": fault}}}));
     let faults = usize::from(plan.is_some());
-    run_planned(case.snapshots, case.live, plan, faults).await
+    run_planned(case.snapshots, case.live, plan, faults, 5).await
 }
 
 /// One failover under a fault plan that must inject exactly `faults` faults.
@@ -90,9 +50,10 @@ async fn run_planned(
     live: bool,
     plan: Option<Value>,
     faults: usize,
+    latency_ms: u64,
 ) -> Result<std::collections::BTreeMap<String, RequestCount>, String> {
     let db = common::sqlite_db();
-    let w = sweep_world(&db, snapshots, plan).await;
+    let w = sweep_world(&db, snapshots, plan, latency_ms).await;
     let vm = w.vm("windows").clone();
     let (def, extra) = if live {
         ("live-failover", json!({"job_type": "live"}))
@@ -199,7 +160,7 @@ async fn a_single_fault_anywhere_never_fails_a_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_error_on_create_snapshot_is_retried_not_fatal() {
     let plan = json!({"scripted": {"createSnapshot": {"0": "error"}}});
-    run_planned(SnapshotKind::CloudstackVolume, false, Some(plan), 1)
+    run_planned(SnapshotKind::CloudstackVolume, false, Some(plan), 1, 5)
         .await
         .unwrap();
 }
@@ -210,7 +171,19 @@ async fn one_error_on_create_snapshot_is_retried_not_fatal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_deploy_then_a_lost_reply_adopts_the_vm_by_name() {
     let plan = json!({"scripted": {"deployVirtualMachine": {"0": "job_failure", "1": "lost_reply"}}});
-    run_planned(SnapshotKind::CloudstackVolume, true, Some(plan), 2)
+    run_planned(SnapshotKind::CloudstackVolume, true, Some(plan), 2, 5)
+        .await
+        .unwrap();
+}
+
+/// Found by the randomized campaign (5 of 651 jobs): the detach of the new VM's own ROOT disk
+/// lost its reply while its job still ran; the retry saw the disk still attached and detached
+/// it again, and that job's "431 Volume … is not attached to any VM" failed the failover. Jobs
+/// take 300 ms here, so the retry (20 ms later) looks while the first job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detach_whose_reply_was_lost_while_its_job_runs_is_not_fatal() {
+    let plan = json!({"scripted": {"detachVolume": {"0": "lost_reply"}}});
+    run_planned(SnapshotKind::CloudstackVolume, false, Some(plan), 1, 300)
         .await
         .unwrap();
 }

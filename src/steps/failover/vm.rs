@@ -107,8 +107,15 @@ async fn adopt_or_clear(cx: &Cx<'_>) -> Result<Option<Value>, ActionError> {
         id: vm.id.clone(),
         expunge: true,
     };
-    cx.job(&format!("destroy_failed:{}", vm.id), cmd, "VM_CREATE_FAILED")
-        .await?;
+    if let Err(e) = cx
+        .job(&format!("destroy_failed:{}", vm.id), cmd, "VM_CREATE_FAILED")
+        .await
+    {
+        // An earlier attempt's destroy (its reply lost) may have removed it meanwhile.
+        if cx.find_vm().await?.is_some_and(|v| v.id == vm.id) {
+            return Err(retryable(e));
+        }
+    }
     Err(ActionError::retryable(
         "VM_CREATE_FAILED",
         format!(

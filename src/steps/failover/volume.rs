@@ -40,12 +40,23 @@ async fn delete_own_roots(cx: &Cx<'_>, recorded: &[String], vm: Option<&str>, co
             Err(e) => return Err(fail(code, e)),
         };
         if vol.vm_id.is_some() {
-            cx.job(
-                &format!("detach_own_root:{id}"),
-                AsyncCommand::DetachVolume { volume_id: id.clone() },
-                code,
-            )
-            .await?;
+            let detached = cx
+                .job(
+                    &format!("detach_own_root:{id}"),
+                    AsyncCommand::DetachVolume { volume_id: id.clone() },
+                    code,
+                )
+                .await;
+            // The world decides: an earlier attempt's detach (its reply lost, its job still
+            // running when this attempt looked) may have won, and then this job's "not
+            // attached to any VM" is success.
+            if let Err(e) = detached {
+                match cx.cloud().get_volume(&id).await {
+                    Ok(now) if now.vm_id.is_some() => return Err(super::retryable(e)),
+                    Ok(_) | Err(ProviderError::NotFound { .. }) => {}
+                    Err(e) => return Err(fail(code, e)),
+                }
+            }
         }
         match cx.cloud().delete_volume(&id).await {
             Ok(()) | Err(ProviderError::NotFound { .. }) => {}
