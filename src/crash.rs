@@ -52,10 +52,15 @@ fn mode() -> Option<&'static Mode> {
     .as_ref()
 }
 
+/// Whether crash points are in use (a plan or a trace), for callers that would build a name.
+pub fn enabled() -> bool {
+    mode().is_some()
+}
+
 /// Passes the point `<kind>/<detail>` (e.g. `job_finished/attach_to_oma`): a point of one
 /// kind per sub-operation, named without allocating unless crash points are in use.
 pub fn point_of(kind: &str, detail: &str) {
-    if mode().is_some() {
+    if enabled() {
         point(&format!("{kind}/{detail}"));
     }
 }

@@ -240,26 +240,29 @@ impl Driver {
                 .await;
         }
         match self.commit(t.clone(), consumed.clone(), false, now).await {
-            Err(EngineError::Store(StoreError::Fenced { .. })) if self.cancel_arrived().await? => {
-                self.cancel_pending = true;
-                let reason = self.cancel_reason().await?;
-                self.commit(machine::with_late_cancel(t, &reason), consumed, true, now)
-                    .await
-            }
+            Err(fenced @ EngineError::Store(StoreError::Fenced { .. })) => match self.cancel_arrived().await? {
+                Some(reason) => {
+                    self.cancel_pending = true;
+                    self.commit(machine::with_late_cancel(t, &reason), consumed, true, now)
+                        .await
+                }
+                None => Err(fenced),
+            },
             other => other,
         }
     }
 
-    /// After a fenced terminal commit: whether it was a cancel that arrived (the lease and the
-    /// journal position are still this driver's) rather than another worker taking the run.
-    async fn cancel_arrived(&self) -> Result<bool, EngineError> {
+    /// After a fenced terminal commit: the reason of a cancel that arrived (the lease and the
+    /// journal position are still this driver's), or None if another worker took the run.
+    async fn cancel_arrived(&self) -> Result<Option<String>, EngineError> {
         let Some(row) = self.engine.store.get_run(self.run_id).await? else {
-            return Ok(false);
+            return Ok(None);
         };
-        Ok(row.cancel_pending
+        let ours = row.cancel_pending
             && row.last_seq == self.seq
             && row.fencing_token == self.lease.token
-            && row.lease_owner.as_deref() == Some(self.lease.owner.as_str()))
+            && row.lease_owner.as_deref() == Some(self.lease.owner.as_str());
+        Ok(ours.then(|| row.cancel_reason.unwrap_or_else(|| "cancelled".into())))
     }
 
     async fn cancel_reason(&self) -> Result<String, EngineError> {
@@ -315,7 +318,9 @@ impl Driver {
         self.cancel_pending = out.cancel_pending;
         for r in &records {
             tracing::debug!(seq = self.seq, record = r.kind(), "committed");
-            crash::point(&format!("after:{}", r.kind()));
+            if crash::enabled() {
+                crash::point(&format!("after:{}", r.kind()));
+            }
         }
         if !live && !self.state.is_terminal() {
             // A run went to sleep: let the worker loop recompute its next wake-up.

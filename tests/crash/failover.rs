@@ -144,27 +144,7 @@ impl Campaign {
     async fn kill_at(&self, db: &TestDb, point: &str) -> bool {
         let name = format!("doomed-{}", point.replace(':', "-"));
         let mut child = worker_in(db, self.logs.path(), &name, Some(point), &self.env);
-        for _ in 0..600 {
-            if let Some(status) = child.try_wait().unwrap() {
-                use std::os::unix::process::ExitStatusExt;
-                assert_eq!(
-                    status.signal(),
-                    Some(libc::SIGKILL),
-                    "{point}: {status:?}\n{}",
-                    logs_in(self.logs.path())
-                );
-                return true;
-            }
-            if self.all_terminal().await {
-                child.kill().await.unwrap();
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "crash point {point} neither reached nor passed\n{}",
-            logs_in(self.logs.path())
-        );
+        self.until_killed_or(&mut child, point, true).await
     }
 
     pub(crate) async fn finish(&self, db: &TestDb) {
@@ -319,6 +299,12 @@ impl Campaign {
 
     /// Waits for a worker that must die at its crash point.
     async fn until_killed(&self, child: &mut tokio::process::Child, point: &str) {
+        self.until_killed_or(child, point, false).await;
+    }
+
+    /// Waits for `child` to be SIGKILLed at `point`; with `may_pass`, runs that all end first
+    /// stop the wait (the worker is killed) and it returns false.
+    async fn until_killed_or(&self, child: &mut tokio::process::Child, point: &str, may_pass: bool) -> bool {
         for _ in 0..1200 {
             if let Some(status) = child.try_wait().unwrap() {
                 use std::os::unix::process::ExitStatusExt;
@@ -328,7 +314,11 @@ impl Campaign {
                     "{point}: {status:?}\n{}",
                     logs_in(self.logs.path())
                 );
-                return;
+                return true;
+            }
+            if may_pass && self.all_terminal().await {
+                child.kill().await.unwrap();
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
