@@ -91,7 +91,16 @@ pub(crate) async fn revert(cx: &Cx<'_>) -> Result<Value, ActionError> {
     match cx.deps.snapshots.revert(&target, &name).await {
         Ok(()) => {}
         Err(e @ ProviderError::NotFound { .. }) => return Err(ActionError::permanent(CODE, e.to_string())),
-        Err(e) => return Err(fail(CODE, e)),
+        Err(e) => {
+            // The world decides: a job an earlier attempt issued (its reply lost, still running
+            // when this attempt detached) may have put the volume back on a running VM; the
+            // next attempt detaches it again rather than giving up.
+            let now = cx.cloud().get_volume(&src).await.map_err(|e| fail(CODE, e))?;
+            return Err(match now.vm_id {
+                Some(_) => retryable(fail(CODE, e)),
+                None => fail(CODE, e),
+            });
+        }
     }
     if let Some(back) = cx.recorded("restore_to").await.filter(|v| !v.is_null()) {
         let vm_id = back
