@@ -12,6 +12,7 @@ use tern::domain::{parse_duration, RunId};
 use tern::engine::machine::RunStatus;
 use tern::engine::{worker, Engine, EngineConfig, SubmitRequest};
 use tern::providers::virtio::CommandInjectorConfig;
+use tern::steps::failover::recover;
 use tern::steps::failover::setup::{self as failover_setup, CloudSettings, InjectorSettings};
 use tern::store::{self, RunFilter, SignalOutcome, Store};
 
@@ -211,7 +212,13 @@ enum Command {
         json: bool,
     },
     /// Print the exact manual recovery for a failover run (snapshot, volume, VM ids, the calls).
-    Recover { run: String },
+    /// With the cloud configured (as for `tern worker`), it looks up what is left and lists
+    /// only that; without, every step the run may have left.
+    Recover {
+        run: String,
+        #[command(flatten)]
+        cloud: CloudArgs,
+    },
     /// List runs of any definition from the database, newest first.
     Runs {
         #[arg(long)]
@@ -448,7 +455,7 @@ async fn real_main() -> Result<()> {
                 }
             }
         }
-        Command::Recover { run } => {
+        Command::Recover { run, cloud } => {
             let id = run_id(run)?;
             let row = store
                 .get_run(id)
@@ -463,7 +470,19 @@ async fn real_main() -> Result<()> {
             let vm = store.get_vm(&vm_id).await?;
             let job = store.failover_job(id).await?;
             let snap = job.as_ref().and_then(|j| j.linstor_snapshot_name.as_deref());
-            println!("{}", tern::steps::failover::recover::plan(&row, vm.as_ref(), snap));
+            let found = match (cloud_settings(cloud)?, &vm, row.status == RunStatus::NeedsOperator) {
+                (Some(settings), Some(vm), true) => {
+                    let deps = failover_setup::build(&settings, store.clone()).map_err(anyhow::Error::msg)?;
+                    let rec = recover::Recorded::of(&row, snap);
+                    Some(
+                        recover::look(&deps, &row, vm, &rec)
+                            .await
+                            .context("looking up what the run left in the cloud")?,
+                    )
+                }
+                _ => None,
+            };
+            println!("{}", recover::plan(&row, vm.as_ref(), snap, found.as_ref()));
         }
         Command::Runs {
             status,

@@ -44,7 +44,8 @@
 //!   volume exists and is attached to exactly one existing VM (to `expect_vm` if given), and
 //!   no VM, volume, snapshot, VM snapshot or LINSTOR snapshot whose name starts with `P` is
 //!   left. `ok` sums it up.
-//! - `GET /sim/faults`: the faults injected so far ([`FaultRecord`]s).
+//! - `GET /sim/faults`: the faults injected so far ([`FaultRecord`]s); `DELETE /sim/faults`
+//!   stops injecting (an operator fixed the cause; a recovery is then followed).
 //! - `GET /sim/requests`: requests per command since start ([`RequestCount`]s), what a fault
 //!   sweep enumerates.
 //! - `GET /sim/volumes/{id}`: a volume's [`Content`].
@@ -127,6 +128,8 @@ pub(crate) struct App {
     /// Requests per command since start (what a fault sweep covers), counted with or without a plan.
     counters: Mutex<BTreeMap<String, RequestCount>>,
     fault_log: Mutex<Vec<FaultRecord>>,
+    /// Set by `DELETE /sim/faults`: the plan injects nothing more (the cause was fixed).
+    faults_off: std::sync::atomic::AtomicBool,
 }
 
 impl App {
@@ -170,6 +173,9 @@ impl App {
             slot.count += 1;
             n
         };
+        if self.faults_off.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         let plan = self.config.fault_plan.as_ref()?;
         let fault = faults::decide(self.config.seed, plan, command, n, is_async)?;
         tracing::info!(command, n, ?fault, "simulator injects a fault");
@@ -217,6 +223,7 @@ pub async fn serve(
         world: Mutex::new(world),
         counters: Mutex::new(BTreeMap::new()),
         fault_log: Mutex::new(Vec::new()),
+        faults_off: std::sync::atomic::AtomicBool::new(false),
     });
 
     let stop = CancellationToken::new();
@@ -268,7 +275,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/sim/state", get(sim_state))
         .route("/sim/inventory", get(sim_inventory))
         .route("/sim/invariant", get(sim_invariant))
-        .route("/sim/faults", get(sim_faults))
+        .route("/sim/faults", get(sim_faults).delete(sim_faults_off))
         .route("/sim/requests", get(sim_requests))
         .route("/sim/volumes/:id", get(sim_volume))
         .route("/sim/volumes/:id/write", post(sim_write))
@@ -359,6 +366,12 @@ async fn sim_invariant(State(app): State<Arc<App>>, Query(q): Query<InvariantQue
 async fn sim_faults(State(app): State<Arc<App>>) -> Response {
     let log = app.fault_log.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Json(log).into_response()
+}
+
+/// Stops injecting faults, as an operator who fixed the cause would (the log is kept).
+async fn sim_faults_off(State(app): State<Arc<App>>) -> Response {
+    app.faults_off.store(true, std::sync::atomic::Ordering::Relaxed);
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn sim_requests(State(app): State<Arc<App>>) -> Response {

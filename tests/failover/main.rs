@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use common::TestDb;
 
+mod recover;
 mod sweep;
 
 const KEY: &str = "test-key";
@@ -34,6 +35,8 @@ struct World {
     inv: InventoryFile,
     engine: Arc<Engine>,
     store: Arc<dyn Store>,
+    /// The failover steps' dependencies, as the worker has them (what `tern recover` looks with).
+    deps: Arc<tern::steps::failover::FailoverDeps>,
     _defs: tempfile::TempDir,
     _sim: common::Sim,
 }
@@ -111,7 +114,8 @@ async fn world_tuned(
         request_timeout: tuning.request_timeout,
     };
     let mut registry = tern::steps::Registry::with_builtins(store.clone());
-    tern::steps::failover::register(&mut registry, setup::build(&settings, store.clone()).unwrap());
+    let deps = setup::build(&settings, store.clone()).unwrap();
+    tern::steps::failover::register(&mut registry, deps.clone());
     let defs = common::fast_failover_definitions(attempts, tuning.max_delay);
     let cfg = EngineConfig {
         worker_id: "failover-test".into(),
@@ -132,6 +136,7 @@ async fn world_tuned(
         inv,
         engine,
         store,
+        deps,
         _defs: defs,
         _sim: sim,
     }
@@ -511,7 +516,7 @@ async fn a_volume_that_cannot_be_deleted_needs_an_operator(db: TestDb) {
     assert_eq!(mine["ok"], json!(true), "{inv}");
     // `tern recover` spells out the manual recovery from what the run recorded.
     let job = w.store.failover_job(run).await.unwrap().unwrap();
-    let text = tern::steps::failover::recover::plan(&row, Some(&vm), job.linstor_snapshot_name.as_deref());
+    let text = tern::steps::failover::recover::plan(&row, Some(&vm), job.linstor_snapshot_name.as_deref(), None);
     for needle in [
         format!("cmk detach volume id={}", vm.volume_id),
         format!(

@@ -1,25 +1,149 @@
 //! `tern recover <job>`: the exact manual recovery for a failover run, from what its journal and
 //! context recorded (snapshot name and backend, volume, VM ids), like the seeds' emergency
-//! procedure. Pure: it only formats what the run and the inventory say.
+//! procedure. [`look`] asks the cloud what is left; [`plan`] is pure: it formats what the run,
+//! the inventory and (when looked up) the cloud say, so it lists exactly what is left to do.
 
 use serde_json::Value;
 
+use super::FailoverDeps;
 use crate::domain::inventory::VmRecord;
 use crate::engine::machine::RunState;
 use crate::providers::linstor::resource_name_for_volume;
+use crate::providers::{ProviderError, VmFilter, VmState};
 use crate::store::RunRow;
 
 fn find_output<'a>(context: &'a Value, key: &str) -> Option<&'a str> {
+    find_value(context, key).and_then(Value::as_str)
+}
+
+fn find_value<'a>(context: &'a Value, key: &str) -> Option<&'a Value> {
     ["outputs", "progress", "undo_progress"].iter().find_map(|table| {
         context
             .get(*table)
             .and_then(Value::as_object)
-            .and_then(|o| o.values().find_map(|v| v.get(key).and_then(Value::as_str)))
+            .and_then(|o| o.values().find_map(|v| v.get(key)))
     })
 }
 
-/// The recovery text for `run` (`vm` is its inventory record, if still known).
-pub fn plan(run: &RunRow, vm: Option<&VmRecord>, snapshot_name_projection: Option<&str>) -> String {
+/// What a failover run's journal and context recorded about the resources it touched.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub snapshot_name: Option<String>,
+    pub snapshot_id: Option<String>,
+    pub backend: String,
+    /// The VM the run created, if its id was recorded.
+    pub new_vm: Option<String>,
+    /// The new VM's own ROOT volumes the run set aside for the replicated one.
+    pub own_roots: Vec<String>,
+    pub skip_snapshot: bool,
+    /// Whether the disk must be reverted: a revert (teardown, or the undo of the driver
+    /// injection) was still to be done when the run stopped.
+    pub revert_pending: bool,
+}
+
+impl Recorded {
+    pub fn of(run: &RunRow, snapshot_name_projection: Option<&str>) -> Recorded {
+        let ctx = &run.context;
+        let undone: &[String] = match &run.state {
+            RunState::NeedsOperator { undone, .. } => undone,
+            _ => &[],
+        };
+        Recorded {
+            snapshot_name: find_output(ctx, "snapshot_name")
+                .or(snapshot_name_projection)
+                .map(str::to_string),
+            snapshot_id: find_output(ctx, "snapshot_id").map(str::to_string),
+            backend: find_output(ctx, "backend").unwrap_or("cloudstack-volume").to_string(),
+            new_vm: find_output(ctx, "destination_vm_id").map(str::to_string),
+            own_roots: find_value(ctx, "own_root")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+                .unwrap_or_default(),
+            skip_snapshot: run.input.get("skip_snapshot") == Some(&Value::Bool(true)),
+            // As the undo of virtio-injection, a revert is due only if drivers were injected
+            // (the step's own rule).
+            revert_pending: undone.iter().any(|s| match s.as_str() {
+                "revert-snapshot" => true,
+                "virtio-injection" => ctx["outputs"]["virtio-injection"]["injected"] != Value::Bool(false),
+                _ => false,
+            }),
+        }
+    }
+}
+
+/// What the cloud holds now of one run's resources (`tern recover` looks before it prints, so
+/// it lists only what is left to do).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Found {
+    /// The VM the replicated volume is attached to; None while it is detached.
+    pub volume_on: Option<String>,
+    /// VMs the run created that still exist: (id, running).
+    pub vms: Vec<(String, bool)>,
+    /// The new VM's own ROOT volumes still there and not on a VM listed in `vms` (expunging
+    /// the VM deletes its ROOT volume).
+    pub own_roots: Vec<String>,
+    /// The recorded snapshot still exists (None: its backend is not the configured one, so it
+    /// was not looked up).
+    pub snapshot: Option<bool>,
+}
+
+/// Looks up in the cloud everything a failover run may have left: the replicated volume's
+/// place, the VMs the run created (by recorded id and by the name the run derives), their
+/// own ROOT volumes, the snapshot.
+pub async fn look(deps: &FailoverDeps, run: &RunRow, vm: &VmRecord, rec: &Recorded) -> Result<Found, ProviderError> {
+    let cloud = deps.cloud.as_ref();
+    let volume_on = cloud.get_volume(&vm.volume_id).await?.vm_id;
+    let prefix = if run.definition.starts_with("live") {
+        "tern-l"
+    } else {
+        "tern-t"
+    };
+    let mut vms: Vec<(String, bool)> = Vec::new();
+    let mut filters = vec![VmFilter::name(super::vm_name(prefix, run.id, &vm.name))];
+    if let Some(id) = &rec.new_vm {
+        filters.insert(0, VmFilter::id(id.clone()));
+    }
+    for filter in filters {
+        for v in cloud.list_vms(filter).await? {
+            let gone = matches!(v.state, VmState::Destroyed | VmState::Expunging);
+            if !gone && v.id != vm.oma_vm_id && !vms.iter().any(|(id, _)| *id == v.id) {
+                vms.push((v.id, v.state == VmState::Running));
+            }
+        }
+    }
+    let mut own_roots = Vec::new();
+    for id in rec.own_roots.iter().filter(|id| **id != vm.volume_id) {
+        match cloud.get_volume(id).await {
+            Ok(v) if !v.vm_id.as_ref().is_some_and(|on| vms.iter().any(|(id, _)| id == on)) => own_roots.push(v.id),
+            Ok(_) | Err(ProviderError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let snapshot = match (&rec.snapshot_name, rec.skip_snapshot) {
+        (Some(name), false) if deps.snapshots.kind() == rec.backend => {
+            let target = deps.config.snapshot_kind.target(&vm.volume_id, &vm.oma_vm_id);
+            Some(deps.snapshots.find(&target, name).await?.is_some())
+        }
+        (Some(_), false) => None,
+        _ => Some(false),
+    };
+    Ok(Found {
+        volume_on,
+        vms,
+        own_roots,
+        snapshot,
+    })
+}
+
+/// The recovery text for `run` (`vm` is its inventory record, if still known). With `found`
+/// (what the cloud holds now), only what is left to do is listed; without, every step the run
+/// may have left undone, to be skipped where its effect is already there.
+pub fn plan(
+    run: &RunRow,
+    vm: Option<&VmRecord>,
+    snapshot_name_projection: Option<&str>,
+    found: Option<&Found>,
+) -> String {
     let mut out = Vec::new();
     let status = run.status.as_str();
     out.push(format!(
@@ -47,12 +171,7 @@ pub fn plan(run: &RunRow, vm: Option<&VmRecord>, snapshot_name_projection: Optio
         ));
         return out.join("\n");
     };
-    let ctx = &run.context;
-    let snapshot = find_output(ctx, "snapshot_name").or(snapshot_name_projection);
-    let snapshot_id = find_output(ctx, "snapshot_id");
-    let backend = find_output(ctx, "backend").unwrap_or("cloudstack-volume");
-    let test_vm = find_output(ctx, "destination_vm_id");
-    let skip_snapshot = run.input.get("skip_snapshot") == Some(&Value::Bool(true));
+    let rec = Recorded::of(run, snapshot_name_projection);
     out.push(String::new());
     out.push("what Tern recorded:".into());
     out.push(format!("  source VM      {} ({})", vm.name, vm.vm_id));
@@ -60,66 +179,68 @@ pub fn plan(run: &RunRow, vm: Option<&VmRecord>, snapshot_name_projection: Optio
     out.push(format!("  OMA VM         {}", vm.oma_vm_id));
     out.push(format!(
         "  new VM         {}",
-        test_vm.unwrap_or("(none recorded; look for a VM named tern-*-<run tag>-*)")
+        rec.new_vm
+            .as_deref()
+            .unwrap_or("(none recorded; look for a VM named tern-*-<run tag>-*)")
     ));
-    match (snapshot, skip_snapshot) {
+    match (&rec.snapshot_name, rec.skip_snapshot) {
         (_, true) => out.push("  snapshot       none (skip_snapshot): the disk cannot be reverted".into()),
         (Some(name), false) => out.push(format!(
-            "  snapshot       {name} ({backend}{})",
-            snapshot_id.map(|i| format!(", id {i}")).unwrap_or_default()
+            "  snapshot       {name} ({}{})",
+            rec.backend,
+            rec.snapshot_id
+                .as_ref()
+                .map(|i| format!(", id {i}"))
+                .unwrap_or_default()
         )),
         (None, false) => out.push("  snapshot       none recorded (the run failed before taking it)".into()),
     }
-    out.push(String::new());
-    out.push("to return to the starting point (CloudStack calls as cmk commands; skip a step whose effect is already there):".into());
-    let mut n = 0;
-    let mut step = |text: String| {
-        n += 1;
-        out.push(format!("  {n}. {text}"));
-    };
-    if let Some(t) = test_vm {
-        step(format!("stop the new VM:        cmk stop virtualmachine id={t}"));
-    }
-    step(format!("detach the volume:      cmk detach volume id={}", vm.volume_id));
-    if let (Some(name), false) = (snapshot, skip_snapshot) {
-        match backend {
-            "linstor" => step(format!(
-                "revert the disk:        linstor snapshot rollback {} {name}",
-                resource_name_for_volume(&vm.volume_id)
-            )),
-            "cloudstack-vm" => step(format!(
-                "revert the disk:        cmk revert tovmsnapshot vmsnapshotid={}   (VM snapshot {name})",
-                snapshot_id.unwrap_or("<id of VM snapshot named it>")
-            )),
-            _ => step(format!(
-                "revert the disk:        cmk revert snapshot id={}   (snapshot {name})",
-                snapshot_id.unwrap_or("<id of the snapshot named it>")
-            )),
+    let steps = match found {
+        Some(found) => {
+            out.push(String::new());
+            out.push("what the cloud holds now:".into());
+            out.push(format!(
+                "  volume on      {}",
+                match &found.volume_on {
+                    Some(on) if *on == vm.oma_vm_id => format!("{on} (the OMA)"),
+                    Some(on) => on.clone(),
+                    None => "no VM (detached)".into(),
+                }
+            ));
+            let vms: Vec<String> = found
+                .vms
+                .iter()
+                .map(|(id, running)| format!("{id} ({})", if *running { "running" } else { "not running" }))
+                .collect();
+            out.push(format!(
+                "  run's VMs      {}",
+                if vms.is_empty() { "none".into() } else { vms.join(", ") }
+            ));
+            if !found.own_roots.is_empty() {
+                out.push(format!("  set-aside ROOT {}", found.own_roots.join(", ")));
+            }
+            out.push(format!(
+                "  snapshot       {}",
+                match found.snapshot {
+                    Some(true) => "still there",
+                    Some(false) => "none",
+                    None => "not looked up (another backend is configured)",
+                }
+            ));
+            exact_steps(vm, &rec, found)
         }
-    }
-    step(format!(
-        "reattach to the OMA:    cmk attach volume id={} virtualmachineid={}",
-        vm.volume_id, vm.oma_vm_id
-    ));
-    if let Some(t) = test_vm {
-        step(format!(
-            "destroy the new VM:     cmk destroy virtualmachine id={t} expunge=true"
-        ));
-    }
-    if let (Some(name), false) = (snapshot, skip_snapshot) {
-        match backend {
-            "linstor" => step(format!(
-                "delete the snapshot:    linstor snapshot delete {} {name}",
-                resource_name_for_volume(&vm.volume_id)
-            )),
-            "cloudstack-vm" => step(format!(
-                "delete the snapshot:    cmk delete vmsnapshot vmsnapshotid={}",
-                snapshot_id.unwrap_or("<id>")
-            )),
-            _ => step(format!(
-                "delete the snapshot:    cmk delete snapshot id={}",
-                snapshot_id.unwrap_or("<id>")
-            )),
+        None => all_steps(vm, &rec),
+    };
+    out.push(String::new());
+    if steps.is_empty() {
+        out.push("nothing is left to do: the volume is on the OMA and nothing the run created is left.".into());
+    } else {
+        out.push(match found {
+            Some(_) => "to return to the starting point, in this order (CloudStack calls as cmk commands):".into(),
+            None => "to return to the starting point (CloudStack calls as cmk commands; the cloud was not asked, so skip a step whose effect is already there):".into(),
+        });
+        for (n, text) in steps.iter().enumerate() {
+            out.push(format!("  {}. {text}", n + 1));
         }
     }
     out.push(String::new());
@@ -128,6 +249,119 @@ pub fn plan(run: &RunRow, vm: Option<&VmRecord>, snapshot_name_projection: Optio
         vm.volume_id, vm.oma_vm_id
     ));
     out.join("\n")
+}
+
+fn revert_step(vm: &VmRecord, rec: &Recorded, name: &str) -> String {
+    let id = rec.snapshot_id.as_deref();
+    match rec.backend.as_str() {
+        "linstor" => format!(
+            "revert the disk:        linstor snapshot rollback {} {name}",
+            resource_name_for_volume(&vm.volume_id)
+        ),
+        "cloudstack-vm" => format!(
+            "revert the disk:        cmk revert tovmsnapshot vmsnapshotid={}   (VM snapshot {name})",
+            id.unwrap_or("<id of VM snapshot named it>")
+        ),
+        _ => format!(
+            "revert the disk:        cmk revert snapshot id={}   (snapshot {name})",
+            id.unwrap_or("<id of the snapshot named it>")
+        ),
+    }
+}
+
+fn delete_snapshot_step(vm: &VmRecord, rec: &Recorded, name: &str) -> String {
+    let id = rec.snapshot_id.as_deref().unwrap_or("<id>");
+    match rec.backend.as_str() {
+        "linstor" => format!(
+            "delete the snapshot:    linstor snapshot delete {} {name}",
+            resource_name_for_volume(&vm.volume_id)
+        ),
+        "cloudstack-vm" => format!("delete the snapshot:    cmk delete vmsnapshot vmsnapshotid={id}"),
+        _ => format!("delete the snapshot:    cmk delete snapshot id={id}"),
+    }
+}
+
+fn stop_step(id: &str) -> String {
+    format!("stop the new VM:        cmk stop virtualmachine id={id}")
+}
+
+fn destroy_step(id: &str) -> String {
+    format!("destroy the new VM:     cmk destroy virtualmachine id={id} expunge=true")
+}
+
+fn detach_step(vm: &VmRecord) -> String {
+    format!("detach the volume:      cmk detach volume id={}", vm.volume_id)
+}
+
+fn attach_step(vm: &VmRecord) -> String {
+    format!(
+        "reattach to the OMA:    cmk attach volume id={} virtualmachineid={}",
+        vm.volume_id, vm.oma_vm_id
+    )
+}
+
+/// Every step the run may have left, from what it recorded alone.
+fn all_steps(vm: &VmRecord, rec: &Recorded) -> Vec<String> {
+    let snapshot = rec.snapshot_name.as_deref().filter(|_| !rec.skip_snapshot);
+    let mut steps = Vec::new();
+    if let Some(t) = &rec.new_vm {
+        steps.push(stop_step(t));
+    }
+    steps.push(detach_step(vm));
+    if let Some(name) = snapshot {
+        steps.push(revert_step(vm, rec, name));
+    }
+    steps.push(attach_step(vm));
+    if let Some(t) = &rec.new_vm {
+        steps.push(destroy_step(t));
+    }
+    for id in rec.own_roots.iter().filter(|id| **id != vm.volume_id) {
+        steps.push(format!("delete set-aside ROOT: cmk delete volume id={id}"));
+    }
+    if let Some(name) = snapshot {
+        steps.push(delete_snapshot_step(vm, rec, name));
+    }
+    steps
+}
+
+/// Exactly what is left, from what the run recorded and what the cloud holds now.
+fn exact_steps(vm: &VmRecord, rec: &Recorded, found: &Found) -> Vec<String> {
+    let snapshot = rec.snapshot_name.as_deref().filter(|_| !rec.skip_snapshot);
+    // Unknown (not looked up) counts as there: the step then says what to do if it is.
+    let snapshot_there = found.snapshot != Some(false);
+    let mut steps = Vec::new();
+    for (id, running) in &found.vms {
+        if *running {
+            steps.push(stop_step(id));
+        }
+    }
+    let on_oma = found.volume_on.as_deref() == Some(vm.oma_vm_id.as_str());
+    match snapshot {
+        Some(name) if rec.revert_pending && snapshot_there => {
+            if found.volume_on.is_some() {
+                steps.push(detach_step(vm));
+            }
+            steps.push(revert_step(vm, rec, name));
+            steps.push(attach_step(vm));
+        }
+        _ if on_oma => {}
+        _ => {
+            if found.volume_on.is_some() {
+                steps.push(detach_step(vm));
+            }
+            steps.push(attach_step(vm));
+        }
+    }
+    for (id, _) in &found.vms {
+        steps.push(destroy_step(id));
+    }
+    for id in &found.own_roots {
+        steps.push(format!("delete set-aside ROOT: cmk delete volume id={id}"));
+    }
+    if let (Some(name), true) = (snapshot, snapshot_there) {
+        steps.push(delete_snapshot_step(vm, rec, name));
+    }
+    steps
 }
 
 #[cfg(test)]
@@ -188,7 +422,7 @@ mod tests {
         let ctx = json!({"outputs": {
             "snapshot": {"snapshot_name": "tern-abc", "snapshot_id": "snap-9", "backend": "linstor"},
             "test-vm-creation": {"destination_vm_id": "tvm-1"}}});
-        let text = plan(&run(state, ctx), Some(&vm()), None);
+        let text = plan(&run(state, ctx), Some(&vm()), None, None);
         for needle in [
             "not undone: delete-test-vm, delete-snapshot",
             "cmk stop virtualmachine id=tvm-1",
@@ -209,14 +443,77 @@ mod tests {
             error: StepError::permanent("E", "x"),
             undone: vec!["snapshot".into()],
         };
-        let text = plan(&run(state, json!({})), Some(&vm()), Some("tern-early"));
+        let text = plan(&run(state, json!({})), Some(&vm()), Some("tern-early"), None);
         assert!(text.contains("snapshot       tern-early (cloudstack-volume)"), "{text}");
         assert!(text.contains("cmk revert snapshot id=<id of the snapshot named it>   (snapshot tern-early)"));
     }
 
     #[test]
     fn a_clean_run_needs_nothing() {
-        let text = plan(&run(RunState::Completed, json!({})), Some(&vm()), None);
+        let text = plan(&run(RunState::Completed, json!({})), Some(&vm()), None, None);
         assert!(text.contains("nothing is left to recover"));
+    }
+
+    fn stuck_in_revert() -> RunRow {
+        let state = RunState::NeedsOperator {
+            step: "revert-snapshot".into(),
+            error: StepError::permanent("SNAPSHOT_REVERT_FAILED", "job failed"),
+            undone: vec![
+                "revert-snapshot".into(),
+                "reattach-volume".into(),
+                "delete-test-vm".into(),
+                "delete-snapshot".into(),
+            ],
+        };
+        let ctx = json!({"outputs": {
+            "snapshot": {"snapshot_name": "tern-abc", "snapshot_id": "snap-9", "backend": "cloudstack-volume"},
+            "test-vm-creation": {"destination_vm_id": "tvm-1"}}});
+        run(state, ctx)
+    }
+
+    #[test]
+    fn with_the_cloud_looked_at_only_what_is_left_is_listed() {
+        let found = Found {
+            volume_on: None,
+            vms: vec![("tvm-1".into(), false)],
+            own_roots: vec![],
+            snapshot: Some(true),
+        };
+        let text = plan(&stuck_in_revert(), Some(&vm()), None, Some(&found));
+        let steps: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("  ") && l.contains(". "))
+            .collect();
+        assert_eq!(steps.len(), 4, "{text}");
+        for (step, needle) in steps.iter().zip([
+            "cmk revert snapshot id=snap-9",
+            "cmk attach volume id=vol-1 virtualmachineid=oma-1",
+            "cmk destroy virtualmachine id=tvm-1 expunge=true",
+            "cmk delete snapshot id=snap-9",
+        ]) {
+            assert!(step.contains(needle), "{step:?} is not {needle:?} in:\n{text}");
+        }
+        assert!(!text.contains("cmk detach"), "the volume is already detached:\n{text}");
+        assert!(!text.contains("cmk stop"), "the VM is not running:\n{text}");
+    }
+
+    #[test]
+    fn a_cloud_at_the_starting_point_needs_nothing() {
+        let found = Found {
+            volume_on: Some("oma-1".into()),
+            ..Found::default()
+        };
+        let mut row = stuck_in_revert();
+        row.state = RunState::NeedsOperator {
+            step: "delete-snapshot".into(),
+            error: StepError::permanent("E", "x"),
+            undone: vec!["delete-snapshot".into()],
+        };
+        let found = Found {
+            snapshot: Some(false),
+            ..found
+        };
+        let text = plan(&row, Some(&vm()), None, Some(&found));
+        assert!(text.contains("nothing is left to do"), "{text}");
     }
 }
