@@ -8,8 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use tern::domain::run::RunStatus;
 use tern::domain::{parse_duration, RunId};
-use tern::engine::machine::RunStatus;
 use tern::engine::{worker, Engine, EngineConfig, SubmitRequest};
 use tern::providers::virtio::CommandInjectorConfig;
 use tern::steps::failover::recover;

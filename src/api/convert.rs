@@ -7,11 +7,12 @@ use serde_json::Value;
 
 use super::pb;
 use crate::domain::inventory::{NetworkKind, NetworkMapping, Nic, VmRecord};
+use crate::domain::run::Phase;
+use crate::domain::run::{Record, RunState};
 use crate::domain::validation::{CheckStatus, CheckType, ReadinessReport};
 use crate::domain::{StepError, Timestamp};
-use crate::engine::machine::{Record, RunState};
 use crate::store::{FailoverJobRow, JournalEntry, RunRow};
-use crate::workflow::{Definition, Phase};
+use crate::workflow::Definition;
 
 pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
     prost_types::Timestamp {

@@ -147,7 +147,7 @@ impl Watch {
         // just finished) look at the row to send the terminal event at once.
         let finished = entries
             .last()
-            .is_some_and(|e| matches!(e.record, crate::engine::machine::Record::RunFinished { .. }));
+            .is_some_and(|e| matches!(e.record, crate::domain::run::Record::RunFinished { .. }));
         if !entries.is_empty() && !finished {
             return Ok((out, None));
         }

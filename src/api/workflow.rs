@@ -10,8 +10,8 @@ use super::pb;
 use super::pb::workflow_service_server::WorkflowService;
 use super::watch::{watch, WatchStream};
 use super::{correlation_of, respond, ApiState};
+use crate::domain::run::RunStatus;
 use crate::domain::RunId;
-use crate::engine::machine::RunStatus;
 use crate::engine::SubmitRequest;
 use crate::store::{RunFilter, RunRow, SignalOutcome, Submitted};
 

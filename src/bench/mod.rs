@@ -440,7 +440,7 @@ fn rss_mb() -> f64 {
 async fn held(store: Arc<dyn Store>, args: &BenchArgs) -> Result<String, BenchError> {
     let n = args.held_runs;
     let h = Arc::new(Harness::start(store.clone(), args.concurrency).await?);
-    let count = |status: crate::engine::machine::RunStatus| {
+    let count = |status: crate::domain::run::RunStatus| {
         let store = store.clone();
         async move {
             Ok::<_, BenchError>(
@@ -479,7 +479,7 @@ async fn held(store: Arc<dyn Store>, args: &BenchArgs) -> Result<String, BenchEr
     for t in tasks {
         runs.extend(t.await.map_err(|e| BenchError::Setup(e.to_string()))??);
     }
-    use crate::engine::machine::RunStatus;
+    use crate::domain::run::RunStatus;
     while count(RunStatus::Holding).await? < n {
         if started.elapsed() >= args.held_for {
             return Err(BenchError::Setup(format!(
@@ -501,12 +501,12 @@ async fn held(store: Arc<dyn Store>, args: &BenchArgs) -> Result<String, BenchEr
     for id in runs {
         let j = store.journal(id, 0, 100).await?;
         let due = j.iter().find_map(|e| match e.record {
-            crate::engine::machine::Record::TimerSet { at } => Some(at.0),
+            crate::domain::run::Record::TimerSet { at } => Some(at.0),
             _ => None,
         });
         let fired = j
             .iter()
-            .find(|e| matches!(e.record, crate::engine::machine::Record::TimerFired { .. }))
+            .find(|e| matches!(e.record, crate::domain::run::Record::TimerFired { .. }))
             .map(|e| e.at.0);
         if let (Some(due), Some(fired)) = (due, fired) {
             late.push(fired - due);
@@ -581,7 +581,7 @@ async fn recovery(url: &str, store: Arc<dyn Store>, args: &BenchArgs) -> Result<
                 rows.iter()
                     .filter(|r| {
                         r.current_step.as_deref() == Some("snapshot")
-                            && matches!(r.state, crate::engine::machine::RunState::Running { attempt: a, .. } if a >= attempt)
+                            && matches!(r.state, crate::domain::run::RunState::Running { attempt: a, .. } if a >= attempt)
                     })
                     .count(),
             )

@@ -3,6 +3,7 @@
 //! Nothing here does I/O; everything here is serialisable so it can be journaled.
 
 pub mod inventory;
+pub mod run;
 pub mod validation;
 
 use std::fmt;

@@ -10,12 +10,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::machine::{self, Action, Event, Machine, RunState, Transition};
+use super::machine::{self, Action, Event, Machine, Transition};
 use super::{apply_to_context, crash, Engine, EngineError};
+use crate::domain::run::Phase;
+use crate::domain::run::RunState;
 use crate::domain::{RunId, StepError, Timestamp};
 use crate::steps::{ActionError, Progress, ProgressRequest, StepInput};
 use crate::store::{projection, Checkpoint, Lease, RunRow, StoreError};
-use crate::workflow::{Definition, Phase, Undo};
+use crate::workflow::{Definition, Undo};
 
 /// Why a driver stopped before the run was asleep or finished.
 #[derive(Debug, PartialEq, Eq)]
@@ -290,7 +292,7 @@ impl Driver {
         } = t;
         let mut context = self.context.clone();
         let changed = apply_to_context(&mut context, &records);
-        let display = state.display_status(&self.def);
+        let display = self.def.display_status(&state);
         let live = matches!(state, RunState::Running { .. } | RunState::Compensating { .. });
         let cp = Checkpoint {
             run_id: self.run_id,

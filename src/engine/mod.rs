@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::domain::run::{Record, RunState};
 use crate::domain::{RunId, Timestamp};
 use crate::steps::Registry;
 use crate::store::{self, NewRun, SignalOutcome, Store, StoreError, Submitted};
 use crate::workflow::{self, Catalog, Definition, DefinitionError};
-use machine::{Record, RunState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -339,14 +339,14 @@ impl Engine {
         let started = self.start_locally(&def, id, &req.input, now);
         let (display_status, projection) = match &started {
             Some((start, ..)) => {
-                let display = start.state.display_status(&def);
+                let display = def.display_status(&start.state);
                 let mut all = vec![record.clone()];
                 all.extend(start.records.iter().cloned());
                 let p = store::projection::project(&all, &display);
                 (display, p)
             }
             None => (
-                RunState::Pending.display_status(&def),
+                def.display_status(&RunState::Pending),
                 store::projection::project(std::slice::from_ref(&record), "pending"),
             ),
         };

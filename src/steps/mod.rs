@@ -15,9 +15,9 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::domain::run::Phase;
 use crate::domain::{RunId, StepError};
 use crate::store::Store;
-use crate::workflow::Phase;
 
 /// Why an action did not succeed. Retry or rollback is decided by the variant's class, never by text.
 #[derive(Debug, thiserror::Error)]

@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::domain::run::{Record, RunState};
 use crate::domain::{RunId, Timestamp};
-use crate::engine::machine::{Record, RunState};
 use crate::store::projection::Projection;
 use crate::store::{Checkpoint, CheckpointOutcome, Lease, NewRun, Result, RunRow, StoreError, Submitted};
 

@@ -16,8 +16,8 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::domain::inventory::{NetworkKind, NetworkMapping, VmRecord};
+use crate::domain::run::{Record, RunState, RunStatus};
 use crate::domain::{RunId, Timestamp};
-use crate::engine::machine::{Record, RunState, RunStatus};
 pub use projection::{Projection, TrackingUpdate};
 
 #[derive(Debug, thiserror::Error)]

@@ -5,8 +5,8 @@
 
 use serde_json::{json, Value};
 
-use crate::engine::machine::{Record, RunStatus};
-use crate::workflow::Phase;
+use crate::domain::run::Phase;
+use crate::domain::run::{Record, RunStatus};
 
 /// Updates to the projection rows of one run.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -13,28 +13,10 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::domain::parse_duration;
+use crate::domain::run::{Phase, RunState};
 
 /// The definitions compiled into the binary: (file name, contents).
 pub const EMBEDDED: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/embedded_workflows.rs"));
-
-/// Which list a step belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// The bring-up steps; rolled back by their compensations on failure or cancel.
-    Forward,
-    /// The steps after the hold that return the world to where it started.
-    Teardown,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Forward => "forward",
-            Phase::Teardown => "teardown",
-        }
-    }
-}
 
 /// What undoes a forward step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +118,32 @@ impl Definition {
 
     pub fn step(&self, phase: Phase, index: usize) -> Option<&StepDef> {
         self.steps(phase).get(index)
+    }
+
+    /// The user-visible status of the run (the seeds' vocabulary where the definition gives it).
+    pub fn display_status(&self, state: &RunState) -> String {
+        let step_status = |phase: Phase, step: usize| {
+            self.step(phase, step)
+                .and_then(|s| s.status.clone())
+                .unwrap_or_else(|| match phase {
+                    Phase::Forward => "executing".to_string(),
+                    Phase::Teardown => "cleanup".to_string(),
+                })
+        };
+        match state {
+            RunState::Pending => "pending".into(),
+            RunState::Running { phase, step, .. } | RunState::Backoff { phase, step, .. } => step_status(*phase, *step),
+            RunState::Holding { .. } => self
+                .hold
+                .as_ref()
+                .and_then(|h| h.status.clone())
+                .unwrap_or_else(|| "holding".into()),
+            RunState::Compensating { .. } | RunState::CompensationBackoff { .. } => "reverting".into(),
+            RunState::Completed => "completed".into(),
+            RunState::Failed { .. } => "failed".into(),
+            RunState::Cancelled { .. } => "cancelled".into(),
+            RunState::NeedsOperator { .. } => "needs_operator".into(),
+        }
     }
 
     /// Whether the run's input asks for this step to be skipped.

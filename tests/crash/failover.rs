@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use tern::domain::run::{Record, RunStatus};
 use tern::domain::RunId;
-use tern::engine::machine::{Record, RunStatus};
 use tern::engine::{Engine, EngineConfig, SubmitRequest};
 use tern::store::Store;
 

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use tern::domain::run::{Record, RunStatus};
 use tern::domain::RunId;
-use tern::engine::machine::{Record, RunStatus};
 use tern::engine::{worker, Engine, EngineConfig, EngineError, SubmitRequest};
 use tern::store::{JournalEntry, SignalOutcome, Store};
 use tokio_util::sync::CancellationToken;
@@ -407,7 +407,7 @@ async fn a_step_that_times_out_is_retried_then_fails(db: TestDb) {
     let run = submit(&w.engine, "timeouts", json!({"test": {"sleep_ms": {"slow": 2000}}})).await;
     let row = finish(&w.engine, run).await;
     match row.state {
-        tern::engine::machine::RunState::Failed { error, .. } => assert_eq!(error.code, "TIMEOUT"),
+        tern::domain::run::RunState::Failed { error, .. } => assert_eq!(error.code, "TIMEOUT"),
         other => panic!("{other:?}"),
     }
     assert_eq!(count(&journal(&w.engine, run).await, "step_started"), 2);

@@ -4,12 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
+use tern::domain::run::Phase;
+use tern::domain::run::{Record, RunState, RunStatus};
 use tern::domain::{RunId, StepError, Timestamp};
-use tern::engine::machine::{Record, RunState, RunStatus};
 use tern::store::{
     projection, Checkpoint, JobFilter, Lease, LedgerRow, NewRun, RunFilter, SignalOutcome, Start, Store, StoreError,
 };
-use tern::workflow::Phase;
 
 use crate::common::TestDb;
 use crate::on_both_backends;

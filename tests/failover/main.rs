@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tern::domain::inventory::InventoryFile;
+use tern::domain::run::{RunState, RunStatus};
 use tern::domain::RunId;
-use tern::engine::machine::{RunState, RunStatus};
 use tern::engine::{worker, Engine, EngineConfig, SubmitRequest};
 use tern::providers::SnapshotKind;
 use tern::sim::SampleInventory;

@@ -221,7 +221,7 @@ fn begin_starts_the_first_step_with_attempt_one() {
             idempotency_key: format!("{}/validate", run())
         }]
     );
-    assert_eq!(t.state.display_status(&d), "validating");
+    assert_eq!(d.display_status(&t.state), "validating");
 }
 
 #[test]
@@ -275,7 +275,7 @@ fn hold_timer_fires_once_due_and_not_before() {
     let t = step(&d, &json!({}), &RunState::Holding { until: Some(NOW) }, Event::WakeUp).unwrap();
     assert_eq!(kinds(&t), vec!["timer_fired", "step_started"]);
     assert_eq!(t.state, running(Phase::Teardown, 0, 1));
-    assert_eq!(t.state.display_status(&d), "cleanup");
+    assert_eq!(d.display_status(&t.state), "cleanup");
 }
 
 #[test]
@@ -412,7 +412,7 @@ fn exhausted_retries_and_permanent_errors_roll_back_in_reverse() {
             cause: cause.clone()
         }
     );
-    assert_eq!(t.state.display_status(&d), "reverting");
+    assert_eq!(d.display_status(&t.state), "reverting");
     let t = step(&d, &json!({}), &t.state, ok()).unwrap();
     assert_eq!(kinds(&t), vec!["compensation_succeeded", "run_finished"]);
     assert_eq!(

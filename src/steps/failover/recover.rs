@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::FailoverDeps;
 use crate::domain::inventory::VmRecord;
-use crate::engine::machine::RunState;
+use crate::domain::run::RunState;
 use crate::providers::linstor::resource_name_for_volume;
 use crate::providers::{ProviderError, VmFilter, VmState};
 use crate::store::RunRow;

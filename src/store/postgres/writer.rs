@@ -27,7 +27,7 @@ use sqlx::types::Json;
 use sqlx::{PgExecutor, PgPool, Row};
 
 use super::{lock_conflict, run_from_row, RUN_COLUMNS};
-use crate::engine::machine::RunState;
+use crate::domain::run::RunState;
 use crate::store::group::{cas_wake_at, BatchRows, CasRow, Committer, JournalRow, Outcome, TrackingRow, WriteJob};
 use crate::store::{Checkpoint, CheckpointOutcome, NewRun, Result, RunRow, StoreError, Submitted};
 

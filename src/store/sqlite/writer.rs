@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{run_from_row, BUSY_TIMEOUT, RUN_COLUMNS};
-use crate::engine::machine::RunState;
+use crate::domain::run::RunState;
 use crate::store::group::{blocking_group_writer, cas_wake_at, BatchRows, CasRow, ClaimJob, Outcome, WriteJob};
 use crate::store::{Checkpoint, CheckpointOutcome, Lease, NewRun, Result, RunRow, StoreError, Submitted};
 
