@@ -356,7 +356,14 @@ async fn real_main() -> Result<()> {
         return Ok(());
     }
     let store = open_store(&cli).await?;
-    let engine_for = |cfg: EngineConfig| Engine::with_defaults(store.clone(), cli.workflows.as_deref(), cfg);
+    let engine_for = |cfg: EngineConfig| {
+        Engine::with_registry(
+            store.clone(),
+            cli.workflows.as_deref(),
+            tern::steps::builtins(store.clone()),
+            cfg,
+        )
+    };
     match &cli.command {
         Command::Worker { worker: w, cloud } => {
             let (engine, _) = cloud_engine(&cli, store.clone(), w, cloud)?;
@@ -574,7 +581,7 @@ fn cloud_engine(
     w: &WorkerArgs,
     cloud: &CloudArgs,
 ) -> Result<(Arc<Engine>, Option<Arc<tern::steps::failover::FailoverDeps>>)> {
-    let mut registry = tern::steps::Registry::with_builtins(store.clone());
+    let mut registry = tern::steps::builtins(store.clone());
     let deps = match cloud_settings(cloud)? {
         Some(settings) => {
             let deps = failover_setup::build(&settings, store.clone()).map_err(anyhow::Error::msg)?;
@@ -754,7 +761,7 @@ async fn dev(
         job_timeout: Duration::from_secs(120),
         request_timeout: Duration::from_secs(10),
     };
-    let mut registry = tern::steps::Registry::with_builtins(store.clone());
+    let mut registry = tern::steps::builtins(store.clone());
     let deps = failover_setup::build(&settings, store.clone()).map_err(anyhow::Error::msg)?;
     tern::steps::failover::register(&mut registry, deps.clone());
     let engine = Engine::with_registry(store, cli.workflows.as_deref(), registry, config(w)?)?;

@@ -358,7 +358,13 @@ async fn failovers_survive_a_randomized_fault_campaign() {
     let defs = common::fast_failover_definitions(12, "500ms");
     let base = sim.base.clone();
     let env = common::failover_env(&base, &sample, defs.path());
-    let engine = Engine::with_defaults(store.clone(), Some(defs.path()), EngineConfig::default()).unwrap();
+    let engine = Engine::with_registry(
+        store.clone(),
+        Some(defs.path()),
+        tern::steps::builtins(store.clone()),
+        EngineConfig::default(),
+    )
+    .unwrap();
     let mut cfg = tern::providers::cloudstack::CloudStackConfig::new(format!("{base}/client/api"), "k", "s");
     cfg.request_timeout = Duration::from_secs(1);
     let c = Arc::new(Campaign {

@@ -251,7 +251,7 @@ impl Harness {
             poll_interval: Duration::from_millis(500),
             shutdown_grace: Duration::from_secs(5),
         };
-        let engine = Engine::with_defaults(store, None, config)?;
+        let engine = Engine::with_registry(store.clone(), None, crate::steps::builtins(store.clone()), config)?;
         let stop = CancellationToken::new();
         let waiters = Arc::new(Mutex::new(Waiters::default()));
         let mut finished = engine.subscribe_finished();
@@ -555,7 +555,12 @@ async fn recovery(url: &str, store: Arc<dyn Store>, args: &BenchArgs) -> Result<
         .stderr(std::process::Stdio::null())
         .spawn()
         .map_err(|e| BenchError::Setup(format!("starting a worker process: {e}")))?;
-    let engine = Engine::with_defaults(store.clone(), None, EngineConfig::default())?;
+    let engine = Engine::with_registry(
+        store.clone(),
+        None,
+        crate::steps::builtins(store.clone()),
+        EngineConfig::default(),
+    )?;
     // Each run sleeps ten minutes in `snapshot`: it is in flight when the worker dies.
     let input = json!({"hold": "1ms", "test": {"sleep_ms": {"snapshot": 600_000}}});
     let mut runs = Vec::with_capacity(n);
@@ -609,7 +614,7 @@ async fn recovery(url: &str, store: Arc<dyn Store>, args: &BenchArgs) -> Result<
         poll_interval: Duration::from_millis(100),
         shutdown_grace: Duration::from_secs(1),
     };
-    let heir = Engine::with_defaults(store.clone(), None, config)?;
+    let heir = Engine::with_registry(store.clone(), None, crate::steps::builtins(store.clone()), config)?;
     let stop = CancellationToken::new();
     let (e, st) = (heir.clone(), stop.clone());
     let heir_task = tokio::spawn(async move { worker::run_worker(e, st).await });

@@ -10,12 +10,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::action::{ActionError, Progress, ProgressRequest, StepInput};
 use super::machine::{self, Action, Event, Machine, Transition};
-use super::{apply_to_context, crash, Engine, EngineError};
+use super::{apply_to_context, Engine, EngineError};
+use crate::crash;
 use crate::domain::run::Phase;
 use crate::domain::run::RunState;
 use crate::domain::{RunId, StepError, Timestamp};
-use crate::steps::{ActionError, Progress, ProgressRequest, StepInput};
 use crate::store::{projection, Checkpoint, Lease, RunRow, StoreError};
 use crate::workflow::{Definition, Undo};
 

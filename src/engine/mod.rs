@@ -1,7 +1,7 @@
 //! The engine: the pure state machine ([`machine`]), the driver that commits each transition
 //! before acting on it ([`driver`]), and the worker loop that claims runs ([`worker`]).
 
-pub use crate::crash;
+pub mod action;
 pub mod driver;
 pub mod machine;
 pub mod worker;
@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use self::action::Registry;
 use crate::domain::run::{Record, RunState};
 use crate::domain::{RunId, Timestamp};
-use crate::steps::Registry;
 use crate::store::{self, NewRun, SignalOutcome, Store, StoreError, Submitted};
 use crate::workflow::{self, Catalog, Definition, DefinitionError};
 
@@ -232,7 +232,7 @@ pub(crate) struct Dispatched {
 /// Logs a run just created (`started`: already leased to this process's worker); the crash
 /// tests' point between the commit and what follows it.
 fn announce(definition: &str, submitted: &Submitted, started: bool) {
-    crash::point("after:run_submitted");
+    crate::crash::point("after:run_submitted");
     let run = &submitted.run;
     tracing::info!(run_id = %run.id, definition = %definition, correlation_id = %run.correlation_id, started, "run submitted");
 }
@@ -288,16 +288,6 @@ impl Engine {
             local: Mutex::new(None),
             watchers: Mutex::new(Watchers::default()),
         })
-    }
-
-    /// Loads the embedded definitions (overridden by `dir`) against the built-in registry.
-    pub fn with_defaults(
-        store: Arc<dyn Store>,
-        dir: Option<&std::path::Path>,
-        config: EngineConfig,
-    ) -> Result<Arc<Engine>, EngineError> {
-        let registry = Registry::with_builtins(store.clone());
-        Engine::with_registry(store, dir, registry, config)
     }
 
     /// Loads the embedded definitions (overridden by `dir`) against `registry`.
@@ -706,7 +696,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("tern.db").display());
         let store = store::open(&url).await.unwrap();
-        let engine = Engine::with_defaults(store.clone(), None, EngineConfig::default()).unwrap();
+        let engine = Engine::with_registry(
+            store.clone(),
+            None,
+            crate::steps::builtins(store.clone()),
+            EngineConfig::default(),
+        )
+        .unwrap();
         let (runs, stopped) = tokio::sync::mpsc::unbounded_channel();
         drop(stopped);
         engine.set_local_worker(Some(LocalWorker {

@@ -2,148 +2,40 @@
 //!
 //! Actions are at-least-once: an attempt may be re-run after a crash, so each action is written
 //! to find and adopt what an earlier attempt did (via its stable idempotency key) instead of
-//! doing it twice. The failover actions arrive with the CloudStack providers; this module holds
-//! the registry and the built-in actions (`noop`, and the `test.*` actions the crash tests use).
+//! doing it twice. The contract they implement is the engine's ([`crate::engine::action`]); this
+//! module holds the built-in actions (`noop`, the `test.*` actions the crash tests use) and the
+//! failover actions.
 
 pub mod failover;
 pub mod testing;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
 
-use crate::domain::run::Phase;
-use crate::domain::{RunId, StepError};
+use crate::engine::action::{Action, ActionError, Registry, StepInput};
 use crate::store::Store;
-
-/// Why an action did not succeed. Retry or rollback is decided by the variant's class, never by text.
-#[derive(Debug, thiserror::Error)]
-pub enum ActionError {
-    #[error("{0}")]
-    Step(StepError),
-    /// The run was taken over by another worker while this action checkpointed progress.
-    #[error("lost the run's lease")]
-    Fenced,
-}
-
-impl ActionError {
-    pub fn retryable(code: &str, message: impl Into<String>) -> Self {
-        ActionError::Step(StepError::retryable(code, message))
-    }
-
-    pub fn permanent(code: &str, message: impl Into<String>) -> Self {
-        ActionError::Step(StepError::permanent(code, message))
-    }
-}
-
-impl From<crate::store::StoreError> for ActionError {
-    fn from(e: crate::store::StoreError) -> Self {
-        match e {
-            crate::store::StoreError::Fenced { .. } => ActionError::Fenced,
-            other if other.is_retryable() => ActionError::retryable("STORE_UNAVAILABLE", other.to_string()),
-            other => ActionError::permanent("STORE_ERROR", other.to_string()),
-        }
-    }
-}
-
-/// A progress checkpoint request from a running action to its driver.
-pub type ProgressRequest = (Value, oneshot::Sender<Result<(), ActionError>>);
-
-/// Lets an action checkpoint progress (e.g. an external job id) durably in the middle of a step.
-#[derive(Clone)]
-pub struct Progress {
-    tx: mpsc::Sender<ProgressRequest>,
-}
-
-impl Progress {
-    pub fn new(tx: mpsc::Sender<ProgressRequest>) -> Self {
-        Progress { tx }
-    }
-
-    /// Returns once `data` is committed to the journal; a restarted attempt sees it in `StepInput::progress`.
-    pub async fn save(&self, data: Value) -> Result<(), ActionError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send((data, reply)).await.map_err(|_| ActionError::Fenced)?;
-        rx.await.map_err(|_| ActionError::Fenced)?
-    }
-}
-
-/// Everything an action gets for one attempt.
-#[derive(Clone)]
-pub struct StepInput {
-    pub run_id: RunId,
-    pub step: String,
-    pub phase: Phase,
-    /// True when this is the compensation of `step`.
-    pub undo: bool,
-    pub attempt: u32,
-    /// The same for every attempt of this step (or of its compensation) in this run.
-    pub idempotency_key: String,
-    pub input: Arc<Value>,
-    /// Outputs of the steps that succeeded so far, by step name.
-    pub outputs: Arc<Value>,
-    /// The last progress this step (or compensation) checkpointed, if any.
-    pub progress: Option<Value>,
-    /// For a compensation: the progress its forward step checkpointed (e.g. what it had
-    /// started to create before it failed), so the undo can find it.
-    pub forward_progress: Option<Value>,
-    pub checkpoint: Progress,
-}
-
-impl StepInput {
-    /// The recorded output of a step (what it created), for compensations and later steps.
-    pub fn output_of(&self, step: &str) -> Option<&Value> {
-        self.outputs.get(step)
-    }
-}
-
-#[async_trait]
-pub trait Action: Send + Sync {
-    async fn run(&self, step: StepInput) -> Result<Value, ActionError>;
-}
-
-/// Actions by name.
-#[derive(Clone, Default)]
-pub struct Registry {
-    actions: BTreeMap<String, Arc<dyn Action>>,
-}
 
 /// Names of the actions every build has (checked when loading definitions without a store).
 const BUILTIN: &[&str] = &["noop", "test.effect", "test.job", "test.undo"];
 
-impl Registry {
-    /// The built-in names (including the failover actions), for validating definitions offline.
-    pub fn builtin() -> NameSet {
-        NameSet(BUILTIN.iter().chain(failover::ACTIONS).map(|s| s.to_string()).collect())
-    }
+/// The built-in names (including the failover actions), for validating definitions offline.
+pub fn builtin_names() -> NameSet {
+    NameSet(BUILTIN.iter().chain(failover::ACTIONS).map(|s| s.to_string()).collect())
+}
 
-    /// The built-in actions wired to a store (the test actions keep their ledger there), and
-    /// the failover actions unconfigured (they fail saying what to configure) until
-    /// [`failover::register`] binds them to a cloud.
-    pub fn with_builtins(store: Arc<dyn Store>) -> Registry {
-        let mut r = Registry::default();
-        failover::register_unconfigured(&mut r);
-        r.insert("noop", Arc::new(Noop));
-        r.insert("test.effect", Arc::new(testing::Effect { store: store.clone() }));
-        r.insert("test.job", Arc::new(testing::Job { store: store.clone() }));
-        r.insert("test.undo", Arc::new(testing::Undo { store }));
-        r
-    }
-
-    pub fn insert(&mut self, name: &str, action: Arc<dyn Action>) {
-        self.actions.insert(name.to_string(), action);
-    }
-
-    pub fn get(&self, name: &str) -> Option<Arc<dyn Action>> {
-        self.actions.get(name).cloned()
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.actions.contains_key(name)
-    }
+/// The built-in actions wired to a store (the test actions keep their ledger there), and the
+/// failover actions unconfigured (they fail saying what to configure) until
+/// [`failover::register`] binds them to a cloud.
+pub fn builtins(store: Arc<dyn Store>) -> Registry {
+    let mut r = Registry::default();
+    failover::register_unconfigured(&mut r);
+    r.insert("noop", Arc::new(Noop));
+    r.insert("test.effect", Arc::new(testing::Effect { store: store.clone() }));
+    r.insert("test.job", Arc::new(testing::Job { store: store.clone() }));
+    r.insert("test.undo", Arc::new(testing::Undo { store }));
+    r
 }
 
 /// A set of action names.

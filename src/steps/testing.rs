@@ -15,8 +15,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
-use super::{Action, ActionError, StepInput};
-use crate::engine::crash;
+use crate::crash;
+use crate::engine::action::{Action, ActionError, StepInput};
 use crate::store::{LedgerRow, Store};
 
 fn knob<'a>(step: &'a StepInput, table: &str) -> Option<&'a Value> {

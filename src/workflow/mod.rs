@@ -616,7 +616,7 @@ action = "act"
 
     #[test]
     fn embedded_definitions_all_load() {
-        let cat = Catalog::load(None, &|a| crate::steps::Registry::builtin().contains(a)).unwrap();
+        let cat = Catalog::load(None, &|a| crate::steps::builtin_names().contains(a)).unwrap();
         assert!(cat.get("noop-6").is_some());
         assert!(cat.get("crash-saga").is_some());
     }
@@ -629,7 +629,7 @@ action = "act"
             "name='noop-6'\n[[step]]\nname='only'\naction='noop'\ncompensate='none'\n",
         )
         .unwrap();
-        let known = |a: &str| crate::steps::Registry::builtin().contains(a);
+        let known = |a: &str| crate::steps::builtin_names().contains(a);
         let cat = Catalog::load(Some(dir.path()), &known).unwrap();
         assert_eq!(cat.get("noop-6").unwrap().steps.len(), 1);
         std::fs::write(

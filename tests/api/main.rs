@@ -124,7 +124,7 @@ async fn api_with(db: &TestDb, faults: Option<&str>, retry: &str) -> Api {
         request_timeout: Duration::from_secs(2),
     };
     let deps = setup::build(&settings, store.clone()).unwrap();
-    let mut registry = tern::steps::Registry::with_builtins(store.clone());
+    let mut registry = tern::steps::builtins(store.clone());
     tern::steps::failover::register(&mut registry, deps.clone());
     let defs = definitions_with(retry);
     let cfg = EngineConfig {

@@ -62,7 +62,13 @@ pub(crate) async fn campaign(db: &TestDb, faults: Option<Value>) -> Campaign {
     let base = sim.base.clone();
     let env = common::failover_env(&base, &sample, defs.path());
     // The test process only submits (through an engine with the same definitions).
-    let engine = Engine::with_defaults(store.clone(), Some(defs.path()), EngineConfig::default()).unwrap();
+    let engine = Engine::with_registry(
+        store.clone(),
+        Some(defs.path()),
+        tern::steps::builtins(store.clone()),
+        EngineConfig::default(),
+    )
+    .unwrap();
     Campaign {
         base,
         _sim: sim,

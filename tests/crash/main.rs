@@ -158,7 +158,13 @@ struct Batch {
 
 async fn batch(db: &TestDb, copies: usize) -> Batch {
     let store = db.open().await;
-    let engine = Engine::with_defaults(store.clone(), None, EngineConfig::default()).unwrap();
+    let engine = Engine::with_registry(
+        store.clone(),
+        None,
+        tern::steps::builtins(store.clone()),
+        EngineConfig::default(),
+    )
+    .unwrap();
     let mut runs = Vec::new();
     for _ in 0..copies {
         for case in cases() {

@@ -43,7 +43,7 @@ async fn engine(store: Arc<dyn Store>, defs: &[(&str, &str)], cfg: EngineConfig)
     for (name, text) in defs {
         std::fs::write(dir.path().join(format!("{name}.toml")), text).unwrap();
     }
-    Engine::with_defaults(store, Some(dir.path()), cfg).unwrap()
+    Engine::with_registry(store.clone(), Some(dir.path()), tern::steps::builtins(store), cfg).unwrap()
 }
 
 async fn start(store: Arc<dyn Store>, defs: &[(&str, &str)], name: &str) -> Worker {

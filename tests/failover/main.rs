@@ -113,7 +113,7 @@ async fn world_tuned(
         job_timeout: Duration::from_secs(10),
         request_timeout: tuning.request_timeout,
     };
-    let mut registry = tern::steps::Registry::with_builtins(store.clone());
+    let mut registry = tern::steps::builtins(store.clone());
     let deps = setup::build(&settings, store.clone()).unwrap();
     tern::steps::failover::register(&mut registry, deps.clone());
     let defs = common::fast_failover_definitions(attempts, tuning.max_delay);

@@ -26,9 +26,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
-use super::{Action, ActionError, Progress, Registry, StepInput};
 use crate::domain::inventory::{NetworkKind, VmRecord};
 use crate::domain::RunId;
+use crate::engine::action::{Action, ActionError, Progress, Registry, StepInput};
 use crate::providers::virtio::DriverInjector;
 use crate::providers::{AsyncCommand, Cloud, ProviderError, SnapshotBackend, SnapshotKind, Vm, VmFilter, VmState};
 use crate::store::Store;

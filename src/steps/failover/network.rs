@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use super::{fail, Cx};
-use crate::steps::ActionError;
+use crate::engine::action::ActionError;
 
 pub(crate) async fn configure(cx: &Cx<'_>) -> Result<Value, ActionError> {
     const CODE: &str = "NETWORK_CONFIG_FAILED";

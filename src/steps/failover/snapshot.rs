@@ -7,8 +7,8 @@
 use serde_json::{json, Value};
 
 use super::{fail, retryable, Cx};
+use crate::engine::action::ActionError;
 use crate::providers::{AsyncCommand, ProviderError, VmState};
-use crate::steps::ActionError;
 
 pub(crate) async fn create(cx: &Cx<'_>) -> Result<Value, ActionError> {
     let name = cx.snapshot_name();

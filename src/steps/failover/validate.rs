@@ -6,8 +6,8 @@ use super::{fail, Cx, FailoverDeps};
 use crate::domain::inventory::{NetworkKind, NetworkMapping, VmRecord};
 use crate::domain::validation::{validate, CheckStatus, Facts, ReadinessReport, VolumeFacts};
 use crate::domain::RunId;
+use crate::engine::action::ActionError;
 use crate::providers::ProviderError;
-use crate::steps::ActionError;
 
 pub(crate) async fn run(cx: &Cx<'_>) -> Result<Value, ActionError> {
     let report = readiness(cx).await?;

@@ -4,8 +4,8 @@ use serde_json::{json, Value};
 
 use super::{fail, retryable, Cx};
 use crate::domain::inventory::NetworkKind;
+use crate::engine::action::ActionError;
 use crate::providers::{AsyncCommand, VmFilter, VmState};
-use crate::steps::ActionError;
 
 /// The CloudStack networks the new VM's NICs join, in NIC order: the run's overrides, then the
 /// stored mappings for this failover kind, then (test only) the configured test network.

@@ -9,8 +9,8 @@
 use serde_json::{json, Value};
 
 use super::{fail, Cx};
+use crate::engine::action::ActionError;
 use crate::providers::{AsyncCommand, ProviderError, VmState, Volume, VolumeFilter, VolumeType};
-use crate::steps::ActionError;
 
 /// Deletes the new VM's own ROOT volumes recorded in `progress` (and any still attached to
 /// `vm`): detach if needed, then delete. The replicated volume is never touched.
