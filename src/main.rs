@@ -468,13 +468,9 @@ async fn real_main() -> Result<()> {
                 .get_run(id)
                 .await?
                 .with_context(|| format!("run {id} not found"))?;
-            let vm_id = row
-                .input
-                .get("vm_id")
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_string();
-            let vm = store.get_vm(&vm_id).await?;
+            let input = tern::domain::failover::FailoverInput::from_value(&row.input)
+                .map_err(|e| anyhow::anyhow!("run {id} is not a failover: {e}"))?;
+            let vm = store.get_vm(&input.vm_id).await?;
             let job = store.failover_job(id).await?;
             let snap = job.as_ref().and_then(|j| j.linstor_snapshot_name.as_deref());
             let found = match (cloud_settings(cloud)?, &vm, row.status == RunStatus::NeedsOperator) {

@@ -1,9 +1,9 @@
 //! `tern.v1.FailoverService`: starts test and live failovers as runs of the `test-failover`
 //! and `live-failover` definitions, and shows them as the seeds' failover jobs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use tonic::{Request, Response, Status};
 
 use super::convert;
@@ -12,6 +12,7 @@ use super::pb;
 use super::pb::failover_service_server::FailoverService;
 use super::watch::{watch, WatchStream};
 use super::{correlation_of, respond, ApiState, LIVE_FAILOVER, TEST_FAILOVER};
+use crate::domain::failover::{FailoverInput, JobType};
 use crate::domain::inventory::NetworkKind;
 use crate::domain::{parse_duration, RunId, Timestamp};
 use crate::engine::{EngineError, SubmitRequest};
@@ -29,7 +30,7 @@ type ApiResult<T> = Result<T, ApiError>;
 /// The fields both start requests share.
 struct Start<'a> {
     definition: &'static str,
-    job_type: &'static str,
+    job_type: JobType,
     vm_id: &'a str,
     vm_name: &'a str,
     skip_validation: bool,
@@ -62,29 +63,24 @@ impl Start<'_> {
             "" => inventory_name,
             name => name,
         };
-        let mut input = json!({
-            "vm_id": self.vm_id.trim(),
-            "vm_name": vm_name,
-            "job_type": self.job_type,
-            "skip_validation": self.skip_validation,
-            "skip_snapshot": self.skip_snapshot,
-            "skip_virtio_injection": self.skip_virtio_injection,
-            "network_mappings": string_map(self.network_mappings),
-            "custom_config": string_map(self.custom_config),
-            "notification_config": string_map(self.notification_config),
-        });
-        if let (Some((auto_cleanup, duration)), Some(obj)) = (self.hold, input.as_object_mut()) {
-            obj.insert("auto_cleanup".into(), json!(auto_cleanup));
-            if !duration.trim().is_empty() {
-                obj.insert("test_duration".into(), json!(duration.trim()));
-            }
+        let mut input = FailoverInput::new(self.vm_id.trim(), self.job_type);
+        input.vm_name = Some(vm_name.to_string());
+        input.skip_validation = self.skip_validation;
+        input.skip_snapshot = self.skip_snapshot;
+        input.skip_virtio_injection = self.skip_virtio_injection;
+        input.network_mappings = sorted(self.network_mappings);
+        input.custom_config = sorted(self.custom_config);
+        input.notification_config = sorted(self.notification_config);
+        if let Some((auto_cleanup, duration)) = self.hold {
+            input.auto_cleanup = Some(auto_cleanup);
+            input.test_duration = Some(duration.trim().to_string()).filter(|d| !d.is_empty());
         }
-        input
+        input.to_value()
     }
 }
 
-fn string_map(m: &HashMap<String, String>) -> Value {
-    Value::Object(m.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<Map<_, _>>())
+fn sorted(m: &HashMap<String, String>) -> BTreeMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 impl FailoverApi {
@@ -265,7 +261,7 @@ impl FailoverService for FailoverApi {
         let r = req.into_inner();
         let start = Start {
             definition: TEST_FAILOVER,
-            job_type: "test",
+            job_type: JobType::Test,
             vm_id: &r.vm_id,
             vm_name: &r.vm_name,
             skip_validation: r.skip_validation,
@@ -288,7 +284,7 @@ impl FailoverService for FailoverApi {
         let r = req.into_inner();
         let start = Start {
             definition: LIVE_FAILOVER,
-            job_type: "live",
+            job_type: JobType::Live,
             vm_id: &r.vm_id,
             vm_name: &r.vm_name,
             skip_validation: r.skip_validation,

@@ -2,6 +2,7 @@
 //!
 //! Nothing here does I/O; everything here is serialisable so it can be journaled.
 
+pub mod failover;
 pub mod inventory;
 pub mod run;
 pub mod validation;

@@ -359,6 +359,7 @@ impl Engine {
             job_type: def.job_type.clone(),
             request_id: req.request_id,
             correlation_id: req.correlation_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            subject: def.job_subject(&req.input),
             input: req.input,
             lock_key: lock.as_ref().map(|(field, value)| format!("{field}={value}")),
             display_status,

@@ -22,7 +22,14 @@ const BUILTIN: &[&str] = &["noop", "test.effect", "test.job", "test.undo"];
 
 /// The built-in names (including the failover actions), for validating definitions offline.
 pub fn builtin_names() -> NameSet {
-    NameSet(BUILTIN.iter().chain(failover::ACTIONS).map(|s| s.to_string()).collect())
+    NameSet(
+        BUILTIN
+            .iter()
+            .copied()
+            .chain(failover::action_names())
+            .map(str::to_string)
+            .collect(),
+    )
 }
 
 /// The built-in actions wired to a store (the test actions keep their ledger there), and the

@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 
+use crate::domain::failover::JobSubject;
 use crate::domain::inventory::{NetworkKind, NetworkMapping, VmRecord};
 use crate::domain::run::{Record, RunState, RunStatus};
 use crate::domain::{RunId, Timestamp};
@@ -120,6 +121,8 @@ pub struct NewRun {
     pub request_id: Option<String>,
     pub correlation_id: String,
     pub input: Value,
+    /// The job read model's columns that come from the input.
+    pub subject: JobSubject,
     /// At most one unfinished run may hold this key (`Conflict` otherwise); None: no lock.
     pub lock_key: Option<String>,
     pub display_status: String,

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::domain::failover::{FailoverInput, JobSubject};
 use crate::domain::parse_duration;
 use crate::domain::run::{Phase, RunState};
 
@@ -90,12 +91,24 @@ pub struct HoldDef {
     pub status: Option<String>,
 }
 
+/// The type of a definition's input (`input = "failover"` in its file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputKind {
+    /// Any JSON object.
+    Any,
+    /// A [`FailoverInput`].
+    Failover,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Definition {
     pub name: String,
     pub description: String,
     /// `job_type` projected into `failover_jobs` (e.g. "test", "live"); defaults to the name.
     pub job_type: String,
+    /// The type its runs' input must have (checked at submit, whoever submits).
+    pub input: InputKind,
     /// Input field naming a resource (e.g. `vm_id`) that only one unfinished run of any
     /// exclusive definition may hold at a time; the database enforces it at submit.
     pub exclusive_on: Option<String>,
@@ -180,12 +193,24 @@ impl Definition {
         Ok(from_input.or(hold.default_duration))
     }
 
-    /// Checks a run's input against what this definition reads from it.
+    /// Checks a run's input against its type and what this definition reads from it.
     pub fn validate_input(&self, input: &Value) -> Result<(), String> {
         if !input.is_object() {
             return Err("input must be a JSON object".into());
         }
+        if self.input == InputKind::Failover {
+            FailoverInput::from_value(input)?;
+        }
         self.hold_duration(input).map(|_| ())
+    }
+
+    /// What the job read model records of a run's subject (the failover's VM). Any other
+    /// input is read as a failover's where it has that shape (the crash tests' definitions
+    /// name a `vm_id`), and as no subject where it has not.
+    pub fn job_subject(&self, input: &Value) -> JobSubject {
+        FailoverInput::from_value(input)
+            .map(|i| i.subject())
+            .unwrap_or_default()
     }
 }
 
@@ -207,6 +232,7 @@ struct RawDefinition {
     #[serde(default)]
     description: String,
     job_type: Option<String>,
+    input: Option<InputKind>,
     exclusive_on: Option<String>,
     #[serde(default)]
     defaults: RawDefaults,
@@ -377,6 +403,7 @@ pub fn parse(file: &str, source: &str, known_action: &dyn Fn(&str) -> bool) -> R
     let hash = hex::encode(Sha256::digest(source.as_bytes()));
     Ok(Definition {
         job_type: raw.job_type.unwrap_or_else(|| raw.name.clone()),
+        input: raw.input.unwrap_or(InputKind::Any),
         exclusive_on: raw.exclusive_on,
         name: raw.name,
         description: raw.description,

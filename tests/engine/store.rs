@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
+use tern::domain::failover::JobSubject;
 use tern::domain::run::Phase;
 use tern::domain::run::{Record, RunState, RunStatus};
 use tern::domain::{RunId, StepError, Timestamp};
@@ -31,6 +32,11 @@ fn new_run(request_id: Option<&str>, now: Timestamp) -> NewRun {
         request_id: request_id.map(str::to_string),
         correlation_id: "corr-1".into(),
         input: json!({"vm_id": "vm-1", "vm_name": "pgtest1"}),
+        subject: JobSubject {
+            vm_id: "vm-1".into(),
+            vm_name: Some("pgtest1".into()),
+            ..JobSubject::default()
+        },
         lock_key: None,
         display_status: "pending".into(),
         projection: projection::project(std::slice::from_ref(&record), "pending"),
@@ -685,6 +691,7 @@ async fn inventory_and_network_mappings(db: TestDb) {
     // Active jobs come from the failover_jobs projection (completed_at still empty).
     let mut r = new_run(None, now);
     r.input = json!({"vm_id": "420570c7"});
+    r.subject.vm_id = "420570c7".into();
     let run = s.submit(r).await.unwrap().run;
     assert_eq!(
         s.active_jobs_for_vm("420570c7", None).await.unwrap(),

@@ -19,13 +19,13 @@ mod volume;
 
 pub use validate::readiness_for;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
+use crate::domain::failover::FailoverInput;
 use crate::domain::inventory::{NetworkKind, VmRecord};
 use crate::domain::RunId;
 use crate::engine::action::{Action, ActionError, Progress, Registry, StepInput};
@@ -57,41 +57,97 @@ pub struct FailoverDeps {
     pub config: FailoverConfig,
 }
 
+/// A failover action, by the name definitions give it (`failover.<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Validate,
+    Snapshot,
+    DeleteSnapshot,
+    InjectVirtio,
+    RevertSnapshot,
+    CreateVm,
+    DestroyVm,
+    AttachVolume,
+    ReturnVolume,
+    DetachVolume,
+    ReattachOma,
+    StartVm,
+    StopVm,
+    ConfigureNetwork,
+}
+
+impl Op {
+    const ALL: [Op; 14] = [
+        Op::Validate,
+        Op::Snapshot,
+        Op::DeleteSnapshot,
+        Op::InjectVirtio,
+        Op::RevertSnapshot,
+        Op::CreateVm,
+        Op::DestroyVm,
+        Op::AttachVolume,
+        Op::ReturnVolume,
+        Op::DetachVolume,
+        Op::ReattachOma,
+        Op::StartVm,
+        Op::StopVm,
+        Op::ConfigureNetwork,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::Validate => "failover.validate",
+            Op::Snapshot => "failover.snapshot",
+            Op::DeleteSnapshot => "failover.delete_snapshot",
+            Op::InjectVirtio => "failover.inject_virtio",
+            Op::RevertSnapshot => "failover.revert_snapshot",
+            Op::CreateVm => "failover.create_vm",
+            Op::DestroyVm => "failover.destroy_vm",
+            Op::AttachVolume => "failover.attach_volume",
+            Op::ReturnVolume => "failover.return_volume",
+            Op::DetachVolume => "failover.detach_volume",
+            Op::ReattachOma => "failover.reattach_oma",
+            Op::StartVm => "failover.start_vm",
+            Op::StopVm => "failover.stop_vm",
+            Op::ConfigureNetwork => "failover.configure_network",
+        }
+    }
+
+    async fn run(self, cx: &Cx<'_>) -> Result<Value, ActionError> {
+        match self {
+            Op::Validate => validate::run(cx).await,
+            Op::Snapshot => snapshot::create(cx).await,
+            Op::DeleteSnapshot => snapshot::delete(cx).await,
+            Op::InjectVirtio => virtio::inject(cx).await,
+            Op::RevertSnapshot => snapshot::revert(cx).await,
+            Op::CreateVm => vm::create(cx).await,
+            Op::DestroyVm => vm::destroy(cx).await,
+            Op::AttachVolume => volume::attach(cx).await,
+            Op::ReturnVolume | Op::ReattachOma => volume::give_back(cx).await,
+            Op::DetachVolume => volume::detach(cx).await,
+            Op::StartVm => vm::start(cx).await,
+            Op::StopVm => vm::stop(cx).await,
+            Op::ConfigureNetwork => network::configure(cx).await,
+        }
+    }
+}
+
 /// The action names the failover definitions use (known even without a cloud configured).
-pub const ACTIONS: &[&str] = &[
-    "failover.validate",
-    "failover.snapshot",
-    "failover.delete_snapshot",
-    "failover.inject_virtio",
-    "failover.revert_snapshot",
-    "failover.create_vm",
-    "failover.destroy_vm",
-    "failover.attach_volume",
-    "failover.return_volume",
-    "failover.detach_volume",
-    "failover.reattach_oma",
-    "failover.start_vm",
-    "failover.stop_vm",
-    "failover.configure_network",
-];
+pub fn action_names() -> impl Iterator<Item = &'static str> {
+    Op::ALL.into_iter().map(Op::name)
+}
 
 /// Registers the failover actions bound to `deps`.
 pub fn register(reg: &mut Registry, deps: Arc<FailoverDeps>) {
-    for name in ACTIONS {
-        reg.insert(
-            name,
-            Arc::new(FailoverAction {
-                name,
-                deps: deps.clone(),
-            }),
-        );
+    for op in Op::ALL {
+        reg.insert(op.name(), Arc::new(FailoverAction { op, deps: deps.clone() }));
     }
 }
 
 /// Registers the failover actions for a process without a cloud: each fails permanently
 /// with a message saying what to configure.
 pub fn register_unconfigured(reg: &mut Registry) {
-    for name in ACTIONS {
+    for name in action_names() {
         reg.insert(name, Arc::new(Unconfigured));
     }
 }
@@ -109,7 +165,7 @@ impl Action for Unconfigured {
 }
 
 struct FailoverAction {
-    name: &'static str,
+    op: Op,
     deps: Arc<FailoverDeps>,
 }
 
@@ -117,65 +173,7 @@ struct FailoverAction {
 impl Action for FailoverAction {
     async fn run(&self, step: StepInput) -> Result<Value, ActionError> {
         let cx = Cx::new(&self.deps, &step).await?;
-        match self.name {
-            "failover.validate" => validate::run(&cx).await,
-            "failover.snapshot" => snapshot::create(&cx).await,
-            "failover.delete_snapshot" => snapshot::delete(&cx).await,
-            "failover.inject_virtio" => virtio::inject(&cx).await,
-            "failover.revert_snapshot" => snapshot::revert(&cx).await,
-            "failover.create_vm" => vm::create(&cx).await,
-            "failover.destroy_vm" => vm::destroy(&cx).await,
-            "failover.start_vm" => vm::start(&cx).await,
-            "failover.stop_vm" => vm::stop(&cx).await,
-            "failover.attach_volume" => volume::attach(&cx).await,
-            "failover.return_volume" => volume::give_back(&cx).await,
-            "failover.detach_volume" => volume::detach(&cx).await,
-            "failover.reattach_oma" => volume::give_back(&cx).await,
-            "failover.configure_network" => network::configure(&cx).await,
-            other => Err(ActionError::permanent(
-                "UNKNOWN_ACTION",
-                format!("no failover action {other}"),
-            )),
-        }
-    }
-}
-
-/// The run's failover input, as the API submits it.
-#[derive(Debug, Clone)]
-pub struct FailoverInput {
-    pub vm_id: String,
-    pub vm_name: Option<String>,
-    pub kind: NetworkKind,
-    /// Source network -> CloudStack network id, overriding the stored mappings.
-    pub network_overrides: BTreeMap<String, String>,
-}
-
-impl FailoverInput {
-    pub fn parse(input: &Value) -> Result<FailoverInput, ActionError> {
-        let vm_id = input
-            .get("vm_id")
-            .and_then(Value::as_str)
-            .filter(|s| !s.trim().is_empty())
-            .ok_or_else(|| ActionError::permanent("INVALID_INPUT", "input field vm_id is missing"))?
-            .to_string();
-        let kind = match input.get("job_type").and_then(Value::as_str) {
-            Some("live") => NetworkKind::Production,
-            _ => NetworkKind::Test,
-        };
-        let mut network_overrides = BTreeMap::new();
-        if let Some(m) = input.get("network_mappings").and_then(Value::as_object) {
-            for (k, v) in m {
-                if let Some(v) = v.as_str() {
-                    network_overrides.insert(k.clone(), v.to_string());
-                }
-            }
-        }
-        Ok(FailoverInput {
-            vm_id,
-            vm_name: input.get("vm_name").and_then(Value::as_str).map(str::to_string),
-            kind,
-            network_overrides,
-        })
+        self.op.run(&cx).await
     }
 }
 
@@ -192,7 +190,8 @@ pub(crate) struct Cx<'a> {
 
 impl<'a> Cx<'a> {
     async fn new(deps: &'a FailoverDeps, step: &'a StepInput) -> Result<Cx<'a>, ActionError> {
-        let input = FailoverInput::parse(&step.input)?;
+        let input = FailoverInput::from_value(&step.input)
+            .map_err(|e| ActionError::permanent("INVALID_INPUT", format!("failover input: {e}")))?;
         let vm = deps.store.get_vm(&input.vm_id).await?.ok_or_else(|| {
             ActionError::permanent("VM_NOT_FOUND", format!("VM {} is not in the inventory", input.vm_id))
         })?;
@@ -344,7 +343,7 @@ impl<'a> Cx<'a> {
 
     /// The CloudStack name of the VM this run creates: derived from the run, so a re-run finds it.
     pub fn vm_name(&self) -> String {
-        let prefix = match self.input.kind {
+        let prefix = match self.input.network_kind() {
             NetworkKind::Test => "tern-t",
             NetworkKind::Production => "tern-l",
         };
@@ -457,14 +456,5 @@ mod tests {
         let long = vm_name("tern-t", run, &"x".repeat(100));
         assert_eq!(long.len(), 63);
         assert_eq!(vm_name("tern-t", run, "pgtest1"), vm_name("tern-t", run, "pgtest1"));
-    }
-
-    #[test]
-    fn input_needs_a_vm_id() {
-        assert!(FailoverInput::parse(&json!({})).is_err());
-        let i =
-            FailoverInput::parse(&json!({"vm_id": "v", "job_type": "live", "network_mappings": {"a": "b"}})).unwrap();
-        assert_eq!(i.kind, NetworkKind::Production);
-        assert_eq!(i.network_overrides.get("a").map(String::as_str), Some("b"));
     }
 }

@@ -6,6 +6,7 @@
 use serde_json::Value;
 
 use super::FailoverDeps;
+use crate::domain::failover::FailoverInput;
 use crate::domain::inventory::VmRecord;
 use crate::domain::run::RunState;
 use crate::providers::linstor::resource_name_for_volume;
@@ -59,7 +60,7 @@ impl Recorded {
                 .and_then(Value::as_array)
                 .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
                 .unwrap_or_default(),
-            skip_snapshot: run.input.get("skip_snapshot") == Some(&Value::Bool(true)),
+            skip_snapshot: FailoverInput::from_value(&run.input).is_ok_and(|i| i.skip_snapshot),
             // As the undo of virtio-injection, a revert is due only if drivers were injected
             // (the step's own rule).
             revert_pending: undone.iter().any(|s| match s.as_str() {
@@ -167,7 +168,9 @@ pub fn plan(
     let Some(vm) = vm else {
         out.push(format!(
             "the VM {} is no longer in the inventory: look up its volume and OMA before acting.",
-            run.input.get("vm_id").and_then(Value::as_str).unwrap_or("?")
+            FailoverInput::from_value(&run.input)
+                .map(|i| i.vm_id)
+                .unwrap_or_else(|_| "?".into())
         ));
         return out.join("\n");
     };

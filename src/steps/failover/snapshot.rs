@@ -4,6 +4,7 @@
 //! `failover_jobs.linstor_snapshot_name`) *before* the snapshot is requested, so emergency
 //! recovery can always find it; `create` adopts a snapshot of that name.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{fail, retryable, Cx};
@@ -26,7 +27,7 @@ pub(crate) async fn create(cx: &Cx<'_>) -> Result<Value, ActionError> {
 
 /// Deletes the run's snapshot; a snapshot that does not exist is already deleted.
 pub(crate) async fn delete(cx: &Cx<'_>) -> Result<Value, ActionError> {
-    if cx.step.input.get("skip_snapshot") == Some(&Value::Bool(true)) {
+    if cx.input.skip_snapshot {
         return Ok(json!({"skipped": "no snapshot was taken (skip_snapshot)"}));
     }
     const CODE: &str = "SNAPSHOT_DELETE_FAILED";
@@ -49,12 +50,19 @@ pub(crate) async fn delete(cx: &Cx<'_>) -> Result<Value, ActionError> {
     Ok(json!({"deleted": name}))
 }
 
+/// Where a revert must put the volume back (recorded before it detaches it from a running VM).
+#[derive(Serialize, Deserialize)]
+struct RestoreTo {
+    vm_id: String,
+    device_id: Option<u32>,
+}
+
 /// Reverts the replicated volume to the run's snapshot, undoing driver injection and test
 /// writes. A revert needs the volume off any running VM: if it is on one (the OMA, during a
 /// rollback), it is detached first, with the intent to put it back recorded, and reattached after.
 pub(crate) async fn revert(cx: &Cx<'_>) -> Result<Value, ActionError> {
     const CODE: &str = "SNAPSHOT_REVERT_FAILED";
-    if cx.step.input.get("skip_snapshot") == Some(&Value::Bool(true)) {
+    if cx.input.skip_snapshot {
         return Ok(json!({"skipped": "no snapshot to revert to (skip_snapshot): the disk keeps any changes"}));
     }
     // As the compensation of virtio-injection: nothing to undo if injection was skipped.
@@ -82,8 +90,11 @@ pub(crate) async fn revert(cx: &Cx<'_>) -> Result<Value, ActionError> {
     if let Some(on) = vol.vm_id.clone() {
         let vm = cx.cloud().get_vm(&on).await.map_err(|e| fail(CODE, e))?;
         if vm.state != VmState::Stopped {
-            cx.record("restore_to", json!({"vm_id": on, "device_id": vol.device_id}))
-                .await?;
+            let back = RestoreTo {
+                vm_id: on,
+                device_id: vol.device_id,
+            };
+            cx.record("restore_to", json!(back)).await?;
             let cmd = AsyncCommand::DetachVolume { volume_id: src.clone() };
             cx.settle("detach_for_revert", cmd, CODE, |v| v.vm_id.is_none()).await?;
         }
@@ -102,19 +113,11 @@ pub(crate) async fn revert(cx: &Cx<'_>) -> Result<Value, ActionError> {
             });
         }
     }
-    if let Some(back) = cx.recorded("restore_to").await.filter(|v| !v.is_null()) {
-        let vm_id = back
-            .get("vm_id")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+    let back = cx.recorded("restore_to").await;
+    if let Some(back) = back.and_then(|v| RestoreTo::deserialize(v).ok()) {
         let now = cx.cloud().get_volume(&src).await.map_err(|e| fail(CODE, e))?;
-        if now.vm_id.is_none() && !vm_id.is_empty() {
-            let device_id = back
-                .get("device_id")
-                .and_then(Value::as_u64)
-                .and_then(|d| u32::try_from(d).ok());
-            super::volume::put_back(cx, &vm_id, device_id, "reattach_after_revert", CODE).await?;
+        if now.vm_id.is_none() && !back.vm_id.is_empty() {
+            super::volume::put_back(cx, &back.vm_id, back.device_id, "reattach_after_revert", CODE).await?;
         }
     }
     Ok(json!({"reverted_to": name, "volume_id": src}))

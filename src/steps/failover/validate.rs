@@ -37,12 +37,12 @@ pub(crate) async fn run(cx: &Cx<'_>) -> Result<Value, ActionError> {
 /// Runs the checks for this run's VM (other runs on the VM count as active jobs).
 pub(crate) async fn readiness(cx: &Cx<'_>) -> Result<ReadinessReport, ActionError> {
     let mut mappings = cx.deps.store.network_mappings(&cx.vm.vm_id).await?;
-    for (source, dest) in &cx.input.network_overrides {
+    for (source, dest) in &cx.input.network_mappings {
         mappings.push(NetworkMapping {
             vm_id: cx.vm.vm_id.clone(),
             source_network: source.clone(),
             destination_network_id: dest.clone(),
-            kind: cx.input.kind,
+            kind: cx.input.network_kind(),
         });
     }
     report(
@@ -50,7 +50,7 @@ pub(crate) async fn readiness(cx: &Cx<'_>) -> Result<ReadinessReport, ActionErro
         &cx.vm.vm_id,
         Some(&cx.vm),
         Some(cx.run_id()),
-        cx.input.kind,
+        cx.input.network_kind(),
         &mappings,
     )
     .await

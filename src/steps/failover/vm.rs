@@ -13,18 +13,13 @@ pub(crate) async fn networks(cx: &Cx<'_>) -> Result<Vec<String>, ActionError> {
     let mappings = cx.deps.store.network_mappings(&cx.vm.vm_id).await?;
     let mut out: Vec<String> = Vec::new();
     for nic in &cx.vm.nics {
-        let mapped = cx
-            .input
-            .network_overrides
-            .get(&nic.source_network)
-            .cloned()
-            .or_else(|| {
-                mappings
-                    .iter()
-                    .find(|m| m.kind == cx.input.kind && m.source_network == nic.source_network)
-                    .map(|m| m.destination_network_id.clone())
-            });
-        let net = match (mapped, cx.input.kind, &cx.deps.config.test_network_id) {
+        let mapped = cx.input.network_mappings.get(&nic.source_network).cloned().or_else(|| {
+            mappings
+                .iter()
+                .find(|m| m.kind == cx.input.network_kind() && m.source_network == nic.source_network)
+                .map(|m| m.destination_network_id.clone())
+        });
+        let net = match (mapped, cx.input.network_kind(), &cx.deps.config.test_network_id) {
             (Some(n), _, _) => n,
             (None, NetworkKind::Test, Some(t)) => t.clone(),
             (None, _, _) => {
@@ -33,7 +28,7 @@ pub(crate) async fn networks(cx: &Cx<'_>) -> Result<Vec<String>, ActionError> {
                     format!(
                         "source network {:?} has no {} mapping",
                         nic.source_network,
-                        cx.input.kind.as_str()
+                        cx.input.network_kind().as_str()
                     ),
                 ))
             }
@@ -43,7 +38,7 @@ pub(crate) async fn networks(cx: &Cx<'_>) -> Result<Vec<String>, ActionError> {
         }
     }
     if out.is_empty() {
-        match (&cx.deps.config.test_network_id, cx.input.kind) {
+        match (&cx.deps.config.test_network_id, cx.input.network_kind()) {
             (Some(t), NetworkKind::Test) => out.push(t.clone()),
             _ => {
                 return Err(ActionError::permanent(

@@ -18,7 +18,6 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags, Statement, ToSql, Transaction, TransactionBehavior};
-use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{run_from_row, BUSY_TIMEOUT, RUN_COLUMNS};
@@ -417,12 +416,12 @@ fn insert_run(tx: &Connection, run: &NewRun) -> Result<Submitted> {
     )?
     .execute((
         run.id.to_string(),
-        run.input.get("vm_id").and_then(Value::as_str).unwrap_or(""),
-        run.input.get("vm_name").and_then(Value::as_str),
+        &run.subject.vm_id,
+        run.subject.vm_name.as_deref(),
         &run.job_type,
         &run.display_status,
-        run.input.get("source_vm_spec").map(|v| v.to_string()),
-        run.input.get("network_mappings").map(|v| v.to_string()),
+        run.subject.source_vm_spec.as_deref(),
+        run.subject.network_mappings.as_deref(),
         &run.correlation_id,
         run.now.to_rfc3339(),
         &run.lock_key,

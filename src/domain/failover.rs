@@ -1,0 +1,162 @@
+//! The input of a failover run, as a type: the API builds it, the definition checks it at
+//! submit, the steps, the job read model and `tern recover` read it. Its JSON form is what the
+//! run stores (and what a retried request with the same request id is compared against).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::inventory::NetworkKind;
+
+/// A test failover (reversible, on the test network) or a live one (permanent, production).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobType {
+    Test,
+    Live,
+}
+
+impl JobType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobType::Test => "test",
+            JobType::Live => "live",
+        }
+    }
+}
+
+/// What a `test-failover` or `live-failover` run is asked to do (the seeds' request fields).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailoverInput {
+    /// The source VM (the VMware UUID the inventory knows it by).
+    pub vm_id: String,
+    /// The name the new VM is displayed with; the inventory's name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_name: Option<String>,
+    /// Absent in inputs submitted as raw workflows: a test failover's network then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_type: Option<JobType>,
+    #[serde(default)]
+    pub skip_validation: bool,
+    #[serde(default)]
+    pub skip_snapshot: bool,
+    #[serde(default)]
+    pub skip_virtio_injection: bool,
+    /// Source network -> CloudStack network id, overriding the stored mappings.
+    #[serde(default)]
+    pub network_mappings: BTreeMap<String, String>,
+    #[serde(default)]
+    pub custom_config: BTreeMap<String, String>,
+    #[serde(default)]
+    pub notification_config: BTreeMap<String, String>,
+    /// Test failovers: tear down when `test_duration` has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_cleanup: Option<bool>,
+    /// Test failovers: how long the test VM is held (e.g. "30m").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_duration: Option<String>,
+    /// The source VM's description as a caller gave it (kept for the job read model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_vm_spec: Option<Value>,
+}
+
+impl FailoverInput {
+    /// A failover of `vm_id` with every option at its default.
+    pub fn new(vm_id: impl Into<String>, job_type: JobType) -> FailoverInput {
+        FailoverInput {
+            vm_id: vm_id.into(),
+            vm_name: None,
+            job_type: Some(job_type),
+            skip_validation: false,
+            skip_snapshot: false,
+            skip_virtio_injection: false,
+            network_mappings: BTreeMap::new(),
+            custom_config: BTreeMap::new(),
+            notification_config: BTreeMap::new(),
+            auto_cleanup: None,
+            test_duration: None,
+            source_vm_spec: None,
+        }
+    }
+
+    /// Reads a run's stored input; the error names the field.
+    pub fn from_value(input: &Value) -> Result<FailoverInput, String> {
+        let parsed = FailoverInput::deserialize(input).map_err(|e| e.to_string())?;
+        if parsed.vm_id.trim().is_empty() {
+            return Err("vm_id must not be empty".into());
+        }
+        Ok(parsed)
+    }
+
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+
+    /// Which networks the new VM joins.
+    pub fn network_kind(&self) -> NetworkKind {
+        match self.job_type {
+            Some(JobType::Live) => NetworkKind::Production,
+            Some(JobType::Test) | None => NetworkKind::Test,
+        }
+    }
+
+    /// The columns of the job read model that come from the input.
+    pub fn subject(&self) -> JobSubject {
+        JobSubject {
+            vm_id: self.vm_id.clone(),
+            vm_name: self.vm_name.clone(),
+            network_mappings: serde_json::to_string(&self.network_mappings).ok(),
+            source_vm_spec: self.source_vm_spec.as_ref().map(Value::to_string),
+        }
+    }
+}
+
+/// What a run's job row says about its subject (empty for runs that are not failovers).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobSubject {
+    pub vm_id: String,
+    pub vm_name: Option<String>,
+    /// JSON text.
+    pub network_mappings: Option<String>,
+    /// JSON text.
+    pub source_vm_spec: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_raw_workflow_input_reads_with_defaults() {
+        let i = FailoverInput::from_value(&json!({"vm_id": "v", "network_mappings": {"a": "b"}})).unwrap();
+        assert_eq!(i.network_kind(), NetworkKind::Test);
+        assert_eq!(i.network_mappings.get("a").map(String::as_str), Some("b"));
+        let live = FailoverInput::from_value(&json!({"vm_id": "v", "job_type": "live"})).unwrap();
+        assert_eq!(live.network_kind(), NetworkKind::Production);
+    }
+
+    #[test]
+    fn a_bad_input_is_refused_naming_the_field() {
+        let e = FailoverInput::from_value(&json!({})).unwrap_err();
+        assert!(e.contains("vm_id"), "{e}");
+        let e = FailoverInput::from_value(&json!({"vm_id": "v", "skip_snapshot": "yes"})).unwrap_err();
+        assert!(e.contains("bool"), "{e}");
+        let e = FailoverInput::from_value(&json!({"vm_id": " "})).unwrap_err();
+        assert!(e.contains("vm_id"), "{e}");
+    }
+
+    #[test]
+    fn the_stored_form_round_trips() {
+        let mut i = FailoverInput::new("v", JobType::Test);
+        i.vm_name = Some("n".into());
+        i.auto_cleanup = Some(true);
+        i.test_duration = Some("30m".into());
+        let v = i.to_value();
+        assert_eq!(v["job_type"], json!("test"));
+        assert_eq!(v["network_mappings"], json!({}));
+        assert!(v.get("source_vm_spec").is_none());
+        assert_eq!(FailoverInput::from_value(&v).unwrap(), i);
+    }
+}
