@@ -1,16 +1,24 @@
 //! Tern: a durable workflow engine for VM failovers onto Apache CloudStack.
 //!
-//! Architecture (dependencies point one way):
-//! - [`domain`] — pure types (ids, timestamps, step errors, inventory, validation checks).
-//! - [`workflow`] — the TOML definitions in `workflows/`, loaded and validated; runs pin them by hash.
-//! - [`engine`] — the pure state machine, the driver (commit, then act), the worker loop.
-//! - [`steps`] — the actions steps run (registry, built-ins; failover actions come with providers).
-//! - [`providers`] — the `Cloud` and `SnapshotBackend` traits, the CloudStack and LINSTOR clients.
-//! - [`sim`] — the CloudStack/LINSTOR simulator, a real HTTP server speaking the same protocols.
-//! - [`api`] — the gRPC services (tonic), generated code, proto <-> domain conversions.
-//! - [`store`] — the `Store` trait and its SQLite and PostgreSQL backends; the only place with SQL.
-//! - [`telemetry`] — logging (tracing spans per run and step).
-//! - [`crash`] — named crash points for the crash tests (any layer may pass one).
+//! Layers (each imports only those below it; `crash` and `telemetry` are leaves anyone may call):
+//!
+//! ```text
+//!   api          gRPC services, generated code, proto <-> domain, Status mapping
+//!    |
+//!   steps ---------------.     the actions: built-ins and the failover steps
+//!    |                   |
+//!   engine               |     pure state machine, driver (commit, then act), workers,
+//!    |      \              |     and the step contract (engine::action)
+//!   store   workflow   providers   store: journal, leases, read models (the only SQL);
+//!    |        |          |         workflow: the definitions; providers: Cloud,
+//!   domain ---'----------'         SnapshotBackend, DriverInjector + their real clients
+//! ```
+//!
+//! `domain` holds the pure types: ids, time, errors, the run's vocabulary, FailoverInput.
+//!
+//! [`sim`] is tooling beside the layers: the CloudStack/LINSTOR simulator `tern dev` and the
+//! tests run in-process (it uses `providers`' wire types). The binary (`main.rs`, `cmd/`) holds
+//! the commands, the admin tools and `tern bench`.
 //!
 //! Glossary: a *run* is one execution of a *definition*; a *step* is one entry of it; an
 //! *attempt* is one try of a step; a *lease* is a worker's time-limited claim on a run, and its
@@ -19,8 +27,6 @@
 //! *teardown* steps follow the hold.
 
 pub mod api;
-pub mod bench;
-pub mod cli;
 pub mod crash;
 pub mod domain;
 pub mod engine;

@@ -1,5 +1,5 @@
 //! The input of a failover run, as a type: the API builds it, the definition checks it at
-//! submit, the steps, the job read model and `tern recover` read it. Its JSON form is what the
+//! submit, the steps, the job read model and `tern admin recover` read it. Its JSON form is what the
 //! run stores (and what a retried request with the same request id is compared against).
 
 use std::collections::BTreeMap;

@@ -380,6 +380,7 @@ async fn killed_after_submit(backend: &str) {
     let b = batch(&db, 0).await;
     let out = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args([
+            "admin",
             "submit",
             "crash-saga",
             "--database",

@@ -1,4 +1,4 @@
-//! `tern recover <job>`: the exact manual recovery for a failover run, from what its journal and
+//! `tern admin recover <job>`: the exact manual recovery for a failover run, from what its journal and
 //! context recorded (snapshot name and backend, volume, VM ids), like the seeds' emergency
 //! procedure. [`look`] asks the cloud what is left; [`plan`] is pure: it formats what the run,
 //! the inventory and (when looked up) the cloud say, so it lists exactly what is left to do.
@@ -72,7 +72,7 @@ impl Recorded {
     }
 }
 
-/// What the cloud holds now of one run's resources (`tern recover` looks before it prints, so
+/// What the cloud holds now of one run's resources (`tern admin recover` looks before it prints, so
 /// it lists only what is left to do).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Found {

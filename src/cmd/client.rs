@@ -10,10 +10,10 @@ use tonic::transport::Channel;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::api::pb;
-use crate::api::pb::failover_service_client::FailoverServiceClient;
-use crate::api::pb::watch_event::Event;
-use crate::api::pb::workflow_service_client::WorkflowServiceClient;
+use tern::api::pb;
+use tern::api::pb::failover_service_client::FailoverServiceClient;
+use tern::api::pb::watch_event::Event;
+use tern::api::pb::workflow_service_client::WorkflowServiceClient;
 
 /// The failover commands (gRPC clients of `tern server`).
 #[derive(Subcommand, Debug, Clone)]
@@ -336,7 +336,7 @@ fn dash(s: &str) -> &str {
 
 fn time(t: &Option<prost_types::Timestamp>) -> String {
     t.as_ref()
-        .map(|t| crate::api::convert::from_timestamp(t).to_rfc3339())
+        .map(|t| tern::api::convert::from_timestamp(t).to_rfc3339())
         .unwrap_or_else(|| "-".into())
 }
 
@@ -432,7 +432,7 @@ fn describe(e: &pb::JournalEntry) -> Option<String> {
             "holding; auto-cleanup at {}",
             rec.get("at")
                 .and_then(Value::as_i64)
-                .map(|ms| crate::domain::Timestamp(ms).to_rfc3339())
+                .map(|ms| tern::domain::Timestamp(ms).to_rfc3339())
                 .unwrap_or_default()
         ),
         "timer_fired" => "hold timer fired".into(),

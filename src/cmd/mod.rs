@@ -1,0 +1,247 @@
+//! The `tern` binary's commands, one file per group: `serve` (dev, server, worker), `sim`, `admin`
+//! (direct-database commands, no server needed), `client` (gRPC commands to a server), `bench`.
+//! `main.rs` only parses and dispatches here.
+
+pub(crate) mod admin;
+pub(crate) mod bench;
+pub(crate) mod client;
+pub(crate) mod serve;
+pub(crate) mod sim;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use tern::domain::{parse_duration, RunId};
+use tern::engine::EngineConfig;
+use tern::store::{self, Store};
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Durable workflow engine for VM failovers",
+    after_help = "test-failover, live-failover, end-test, cancel, get, list, watch and readiness ask a Tern \
+                  server over gRPC (--endpoint); `tern admin …` works on the database directly (--database)."
+)]
+pub(crate) struct Cli {
+    /// Database URL: sqlite://PATH (default: tern.db in the data directory) or postgres://…
+    #[arg(long, global = true, env = "TERN_DATABASE_URL")]
+    pub(crate) database: Option<String>,
+    /// Directory whose *.toml definitions override the embedded ones.
+    #[arg(long, global = true, env = "TERN_WORKFLOWS_DIR")]
+    pub(crate) workflows: Option<PathBuf>,
+    /// The Tern server the failover commands talk gRPC to.
+    #[arg(long, global = true, env = "TERN_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    pub(crate) endpoint: String,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+// Parsed once per process; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Run Tern on its embedded default: SQLite in the data directory, the built-in CloudStack
+    /// simulator with sample VMs, a worker and the gRPC API.
+    Dev {
+        #[command(flatten)]
+        worker: WorkerArgs,
+        /// Address of the built-in simulator.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        sim_listen: String,
+        /// Address of the gRPC API.
+        #[arg(long, env = "TERN_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: String,
+    },
+    /// Run the gRPC API and a worker in one process until SIGTERM/SIGINT.
+    Server {
+        /// Address of the gRPC API.
+        #[arg(long, env = "TERN_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: String,
+        #[command(flatten)]
+        worker: WorkerArgs,
+        #[command(flatten)]
+        cloud: CloudArgs,
+    },
+    /// Run a worker process: claims and drives runs until SIGTERM/SIGINT.
+    Worker {
+        #[command(flatten)]
+        worker: WorkerArgs,
+        #[command(flatten)]
+        cloud: CloudArgs,
+    },
+    /// Run the CloudStack/LINSTOR simulator (a real HTTP server).
+    Sim(sim::SimArgs),
+    /// Measure the reference workload (6 checkpointed no-op steps) on SQLite and PostgreSQL.
+    Bench(bench::BenchArgs),
+    /// Direct-database commands for any run (no server needed): submit, signal, cancel,
+    /// journal, recover, runs, definitions, inventory, migrate.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
+    #[command(flatten)]
+    Client(client::ClientCommand),
+}
+
+#[derive(clap::Args, Clone)]
+pub(crate) struct WorkerArgs {
+    /// Runs driven at once by this process.
+    #[arg(long, env = "TERN_CONCURRENCY", default_value_t = 64)]
+    pub(crate) concurrency: usize,
+    /// Lease length; a dead worker's runs move to another after this.
+    #[arg(long, env = "TERN_LEASE_TTL", default_value = "30s", value_parser = duration)]
+    pub(crate) lease_ttl: Duration,
+    /// Fallback poll interval (wake-ups normally arrive within milliseconds).
+    #[arg(long, env = "TERN_POLL_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub(crate) poll_interval: Duration,
+    /// On SIGTERM, how long in-flight steps may finish before leases are handed back.
+    #[arg(long, env = "TERN_SHUTDOWN_GRACE", default_value = "30s", value_parser = duration)]
+    pub(crate) shutdown_grace: Duration,
+    /// Lease owner name (default host:pid:random).
+    #[arg(long, env = "TERN_WORKER_ID")]
+    pub(crate) worker_id: Option<String>,
+}
+
+/// How to reach CloudStack, LINSTOR and the VirtIO tooling (the failover steps' world).
+#[derive(clap::Args, Clone)]
+pub(crate) struct CloudArgs {
+    /// CloudStack API endpoint, e.g. http://cloudstack:8080/client/api
+    #[arg(long, env = "TERN_CLOUDSTACK_URL")]
+    pub(crate) cloudstack_url: Option<String>,
+    #[arg(long, env = "TERN_CLOUDSTACK_API_KEY", hide_env_values = true)]
+    pub(crate) cloudstack_api_key: Option<String>,
+    #[arg(long, env = "TERN_CLOUDSTACK_SECRET_KEY", hide_env_values = true)]
+    pub(crate) cloudstack_secret_key: Option<String>,
+    /// LINSTOR controller, e.g. http://linstor:3370 (for --snapshot-backend linstor)
+    #[arg(long, env = "TERN_LINSTOR_URL")]
+    pub(crate) linstor_url: Option<String>,
+    /// cloudstack-volume, cloudstack-vm or linstor
+    #[arg(long, env = "TERN_SNAPSHOT_BACKEND", default_value = "cloudstack-volume")]
+    pub(crate) snapshot_backend: tern::providers::SnapshotKind,
+    #[arg(long, env = "TERN_ZONE_ID", default_value = "")]
+    pub(crate) zone_id: String,
+    #[arg(long, env = "TERN_SERVICE_OFFERING_ID", default_value = "")]
+    pub(crate) service_offering_id: String,
+    #[arg(long, env = "TERN_TEMPLATE_ID", default_value = "")]
+    pub(crate) template_id: String,
+    /// Network for a test VM's NIC when its source network has no test mapping.
+    #[arg(long, env = "TERN_TEST_NETWORK_ID")]
+    pub(crate) test_network_id: Option<String>,
+    /// Injection command; {device} and {volume_id} are substituted (no shell).
+    #[arg(
+        long,
+        env = "TERN_VIRTIO_COMMAND",
+        default_value = "virt-v2v-in-place -i disk -if raw {device}"
+    )]
+    pub(crate) virtio_command: String,
+    /// Read-only check: exit 0 = drivers present, 1 = absent.
+    #[arg(long, env = "TERN_VIRTIO_CHECK_COMMAND")]
+    pub(crate) virtio_check_command: Option<String>,
+    /// Where the volume's disk appears on the OMA; {serial} = the volume id's first 20 characters.
+    #[arg(
+        long,
+        env = "TERN_VIRTIO_DEVICE_PATTERN",
+        default_value = "/dev/disk/by-id/*{serial}"
+    )]
+    pub(crate) virtio_device_pattern: String,
+    #[arg(long, env = "VIRTIO_WIN", default_value = "/usr/share/virtio-win/virtio-win.iso")]
+    pub(crate) virtio_win: String,
+    #[arg(long, env = "TERN_VIRTIO_TIMEOUT", default_value = "30m", value_parser = duration)]
+    pub(crate) virtio_timeout: Duration,
+    /// Inject through the simulator at this base URL instead of running a command.
+    #[arg(long, env = "TERN_VIRTIO_SIM_URL")]
+    pub(crate) virtio_sim_url: Option<String>,
+    /// queryAsyncJobResult poll interval.
+    #[arg(long, env = "TERN_JOB_POLL", default_value = "2s", value_parser = duration)]
+    pub(crate) job_poll: Duration,
+    /// Longest wait for one CloudStack async job or snapshot.
+    #[arg(long, env = "TERN_JOB_TIMEOUT", default_value = "30m", value_parser = duration)]
+    pub(crate) job_timeout: Duration,
+    /// HTTP request timeout towards CloudStack and LINSTOR.
+    #[arg(long, env = "TERN_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub(crate) request_timeout: Duration,
+}
+
+/// Runs the command.
+pub(crate) async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Client(c) => client::run(&cli.endpoint, c.clone()).await,
+        Command::Bench(args) => {
+            bench::run(args).await?;
+            Ok(())
+        }
+        Command::Sim(args) => sim::run(args, shutdown_on_signal()?).await,
+        Command::Admin(a) => admin::run(&cli, a).await,
+        Command::Dev { .. } | Command::Server { .. } | Command::Worker { .. } => {
+            serve::run(&cli, shutdown_on_signal()?).await
+        }
+    }
+}
+
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+pub(crate) fn data_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("TERN_DATA_DIR") {
+        return PathBuf::from(d);
+    }
+    match std::env::var("HOME") {
+        Ok(h) => PathBuf::from(h).join(".local/share/tern"),
+        Err(_) => PathBuf::from(".tern"),
+    }
+}
+
+pub(crate) async fn open_store(cli: &Cli) -> Result<Arc<dyn Store>> {
+    let url = match &cli.database {
+        Some(u) => u.clone(),
+        None => {
+            let dir = data_dir();
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+            format!("sqlite://{}", dir.join("tern.db").display())
+        }
+    };
+    store::open(&url)
+        .await
+        .with_context(|| format!("opening database {}", store::redact_url(&url)))
+}
+
+pub(crate) fn config(w: &WorkerArgs) -> Result<EngineConfig> {
+    if w.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    Ok(EngineConfig {
+        worker_id: w.worker_id.clone().unwrap_or_else(tern::engine::default_worker_id),
+        concurrency: w.concurrency,
+        lease_ttl: w.lease_ttl,
+        poll_interval: w.poll_interval,
+        shutdown_grace: w.shutdown_grace,
+    })
+}
+
+pub(crate) fn run_id(s: &str) -> Result<RunId> {
+    s.parse().with_context(|| format!("{s:?} is not a run id (a UUID)"))
+}
+
+/// Listens for SIGTERM/SIGINT. Registered before anything slow (opening the database) so a
+/// SIGTERM during start-up still means a graceful stop, not death by the default action.
+pub(crate) fn shutdown_on_signal() -> Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    Ok(token)
+}

@@ -1,0 +1,221 @@
+//! `tern dev`, `tern server` and `tern worker`: the long-running processes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio_util::sync::CancellationToken;
+
+use tern::engine::{worker, Engine};
+use tern::providers::virtio::CommandInjectorConfig;
+use tern::steps::failover::setup::{self as failover_setup, CloudSettings, InjectorSettings};
+use tern::steps::failover::FailoverDeps;
+use tern::store::{self, Store};
+
+use super::sim::{self, SimArgs};
+use super::{config, data_dir, open_store, Cli, CloudArgs, Command, WorkerArgs};
+
+/// Runs `tern dev`, `tern server` or `tern worker` until `shutdown`.
+pub(crate) async fn run(cli: &Cli, shutdown: CancellationToken) -> Result<()> {
+    let store = open_store(cli).await?;
+    match &cli.command {
+        Command::Worker { worker: w, cloud } => {
+            let (engine, _) = cloud_engine(cli, store.clone(), w, cloud)?;
+            worker::run_worker(engine, shutdown).await?;
+        }
+        Command::Server {
+            listen,
+            worker: w,
+            cloud,
+        } => {
+            let listener = bind_api(listen).await?;
+            let (engine, deps) = cloud_engine(cli, store.clone(), w, cloud)?;
+            serve_and_work(listener, engine, deps, shutdown).await?;
+        }
+        Command::Dev {
+            worker: w,
+            sim_listen,
+            listen,
+        } => {
+            let listener = bind_api(listen).await?;
+            let (engine, deps) = dev(cli, store.clone(), w, sim_listen, shutdown.clone()).await?;
+            eprintln!("tern dev: gRPC API on {}", listener.local_addr()?);
+            serve_and_work(listener, engine, Some(deps), shutdown).await?;
+        }
+        _ => unreachable!("only the serving commands come here"),
+    }
+    Ok(())
+}
+
+/// The engine of `tern worker` / `tern server`: built-ins plus the failover steps bound to the
+/// configured cloud (or failing with NOT_CONFIGURED when there is none).
+pub(crate) fn cloud_engine(
+    cli: &Cli,
+    store: Arc<dyn Store>,
+    w: &WorkerArgs,
+    cloud: &CloudArgs,
+) -> Result<(Arc<Engine>, Option<Arc<FailoverDeps>>)> {
+    let mut registry = tern::steps::builtins(store.clone());
+    let deps = match cloud_settings(cloud)? {
+        Some(settings) => {
+            let deps = failover_setup::build(&settings, store.clone()).map_err(anyhow::Error::msg)?;
+            tern::steps::failover::register(&mut registry, deps.clone());
+            Some(deps)
+        }
+        None => {
+            tracing::warn!("TERN_CLOUDSTACK_URL not set: failover steps will fail until CloudStack is configured");
+            None
+        }
+    };
+    let engine = Engine::with_registry(store, cli.workflows.as_deref(), registry, config(w)?)?;
+    Ok((engine, deps))
+}
+
+pub(crate) async fn bind_api(listen: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the gRPC API to {listen} (use --listen)"))
+}
+
+/// The gRPC API and a worker in one process; both stop on `token` (the API first drains its calls).
+pub(crate) async fn serve_and_work(
+    listener: tokio::net::TcpListener,
+    engine: Arc<Engine>,
+    failover: Option<Arc<FailoverDeps>>,
+    token: CancellationToken,
+) -> Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "gRPC API listening");
+    let state = tern::api::ApiState {
+        engine: engine.clone(),
+        failover,
+    };
+    let stop = token.clone();
+    let api = tokio::spawn(tern::api::serve(listener, state, async move { stop.cancelled().await }));
+    let worked = worker::run_worker(engine, token.clone()).await;
+    token.cancel();
+    let served = api.await.context("the gRPC server task panicked")?;
+    worked?;
+    served?;
+    Ok(())
+}
+
+pub(crate) fn split_command(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_string).collect()
+}
+
+/// The cloud settings from flags/environment; None when no CloudStack URL is given.
+pub(crate) fn cloud_settings(c: &CloudArgs) -> Result<Option<CloudSettings>> {
+    let Some(url) = c.cloudstack_url.clone().filter(|u| !u.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let injector = match &c.virtio_sim_url {
+        Some(base_url) => InjectorSettings::Sim {
+            base_url: base_url.clone(),
+        },
+        None => InjectorSettings::Command(CommandInjectorConfig {
+            inject_command: split_command(&c.virtio_command),
+            check_command: c.virtio_check_command.as_deref().map(split_command),
+            env: vec![("VIRTIO_WIN".to_string(), c.virtio_win.clone())],
+            device_pattern: c.virtio_device_pattern.clone(),
+            timeout: c.virtio_timeout,
+            ..CommandInjectorConfig::default()
+        }),
+    };
+    Ok(Some(CloudSettings {
+        cloudstack_url: url,
+        api_key: c.cloudstack_api_key.clone().unwrap_or_default(),
+        secret_key: c.cloudstack_secret_key.clone().unwrap_or_default(),
+        linstor_url: c.linstor_url.clone(),
+        snapshot_backend: c.snapshot_backend,
+        zone_id: c.zone_id.clone(),
+        service_offering_id: c.service_offering_id.clone(),
+        template_id: c.template_id.clone(),
+        test_network_id: c.test_network_id.clone(),
+        injector,
+        job_poll: c.job_poll,
+        job_timeout: c.job_timeout,
+        request_timeout: c.request_timeout,
+    }))
+}
+
+/// `tern dev`: the simulator with the sample world (kept in the data directory), its
+/// inventory loaded, and a worker whose failover steps talk to the simulator over HTTP.
+pub(crate) async fn dev(
+    cli: &Cli,
+    store: Arc<dyn Store>,
+    w: &WorkerArgs,
+    sim_listen: &str,
+    token: CancellationToken,
+) -> Result<(Arc<Engine>, Arc<FailoverDeps>)> {
+    let seed = 1;
+    let args = SimArgs {
+        listen: sim_listen.to_string(),
+        api_key: "tern-dev-key".into(),
+        secret_key: "tern-dev-secret".into(),
+        state: Some(data_dir().join("sim-state.json")),
+        sample: true,
+        fault_plan: None,
+        seed,
+        latency: Duration::from_millis(200),
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding the simulator to {} (use --sim-listen)", args.listen))?;
+    let addr = listener.local_addr()?;
+    let sim = sim::sim_config(&args)?;
+    let stop = token.clone();
+    tokio::spawn(async move {
+        if let Err(e) = tern::sim::serve(listener, sim, async move { stop.cancelled().await }).await {
+            tracing::error!(error = %e, "simulator stopped");
+        }
+    });
+    let inv = tern::sim::sample_inventory(seed);
+    let file = inv.to_inventory();
+    store::load_inventory(store.as_ref(), &file, tern::domain::Timestamp::now()).await?;
+    let settings = CloudSettings {
+        cloudstack_url: format!("http://{addr}/client/api"),
+        api_key: args.api_key.clone(),
+        secret_key: args.secret_key.clone(),
+        linstor_url: Some(format!("http://{addr}")),
+        snapshot_backend: tern::providers::SnapshotKind::CloudstackVolume,
+        zone_id: inv.zone_id.clone(),
+        service_offering_id: inv.service_offering_id.clone(),
+        template_id: inv.template_id.clone(),
+        test_network_id: Some(inv.test_network_id.clone()),
+        injector: InjectorSettings::Sim {
+            base_url: format!("http://{addr}"),
+        },
+        job_poll: Duration::from_millis(100),
+        job_timeout: Duration::from_secs(120),
+        request_timeout: Duration::from_secs(10),
+    };
+    let mut registry = tern::steps::builtins(store.clone());
+    let deps = failover_setup::build(&settings, store.clone()).map_err(anyhow::Error::msg)?;
+    tern::steps::failover::register(&mut registry, deps.clone());
+    let engine = Engine::with_registry(store, cli.workflows.as_deref(), registry, config(w)?)?;
+    print_dev_banner(&engine, &file, &format!("http://{addr}"));
+    Ok((engine, deps))
+}
+
+pub(crate) fn print_dev_banner(engine: &Engine, inv: &tern::domain::inventory::InventoryFile, sim: &str) {
+    let vms: Vec<String> = inv
+        .vms
+        .iter()
+        .map(|v| format!("  {}  {:<12} {}", v.vm_id, v.name, v.os_type))
+        .collect();
+    let first = inv.vms.first().map(|v| v.vm_id.clone()).unwrap_or_default();
+    eprintln!(
+        "tern dev: engine on {} with the CloudStack simulator at {sim} (state in {})\n\
+         sample VMs:\n{}\n\
+         try, in another terminal:\n  \
+         tern test-failover {first} --duration 30s --auto-cleanup --watch\n  \
+         tern list\n  tern readiness {first}\n  \
+         tern admin submit test-failover --input '{{\"vm_id\": \"{first}\", \"auto_cleanup\": true, \"test_duration\": \"30s\"}}' --wait 2m\n  \
+         tern admin runs\n  tern admin journal <run-id>\n  \
+         curl -s '{sim}/sim/invariant?prefix=tern-'\n\
+         stop with Ctrl-C.",
+        engine.store.backend(),
+        data_dir().join("sim-state.json").display(),
+        vms.join("\n"),
+    );
+}

@@ -1,0 +1,75 @@
+//! `tern sim`: the CloudStack/LINSTOR simulator as a process of its own.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio_util::sync::CancellationToken;
+
+use super::duration;
+
+#[derive(clap::Args, Clone)]
+pub(crate) struct SimArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub(crate) listen: String,
+    #[arg(long, env = "TERN_SIM_API_KEY", default_value = "tern-dev-key")]
+    pub(crate) api_key: String,
+    #[arg(
+        long,
+        env = "TERN_SIM_SECRET_KEY",
+        default_value = "tern-dev-secret",
+        hide_env_values = true
+    )]
+    pub(crate) secret_key: String,
+    /// Where the simulated world is kept (it survives restarts).
+    #[arg(long)]
+    pub(crate) state: Option<PathBuf>,
+    /// Create the sample world (an OMA, networks, replicated VMs) and print its inventory.
+    #[arg(long)]
+    pub(crate) sample: bool,
+    /// JSON fault plan (error, hang, job failure and lost-reply rates per command).
+    #[arg(long)]
+    pub(crate) fault_plan: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+    /// How long async jobs stay pending.
+    #[arg(long, default_value = "200ms", value_parser = duration)]
+    pub(crate) latency: Duration,
+}
+
+pub(crate) fn sim_config(args: &SimArgs) -> Result<tern::sim::SimConfig> {
+    let fault_plan = match &args.fault_plan {
+        Some(p) => Some(tern::sim::FaultPlan::load(p).with_context(|| format!("fault plan {}", p.display()))?),
+        None => None,
+    };
+    Ok(tern::sim::SimConfig {
+        api_key: args.api_key.clone(),
+        secret_key: args.secret_key.clone(),
+        state_file: args.state.clone(),
+        async_latency: args.latency,
+        fault_plan,
+        seed: args.seed,
+        sample: args.sample,
+    })
+}
+
+pub(crate) async fn run(args: &SimArgs, shutdown: CancellationToken) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    if args.sample {
+        let inv = tern::sim::sample_inventory(args.seed);
+        println!("{}", serde_json::to_string_pretty(&inv.to_inventory())?);
+        eprintln!(
+            "tern sim: CloudStack at http://{addr}/client/api, LINSTOR at http://{addr}\n\
+             the inventory above loads with `tern admin inventory load FILE`; point a worker at it with\n  \
+             TERN_CLOUDSTACK_URL=http://{addr}/client/api TERN_ZONE_ID={} TERN_SERVICE_OFFERING_ID={} \\\n  \
+             TERN_TEMPLATE_ID={} TERN_TEST_NETWORK_ID={} TERN_VIRTIO_SIM_URL=http://{addr} tern worker",
+            inv.zone_id, inv.service_offering_id, inv.template_id, inv.test_network_id
+        );
+    } else {
+        eprintln!("tern sim: CloudStack at http://{addr}/client/api, LINSTOR at http://{addr}");
+    }
+    tern::sim::serve(listener, sim_config(args)?, async move { shutdown.cancelled().await }).await
+}
