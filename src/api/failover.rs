@@ -90,7 +90,7 @@ impl FailoverApi {
 
     /// A failover run, or JOB_NOT_FOUND (also for runs of other definitions).
     async fn run(&self, id: RunId) -> ApiResult<RunRow> {
-        match self.state.engine.store.get_run(id).await? {
+        match self.state.engine.get_run(id).await? {
             Some(r) if r.definition == TEST_FAILOVER || r.definition == LIVE_FAILOVER => Ok(r),
             _ => Err(ApiError::NotFound {
                 reason: "JOB_NOT_FOUND",
@@ -100,7 +100,7 @@ impl FailoverApi {
     }
 
     async fn job(&self, run: &RunRow, with_steps: bool) -> ApiResult<pb::FailoverJob> {
-        let row = self.state.engine.store.failover_job(run.id).await?;
+        let row = self.state.jobs.failover_job(run.id).await?;
         self.job_with(run, row.as_ref(), with_steps).await
     }
 
@@ -111,17 +111,17 @@ impl FailoverApi {
         job: Option<&FailoverJobRow>,
         with_steps: bool,
     ) -> ApiResult<pb::FailoverJob> {
-        let store = &self.state.engine.store;
         let def = self.state.engine.pinned(&run.definition_hash).await?;
         // Up to the row's last_seq: the steps match the row's state even if the run moved on since.
-        let journal = store
+        let journal = self
+            .state
+            .engine
             .journal(run.id, 0, run.last_seq.clamp(0, u32::MAX as i64) as u32)
             .await?;
         Ok(convert::failover_job(run, job, &def, &journal, with_steps))
     }
 
     async fn start(&self, s: Start<'_>, correlation_id: String) -> ApiResult<pb::FailoverJob> {
-        let store = &self.state.engine.store;
         let mut problems = Vec::new();
         if s.vm_id.trim().is_empty() {
             problems.push(("vm_id".to_string(), "is required (the VMware VM UUID)".to_string()));
@@ -152,15 +152,20 @@ impl FailoverApi {
         let request_id = Some(s.request_id.trim().to_string()).filter(|r| !r.is_empty());
         // A retried request returns its job even if the VM has since left the inventory.
         if let Some(r) = &request_id {
-            if let Some(run) = store.find_by_request_id(r).await? {
+            if let Some(run) = self.state.engine.find_by_request_id(r).await? {
                 return self.retried(&s, r, &run).await;
             }
         }
         let vm_id = s.vm_id.trim();
-        let vm = store.get_vm(vm_id).await?.ok_or_else(|| ApiError::NotFound {
-            reason: "VM_NOT_FOUND",
-            message: format!("VM {vm_id} is not in the inventory (not replicated?)"),
-        })?;
+        let vm = self
+            .state
+            .inventory
+            .vm_record(vm_id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound {
+                reason: "VM_NOT_FOUND",
+                message: format!("VM {vm_id} is not in the inventory (not replicated?)"),
+            })?;
         let input = s.input(&vm.name);
         let submitted = self
             .state
@@ -175,7 +180,12 @@ impl FailoverApi {
         let submitted = match submitted {
             Ok(s) => s,
             Err(EngineError::Busy { value, .. }) => {
-                let active = store.active_jobs_for_vm(&value, None).await.unwrap_or_default();
+                let active = self
+                    .state
+                    .jobs
+                    .active_jobs_for_vm(&value, None)
+                    .await
+                    .unwrap_or_default();
                 return Err(ApiError::Precondition {
                     reason: "VM_BUSY",
                     message: format!(
@@ -357,8 +367,7 @@ impl FailoverService for FailoverApi {
             }
             let mut rows = self
                 .state
-                .engine
-                .store
+                .jobs
                 .list_failover_jobs(&JobFilter {
                     definitions: vec![TEST_FAILOVER.into(), LIVE_FAILOVER.into()],
                     status: Some(r.status.trim().to_string()).filter(|s| !s.is_empty()),
@@ -374,7 +383,7 @@ impl FailoverService for FailoverApi {
             for row in &rows {
                 let id = run_id("job_id", &row.job_id)
                     .map_err(|_| ApiError::Internal(format!("bad job id {:?}", row.job_id)))?;
-                if let Some(run) = self.state.engine.store.get_run(id).await? {
+                if let Some(run) = self.state.engine.get_run(id).await? {
                     jobs.push(self.job_with(&run, Some(row), false).await?);
                 }
             }
@@ -455,7 +464,7 @@ impl FailoverService for FailoverApi {
                     problems.into_iter().map(|(f, why)| (format!("vm.{f}"), why)).collect(),
                 ));
             }
-            self.state.engine.store.upsert_vm(&record, Timestamp::now()).await?;
+            self.state.inventory.upsert_vm_record(&record, Timestamp::now()).await?;
             Ok(convert::vm(&record))
         }
         .await;
@@ -471,9 +480,8 @@ impl FailoverService for FailoverApi {
             }
             let vm = self
                 .state
-                .engine
-                .store
-                .get_vm(&id)
+                .inventory
+                .vm_record(&id)
                 .await?
                 .ok_or_else(|| ApiError::NotFound {
                     reason: "VM_NOT_FOUND",
@@ -488,7 +496,7 @@ impl FailoverService for FailoverApi {
     async fn list_vms(&self, req: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
         let c = correlation_of(&req);
         let result = async {
-            let vms = self.state.engine.store.list_vms().await?;
+            let vms = self.state.inventory.vm_records().await?;
             Ok(pb::ListVmsResponse {
                 vms: vms.iter().map(convert::vm).collect(),
             })
@@ -527,8 +535,7 @@ impl FailoverService for FailoverApi {
             let Some(kind) = kind.filter(|_| problems.is_empty()) else {
                 return Err(ApiError::InvalidArgument(problems));
             };
-            let store = &self.state.engine.store;
-            if store.get_vm(vm_id).await?.is_none() {
+            if self.state.inventory.vm_record(vm_id).await?.is_none() {
                 return Err(ApiError::NotFound {
                     reason: "VM_NOT_FOUND",
                     message: format!("VM {vm_id} is not in the inventory"),
@@ -544,8 +551,11 @@ impl FailoverService for FailoverApi {
                     kind,
                 })
                 .collect();
-            store.set_network_mappings(vm_id, kind, &mappings).await?;
-            let all = store.network_mappings(vm_id).await?;
+            self.state
+                .inventory
+                .set_network_mappings(vm_id, kind, &mappings)
+                .await?;
+            let all = self.state.inventory.network_mappings(vm_id).await?;
             Ok(pb::NetworkMappings {
                 vm_id: vm_id.to_string(),
                 mappings: all.iter().map(convert::mapping).collect(),
@@ -565,14 +575,13 @@ impl FailoverService for FailoverApi {
             if vm_id.is_empty() {
                 return Err(ApiError::field("vm_id", "is required"));
             }
-            let store = &self.state.engine.store;
-            if store.get_vm(&vm_id).await?.is_none() {
+            if self.state.inventory.vm_record(&vm_id).await?.is_none() {
                 return Err(ApiError::NotFound {
                     reason: "VM_NOT_FOUND",
                     message: format!("VM {vm_id} is not in the inventory"),
                 });
             }
-            let all = store.network_mappings(&vm_id).await?;
+            let all = self.state.inventory.network_mappings(&vm_id).await?;
             Ok(pb::NetworkMappings {
                 vm_id,
                 mappings: all.iter().map(convert::mapping).collect(),

@@ -24,7 +24,7 @@ use tonic::metadata::MetadataValue;
 
 use crate::engine::Engine;
 use crate::steps::failover::FailoverDeps;
-use crate::store::RunRow;
+use crate::store::{InventoryStore, JobStore, RunRow, Store};
 pub use failover::FailoverApi;
 pub use workflow::WorkflowApi;
 
@@ -49,8 +49,24 @@ pub const LIVE_FAILOVER: &str = "live-failover";
 /// still be started (their steps fail with NOT_CONFIGURED) but readiness cannot be checked.
 #[derive(Clone)]
 pub struct ApiState {
+    /// Runs: submit, signal, cancel, read.
     pub engine: Arc<Engine>,
+    /// The failover job read model.
+    pub jobs: Arc<dyn JobStore>,
+    /// The VM inventory and network mappings.
+    pub inventory: Arc<dyn InventoryStore>,
     pub failover: Option<Arc<FailoverDeps>>,
+}
+
+impl ApiState {
+    pub fn new(engine: Arc<Engine>, store: Arc<dyn Store>, failover: Option<Arc<FailoverDeps>>) -> ApiState {
+        ApiState {
+            engine,
+            jobs: store.clone(),
+            inventory: store,
+            failover,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -49,7 +49,7 @@ pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String
     // A run driven here may come with its whole journal: then nothing is read.
     let fed = feed.take_after(after);
     let watch = Watch {
-        store: engine.store.clone(),
+        engine,
         feed,
         run,
         last: after,
@@ -99,7 +99,7 @@ enum Ending {
 
 /// A watch between two batches of events.
 struct Watch {
-    store: Arc<dyn crate::store::Store>,
+    engine: Arc<Engine>,
     feed: Arc<crate::engine::RunFeed>,
     run: RunId,
     /// The last entry sent.
@@ -124,7 +124,7 @@ impl Watch {
         let (entries, full) = match self.fed.first() {
             Some(first) if first.seq == self.last + 1 => (std::mem::take(&mut self.fed), false),
             _ => {
-                let read = self.store.journal(self.run, self.last, BATCH).await?;
+                let read = self.engine.journal(self.run, self.last, BATCH).await?;
                 let full = read.len() as u32 == BATCH;
                 (read, full)
             }
@@ -160,7 +160,7 @@ impl Watch {
         }
         // The run row and its journal are committed together: once the row is terminal, every
         // entry up to its last_seq is readable.
-        let row = self.store.get_run(self.run).await?.ok_or(ApiError::NotFound {
+        let row = self.engine.get_run(self.run).await?.ok_or(ApiError::NotFound {
             reason: "JOB_NOT_FOUND",
             message: format!("job {} not found", self.run),
         })?;

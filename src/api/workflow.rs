@@ -30,15 +30,10 @@ impl WorkflowApi {
     }
 
     async fn run(&self, id: RunId) -> ApiResult<RunRow> {
-        self.state
-            .engine
-            .store
-            .get_run(id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound {
-                reason: "RUN_NOT_FOUND",
-                message: format!("run {id} not found"),
-            })
+        self.state.engine.get_run(id).await?.ok_or_else(|| ApiError::NotFound {
+            reason: "RUN_NOT_FOUND",
+            message: format!("run {id} not found"),
+        })
     }
 
     async fn view(&self, run: &RunRow, created: bool) -> ApiResult<pb::Workflow> {
@@ -47,7 +42,6 @@ impl WorkflowApi {
         let journal = self
             .state
             .engine
-            .store
             .journal(run.id, 0, run.last_seq.clamp(0, u32::MAX as i64) as u32)
             .await?;
         Ok(convert::workflow(run, &def, &journal, created))
@@ -172,7 +166,6 @@ impl WorkflowService for WorkflowApi {
             let mut rows = self
                 .state
                 .engine
-                .store
                 .list_runs(&RunFilter {
                     status,
                     definition: Some(r.definition.trim().to_string()).filter(|s| !s.is_empty()),

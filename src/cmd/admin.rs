@@ -185,7 +185,7 @@ pub(crate) async fn run(cli: &Cli, command: &AdminCommand) -> Result<()> {
                 .with_context(|| format!("run {id} not found"))?;
             let input = tern::domain::failover::FailoverInput::from_value(&row.input)
                 .map_err(|e| anyhow::anyhow!("run {id} is not a failover: {e}"))?;
-            let vm = store.get_vm(&input.vm_id).await?;
+            let vm = store.vm_record(&input.vm_id).await?;
             let job = store.failover_job(id).await?;
             let snap = job.as_ref().and_then(|j| j.linstor_snapshot_name.as_deref());
             let found = match (
@@ -269,7 +269,7 @@ pub(crate) async fn run(cli: &Cli, command: &AdminCommand) -> Result<()> {
                     "{:<38}  {:<16}  {:>4}  {:>8}  {:<8}  {:<38}  sync",
                     "vm_id", "name", "cpu", "memory", "os", "volume"
                 );
-                for vm in store.list_vms().await? {
+                for vm in store.vm_records().await? {
                     println!(
                         "{:<38}  {:<16}  {:>4}  {:>6}MB  {:<8}  {:<38}  {}",
                         vm.vm_id,

@@ -30,7 +30,7 @@ pub(crate) async fn run(cli: &Cli, shutdown: CancellationToken) -> Result<()> {
         } => {
             let listener = bind_api(listen).await?;
             let (engine, deps) = cloud_engine(cli, store.clone(), w, cloud)?;
-            serve_and_work(listener, engine, deps, shutdown).await?;
+            serve_and_work(listener, engine, store, deps, shutdown).await?;
         }
         Command::Dev {
             worker: w,
@@ -40,7 +40,7 @@ pub(crate) async fn run(cli: &Cli, shutdown: CancellationToken) -> Result<()> {
             let listener = bind_api(listen).await?;
             let (engine, deps) = dev(cli, store.clone(), w, sim_listen, shutdown.clone()).await?;
             eprintln!("tern dev: gRPC API on {}", listener.local_addr()?);
-            serve_and_work(listener, engine, Some(deps), shutdown).await?;
+            serve_and_work(listener, engine, store, Some(deps), shutdown).await?;
         }
         _ => unreachable!("only the serving commands come here"),
     }
@@ -81,14 +81,12 @@ pub(crate) async fn bind_api(listen: &str) -> Result<tokio::net::TcpListener> {
 pub(crate) async fn serve_and_work(
     listener: tokio::net::TcpListener,
     engine: Arc<Engine>,
+    store: Arc<dyn Store>,
     failover: Option<Arc<FailoverDeps>>,
     token: CancellationToken,
 ) -> Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "gRPC API listening");
-    let state = tern::api::ApiState {
-        engine: engine.clone(),
-        failover,
-    };
+    let state = tern::api::ApiState::new(engine.clone(), store, failover);
     let stop = token.clone();
     let api = tokio::spawn(tern::api::serve(listener, state, async move { stop.cancelled().await }));
     let worked = worker::run_worker(engine, token.clone()).await;
@@ -214,7 +212,7 @@ pub(crate) fn print_dev_banner(engine: &Engine, inv: &tern::domain::inventory::I
          tern admin runs\n  tern admin journal <run-id>\n  \
          curl -s '{sim}/sim/invariant?prefix=tern-'\n\
          stop with Ctrl-C.",
-        engine.store.backend(),
+        engine.backend(),
         data_dir().join("sim-state.json").display(),
         vms.join("\n"),
     );

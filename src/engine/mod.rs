@@ -88,7 +88,9 @@ pub struct SubmitRequest {
 }
 
 pub struct Engine {
-    pub store: Arc<dyn Store>,
+    /// Private: everything that changes a run goes through the engine; readers get
+    /// [`Engine::get_run`] and [`Engine::journal`].
+    store: Arc<dyn Store>,
     pub catalog: Arc<Catalog>,
     pub registry: Arc<Registry>,
     pub config: EngineConfig,
@@ -626,6 +628,31 @@ impl Engine {
         for feed in feeds.iter().filter_map(std::sync::Weak::upgrade) {
             feed.push(run, first_seq, records, at, terminal);
         }
+    }
+
+    /// A run as it is stored now.
+    pub async fn get_run(&self, run: RunId) -> Result<Option<store::RunRow>, EngineError> {
+        Ok(self.store.get_run(run).await?)
+    }
+
+    /// A run's journal entries with `seq > after`, in order, at most `limit`.
+    pub async fn journal(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<store::JournalEntry>, EngineError> {
+        Ok(self.store.journal(run, after, limit).await?)
+    }
+
+    /// Runs matching `filter`, newest first.
+    pub async fn list_runs(&self, filter: &store::RunFilter) -> Result<Vec<store::RunRow>, EngineError> {
+        Ok(self.store.list_runs(filter).await?)
+    }
+
+    /// The run a request id made, if any.
+    pub async fn find_by_request_id(&self, request_id: &str) -> Result<Option<store::RunRow>, EngineError> {
+        Ok(self.store.find_by_request_id(request_id).await?)
+    }
+
+    /// The name of the database backend ("sqlite" or "postgres").
+    pub fn backend(&self) -> &'static str {
+        self.store.backend()
     }
 
     /// Waits until a run is terminal (polling the store; for tests and the CLI).

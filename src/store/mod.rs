@@ -7,6 +7,7 @@
 pub(crate) mod group;
 pub mod postgres;
 pub mod projection;
+mod shared;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -324,8 +325,15 @@ impl Wakeup {
 /// [`Store::set_driving`].
 pub type DrivenCount = Arc<dyn Fn() -> usize + Send + Sync>;
 
+/// Everything a backend stores; each part is its own trait so a reader (and a caller) can tell
+/// which tables a method touches.
+pub trait Store: RunStore + JobStore + InventoryStore + Diagnostics + Ledger {}
+
+impl<T: RunStore + JobStore + InventoryStore + Diagnostics + Ledger> Store for T {}
+
+/// Runs, their journal, leases, signals and cancels: what the engine writes and reads.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait RunStore: Send + Sync + 'static {
     /// Creates a run with its first journal entry, or returns the run its `request_id` already made.
     async fn submit(&self, run: NewRun) -> Result<Submitted>;
     /// Claims up to `limit` runs that are due and not leased, each with a new fencing token.
@@ -352,37 +360,6 @@ pub trait Store: Send + Sync + 'static {
     async fn pending_signals(&self, run: RunId) -> Result<Vec<SignalRow>>;
     /// The earliest wake-up time after `now` (to sleep exactly until the next timer).
     async fn next_wake_after(&self, now: Timestamp) -> Result<Option<Timestamp>>;
-    /// Rows in the journal, all runs (the bench counts stored checkpoints with it).
-    async fn journal_rows(&self) -> Result<i64>;
-    /// The durability settings in force, as the database reports them (for the bench).
-    async fn durability(&self) -> Result<String>;
-    /// Counts runs by status (for tests, the bench and operators).
-    async fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>>;
-
-    /// The run's `failover_jobs` projection row.
-    async fn failover_job(&self, run: RunId) -> Result<Option<FailoverJobRow>>;
-    /// `failover_jobs` rows matching `filter`, newest first.
-    async fn list_failover_jobs(&self, filter: &JobFilter) -> Result<Vec<FailoverJobRow>>;
-    /// The run's `job_tracking` projection rows, in creation order.
-    async fn job_tracking(&self, run: RunId) -> Result<Vec<JobTrackingRow>>;
-
-    /// Inserts or replaces a VM in the inventory.
-    async fn upsert_vm(&self, vm: &VmRecord, now: Timestamp) -> Result<()>;
-    async fn get_vm(&self, vm_id: &str) -> Result<Option<VmRecord>>;
-    /// Looks a VM up by id, or else by name.
-    async fn find_vm(&self, id_or_name: &str) -> Result<Option<VmRecord>>;
-    async fn list_vms(&self) -> Result<Vec<VmRecord>>;
-    /// Replaces the VM's mappings of one kind.
-    async fn set_network_mappings(&self, vm_id: &str, kind: NetworkKind, mappings: &[NetworkMapping]) -> Result<()>;
-    async fn network_mappings(&self, vm_id: &str) -> Result<Vec<NetworkMapping>>;
-    /// Runs on this VM whose failover_jobs row is not completed, except `except`.
-    async fn active_jobs_for_vm(&self, vm_id: &str, except: Option<RunId>) -> Result<Vec<String>>;
-
-    /// Test actions' ledger: records a side effect under `key` unless one exists (`adopt`),
-    /// in which case the existing one is adopted. Returns true when a new row was written.
-    async fn ledger_record(&self, row: &LedgerRow, adopt: bool) -> Result<bool>;
-    async fn ledger(&self, run: Option<RunId>) -> Result<Vec<LedgerRow>>;
-
     /// The wake-up channel of this store (in-process; PostgreSQL also feeds it from LISTEN).
     fn wakeup(&self) -> Arc<Wakeup>;
     /// A short name for logs and the bench: "sqlite" or "postgres".
@@ -393,6 +370,54 @@ pub trait Store: Send + Sync + 'static {
     fn set_driving(&self, _driving: Option<DrivenCount>) {}
 }
 
+/// Figures about the database itself, for `tern bench`, the tests and operators.
+#[async_trait]
+pub trait Diagnostics: Send + Sync + 'static {
+    /// Rows in the journal, all runs (the bench counts stored checkpoints with it).
+    async fn journal_rows(&self) -> Result<i64>;
+    /// The durability settings in force, as the database reports them (for the bench).
+    async fn durability(&self) -> Result<String>;
+    /// Counts runs by status.
+    async fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>>;
+}
+
+/// The failover job read model (`failover_jobs`, `job_tracking`), kept in the same commits as
+/// the journal it is projected from.
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// The run's `failover_jobs` projection row.
+    async fn failover_job(&self, run: RunId) -> Result<Option<FailoverJobRow>>;
+    /// `failover_jobs` rows matching `filter`, newest first.
+    async fn list_failover_jobs(&self, filter: &JobFilter) -> Result<Vec<FailoverJobRow>>;
+    /// The run's `job_tracking` projection rows, in creation order.
+    async fn job_tracking(&self, run: RunId) -> Result<Vec<JobTrackingRow>>;
+    /// Runs on this VM whose failover_jobs row is not completed, except `except`.
+    async fn active_jobs_for_vm(&self, vm_id: &str, except: Option<RunId>) -> Result<Vec<String>>;
+}
+
+/// The VM inventory (what was replicated, and where its disk is) and the network mappings.
+#[async_trait]
+pub trait InventoryStore: Send + Sync + 'static {
+    /// Inserts or replaces a VM in the inventory.
+    async fn upsert_vm_record(&self, vm: &VmRecord, now: Timestamp) -> Result<()>;
+    async fn vm_record(&self, vm_id: &str) -> Result<Option<VmRecord>>;
+    /// Looks a VM up by id, or else by name.
+    async fn find_vm_record(&self, id_or_name: &str) -> Result<Option<VmRecord>>;
+    async fn vm_records(&self) -> Result<Vec<VmRecord>>;
+    /// Replaces the VM's mappings of one kind.
+    async fn set_network_mappings(&self, vm_id: &str, kind: NetworkKind, mappings: &[NetworkMapping]) -> Result<()>;
+    async fn network_mappings(&self, vm_id: &str) -> Result<Vec<NetworkMapping>>;
+}
+
+/// The side-effect ledger of the `test.*` actions: the crash tests count side effects in it.
+#[async_trait]
+pub trait Ledger: Send + Sync + 'static {
+    /// Records a side effect under `key` unless one exists (`adopt`), in which case the
+    /// existing one is adopted. Returns true when a new row was written.
+    async fn ledger_record(&self, row: &LedgerRow, adopt: bool) -> Result<bool>;
+    async fn ledger(&self, run: Option<RunId>) -> Result<Vec<LedgerRow>>;
+}
+
 /// Loads an inventory file: inserts or replaces its VMs, and replaces each VM's test and
 /// production mappings with the file's (a VM the file gives no mappings of a kind keeps its own).
 pub async fn load_inventory(
@@ -401,7 +426,7 @@ pub async fn load_inventory(
     now: Timestamp,
 ) -> Result<()> {
     for vm in &inv.vms {
-        store.upsert_vm(vm, now).await?;
+        store.upsert_vm_record(vm, now).await?;
         for kind in [NetworkKind::Test, NetworkKind::Production] {
             let mappings: Vec<NetworkMapping> = inv
                 .network_mappings

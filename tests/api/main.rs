@@ -96,7 +96,7 @@ async fn api_with(db: &TestDb, faults: Option<&str>, retry: &str) -> Api {
     let store = db.open().await;
     let now = tern::domain::Timestamp::now();
     for vm in &inv.vms {
-        store.upsert_vm(vm, now).await.unwrap();
+        store.upsert_vm_record(vm, now).await.unwrap();
         for kind in [NetworkKind::Test, NetworkKind::Production] {
             let ms: Vec<_> = inv
                 .network_mappings
@@ -139,10 +139,7 @@ async fn api_with(db: &TestDb, faults: Option<&str>, retry: &str) -> Api {
     tokio::spawn(async move { worker::run_worker(e, s).await });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let state = tern::api::ApiState {
-        engine,
-        failover: Some(deps.clone()),
-    };
+    let state = tern::api::ApiState::new(engine, store.clone(), Some(deps.clone()));
     let s = stop.clone();
     tokio::spawn(async move { tern::api::serve(listener, state, async move { s.cancelled().await }).await });
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

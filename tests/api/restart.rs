@@ -88,7 +88,10 @@ pub async fn server_killed_mid_failovers_and_restarted(db: TestDb) {
     let inv = sample.to_inventory();
     let store = db.open().await;
     for vm in &inv.vms {
-        store.upsert_vm(vm, tern::domain::Timestamp::now()).await.unwrap();
+        store
+            .upsert_vm_record(vm, tern::domain::Timestamp::now())
+            .await
+            .unwrap();
         for kind in [NetworkKind::Test, NetworkKind::Production] {
             let ms: Vec<_> = inv
                 .network_mappings

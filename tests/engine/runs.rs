@@ -17,6 +17,7 @@ use crate::on_both_backends;
 
 struct Worker {
     engine: Arc<Engine>,
+    store: Arc<dyn Store>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -51,7 +52,7 @@ async fn start(store: Arc<dyn Store>, defs: &[(&str, &str)], name: &str) -> Work
 }
 
 async fn start_with(store: Arc<dyn Store>, defs: &[(&str, &str)], cfg: EngineConfig) -> Worker {
-    let engine = engine(store, defs, cfg).await;
+    let engine = engine(store.clone(), defs, cfg).await;
     let stop = CancellationToken::new();
     let task = tokio::spawn({
         let (e, s) = (engine.clone(), stop.clone());
@@ -59,7 +60,12 @@ async fn start_with(store: Arc<dyn Store>, defs: &[(&str, &str)], cfg: EngineCon
             worker::run_worker(e, s).await.unwrap();
         }
     });
-    Worker { engine, stop, task }
+    Worker {
+        engine,
+        store,
+        stop,
+        task,
+    }
 }
 
 async fn submit(e: &Arc<Engine>, def: &str, input: Value) -> RunId {
@@ -83,7 +89,7 @@ async fn finish(e: &Engine, run: RunId) -> tern::store::RunRow {
 
 async fn wait_status(e: &Engine, run: RunId, status: RunStatus) {
     for _ in 0..1500 {
-        if e.store.get_run(run).await.unwrap().unwrap().status == status {
+        if e.get_run(run).await.unwrap().unwrap().status == status {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -92,14 +98,14 @@ async fn wait_status(e: &Engine, run: RunId, status: RunStatus) {
 }
 
 async fn journal(e: &Engine, run: RunId) -> Vec<JournalEntry> {
-    let j = e.store.journal(run, 0, 10_000).await.unwrap();
+    let j = e.journal(run, 0, 10_000).await.unwrap();
     let seqs: Vec<i64> = j.iter().map(|e| e.seq).collect();
     assert_eq!(
         seqs,
         (1..=j.len() as i64).collect::<Vec<_>>(),
         "journal has gaps or duplicates"
     );
-    assert_eq!(e.store.get_run(run).await.unwrap().unwrap().last_seq, j.len() as i64);
+    assert_eq!(e.get_run(run).await.unwrap().unwrap().last_seq, j.len() as i64);
     j
 }
 
@@ -108,9 +114,9 @@ fn count(j: &[JournalEntry], kind: &str) -> usize {
 }
 
 /// Ledger rows of a run as (step, kind) -> count.
-async fn ledger(e: &Engine, run: RunId) -> HashMap<(String, String), usize> {
+async fn ledger(store: &Arc<dyn Store>, run: RunId) -> HashMap<(String, String), usize> {
     let mut m = HashMap::new();
-    for row in e.store.ledger(Some(run)).await.unwrap() {
+    for row in store.ledger(Some(run)).await.unwrap() {
         *m.entry((row.step, row.kind)).or_insert(0) += 1;
     }
     m
@@ -131,7 +137,7 @@ async fn happy_path_with_hold_timer(db: TestDb) {
     assert_eq!(count(&j, "timer_fired"), 1);
     assert_eq!(count(&j, "run_finished"), 1);
     assert_eq!(count(&j, "step_started"), 6);
-    let l = ledger(&w.engine, run).await;
+    let l = ledger(&w.store, run).await;
     for s in ["validate", "snapshot", "attach", "stop", "revert"] {
         assert_eq!(l.get(&key(s, "effect")), Some(&1), "{s}: {l:?}");
     }
@@ -139,12 +145,12 @@ async fn happy_path_with_hold_timer(db: TestDb) {
     assert!(!l.keys().any(|(_, k)| k == "undo"));
     // Outputs are kept in the context (what each step created).
     assert!(row.context["outputs"]["create_vm"]["job_id"].is_string());
-    let job = w.engine.store.failover_job(run).await.unwrap().unwrap();
+    let job = w.store.failover_job(run).await.unwrap().unwrap();
     assert_eq!(
         (job.status.as_str(), job.vm_id.as_str(), job.job_type.as_str()),
         ("completed", "vm-7", "test")
     );
-    let tracking = w.engine.store.job_tracking(run).await.unwrap();
+    let tracking = w.store.job_tracking(run).await.unwrap();
     assert_eq!(tracking.len(), 6);
     assert!(tracking.iter().all(|t| t.status == "completed"), "{tracking:?}");
     w.stop().await;
@@ -187,7 +193,7 @@ async fn retries_sleep_in_the_database_then_succeed(db: TestDb) {
         .find(|e| matches!(&e.record, Record::StepStarted { step, attempt: 3, .. } if step == "attach"))
         .unwrap();
     assert!(third.at >= retries[1].1);
-    assert_eq!(ledger(&w.engine, run).await.get(&key("attach", "effect")), Some(&1));
+    assert_eq!(ledger(&w.store, run).await.get(&key("attach", "effect")), Some(&1));
     w.stop().await;
 }
 
@@ -198,7 +204,6 @@ async fn permanent_failure_rolls_back_in_reverse(db: TestDb) {
     let row = finish(&w.engine, run).await;
     assert_eq!(row.status, RunStatus::Failed);
     let undone: Vec<String> = w
-        .engine
         .store
         .ledger(Some(run))
         .await
@@ -215,10 +220,10 @@ async fn permanent_failure_rolls_back_in_reverse(db: TestDb) {
     let j = journal(&w.engine, run).await;
     assert_eq!(count(&j, "step_failed"), 1);
     assert_eq!(count(&j, "compensation_succeeded"), 3);
-    let job = w.engine.store.failover_job(run).await.unwrap().unwrap();
+    let job = w.store.failover_job(run).await.unwrap().unwrap();
     assert_eq!(job.status, "failed");
     assert!(job.error_message.unwrap().contains("INJECTED"));
-    let tracking = w.engine.store.job_tracking(run).await.unwrap();
+    let tracking = w.store.job_tracking(run).await.unwrap();
     assert!(tracking
         .iter()
         .any(|t| t.operation == "rollback:create_vm" && t.status == "completed"));
@@ -244,7 +249,7 @@ async fn a_failed_compensation_needs_an_operator(db: TestDb) {
             vec!["create_vm".to_string(), "snapshot".to_string()]
         ))
     );
-    let job = w.engine.store.failover_job(run).await.unwrap().unwrap();
+    let job = w.store.failover_job(run).await.unwrap().unwrap();
     assert!(job.error_message.unwrap().contains("not undone: create_vm, snapshot"));
     w.stop().await;
 }
@@ -253,7 +258,7 @@ async fn the_end_signal_ends_the_hold_once(db: TestDb) {
     let w = start(db.open().await, &[], "w1").await;
     let run = submit(&w.engine, "crash-saga", json!({})).await;
     wait_status(&w.engine, run, RunStatus::Holding).await;
-    assert_eq!(w.engine.store.get_run(run).await.unwrap().unwrap().wake_at, None);
+    assert_eq!(w.engine.get_run(run).await.unwrap().unwrap().wake_at, None);
     assert_eq!(w.engine.signal(run, "end-test").await.unwrap(), SignalOutcome::Accepted);
     let again = w.engine.signal(run, "end-test").await.unwrap();
     assert!(
@@ -295,7 +300,7 @@ async fn cancel_in_the_hold_rolls_back(db: TestDb) {
     );
     let row = finish(&w.engine, run).await;
     assert_eq!(row.status, RunStatus::Cancelled);
-    let l = ledger(&w.engine, run).await;
+    let l = ledger(&w.store, run).await;
     for s in ["attach", "create_vm", "snapshot"] {
         assert_eq!(l.get(&key(s, "undo")), Some(&1), "{s}");
     }
@@ -328,7 +333,7 @@ async fn cancel_while_asleep_in_backoff(db: TestDb) {
     w.engine.cancel(run, "no time").await.unwrap();
     let row = finish(&w.engine, run).await;
     assert_eq!(row.status, RunStatus::Cancelled);
-    let l = ledger(&w.engine, run).await;
+    let l = ledger(&w.store, run).await;
     assert_eq!(l.get(&key("a", "undo")), Some(&1));
     assert_eq!(
         l.get(&key("b", "undo")),
@@ -363,7 +368,7 @@ async fn a_cancel_during_the_last_step_is_recorded_as_too_late(db: TestDb) {
     )
     .await;
     for _ in 0..200 {
-        let row = w.engine.store.get_run(run).await.unwrap().unwrap();
+        let row = w.engine.get_run(run).await.unwrap().unwrap();
         if row.current_step.as_deref() == Some("cleanup") {
             break;
         }
@@ -430,7 +435,7 @@ async fn runs_are_pinned_to_the_definition_they_started_with(db: TestDb) {
     // The file changes: a worker now has a one-step crash-saga.
     let w = start(store.clone(), &[("crash-saga", ONE_STEP)], "w-new").await;
     assert_eq!(finish(&w.engine, run).await.status, RunStatus::Completed);
-    let l = ledger(&w.engine, run).await;
+    let l = ledger(&w.store, run).await;
     assert_eq!(
         l.get(&key("attach", "effect")),
         Some(&1),
@@ -440,7 +445,7 @@ async fn runs_are_pinned_to_the_definition_they_started_with(db: TestDb) {
     // New runs get the new definition.
     let fresh = submit(&w.engine, "crash-saga", json!({})).await;
     assert_eq!(finish(&w.engine, fresh).await.status, RunStatus::Completed);
-    assert_eq!(ledger(&w.engine, fresh).await.get(&key("only", "effect")), Some(&1));
+    assert_eq!(ledger(&w.store, fresh).await.get(&key("only", "effect")), Some(&1));
     w.stop().await;
 }
 
@@ -497,7 +502,7 @@ async fn two_workers_share_runs_and_each_effect_happens_once(db: TestDb) {
     for r in &runs {
         assert_eq!(finish(&a.engine, *r).await.status, RunStatus::Completed);
     }
-    let rows = a.engine.store.ledger(None).await.unwrap();
+    let rows = a.store.ledger(None).await.unwrap();
     let mut per_key = HashMap::new();
     for r in rows {
         *per_key.entry(r.key).or_insert(0) += 1;
@@ -521,7 +526,7 @@ async fn a_dead_workers_run_moves_to_another_after_its_lease(db: TestDb) {
     .await;
     // Wait until the doomed worker is inside `snapshot`, then kill it (its tasks are dropped).
     loop {
-        let row = doomed.engine.store.get_run(run).await.unwrap().unwrap();
+        let row = doomed.engine.get_run(run).await.unwrap().unwrap();
         if row.current_step.as_deref() == Some("snapshot") {
             break;
         }
@@ -542,10 +547,7 @@ async fn a_dead_workers_run_moves_to_another_after_its_lease(db: TestDb) {
         })
         .collect();
     assert_eq!(attempts, vec![1, 2], "the interrupted attempt is resumed as attempt 2");
-    assert_eq!(
-        ledger(&heir.engine, run).await.get(&key("snapshot", "effect")),
-        Some(&1)
-    );
+    assert_eq!(ledger(&heir.store, run).await.get(&key("snapshot", "effect")), Some(&1));
     heir.stop().await;
 }
 
@@ -612,7 +614,7 @@ async fn a_submit_starts_on_the_local_worker_when_it_has_a_slot(db: TestDb) {
         assert!(starts.iter().all(|(_, a)| *a == 1), "one attempt per step: {starts:?}");
         let steps: std::collections::HashSet<&str> = starts.iter().map(|(s, _)| s.as_str()).collect();
         assert_eq!(steps.len(), starts.len(), "no step started twice: {starts:?}");
-        assert!(ledger(&w.engine, run).await.values().all(|n| *n == 1));
+        assert!(ledger(&w.store, run).await.values().all(|n| *n == 1));
     }
     w.stop().await;
 }
@@ -704,12 +706,7 @@ async fn a_submit_dropped_while_it_commits_still_hands_its_run_to_the_worker(db:
     drop(submit);
     let mut row = None;
     for _ in 0..2000 {
-        row = w
-            .engine
-            .store
-            .find_by_request_id("dropped-while-committing")
-            .await
-            .unwrap();
+        row = w.store.find_by_request_id("dropped-while-committing").await.unwrap();
         if row.is_some() {
             break;
         }
@@ -777,7 +774,7 @@ on_both_backends!(an_unexpected_signal_is_recorded_and_the_hold_goes_on);
 
 async fn wait_step(e: &Engine, run: RunId, step: &str) {
     for _ in 0..1500 {
-        if e.store.get_run(run).await.unwrap().unwrap().current_step.as_deref() == Some(step) {
+        if e.get_run(run).await.unwrap().unwrap().current_step.as_deref() == Some(step) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -816,10 +813,7 @@ async fn shutdown_lets_the_step_finish_and_hands_the_run_back(db: TestDb) {
     // Another worker carries on at once (no lease to wait out).
     let next = start(store, &[], "next").await;
     assert_eq!(finish(&next.engine, run).await.status, RunStatus::Completed);
-    assert_eq!(
-        ledger(&next.engine, run).await.get(&key("snapshot", "effect")),
-        Some(&1)
-    );
+    assert_eq!(ledger(&next.store, run).await.get(&key("snapshot", "effect")), Some(&1));
     next.stop().await;
 }
 

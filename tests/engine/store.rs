@@ -9,7 +9,8 @@ use tern::domain::run::Phase;
 use tern::domain::run::{Record, RunState, RunStatus};
 use tern::domain::{RunId, StepError, Timestamp};
 use tern::store::{
-    projection, Checkpoint, JobFilter, Lease, LedgerRow, NewRun, RunFilter, SignalOutcome, Start, Store, StoreError,
+    projection, Checkpoint, JobFilter, Lease, LedgerRow, NewRun, RunFilter, RunStore, SignalOutcome, Start, Store,
+    StoreError,
 };
 
 use crate::common::TestDb;
@@ -656,14 +657,14 @@ async fn inventory_and_network_mappings(db: TestDb) {
         last_sync_change_id: Some("52 3c/5".into()),
     };
     let now = Timestamp::now();
-    s.upsert_vm(&vm, now).await.unwrap();
+    s.upsert_vm_record(&vm, now).await.unwrap();
     let mut renamed = vm.clone();
     renamed.memory_mb = 8192;
-    s.upsert_vm(&renamed, now).await.unwrap();
-    assert_eq!(s.get_vm("420570c7").await.unwrap(), Some(renamed.clone()));
-    assert_eq!(s.find_vm("pgtest1").await.unwrap(), Some(renamed.clone()));
-    assert_eq!(s.find_vm("nope").await.unwrap(), None);
-    assert_eq!(s.list_vms().await.unwrap().len(), 1);
+    s.upsert_vm_record(&renamed, now).await.unwrap();
+    assert_eq!(s.vm_record("420570c7").await.unwrap(), Some(renamed.clone()));
+    assert_eq!(s.find_vm_record("pgtest1").await.unwrap(), Some(renamed.clone()));
+    assert_eq!(s.find_vm_record("nope").await.unwrap(), None);
+    assert_eq!(s.vm_records().await.unwrap().len(), 1);
     let m = |net: &str, kind| NetworkMapping {
         vm_id: vm.vm_id.clone(),
         source_network: "VM Network".into(),

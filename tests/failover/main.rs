@@ -436,7 +436,7 @@ async fn failure_at_validation(db: TestDb) {
     let mut unsynced = vm.clone();
     unsynced.last_sync_change_id = None;
     w.store
-        .upsert_vm(&unsynced, tern::domain::Timestamp::now())
+        .upsert_vm_record(&unsynced, tern::domain::Timestamp::now())
         .await
         .unwrap();
     let second = w.submit("test-failover", input(&vm, json!({}))).await;

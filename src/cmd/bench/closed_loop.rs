@@ -11,6 +11,7 @@ pub(super) struct Waiters {
 
 pub(super) struct Harness {
     pub(super) engine: Arc<Engine>,
+    pub(super) store: Arc<dyn Store>,
     pub(super) waiters: Arc<Mutex<Waiters>>,
     pub(super) stop: CancellationToken,
     /// Set for the end-to-end scenarios: the API served on a loopback port.
@@ -50,6 +51,7 @@ impl Harness {
         tokio::spawn(async move { worker::run_worker(e, s).await });
         Ok(Harness {
             engine,
+            store,
             waiters,
             stop,
             api: None,
@@ -65,10 +67,7 @@ impl Harness {
         let addr = listener
             .local_addr()
             .map_err(|e| BenchError::Setup(format!("loopback port: {e}")))?;
-        let state = tern::api::ApiState {
-            engine: self.engine.clone(),
-            failover: None,
-        };
+        let state = tern::api::ApiState::new(self.engine.clone(), self.store.clone(), None);
         let stop = self.stop.clone();
         tokio::spawn(tern::api::serve(listener, state, async move { stop.cancelled().await }));
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

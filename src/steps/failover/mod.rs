@@ -192,7 +192,7 @@ impl<'a> Cx<'a> {
     async fn new(deps: &'a FailoverDeps, step: &'a StepInput) -> Result<Cx<'a>, ActionError> {
         let input = FailoverInput::from_value(&step.input)
             .map_err(|e| ActionError::permanent("INVALID_INPUT", format!("failover input: {e}")))?;
-        let vm = deps.store.get_vm(&input.vm_id).await?.ok_or_else(|| {
+        let vm = deps.store.vm_record(&input.vm_id).await?.ok_or_else(|| {
             ActionError::permanent("VM_NOT_FOUND", format!("VM {} is not in the inventory", input.vm_id))
         })?;
         Ok(Cx {

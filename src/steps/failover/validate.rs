@@ -63,7 +63,7 @@ pub async fn readiness_for(
     vm_id: &str,
     kind: NetworkKind,
 ) -> Result<ReadinessReport, ActionError> {
-    let vm = deps.store.get_vm(vm_id).await?;
+    let vm = deps.store.vm_record(vm_id).await?;
     let mappings = match &vm {
         Some(_) => deps.store.network_mappings(vm_id).await?,
         None => Vec::new(),

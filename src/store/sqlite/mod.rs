@@ -176,7 +176,7 @@ fn run_from_row(row: &impl Cols) -> Result<RunRow> {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl RunStore for SqliteStore {
     async fn submit(&self, run: NewRun) -> Result<Submitted> {
         // A run started at submit is already leased: no worker needs to look for it.
         let claimable = run.start.is_none();
@@ -370,6 +370,17 @@ impl Store for SqliteStore {
         Ok(v.map(Timestamp))
     }
 
+    fn wakeup(&self) -> Arc<Wakeup> {
+        self.wakeup.clone()
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+}
+
+#[async_trait]
+impl Diagnostics for SqliteStore {
     async fn journal_rows(&self) -> Result<i64> {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM journal")
             .fetch_one(&self.pool)
@@ -401,179 +412,10 @@ impl Store for SqliteStore {
             })
             .collect()
     }
+}
 
-    async fn failover_job(&self, run: RunId) -> Result<Option<FailoverJobRow>> {
-        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM failover_jobs f WHERE job_id = $1"))
-            .bind(run.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(job_from_row).transpose()
-    }
-
-    async fn list_failover_jobs(&self, f: &JobFilter) -> Result<Vec<FailoverJobRow>> {
-        // Only the filters given, so each query walks an index in (filter, job_id) order and
-        // stops at the page size (keyset pagination, newest first).
-        let mut clauses: Vec<String> = Vec::new();
-        let mut binds: Vec<&str> = Vec::new();
-        let before = f.before.map(|b| b.to_string());
-        for (column, value) in [
-            ("f.status = ", f.status.as_deref()),
-            ("f.job_type = ", f.job_type.as_deref()),
-            ("f.vm_id = ", f.vm_id.as_deref()),
-            ("f.job_id < ", before.as_deref()),
-        ] {
-            if let Some(v) = value {
-                binds.push(v);
-                clauses.push(format!("{column}${}", binds.len()));
-            }
-        }
-        if !f.definitions.is_empty() {
-            let start = binds.len();
-            binds.extend(f.definitions.iter().map(String::as_str));
-            let list: Vec<String> = (start + 1..=binds.len()).map(|i| format!("${i}")).collect();
-            clauses.push(format!("r.definition IN ({})", list.join(", ")));
-        }
-        let filter = match clauses.is_empty() {
-            true => String::new(),
-            false => format!("WHERE {}", clauses.join(" AND ")),
-        };
-        let sql = format!(
-            // CROSS JOIN keeps failover_jobs the outer loop: the page walks its index backwards
-            // and stops after `limit` rows instead of sorting every run of the definitions.
-            "SELECT {JOB_COLUMNS} FROM failover_jobs f CROSS JOIN runs r ON r.id = f.job_id {filter} \
-             ORDER BY f.job_id DESC LIMIT {}",
-            f.limit.max(1)
-        );
-        let mut q = sqlx::query(&sql);
-        for v in binds {
-            q = q.bind(v);
-        }
-        let rows = q.fetch_all(&self.pool).await?;
-        rows.iter().map(job_from_row).collect()
-    }
-
-    async fn job_tracking(&self, run: RunId) -> Result<Vec<JobTrackingRow>> {
-        let rows = sqlx::query(
-            "SELECT id, parent_job_id, operation, status, metadata, error_message FROM job_tracking \
-             WHERE parent_job_id = $1 ORDER BY created_at, id",
-        )
-        .bind(run.to_string())
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let metadata: Option<Json<Value>> = r.try_get("metadata")?;
-                Ok(JobTrackingRow {
-                    id: r.try_get("id")?,
-                    parent_job_id: r.try_get("parent_job_id")?,
-                    operation: r.try_get("operation")?,
-                    status: r.try_get("status")?,
-                    metadata: metadata.map(|m| m.0).unwrap_or(Value::Null),
-                    error_message: r.try_get("error_message")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn upsert_vm(&self, vm: &VmRecord, now: Timestamp) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO vms (vm_id, name, record, updated_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (vm_id) DO UPDATE SET name = excluded.name, record = excluded.record, updated_at = excluded.updated_at",
-        )
-        .bind(&vm.vm_id)
-        .bind(&vm.name)
-        .bind(Json(vm))
-        .bind(now.0)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn get_vm(&self, vm_id: &str) -> Result<Option<VmRecord>> {
-        let rec: Option<Json<Value>> = sqlx::query_scalar("SELECT record FROM vms WHERE vm_id = $1")
-            .bind(vm_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        rec.map(|r| parse_json("vm record", r.0)).transpose()
-    }
-
-    async fn find_vm(&self, id_or_name: &str) -> Result<Option<VmRecord>> {
-        if let Some(vm) = self.get_vm(id_or_name).await? {
-            return Ok(Some(vm));
-        }
-        let rec: Option<Json<Value>> =
-            sqlx::query_scalar("SELECT record FROM vms WHERE name = $1 ORDER BY vm_id LIMIT 1")
-                .bind(id_or_name)
-                .fetch_optional(&self.pool)
-                .await?;
-        rec.map(|r| parse_json("vm record", r.0)).transpose()
-    }
-
-    async fn list_vms(&self) -> Result<Vec<VmRecord>> {
-        let recs: Vec<Json<Value>> = sqlx::query_scalar("SELECT record FROM vms ORDER BY name, vm_id")
-            .fetch_all(&self.pool)
-            .await?;
-        recs.into_iter().map(|r| parse_json("vm record", r.0)).collect()
-    }
-
-    async fn set_network_mappings(&self, vm_id: &str, kind: NetworkKind, mappings: &[NetworkMapping]) -> Result<()> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("DELETE FROM network_mappings WHERE vm_id = $1 AND kind = $2")
-            .bind(vm_id)
-            .bind(kind.as_str())
-            .execute(&mut *tx)
-            .await?;
-        for m in mappings {
-            sqlx::query(
-                "INSERT INTO network_mappings (vm_id, source_network, kind, destination_network_id) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(vm_id)
-            .bind(&m.source_network)
-            .bind(kind.as_str())
-            .bind(&m.destination_network_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn network_mappings(&self, vm_id: &str) -> Result<Vec<NetworkMapping>> {
-        let rows = sqlx::query(
-            "SELECT source_network, kind, destination_network_id FROM network_mappings WHERE vm_id = $1 \
-             ORDER BY kind, source_network",
-        )
-        .bind(vm_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let kind: String = r.try_get("kind")?;
-                Ok(NetworkMapping {
-                    vm_id: vm_id.to_string(),
-                    source_network: r.try_get("source_network")?,
-                    destination_network_id: r.try_get("destination_network_id")?,
-                    kind: match kind.as_str() {
-                        "test" => NetworkKind::Test,
-                        "production" => NetworkKind::Production,
-                        other => return Err(StoreError::Corrupt(format!("network mapping kind {other:?}"))),
-                    },
-                })
-            })
-            .collect()
-    }
-
-    async fn active_jobs_for_vm(&self, vm_id: &str, except: Option<RunId>) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT job_id FROM failover_jobs WHERE vm_id = $1 AND completed_at IS NULL AND ($2 IS NULL OR job_id <> $2) \
-             ORDER BY job_id",
-        )
-        .bind(vm_id)
-        .bind(except.map(|r| r.to_string()))
-        .fetch_all(&self.pool)
-        .await?)
-    }
-
+#[async_trait]
+impl Ledger for SqliteStore {
     async fn ledger_record(&self, row: &LedgerRow, adopt: bool) -> Result<bool> {
         // Look up, then create: two statements, like a real cloud API (no atomic upsert to hide behind).
         if adopt {
@@ -619,15 +461,58 @@ impl Store for SqliteStore {
             })
             .collect()
     }
+}
 
-    fn wakeup(&self) -> Arc<Wakeup> {
-        self.wakeup.clone()
+impl SqliteStore {
+    async fn list_jobs(&self, f: &JobFilter) -> Result<Vec<FailoverJobRow>> {
+        // Only the filters given, so each query walks an index in (filter, job_id) order and
+        // stops at the page size (keyset pagination, newest first).
+        let mut clauses: Vec<String> = Vec::new();
+        let mut binds: Vec<&str> = Vec::new();
+        let before = f.before.map(|b| b.to_string());
+        for (column, value) in [
+            ("f.status = ", f.status.as_deref()),
+            ("f.job_type = ", f.job_type.as_deref()),
+            ("f.vm_id = ", f.vm_id.as_deref()),
+            ("f.job_id < ", before.as_deref()),
+        ] {
+            if let Some(v) = value {
+                binds.push(v);
+                clauses.push(format!("{column}${}", binds.len()));
+            }
+        }
+        if !f.definitions.is_empty() {
+            let start = binds.len();
+            binds.extend(f.definitions.iter().map(String::as_str));
+            let list: Vec<String> = (start + 1..=binds.len()).map(|i| format!("${i}")).collect();
+            clauses.push(format!("r.definition IN ({})", list.join(", ")));
+        }
+        let filter = match clauses.is_empty() {
+            true => String::new(),
+            false => format!("WHERE {}", clauses.join(" AND ")),
+        };
+        let sql = format!(
+            // CROSS JOIN keeps failover_jobs the outer loop: the page walks its index backwards
+            // and stops after `limit` rows instead of sorting every run of the definitions.
+            "SELECT {JOB_COLUMNS} FROM failover_jobs f CROSS JOIN runs r ON r.id = f.job_id {filter} \
+             ORDER BY f.job_id DESC LIMIT {}",
+            f.limit.max(1)
+        );
+        let mut q = sqlx::query(&sql);
+        for v in binds {
+            q = q.bind(v);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(job_from_row).collect()
     }
 
-    fn backend(&self) -> &'static str {
-        "sqlite"
+    /// A write transaction (SQLite takes the write lock at BEGIN, so it never upgrades later).
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 }
+
+super::shared::inventory_and_jobs!(SqliteStore);
 
 const JOB_COLUMNS: &str = "f.job_id, f.vm_id, f.vm_name, f.job_type, f.status, f.linstor_snapshot_name, \
     f.destination_vm_id, f.error_message, f.correlation_id, f.created_at, f.started_at, f.completed_at";
