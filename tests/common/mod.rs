@@ -88,6 +88,22 @@ macro_rules! on_both_backends {
     };
 }
 
+/// Declares `#[tokio::test]`s running the async fn `$case(TestDb)` on SQLite only (cases whose
+/// outcome does not depend on the database).
+#[macro_export]
+macro_rules! on_sqlite {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$case($crate::common::sqlite_db()).await
+                }
+            }
+        )*
+    };
+}
+
 /// A CloudStack/LINSTOR simulator running in this test process (stopped when dropped).
 pub struct Sim {
     pub base: String,

@@ -216,23 +216,11 @@ async fn recover_when_a_live_rollback_cannot_revert(db: TestDb) {
     run_case(&db, case).await
 }
 
-macro_rules! sqlite {
-    ($($name:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            super::$name(common::sqlite_db()).await
-        }
-    )*};
-}
-
-mod on_sqlite {
-    use super::*;
-    sqlite!(
-        recover_when_the_set_aside_root_cannot_be_deleted,
-        recover_when_the_teardown_revert_fails,
-        recover_when_the_test_vm_cannot_be_destroyed,
-        recover_when_the_snapshot_cannot_be_deleted,
-        recover_when_the_linstor_rollback_fails,
-        recover_when_a_live_rollback_cannot_revert,
-    );
-}
+crate::on_sqlite!(
+    recover_when_the_set_aside_root_cannot_be_deleted,
+    recover_when_the_teardown_revert_fails,
+    recover_when_the_test_vm_cannot_be_destroyed,
+    recover_when_the_snapshot_cannot_be_deleted,
+    recover_when_the_linstor_rollback_fails,
+    recover_when_a_live_rollback_cannot_revert,
+);

@@ -3,8 +3,8 @@
 //! paths, the database-enforced one-failover-per-VM rule and the gap-free watch, on both backends
 //! where the database matters.
 
-#[path = "../common/mod.rs"]
-mod common;
+use crate::common;
+use crate::{on_both_backends, on_sqlite};
 mod dropped_watches;
 mod restart;
 
@@ -1469,47 +1469,19 @@ on_both_backends!(
 use restart::server_killed_mid_failovers_and_restarted;
 on_both_backends!(server_killed_mid_failovers_and_restarted);
 
-mod sqlite_only {
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn bad_requests() {
-        bad_requests_are_rejected_with_field_details(common::sqlite_db()).await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn end_and_cancel() {
-        end_and_cancel_are_idempotent_and_refused_once_finished(common::sqlite_db()).await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn readiness_and_inventory() {
-        readiness_and_inventory_rpcs(common::sqlite_db()).await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn step_failures_and_cancel_while_retrying() {
-        step_failures_show_in_the_job_and_cancel_works_while_retrying(common::sqlite_db()).await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn health_and_reflection() {
-        health_and_reflection_are_served(common::sqlite_db()).await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn undecodable_requests() {
-        undecodable_requests_are_invalid_argument(common::sqlite_db()).await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn dropped_watch_streams() {
-        crate::dropped_watches::dropped_watch_streams_never_cost_the_connection(common::sqlite_db()).await
-    }
-}
+use dropped_watches::dropped_watch_streams_never_cost_the_connection;
+on_sqlite!(
+    bad_requests_are_rejected_with_field_details,
+    end_and_cancel_are_idempotent_and_refused_once_finished,
+    readiness_and_inventory_rpcs,
+    step_failures_show_in_the_job_and_cancel_works_while_retrying,
+    health_and_reflection_are_served,
+    undecodable_requests_are_invalid_argument,
+    dropped_watch_streams_never_cost_the_connection,
+);
 
 /// A Python client generated from proto/ with grpcio-tools (installed from PyPI into
-/// target/py-venv by tests/api/python/run.sh) runs a test failover with a 2-second
+/// target/py-venv by tests/e2e/api/python/run.sh) runs a test failover with a 2-second
 /// auto-cleanup. `TERN_SKIP_PYTHON=1` skips it (offline machines).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_client_runs_a_test_failover() {
@@ -1520,7 +1492,7 @@ async fn python_client_runs_a_test_failover() {
     let db = common::sqlite_db();
     let a = api(&db).await;
     let vm = a.vm("linux");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api/python/run.sh");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/api/python/run.sh");
     let endpoint = a.endpoint.trim_start_matches("http://").to_string();
     let out = tokio::time::timeout(
         Duration::from_secs(600),

@@ -21,8 +21,8 @@ use tern::api::pb::watch_event::Event;
 use tern::api::pb::workflow_service_client::WorkflowServiceClient;
 use tonic::transport::Channel;
 
+use super::restart::Server;
 use crate::common::TestDb;
-use crate::restart::Server;
 
 const IN_FLIGHT: usize = 50;
 /// Eight thousand dropped streams, a third of them early. Before the server sent a watch's

@@ -2,7 +2,7 @@
 //! checkpoints it counts in the database are exactly the workload's (14 journal rows per
 //! workflow). Figures are printed, never asserted on: the machines here are shared and noisy.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -2,8 +2,7 @@
 //! simulator, driven by the engine. Happy paths, a failure injected at every step with the
 //! rollback checked against the simulator's state, cancel, and the safety invariant.
 
-#[path = "../common/mod.rs"]
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -637,29 +636,18 @@ crate::on_both_backends!(
     cancel_during_the_hold_rolls_everything_back
 );
 
-mod sqlite_only {
-    use super::*;
-
-    macro_rules! sqlite {
-        ($($name:ident),*) => {$(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(common::sqlite_db()).await }
-        )*};
-    }
-
-    sqlite!(
-        a_windows_test_failover_injects_drivers_and_the_revert_removes_them,
-        a_live_failover_moves_the_volume_for_good,
-        an_end_test_signal_ends_the_hold,
-        failure_at_validation,
-        failure_at_snapshot,
-        failure_at_test_vm_creation,
-        failure_at_volume_attachment,
-        failure_at_test_vm_startup,
-        failure_at_virtio_injection,
-        a_live_failover_that_cannot_start_rolls_back,
-        a_volume_that_cannot_be_deleted_needs_an_operator,
-        an_unknown_vm_fails_with_vm_not_found,
-        lost_replies_and_flaky_calls_are_adopted_not_repeated
-    );
-}
+crate::on_sqlite!(
+    a_windows_test_failover_injects_drivers_and_the_revert_removes_them,
+    a_live_failover_moves_the_volume_for_good,
+    an_end_test_signal_ends_the_hold,
+    failure_at_validation,
+    failure_at_snapshot,
+    failure_at_test_vm_creation,
+    failure_at_volume_attachment,
+    failure_at_test_vm_startup,
+    failure_at_virtio_injection,
+    a_live_failover_that_cannot_start_rolls_back,
+    a_volume_that_cannot_be_deleted_needs_an_operator,
+    an_unknown_vm_fails_with_vm_not_found,
+    lost_replies_and_flaky_calls_are_adopted_not_repeated,
+);
