@@ -30,52 +30,162 @@ impl Default for Waiting {
     }
 }
 
-/// Snapshots of one CloudStack volume (`target` = volume id); ready when `BackedUp`.
-#[derive(Clone)]
-pub struct VolumeSnapshots {
-    cloud: Arc<dyn Cloud>,
-    waiting: Waiting,
+/// One snapshot as a flavour lists it.
+pub struct Listed {
+    id: String,
+    name: String,
+    state: String,
+    target: String,
 }
 
-impl VolumeSnapshots {
-    pub fn new(cloud: Arc<dyn Cloud>, poll_interval: Duration, timeout: Duration) -> Self {
-        VolumeSnapshots {
-            cloud,
-            waiting: Waiting { poll_interval, timeout },
+/// What differs between CloudStack's volume snapshots and its VM snapshots: how they are
+/// listed, made, reverted and deleted, and which state means ready.
+#[async_trait]
+pub trait Flavour: Send + Sync + 'static {
+    /// The [`SnapshotBackend::kind`].
+    const KIND: &'static str;
+    /// The state of a snapshot that can be reverted to.
+    const READY: &'static str;
+    /// For messages: "snapshot {name} of volume {target}".
+    fn describe(name: &str, target: &str) -> String;
+    /// Snapshots of `target`, with `name` only when given (CloudStack may filter by it).
+    async fn list(cloud: &dyn Cloud, target: &str, name: Option<&str>) -> Result<Vec<Listed>>;
+    fn create(target: &str, name: &str) -> AsyncCommand;
+    fn revert(id: String) -> AsyncCommand;
+    fn delete(id: String) -> AsyncCommand;
+}
+
+/// Volume snapshots (`target` = volume id); ready when `BackedUp`.
+pub struct Volumes;
+
+#[async_trait]
+impl Flavour for Volumes {
+    const KIND: &'static str = "cloudstack-volume";
+    const READY: &'static str = "BackedUp";
+
+    fn describe(name: &str, target: &str) -> String {
+        format!("snapshot {name} of volume {target}")
+    }
+
+    async fn list(cloud: &dyn Cloud, target: &str, name: Option<&str>) -> Result<Vec<Listed>> {
+        let filter = SnapshotFilter {
+            volume_id: Some(target.to_string()),
+            name: name.map(str::to_string),
+            id: None,
+        };
+        let all: Vec<Snapshot> = cloud.list_snapshots(filter).await?;
+        Ok(all
+            .into_iter()
+            .map(|s| Listed {
+                id: s.id,
+                name: s.name,
+                state: s.state,
+                target: s.volume_id,
+            })
+            .collect())
+    }
+
+    fn create(target: &str, name: &str) -> AsyncCommand {
+        AsyncCommand::CreateSnapshot {
+            volume_id: target.to_string(),
+            name: name.to_string(),
         }
     }
 
-    async fn by_name(&self, volume_id: &str, name: &str) -> Result<Option<Snapshot>> {
-        let found = self
-            .cloud
-            .list_snapshots(SnapshotFilter {
-                volume_id: Some(volume_id.to_string()),
-                name: Some(name.to_string()),
-                id: None,
+    fn revert(id: String) -> AsyncCommand {
+        AsyncCommand::RevertSnapshot { id }
+    }
+
+    fn delete(id: String) -> AsyncCommand {
+        AsyncCommand::DeleteSnapshot { id }
+    }
+}
+
+/// Disk-only VM snapshots (`target` = VM id); ready when `Ready`.
+pub struct VmDisks;
+
+#[async_trait]
+impl Flavour for VmDisks {
+    const KIND: &'static str = "cloudstack-vm";
+    const READY: &'static str = "Ready";
+
+    fn describe(name: &str, target: &str) -> String {
+        format!("VM snapshot {name} of VM {target}")
+    }
+
+    async fn list(cloud: &dyn Cloud, target: &str, _name: Option<&str>) -> Result<Vec<Listed>> {
+        let all: Vec<VmSnapshot> = cloud.list_vm_snapshots(target).await?;
+        Ok(all
+            .into_iter()
+            .map(|s| Listed {
+                id: s.id,
+                name: s.name,
+                state: s.state,
+                target: s.vm_id,
             })
-            .await?;
+            .collect())
+    }
+
+    fn create(target: &str, name: &str) -> AsyncCommand {
+        AsyncCommand::CreateVmSnapshot {
+            vm_id: target.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    fn revert(id: String) -> AsyncCommand {
+        AsyncCommand::RevertToVmSnapshot { id }
+    }
+
+    fn delete(id: String) -> AsyncCommand {
+        AsyncCommand::DeleteVmSnapshot { id }
+    }
+}
+
+/// CloudStack volume snapshots as a [`SnapshotBackend`].
+pub type VolumeSnapshots = CloudSnapshots<Volumes>;
+/// CloudStack disk-only VM snapshots as a [`SnapshotBackend`].
+pub type VmSnapshots = CloudSnapshots<VmDisks>;
+
+/// Named CloudStack snapshots of one flavour.
+pub struct CloudSnapshots<F> {
+    cloud: Arc<dyn Cloud>,
+    waiting: Waiting,
+    flavour: std::marker::PhantomData<F>,
+}
+
+impl<F: Flavour> CloudSnapshots<F> {
+    pub fn new(cloud: Arc<dyn Cloud>, poll_interval: Duration, timeout: Duration) -> Self {
+        CloudSnapshots {
+            cloud,
+            waiting: Waiting { poll_interval, timeout },
+            flavour: std::marker::PhantomData,
+        }
+    }
+
+    async fn by_name(&self, target: &str, name: &str) -> Result<Option<Listed>> {
+        let found = F::list(self.cloud.as_ref(), target, Some(name)).await?;
         Ok(found.into_iter().find(|s| s.name == name))
     }
 
-    async fn adopt(&self, volume_id: &str, name: &str) -> Result<Option<SnapshotInfo>> {
+    async fn adopt(&self, target: &str, name: &str) -> Result<Option<SnapshotInfo>> {
         let started = tokio::time::Instant::now();
         loop {
-            let Some(s) = self.by_name(volume_id, name).await? else {
+            let Some(s) = self.by_name(target, name).await? else {
                 return Ok(None);
             };
-            match s.state.as_str() {
-                "BackedUp" => return Ok(Some(volume_info(s))),
-                "Error" => {
-                    // A failed earlier attempt: clear it so the name can be used again.
-                    tracing::warn!(name, volume_id, "removing a snapshot left in Error");
-                    self.run(AsyncCommand::DeleteSnapshot { id: s.id }).await?;
-                    return Ok(None);
-                }
-                _ => {}
+            if s.state == F::READY {
+                return Ok(Some(info::<F>(s)));
+            }
+            if s.state == "Error" {
+                // A failed earlier attempt: clear it so the name can be used again.
+                tracing::warn!(name, target, kind = F::KIND, "removing a snapshot left in Error");
+                self.run(F::delete(s.id)).await?;
+                return Ok(None);
             }
             if started.elapsed() >= self.waiting.timeout {
                 return Err(ProviderError::JobTimeout {
-                    job_id: format!("snapshot {name}"),
+                    job_id: F::describe(name, target),
                     waited: started.elapsed(),
                 });
             }
@@ -91,42 +201,38 @@ impl VolumeSnapshots {
     }
 }
 
-fn volume_info(s: Snapshot) -> SnapshotInfo {
+fn info<F: Flavour>(s: Listed) -> SnapshotInfo {
     SnapshotInfo {
-        ready: s.state == "BackedUp",
+        ready: s.state == F::READY,
         name: s.name,
         id: s.id,
-        target: s.volume_id,
+        target: s.target,
     }
 }
 
 #[async_trait]
-impl SnapshotBackend for VolumeSnapshots {
+impl<F: Flavour> SnapshotBackend for CloudSnapshots<F> {
     fn kind(&self) -> &'static str {
-        "cloudstack-volume"
+        F::KIND
     }
 
     async fn create(&self, target: &str, name: &str) -> Result<SnapshotInfo> {
         if let Some(found) = self.adopt(target, name).await? {
             return Ok(found);
         }
-        let cmd = AsyncCommand::CreateSnapshot {
-            volume_id: target.to_string(),
-            name: name.to_string(),
-        };
-        let uncertain = match self.run(cmd).await {
+        let uncertain = match self.run(F::create(target, name)).await {
             Ok(_) => None,
             Err(e) if e.may_have_applied() => {
-                tracing::warn!(error = %e, name, "createSnapshot may have been applied; looking it up");
+                tracing::warn!(error = %e, name, kind = F::KIND, "the snapshot may have been made; looking it up");
                 Some(e)
             }
             Err(e) => return Err(e),
         };
         match (self.adopt(target, name).await?, uncertain) {
             (Some(found), _) => Ok(found),
-            (None, Some(e)) => Err(e.unconfirmed(&format!("snapshot {name} of volume {target}"))),
+            (None, Some(e)) => Err(e.unconfirmed(&F::describe(name, target))),
             (None, None) => Err(ProviderError::Protocol {
-                detail: format!("snapshot {name} of volume {target} missing after createSnapshot succeeded"),
+                detail: format!("{} missing after it was made", F::describe(name, target)),
             }),
         }
     }
@@ -136,9 +242,9 @@ impl SnapshotBackend for VolumeSnapshots {
             .by_name(target, name)
             .await?
             .ok_or_else(|| ProviderError::NotFound {
-                what: format!("snapshot {name} of volume {target}"),
+                what: F::describe(name, target),
             })?;
-        self.run(AsyncCommand::RevertSnapshot { id: s.id }).await?;
+        self.run(F::revert(s.id)).await?;
         Ok(())
     }
 
@@ -146,137 +252,12 @@ impl SnapshotBackend for VolumeSnapshots {
         let Some(s) = self.by_name(target, name).await? else {
             return Ok(());
         };
-        self.run(AsyncCommand::DeleteSnapshot { id: s.id }).await?;
+        self.run(F::delete(s.id)).await?;
         Ok(())
     }
 
     async fn list(&self, target: &str) -> Result<Vec<SnapshotInfo>> {
-        let all = self
-            .cloud
-            .list_snapshots(SnapshotFilter {
-                volume_id: Some(target.to_string()),
-                ..Default::default()
-            })
-            .await?;
-        Ok(all.into_iter().map(volume_info).collect())
-    }
-}
-
-/// Disk-only snapshots of one CloudStack VM (`target` = VM id); ready when `Ready`.
-#[derive(Clone)]
-pub struct VmSnapshots {
-    cloud: Arc<dyn Cloud>,
-    waiting: Waiting,
-}
-
-impl VmSnapshots {
-    pub fn new(cloud: Arc<dyn Cloud>, poll_interval: Duration, timeout: Duration) -> Self {
-        VmSnapshots {
-            cloud,
-            waiting: Waiting { poll_interval, timeout },
-        }
-    }
-
-    async fn by_name(&self, vm_id: &str, name: &str) -> Result<Option<VmSnapshot>> {
-        let all = self.cloud.list_vm_snapshots(vm_id).await?;
-        Ok(all.into_iter().find(|s| s.name == name))
-    }
-
-    async fn adopt(&self, vm_id: &str, name: &str) -> Result<Option<SnapshotInfo>> {
-        let started = tokio::time::Instant::now();
-        loop {
-            let Some(s) = self.by_name(vm_id, name).await? else {
-                return Ok(None);
-            };
-            match s.state.as_str() {
-                "Ready" => return Ok(Some(vm_info(s))),
-                "Error" => {
-                    // A failed earlier attempt: clear it so the name can be used again.
-                    tracing::warn!(name, vm_id, "removing a VM snapshot left in Error");
-                    self.run(AsyncCommand::DeleteVmSnapshot { id: s.id }).await?;
-                    return Ok(None);
-                }
-                _ => {}
-            }
-            if started.elapsed() >= self.waiting.timeout {
-                return Err(ProviderError::JobTimeout {
-                    job_id: format!("VM snapshot {name}"),
-                    waited: started.elapsed(),
-                });
-            }
-            tokio::time::sleep(self.waiting.poll_interval).await;
-        }
-    }
-
-    async fn run(&self, cmd: AsyncCommand) -> Result<serde_json::Value> {
-        let job = self.cloud.issue(cmd).await?;
-        self.cloud
-            .wait_job(&job.job_id, self.waiting.poll_interval, self.waiting.timeout)
-            .await
-    }
-}
-
-fn vm_info(s: VmSnapshot) -> SnapshotInfo {
-    SnapshotInfo {
-        ready: s.state == "Ready",
-        name: s.name,
-        id: s.id,
-        target: s.vm_id,
-    }
-}
-
-#[async_trait]
-impl SnapshotBackend for VmSnapshots {
-    fn kind(&self) -> &'static str {
-        "cloudstack-vm"
-    }
-
-    async fn create(&self, target: &str, name: &str) -> Result<SnapshotInfo> {
-        if let Some(found) = self.adopt(target, name).await? {
-            return Ok(found);
-        }
-        let cmd = AsyncCommand::CreateVmSnapshot {
-            vm_id: target.to_string(),
-            name: name.to_string(),
-        };
-        let uncertain = match self.run(cmd).await {
-            Ok(_) => None,
-            Err(e) if e.may_have_applied() => {
-                tracing::warn!(error = %e, name, "createVMSnapshot may have been applied; looking it up");
-                Some(e)
-            }
-            Err(e) => return Err(e),
-        };
-        match (self.adopt(target, name).await?, uncertain) {
-            (Some(found), _) => Ok(found),
-            (None, Some(e)) => Err(e.unconfirmed(&format!("VM snapshot {name} of VM {target}"))),
-            (None, None) => Err(ProviderError::Protocol {
-                detail: format!("VM snapshot {name} of VM {target} missing after createVMSnapshot succeeded"),
-            }),
-        }
-    }
-
-    async fn revert(&self, target: &str, name: &str) -> Result<()> {
-        let s = self
-            .by_name(target, name)
-            .await?
-            .ok_or_else(|| ProviderError::NotFound {
-                what: format!("VM snapshot {name} of VM {target}"),
-            })?;
-        self.run(AsyncCommand::RevertToVmSnapshot { id: s.id }).await?;
-        Ok(())
-    }
-
-    async fn delete(&self, target: &str, name: &str) -> Result<()> {
-        let Some(s) = self.by_name(target, name).await? else {
-            return Ok(());
-        };
-        self.run(AsyncCommand::DeleteVmSnapshot { id: s.id }).await?;
-        Ok(())
-    }
-
-    async fn list(&self, target: &str) -> Result<Vec<SnapshotInfo>> {
-        let all = self.cloud.list_vm_snapshots(target).await?;
-        Ok(all.into_iter().map(vm_info).collect())
+        let all = F::list(self.cloud.as_ref(), target, None).await?;
+        Ok(all.into_iter().map(info::<F>).collect())
     }
 }
