@@ -427,7 +427,7 @@ impl Engine {
         let slot = worker.slots.clone().try_acquire_owned().ok()?;
         let m = machine::Machine { run_id: id, def, input };
         let t = m.transition(&RunState::Pending, &machine::Event::Begin, now).ok()?;
-        let action = t.actions.into_iter().next()?;
+        let action = t.action;
         if !matches!(t.state, RunState::Running { .. }) || !matches!(action, machine::Action::Execute { .. }) {
             return None;
         }
