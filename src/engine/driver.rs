@@ -56,9 +56,9 @@ pub(crate) async fn drive(
 ) -> Result<Stopped, EngineError> {
     let span = tracing::info_span!("run", run_id = %run.id, definition = %run.definition, correlation_id = %run.correlation_id, fence = lease.token);
     async move {
-        let (first, _driving) = match first {
-            Some(s) => (Some(s.action), s.driving),
-            None => (None, engine.driving(&run, Vec::new())),
+        let (first, _executing) = match first {
+            Some(s) => (Some(s.action), s.executing),
+            None => (None, engine.register_executing(&run, Vec::new())),
         };
         let def = engine.pinned(&run.definition_hash).await?;
         let lost = CancellationToken::new();
@@ -89,11 +89,11 @@ pub(crate) async fn drive(
 }
 
 /// A run submitted and started at once: the action of the transition its submit committed, and
-/// its registration as driven here, made when the submit committed (with the journal entries
+/// its registration as executing here, made when the submit committed (with the journal entries
 /// that submit stored, the run's whole journal so far).
 pub(crate) struct Started {
     pub action: Action,
-    pub driving: super::Driving,
+    pub executing: super::ExecutingGuard,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

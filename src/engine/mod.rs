@@ -98,7 +98,7 @@ pub struct Engine {
     /// The worker of this process, when one runs: submits start on it at once.
     local: Mutex<Option<LocalWorker>>,
     /// Watchers of runs, each sent the entries this process commits for its run, and the runs
-    /// this process drives now.
+    /// this process executes now.
     watchers: Mutex<Watchers>,
 }
 
@@ -106,11 +106,11 @@ pub struct Engine {
 struct Watchers {
     feeds: HashMap<RunId, Vec<std::sync::Weak<RunFeed>>>,
     /// Runs a driver of this process holds.
-    driven: HashMap<RunId, Driven>,
+    executing: HashMap<RunId, ExecutingRun>,
 }
 
 /// A run a driver of this process holds.
-struct Driven {
+struct ExecutingRun {
     /// How many drivers (a run re-claimed here while its old driver winds down has two for a
     /// moment).
     drivers: usize,
@@ -121,7 +121,7 @@ struct Driven {
     history: Option<Vec<store::JournalEntry>>,
 }
 
-/// Most journal entries kept in memory for a run driven here.
+/// Most journal entries kept in memory for a run executing here.
 const HISTORY_MAX: usize = 256;
 
 /// One watcher's view of the transitions this process commits for a run (see
@@ -134,7 +134,7 @@ pub struct RunFeed {
     finished: std::sync::OnceLock<(i64, RunState)>,
     /// A driver of this process holds the run: every transition of it is committed here and
     /// reaches the feed, so a watcher need not poll the journal for it.
-    driven_here: std::sync::atomic::AtomicBool,
+    executing_here: std::sync::atomic::AtomicBool,
 }
 
 impl RunFeed {
@@ -162,8 +162,8 @@ impl RunFeed {
 
     /// Whether a driver of this process holds the run now (it may stop at any time: the feed is
     /// woken when it does).
-    pub fn driven_here(&self) -> bool {
-        self.driven_here.load(std::sync::atomic::Ordering::SeqCst)
+    pub fn executing_here(&self) -> bool {
+        self.executing_here.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Waits until this process commits something for the run, or stops driving it.
@@ -200,15 +200,16 @@ fn entries(
     })
 }
 
-/// A run driven by this process, until dropped (see [`Engine::driving`]).
-pub(crate) struct Driving {
+/// Keeps a run registered as executing in this process until dropped (see
+/// [`Engine::register_executing`]).
+pub(crate) struct ExecutingGuard {
     engine: Arc<Engine>,
     run: RunId,
 }
 
-impl Drop for Driving {
+impl Drop for ExecutingGuard {
     fn drop(&mut self) {
-        self.engine.set_driven(self.run, None);
+        self.engine.count_executing(self.run, None);
     }
 }
 
@@ -239,7 +240,7 @@ fn announce(definition: &str, submitted: &Submitted, started: bool) {
 
 /// Hands a run just submitted and started (`dispatch`: its first action, its driving slot and
 /// the worker) to the worker to drive; if the worker stopped in between, gives the lease back
-/// for whichever worker claims next. The run counts as driven here from now on, before the
+/// for whichever worker claims next. The run counts as executing here from now on, before the
 /// submit answers: a watch the client opens next then finds its journal in memory, however
 /// soon the worker's driver starts.
 async fn hand_over(
@@ -256,12 +257,12 @@ async fn hand_over(
         lease: lease.clone(),
         first: driver::Started {
             action,
-            driving: engine.driving(&submitted.run, submitted.journal.clone()),
+            executing: engine.register_executing(&submitted.run, submitted.journal.clone()),
         },
         slot,
     };
     if let Err(undelivered) = worker.runs.send(d) {
-        // Not driven here after all: its watchers read the journal again.
+        // Not executing here after all: its watchers read the journal again.
         drop(undelivered);
         let id = submitted.run.id;
         if let Err(e) = engine.store.release(id, &lease).await {
@@ -389,7 +390,7 @@ impl Engine {
                     Ok(panic) => std::panic::resume_unwind(panic),
                     // Only a runtime shutting down cancels it; a retry with the same request id
                     // answers with whatever it committed.
-                    Err(_) => StoreError::Config("the submit was cancelled: the server is shutting down".into()),
+                    Err(_) => StoreError::ShuttingDown,
                 })?
             }
             None => self.store.submit(run).await.inspect(|submitted| {
@@ -504,8 +505,8 @@ impl Engine {
     /// A feed for watching `run`: each time this process commits a transition of it, the new
     /// journal entries are handed to the feed and it is woken (a stored permit, so none is
     /// missed). Runs driven by other processes are not seen here, so a watcher keeps reading
-    /// the journal as well, often unless the feed says the run is driven here
-    /// ([`RunFeed::driven_here`]). Dropping the feed ends the registration.
+    /// the journal as well, often unless the feed says the run is executing here
+    /// ([`RunFeed::executing_here`]). Dropping the feed ends the registration.
     pub fn watch_run(&self, run: RunId) -> Arc<RunFeed> {
         let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
         if w.feeds.len() >= 1024 {
@@ -515,8 +516,8 @@ impl Engine {
             });
         }
         let feed = Arc::new(RunFeed::default());
-        if let Some(d) = w.driven.get(&run) {
-            feed.driven_here.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(d) = w.executing.get(&run) {
+            feed.executing_here.store(true, std::sync::atomic::Ordering::SeqCst);
             // The whole journal so far, so the watch starts without reading it.
             if let (Some(history), Ok(mut entries)) = (&d.history, feed.entries.lock()) {
                 entries.clone_from(history);
@@ -526,41 +527,45 @@ impl Engine {
         feed
     }
 
-    /// Marks `run` as driven by this process until the guard is dropped (the driver ends,
+    /// Registers `run` as executing in this process until the guard is dropped (the driver ends,
     /// panics or is aborted, or a run handed over never reaches one); its watchers' feeds are
     /// told both ways. `journal` is the run's journal so far when it is known (a run submitted
     /// and started here: the guard is then taken at the hand-over, before the submit answers,
     /// and passed to the driver), else empty.
-    pub(crate) fn driving(self: &Arc<Self>, run: &store::RunRow, journal: Vec<store::JournalEntry>) -> Driving {
+    pub(crate) fn register_executing(
+        self: &Arc<Self>,
+        run: &store::RunRow,
+        journal: Vec<store::JournalEntry>,
+    ) -> ExecutingGuard {
         let whole = journal.len() as i64 == run.last_seq
             && journal
                 .iter()
                 .enumerate()
                 .all(|(i, e)| e.seq == i as i64 + 1 && e.run_id == run.id);
-        self.set_driven(
+        self.count_executing(
             run.id,
-            Some(Driven {
+            Some(ExecutingRun {
                 drivers: 1,
                 correlation_id: Arc::from(run.correlation_id.as_str()),
                 history: whole.then_some(journal),
             }),
         );
-        Driving {
+        ExecutingGuard {
             engine: self.clone(),
             run: run.id,
         }
     }
 
     /// The correlation id of a run a driver of this process holds now (known without a read).
-    pub fn driven_correlation_id(&self, run: RunId) -> Option<Arc<str>> {
+    pub fn executing_correlation_id(&self, run: RunId) -> Option<Arc<str>> {
         let w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
-        w.driven.get(&run).map(|d| d.correlation_id.clone())
+        w.executing.get(&run).map(|d| d.correlation_id.clone())
     }
 
     /// One more driver of `run` here, or one fewer (None).
-    fn set_driven(&self, run: RunId, starts: Option<Driven>) {
+    fn count_executing(&self, run: RunId, starts: Option<ExecutingRun>) {
         let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
-        let here = match (starts, w.driven.get_mut(&run)) {
+        let here = match (starts, w.executing.get_mut(&run)) {
             (Some(_), Some(d)) => {
                 // A second driver claimed the run: what the first knew may be behind.
                 d.drivers += 1;
@@ -568,7 +573,7 @@ impl Engine {
                 true
             }
             (Some(new), None) => {
-                w.driven.insert(run, new);
+                w.executing.insert(run, new);
                 true
             }
             (None, Some(d)) if d.drivers > 1 => {
@@ -576,7 +581,7 @@ impl Engine {
                 true
             }
             (None, _) => {
-                w.driven.remove(&run);
+                w.executing.remove(&run);
                 false
             }
         };
@@ -587,7 +592,7 @@ impl Engine {
             .flatten()
             .filter_map(std::sync::Weak::upgrade)
         {
-            feed.driven_here.store(here, std::sync::atomic::Ordering::SeqCst);
+            feed.executing_here.store(here, std::sync::atomic::Ordering::SeqCst);
             if !here {
                 feed.notify.notify_one();
             }
@@ -605,7 +610,7 @@ impl Engine {
         terminal: Option<&RunState>,
     ) {
         let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = w.driven.get_mut(&run) {
+        if let Some(d) = w.executing.get_mut(&run) {
             let follows = |h: &Vec<store::JournalEntry>| {
                 h.last().map(|e| e.seq + 1) == Some(first_seq) && h.len() + records.len() <= HISTORY_MAX
             };
@@ -690,10 +695,10 @@ mod tests {
     use super::*;
 
     /// A submit that starts its run on a worker which stopped in between (its queue closed)
-    /// gives the lease back for any worker to claim, and the run does not stay known as driven
+    /// gives the lease back for any worker to claim, and the run does not stay known as executing
     /// here: its watchers read the journal rather than wait for a driver that never comes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_run_handed_to_a_stopped_worker_is_given_back_and_not_driven_here() {
+    async fn a_run_handed_to_a_stopped_worker_is_given_back_and_not_executing_here() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("tern.db").display());
         let store = store::open(&url).await.unwrap();
@@ -726,8 +731,8 @@ mod tests {
             Some("stopped"),
             "started in its submit's commit"
         );
-        assert_eq!(engine.driven_correlation_id(run), None);
-        assert!(!engine.watch_run(run).driven_here());
+        assert_eq!(engine.executing_correlation_id(run), None);
+        assert!(!engine.watch_run(run).executing_here());
         let row = store.get_run(run).await.unwrap().unwrap();
         assert_eq!(row.lease_owner, None, "the lease was given back");
         assert_eq!(row.last_seq, submitted.run.last_seq, "nothing ran");

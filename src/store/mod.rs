@@ -44,10 +44,15 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("bad database URL or option: {0}")]
     Config(String),
+    /// The server is shutting down and dropped the work under way (a submit while it commits);
+    /// whatever was committed stays, so the same request may be sent again.
+    #[error("the server is shutting down")]
+    ShuttingDown,
 }
 
 impl StoreError {
-    /// Transient problems worth retrying (connection lost, pool timeout, database busy).
+    /// Transient problems worth retrying (connection lost, pool timeout, database busy, a
+    /// server shutting down).
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Database(e) => matches!(
@@ -62,6 +67,7 @@ impl StoreError {
                     | rusqlite::ErrorCode::DiskFull
             ),
             StoreError::Sqlite(_) => false,
+            StoreError::ShuttingDown => true,
             StoreError::Fenced { .. }
             | StoreError::NotFound(_)
             | StoreError::Conflict { .. }
@@ -320,9 +326,9 @@ impl Wakeup {
     }
 }
 
-/// How many runs a process's worker is driving or starting now (its busy slots), for
-/// [`Store::set_driving`].
-pub type DrivenCount = Arc<dyn Fn() -> usize + Send + Sync>;
+/// How many runs a process's worker is executing or starting now (its busy slots), for
+/// [`Store::set_executing_count`].
+pub type ExecutingCount = Arc<dyn Fn() -> usize + Send + Sync>;
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -387,10 +393,10 @@ pub trait Store: Send + Sync + 'static {
     fn wakeup(&self) -> Arc<Wakeup>;
     /// A short name for logs and the bench: "sqlite" or "postgres".
     fn backend(&self) -> &'static str;
-    /// How many runs this process's worker drives now, set while a worker runs (None once it
+    /// How many runs this process's worker executes now, set while a worker runs (None once it
     /// stopped; with two workers on one store, the last one started). A backend whose writer
     /// shares the database with other processes sizes its batches by it; the others ignore it.
-    fn set_driving(&self, _driving: Option<DrivenCount>) {}
+    fn set_executing_count(&self, _count: Option<ExecutingCount>) {}
 }
 
 /// Loads an inventory file: inserts or replaces its VMs, and replaces each VM's test and
