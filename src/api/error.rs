@@ -120,6 +120,9 @@ impl From<StoreError> for ApiError {
                 reason: "JOB_NOT_FOUND",
                 message: format!("job {run} not found"),
             },
+            // INTERNAL, as before it had a variant of its own: UNAVAILABLE would change what
+            // clients see (and how their retry policies react).
+            e @ StoreError::ShuttingDown => ApiError::Internal(e.to_string()),
             e if e.is_retryable() => ApiError::Unavailable(e.to_string()),
             e => ApiError::Internal(e.to_string()),
         }
@@ -178,5 +181,12 @@ mod tests {
         assert_eq!(s.code(), Code::Internal);
         assert!(!s.message().contains("SELECT"), "{}", s.message());
         assert!(s.message().contains("c-2"));
+    }
+
+    #[test]
+    fn a_submit_cut_short_by_shutdown_is_retryable_and_answered_internal() {
+        assert!(StoreError::ShuttingDown.is_retryable());
+        let s = ApiError::from(EngineError::Store(StoreError::ShuttingDown)).into_status("c-3");
+        assert_eq!(s.code(), Code::Internal);
     }
 }

@@ -31,7 +31,7 @@ const POLL: Duration = Duration::from_millis(100);
 const POLL_MAX: Duration = Duration::from_secs(1);
 /// The same while a driver of this process holds the run: its commits reach the feed, and the
 /// feed is woken when the driver stops, so this is only a safety net.
-const POLL_DRIVEN_HERE: Duration = Duration::from_secs(2);
+const POLL_EXECUTING_HERE: Duration = Duration::from_secs(2);
 const BATCH: u32 = 500;
 
 /// Streams `run`'s journal after `after`, then its terminal event. The run must exist.
@@ -46,7 +46,7 @@ const BATCH: u32 = 500;
 /// it.
 pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String) -> WatchStream {
     let feed = engine.watch_run(run);
-    // A run driven here may come with its whole journal: then nothing is read.
+    // A run executing here may come with its whole journal: then nothing is read.
     let fed = feed.take_after(after);
     let watch = Watch {
         engine,
@@ -173,8 +173,8 @@ impl Watch {
         // Whatever was committed meanwhile is in the feed already: no need to wait for it.
         self.fed = self.feed.take_after(self.last);
         while self.fed.is_empty() {
-            let driven = self.feed.driven_here();
-            let poll = if driven { POLL_DRIVEN_HERE } else { self.poll_every };
+            let here = self.feed.executing_here();
+            let poll = if here { POLL_EXECUTING_HERE } else { self.poll_every };
             let woken = tokio::select! {
                 _ = self.feed.changed() => true,
                 _ = tokio::time::sleep(poll) => false,
@@ -183,7 +183,7 @@ impl Watch {
             // A wake-up whose entries were taken already, while a driver here holds the run:
             // nothing can be in the journal that the feed did not get, so wait again rather
             // than read it. A poll, or the driver stopping, reads it.
-            if !(self.fed.is_empty() && woken && driven && self.feed.driven_here()) {
+            if !(self.fed.is_empty() && woken && here && self.feed.executing_here()) {
                 break;
             }
         }

@@ -205,8 +205,8 @@ impl WorkflowService for WorkflowApi {
                 return Err(ApiError::field("after_sequence", "must not be negative"));
             }
             let id = run_id("run_id", &r.run_id)?;
-            // A run driven here exists: its correlation id is known without a read.
-            match self.state.engine.driven_correlation_id(id) {
+            // A run executing here exists: its correlation id is known without a read.
+            match self.state.engine.executing_correlation_id(id) {
                 Some(correlation_id) => Ok((id, correlation_id.to_string())),
                 None => self.run(id).await.map(|run| (run.id, run.correlation_id)),
             }

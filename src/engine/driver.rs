@@ -56,9 +56,9 @@ pub(crate) async fn drive(
 ) -> Result<Stopped, EngineError> {
     let span = tracing::info_span!("run", run_id = %run.id, definition = %run.definition, correlation_id = %run.correlation_id, fence = lease.token);
     async move {
-        let (first, _driving) = match first {
-            Some(s) => (Some(s.action), s.driving),
-            None => (None, engine.driving(&run, Vec::new())),
+        let (first, _executing) = match first {
+            Some(s) => (Some(s.action), s.executing),
+            None => (None, engine.register_executing(&run, Vec::new())),
         };
         let def = engine.pinned(&run.definition_hash).await?;
         let lost = CancellationToken::new();
@@ -89,11 +89,11 @@ pub(crate) async fn drive(
 }
 
 /// A run submitted and started at once: the action of the transition its submit committed, and
-/// its registration as driven here, made when the submit committed (with the journal entries
+/// its registration as executing here, made when the submit committed (with the journal entries
 /// that submit stored, the run's whole journal so far).
 pub(crate) struct Started {
     pub action: Action,
-    pub driving: super::Driving,
+    pub executing: super::ExecutingGuard,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -130,25 +130,29 @@ impl Driver {
 
     async fn run(&mut self, first: Option<Action>) -> Result<Stopped, EngineError> {
         let mut next = match first {
-            Some(action) => Some(action),
+            Some(action) => action,
             None => self.on_claim().await?,
         };
         loop {
             match next {
-                None | Some(Action::Sleep) | Some(Action::Finish) => return Ok(Stopped::Released),
-                Some(action @ (Action::Execute { .. } | Action::Compensate { .. })) => {
+                // Continue: nothing is in flight here to carry on with.
+                Action::Continue | Action::Sleep | Action::Finish => return Ok(Stopped::Released),
+                ref action @ (Action::Execute { .. } | Action::Compensate { .. }) => {
                     if self.cancel_pending && !self.state.is_terminal() {
                         // A cancel that changes course replaces the action; an absorbed one leaves it.
-                        if let Some(changed) = self.deliver_cancel().await? {
-                            next = Some(changed);
-                            continue;
+                        match self.deliver_cancel().await? {
+                            Action::Continue => {}
+                            changed => {
+                                next = changed;
+                                continue;
+                            }
                         }
                     }
                     if self.shutdown.is_cancelled() {
                         self.engine.store.release(self.run_id, &self.lease).await?;
                         return Ok(Stopped::Shutdown);
                     }
-                    let event = match self.execute(&action).await? {
+                    let event = match self.execute(action).await? {
                         Some(e) => e,
                         None => return Ok(Stopped::Shutdown),
                     };
@@ -160,14 +164,15 @@ impl Driver {
 
     /// Decides the first event after a claim: a pending cancel, then waiting signals, then
     /// whatever the state needs (begin, resume the interrupted attempt, or wake up).
-    async fn on_claim(&mut self) -> Result<Option<Action>, EngineError> {
+    async fn on_claim(&mut self) -> Result<Action, EngineError> {
         if self.state.is_terminal() {
             self.engine.store.release(self.run_id, &self.lease).await?;
-            return Ok(None);
+            return Ok(Action::Finish);
         }
         if self.cancel_pending {
-            if let Some(a) = self.deliver_cancel().await? {
-                return Ok(Some(a));
+            match self.deliver_cancel().await? {
+                Action::Continue => {}
+                changed => return Ok(changed),
             }
         }
         if self.state.accepts_signals() && self.signals_pending > 0 {
@@ -177,7 +182,7 @@ impl Driver {
                     .await?;
                 // Either the hold ended, or the run went back to sleep (and gave up its lease):
                 // any further signal or a due timer wakes it again at once.
-                if !self.state.accepts_signals() || matches!(next, Some(Action::Sleep)) {
+                if !self.state.accepts_signals() || matches!(next, Action::Sleep) {
                     return Ok(next);
                 }
             }
@@ -191,19 +196,19 @@ impl Driver {
             RunState::Backoff { .. } | RunState::CompensationBackoff { .. } | RunState::Holding { .. } => {
                 // Claimed early (a race with a signal or a clock step): go back to sleep unchanged.
                 self.resleep(now).await?;
-                return Ok(None);
+                return Ok(Action::Sleep);
             }
             RunState::Completed
             | RunState::Failed { .. }
             | RunState::Cancelled { .. }
-            | RunState::NeedsOperator { .. } => return Ok(None),
+            | RunState::NeedsOperator { .. } => return Ok(Action::Finish),
         };
         self.apply(event, vec![], false).await
     }
 
-    /// Applies the stored cancel request. Returns the action it leads to, or None when the
+    /// Applies the stored cancel request. Returns the action it leads to: `Continue` when the
     /// cancel was absorbed and the in-flight work should carry on.
-    async fn deliver_cancel(&mut self) -> Result<Option<Action>, EngineError> {
+    async fn deliver_cancel(&mut self) -> Result<Action, EngineError> {
         let reason = self.cancel_reason().await?;
         self.apply(Event::Cancel { reason }, vec![], true).await
     }
@@ -212,23 +217,18 @@ impl Driver {
         let t = Transition {
             state: self.state.clone(),
             records: vec![],
-            actions: vec![Action::Sleep],
+            action: Action::Sleep,
         };
         self.commit(t, vec![], false, now).await.map(|_| ())
     }
 
     /// Feeds an event to the machine and commits the result. Returns the action to carry out.
-    async fn apply(
-        &mut self,
-        event: Event,
-        consumed: Vec<i64>,
-        consumed_cancel: bool,
-    ) -> Result<Option<Action>, EngineError> {
+    async fn apply(&mut self, event: Event, consumed: Vec<i64>, consumed_cancel: bool) -> Result<Action, EngineError> {
         let now = Timestamp::now();
         let t = self.machine().transition(&self.state, &event, now)?;
         let absorbed = t.records.is_empty() && t.state == self.state && consumed.is_empty() && !consumed_cancel;
         if absorbed {
-            return Ok(t.actions.into_iter().next());
+            return Ok(t.action);
         }
         if !t.state.is_terminal() || consumed_cancel {
             return self.commit(t, consumed, consumed_cancel, now).await;
@@ -285,12 +285,8 @@ impl Driver {
         consumed: Vec<i64>,
         consumed_cancel: bool,
         now: Timestamp,
-    ) -> Result<Option<Action>, EngineError> {
-        let Transition {
-            state,
-            records,
-            actions,
-        } = t;
+    ) -> Result<Action, EngineError> {
+        let Transition { state, records, action } = t;
         let mut context = self.context.clone();
         let changed = apply_to_context(&mut context, &records);
         let display = self.def.display_status(&state);
@@ -335,7 +331,7 @@ impl Driver {
         if self.state.is_terminal() {
             self.engine.announce_finished(self.run_id);
         }
-        Ok(actions.into_iter().next())
+        Ok(action)
     }
 
     /// Runs one attempt of a step or compensation; returns its result as an event, or None if
@@ -353,7 +349,7 @@ impl Driver {
                 attempt,
                 idempotency_key,
             } => (Phase::Forward, *step, *attempt, idempotency_key.clone(), true),
-            Action::Sleep | Action::Finish => return Ok(None),
+            Action::Continue | Action::Sleep | Action::Finish => return Ok(None),
         };
         let def = self.def.clone();
         let step = def

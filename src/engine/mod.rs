@@ -1,9 +1,11 @@
 //! The engine: the pure state machine ([`machine`]), the driver that commits each transition
 //! before acting on it ([`driver`]), and the worker loop that claims runs ([`worker`]).
+//! `watchers.rs` hands what this process commits to the watchers of a run.
 
 pub mod action;
 pub mod driver;
 pub mod machine;
+mod watchers;
 pub mod worker;
 
 use std::collections::HashMap;
@@ -13,6 +15,9 @@ use std::time::Duration;
 use serde_json::Value;
 
 use self::action::Registry;
+pub(crate) use self::watchers::ExecutingGuard;
+pub use self::watchers::RunFeed;
+use self::watchers::Watchers;
 use crate::domain::run::{Record, RunState};
 use crate::domain::{RunId, Timestamp};
 use crate::store::{self, NewRun, SignalOutcome, Store, StoreError, Submitted};
@@ -100,118 +105,8 @@ pub struct Engine {
     /// The worker of this process, when one runs: submits start on it at once.
     local: Mutex<Option<LocalWorker>>,
     /// Watchers of runs, each sent the entries this process commits for its run, and the runs
-    /// this process drives now.
+    /// this process executes now.
     watchers: Mutex<Watchers>,
-}
-
-#[derive(Default)]
-struct Watchers {
-    feeds: HashMap<RunId, Vec<std::sync::Weak<RunFeed>>>,
-    /// Runs a driver of this process holds.
-    driven: HashMap<RunId, Driven>,
-}
-
-/// A run a driver of this process holds.
-struct Driven {
-    /// How many drivers (a run re-claimed here while its old driver winds down has two for a
-    /// moment).
-    drivers: usize,
-    correlation_id: Arc<str>,
-    /// The run's whole journal, while this process knows it in full: a run submitted and
-    /// started here, every entry since committed here. A watch starts from it without a read.
-    /// None for a run claimed with a history, or once it grows past [`HISTORY_MAX`].
-    history: Option<Vec<store::JournalEntry>>,
-}
-
-/// Most journal entries kept in memory for a run driven here.
-const HISTORY_MAX: usize = 256;
-
-/// One watcher's view of the transitions this process commits for a run (see
-/// [`Engine::watch_run`]).
-#[derive(Default)]
-pub struct RunFeed {
-    notify: tokio::sync::Notify,
-    entries: Mutex<Vec<store::JournalEntry>>,
-    /// The terminal state this process committed for the run, and its last sequence number.
-    finished: std::sync::OnceLock<(i64, RunState)>,
-    /// A driver of this process holds the run: every transition of it is committed here and
-    /// reaches the feed, so a watcher need not poll the journal for it.
-    driven_here: std::sync::atomic::AtomicBool,
-}
-
-impl RunFeed {
-    /// Most entries held for a watcher that does not take them; past that it reads the journal.
-    const MAX: usize = 1024;
-
-    fn push(&self, run: RunId, first_seq: i64, records: &[Record], at: Timestamp, terminal: Option<&RunState>) {
-        if let Some(state) = terminal {
-            let _ = self.finished.set((first_seq + records.len() as i64 - 1, state.clone()));
-        }
-        if let Ok(mut e) = self.entries.lock() {
-            if e.len() + records.len() > Self::MAX {
-                e.clear();
-            }
-            e.extend(entries(run, first_seq, records, at));
-        }
-        self.notify.notify_one();
-    }
-
-    /// The terminal state this process committed for the run, with the run's last sequence
-    /// number then (a terminal run's row never moves on), once it has.
-    pub fn finished(&self) -> Option<&(i64, RunState)> {
-        self.finished.get()
-    }
-
-    /// Whether a driver of this process holds the run now (it may stop at any time: the feed is
-    /// woken when it does).
-    pub fn driven_here(&self) -> bool {
-        self.driven_here.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Waits until this process commits something for the run, or stops driving it.
-    pub async fn changed(&self) {
-        self.notify.notified().await
-    }
-
-    /// The entries committed since the last call with a sequence number after `last`, in order
-    /// (possibly with a gap, if more were committed than it holds: the caller checks that the
-    /// first follows on from `last`).
-    pub fn take_after(&self, last: i64) -> Vec<store::JournalEntry> {
-        let mut taken = self
-            .entries
-            .lock()
-            .map(|mut e| std::mem::take(&mut *e))
-            .unwrap_or_default();
-        taken.retain(|e| e.seq > last);
-        taken
-    }
-}
-
-/// `records` as the journal entries they were committed as, from `first_seq` on.
-fn entries(
-    run: RunId,
-    first_seq: i64,
-    records: &[Record],
-    at: Timestamp,
-) -> impl Iterator<Item = store::JournalEntry> + '_ {
-    records.iter().enumerate().map(move |(i, r)| store::JournalEntry {
-        run_id: run,
-        seq: first_seq + i as i64,
-        record: r.clone(),
-        at,
-    })
-}
-
-/// A run driven by this process, until dropped (see [`Engine::driving`]).
-pub(crate) struct Driving {
-    engine: Arc<Engine>,
-    run: RunId,
-}
-
-impl Drop for Driving {
-    fn drop(&mut self) {
-        self.engine.set_driven(self.run, None);
-    }
 }
 
 /// A worker in this process that takes runs straight from [`Engine::submit`] (see [`store::Start`]).
@@ -241,7 +136,7 @@ fn announce(definition: &str, submitted: &Submitted, started: bool) {
 
 /// Hands a run just submitted and started (`dispatch`: its first action, its driving slot and
 /// the worker) to the worker to drive; if the worker stopped in between, gives the lease back
-/// for whichever worker claims next. The run counts as driven here from now on, before the
+/// for whichever worker claims next. The run counts as executing here from now on, before the
 /// submit answers: a watch the client opens next then finds its journal in memory, however
 /// soon the worker's driver starts.
 async fn hand_over(
@@ -258,12 +153,12 @@ async fn hand_over(
         lease: lease.clone(),
         first: driver::Started {
             action,
-            driving: engine.driving(&submitted.run, submitted.journal.clone()),
+            executing: engine.register_executing(&submitted.run, submitted.journal.clone()),
         },
         slot,
     };
     if let Err(undelivered) = worker.runs.send(d) {
-        // Not driven here after all: its watchers read the journal again.
+        // Not executing here after all: its watchers read the journal again.
         drop(undelivered);
         let id = submitted.run.id;
         if let Err(e) = engine.store.release(id, &lease).await {
@@ -391,7 +286,7 @@ impl Engine {
                     Ok(panic) => std::panic::resume_unwind(panic),
                     // Only a runtime shutting down cancels it; a retry with the same request id
                     // answers with whatever it committed.
-                    Err(_) => StoreError::Config("the submit was cancelled: the server is shutting down".into()),
+                    Err(_) => StoreError::ShuttingDown,
                 })?
             }
             None => self.store.submit(run).await.inspect(|submitted| {
@@ -429,7 +324,7 @@ impl Engine {
         let slot = worker.slots.clone().try_acquire_owned().ok()?;
         let m = machine::Machine { run_id: id, def, input };
         let t = m.transition(&RunState::Pending, &machine::Event::Begin, now).ok()?;
-        let action = t.actions.into_iter().next()?;
+        let action = t.action;
         if !matches!(t.state, RunState::Running { .. }) || !matches!(action, machine::Action::Execute { .. }) {
             return None;
         }
@@ -491,143 +386,6 @@ impl Engine {
             m.insert(hash.to_string(), def.clone());
         }
         Ok(def)
-    }
-
-    /// Runs this process finishes, as they are committed (in-process waiters, the bench).
-    /// A lagging receiver misses ids; combine with [`Engine::wait_terminal`] when that matters.
-    pub fn subscribe_finished(&self) -> tokio::sync::broadcast::Receiver<RunId> {
-        self.finished.subscribe()
-    }
-
-    pub(crate) fn announce_finished(&self, run: RunId) {
-        let _ = self.finished.send(run);
-    }
-
-    /// A feed for watching `run`: each time this process commits a transition of it, the new
-    /// journal entries are handed to the feed and it is woken (a stored permit, so none is
-    /// missed). Runs driven by other processes are not seen here, so a watcher keeps reading
-    /// the journal as well, often unless the feed says the run is driven here
-    /// ([`RunFeed::driven_here`]). Dropping the feed ends the registration.
-    pub fn watch_run(&self, run: RunId) -> Arc<RunFeed> {
-        let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
-        if w.feeds.len() >= 1024 {
-            w.feeds.retain(|_, feeds| {
-                feeds.retain(|f| f.strong_count() > 0);
-                !feeds.is_empty()
-            });
-        }
-        let feed = Arc::new(RunFeed::default());
-        if let Some(d) = w.driven.get(&run) {
-            feed.driven_here.store(true, std::sync::atomic::Ordering::SeqCst);
-            // The whole journal so far, so the watch starts without reading it.
-            if let (Some(history), Ok(mut entries)) = (&d.history, feed.entries.lock()) {
-                entries.clone_from(history);
-            }
-        }
-        w.feeds.entry(run).or_default().push(Arc::downgrade(&feed));
-        feed
-    }
-
-    /// Marks `run` as driven by this process until the guard is dropped (the driver ends,
-    /// panics or is aborted, or a run handed over never reaches one); its watchers' feeds are
-    /// told both ways. `journal` is the run's journal so far when it is known (a run submitted
-    /// and started here: the guard is then taken at the hand-over, before the submit answers,
-    /// and passed to the driver), else empty.
-    pub(crate) fn driving(self: &Arc<Self>, run: &store::RunRow, journal: Vec<store::JournalEntry>) -> Driving {
-        let whole = journal.len() as i64 == run.last_seq
-            && journal
-                .iter()
-                .enumerate()
-                .all(|(i, e)| e.seq == i as i64 + 1 && e.run_id == run.id);
-        self.set_driven(
-            run.id,
-            Some(Driven {
-                drivers: 1,
-                correlation_id: Arc::from(run.correlation_id.as_str()),
-                history: whole.then_some(journal),
-            }),
-        );
-        Driving {
-            engine: self.clone(),
-            run: run.id,
-        }
-    }
-
-    /// The correlation id of a run a driver of this process holds now (known without a read).
-    pub fn driven_correlation_id(&self, run: RunId) -> Option<Arc<str>> {
-        let w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
-        w.driven.get(&run).map(|d| d.correlation_id.clone())
-    }
-
-    /// One more driver of `run` here, or one fewer (None).
-    fn set_driven(&self, run: RunId, starts: Option<Driven>) {
-        let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
-        let here = match (starts, w.driven.get_mut(&run)) {
-            (Some(_), Some(d)) => {
-                // A second driver claimed the run: what the first knew may be behind.
-                d.drivers += 1;
-                d.history = None;
-                true
-            }
-            (Some(new), None) => {
-                w.driven.insert(run, new);
-                true
-            }
-            (None, Some(d)) if d.drivers > 1 => {
-                d.drivers -= 1;
-                true
-            }
-            (None, _) => {
-                w.driven.remove(&run);
-                false
-            }
-        };
-        for feed in w
-            .feeds
-            .get(&run)
-            .into_iter()
-            .flatten()
-            .filter_map(std::sync::Weak::upgrade)
-        {
-            feed.driven_here.store(here, std::sync::atomic::Ordering::SeqCst);
-            if !here {
-                feed.notify.notify_one();
-            }
-        }
-    }
-
-    /// Hands the entries just committed for `run` (from `first_seq` on) to its watchers, and
-    /// the state committed with them when it is terminal.
-    pub(crate) fn committed(
-        &self,
-        run: RunId,
-        first_seq: i64,
-        records: &[Record],
-        at: Timestamp,
-        terminal: Option<&RunState>,
-    ) {
-        let mut w = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = w.driven.get_mut(&run) {
-            let follows = |h: &Vec<store::JournalEntry>| {
-                h.last().map(|e| e.seq + 1) == Some(first_seq) && h.len() + records.len() <= HISTORY_MAX
-            };
-            match &mut d.history {
-                Some(h) if follows(h) => h.extend(entries(run, first_seq, records, at)),
-                Some(_) => d.history = None,
-                None => {}
-            }
-        }
-        if w.feeds.is_empty() {
-            return;
-        }
-        let feeds = match terminal {
-            Some(_) => w.feeds.remove(&run).unwrap_or_default(),
-            None => w.feeds.get(&run).cloned().unwrap_or_default(),
-        };
-        drop(w);
-        for feed in feeds.iter().filter_map(std::sync::Weak::upgrade) {
-            feed.push(run, first_seq, records, at, terminal);
-        }
     }
 
     /// A run as it is stored now.
@@ -717,10 +475,10 @@ mod tests {
     use super::*;
 
     /// A submit that starts its run on a worker which stopped in between (its queue closed)
-    /// gives the lease back for any worker to claim, and the run does not stay known as driven
+    /// gives the lease back for any worker to claim, and the run does not stay known as executing
     /// here: its watchers read the journal rather than wait for a driver that never comes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_run_handed_to_a_stopped_worker_is_given_back_and_not_driven_here() {
+    async fn a_run_handed_to_a_stopped_worker_is_given_back_and_not_executing_here() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("tern.db").display());
         let store = store::open(&url).await.unwrap();
@@ -753,8 +511,8 @@ mod tests {
             Some("stopped"),
             "started in its submit's commit"
         );
-        assert_eq!(engine.driven_correlation_id(run), None);
-        assert!(!engine.watch_run(run).driven_here());
+        assert_eq!(engine.executing_correlation_id(run), None);
+        assert!(!engine.watch_run(run).executing_here());
         let row = store.get_run(run).await.unwrap().unwrap();
         assert_eq!(row.lease_owner, None, "the lease was given back");
         assert_eq!(row.last_seq, submitted.run.last_seq, "nothing ran");

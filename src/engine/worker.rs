@@ -28,7 +28,7 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
         slots: slots.clone(),
         runs: local_tx,
     }));
-    engine.store.set_driving(Some({
+    engine.store.set_executing_count(Some({
         let (slots, concurrency) = (slots.clone(), cfg.concurrency);
         Arc::new(move || concurrency.saturating_sub(slots.available_permits()))
     }));
@@ -110,7 +110,7 @@ pub async fn run_worker(engine: Arc<Engine>, shutdown: CancellationToken) -> Res
         }
     }
     engine.set_local_worker(None);
-    engine.store.set_driving(None);
+    engine.store.set_executing_count(None);
     // Runs handed over while stopping: their drivers see the shutdown and give the lease back.
     local.close();
     while let Some(d) = local.recv().await {

@@ -199,9 +199,9 @@ pub(crate) struct SharedQueue {
     active: Option<tokio::sync::watch::Receiver<usize>>,
     /// How many loops share the queue.
     loops: usize,
-    /// How many runs this process's worker drives now, once it runs (see
-    /// [`crate::store::DrivenCount`]).
-    driving: std::sync::RwLock<Option<crate::store::DrivenCount>>,
+    /// How many runs this process's worker executes now, once it runs (see
+    /// [`crate::store::ExecutingCount`]).
+    executing: std::sync::RwLock<Option<crate::store::ExecutingCount>>,
 }
 
 /// A lingering batch stops waiting once it has this many jobs.
@@ -242,14 +242,14 @@ impl SharedQueue {
             linger,
             active,
             loops: loops.max(1),
-            driving: std::sync::RwLock::new(None),
+            executing: std::sync::RwLock::new(None),
         })
     }
 
-    /// Tells the queue how many runs this process drives (None: no worker runs here).
-    pub(crate) fn set_driving(&self, driving: Option<crate::store::DrivenCount>) {
-        if let Ok(mut d) = self.driving.write() {
-            *d = driving;
+    /// Tells the queue how many runs this process executes (None: no worker runs here).
+    pub(crate) fn set_executing_count(&self, count: Option<crate::store::ExecutingCount>) {
+        if let Ok(mut c) = self.executing.write() {
+            *c = count;
         }
     }
 
@@ -274,13 +274,13 @@ impl SharedQueue {
         if active >= self.loops {
             return LINGER_UNTIL;
         }
-        let driving = self
-            .driving
+        let executing = self
+            .executing
             .read()
             .ok()
             .and_then(|d| d.as_ref().map(|f| f()))
             .unwrap_or(0);
-        (driving * 3 / 4).clamp(LINGER_UNTIL, LINGER_UNTIL * self.loops / active)
+        (executing * 3 / 4).clamp(LINGER_UNTIL, LINGER_UNTIL * self.loops / active)
     }
 
     /// How long a small batch lingers now: `linger` times the loops over the active ones. With
@@ -596,10 +596,10 @@ mod tests {
         let (count, active) = tokio::sync::watch::channel(3);
         let (_jobs, rx) = mpsc::channel(1);
         let queue = SharedQueue::new(rx, Duration::from_millis(1), 3, Some(active));
-        let driven = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(50));
-        queue.set_driving(Some({
-            let driven = driven.clone();
-            std::sync::Arc::new(move || driven.load(std::sync::atomic::Ordering::SeqCst))
+        let executing = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(50));
+        queue.set_executing_count(Some({
+            let executing = executing.clone();
+            std::sync::Arc::new(move || executing.load(std::sync::atomic::Ordering::SeqCst))
         }));
         assert_eq!(
             queue.linger_until_now(),
@@ -612,9 +612,9 @@ mod tests {
             37,
             "three quarters of the 50 runs driven here"
         );
-        driven.store(17, std::sync::atomic::Ordering::SeqCst);
+        executing.store(17, std::sync::atomic::Ordering::SeqCst);
         assert_eq!(queue.linger_until_now(), LINGER_UNTIL, "never fewer than alone");
-        driven.store(500, std::sync::atomic::Ordering::SeqCst);
+        executing.store(500, std::sync::atomic::Ordering::SeqCst);
         assert_eq!(
             queue.linger_until_now(),
             3 * LINGER_UNTIL,
@@ -622,7 +622,7 @@ mod tests {
         );
         count.send_replace(2);
         assert_eq!(queue.linger_until_now(), 24, "two processes: 2 loops of 3");
-        queue.set_driving(None);
+        queue.set_executing_count(None);
         assert_eq!(queue.linger_until_now(), LINGER_UNTIL, "no worker here: as alone");
     }
 }

@@ -45,10 +45,15 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("bad database URL or option: {0}")]
     Config(String),
+    /// The server is shutting down and dropped the work under way (a submit while it commits);
+    /// whatever was committed stays, so the same request may be sent again.
+    #[error("the server is shutting down")]
+    ShuttingDown,
 }
 
 impl StoreError {
-    /// Transient problems worth retrying (connection lost, pool timeout, database busy).
+    /// Transient problems worth retrying (connection lost, pool timeout, database busy, a
+    /// server shutting down).
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Database(e) => matches!(
@@ -63,6 +68,7 @@ impl StoreError {
                     | rusqlite::ErrorCode::DiskFull
             ),
             StoreError::Sqlite(_) => false,
+            StoreError::ShuttingDown => true,
             StoreError::Fenced { .. }
             | StoreError::NotFound(_)
             | StoreError::Conflict { .. }
@@ -321,9 +327,9 @@ impl Wakeup {
     }
 }
 
-/// How many runs a process's worker is driving or starting now (its busy slots), for
-/// [`Store::set_driving`].
-pub type DrivenCount = Arc<dyn Fn() -> usize + Send + Sync>;
+/// How many runs a process's worker is executing or starting now (its busy slots), for
+/// [`RunStore::set_executing_count`].
+pub type ExecutingCount = Arc<dyn Fn() -> usize + Send + Sync>;
 
 /// Everything a backend stores; each part is its own trait so a reader (and a caller) can tell
 /// which tables a method touches.
@@ -364,10 +370,10 @@ pub trait RunStore: Send + Sync + 'static {
     fn wakeup(&self) -> Arc<Wakeup>;
     /// A short name for logs and the bench: "sqlite" or "postgres".
     fn backend(&self) -> &'static str;
-    /// How many runs this process's worker drives now, set while a worker runs (None once it
+    /// How many runs this process's worker executes now, set while a worker runs (None once it
     /// stopped; with two workers on one store, the last one started). A backend whose writer
     /// shares the database with other processes sizes its batches by it; the others ignore it.
-    fn set_driving(&self, _driving: Option<DrivenCount>) {}
+    fn set_executing_count(&self, _count: Option<ExecutingCount>) {}
 }
 
 /// Figures about the database itself, for `tern bench`, the tests and operators.

@@ -113,21 +113,21 @@ impl Op {
         }
     }
 
-    async fn run(self, cx: &Cx<'_>) -> Result<Value, ActionError> {
+    async fn run(self, attempt: &Attempt<'_>) -> Result<Value, ActionError> {
         match self {
-            Op::Validate => validate::run(cx).await,
-            Op::Snapshot => snapshot::create(cx).await,
-            Op::DeleteSnapshot => snapshot::delete(cx).await,
-            Op::InjectVirtio => virtio::inject(cx).await,
-            Op::RevertSnapshot => snapshot::revert(cx).await,
-            Op::CreateVm => vm::create(cx).await,
-            Op::DestroyVm => vm::destroy(cx).await,
-            Op::AttachVolume => volume::attach(cx).await,
-            Op::ReturnVolume | Op::ReattachOma => volume::give_back(cx).await,
-            Op::DetachVolume => volume::detach(cx).await,
-            Op::StartVm => vm::start(cx).await,
-            Op::StopVm => vm::stop(cx).await,
-            Op::ConfigureNetwork => network::configure(cx).await,
+            Op::Validate => validate::run(attempt).await,
+            Op::Snapshot => snapshot::create(attempt).await,
+            Op::DeleteSnapshot => snapshot::delete(attempt).await,
+            Op::InjectVirtio => virtio::inject(attempt).await,
+            Op::RevertSnapshot => snapshot::revert(attempt).await,
+            Op::CreateVm => vm::create(attempt).await,
+            Op::DestroyVm => vm::destroy(attempt).await,
+            Op::AttachVolume => volume::attach(attempt).await,
+            Op::ReturnVolume | Op::ReattachOma => volume::give_back(attempt).await,
+            Op::DetachVolume => volume::detach(attempt).await,
+            Op::StartVm => vm::start(attempt).await,
+            Op::StopVm => vm::stop(attempt).await,
+            Op::ConfigureNetwork => network::configure(attempt).await,
         }
     }
 }
@@ -172,14 +172,14 @@ struct FailoverAction {
 #[async_trait]
 impl Action for FailoverAction {
     async fn run(&self, step: StepInput) -> Result<Value, ActionError> {
-        let cx = Cx::new(&self.deps, &step).await?;
-        self.op.run(&cx).await
+        let attempt = Attempt::new(&self.deps, &step).await?;
+        self.op.run(&attempt).await
     }
 }
 
-/// One attempt's context: the deps, the step, the parsed input, the VM record, and the
-/// step's progress (merged and re-saved as the attempt goes).
-pub(crate) struct Cx<'a> {
+/// One attempt of a failover action: the deps, the step, the typed input, the VM record, and
+/// the step's progress (merged and re-saved as the attempt goes).
+pub(crate) struct Attempt<'a> {
     pub deps: &'a FailoverDeps,
     pub step: &'a StepInput,
     pub input: FailoverInput,
@@ -188,14 +188,14 @@ pub(crate) struct Cx<'a> {
     checkpoint: Progress,
 }
 
-impl<'a> Cx<'a> {
-    async fn new(deps: &'a FailoverDeps, step: &'a StepInput) -> Result<Cx<'a>, ActionError> {
+impl<'a> Attempt<'a> {
+    async fn new(deps: &'a FailoverDeps, step: &'a StepInput) -> Result<Attempt<'a>, ActionError> {
         let input = FailoverInput::from_value(&step.input)
             .map_err(|e| ActionError::permanent("INVALID_INPUT", format!("failover input: {e}")))?;
         let vm = deps.store.vm_record(&input.vm_id).await?.ok_or_else(|| {
             ActionError::permanent("VM_NOT_FOUND", format!("VM {} is not in the inventory", input.vm_id))
         })?;
-        Ok(Cx {
+        Ok(Attempt {
             deps,
             step,
             input,

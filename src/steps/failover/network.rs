@@ -3,17 +3,17 @@
 
 use serde_json::{json, Value};
 
-use super::{fail, Cx};
+use super::{fail, Attempt};
 use crate::engine::action::ActionError;
 
-pub(crate) async fn configure(cx: &Cx<'_>) -> Result<Value, ActionError> {
+pub(crate) async fn configure(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
     const CODE: &str = "NETWORK_CONFIG_FAILED";
-    let want = super::vm::networks(cx).await?;
-    let vm = cx
+    let want = super::vm::networks(attempt).await?;
+    let vm = attempt
         .find_vm()
         .await?
-        .ok_or_else(|| ActionError::permanent(CODE, format!("VM {} does not exist", cx.vm_name())))?;
-    let vm = cx.cloud().get_vm(&vm.id).await.map_err(|e| fail(CODE, e))?;
+        .ok_or_else(|| ActionError::permanent(CODE, format!("VM {} does not exist", attempt.vm_name())))?;
+    let vm = attempt.cloud().get_vm(&vm.id).await.map_err(|e| fail(CODE, e))?;
     let have: Vec<String> = vm.nics.iter().map(|n| n.network_id.clone()).collect();
     let missing: Vec<&String> = want.iter().filter(|n| !have.contains(n)).collect();
     if !missing.is_empty() {

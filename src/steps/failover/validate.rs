@@ -2,19 +2,19 @@
 
 use serde_json::{json, Value};
 
-use super::{fail, Cx, FailoverDeps};
+use super::{fail, Attempt, FailoverDeps};
 use crate::domain::inventory::{NetworkKind, NetworkMapping, VmRecord};
 use crate::domain::validation::{validate, CheckStatus, Facts, ReadinessReport, VolumeFacts};
 use crate::domain::RunId;
 use crate::engine::action::ActionError;
 use crate::providers::ProviderError;
 
-pub(crate) async fn run(cx: &Cx<'_>) -> Result<Value, ActionError> {
-    let report = readiness(cx).await?;
+pub(crate) async fn run(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
+    let report = readiness(attempt).await?;
     let value = serde_json::to_value(&report).unwrap_or(Value::Null);
     if !report.is_ready {
         // Keep the report with the run (journal + context) before failing the step.
-        cx.record("report", value).await?;
+        attempt.record("report", value).await?;
         let failed: Vec<String> = report
             .checks
             .iter()
@@ -35,22 +35,22 @@ pub(crate) async fn run(cx: &Cx<'_>) -> Result<Value, ActionError> {
 }
 
 /// Runs the checks for this run's VM (other runs on the VM count as active jobs).
-pub(crate) async fn readiness(cx: &Cx<'_>) -> Result<ReadinessReport, ActionError> {
-    let mut mappings = cx.deps.store.network_mappings(&cx.vm.vm_id).await?;
-    for (source, dest) in &cx.input.network_mappings {
+pub(crate) async fn readiness(attempt: &Attempt<'_>) -> Result<ReadinessReport, ActionError> {
+    let mut mappings = attempt.deps.store.network_mappings(&attempt.vm.vm_id).await?;
+    for (source, dest) in &attempt.input.network_mappings {
         mappings.push(NetworkMapping {
-            vm_id: cx.vm.vm_id.clone(),
+            vm_id: attempt.vm.vm_id.clone(),
             source_network: source.clone(),
             destination_network_id: dest.clone(),
-            kind: cx.input.network_kind(),
+            kind: attempt.input.network_kind(),
         });
     }
     report(
-        cx.deps,
-        &cx.vm.vm_id,
-        Some(&cx.vm),
-        Some(cx.run_id()),
-        cx.input.network_kind(),
+        attempt.deps,
+        &attempt.vm.vm_id,
+        Some(&attempt.vm),
+        Some(attempt.run_id()),
+        attempt.input.network_kind(),
         &mappings,
     )
     .await

@@ -3,40 +3,43 @@
 
 use serde_json::{json, Value};
 
-use super::{fail, Cx};
+use super::{fail, Attempt};
 use crate::engine::action::ActionError;
 
-pub(crate) async fn inject(cx: &Cx<'_>) -> Result<Value, ActionError> {
+pub(crate) async fn inject(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
     const CODE: &str = "VIRTIO_FAILED";
-    if !cx.vm.is_windows() {
-        return Ok(json!({"injected": false, "reason": format!("guest OS {:?} is not Windows", cx.vm.os_type)}));
+    if !attempt.vm.is_windows() {
+        return Ok(json!({"injected": false, "reason": format!("guest OS {:?} is not Windows", attempt.vm.os_type)}));
     }
-    let vol = cx
+    let vol = attempt
         .cloud()
-        .get_volume(&cx.vm.volume_id)
+        .get_volume(&attempt.vm.volume_id)
         .await
         .map_err(|e| fail(CODE, e))?;
-    if vol.vm_id.as_deref() != Some(cx.vm.oma_vm_id.as_str()) {
+    if vol.vm_id.as_deref() != Some(attempt.vm.oma_vm_id.as_str()) {
         return Err(ActionError::permanent(
             CODE,
             format!(
                 "volume {} must be attached to the OMA {} for injection (it is on {})",
                 vol.id,
-                cx.vm.oma_vm_id,
+                attempt.vm.oma_vm_id,
                 vol.vm_id.as_deref().unwrap_or("nothing")
             ),
         ));
     }
-    let inj = &cx.deps.injector;
-    let device = inj.device_for(&cx.vm.volume_id).await.map_err(|e| fail(CODE, e))?;
+    let inj = &attempt.deps.injector;
+    let device = inj.device_for(&attempt.vm.volume_id).await.map_err(|e| fail(CODE, e))?;
     if inj
-        .is_injected(&cx.vm.volume_id, &device)
+        .is_injected(&attempt.vm.volume_id, &device)
         .await
         .map_err(|e| fail(CODE, e))?
     {
         return Ok(json!({"injected": true, "already_present": true, "device": device}));
     }
-    let report = inj.inject(&cx.vm.volume_id, &device).await.map_err(|e| fail(CODE, e))?;
+    let report = inj
+        .inject(&attempt.vm.volume_id, &device)
+        .await
+        .map_err(|e| fail(CODE, e))?;
     Ok(
         json!({"injected": true, "already_present": false, "device": device, "output": report.output, "duration_ms": report.duration_ms}),
     )

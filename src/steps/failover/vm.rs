@@ -2,24 +2,33 @@
 
 use serde_json::{json, Value};
 
-use super::{fail, retryable, Cx};
+use super::{fail, retryable, Attempt};
 use crate::domain::inventory::NetworkKind;
 use crate::engine::action::ActionError;
 use crate::providers::{AsyncCommand, VmFilter, VmState};
 
 /// The CloudStack networks the new VM's NICs join, in NIC order: the run's overrides, then the
 /// stored mappings for this failover kind, then (test only) the configured test network.
-pub(crate) async fn networks(cx: &Cx<'_>) -> Result<Vec<String>, ActionError> {
-    let mappings = cx.deps.store.network_mappings(&cx.vm.vm_id).await?;
+pub(crate) async fn networks(attempt: &Attempt<'_>) -> Result<Vec<String>, ActionError> {
+    let mappings = attempt.deps.store.network_mappings(&attempt.vm.vm_id).await?;
     let mut out: Vec<String> = Vec::new();
-    for nic in &cx.vm.nics {
-        let mapped = cx.input.network_mappings.get(&nic.source_network).cloned().or_else(|| {
-            mappings
-                .iter()
-                .find(|m| m.kind == cx.input.network_kind() && m.source_network == nic.source_network)
-                .map(|m| m.destination_network_id.clone())
-        });
-        let net = match (mapped, cx.input.network_kind(), &cx.deps.config.test_network_id) {
+    for nic in &attempt.vm.nics {
+        let mapped = attempt
+            .input
+            .network_mappings
+            .get(&nic.source_network)
+            .cloned()
+            .or_else(|| {
+                mappings
+                    .iter()
+                    .find(|m| m.kind == attempt.input.network_kind() && m.source_network == nic.source_network)
+                    .map(|m| m.destination_network_id.clone())
+            });
+        let net = match (
+            mapped,
+            attempt.input.network_kind(),
+            &attempt.deps.config.test_network_id,
+        ) {
             (Some(n), _, _) => n,
             (None, NetworkKind::Test, Some(t)) => t.clone(),
             (None, _, _) => {
@@ -28,7 +37,7 @@ pub(crate) async fn networks(cx: &Cx<'_>) -> Result<Vec<String>, ActionError> {
                     format!(
                         "source network {:?} has no {} mapping",
                         nic.source_network,
-                        cx.input.network_kind().as_str()
+                        attempt.input.network_kind().as_str()
                     ),
                 ))
             }
@@ -38,7 +47,7 @@ pub(crate) async fn networks(cx: &Cx<'_>) -> Result<Vec<String>, ActionError> {
         }
     }
     if out.is_empty() {
-        match (&cx.deps.config.test_network_id, cx.input.network_kind()) {
+        match (&attempt.deps.config.test_network_id, attempt.input.network_kind()) {
             (Some(t), NetworkKind::Test) => out.push(t.clone()),
             _ => {
                 return Err(ActionError::permanent(
@@ -53,32 +62,32 @@ pub(crate) async fn networks(cx: &Cx<'_>) -> Result<Vec<String>, ActionError> {
 
 /// Creates the VM stopped (so its disk can be swapped before first boot), adopting one this
 /// run already created.
-pub(crate) async fn create(cx: &Cx<'_>) -> Result<Value, ActionError> {
-    let name = cx.vm_name();
-    if let Some(done) = adopt_or_clear(cx).await? {
+pub(crate) async fn create(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
+    let name = attempt.vm_name();
+    if let Some(done) = adopt_or_clear(attempt).await? {
         return Ok(done);
     }
-    let cfg = &cx.deps.config;
+    let cfg = &attempt.deps.config;
     let cmd = AsyncCommand::DeployVm {
         name: name.clone(),
-        display_name: Some(cx.input.vm_name.clone().unwrap_or_else(|| cx.vm.name.clone())),
+        display_name: Some(attempt.input.vm_name.clone().unwrap_or_else(|| attempt.vm.name.clone())),
         service_offering_id: cfg.service_offering_id.clone(),
         template_id: cfg.template_id.clone(),
         zone_id: cfg.zone_id.clone(),
-        network_ids: networks(cx).await?,
+        network_ids: networks(attempt).await?,
         start_vm: false,
         extra: Default::default(),
     };
-    let result = cx.job("deploy", cmd, "VM_CREATE_FAILED").await;
+    let result = attempt.job("deploy", cmd, "VM_CREATE_FAILED").await;
     if let Err(e) = result {
         // The deploy may have gone through although we saw an error: adopt it if so; a VM the
         // failed deploy left in Error state is removed so the next attempt starts clean.
-        return match adopt_or_clear(cx).await? {
+        return match adopt_or_clear(attempt).await? {
             Some(done) => Ok(done),
             None => Err(e),
         };
     }
-    let vm = cx.find_vm().await?.ok_or_else(|| {
+    let vm = attempt.find_vm().await?.ok_or_else(|| {
         ActionError::retryable(
             "VM_CREATE_FAILED",
             format!("deploy of {name} finished but the VM is not listed"),
@@ -89,8 +98,8 @@ pub(crate) async fn create(cx: &Cx<'_>) -> Result<Value, ActionError> {
 
 /// Adopts the VM this run already created; a VM a failed deploy left in Error state is
 /// destroyed instead (and the caller deploys again, or fails).
-async fn adopt_or_clear(cx: &Cx<'_>) -> Result<Option<Value>, ActionError> {
-    let Some(vm) = cx.find_vm().await? else {
+async fn adopt_or_clear(attempt: &Attempt<'_>) -> Result<Option<Value>, ActionError> {
+    let Some(vm) = attempt.find_vm().await? else {
         return Ok(None);
     };
     if vm.state != VmState::Error {
@@ -102,12 +111,12 @@ async fn adopt_or_clear(cx: &Cx<'_>) -> Result<Option<Value>, ActionError> {
         id: vm.id.clone(),
         expunge: true,
     };
-    if let Err(e) = cx
+    if let Err(e) = attempt
         .job(&format!("destroy_failed:{}", vm.id), cmd, "VM_CREATE_FAILED")
         .await
     {
         // An earlier attempt's destroy (its reply lost) may have removed it meanwhile.
-        if cx.find_vm().await?.is_some_and(|v| v.id == vm.id) {
+        if attempt.find_vm().await?.is_some_and(|v| v.id == vm.id) {
             return Err(retryable(e));
         }
     }
@@ -121,19 +130,23 @@ async fn adopt_or_clear(cx: &Cx<'_>) -> Result<Option<Value>, ActionError> {
 }
 
 /// Starts the VM and waits until it is Running.
-pub(crate) async fn start(cx: &Cx<'_>) -> Result<Value, ActionError> {
-    let vm = cx.find_vm().await?.ok_or_else(|| {
-        ActionError::permanent("VM_NOT_FOUND", format!("VM {} to start does not exist", cx.vm_name()))
+pub(crate) async fn start(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
+    let vm = attempt.find_vm().await?.ok_or_else(|| {
+        ActionError::permanent(
+            "VM_NOT_FOUND",
+            format!("VM {} to start does not exist", attempt.vm_name()),
+        )
     })?;
     let result = match vm.state {
         VmState::Running => Ok(Value::Null),
         _ => {
-            cx.job("start", AsyncCommand::StartVm { id: vm.id.clone() }, "VM_START_FAILED")
+            attempt
+                .job("start", AsyncCommand::StartVm { id: vm.id.clone() }, "VM_START_FAILED")
                 .await
         }
     };
     // The world decides: an earlier attempt's start (its reply lost) may have won the race.
-    let now = cx
+    let now = attempt
         .cloud()
         .get_vm(&vm.id)
         .await
@@ -151,8 +164,8 @@ pub(crate) async fn start(cx: &Cx<'_>) -> Result<Value, ActionError> {
 }
 
 /// Stops the VM (nothing to do if it is gone or already stopped).
-pub(crate) async fn stop(cx: &Cx<'_>) -> Result<Value, ActionError> {
-    let Some(vm) = cx.find_vm().await? else {
+pub(crate) async fn stop(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
+    let Some(vm) = attempt.find_vm().await? else {
         return Ok(json!({"skipped": "no VM to stop"}));
     };
     if vm.state != VmState::Stopped {
@@ -160,9 +173,13 @@ pub(crate) async fn stop(cx: &Cx<'_>) -> Result<Value, ActionError> {
             id: vm.id.clone(),
             forced: false,
         };
-        if let Err(e) = cx.job("stop", cmd, "VM_STOP_FAILED").await {
+        if let Err(e) = attempt.job("stop", cmd, "VM_STOP_FAILED").await {
             // An earlier attempt's stop (its reply lost) may have won the race.
-            let now = cx.cloud().get_vm(&vm.id).await.map_err(|e| fail("VM_STOP_FAILED", e))?;
+            let now = attempt
+                .cloud()
+                .get_vm(&vm.id)
+                .await
+                .map_err(|e| fail("VM_STOP_FAILED", e))?;
             if now.state != VmState::Stopped {
                 return Err(retryable(e));
             }
@@ -173,13 +190,13 @@ pub(crate) async fn stop(cx: &Cx<'_>) -> Result<Value, ActionError> {
 
 /// Destroys and expunges the VM this run created. Refuses while the replicated volume is
 /// attached to it: expunging would delete the volume with the VM.
-pub(crate) async fn destroy(cx: &Cx<'_>) -> Result<Value, ActionError> {
-    let Some(vm) = cx.find_vm().await? else {
+pub(crate) async fn destroy(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
+    let Some(vm) = attempt.find_vm().await? else {
         return Ok(json!({"skipped": "no VM to destroy"}));
     };
-    let vol = cx
+    let vol = attempt
         .cloud()
-        .get_volume(&cx.vm.volume_id)
+        .get_volume(&attempt.vm.volume_id)
         .await
         .map_err(|e| fail("VM_DESTROY_FAILED", e))?;
     if vol.vm_id.as_deref() == Some(vm.id.as_str()) {
@@ -195,10 +212,10 @@ pub(crate) async fn destroy(cx: &Cx<'_>) -> Result<Value, ActionError> {
         id: vm.id.clone(),
         expunge: true,
     };
-    let result = cx.job("destroy", cmd, "VM_DESTROY_FAILED").await;
+    let result = attempt.job("destroy", cmd, "VM_DESTROY_FAILED").await;
     // Whatever the job said, the world decides: an earlier attempt's destroy (its reply lost)
     // may have removed the VM already, and then this job's "VM not found" is success.
-    let left = cx
+    let left = attempt
         .cloud()
         .list_vms(VmFilter::id(vm.id.clone()))
         .await

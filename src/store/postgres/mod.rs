@@ -546,8 +546,8 @@ impl RunStore for PgStore {
         self.wakeup.clone()
     }
 
-    fn set_driving(&self, driving: Option<crate::store::DrivenCount>) {
-        self.queue.set_driving(driving);
+    fn set_executing_count(&self, count: Option<crate::store::ExecutingCount>) {
+        self.queue.set_executing_count(count);
     }
 
     fn backend(&self) -> &'static str {

@@ -637,17 +637,17 @@ async fn a_run_driven_here_is_known_to_its_watchers(db: TestDb) {
     let run = first.run.id;
     // Known as driven here from the moment its submit answers, whether or not the worker's
     // driver has started yet: a watch the client opens next reads nothing from the store.
-    assert_eq!(w.engine.driven_correlation_id(run).as_deref(), Some("corr-a"));
+    assert_eq!(w.engine.executing_correlation_id(run).as_deref(), Some("corr-a"));
     let feed = w.engine.watch_run(run);
-    assert!(feed.driven_here());
+    assert!(feed.executing_here());
     let fed = feed.take_after(0);
     assert!(!first.journal.is_empty() && fed.len() >= first.journal.len(), "{fed:?}");
     for (held, committed) in fed.iter().zip(&first.journal) {
         assert_eq!((held.seq, &held.record), (committed.seq, &committed.record));
     }
     wait_step(&w.engine, run, "snapshot").await;
-    assert_eq!(w.engine.driven_correlation_id(run).as_deref(), Some("corr-a"));
-    assert!(feed.driven_here());
+    assert_eq!(w.engine.executing_correlation_id(run).as_deref(), Some("corr-a"));
+    assert!(feed.executing_here());
     // A watch that starts now gets the run's whole journal from memory, as stored.
     let stored = journal(&w.engine, run).await;
     let late = w.engine.watch_run(run).take_after(0);
@@ -659,13 +659,13 @@ async fn a_run_driven_here_is_known_to_its_watchers(db: TestDb) {
     // The run is asleep in its hold: no driver holds it, and its feed was told.
     wait_status(&w.engine, run, RunStatus::Holding).await;
     for _ in 0..2500 {
-        if !feed.driven_here() {
+        if !feed.executing_here() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    assert!(!feed.driven_here());
-    assert_eq!(w.engine.driven_correlation_id(run), None);
+    assert!(!feed.executing_here());
+    assert_eq!(w.engine.executing_correlation_id(run), None);
     // A repeat of request "a" while the only slot is free: the same run, not started again.
     let again = w.engine.submit(req("a", slow)).await.unwrap();
     assert!(!again.created);
@@ -680,7 +680,7 @@ async fn a_run_driven_here_is_known_to_its_watchers(db: TestDb) {
         "started in the submit's own commit"
     );
     assert_eq!(finish(&w.engine, next.run.id).await.status, RunStatus::Completed);
-    assert_eq!(w.engine.driven_correlation_id(next.run.id), None);
+    assert_eq!(w.engine.executing_correlation_id(next.run.id), None);
     w.stop().await;
 }
 
