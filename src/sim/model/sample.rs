@@ -1,0 +1,107 @@
+//! The sample world: an OMA, networks, and replicated VMs with their volumes.
+
+use super::*;
+
+pub const SAMPLE_VOLUME_SIZE: u64 = 50 * 1024 * 1024 * 1024;
+
+/// The sample inventory the simulator creates for `seed` (same seed, same ids).
+pub fn sample_inventory(seed: u64) -> SampleInventory {
+    let mut ids = Ids(ChaCha8Rng::seed_from_u64(seed));
+    let zone_id = ids.next();
+    let service_offering_id = ids.next();
+    let template_id = ids.next();
+    let test_network_id = ids.next();
+    let production_network_id = ids.next();
+    let oma_vm_id = ids.next();
+    let specs = [
+        (
+            "win-app-01",
+            4,
+            8192,
+            "windows",
+            "Windows Server 2019 (64-bit)",
+            vec!["VM Network", "Backup"],
+        ),
+        ("lnx-web-01", 2, 4096, "linux", "Ubuntu 22.04 LTS", vec!["VM Network"]),
+        ("lnx-db-01", 8, 16384, "linux", "Rocky Linux 9", vec!["VM Network"]),
+    ];
+    let vms = specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, cpu, memory_mb, os, guest, nets))| {
+            let volume_id = ids.next();
+            SampleVm {
+                name: name.to_string(),
+                cpu,
+                memory_mb,
+                os_type: os.to_string(),
+                guest_os: guest.to_string(),
+                source_networks: nets.into_iter().map(String::from).collect(),
+                linstor_resource: crate::providers::linstor::resource_name_for_volume(&volume_id),
+                volume_id,
+                volume_size: SAMPLE_VOLUME_SIZE,
+                oma_vm_id: oma_vm_id.clone(),
+                oma_device_id: i as u32 + 1,
+            }
+        })
+        .collect();
+    SampleInventory {
+        zone_id,
+        service_offering_id,
+        template_id,
+        oma_vm_id,
+        oma_vm_name: "oma-appliance-01".into(),
+        test_network_id,
+        production_network_id,
+        vms,
+    }
+}
+
+impl SampleInventory {
+    /// The sample as Tern's inventory: each sample VM with a stable VMware-style id (derived
+    /// from its name), its NICs, its volume on the OMA and a last sync, plus test and
+    /// production network mappings for every source network.
+    pub fn to_inventory(&self) -> crate::domain::inventory::InventoryFile {
+        use crate::domain::inventory::{InventoryFile, NetworkKind, NetworkMapping, Nic, VmRecord};
+        let mut inv = InventoryFile::default();
+        for vm in &self.vms {
+            let vm_id = uuid::Uuid::new_v5(
+                &uuid::Uuid::NAMESPACE_URL,
+                format!("tern-sample:{}", vm.name).as_bytes(),
+            )
+            .to_string();
+            for net in &vm.source_networks {
+                for (kind, dest) in [
+                    (NetworkKind::Test, &self.test_network_id),
+                    (NetworkKind::Production, &self.production_network_id),
+                ] {
+                    inv.network_mappings.push(NetworkMapping {
+                        vm_id: vm_id.clone(),
+                        source_network: net.clone(),
+                        destination_network_id: dest.clone(),
+                        kind,
+                    });
+                }
+            }
+            inv.vms.push(VmRecord {
+                vm_id,
+                name: vm.name.clone(),
+                cpu_count: vm.cpu,
+                memory_mb: u32::try_from(vm.memory_mb).unwrap_or(u32::MAX),
+                os_type: vm.os_type.clone(),
+                nics: vm
+                    .source_networks
+                    .iter()
+                    .map(|n| Nic {
+                        source_network: n.clone(),
+                        mac: None,
+                    })
+                    .collect(),
+                volume_id: vm.volume_id.clone(),
+                oma_vm_id: vm.oma_vm_id.clone(),
+                last_sync_change_id: Some(format!("52 3c ec 11 9e 2c 4c 3d-87 4a c3 4e 85 f2 ea 95/{}", vm.cpu)),
+            });
+        }
+        inv
+    }
+}
