@@ -163,7 +163,7 @@ impl Campaign {
         if row.cancel_pending {
             wrong.push("a finished run keeps a pending cancel".into());
         }
-        let destination = row.context["outputs"]["vm-creation"]["destination_vm_id"]
+        let destination = row.context.output("vm-creation")["destination_vm_id"]
             .as_str()
             .map(str::to_string);
         let expect = match (live, row.status, &destination) {

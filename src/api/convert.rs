@@ -250,7 +250,7 @@ pub fn terminal_of(state: &RunState, last_seq: i64) -> pb::Terminal {
     }
 }
 
-fn json_text(v: &Value) -> String {
+fn json_text(v: &impl serde::Serialize) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 

@@ -3,6 +3,8 @@
 //! The store writes these, the engine's state machine produces them, the API and the CLI read
 //! them; none of them needs the engine to do so.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -288,4 +290,66 @@ pub fn idempotency_key(run_id: RunId, phase: Phase, step: &str) -> String {
 /// The stable idempotency key of a step's compensation.
 pub fn undo_key(run_id: RunId, step: &str) -> String {
     format!("{run_id}/{step}/undo")
+}
+
+/// What a run keeps between steps, by step name: each step's output (what it created), and the
+/// progress a step or a compensation checkpointed in the middle (e.g. a job id it waits on).
+/// Folded from the journal, so compensations and resumed attempts never depend on memory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunContext {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outputs: BTreeMap<String, Value>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub progress: BTreeMap<String, Value>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub undo_progress: BTreeMap<String, Value>,
+}
+
+static NOTHING: Value = Value::Null;
+
+impl RunContext {
+    /// A step's output, or null.
+    pub fn output(&self, step: &str) -> &Value {
+        self.outputs.get(step).unwrap_or(&NOTHING)
+    }
+
+    /// The progress a step checkpointed, or null.
+    pub fn progress_of(&self, step: &str) -> &Value {
+        self.progress.get(step).unwrap_or(&NOTHING)
+    }
+
+    /// Folds journal records in. Returns whether anything changed.
+    pub fn apply(&mut self, records: &[Record]) -> bool {
+        let mut changed = false;
+        for r in records {
+            let (table, key, value) = match r {
+                Record::StepSucceeded { step, output, .. } => (&mut self.outputs, step, output),
+                Record::StepProgress { step, data, .. } => (&mut self.progress, step, data),
+                Record::CompensationProgress { step, data, .. } => (&mut self.undo_progress, step, data),
+                Record::RunSubmitted { .. }
+                | Record::StepSkipped { .. }
+                | Record::StepStarted { .. }
+                | Record::StepFailed { .. }
+                | Record::CompensationStarted { .. }
+                | Record::CompensationSucceeded { .. }
+                | Record::CompensationFailed { .. }
+                | Record::TimerSet { .. }
+                | Record::TimerFired { .. }
+                | Record::SignalReceived { .. }
+                | Record::CancelRequested { .. }
+                | Record::RunFinished { .. } => continue,
+            };
+            table.insert(key.clone(), value.clone());
+            changed = true;
+        }
+        changed
+    }
+
+    /// Reads a stored context; a null or empty one is empty.
+    pub fn from_value(v: Value) -> Result<RunContext, serde_json::Error> {
+        match v {
+            Value::Null => Ok(RunContext::default()),
+            v => serde_json::from_value(v),
+        }
+    }
 }

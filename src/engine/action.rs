@@ -78,7 +78,7 @@ pub struct StepInput {
     pub idempotency_key: String,
     pub input: Arc<Value>,
     /// Outputs of the steps that succeeded so far, by step name.
-    pub outputs: Arc<Value>,
+    pub outputs: Arc<BTreeMap<String, Value>>,
     /// The last progress this step (or compensation) checkpointed, if any.
     pub progress: Option<Value>,
     /// For a compensation: the progress its forward step checkpointed (e.g. what it had

@@ -12,10 +12,10 @@ use tracing::Instrument;
 
 use super::action::{ActionError, Progress, ProgressRequest, StepInput};
 use super::machine::{self, Action, Event, Machine, Transition};
-use super::{apply_to_context, Engine, EngineError};
+use super::{Engine, EngineError};
 use crate::crash;
 use crate::domain::run::Phase;
-use crate::domain::run::RunState;
+use crate::domain::run::{RunContext, RunState};
 use crate::domain::{RunId, StepError, Timestamp};
 use crate::store::{projection, Checkpoint, Lease, RunRow, StoreError};
 use crate::workflow::{Definition, Undo};
@@ -37,7 +37,7 @@ struct Driver {
     lease: Lease,
     state: RunState,
     seq: i64,
-    context: Value,
+    context: RunContext,
     signals_pending: i64,
     cancel_pending: bool,
     lost: CancellationToken,
@@ -288,7 +288,7 @@ impl Driver {
     ) -> Result<Action, EngineError> {
         let Transition { state, records, action } = t;
         let mut context = self.context.clone();
-        let changed = apply_to_context(&mut context, &records);
+        let changed = context.apply(&records);
         let display = self.def.display_status(&state);
         let live = matches!(state, RunState::Running { .. } | RunState::Compensating { .. });
         let cp = Checkpoint {
@@ -376,7 +376,11 @@ impl Driver {
                 ),
             }));
         };
-        let progress_table = if undo { "undo_progress" } else { "progress" };
+        let progress_table = if undo {
+            &self.context.undo_progress
+        } else {
+            &self.context.progress
+        };
         let (tx, mut rx) = mpsc::channel::<ProgressRequest>(1);
         let input = StepInput {
             run_id: self.run_id,
@@ -386,14 +390,10 @@ impl Driver {
             attempt,
             idempotency_key: key,
             input: self.input.clone(),
-            outputs: Arc::new(self.context.get("outputs").cloned().unwrap_or(Value::Null)),
-            progress: self
-                .context
-                .get(progress_table)
-                .and_then(|p| p.get(&step.name))
-                .cloned(),
+            outputs: Arc::new(self.context.outputs.clone()),
+            progress: progress_table.get(&step.name).cloned(),
             forward_progress: match undo {
-                true => self.context.get("progress").and_then(|p| p.get(&step.name)).cloned(),
+                true => self.context.progress.get(&step.name).cloned(),
                 false => None,
             },
             checkpoint: Progress::new(tx),

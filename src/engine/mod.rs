@@ -433,43 +433,6 @@ fn not_found(run: RunId, e: StoreError) -> EngineError {
     }
 }
 
-/// Folds journal records into the run's context: step outputs (what each step created) and
-/// progress checkpoints, so compensation and resumed attempts never depend on memory.
-/// Returns whether anything changed.
-pub fn apply_to_context(context: &mut Value, records: &[Record]) -> bool {
-    let mut changed = false;
-    for r in records {
-        let (table, key, value) = match r {
-            Record::StepSucceeded { step, output, .. } => ("outputs", step.clone(), output.clone()),
-            Record::StepProgress { step, data, .. } => ("progress", step.clone(), data.clone()),
-            Record::CompensationProgress { step, data, .. } => ("undo_progress", step.clone(), data.clone()),
-            Record::RunSubmitted { .. }
-            | Record::StepSkipped { .. }
-            | Record::StepStarted { .. }
-            | Record::StepFailed { .. }
-            | Record::CompensationStarted { .. }
-            | Record::CompensationSucceeded { .. }
-            | Record::CompensationFailed { .. }
-            | Record::TimerSet { .. }
-            | Record::TimerFired { .. }
-            | Record::SignalReceived { .. }
-            | Record::CancelRequested { .. }
-            | Record::RunFinished { .. } => continue,
-        };
-        if !context.is_object() {
-            *context = Value::Object(Default::default());
-        }
-        if let Some(obj) = context.as_object_mut() {
-            let t = obj.entry(table).or_insert_with(|| Value::Object(Default::default()));
-            if let Some(t) = t.as_object_mut() {
-                t.insert(key, value);
-                changed = true;
-            }
-        }
-    }
-    changed
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::domain::run::{Record, RunState};
+use crate::domain::run::{Record, RunContext, RunState};
 use crate::domain::{RunId, Timestamp};
 use crate::store::projection::Projection;
 use crate::store::{Checkpoint, CheckpointOutcome, Lease, NewRun, Result, RunRow, StoreError, Submitted};
@@ -519,7 +519,7 @@ pub(crate) struct CasRow<'a> {
     pub status: &'static str,
     pub display: &'a str,
     pub step: Option<&'a str>,
-    pub context: Option<&'a Value>,
+    pub context: Option<&'a RunContext>,
     pub n: i64,
     pub wake: Option<i64>,
     pub wake_on_signal: bool,

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::domain::failover::JobSubject;
 use crate::domain::inventory::{NetworkKind, NetworkMapping, VmRecord};
-use crate::domain::run::{Record, RunState, RunStatus};
+use crate::domain::run::{Record, RunContext, RunState, RunStatus};
 use crate::domain::{RunId, Timestamp};
 pub use projection::{Projection, TrackingUpdate};
 
@@ -101,7 +101,7 @@ pub struct RunRow {
     pub display_status: String,
     pub current_step: Option<String>,
     pub input: Value,
-    pub context: Value,
+    pub context: RunContext,
     pub last_seq: i64,
     pub fencing_token: i64,
     pub lease_owner: Option<String>,
@@ -201,7 +201,7 @@ pub struct Checkpoint {
     pub display_status: String,
     pub current_step: Option<String>,
     /// The new context, when the transition changed it.
-    pub context: Option<Value>,
+    pub context: Option<RunContext>,
     pub records: Vec<Record>,
     pub wake_at: Option<Timestamp>,
     /// Wake the run at once instead of at `wake_at` if a named signal is waiting (the run is

@@ -203,7 +203,7 @@ impl Campaign {
             }
             let vm = self.inv.vms.iter().find(|v| &v.vm_id == vm_id).unwrap();
             let expect = match (live, row.status) {
-                (true, RunStatus::Completed) => row.context["outputs"]["vm-creation"]["destination_vm_id"]
+                (true, RunStatus::Completed) => row.context.output("vm-creation")["destination_vm_id"]
                     .as_str()
                     .unwrap()
                     .to_string(),

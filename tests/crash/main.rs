@@ -322,7 +322,7 @@ async fn check(b: &Batch) {
                 .filter(|(s, _)| !(*s == "snapshot" && case.input.get("skip_snapshot").is_some()))
             {
                 assert!(
-                    row.context["outputs"].get(*step).is_some(),
+                    row.context.outputs.contains_key(*step),
                     "run {id}: no output for {step}"
                 );
             }

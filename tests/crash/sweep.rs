@@ -191,7 +191,7 @@ async fn run_case(case: &Case) -> Result<(), String> {
         return Err(format!("ended {:?}\n{}", row.state, logs_in(c.logs.path())));
     }
     let expect = match row.status {
-        RunStatus::Completed if case.path.live() => row.context["outputs"]["vm-creation"]["destination_vm_id"]
+        RunStatus::Completed if case.path.live() => row.context.output("vm-creation")["destination_vm_id"]
             .as_str()
             .unwrap_or_default()
             .to_string(),

@@ -311,11 +311,8 @@ impl<'a> Attempt<'a> {
         let known = self
             .step
             .outputs
-            .as_object()
-            .and_then(|o| {
-                o.values()
-                    .find_map(|v| v.get("destination_vm_id").and_then(Value::as_str))
-            })
+            .values()
+            .find_map(|v| v.get("destination_vm_id").and_then(Value::as_str))
             .map(str::to_string);
         let id = match known {
             Some(id) => Some(id),

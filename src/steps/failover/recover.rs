@@ -8,22 +8,20 @@ use serde_json::Value;
 use super::FailoverDeps;
 use crate::domain::failover::FailoverInput;
 use crate::domain::inventory::VmRecord;
-use crate::domain::run::RunState;
+use crate::domain::run::{RunContext, RunState};
 use crate::providers::linstor::resource_name_for_volume;
 use crate::providers::{ProviderError, VmFilter, VmState};
 use crate::store::RunRow;
 
-fn find_output<'a>(context: &'a Value, key: &str) -> Option<&'a str> {
+fn find_output<'a>(context: &'a RunContext, key: &str) -> Option<&'a str> {
     find_value(context, key).and_then(Value::as_str)
 }
 
-fn find_value<'a>(context: &'a Value, key: &str) -> Option<&'a Value> {
-    ["outputs", "progress", "undo_progress"].iter().find_map(|table| {
-        context
-            .get(*table)
-            .and_then(Value::as_object)
-            .and_then(|o| o.values().find_map(|v| v.get(key)))
-    })
+/// `key` in any step's output or progress.
+fn find_value<'a>(context: &'a RunContext, key: &str) -> Option<&'a Value> {
+    [&context.outputs, &context.progress, &context.undo_progress]
+        .into_iter()
+        .find_map(|table| table.values().find_map(|v| v.get(key)))
 }
 
 /// What a failover run's journal and context recorded about the resources it touched.
@@ -65,7 +63,7 @@ impl Recorded {
             // (the step's own rule).
             revert_pending: undone.iter().any(|s| match s.as_str() {
                 "revert-snapshot" => true,
-                "virtio-injection" => ctx["outputs"]["virtio-injection"]["injected"] != Value::Bool(false),
+                "virtio-injection" => ctx.output("virtio-injection")["injected"] != Value::Bool(false),
                 _ => false,
             }),
         }
@@ -374,6 +372,7 @@ mod tests {
     use serde_json::json;
 
     fn run(state: RunState, context: Value) -> RunRow {
+        let context = RunContext::from_value(context).unwrap();
         RunRow {
             id: RunId::new(),
             definition: "test-failover".into(),

@@ -225,7 +225,7 @@ pub(crate) async fn give_back(attempt: &Attempt<'_>) -> Result<Value, ActionErro
 /// own record, the volume move's intent (its compensation), or its output (the teardown).
 async fn oma_slot(attempt: &Attempt<'_>) -> Option<u32> {
     let slot = |v: &Value| v.get("oma_device_id").and_then(Value::as_u64);
-    let from_outputs = attempt.step.outputs.as_object().and_then(|o| o.values().find_map(slot));
+    let from_outputs = attempt.step.outputs.values().find_map(slot);
     let from_forward = attempt
         .step
         .forward_progress

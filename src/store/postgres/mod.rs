@@ -203,6 +203,7 @@ fn run_from_row(row: &PgRow) -> Result<RunRow> {
     let status: String = row.try_get("status")?;
     let input: Json<Value> = row.try_get("input")?;
     let context: Json<Value> = row.try_get("context")?;
+    let context = RunContext::from_value(context.0).map_err(|e| StoreError::Corrupt(format!("run context: {e}")))?;
     Ok(RunRow {
         id: RunId(id),
         definition: row.try_get("definition")?,
@@ -214,7 +215,7 @@ fn run_from_row(row: &PgRow) -> Result<RunRow> {
         display_status: row.try_get("display_status")?,
         current_step: row.try_get("current_step")?,
         input: input.0,
-        context: context.0,
+        context,
         last_seq: row.try_get("last_seq")?,
         fencing_token: row.try_get("fencing_token")?,
         lease_owner: row.try_get("lease_owner")?,

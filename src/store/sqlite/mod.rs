@@ -159,7 +159,8 @@ fn run_from_row(row: &impl Cols) -> Result<RunRow> {
         display_status: text("display_status")?,
         current_step: row.text("current_step")?,
         input: doc("input")?,
-        context: doc("context")?,
+        context: RunContext::from_value(doc("context")?)
+            .map_err(|e| StoreError::Corrupt(format!("run context: {e}")))?,
         last_seq: int("last_seq")?,
         fencing_token: int("fencing_token")?,
         lease_owner: row.text("lease_owner")?,

@@ -144,7 +144,7 @@ async fn happy_path_with_hold_timer(db: TestDb) {
     assert_eq!(l.get(&key("create_vm", "job")), Some(&1));
     assert!(!l.keys().any(|(_, k)| k == "undo"));
     // Outputs are kept in the context (what each step created).
-    assert!(row.context["outputs"]["create_vm"]["job_id"].is_string());
+    assert!(row.context.output("create_vm")["job_id"].is_string());
     let job = w.store.failover_job(run).await.unwrap().unwrap();
     assert_eq!(
         (job.status.as_str(), job.vm_id.as_str(), job.job_type.as_str()),

@@ -297,7 +297,7 @@ async fn a_windows_test_failover_injects_drivers_and_the_revert_removes_them(db:
         "drivers injected while the test runs"
     );
     let row = w.store.get_run(run).await.unwrap().unwrap();
-    assert_eq!(row.context["outputs"]["virtio-injection"]["injected"], json!(true));
+    assert_eq!(row.context.output("virtio-injection")["injected"], json!(true));
     assert_eq!(
         w.engine.signal(run, "end-test").await.unwrap(),
         tern::store::SignalOutcome::Accepted
@@ -316,7 +316,7 @@ async fn a_live_failover_moves_the_volume_for_good(db: TestDb) {
     let run = w.submit("live-failover", input(&vm, json!({"job_type": "live"}))).await;
     let row = w.finish(run).await;
     assert_eq!(row.status, RunStatus::Completed, "{:?}", row.state);
-    let new_vm = row.context["outputs"]["vm-creation"]["destination_vm_id"]
+    let new_vm = row.context.output("vm-creation")["destination_vm_id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -442,7 +442,7 @@ async fn failure_at_validation(db: TestDb) {
     let row = w.finish(second).await;
     assert_eq!(row.status, RunStatus::Failed);
     assert_eq!(error_code(&row), "VALIDATION_FAILED");
-    let progress = &row.context["progress"]["validation"]["report"];
+    let progress = &row.context.progress_of("validation")["report"];
     assert_eq!(
         progress["is_ready"],
         json!(false),

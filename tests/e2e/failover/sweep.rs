@@ -66,7 +66,7 @@ async fn run_planned(
         return Err(format!("ended {:?}: {:?}", row.status, row.state));
     }
     let expect = if live {
-        row.context["outputs"]["vm-creation"]["destination_vm_id"]
+        row.context.output("vm-creation")["destination_vm_id"]
             .as_str()
             .unwrap_or_default()
             .to_string()
