@@ -146,6 +146,55 @@ pub async fn start_sim(seed: u64, faults: Option<serde_json::Value>, key: &str, 
     }
 }
 
+impl Sim {
+    /// Cloud settings that point a worker at this simulator: the sample's ids, the
+    /// simulator's VirtIO injector, and the given polling and patience.
+    pub fn cloud_settings(
+        &self,
+        key: &str,
+        secret: &str,
+        snapshots: tern::providers::SnapshotKind,
+        job_poll: std::time::Duration,
+        request_timeout: std::time::Duration,
+    ) -> tern::steps::failover::setup::CloudSettings {
+        tern::steps::failover::setup::CloudSettings {
+            cloudstack_url: format!("{}/client/api", self.base),
+            api_key: key.into(),
+            secret_key: secret.into(),
+            linstor_url: Some(self.base.clone()),
+            snapshot_backend: snapshots,
+            zone_id: self.sample.zone_id.clone(),
+            service_offering_id: self.sample.service_offering_id.clone(),
+            template_id: self.sample.template_id.clone(),
+            test_network_id: Some(self.sample.test_network_id.clone()),
+            injector: tern::steps::failover::setup::InjectorSettings::Sim {
+                base_url: self.base.clone(),
+            },
+            job_poll,
+            job_timeout: std::time::Duration::from_secs(10),
+            request_timeout,
+        }
+    }
+}
+
+/// An engine with the built-in actions and the failover actions bound to `settings`, running
+/// the definitions in `defs`, and its worker, which runs until `stop`.
+pub fn failover_engine(
+    store: Arc<dyn Store>,
+    settings: &tern::steps::failover::setup::CloudSettings,
+    defs: &std::path::Path,
+    cfg: tern::engine::EngineConfig,
+    stop: &tokio_util::sync::CancellationToken,
+) -> (Arc<tern::engine::Engine>, Arc<tern::steps::failover::FailoverDeps>) {
+    let deps = tern::steps::failover::setup::build(settings, store.clone()).expect("failover deps");
+    let mut registry = tern::steps::builtins(store.clone());
+    tern::steps::failover::register(&mut registry, deps.clone());
+    let engine = tern::engine::Engine::with_registry(store, Some(defs), registry, cfg).expect("engine");
+    let (e, s) = (engine.clone(), stop.clone());
+    tokio::spawn(async move { tern::engine::worker::run_worker(e, s).await });
+    (engine, deps)
+}
+
 /// The embedded failover definitions with fast retries (`attempts` per step, delays from 20ms
 /// up to `max_delay`), so injected failures cost milliseconds.
 pub fn fast_failover_definitions(attempts: u32, max_delay: &str) -> tempfile::TempDir {

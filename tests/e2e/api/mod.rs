@@ -16,9 +16,7 @@ use tern::api::pb::failover_service_client::FailoverServiceClient;
 use tern::api::pb::watch_event::Event;
 use tern::api::pb::workflow_service_client::WorkflowServiceClient;
 use tern::domain::inventory::{InventoryFile, NetworkKind, VmRecord};
-use tern::engine::{worker, Engine, EngineConfig};
-use tern::sim::SimConfig;
-use tern::steps::failover::setup::{self, CloudSettings, InjectorSettings};
+use tern::engine::EngineConfig;
 use tern::steps::failover::FailoverDeps;
 use tern::store::Store;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +36,7 @@ struct Api {
     channel: Channel,
     endpoint: String,
     _defs: tempfile::TempDir,
+    _sim: common::Sim,
 }
 
 impl Drop for Api {
@@ -78,54 +77,20 @@ async fn api(db: &TestDb) -> Api {
 
 async fn api_with(db: &TestDb, faults: Option<&str>, retry: &str) -> Api {
     let stop = CancellationToken::new();
-    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim_addr = sim_listener.local_addr().unwrap();
-    let config = SimConfig {
-        api_key: "k".into(),
-        secret_key: "s".into(),
-        state_file: None,
-        async_latency: Duration::from_millis(20),
-        fault_plan: faults.map(|f| tern::sim::FaultPlan::from_json(f).unwrap()),
-        seed: 7,
-        sample: true,
-    };
-    let s = stop.clone();
-    tokio::spawn(async move { tern::sim::serve(sim_listener, config, async move { s.cancelled().await }).await });
-    let sample = tern::sim::sample_inventory(7);
-    let inv = sample.to_inventory();
+    let faults = faults.map(|f| serde_json::from_str(f).expect("fault plan"));
+    let sim = common::start_sim(7, faults, "k", "s", 20).await;
+    let inv = sim.inventory.clone();
     let store = db.open().await;
-    let now = tern::domain::Timestamp::now();
-    for vm in &inv.vms {
-        store.upsert_vm_record(vm, now).await.unwrap();
-        for kind in [NetworkKind::Test, NetworkKind::Production] {
-            let ms: Vec<_> = inv
-                .network_mappings
-                .iter()
-                .filter(|m| m.vm_id == vm.vm_id && m.kind == kind)
-                .cloned()
-                .collect();
-            store.set_network_mappings(&vm.vm_id, kind, &ms).await.unwrap();
-        }
-    }
-    let base = format!("http://{sim_addr}");
-    let settings = CloudSettings {
-        cloudstack_url: format!("{base}/client/api"),
-        api_key: "k".into(),
-        secret_key: "s".into(),
-        linstor_url: Some(base.clone()),
-        snapshot_backend: tern::providers::SnapshotKind::CloudstackVolume,
-        zone_id: sample.zone_id.clone(),
-        service_offering_id: sample.service_offering_id.clone(),
-        template_id: sample.template_id.clone(),
-        test_network_id: Some(sample.test_network_id.clone()),
-        injector: InjectorSettings::Sim { base_url: base.clone() },
-        job_poll: Duration::from_millis(10),
-        job_timeout: Duration::from_secs(10),
-        request_timeout: Duration::from_secs(2),
-    };
-    let deps = setup::build(&settings, store.clone()).unwrap();
-    let mut registry = tern::steps::builtins(store.clone());
-    tern::steps::failover::register(&mut registry, deps.clone());
+    tern::store::load_inventory(store.as_ref(), &inv, tern::domain::Timestamp::now())
+        .await
+        .unwrap();
+    let settings = sim.cloud_settings(
+        "k",
+        "s",
+        tern::providers::SnapshotKind::CloudstackVolume,
+        Duration::from_millis(10),
+        Duration::from_secs(2),
+    );
     let defs = definitions_with(retry);
     let cfg = EngineConfig {
         worker_id: "api-test".into(),
@@ -134,9 +99,7 @@ async fn api_with(db: &TestDb, faults: Option<&str>, retry: &str) -> Api {
         poll_interval: Duration::from_millis(50),
         shutdown_grace: Duration::from_secs(1),
     };
-    let engine: Arc<Engine> = Engine::with_registry(store.clone(), Some(defs.path()), registry, cfg).unwrap();
-    let (e, s) = (engine.clone(), stop.clone());
-    tokio::spawn(async move { worker::run_worker(e, s).await });
+    let (engine, deps) = common::failover_engine(store.clone(), &settings, defs.path(), cfg, &stop);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let state = tern::api::ApiState::new(engine, store.clone(), Some(deps.clone()));
@@ -157,6 +120,7 @@ async fn api_with(db: &TestDb, faults: Option<&str>, retry: &str) -> Api {
         channel,
         endpoint: format!("http://{addr}"),
         _defs: defs,
+        _sim: sim,
     }
 }
 

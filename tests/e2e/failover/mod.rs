@@ -11,10 +11,10 @@ use serde_json::{json, Value};
 use tern::domain::inventory::InventoryFile;
 use tern::domain::run::{RunState, RunStatus};
 use tern::domain::RunId;
-use tern::engine::{worker, Engine, EngineConfig, SubmitRequest};
+use tern::engine::{Engine, EngineConfig, SubmitRequest};
 use tern::providers::SnapshotKind;
 use tern::sim::SampleInventory;
-use tern::steps::failover::setup::{self, CloudSettings, InjectorSettings};
+use tern::steps::failover::setup::InjectorSettings;
 use tern::store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -97,24 +97,10 @@ async fn world_tuned(
         .await
         .unwrap();
     let base = sim.base.clone();
-    let settings = CloudSettings {
-        cloudstack_url: format!("{base}/client/api"),
-        api_key: KEY.into(),
-        secret_key: SECRET.into(),
-        linstor_url: Some(base.clone()),
-        snapshot_backend: snapshots,
-        zone_id: sample.zone_id.clone(),
-        service_offering_id: sample.service_offering_id.clone(),
-        template_id: sample.template_id.clone(),
-        test_network_id: Some(sample.test_network_id.clone()),
-        injector: injector.unwrap_or(InjectorSettings::Sim { base_url: base.clone() }),
-        job_poll: tuning.job_poll,
-        job_timeout: Duration::from_secs(10),
-        request_timeout: tuning.request_timeout,
-    };
-    let mut registry = tern::steps::builtins(store.clone());
-    let deps = setup::build(&settings, store.clone()).unwrap();
-    tern::steps::failover::register(&mut registry, deps.clone());
+    let mut settings = sim.cloud_settings(KEY, SECRET, snapshots, tuning.job_poll, tuning.request_timeout);
+    if let Some(injector) = injector {
+        settings.injector = injector;
+    }
     let defs = common::fast_failover_definitions(attempts, tuning.max_delay);
     let cfg = EngineConfig {
         worker_id: "failover-test".into(),
@@ -123,10 +109,8 @@ async fn world_tuned(
         poll_interval: Duration::from_millis(50),
         shutdown_grace: Duration::from_secs(1),
     };
-    let engine = Engine::with_registry(store.clone(), Some(defs.path()), registry, cfg).unwrap();
     let stop = CancellationToken::new();
-    let (e, s) = (engine.clone(), stop.clone());
-    tokio::spawn(async move { worker::run_worker(e, s).await });
+    let (engine, deps) = common::failover_engine(store.clone(), &settings, defs.path(), cfg, &stop);
     World {
         base,
         http: reqwest::Client::new(),
