@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::error::ApiError;
+use super::page::Page;
 use super::pb;
 use super::pb::failover_service_server::FailoverService;
 use super::watch::{watch, WatchStream};
@@ -17,9 +18,6 @@ use crate::domain::inventory::NetworkKind;
 use crate::domain::{parse_duration, RunId, Timestamp};
 use crate::engine::{EngineError, SubmitRequest};
 use crate::store::{FailoverJobRow, JobFilter, RunRow, SignalOutcome};
-
-const MAX_PAGE: u32 = 100;
-const DEFAULT_PAGE: u32 = 20;
 
 pub struct FailoverApi {
     state: ApiState,
@@ -42,6 +40,26 @@ struct Start<'a> {
     request_id: &'a str,
     /// Test failovers only: (auto_cleanup, test_duration).
     hold: Option<(bool, &'a str)>,
+}
+
+/// The [`Start`] of a start request: both requests carry the same fields but the hold's.
+macro_rules! start_of {
+    ($r:expr, $definition:expr, $job_type:expr, $hold:expr) => {
+        Start {
+            definition: $definition,
+            job_type: $job_type,
+            vm_id: &$r.vm_id,
+            vm_name: &$r.vm_name,
+            skip_validation: $r.skip_validation,
+            skip_snapshot: $r.skip_snapshot,
+            skip_virtio_injection: $r.skip_virtio_injection,
+            network_mappings: &$r.network_mappings,
+            custom_config: &$r.custom_config,
+            notification_config: &$r.notification_config,
+            request_id: &$r.request_id,
+            hold: $hold,
+        }
+    };
 }
 
 pub(crate) fn run_id(field: &str, s: &str) -> ApiResult<RunId> {
@@ -269,20 +287,12 @@ impl FailoverService for FailoverApi {
     ) -> Result<Response<pb::FailoverJob>, Status> {
         let c = correlation_of(&req);
         let r = req.into_inner();
-        let start = Start {
-            definition: TEST_FAILOVER,
-            job_type: JobType::Test,
-            vm_id: &r.vm_id,
-            vm_name: &r.vm_name,
-            skip_validation: r.skip_validation,
-            skip_snapshot: r.skip_snapshot,
-            skip_virtio_injection: r.skip_virtio_injection,
-            network_mappings: &r.network_mappings,
-            custom_config: &r.custom_config,
-            notification_config: &r.notification_config,
-            request_id: &r.request_id,
-            hold: Some((r.auto_cleanup, &r.test_duration)),
-        };
+        let start = start_of!(
+            r,
+            TEST_FAILOVER,
+            JobType::Test,
+            Some((r.auto_cleanup, &r.test_duration))
+        );
         Self::reply(self.start(start, c.clone()).await, &c)
     }
 
@@ -292,20 +302,7 @@ impl FailoverService for FailoverApi {
     ) -> Result<Response<pb::FailoverJob>, Status> {
         let c = correlation_of(&req);
         let r = req.into_inner();
-        let start = Start {
-            definition: LIVE_FAILOVER,
-            job_type: JobType::Live,
-            vm_id: &r.vm_id,
-            vm_name: &r.vm_name,
-            skip_validation: r.skip_validation,
-            skip_snapshot: r.skip_snapshot,
-            skip_virtio_injection: r.skip_virtio_injection,
-            network_mappings: &r.network_mappings,
-            custom_config: &r.custom_config,
-            notification_config: &r.notification_config,
-            request_id: &r.request_id,
-            hold: None,
-        };
+        let start = start_of!(r, LIVE_FAILOVER, JobType::Live, None);
         Self::reply(self.start(start, c.clone()).await, &c)
     }
 
@@ -348,17 +345,7 @@ impl FailoverService for FailoverApi {
         let c = correlation_of(&req);
         let r = req.get_ref();
         let result = async {
-            let size = match r.page_size {
-                0 => DEFAULT_PAGE,
-                n => n.min(MAX_PAGE),
-            };
-            let before = match r.page_token.trim() {
-                "" => None,
-                t => Some(
-                    t.parse::<RunId>()
-                        .map_err(|_| ApiError::field("page_token", "not a token from a previous page"))?,
-                ),
-            };
+            let page = Page::of(r.page_size, &r.page_token)?;
             let job_type = Some(r.job_type.trim().to_string()).filter(|s| !s.is_empty());
             if let Some(t) = &job_type {
                 if t != "test" && t != "live" {
@@ -373,12 +360,11 @@ impl FailoverService for FailoverApi {
                     status: Some(r.status.trim().to_string()).filter(|s| !s.is_empty()),
                     job_type,
                     vm_id: Some(r.vm_id.trim().to_string()).filter(|s| !s.is_empty()),
-                    before,
-                    limit: size + 1,
+                    before: page.before,
+                    limit: page.limit(),
                 })
                 .await?;
-            let more = rows.len() > size as usize;
-            rows.truncate(size as usize);
+            let next_page_token = page.cut(&mut rows, |row| row.job_id.clone());
             let mut jobs = Vec::with_capacity(rows.len());
             for row in &rows {
                 let id = run_id("job_id", &row.job_id)
@@ -387,10 +373,6 @@ impl FailoverService for FailoverApi {
                     jobs.push(self.job_with(&run, Some(row), false).await?);
                 }
             }
-            let next_page_token = match (more, rows.last()) {
-                (true, Some(last)) => last.job_id.clone(),
-                _ => String::new(),
-            };
             Ok(pb::ListFailoversResponse { jobs, next_page_token })
         }
         .await;

@@ -11,6 +11,7 @@ pub mod convert;
 mod cork;
 pub mod error;
 mod failover;
+mod page;
 mod watch;
 mod workflow;
 

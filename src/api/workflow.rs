@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::error::ApiError;
 use super::failover::run_id;
+use super::page::Page;
 use super::pb;
 use super::pb::workflow_service_server::WorkflowService;
 use super::watch::{watch, WatchStream};
@@ -14,9 +15,6 @@ use crate::domain::run::RunStatus;
 use crate::domain::RunId;
 use crate::engine::SubmitRequest;
 use crate::store::{RunFilter, RunRow, SignalOutcome, Submitted};
-
-const MAX_PAGE: u32 = 100;
-const DEFAULT_PAGE: u32 = 20;
 
 pub struct WorkflowApi {
     state: ApiState,
@@ -146,21 +144,11 @@ impl WorkflowService for WorkflowApi {
         let c = correlation_of(&req);
         let r = req.get_ref();
         let result = async {
-            let size = match r.page_size {
-                0 => DEFAULT_PAGE,
-                n => n.min(MAX_PAGE),
-            };
+            let page = Page::of(r.page_size, &r.page_token)?;
             let status = match r.status.trim() {
                 "" => None,
                 s => Some(
                     RunStatus::parse(s).ok_or_else(|| ApiError::field("status", format!("unknown status {s:?}")))?,
-                ),
-            };
-            let before = match r.page_token.trim() {
-                "" => None,
-                t => Some(
-                    t.parse::<RunId>()
-                        .map_err(|_| ApiError::field("page_token", "not a token from a previous page"))?,
                 ),
             };
             let mut rows = self
@@ -169,12 +157,11 @@ impl WorkflowService for WorkflowApi {
                 .list_runs(&RunFilter {
                     status,
                     definition: Some(r.definition.trim().to_string()).filter(|s| !s.is_empty()),
-                    before,
-                    limit: size + 1,
+                    before: page.before,
+                    limit: page.limit(),
                 })
                 .await?;
-            let more = rows.len() > size as usize;
-            rows.truncate(size as usize);
+            let next_page_token = page.cut(&mut rows, |run| run.id.to_string());
             let mut workflows = Vec::with_capacity(rows.len());
             for run in &rows {
                 let mut w = self.view(run, true).await?;
@@ -182,10 +169,6 @@ impl WorkflowService for WorkflowApi {
                 w.context_json.clear();
                 workflows.push(w);
             }
-            let next_page_token = match (more, rows.last()) {
-                (true, Some(last)) => last.id.to_string(),
-                _ => String::new(),
-            };
             Ok(pb::ListWorkflowsResponse {
                 workflows,
                 next_page_token,
