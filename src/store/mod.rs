@@ -333,11 +333,11 @@ pub type ExecutingCount = Arc<dyn Fn() -> usize + Send + Sync>;
 
 /// Everything a backend stores; each part is its own trait so a reader (and a caller) can tell
 /// which tables a method touches.
-pub trait Store: RunStore + JobStore + InventoryStore + Diagnostics + Ledger {}
+pub trait Store: RunStore + RunReader + JobStore + InventoryStore + Diagnostics + Ledger {}
 
-impl<T: RunStore + JobStore + InventoryStore + Diagnostics + Ledger> Store for T {}
+impl<T: RunStore + RunReader + JobStore + InventoryStore + Diagnostics + Ledger> Store for T {}
 
-/// Runs, their journal, leases, signals and cancels: what the engine writes and reads.
+/// Writing runs: submit, claim and lease, checkpoint, signal and cancel.
 #[async_trait]
 pub trait RunStore: Send + Sync + 'static {
     /// Creates a run with its first journal entry, or returns the run its `request_id` already made.
@@ -351,21 +351,10 @@ pub trait RunStore: Send + Sync + 'static {
     async fn checkpoint(&self, cp: Checkpoint) -> Result<CheckpointOutcome>;
     /// Gives a lease back without changing the run (shutdown): another worker may claim it at once.
     async fn release(&self, run: RunId, lease: &Lease) -> Result<()>;
-    async fn get_run(&self, run: RunId) -> Result<Option<RunRow>>;
-    async fn find_by_request_id(&self, request_id: &str) -> Result<Option<RunRow>>;
-    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRow>>;
-    /// Journal entries with `seq > after`, in order, at most `limit`.
-    async fn journal(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<JournalEntry>>;
-    /// The exact definition text a run is pinned to.
-    async fn definition_source(&self, hash: &str) -> Result<Option<String>>;
     /// Stores a named signal for a run (idempotent per name) and wakes the run.
     async fn signal(&self, run: RunId, name: &str, now: Timestamp) -> Result<SignalOutcome>;
     /// Stores a cancel request (idempotent) and wakes the run.
     async fn cancel(&self, run: RunId, reason: &str, now: Timestamp) -> Result<SignalOutcome>;
-    /// Named signals not yet delivered, oldest first.
-    async fn pending_signals(&self, run: RunId) -> Result<Vec<SignalRow>>;
-    /// The earliest wake-up time after `now` (to sleep exactly until the next timer).
-    async fn next_wake_after(&self, now: Timestamp) -> Result<Option<Timestamp>>;
     /// The wake-up channel of this store (in-process; PostgreSQL also feeds it from LISTEN).
     fn wakeup(&self) -> Arc<Wakeup>;
     /// A short name for logs and the bench: "sqlite" or "postgres".
@@ -374,6 +363,22 @@ pub trait RunStore: Send + Sync + 'static {
     /// stopped; with two workers on one store, the last one started). A backend whose writer
     /// shares the database with other processes sizes its batches by it; the others ignore it.
     fn set_executing_count(&self, _count: Option<ExecutingCount>) {}
+}
+
+/// Reading runs, their journal and their pending signals (no lease needed).
+#[async_trait]
+pub trait RunReader: Send + Sync + 'static {
+    async fn get_run(&self, run: RunId) -> Result<Option<RunRow>>;
+    async fn find_by_request_id(&self, request_id: &str) -> Result<Option<RunRow>>;
+    async fn list_runs(&self, filter: &RunFilter) -> Result<Vec<RunRow>>;
+    /// Journal entries with `seq > after`, in order, at most `limit`.
+    async fn journal(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<JournalEntry>>;
+    /// The exact definition text a run is pinned to.
+    async fn definition_source(&self, hash: &str) -> Result<Option<String>>;
+    /// Named signals not yet delivered, oldest first.
+    async fn pending_signals(&self, run: RunId) -> Result<Vec<SignalRow>>;
+    /// The earliest wake-up time after `now` (to sleep exactly until the next timer).
+    async fn next_wake_after(&self, now: Timestamp) -> Result<Option<Timestamp>>;
 }
 
 /// Figures about the database itself, for `tern bench`, the tests and operators.

@@ -1,5 +1,6 @@
-//! The inventory and the job read model: the same SQL on both backends (both speak `$n`
-//! parameters, `ON CONFLICT`, and store these tables' ids as text), written once.
+//! What both backends say in the same SQL, written once: the inventory and the job read model
+//! (both speak `$n` parameters and `ON CONFLICT`, and store those tables' ids as text), and
+//! the run reads (a run id bound as each backend stores it).
 
 /// Implements [`super::JobStore`] and [`super::InventoryStore`] for a backend. The backend
 /// module provides `self.pool`, `self.begin_write()`, `self.list_jobs(filter)` (paging is
@@ -149,3 +150,116 @@ macro_rules! inventory_and_jobs {
 }
 
 pub(crate) use inventory_and_jobs;
+
+/// Implements [`super::RunReader`] and [`super::Diagnostics`] for a backend. The backend
+/// module provides `self.pool`, `Self::key(run)` (how it binds a run id), `run_from_row`,
+/// `RUN_COLUMNS`, `self.list_runs_sql(filter)` and `self.durability_settings()` (dialect-specific).
+macro_rules! run_reads {
+    ($store:ty) => {
+        #[async_trait]
+        impl RunReader for $store {
+            async fn list_runs(&self, f: &RunFilter) -> Result<Vec<RunRow>> {
+                self.list_runs_sql(f).await
+            }
+
+            async fn get_run(&self, run: RunId) -> Result<Option<RunRow>> {
+                let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"))
+                    .bind(Self::key(run))
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(run_from_row).transpose()
+            }
+
+            async fn find_by_request_id(&self, request_id: &str) -> Result<Option<RunRow>> {
+                let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE request_id = $1"))
+                    .bind(request_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(run_from_row).transpose()
+            }
+
+            async fn journal(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<JournalEntry>> {
+                let rows = sqlx::query(
+                    "SELECT seq, record, at FROM journal WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                )
+                .bind(Self::key(run))
+                .bind(after)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        let rec: Json<Value> = r.try_get("record")?;
+                        Ok(JournalEntry {
+                            run_id: run,
+                            seq: r.try_get("seq")?,
+                            record: parse_json("journal record", rec.0)?,
+                            at: Timestamp(r.try_get("at")?),
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn definition_source(&self, hash: &str) -> Result<Option<String>> {
+                Ok(
+                    sqlx::query_scalar("SELECT source FROM definitions WHERE hash = $1")
+                        .bind(hash)
+                        .fetch_optional(&self.pool)
+                        .await?,
+                )
+            }
+
+            async fn pending_signals(&self, run: RunId) -> Result<Vec<SignalRow>> {
+                let rows =
+                    sqlx::query("SELECT id, name FROM signals WHERE run_id = $1 AND consumed_at IS NULL ORDER BY id")
+                        .bind(Self::key(run))
+                        .fetch_all(&self.pool)
+                        .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(SignalRow {
+                            id: r.try_get("id")?,
+                            name: r.try_get("name")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn next_wake_after(&self, now: Timestamp) -> Result<Option<Timestamp>> {
+                let v: Option<i64> = sqlx::query_scalar("SELECT MIN(wake_at) FROM runs WHERE wake_at > $1")
+                    .bind(now.0)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(v.map(Timestamp))
+            }
+        }
+
+        #[async_trait]
+        impl Diagnostics for $store {
+            async fn durability(&self) -> Result<String> {
+                self.durability_settings().await
+            }
+
+            async fn journal_rows(&self) -> Result<i64> {
+                Ok(sqlx::query_scalar("SELECT COUNT(*) FROM journal")
+                    .fetch_one(&self.pool)
+                    .await?)
+            }
+
+            async fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>> {
+                let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        let s: String = r.try_get("status")?;
+                        let st = RunStatus::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status {s:?}")))?;
+                        Ok((st, r.try_get("n")?))
+                    })
+                    .collect()
+            }
+        }
+    };
+}
+
+pub(crate) use run_reads;

@@ -312,64 +312,6 @@ impl RunStore for PgStore {
         Ok(())
     }
 
-    async fn get_run(&self, run: RunId) -> Result<Option<RunRow>> {
-        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"))
-            .bind(run.0)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(run_from_row).transpose()
-    }
-
-    async fn find_by_request_id(&self, request_id: &str) -> Result<Option<RunRow>> {
-        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE request_id = $1"))
-            .bind(request_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(run_from_row).transpose()
-    }
-
-    async fn list_runs(&self, f: &RunFilter) -> Result<Vec<RunRow>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR definition = $2) \
-             AND ($3::uuid IS NULL OR id < $3) ORDER BY id DESC LIMIT $4"
-        ))
-        .bind(f.status.map(RunStatus::as_str))
-        .bind(&f.definition)
-        .bind(f.before.map(|b| b.0))
-        .bind(f.limit.max(1) as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(run_from_row).collect()
-    }
-
-    async fn journal(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<JournalEntry>> {
-        let rows =
-            sqlx::query("SELECT seq, record, at FROM journal WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3")
-                .bind(run.0)
-                .bind(after)
-                .bind(limit as i64)
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|r| {
-                let rec: Json<Value> = r.try_get("record")?;
-                Ok(JournalEntry {
-                    run_id: run,
-                    seq: r.try_get("seq")?,
-                    record: parse_json("journal record", rec.0)?,
-                    at: Timestamp(r.try_get("at")?),
-                })
-            })
-            .collect()
-    }
-
-    async fn definition_source(&self, hash: &str) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT source FROM definitions WHERE hash = $1")
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?)
-    }
-
     async fn signal(&self, run: RunId, name: &str, now: Timestamp) -> Result<SignalOutcome> {
         let mut tx = self.pool.begin().await?;
         let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = $1 FOR UPDATE")
@@ -436,29 +378,6 @@ impl RunStore for PgStore {
         Ok(SignalOutcome::Accepted)
     }
 
-    async fn pending_signals(&self, run: RunId) -> Result<Vec<SignalRow>> {
-        let rows = sqlx::query("SELECT id, name FROM signals WHERE run_id = $1 AND consumed_at IS NULL ORDER BY id")
-            .bind(run.0)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(SignalRow {
-                    id: r.try_get("id")?,
-                    name: r.try_get("name")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn next_wake_after(&self, now: Timestamp) -> Result<Option<Timestamp>> {
-        let v: Option<i64> = sqlx::query_scalar("SELECT MIN(wake_at) FROM runs WHERE wake_at > $1")
-            .bind(now.0)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(v.map(Timestamp))
-    }
-
     fn wakeup(&self) -> Arc<Wakeup> {
         self.wakeup.clone()
     }
@@ -469,38 +388,6 @@ impl RunStore for PgStore {
 
     fn backend(&self) -> &'static str {
         "postgres"
-    }
-}
-
-#[async_trait]
-impl Diagnostics for PgStore {
-    async fn journal_rows(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM journal")
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
-    async fn durability(&self) -> Result<String> {
-        let fsync: String = sqlx::query_scalar("SHOW fsync").fetch_one(&self.pool).await?;
-        let sc: String = sqlx::query_scalar("SHOW synchronous_commit")
-            .fetch_one(&self.pool)
-            .await?;
-        // Not durability, but it decides how a long run ages: without autovacuum, dead rows pile up.
-        let av: String = sqlx::query_scalar("SHOW autovacuum").fetch_one(&self.pool).await?;
-        Ok(format!("fsync={fsync} synchronous_commit={sc} autovacuum={av}"))
-    }
-
-    async fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>> {
-        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let s: String = r.try_get("status")?;
-                let st = RunStatus::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status {s:?}")))?;
-                Ok((st, r.try_get("n")?))
-            })
-            .collect()
     }
 }
 
@@ -550,6 +437,35 @@ impl Ledger for PgStore {
 }
 
 impl PgStore {
+    async fn list_runs_sql(&self, f: &RunFilter) -> Result<Vec<RunRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR definition = $2) \
+             AND ($3::uuid IS NULL OR id < $3) ORDER BY id DESC LIMIT $4"
+        ))
+        .bind(f.status.map(RunStatus::as_str))
+        .bind(&f.definition)
+        .bind(f.before.map(|b| b.0))
+        .bind(f.limit.max(1) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    async fn durability_settings(&self) -> Result<String> {
+        let fsync: String = sqlx::query_scalar("SHOW fsync").fetch_one(&self.pool).await?;
+        let sc: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&self.pool)
+            .await?;
+        // Not durability, but it decides how a long run ages: without autovacuum, dead rows pile up.
+        let av: String = sqlx::query_scalar("SHOW autovacuum").fetch_one(&self.pool).await?;
+        Ok(format!("fsync={fsync} synchronous_commit={sc} autovacuum={av}"))
+    }
+
+    /// A run id as this backend binds it.
+    fn key(run: RunId) -> Uuid {
+        run.0
+    }
+
     async fn list_jobs(&self, f: &JobFilter) -> Result<Vec<FailoverJobRow>> {
         // Only the filters given, so each query walks an index in (filter, job_id) order and
         // stops at the page size (keyset pagination, newest first; job_id is the run id).
@@ -596,6 +512,7 @@ impl PgStore {
 }
 
 super::shared::inventory_and_jobs!(PgStore);
+super::shared::run_reads!(PgStore);
 
 const JOB_COLUMNS: &str = "f.job_id, f.vm_id, f.vm_name, f.job_type, f.status, f.linstor_snapshot_name, \
     f.destination_vm_id, f.error_message, f.correlation_id, f.created_at::text AS created_at, \

@@ -226,64 +226,6 @@ impl RunStore for SqliteStore {
         self.write(|reply| WriteJob::Release(job, reply)).await
     }
 
-    async fn get_run(&self, run: RunId) -> Result<Option<RunRow>> {
-        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"))
-            .bind(run.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(run_from_row).transpose()
-    }
-
-    async fn find_by_request_id(&self, request_id: &str) -> Result<Option<RunRow>> {
-        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE request_id = $1"))
-            .bind(request_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(run_from_row).transpose()
-    }
-
-    async fn list_runs(&self, f: &RunFilter) -> Result<Vec<RunRow>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR definition = $2) \
-             AND ($3 IS NULL OR id < $3) ORDER BY id DESC LIMIT $4"
-        ))
-        .bind(f.status.map(RunStatus::as_str))
-        .bind(&f.definition)
-        .bind(f.before.map(|b| b.to_string()))
-        .bind(f.limit.max(1) as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(run_from_row).collect()
-    }
-
-    async fn journal(&self, run: RunId, after: i64, limit: u32) -> Result<Vec<JournalEntry>> {
-        let rows =
-            sqlx::query("SELECT seq, record, at FROM journal WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3")
-                .bind(run.to_string())
-                .bind(after)
-                .bind(limit as i64)
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|r| {
-                let rec: Json<Value> = r.try_get("record")?;
-                Ok(JournalEntry {
-                    run_id: run,
-                    seq: r.try_get("seq")?,
-                    record: parse_json("journal record", rec.0)?,
-                    at: Timestamp(r.try_get("at")?),
-                })
-            })
-            .collect()
-    }
-
-    async fn definition_source(&self, hash: &str) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT source FROM definitions WHERE hash = $1")
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?)
-    }
-
     async fn signal(&self, run: RunId, name: &str, now: Timestamp) -> Result<SignalOutcome> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = $1")
@@ -348,70 +290,12 @@ impl RunStore for SqliteStore {
         Ok(SignalOutcome::Accepted)
     }
 
-    async fn pending_signals(&self, run: RunId) -> Result<Vec<SignalRow>> {
-        let rows = sqlx::query("SELECT id, name FROM signals WHERE run_id = $1 AND consumed_at IS NULL ORDER BY id")
-            .bind(run.to_string())
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(SignalRow {
-                    id: r.try_get("id")?,
-                    name: r.try_get("name")?,
-                })
-            })
-            .collect()
-    }
-
-    async fn next_wake_after(&self, now: Timestamp) -> Result<Option<Timestamp>> {
-        let v: Option<i64> = sqlx::query_scalar("SELECT MIN(wake_at) FROM runs WHERE wake_at > $1")
-            .bind(now.0)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(v.map(Timestamp))
-    }
-
     fn wakeup(&self) -> Arc<Wakeup> {
         self.wakeup.clone()
     }
 
     fn backend(&self) -> &'static str {
         "sqlite"
-    }
-}
-
-#[async_trait]
-impl Diagnostics for SqliteStore {
-    async fn journal_rows(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM journal")
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
-    async fn durability(&self) -> Result<String> {
-        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&self.pool).await?;
-        let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&self.pool).await?;
-        let name = match sync {
-            0 => "OFF",
-            1 => "NORMAL",
-            2 => "FULL",
-            3 => "EXTRA",
-            _ => "?",
-        };
-        Ok(format!("journal_mode={mode} synchronous={name}"))
-    }
-
-    async fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>> {
-        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let s: String = r.try_get("status")?;
-                let st = RunStatus::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status {s:?}")))?;
-                Ok((st, r.try_get("n")?))
-            })
-            .collect()
     }
 }
 
@@ -465,6 +349,38 @@ impl Ledger for SqliteStore {
 }
 
 impl SqliteStore {
+    async fn list_runs_sql(&self, f: &RunFilter) -> Result<Vec<RunRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR definition = $2) \
+             AND ($3 IS NULL OR id < $3) ORDER BY id DESC LIMIT $4"
+        ))
+        .bind(f.status.map(RunStatus::as_str))
+        .bind(&f.definition)
+        .bind(f.before.map(|b| b.to_string()))
+        .bind(f.limit.max(1) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    async fn durability_settings(&self) -> Result<String> {
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&self.pool).await?;
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&self.pool).await?;
+        let name = match sync {
+            0 => "OFF",
+            1 => "NORMAL",
+            2 => "FULL",
+            3 => "EXTRA",
+            _ => "?",
+        };
+        Ok(format!("journal_mode={mode} synchronous={name}"))
+    }
+
+    /// A run id as this backend binds it.
+    fn key(run: RunId) -> String {
+        run.to_string()
+    }
+
     async fn list_jobs(&self, f: &JobFilter) -> Result<Vec<FailoverJobRow>> {
         // Only the filters given, so each query walks an index in (filter, job_id) order and
         // stops at the page size (keyset pagination, newest first).
@@ -514,6 +430,7 @@ impl SqliteStore {
 }
 
 super::shared::inventory_and_jobs!(SqliteStore);
+super::shared::run_reads!(SqliteStore);
 
 const JOB_COLUMNS: &str = "f.job_id, f.vm_id, f.vm_name, f.job_type, f.status, f.linstor_snapshot_name, \
     f.destination_vm_id, f.error_message, f.correlation_id, f.created_at, f.started_at, f.completed_at";
