@@ -10,5 +10,6 @@ mod api;
 mod bench;
 mod engine;
 mod failover;
+mod layers;
 mod providers;
 mod virtio;
