@@ -1,6 +1,7 @@
 //! Tern: a durable workflow engine for VM failovers onto Apache CloudStack.
 //!
-//! Layers (each imports only those below it; `crash` and `telemetry` are leaves anyone may call):
+//! Layers (each imports only those below it; `crash` and `telemetry` are leaves anyone may call;
+//! `tests/e2e/layers.rs` checks it):
 //!
 //! ```text
 //!   api          gRPC services, generated code, proto <-> domain, Status mapping
