@@ -15,6 +15,8 @@ use crate::store::StoreError;
 /// `google.rpc.ErrorInfo.domain` of every Tern error.
 pub const DOMAIN: &str = "tern.v1";
 
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
+
 /// What went wrong in an API call, by kind; `into_status` is the only way out to the wire.
 #[derive(Debug)]
 pub enum ApiError {

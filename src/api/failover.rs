@@ -7,12 +7,12 @@ use serde_json::Value;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::error::ApiError;
+use super::error::{ApiError, ApiResult};
 use super::page::Page;
 use super::pb;
 use super::pb::failover_service_server::FailoverService;
 use super::watch::{watch, WatchStream};
-use super::{correlation_of, respond, ApiState, LIVE_FAILOVER, TEST_FAILOVER};
+use super::{correlation_of, reply, reply_own, respond, ApiState, LIVE_FAILOVER, TEST_FAILOVER};
 use crate::domain::failover::{FailoverInput, JobType};
 use crate::domain::inventory::NetworkKind;
 use crate::domain::{parse_duration, RunId, Timestamp};
@@ -22,8 +22,6 @@ use crate::store::{FailoverJobRow, JobFilter, RunRow, SignalOutcome};
 pub struct FailoverApi {
     state: ApiState,
 }
-
-type ApiResult<T> = Result<T, ApiError>;
 
 /// The fields both start requests share.
 struct Start<'a> {
@@ -260,23 +258,6 @@ impl FailoverApi {
         let run = self.run(id).await?;
         self.job(&run, true).await
     }
-
-    /// A response with the job's correlation id, or the error with the request's.
-    fn reply(result: ApiResult<pb::FailoverJob>, correlation_id: &str) -> Result<Response<pb::FailoverJob>, Status> {
-        match result {
-            Ok(job) => {
-                let c = job.correlation_id.clone();
-                Ok(respond(job, &c))
-            }
-            Err(e) => Err(e.into_status(correlation_id)),
-        }
-    }
-}
-
-fn reply<T>(result: ApiResult<T>, correlation_id: &str) -> Result<Response<T>, Status> {
-    result
-        .map(|v| respond(v, correlation_id))
-        .map_err(|e| e.into_status(correlation_id))
 }
 
 #[tonic::async_trait]
@@ -293,7 +274,7 @@ impl FailoverService for FailoverApi {
             JobType::Test,
             Some((r.auto_cleanup, &r.test_duration))
         );
-        Self::reply(self.start(start, c.clone()).await, &c)
+        reply_own(self.start(start, c.clone()).await, &c)
     }
 
     async fn start_live_failover(
@@ -303,7 +284,7 @@ impl FailoverService for FailoverApi {
         let c = correlation_of(&req);
         let r = req.into_inner();
         let start = start_of!(r, LIVE_FAILOVER, JobType::Live, None);
-        Self::reply(self.start(start, c.clone()).await, &c)
+        reply_own(self.start(start, c.clone()).await, &c)
     }
 
     async fn end_test_failover(
@@ -311,7 +292,7 @@ impl FailoverService for FailoverApi {
         req: Request<pb::EndTestFailoverRequest>,
     ) -> Result<Response<pb::FailoverJob>, Status> {
         let c = correlation_of(&req);
-        Self::reply(self.stop(&req.get_ref().job_id, true, "").await, &c)
+        reply_own(self.stop(&req.get_ref().job_id, true, "").await, &c)
     }
 
     async fn cancel_failover(
@@ -325,7 +306,7 @@ impl FailoverService for FailoverApi {
         } else {
             r.reason.trim()
         };
-        Self::reply(self.stop(&r.job_id, false, reason).await, &c)
+        reply_own(self.stop(&r.job_id, false, reason).await, &c)
     }
 
     async fn get_failover(&self, req: Request<pb::GetFailoverRequest>) -> Result<Response<pb::FailoverJob>, Status> {
@@ -335,7 +316,7 @@ impl FailoverService for FailoverApi {
             self.job(&run, true).await
         }
         .await;
-        Self::reply(result, &c)
+        reply_own(result, &c)
     }
 
     async fn list_failovers(

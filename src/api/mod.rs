@@ -167,6 +167,46 @@ pub(crate) fn same_request(
 }
 
 /// A response carrying `correlation_id` as `x-correlation-id` metadata.
+/// The reply to a unary RPC: the value, or the error as a status; either way with the
+/// request's correlation id.
+pub(crate) fn reply<T>(result: error::ApiResult<T>, correlation_id: &str) -> Result<tonic::Response<T>, tonic::Status> {
+    result
+        .map(|v| respond(v, correlation_id))
+        .map_err(|e| e.into_status(correlation_id))
+}
+
+/// A reply that carries a run's own correlation id (the one it was started with), so a retried
+/// start answers with the id of the request that made the run.
+pub(crate) trait Correlated {
+    fn correlation_id(&self) -> &str;
+}
+
+impl Correlated for pb::FailoverJob {
+    fn correlation_id(&self) -> &str {
+        &self.correlation_id
+    }
+}
+
+impl Correlated for pb::Workflow {
+    fn correlation_id(&self) -> &str {
+        &self.correlation_id
+    }
+}
+
+/// [`reply`] with the run's correlation id on success (the request's on an error).
+pub(crate) fn reply_own<T: Correlated>(
+    result: error::ApiResult<T>,
+    correlation_id: &str,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    match result {
+        Ok(v) => {
+            let c = v.correlation_id().to_string();
+            Ok(respond(v, &c))
+        }
+        Err(e) => Err(e.into_status(correlation_id)),
+    }
+}
+
 pub(crate) fn respond<T>(msg: T, correlation_id: &str) -> tonic::Response<T> {
     let mut r = tonic::Response::new(msg);
     if let Ok(v) = MetadataValue::try_from(correlation_id) {

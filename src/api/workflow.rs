@@ -4,13 +4,13 @@
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::error::ApiError;
+use super::error::{ApiError, ApiResult};
 use super::failover::run_id;
 use super::page::Page;
 use super::pb;
 use super::pb::workflow_service_server::WorkflowService;
 use super::watch::{watch, WatchStream};
-use super::{correlation_of, respond, ApiState};
+use super::{correlation_of, reply, reply_own, respond, ApiState};
 use crate::domain::run::RunStatus;
 use crate::domain::RunId;
 use crate::engine::SubmitRequest;
@@ -19,8 +19,6 @@ use crate::store::{RunFilter, RunRow, SignalOutcome, Submitted};
 pub struct WorkflowApi {
     state: ApiState,
 }
-
-type ApiResult<T> = Result<T, ApiError>;
 
 impl WorkflowApi {
     pub fn new(state: ApiState) -> WorkflowApi {
@@ -73,22 +71,6 @@ impl WorkflowApi {
     }
 }
 
-fn reply<T>(result: ApiResult<T>, correlation_id: &str) -> Result<Response<T>, Status> {
-    result
-        .map(|v| respond(v, correlation_id))
-        .map_err(|e| e.into_status(correlation_id))
-}
-
-fn reply_run(result: ApiResult<pb::Workflow>, correlation_id: &str) -> Result<Response<pb::Workflow>, Status> {
-    match result {
-        Ok(w) => {
-            let c = w.correlation_id.clone();
-            Ok(respond(w, &c))
-        }
-        Err(e) => Err(e.into_status(correlation_id)),
-    }
-}
-
 #[tonic::async_trait]
 impl WorkflowService for WorkflowApi {
     async fn submit_workflow(&self, req: Request<pb::SubmitWorkflowRequest>) -> Result<Response<pb::Workflow>, Status> {
@@ -124,7 +106,7 @@ impl WorkflowService for WorkflowApi {
             self.view_submitted(&s).await
         }
         .await;
-        reply_run(result, &c)
+        reply_own(result, &c)
     }
 
     async fn get_workflow(&self, req: Request<pb::GetWorkflowRequest>) -> Result<Response<pb::Workflow>, Status> {
@@ -134,7 +116,7 @@ impl WorkflowService for WorkflowApi {
             self.view(&run, true).await
         }
         .await;
-        reply_run(result, &c)
+        reply_own(result, &c)
     }
 
     async fn list_workflows(

@@ -221,6 +221,18 @@ mod tests {
         }
     }
 
+    /// The facts of a VM ready for a test failover; each test changes what it is about.
+    fn ready<'a>(vm: &'a VmRecord, mappings: &'a [NetworkMapping]) -> Facts<'a> {
+        Facts {
+            vm_id: "420570c7",
+            vm: Some(vm),
+            active_runs: &[],
+            mappings,
+            kind: NetworkKind::Test,
+            volume: volume("oma-1"),
+        }
+    }
+
     fn volume(attached: &str) -> Result<Option<VolumeFacts>, String> {
         Ok(Some(VolumeFacts {
             volume_id: "vol-1".into(),
@@ -234,14 +246,7 @@ mod tests {
     fn a_ready_vm_scores_100() {
         let v = vm();
         let m = [mapping(NetworkKind::Test)];
-        let r = validate(&Facts {
-            vm_id: "420570c7",
-            vm: Some(&v),
-            active_runs: &[],
-            mappings: &m,
-            kind: NetworkKind::Test,
-            volume: volume("oma-1"),
-        });
+        let r = validate(&ready(&v, &m));
         assert!(r.is_ready);
         assert_eq!(r.readiness_score, 100.0);
         assert_eq!(r.checks.len(), 5);
@@ -251,14 +256,7 @@ mod tests {
     fn an_unmapped_network_is_a_warning_that_lowers_the_score() {
         let v = vm();
         let m = [mapping(NetworkKind::Production)];
-        let r = validate(&Facts {
-            vm_id: "420570c7",
-            vm: Some(&v),
-            active_runs: &[],
-            mappings: &m,
-            kind: NetworkKind::Test,
-            volume: volume("oma-1"),
-        });
+        let r = validate(&ready(&v, &m));
         assert_eq!(r.readiness_score, 80.0);
         assert!(r.is_ready);
         assert!(r.checks[3].message.contains("VM Network"));
@@ -270,21 +268,13 @@ mod tests {
         let m = [mapping(NetworkKind::Test)];
         let busy = ["other-run".to_string()];
         let r = validate(&Facts {
-            vm_id: "420570c7",
-            vm: Some(&v),
             active_runs: &busy,
-            mappings: &m,
-            kind: NetworkKind::Test,
-            volume: volume("oma-1"),
+            ..ready(&v, &m)
         });
         assert_eq!((r.is_ready, r.readiness_score), (false, 0.0));
         let r = validate(&Facts {
-            vm_id: "420570c7",
-            vm: Some(&v),
-            active_runs: &[],
-            mappings: &m,
-            kind: NetworkKind::Test,
             volume: volume("test-vm"),
+            ..ready(&v, &m)
         });
         assert!(!r.is_ready);
         assert!(r.checks[4].message.contains("test-vm"));
@@ -300,14 +290,7 @@ mod tests {
         assert!(r.checks[0].message.contains("not found"));
         let mut unsynced = vm();
         unsynced.last_sync_change_id = None;
-        let r = validate(&Facts {
-            vm_id: "420570c7",
-            vm: Some(&unsynced),
-            active_runs: &[],
-            mappings: &m,
-            kind: NetworkKind::Test,
-            volume: volume("oma-1"),
-        });
+        let r = validate(&ready(&unsynced, &m));
         assert_eq!(r.checks[2].status, CheckStatus::Fail);
         assert!(!r.is_ready);
     }

@@ -49,6 +49,13 @@ pub enum StoreError {
     /// whatever was committed stays, so the same request may be sent again.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The group-commit writer is gone (it failed or panicked): nothing more can be written
+    /// through this store; the process must be restarted.
+    #[error("the database writer has stopped")]
+    WriterStopped,
+    /// A request the store is not built to take (a bug in the caller, not in the data).
+    #[error("internal store error: {0}")]
+    Internal(&'static str),
 }
 
 impl StoreError {
@@ -74,7 +81,9 @@ impl StoreError {
             | StoreError::Conflict { .. }
             | StoreError::Corrupt(_)
             | StoreError::Migrate(_)
-            | StoreError::Config(_) => false,
+            | StoreError::Config(_)
+            | StoreError::WriterStopped
+            | StoreError::Internal(_) => false,
         }
     }
 }

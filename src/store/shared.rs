@@ -1,12 +1,105 @@
 //! What both backends say in the same SQL, written once: the inventory and the job read model
-//! (both speak `$n` parameters and `ON CONFLICT`, and store those tables' ids as text), and
-//! the run reads (a run id bound as each backend stores it).
+//! (both speak `$n` parameters and `ON CONFLICT`, and store those tables' ids as text), the
+//! run reads, signals, cancels and the ledger (a run id bound as each backend stores it), and
+//! the decoding of a run row.
+
+use serde_json::Value;
+
+use super::{parse_json, Result, RunRow, StoreError};
+use crate::domain::run::{RunContext, RunStatus};
+use crate::domain::{RunId, Timestamp};
+
+/// The columns of a run row, as each backend stores them. PostgreSQL has uuid, jsonb and
+/// boolean columns; SQLite stores the same values as text and integers. Implemented for every
+/// row type a run is read from (sqlx's rows, and rusqlite's in SQLite's writer thread), so a
+/// run row is decoded in one place.
+pub(crate) trait Cols {
+    fn text(&self, col: &str) -> Result<Option<String>>;
+    fn int(&self, col: &str) -> Result<Option<i64>>;
+    fn flag(&self, col: &str) -> Result<bool>;
+    fn doc(&self, col: &str) -> Result<Value>;
+    fn run_id(&self, col: &str) -> Result<RunId>;
+}
+
+pub(crate) const RUN_COLUMNS: &str =
+    "id, definition, definition_hash, request_id, correlation_id, state, status, display_status, \
+    current_step, input, context, last_seq, fencing_token, lease_owner, lease_expires_at, wake_at, signals_pending, \
+    cancel_reason, cancel_pending, created_at, updated_at, started_at, completed_at";
+
+pub(crate) fn run_from_row(row: &impl Cols) -> Result<RunRow> {
+    let text = |c: &str| {
+        row.text(c)?
+            .ok_or_else(|| StoreError::Corrupt(format!("runs.{c} is NULL")))
+    };
+    let int = |c: &str| {
+        row.int(c)?
+            .ok_or_else(|| StoreError::Corrupt(format!("runs.{c} is NULL")))
+    };
+    let ts = |c: &str| Ok::<_, StoreError>(row.int(c)?.map(Timestamp));
+    let status = text("status")?;
+    Ok(RunRow {
+        id: row.run_id("id")?,
+        definition: text("definition")?,
+        definition_hash: text("definition_hash")?,
+        request_id: row.text("request_id")?,
+        correlation_id: text("correlation_id")?,
+        state: parse_json("run state", row.doc("state")?)?,
+        status: RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?,
+        display_status: text("display_status")?,
+        current_step: row.text("current_step")?,
+        input: row.doc("input")?,
+        context: RunContext::from_value(row.doc("context")?)
+            .map_err(|e| StoreError::Corrupt(format!("run context: {e}")))?,
+        last_seq: int("last_seq")?,
+        fencing_token: int("fencing_token")?,
+        lease_owner: row.text("lease_owner")?,
+        lease_expires_at: ts("lease_expires_at")?,
+        wake_at: ts("wake_at")?,
+        signals_pending: int("signals_pending")?,
+        cancel_reason: row.text("cancel_reason")?,
+        cancel_pending: row.flag("cancel_pending")?,
+        created_at: Timestamp(int("created_at")?),
+        updated_at: Timestamp(int("updated_at")?),
+        started_at: ts("started_at")?,
+        completed_at: ts("completed_at")?,
+    })
+}
+
+/// Decodes a JSON column stored as text (SQLite).
+pub(crate) fn doc_of_text(col: &str, text: Option<String>) -> Result<Value> {
+    let text = text.ok_or_else(|| StoreError::Corrupt(format!("runs.{col} is NULL")))?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("runs.{col}: {e}")))
+}
+
+/// Decodes a run id stored as text (SQLite).
+pub(crate) fn run_id_of_text(col: &str, text: Option<String>) -> Result<RunId> {
+    let text = text.ok_or_else(|| StoreError::Corrupt(format!("{col} is NULL")))?;
+    text.parse()
+        .map_err(|e| StoreError::Corrupt(format!("{col} {text:?}: {e}")))
+}
 
 /// Implements [`super::JobStore`] and [`super::InventoryStore`] for a backend. The backend
 /// module provides `self.pool`, `self.begin_write()`, `self.list_jobs(filter)` (paging is
-/// dialect-specific) and `job_from_row`.
+/// dialect-specific) and `JOB_COLUMNS` (PostgreSQL reads its timestamps as text).
 macro_rules! inventory_and_jobs {
-    ($store:ty) => {
+    ($store:ty, $row:ty) => {
+        fn job_from_row(r: &$row) -> Result<FailoverJobRow> {
+            Ok(FailoverJobRow {
+                job_id: r.try_get("job_id")?,
+                vm_id: r.try_get("vm_id")?,
+                vm_name: r.try_get("vm_name")?,
+                job_type: r.try_get("job_type")?,
+                status: r.try_get("status")?,
+                linstor_snapshot_name: r.try_get("linstor_snapshot_name")?,
+                destination_vm_id: r.try_get("destination_vm_id")?,
+                error_message: r.try_get("error_message")?,
+                correlation_id: r.try_get("correlation_id")?,
+                created_at: r.try_get("created_at")?,
+                started_at: r.try_get("started_at")?,
+                completed_at: r.try_get("completed_at")?,
+            })
+        }
+
         #[async_trait]
         impl JobStore for $store {
             async fn list_failover_jobs(&self, f: &JobFilter) -> Result<Vec<FailoverJobRow>> {
@@ -263,3 +356,183 @@ macro_rules! run_reads {
 }
 
 pub(crate) use run_reads;
+
+/// Implements [`super::RunStore`] and [`super::Ledger`] for a backend. The backend provides
+/// `self.pool`, `self.wakeup`, `self.write(job)` (its group-commit writer), `self.begin_write()`,
+/// `Self::key(run)`, `self.notify(tx)` (tells other processes), the dialect's
+/// `Self::FOR_UPDATE` (the row lock of a read that decides a write) and `Self::LEAST`, and how it
+/// claims and keeps leases: `claim_due`, `renew_lease`, `drop_lease`, `count_executing`.
+macro_rules! run_writes {
+    ($store:ty, $backend:literal) => {
+        #[async_trait]
+        impl RunStore for $store {
+            async fn submit(&self, run: NewRun) -> Result<Submitted> {
+                // A run started at submit is already leased: no worker needs to look for it.
+                let claimable = run.start.is_none();
+                let submitted = self.write(|reply| WriteJob::Submit(Box::new(run), reply)).await?;
+                if submitted.created && claimable {
+                    self.wakeup.wake();
+                }
+                Ok(submitted)
+            }
+
+            async fn claim(
+                &self,
+                owner: &str,
+                limit: u32,
+                lease_ttl: Duration,
+                now: Timestamp,
+            ) -> Result<Vec<(RunRow, Lease)>> {
+                self.claim_due(owner, limit, lease_ttl, now).await
+            }
+
+            async fn heartbeat(&self, run: RunId, lease: &Lease, expires_at: Timestamp) -> Result<()> {
+                self.renew_lease(run, lease, expires_at).await
+            }
+
+            async fn checkpoint(&self, cp: Checkpoint) -> Result<CheckpointOutcome> {
+                self.write(|reply| WriteJob::Checkpoint(Box::new(cp), reply)).await
+            }
+
+            async fn release(&self, run: RunId, lease: &Lease) -> Result<()> {
+                self.drop_lease(run, lease).await
+            }
+
+            fn wakeup(&self) -> Arc<Wakeup> {
+                self.wakeup.clone()
+            }
+
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            fn set_executing_count(&self, count: Option<ExecutingCount>) {
+                self.count_executing(count)
+            }
+
+            async fn signal(&self, run: RunId, name: &str, now: Timestamp) -> Result<SignalOutcome> {
+                let mut tx = self.begin_write().await?;
+                let status: Option<String> =
+                    sqlx::query_scalar(&format!("SELECT status FROM runs WHERE id = $1{}", Self::FOR_UPDATE))
+                        .bind(Self::key(run))
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                let status = status.ok_or(StoreError::NotFound(run))?;
+                let status =
+                    RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?;
+                if status.is_terminal() {
+                    return Ok(SignalOutcome::Finished(status));
+                }
+                let inserted = sqlx::query(
+                    "INSERT INTO signals (run_id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (run_id, name) DO NOTHING",
+                )
+                .bind(Self::key(run))
+                .bind(name)
+                .bind(now.0)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if inserted == 0 {
+                    return Ok(SignalOutcome::Duplicate);
+                }
+                // A holding run wakes now to take the signal; any other takes it at its next step.
+                sqlx::query(&format!(
+                    "UPDATE runs SET signals_pending = signals_pending + 1, \
+                     wake_at = CASE WHEN status = 'holding' THEN {}(COALESCE(wake_at, $2), $2) ELSE wake_at END WHERE id = $1",
+                    Self::LEAST
+                ))
+                .bind(Self::key(run))
+                .bind(now.0)
+                .execute(&mut *tx)
+                .await?;
+                self.notify(&mut tx).await?;
+                tx.commit().await?;
+                self.wakeup.wake();
+                Ok(SignalOutcome::Accepted)
+            }
+
+            async fn cancel(&self, run: RunId, reason: &str, now: Timestamp) -> Result<SignalOutcome> {
+                let mut tx = self.begin_write().await?;
+                let row = sqlx::query(&format!(
+                    "SELECT status, cancel_reason FROM runs WHERE id = $1{}",
+                    Self::FOR_UPDATE
+                ))
+                .bind(Self::key(run))
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound(run))?;
+                let status: String = row.try_get("status")?;
+                let status =
+                    RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?;
+                if status.is_terminal() {
+                    return Ok(SignalOutcome::Finished(status));
+                }
+                if row.try_get::<Option<String>, _>("cancel_reason")?.is_some() {
+                    return Ok(SignalOutcome::Duplicate);
+                }
+                sqlx::query(&format!(
+                    "UPDATE runs SET cancel_reason = $2, cancel_pending = TRUE, \
+                     wake_at = {}(COALESCE(wake_at, $3), $3) WHERE id = $1",
+                    Self::LEAST
+                ))
+                .bind(Self::key(run))
+                .bind(reason)
+                .bind(now.0)
+                .execute(&mut *tx)
+                .await?;
+                self.notify(&mut tx).await?;
+                tx.commit().await?;
+                self.wakeup.wake();
+                Ok(SignalOutcome::Accepted)
+            }
+        }
+
+        #[async_trait]
+        impl Ledger for $store {
+            async fn ledger_record(&self, row: &LedgerRow, adopt: bool) -> Result<bool> {
+                // Look up, then create: two statements, like a real cloud API (no atomic upsert to hide behind).
+                if adopt {
+                    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger WHERE key = $1")
+                        .bind(&row.key)
+                        .fetch_one(&self.pool)
+                        .await?;
+                    if n > 0 {
+                        return Ok(false);
+                    }
+                }
+                sqlx::query("INSERT INTO ledger (key, run_id, step, attempt, kind, at) VALUES ($1, $2, $3, $4, $5, $6)")
+                    .bind(&row.key)
+                    .bind(Self::key(row.run_id))
+                    .bind(&row.step)
+                    .bind(row.attempt)
+                    .bind(&row.kind)
+                    .bind(Timestamp::now().0)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(true)
+            }
+
+            async fn ledger(&self, run: Option<RunId>) -> Result<Vec<LedgerRow>> {
+                let rows = sqlx::query(
+                    "SELECT key, run_id, step, attempt, kind FROM ledger WHERE ($1 IS NULL OR run_id = $1) ORDER BY id",
+                )
+                .bind(run.map(Self::key))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(LedgerRow {
+                            key: r.try_get("key")?,
+                            run_id: r.run_id("run_id")?,
+                            step: r.try_get("step")?,
+                            attempt: r.try_get("attempt")?,
+                            kind: r.try_get("kind")?,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    };
+}
+
+pub(crate) use run_writes;

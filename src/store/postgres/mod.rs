@@ -13,6 +13,7 @@ use sqlx::types::Json;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use super::shared::{run_from_row, Cols, RUN_COLUMNS};
 use super::*;
 
 mod peers;
@@ -39,11 +40,6 @@ impl Drop for PgStore {
         self.listener.abort();
     }
 }
-
-const RUN_COLUMNS: &str =
-    "id, definition, definition_hash, request_id, correlation_id, state, status, display_status, \
-    current_step, input, context, last_seq, fencing_token, lease_owner, lease_expires_at, wake_at, signals_pending, \
-    cancel_reason, cancel_pending, created_at, updated_at, started_at, completed_at";
 
 impl PgStore {
     /// Connects, applies migrations and starts LISTENing. `schema` (created if missing) isolates
@@ -149,12 +145,17 @@ impl PgStore {
 
     /// Queues a job for the group-commit writer and waits until its batch committed.
     async fn write<T>(&self, job: impl FnOnce(tokio::sync::oneshot::Sender<Result<T>>) -> WriteJob) -> Result<T> {
-        let stopped = || StoreError::Config("the database writer has stopped".into());
+        let stopped = || StoreError::WriterStopped;
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.writer.send(job(reply)).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 
+    /// A read that decides a write locks its row.
+    const FOR_UPDATE: &'static str = " FOR UPDATE";
+    const LEAST: &'static str = "LEAST";
+
+    /// Tells every process LISTENing on this schema's channel, at commit.
     async fn notify(&self, tx: &mut sqlx::PgConnection) -> Result<()> {
         sqlx::query("SELECT pg_notify($1, '')")
             .bind(&self.channel)
@@ -193,57 +194,27 @@ async fn listen(pool: PgPool, channel: String, wakeup: Arc<Wakeup>) {
     }
 }
 
-fn ts(v: Option<i64>) -> Option<Timestamp> {
-    v.map(Timestamp)
-}
-
-fn run_from_row(row: &PgRow) -> Result<RunRow> {
-    let id: Uuid = row.try_get("id")?;
-    let state: Json<Value> = row.try_get("state")?;
-    let status: String = row.try_get("status")?;
-    let input: Json<Value> = row.try_get("input")?;
-    let context: Json<Value> = row.try_get("context")?;
-    let context = RunContext::from_value(context.0).map_err(|e| StoreError::Corrupt(format!("run context: {e}")))?;
-    Ok(RunRow {
-        id: RunId(id),
-        definition: row.try_get("definition")?,
-        definition_hash: row.try_get("definition_hash")?,
-        request_id: row.try_get("request_id")?,
-        correlation_id: row.try_get("correlation_id")?,
-        state: parse_json("run state", state.0)?,
-        status: RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?,
-        display_status: row.try_get("display_status")?,
-        current_step: row.try_get("current_step")?,
-        input: input.0,
-        context,
-        last_seq: row.try_get("last_seq")?,
-        fencing_token: row.try_get("fencing_token")?,
-        lease_owner: row.try_get("lease_owner")?,
-        lease_expires_at: ts(row.try_get("lease_expires_at")?),
-        wake_at: ts(row.try_get("wake_at")?),
-        signals_pending: row.try_get("signals_pending")?,
-        cancel_reason: row.try_get("cancel_reason")?,
-        cancel_pending: row.try_get("cancel_pending")?,
-        created_at: Timestamp(row.try_get("created_at")?),
-        updated_at: Timestamp(row.try_get("updated_at")?),
-        started_at: ts(row.try_get("started_at")?),
-        completed_at: ts(row.try_get("completed_at")?),
-    })
-}
-
-#[async_trait]
-impl RunStore for PgStore {
-    async fn submit(&self, run: NewRun) -> Result<Submitted> {
-        // A run started at submit is already leased: no worker needs to look for it.
-        let claimable = run.start.is_none();
-        let submitted = self.write(|reply| WriteJob::Submit(Box::new(run), reply)).await?;
-        if submitted.created && claimable {
-            self.wakeup.wake();
-        }
-        Ok(submitted)
+/// PostgreSQL has uuid, jsonb and boolean columns.
+impl Cols for PgRow {
+    fn text(&self, col: &str) -> Result<Option<String>> {
+        Ok(self.try_get(col)?)
     }
+    fn int(&self, col: &str) -> Result<Option<i64>> {
+        Ok(self.try_get(col)?)
+    }
+    fn flag(&self, col: &str) -> Result<bool> {
+        Ok(self.try_get(col)?)
+    }
+    fn doc(&self, col: &str) -> Result<Value> {
+        Ok(self.try_get::<Json<Value>, _>(col)?.0)
+    }
+    fn run_id(&self, col: &str) -> Result<RunId> {
+        Ok(RunId(self.try_get(col)?))
+    }
+}
 
-    async fn claim(
+impl PgStore {
+    async fn claim_due(
         &self,
         owner: &str,
         limit: u32,
@@ -280,7 +251,7 @@ impl RunStore for PgStore {
             .collect()
     }
 
-    async fn heartbeat(&self, run: RunId, lease: &Lease, expires_at: Timestamp) -> Result<()> {
+    async fn renew_lease(&self, run: RunId, lease: &Lease, expires_at: Timestamp) -> Result<()> {
         let r = sqlx::query(
             "UPDATE runs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND fencing_token = $4",
         )
@@ -296,11 +267,7 @@ impl RunStore for PgStore {
         Ok(())
     }
 
-    async fn checkpoint(&self, cp: Checkpoint) -> Result<CheckpointOutcome> {
-        self.write(|reply| WriteJob::Checkpoint(Box::new(cp), reply)).await
-    }
-
-    async fn release(&self, run: RunId, lease: &Lease) -> Result<()> {
+    async fn drop_lease(&self, run: RunId, lease: &Lease) -> Result<()> {
         sqlx::query(
             "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL WHERE id = $1 AND lease_owner = $2 AND fencing_token = $3",
         )
@@ -312,127 +279,8 @@ impl RunStore for PgStore {
         Ok(())
     }
 
-    async fn signal(&self, run: RunId, name: &str, now: Timestamp) -> Result<SignalOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = $1 FOR UPDATE")
-            .bind(run.0)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let status = status.ok_or(StoreError::NotFound(run))?;
-        let status = RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?;
-        if status.is_terminal() {
-            return Ok(SignalOutcome::Finished(status));
-        }
-        let inserted = sqlx::query(
-            "INSERT INTO signals (run_id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (run_id, name) DO NOTHING",
-        )
-        .bind(run.0)
-        .bind(name)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            return Ok(SignalOutcome::Duplicate);
-        }
-        sqlx::query(
-            "UPDATE runs SET signals_pending = signals_pending + 1, \
-             wake_at = CASE WHEN status = 'holding' THEN LEAST(COALESCE(wake_at, $2), $2) ELSE wake_at END WHERE id = $1",
-        )
-        .bind(run.0)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?;
-        self.notify(&mut tx).await?;
-        tx.commit().await?;
-        self.wakeup.wake();
-        Ok(SignalOutcome::Accepted)
-    }
-
-    async fn cancel(&self, run: RunId, reason: &str, now: Timestamp) -> Result<SignalOutcome> {
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT status, cancel_reason FROM runs WHERE id = $1 FOR UPDATE")
-            .bind(run.0)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound(run))?;
-        let status: String = row.try_get("status")?;
-        let status = RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?;
-        if status.is_terminal() {
-            return Ok(SignalOutcome::Finished(status));
-        }
-        if row.try_get::<Option<String>, _>("cancel_reason")?.is_some() {
-            return Ok(SignalOutcome::Duplicate);
-        }
-        sqlx::query(
-            "UPDATE runs SET cancel_reason = $2, cancel_pending = TRUE, wake_at = LEAST(COALESCE(wake_at, $3), $3) WHERE id = $1",
-        )
-        .bind(run.0)
-        .bind(reason)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?;
-        self.notify(&mut tx).await?;
-        tx.commit().await?;
-        self.wakeup.wake();
-        Ok(SignalOutcome::Accepted)
-    }
-
-    fn wakeup(&self) -> Arc<Wakeup> {
-        self.wakeup.clone()
-    }
-
-    fn set_executing_count(&self, count: Option<crate::store::ExecutingCount>) {
+    fn count_executing(&self, count: Option<crate::store::ExecutingCount>) {
         self.queue.set_executing_count(count);
-    }
-
-    fn backend(&self) -> &'static str {
-        "postgres"
-    }
-}
-
-#[async_trait]
-impl Ledger for PgStore {
-    async fn ledger_record(&self, row: &LedgerRow, adopt: bool) -> Result<bool> {
-        if adopt {
-            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger WHERE key = $1")
-                .bind(&row.key)
-                .fetch_one(&self.pool)
-                .await?;
-            if n > 0 {
-                return Ok(false);
-            }
-        }
-        sqlx::query("INSERT INTO ledger (key, run_id, step, attempt, kind, at) VALUES ($1, $2, $3, $4, $5, $6)")
-            .bind(&row.key)
-            .bind(row.run_id.0)
-            .bind(&row.step)
-            .bind(row.attempt)
-            .bind(&row.kind)
-            .bind(Timestamp::now().0)
-            .execute(&self.pool)
-            .await?;
-        Ok(true)
-    }
-
-    async fn ledger(&self, run: Option<RunId>) -> Result<Vec<LedgerRow>> {
-        let rows = sqlx::query(
-            "SELECT key, run_id, step, attempt, kind FROM ledger WHERE ($1::uuid IS NULL OR run_id = $1) ORDER BY id",
-        )
-        .bind(run.map(|r| r.0))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(LedgerRow {
-                    key: r.try_get("key")?,
-                    run_id: RunId(r.try_get("run_id")?),
-                    step: r.try_get("step")?,
-                    attempt: r.try_get("attempt")?,
-                    kind: r.try_get("kind")?,
-                })
-            })
-            .collect()
     }
 }
 
@@ -511,29 +359,13 @@ impl PgStore {
     }
 }
 
-super::shared::inventory_and_jobs!(PgStore);
+super::shared::inventory_and_jobs!(PgStore, PgRow);
 super::shared::run_reads!(PgStore);
+super::shared::run_writes!(PgStore, "postgres");
 
 const JOB_COLUMNS: &str = "f.job_id, f.vm_id, f.vm_name, f.job_type, f.status, f.linstor_snapshot_name, \
     f.destination_vm_id, f.error_message, f.correlation_id, f.created_at::text AS created_at, \
     f.started_at::text AS started_at, f.completed_at::text AS completed_at";
-
-fn job_from_row(r: &PgRow) -> Result<FailoverJobRow> {
-    Ok(FailoverJobRow {
-        job_id: r.try_get("job_id")?,
-        vm_id: r.try_get("vm_id")?,
-        vm_name: r.try_get("vm_name")?,
-        job_type: r.try_get("job_type")?,
-        status: r.try_get("status")?,
-        linstor_snapshot_name: r.try_get("linstor_snapshot_name")?,
-        destination_vm_id: r.try_get("destination_vm_id")?,
-        error_message: r.try_get("error_message")?,
-        correlation_id: r.try_get("correlation_id")?,
-        created_at: r.try_get("created_at")?,
-        started_at: r.try_get("started_at")?,
-        completed_at: r.try_get("completed_at")?,
-    })
-}
 
 /// A unique violation of the insert that carries `lock_key` is the lock being held.
 fn lock_conflict(e: sqlx::Error, key: &Option<String>) -> StoreError {

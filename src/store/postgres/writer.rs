@@ -51,9 +51,7 @@ impl Committer for PgCommitter {
                 WriteJob::Submit(run, _) if run.lock_key.is_some() => locked.push((i, &**run)),
                 WriteJob::Submit(run, _) => free.push((i, &**run)),
                 other @ (WriteJob::Claim(..) | WriteJob::Heartbeat(..) | WriteJob::Release(..)) => {
-                    out[i] = Some(other.failed(StoreError::Config(
-                        "leases are not written by the PostgreSQL writer".into(),
-                    )))
+                    out[i] = Some(other.failed(StoreError::Internal("leases are not written by the PostgreSQL writer")))
                 }
             }
         }

@@ -13,6 +13,7 @@ use sqlx::types::Json;
 use sqlx::{Row, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
+use super::shared::{doc_of_text, run_from_row, run_id_of_text, Cols, RUN_COLUMNS};
 use super::*;
 
 mod writer;
@@ -27,11 +28,6 @@ pub struct SqliteStore {
 
 /// How long a write waits for another connection's transaction before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
-
-const RUN_COLUMNS: &str =
-    "id, definition, definition_hash, request_id, correlation_id, state, status, display_status, \
-    current_step, input, context, last_seq, fencing_token, lease_owner, lease_expires_at, wake_at, signals_pending, \
-    cancel_reason, cancel_pending, created_at, updated_at, started_at, completed_at";
 
 /// Turns off SQLite's memory statistics, once per process and before its first connection.
 /// With them on, every allocation SQLite makes takes a process-wide mutex to count itself; the
@@ -96,99 +92,41 @@ impl SqliteStore {
 
     /// Queues a job for the group-commit writer and waits until its batch committed.
     async fn write<T>(&self, job: impl FnOnce(oneshot::Sender<Result<T>>) -> WriteJob) -> Result<T> {
-        let stopped = || StoreError::Config("the database writer has stopped".into());
+        let stopped = || StoreError::WriterStopped;
         let (reply, answer) = oneshot::channel();
         self.writer.send(job(reply)).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }
 
-fn ts(v: Option<i64>) -> Option<Timestamp> {
-    v.map(Timestamp)
-}
-
-/// Column access shared by the pool (sqlx) and the writer thread (rusqlite), so a run row is
-/// decoded in one place whichever connection read it.
-trait Cols {
-    fn text(&self, col: &str) -> Result<Option<String>>;
-    fn int(&self, col: &str) -> Result<Option<i64>>;
-}
-
-impl Cols for SqliteRow {
-    fn text(&self, col: &str) -> Result<Option<String>> {
-        Ok(self.try_get(col)?)
-    }
-    fn int(&self, col: &str) -> Result<Option<i64>> {
-        Ok(self.try_get(col)?)
-    }
-}
-
-impl Cols for rusqlite::Row<'_> {
-    fn text(&self, col: &str) -> Result<Option<String>> {
-        Ok(self.get(col)?)
-    }
-    fn int(&self, col: &str) -> Result<Option<i64>> {
-        Ok(self.get(col)?)
-    }
-}
-
-fn run_from_row(row: &impl Cols) -> Result<RunRow> {
-    let text = |c: &str| {
-        row.text(c)?
-            .ok_or_else(|| StoreError::Corrupt(format!("runs.{c} is NULL")))
-    };
-    let int = |c: &str| {
-        row.int(c)?
-            .ok_or_else(|| StoreError::Corrupt(format!("runs.{c} is NULL")))
-    };
-    let doc = |c: &str| -> Result<Value> {
-        serde_json::from_str(&text(c)?).map_err(|e| StoreError::Corrupt(format!("runs.{c}: {e}")))
-    };
-    let id = text("id")?;
-    let status = text("status")?;
-    Ok(RunRow {
-        id: id
-            .parse()
-            .map_err(|e| StoreError::Corrupt(format!("run id {id:?}: {e}")))?,
-        definition: text("definition")?,
-        definition_hash: text("definition_hash")?,
-        request_id: row.text("request_id")?,
-        correlation_id: text("correlation_id")?,
-        state: parse_json("run state", doc("state")?)?,
-        status: RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?,
-        display_status: text("display_status")?,
-        current_step: row.text("current_step")?,
-        input: doc("input")?,
-        context: RunContext::from_value(doc("context")?)
-            .map_err(|e| StoreError::Corrupt(format!("run context: {e}")))?,
-        last_seq: int("last_seq")?,
-        fencing_token: int("fencing_token")?,
-        lease_owner: row.text("lease_owner")?,
-        lease_expires_at: ts(row.int("lease_expires_at")?),
-        wake_at: ts(row.int("wake_at")?),
-        signals_pending: int("signals_pending")?,
-        cancel_reason: row.text("cancel_reason")?,
-        cancel_pending: int("cancel_pending")? != 0,
-        created_at: Timestamp(int("created_at")?),
-        updated_at: Timestamp(int("updated_at")?),
-        started_at: ts(row.int("started_at")?),
-        completed_at: ts(row.int("completed_at")?),
-    })
-}
-
-#[async_trait]
-impl RunStore for SqliteStore {
-    async fn submit(&self, run: NewRun) -> Result<Submitted> {
-        // A run started at submit is already leased: no worker needs to look for it.
-        let claimable = run.start.is_none();
-        let submitted = self.write(|reply| WriteJob::Submit(Box::new(run), reply)).await?;
-        if submitted.created && claimable {
-            self.wakeup.wake();
+/// SQLite stores run ids, JSON and flags as text and integers.
+macro_rules! sqlite_cols {
+    ($row:ty, $get:ident) => {
+        impl Cols for $row {
+            fn text(&self, col: &str) -> Result<Option<String>> {
+                Ok(self.$get(col)?)
+            }
+            fn int(&self, col: &str) -> Result<Option<i64>> {
+                Ok(self.$get(col)?)
+            }
+            fn flag(&self, col: &str) -> Result<bool> {
+                Ok(self.int(col)?.unwrap_or(0) != 0)
+            }
+            fn doc(&self, col: &str) -> Result<Value> {
+                doc_of_text(col, self.text(col)?)
+            }
+            fn run_id(&self, col: &str) -> Result<RunId> {
+                run_id_of_text(col, self.text(col)?)
+            }
         }
-        Ok(submitted)
-    }
+    };
+}
 
-    async fn claim(
+sqlite_cols!(SqliteRow, try_get);
+sqlite_cols!(rusqlite::Row<'_>, get);
+
+impl SqliteStore {
+    async fn claim_due(
         &self,
         owner: &str,
         limit: u32,
@@ -204,7 +142,7 @@ impl RunStore for SqliteStore {
         self.write(|reply| WriteJob::Claim(job, reply)).await
     }
 
-    async fn heartbeat(&self, run: RunId, lease: &Lease, expires_at: Timestamp) -> Result<()> {
+    async fn renew_lease(&self, run: RunId, lease: &Lease, expires_at: Timestamp) -> Result<()> {
         let job = LeaseJob {
             run,
             lease: lease.clone(),
@@ -213,11 +151,7 @@ impl RunStore for SqliteStore {
         self.write(|reply| WriteJob::Heartbeat(job, reply)).await
     }
 
-    async fn checkpoint(&self, cp: Checkpoint) -> Result<CheckpointOutcome> {
-        self.write(|reply| WriteJob::Checkpoint(Box::new(cp), reply)).await
-    }
-
-    async fn release(&self, run: RunId, lease: &Lease) -> Result<()> {
+    async fn drop_lease(&self, run: RunId, lease: &Lease) -> Result<()> {
         let job = LeaseJob {
             run,
             lease: lease.clone(),
@@ -226,126 +160,8 @@ impl RunStore for SqliteStore {
         self.write(|reply| WriteJob::Release(job, reply)).await
     }
 
-    async fn signal(&self, run: RunId, name: &str, now: Timestamp) -> Result<SignalOutcome> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM runs WHERE id = $1")
-            .bind(run.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let status = status.ok_or(StoreError::NotFound(run))?;
-        let status = RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?;
-        if status.is_terminal() {
-            return Ok(SignalOutcome::Finished(status));
-        }
-        let inserted = sqlx::query(
-            "INSERT INTO signals (run_id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (run_id, name) DO NOTHING",
-        )
-        .bind(run.to_string())
-        .bind(name)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            return Ok(SignalOutcome::Duplicate);
-        }
-        sqlx::query(
-            "UPDATE runs SET signals_pending = signals_pending + 1, \
-             wake_at = CASE WHEN status = 'holding' THEN MIN(COALESCE(wake_at, $2), $2) ELSE wake_at END WHERE id = $1",
-        )
-        .bind(run.to_string())
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        self.wakeup.wake();
-        Ok(SignalOutcome::Accepted)
-    }
-
-    async fn cancel(&self, run: RunId, reason: &str, now: Timestamp) -> Result<SignalOutcome> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let row = sqlx::query("SELECT status, cancel_reason FROM runs WHERE id = $1")
-            .bind(run.to_string())
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound(run))?;
-        let status: String = row.try_get("status")?;
-        let status = RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?;
-        if status.is_terminal() {
-            return Ok(SignalOutcome::Finished(status));
-        }
-        if row.try_get::<Option<String>, _>("cancel_reason")?.is_some() {
-            return Ok(SignalOutcome::Duplicate);
-        }
-        sqlx::query(
-            "UPDATE runs SET cancel_reason = $2, cancel_pending = 1, wake_at = MIN(COALESCE(wake_at, $3), $3) WHERE id = $1",
-        )
-        .bind(run.to_string())
-        .bind(reason)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        self.wakeup.wake();
-        Ok(SignalOutcome::Accepted)
-    }
-
-    fn wakeup(&self) -> Arc<Wakeup> {
-        self.wakeup.clone()
-    }
-
-    fn backend(&self) -> &'static str {
-        "sqlite"
-    }
-}
-
-#[async_trait]
-impl Ledger for SqliteStore {
-    async fn ledger_record(&self, row: &LedgerRow, adopt: bool) -> Result<bool> {
-        // Look up, then create: two statements, like a real cloud API (no atomic upsert to hide behind).
-        if adopt {
-            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger WHERE key = $1")
-                .bind(&row.key)
-                .fetch_one(&self.pool)
-                .await?;
-            if n > 0 {
-                return Ok(false);
-            }
-        }
-        sqlx::query("INSERT INTO ledger (key, run_id, step, attempt, kind, at) VALUES ($1, $2, $3, $4, $5, $6)")
-            .bind(&row.key)
-            .bind(row.run_id.to_string())
-            .bind(&row.step)
-            .bind(row.attempt)
-            .bind(&row.kind)
-            .bind(Timestamp::now().0)
-            .execute(&self.pool)
-            .await?;
-        Ok(true)
-    }
-
-    async fn ledger(&self, run: Option<RunId>) -> Result<Vec<LedgerRow>> {
-        let rows = sqlx::query(
-            "SELECT key, run_id, step, attempt, kind FROM ledger WHERE ($1 IS NULL OR run_id = $1) ORDER BY id",
-        )
-        .bind(run.map(|r| r.to_string()))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let id: String = r.try_get("run_id")?;
-                Ok(LedgerRow {
-                    key: r.try_get("key")?,
-                    run_id: id
-                        .parse()
-                        .map_err(|e| StoreError::Corrupt(format!("ledger run id: {e}")))?,
-                    step: r.try_get("step")?,
-                    attempt: r.try_get("attempt")?,
-                    kind: r.try_get("kind")?,
-                })
-            })
-            .collect()
-    }
+    /// One process writes a SQLite file: its writer does not share out work by load.
+    fn count_executing(&self, _count: Option<ExecutingCount>) {}
 }
 
 impl SqliteStore {
@@ -423,31 +239,24 @@ impl SqliteStore {
         rows.iter().map(job_from_row).collect()
     }
 
+    /// No row locks: `BEGIN IMMEDIATE` already holds the database's write lock.
+    const FOR_UPDATE: &'static str = "";
+    const LEAST: &'static str = "MIN";
+
+    /// One process writes a SQLite file: the in-process wake-up (after commit) is enough.
+    async fn notify(&self, _tx: &mut sqlx::SqliteConnection) -> Result<()> {
+        Ok(())
+    }
+
     /// A write transaction (SQLite takes the write lock at BEGIN, so it never upgrades later).
     async fn begin_write(&self) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 }
 
-super::shared::inventory_and_jobs!(SqliteStore);
+super::shared::inventory_and_jobs!(SqliteStore, SqliteRow);
 super::shared::run_reads!(SqliteStore);
+super::shared::run_writes!(SqliteStore, "sqlite");
 
 const JOB_COLUMNS: &str = "f.job_id, f.vm_id, f.vm_name, f.job_type, f.status, f.linstor_snapshot_name, \
     f.destination_vm_id, f.error_message, f.correlation_id, f.created_at, f.started_at, f.completed_at";
-
-fn job_from_row(r: &SqliteRow) -> Result<FailoverJobRow> {
-    Ok(FailoverJobRow {
-        job_id: r.try_get("job_id")?,
-        vm_id: r.try_get("vm_id")?,
-        vm_name: r.try_get("vm_name")?,
-        job_type: r.try_get("job_type")?,
-        status: r.try_get("status")?,
-        linstor_snapshot_name: r.try_get("linstor_snapshot_name")?,
-        destination_vm_id: r.try_get("destination_vm_id")?,
-        error_message: r.try_get("error_message")?,
-        correlation_id: r.try_get("correlation_id")?,
-        created_at: r.try_get("created_at")?,
-        started_at: r.try_get("started_at")?,
-        completed_at: r.try_get("completed_at")?,
-    })
-}
