@@ -28,7 +28,7 @@ macro_rules! received {
 
 received!(Code::InvalidArgument =>
     StartTestFailoverRequest, StartLiveFailoverRequest, EndTestFailoverRequest,
-    CancelFailoverRequest, GetFailoverRequest, ListFailoversRequest, WatchFailoverRequest,
+    CancelFailoverRequest, ResolveFailoverRequest, GetFailoverRequest, ListFailoversRequest, WatchFailoverRequest,
     CheckReadinessRequest, UpsertVmRequest, GetVmRequest, ListVmsRequest,
     SetNetworkMappingsRequest, GetNetworkMappingsRequest, SubmitWorkflowRequest,
     GetWorkflowRequest, ListWorkflowsRequest, WatchWorkflowRequest, SignalWorkflowRequest,

@@ -47,6 +47,21 @@ pub fn run_error(state: &RunState) -> Option<pb::Error> {
                 undone.join(", ")
             ),
         }),
+        RunState::Resolved {
+            step,
+            error: e,
+            resolution,
+            ..
+        } => Some(pb::Error {
+            code: e.code.clone(),
+            message: format!(
+                "step {step}: {}; resolved by {}{}: {}",
+                e.message,
+                resolution.by,
+                if resolution.forced { " (forced)" } else { "" },
+                resolution.reason
+            ),
+        }),
         RunState::Cancelled { reason } => Some(pb::Error {
             code: "CANCELLED".into(),
             message: reason.clone(),
@@ -147,7 +162,8 @@ pub fn steps(def: &Definition, journal: &[JournalEntry]) -> Vec<pb::Step> {
             | Record::TimerFired { .. }
             | Record::SignalReceived { .. }
             | Record::CancelRequested { .. }
-            | Record::RunFinished { .. } => continue,
+            | Record::RunFinished { .. }
+            | Record::Resolved { .. } => continue,
         };
         changes.push(Change {
             slot: i,
@@ -224,7 +240,8 @@ pub fn entry(e: &JournalEntry) -> pb::JournalEntry {
         | Record::TimerFired { .. }
         | Record::SignalReceived { .. }
         | Record::CancelRequested { .. }
-        | Record::RunFinished { .. } => (String::new(), "", 0),
+        | Record::RunFinished { .. }
+        | Record::Resolved { .. } => (String::new(), "", 0),
     };
     pb::JournalEntry {
         sequence: e.seq,
@@ -309,6 +326,16 @@ pub fn failover_job(
         error: run_error(&run.state),
         created: true,
         last_sequence: run.last_seq,
+        resolution: match &run.state {
+            RunState::Resolved { resolution: r, .. } => Some(pb::Resolution {
+                resolved_by: r.by.clone(),
+                reason: r.reason.clone(),
+                forced: r.forced,
+                differences: r.differences.clone(),
+                resolved_at: Some(timestamp(r.at)),
+            }),
+            _ => None,
+        },
     }
 }
 

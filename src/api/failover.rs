@@ -15,8 +15,10 @@ use super::watch::{watch, WatchStream};
 use super::{correlation_of, reply, reply_own, respond, ApiState, LIVE_FAILOVER, TEST_FAILOVER};
 use crate::domain::failover::{FailoverInput, JobType};
 use crate::domain::inventory::NetworkKind;
+use crate::domain::run::{Resolution, RunState, RunStatus};
 use crate::domain::{parse_duration, RunId, Timestamp};
 use crate::engine::{EngineError, SubmitRequest};
+use crate::steps::failover::recover;
 use crate::store::{FailoverJobRow, JobFilter, RunRow, SignalOutcome};
 
 pub struct FailoverApi {
@@ -202,12 +204,30 @@ impl FailoverApi {
                     .active_jobs_for_vm(&value, None)
                     .await
                     .unwrap_or_default();
-                return Err(ApiError::Precondition {
-                    reason: "VM_BUSY",
-                    message: format!(
+                // A job that needs an operator holds the VM until it is resolved.
+                let mut stuck = Vec::new();
+                for job in &active {
+                    if let Ok(id) = job.parse::<RunId>() {
+                        if let Ok(Some(r)) = self.state.engine.get_run(id).await {
+                            if r.status == RunStatus::NeedsOperator {
+                                stuck.push(job.clone());
+                            }
+                        }
+                    }
+                }
+                let message = match stuck.first() {
+                    Some(job) => format!(
+                        "VM {value} is held by job {job}, which needs an operator: put right what \
+                         `tern admin recover {job}` lists, then `tern resolve {job} --reason TEXT`"
+                    ),
+                    None => format!(
                         "VM {value} already has an unfinished failover ({}); end or cancel it first",
                         active.join(", ")
                     ),
+                };
+                return Err(ApiError::Precondition {
+                    reason: "VM_BUSY",
+                    message,
                     metadata: HashMap::from([
                         ("vm_id".to_string(), value),
                         ("active_jobs".to_string(), active.join(",")),
@@ -258,6 +278,82 @@ impl FailoverApi {
         let run = self.run(id).await?;
         self.job(&run, true).await
     }
+
+    /// Resolves a needs_operator job once the cloud shows nothing left to put right (or when
+    /// forced), then frees its VM.
+    async fn resolve(&self, r: &pb::ResolveFailoverRequest) -> ApiResult<pb::FailoverJob> {
+        let id = run_id("job_id", &r.job_id)?;
+        let reason = r.reason.trim();
+        let by = r.resolved_by.trim();
+        for (field, value, max) in [("reason", reason, 1000), ("resolved_by", by, 200)] {
+            if value.is_empty() {
+                return Err(ApiError::field(field, "is required"));
+            }
+            if value.chars().count() > max {
+                return Err(ApiError::field(field, format!("is longer than {max} characters")));
+            }
+        }
+        let run = self.run(id).await?;
+        if !matches!(run.state, RunState::NeedsOperator { .. }) {
+            return Err(ApiError::precondition(
+                "JOB_NOT_NEEDS_OPERATOR",
+                format!(
+                    "job {id} is {}: only a job that needs an operator is resolved",
+                    run.status.as_str()
+                ),
+            ));
+        }
+        let differences = self.differences(&run).await?;
+        if !differences.is_empty() && !r.force {
+            let list: Vec<String> = differences
+                .iter()
+                .enumerate()
+                .map(|(n, d)| format!("{}. {d}", n + 1))
+                .collect();
+            return Err(ApiError::Precondition {
+                reason: "NOT_RESOLVED",
+                message: format!(
+                    "job {id} is not resolved: the cloud still differs from the starting point. Left to do: {}. \
+                     Do it (`tern admin recover {id}` prints it in full) and resolve again, or resolve with force",
+                    list.join(" ")
+                ),
+                metadata: HashMap::from([("job_id".to_string(), id.to_string())]),
+            });
+        }
+        let resolution = Resolution {
+            by: by.to_string(),
+            reason: reason.to_string(),
+            forced: !differences.is_empty(),
+            differences,
+            at: Timestamp::now(),
+        };
+        let run = self.state.engine.resolve(id, resolution).await?;
+        self.job(&run, true).await
+    }
+
+    /// What the job left that the cloud still shows (see [`recover::differences`]); what could
+    /// not be checked counts as a difference.
+    async fn differences(&self, run: &RunRow) -> ApiResult<Vec<String>> {
+        let Some(deps) = &self.state.failover else {
+            return Ok(vec![
+                "the cloud was not checked: this server has no cloud configured".into()
+            ]);
+        };
+        let input = FailoverInput::from_value(&run.input)
+            .map_err(|e| ApiError::Internal(format!("job {}: stored input: {e}", run.id)))?;
+        let Some(vm) = self.state.inventory.vm_record(&input.vm_id).await? else {
+            return Ok(vec![format!(
+                "the cloud was not checked: VM {} is no longer in the inventory",
+                input.vm_id
+            )]);
+        };
+        let job = self.state.jobs.failover_job(run.id).await?;
+        let snapshot = job.as_ref().and_then(|j| j.linstor_snapshot_name.as_deref());
+        match recover::differences(deps, run, &vm, snapshot).await {
+            Ok(d) => Ok(d),
+            Err(e) => Ok(vec![format!("the cloud could not be asked: {e}")]),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -307,6 +403,14 @@ impl FailoverService for FailoverApi {
             r.reason.trim()
         };
         reply_own(self.stop(&r.job_id, false, reason).await, &c)
+    }
+
+    async fn resolve_failover(
+        &self,
+        req: Request<pb::ResolveFailoverRequest>,
+    ) -> Result<Response<pb::FailoverJob>, Status> {
+        let c = correlation_of(&req);
+        reply_own(self.resolve(req.get_ref()).await, &c)
     }
 
     async fn get_failover(&self, req: Request<pb::GetFailoverRequest>) -> Result<Response<pb::FailoverJob>, Status> {

@@ -44,6 +44,20 @@ pub enum ClientCommand {
         #[arg(long, default_value = "cancelled by operator")]
         reason: String,
     },
+    /// Resolve a job that needs an operator, once `tern admin recover JOB` shows nothing left
+    /// to do: the server checks the cloud first. Frees the VM for the next failover.
+    Resolve {
+        job: String,
+        /// What was checked or done (journaled).
+        #[arg(long)]
+        reason: String,
+        /// Who resolves it (journaled); defaults to $USER@host.
+        #[arg(long)]
+        by: Option<String>,
+        /// Resolve although the cloud still differs from the starting point (journaled).
+        #[arg(long)]
+        force: bool,
+    },
     /// Show a failover job and its steps.
     Get {
         job: String,
@@ -162,6 +176,25 @@ pub async fn run(endpoint: &str, cmd: ClientCommand) -> Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             println!("cancel sent: job {} is {}", j.job_id, j.status);
+        }
+        ClientCommand::Resolve { job, reason, by, force } => {
+            let j = fo
+                .resolve_failover(pb::ResolveFailoverRequest {
+                    job_id: job,
+                    reason,
+                    resolved_by: by.unwrap_or_else(operator_name),
+                    force,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let forced = j.resolution.as_ref().is_some_and(|r| r.forced);
+            println!(
+                "resolved{}: job {} is {}; its VM is free",
+                if forced { " (forced)" } else { "" },
+                j.job_id,
+                j.status
+            );
         }
         ClientCommand::Get { job, json } => {
             let j = fo
@@ -298,6 +331,17 @@ async fn started(job: &pb::FailoverJob, opts: &StartOpts, channel: Channel) -> R
         watch(channel, &job.job_id).await?;
     }
     Ok(())
+}
+
+/// Who runs this command, for the journal: $USER@host.
+fn operator_name() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{user}@{host}")
 }
 
 /// A gRPC error as one line: the message, the machine code and any field problems.

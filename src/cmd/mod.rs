@@ -25,7 +25,7 @@ use tern::store::{self, Store};
     name = "tern",
     version,
     about = "Durable workflow engine for VM failovers",
-    after_help = "test-failover, live-failover, end-test, cancel, get, list, watch and readiness ask a Tern \
+    after_help = "test-failover, live-failover, end-test, cancel, resolve, get, list, watch and readiness ask a Tern \
                   server over gRPC (--endpoint); `tern admin …` works on the database directly (--database)."
 )]
 pub(crate) struct Cli {

@@ -78,6 +78,27 @@ pub enum RunState {
         error: StepError,
         undone: Vec<String>,
     },
+    /// An operator put right what a `NeedsOperator` run left (or accepted it as it is) and said
+    /// so: the run's resources (a failover's VM) are free again. Keeps what the run left, for
+    /// the record. Terminal.
+    Resolved {
+        step: String,
+        error: StepError,
+        undone: Vec<String>,
+        resolution: Resolution,
+    },
+}
+
+/// Who resolved a `NeedsOperator` run, why, and what still differed from the starting point
+/// when they did (empty unless `forced`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolution {
+    pub by: String,
+    pub reason: String,
+    /// Resolved although the world still differed (the differences are listed).
+    pub forced: bool,
+    pub differences: Vec<String>,
+    pub at: Timestamp,
 }
 
 /// The coarse status column that workers and filters use.
@@ -93,6 +114,7 @@ pub enum RunStatus {
     Failed,
     Cancelled,
     NeedsOperator,
+    Resolved,
 }
 
 impl RunStatus {
@@ -107,6 +129,7 @@ impl RunStatus {
             RunStatus::Failed => "failed",
             RunStatus::Cancelled => "cancelled",
             RunStatus::NeedsOperator => "needs_operator",
+            RunStatus::Resolved => "resolved",
         }
     }
 
@@ -121,6 +144,7 @@ impl RunStatus {
             "failed" => RunStatus::Failed,
             "cancelled" => RunStatus::Cancelled,
             "needs_operator" => RunStatus::NeedsOperator,
+            "resolved" => RunStatus::Resolved,
             _ => return None,
         })
     }
@@ -128,7 +152,11 @@ impl RunStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled | RunStatus::NeedsOperator
+            RunStatus::Completed
+                | RunStatus::Failed
+                | RunStatus::Cancelled
+                | RunStatus::NeedsOperator
+                | RunStatus::Resolved
         )
     }
 }
@@ -145,6 +173,7 @@ impl RunState {
             RunState::Failed { .. } => RunStatus::Failed,
             RunState::Cancelled { .. } => RunStatus::Cancelled,
             RunState::NeedsOperator { .. } => RunStatus::NeedsOperator,
+            RunState::Resolved { .. } => RunStatus::Resolved,
         }
     }
 
@@ -163,7 +192,8 @@ impl RunState {
             RunState::Completed
             | RunState::Failed { .. }
             | RunState::Cancelled { .. }
-            | RunState::NeedsOperator { .. } => None,
+            | RunState::NeedsOperator { .. }
+            | RunState::Resolved { .. } => None,
         }
     }
 
@@ -254,6 +284,13 @@ pub enum Record {
         error: Option<StepError>,
         undone: Vec<String>,
     },
+    /// An operator resolved a `needs_operator` run.
+    Resolved {
+        by: String,
+        reason: String,
+        forced: bool,
+        differences: Vec<String>,
+    },
 }
 
 impl Record {
@@ -275,6 +312,7 @@ impl Record {
             Record::SignalReceived { .. } => "signal_received",
             Record::CancelRequested { .. } => "cancel_requested",
             Record::RunFinished { .. } => "run_finished",
+            Record::Resolved { .. } => "resolved",
         }
     }
 }
@@ -337,7 +375,8 @@ impl RunContext {
                 | Record::TimerFired { .. }
                 | Record::SignalReceived { .. }
                 | Record::CancelRequested { .. }
-                | Record::RunFinished { .. } => continue,
+                | Record::RunFinished { .. }
+                | Record::Resolved { .. } => continue,
             };
             table.insert(key.clone(), value.clone());
             changed = true;

@@ -201,7 +201,8 @@ impl Driver {
             RunState::Completed
             | RunState::Failed { .. }
             | RunState::Cancelled { .. }
-            | RunState::NeedsOperator { .. } => return Ok(Action::Finish),
+            | RunState::NeedsOperator { .. }
+            | RunState::Resolved { .. } => return Ok(Action::Finish),
         };
         self.apply(event, vec![], false).await
     }
@@ -461,6 +462,7 @@ pub(crate) fn current_step(def: &Definition, s: &RunState) -> Option<String> {
         | RunState::Completed
         | RunState::Failed { .. }
         | RunState::Cancelled { .. }
-        | RunState::NeedsOperator { .. } => None,
+        | RunState::NeedsOperator { .. }
+        | RunState::Resolved { .. } => None,
     }
 }

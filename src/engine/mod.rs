@@ -5,6 +5,7 @@
 pub mod action;
 pub mod driver;
 pub mod machine;
+mod operator;
 mod watchers;
 pub mod worker;
 

@@ -407,6 +407,7 @@ pub(crate) struct ProjectionRow<'a> {
     pub error: Option<&'a str>,
     pub started: bool,
     pub completed: bool,
+    pub release_lock: bool,
     pub at: String,
 }
 
@@ -454,6 +455,7 @@ impl<'a> BatchRows<'a> {
             error: projection.error_message.as_deref(),
             started: projection.started,
             completed: projection.completed,
+            release_lock: projection.release_lock,
             at: at.clone(),
         });
         self.add_tracking(&id, projection, &at);

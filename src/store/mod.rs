@@ -360,6 +360,9 @@ pub trait RunStore: Send + Sync + 'static {
     async fn checkpoint(&self, cp: Checkpoint) -> Result<CheckpointOutcome>;
     /// Gives a lease back without changing the run (shutdown): another worker may claim it at once.
     async fn release(&self, run: RunId, lease: &Lease) -> Result<()>;
+    /// Leases one run that no live worker holds, for a change an operator asked for (resolving
+    /// a finished run). None while a worker's lease on it is live.
+    async fn take(&self, run: RunId, owner: &str, lease_ttl: Duration, now: Timestamp) -> Result<Option<Lease>>;
     /// Stores a named signal for a run (idempotent per name) and wakes the run.
     async fn signal(&self, run: RunId, name: &str, now: Timestamp) -> Result<SignalOutcome>;
     /// Stores a cancel request (idempotent) and wakes the run.
@@ -411,7 +414,8 @@ pub trait JobStore: Send + Sync + 'static {
     async fn list_failover_jobs(&self, filter: &JobFilter) -> Result<Vec<FailoverJobRow>>;
     /// The run's `job_tracking` projection rows, in creation order.
     async fn job_tracking(&self, run: RunId) -> Result<Vec<JobTrackingRow>>;
-    /// Runs on this VM whose failover_jobs row is not completed, except `except`.
+    /// The runs that hold this VM, except `except`: unfinished ones, and those that need an
+    /// operator and were not resolved yet.
     async fn active_jobs_for_vm(&self, vm_id: &str, except: Option<RunId>) -> Result<Vec<String>>;
 }
 

@@ -18,6 +18,9 @@ pub struct Projection {
     pub error_message: Option<String>,
     pub started: bool,
     pub completed: bool,
+    /// The run gives up its exclusive key (a failover's VM): it finished on its own, or an
+    /// operator resolved it. A run that needs an operator keeps it.
+    pub release_lock: bool,
     pub tracking: Vec<TrackingUpdate>,
 }
 
@@ -139,6 +142,7 @@ pub fn project(records: &[Record], display_status: &str) -> Projection {
             Record::CancelRequested { .. } => {}
             Record::RunFinished { status, error, undone } => {
                 p.completed = true;
+                p.release_lock = *status != RunStatus::NeedsOperator;
                 if let Some(e) = error {
                     let mut msg = format!("{}: {}", e.code, e.message);
                     if *status == RunStatus::NeedsOperator && !undone.is_empty() {
@@ -147,6 +151,7 @@ pub fn project(records: &[Record], display_status: &str) -> Projection {
                     p.error_message = Some(msg);
                 }
             }
+            Record::Resolved { .. } => p.release_lock = true,
         }
     }
     p
@@ -183,6 +188,21 @@ mod tests {
         assert_eq!(p.tracking[0].status, "completed");
         assert_eq!(p.tracking[1].operation, "teardown:stop");
         assert!(p.completed);
+        assert!(!p.release_lock, "a run that needs an operator keeps its VM");
         assert!(p.error_message.unwrap().contains("not undone: snapshot"));
+        let resolved = [Record::Resolved {
+            by: "ops".into(),
+            reason: "volume reattached by hand".into(),
+            forced: false,
+            differences: vec![],
+        }];
+        let p = project(&resolved, "resolved");
+        assert!(p.release_lock && !p.completed);
+        let done = [Record::RunFinished {
+            status: RunStatus::Completed,
+            error: None,
+            undone: vec![],
+        }];
+        assert!(project(&done, "completed").release_lock);
     }
 }

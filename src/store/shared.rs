@@ -139,7 +139,8 @@ macro_rules! inventory_and_jobs {
 
             async fn active_jobs_for_vm(&self, vm_id: &str, except: Option<RunId>) -> Result<Vec<String>> {
                 Ok(sqlx::query_scalar(
-                    "SELECT job_id FROM failover_jobs WHERE vm_id = $1 AND completed_at IS NULL AND (CAST($2 AS TEXT) IS NULL OR job_id <> $2) \
+                    "SELECT job_id FROM failover_jobs WHERE vm_id = $1 AND (completed_at IS NULL OR lock_key IS NOT NULL) \
+                     AND (CAST($2 AS TEXT) IS NULL OR job_id <> $2) \
                      ORDER BY job_id",
                 )
                 .bind(vm_id)
@@ -396,6 +397,23 @@ macro_rules! run_writes {
 
             async fn release(&self, run: RunId, lease: &Lease) -> Result<()> {
                 self.drop_lease(run, lease).await
+            }
+
+            async fn take(&self, run: RunId, owner: &str, lease_ttl: Duration, now: Timestamp) -> Result<Option<Lease>> {
+                let token: Option<i64> = sqlx::query_scalar(
+                    "UPDATE runs SET lease_owner = $2, lease_expires_at = $3, fencing_token = fencing_token + 1 \
+                     WHERE id = $1 AND (lease_owner IS NULL OR lease_expires_at < $4) RETURNING fencing_token",
+                )
+                .bind(Self::key(run))
+                .bind(owner)
+                .bind(now.plus(lease_ttl).0)
+                .bind(now.0)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(token.map(|token| Lease {
+                    owner: owner.to_string(),
+                    token,
+                }))
             }
 
             fn wakeup(&self) -> Arc<Wakeup> {

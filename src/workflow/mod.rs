@@ -156,6 +156,7 @@ impl Definition {
             RunState::Failed { .. } => "failed".into(),
             RunState::Cancelled { .. } => "cancelled".into(),
             RunState::NeedsOperator { .. } => "needs_operator".into(),
+            RunState::Resolved { .. } => "resolved".into(),
         }
     }
 

@@ -19,7 +19,7 @@ mod tests;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::domain::run::{Phase, Record, RunState, RunStatus};
+use crate::domain::run::{Phase, Record, Resolution, RunState, RunStatus};
 use crate::domain::{RunId, StepError, Timestamp};
 use crate::workflow::{Definition, StepDef};
 
@@ -81,8 +81,11 @@ impl Machine<'_> {
                 self.on_compensation_retry_due(*step, *attempt, *at, cause, now),
             (S::CompensationBackoff { .. }, E::Cancel { reason }) => self.on_cancel_absorbed(state, reason),
 
+            (S::NeedsOperator { step, error, undone }, E::Resolve { resolution }) =>
+                Ok(resolved(step, error, undone, resolution)),
+
             (
-                S::Completed | S::Failed { .. } | S::Cancelled { .. } | S::NeedsOperator { .. },
+                S::Completed | S::Failed { .. } | S::Cancelled { .. } | S::NeedsOperator { .. } | S::Resolved { .. },
                 E::Begin | E::Resume | E::StepSucceeded { .. } | E::StepFailed { .. } | E::Progress { .. }
                 | E::WakeUp | E::Signal { .. } | E::Cancel { .. },
             ) => self.on_late_event(state),
@@ -101,6 +104,14 @@ impl Machine<'_> {
             // Only a run asleep until a set time wakes up.
             (S::Pending | S::Running { .. } | S::Holding { until: None } | S::Compensating { .. }, E::WakeUp) =>
                 invalid(),
+            // Only a run that needs an operator is resolved: one in progress is Tern's to finish,
+            // and a run that ended on its own (or was resolved already) left nothing to resolve.
+            (
+                S::Pending | S::Running { .. } | S::Backoff { .. } | S::Holding { .. } | S::Compensating { .. }
+                | S::CompensationBackoff { .. } | S::Completed | S::Failed { .. } | S::Cancelled { .. }
+                | S::Resolved { .. },
+                E::Resolve { .. },
+            ) => invalid(),
             // Only a holding run takes signals.
             (
                 S::Pending | S::Running { .. } | S::Backoff { .. } | S::Compensating { .. }
@@ -151,6 +162,8 @@ pub enum Event {
     Signal { name: String },
     /// Cancellation was requested.
     Cancel { reason: String },
+    /// An operator resolved a run that needs one (what they checked is in the resolution).
+    Resolve { resolution: Resolution },
 }
 
 impl Event {
@@ -164,6 +177,7 @@ impl Event {
             Event::WakeUp => "wake_up",
             Event::Signal { .. } => "signal",
             Event::Cancel { .. } => "cancel",
+            Event::Resolve { .. } => "resolve",
         }
     }
 }
@@ -232,6 +246,26 @@ fn state_name(s: &RunState) -> &'static str {
         RunState::Failed { .. } => "failed",
         RunState::Cancelled { .. } => "cancelled",
         RunState::NeedsOperator { .. } => "needs_operator",
+        RunState::Resolved { .. } => "resolved",
+    }
+}
+
+/// The operator's resolution of a `NeedsOperator` run: journaled, and the run keeps what it left.
+fn resolved(step: &str, error: &StepError, undone: &[String], resolution: &Resolution) -> Transition {
+    Transition {
+        state: RunState::Resolved {
+            step: step.to_string(),
+            error: error.clone(),
+            undone: undone.to_vec(),
+            resolution: resolution.clone(),
+        },
+        records: vec![Record::Resolved {
+            by: resolution.by.clone(),
+            reason: resolution.reason.clone(),
+            forced: resolution.forced,
+            differences: resolution.differences.clone(),
+        }],
+        action: Action::Finish,
     }
 }
 

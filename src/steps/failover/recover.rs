@@ -44,7 +44,7 @@ impl Recorded {
     pub fn of(run: &RunRow, snapshot_name_projection: Option<&str>) -> Recorded {
         let ctx = &run.context;
         let undone: &[String] = match &run.state {
-            RunState::NeedsOperator { undone, .. } => undone,
+            RunState::NeedsOperator { undone, .. } | RunState::Resolved { undone, .. } => undone,
             _ => &[],
         };
         Recorded {
@@ -134,6 +134,20 @@ pub async fn look(deps: &FailoverDeps, run: &RunRow, vm: &VmRecord, rec: &Record
     })
 }
 
+/// What `run` left that still differs from its starting point, as the steps that would put it
+/// right (empty: the volume is on the OMA and nothing the run created is left). The cloud is
+/// asked, not the journal: an operator may have done any of it by hand.
+pub async fn differences(
+    deps: &FailoverDeps,
+    run: &RunRow,
+    vm: &VmRecord,
+    snapshot_name_projection: Option<&str>,
+) -> Result<Vec<String>, ProviderError> {
+    let rec = Recorded::of(run, snapshot_name_projection);
+    let found = look(deps, run, vm, &rec).await?;
+    Ok(exact_steps(vm, &rec, &found))
+}
+
 /// The recovery text for `run` (`vm` is its inventory record, if still known). With `found`
 /// (what the cloud holds now), only what is left to do is listed; without, every step the run
 /// may have left undone, to be skipped where its effect is already there.
@@ -153,6 +167,25 @@ pub fn plan(
         RunState::NeedsOperator { step, error, undone } => {
             out.push(format!("stopped at step {step}: {error}"));
             out.push(format!("not undone: {}", if undone.is_empty() { "-".to_string() } else { undone.join(", ") }));
+        }
+        RunState::Resolved {
+            step,
+            error,
+            undone,
+            resolution,
+        } => {
+            out.push(format!("stopped at step {step}: {error}"));
+            out.push(format!("not undone: {}", if undone.is_empty() { "-".to_string() } else { undone.join(", ") }));
+            out.push(format!(
+                "resolved by {} at {}{}: {}",
+                resolution.by,
+                resolution.at,
+                if resolution.forced { " (forced)" } else { "" },
+                resolution.reason
+            ));
+            for d in &resolution.differences {
+                out.push(format!("  still differed then: {d}"));
+            }
         }
         RunState::Completed | RunState::Failed { .. } | RunState::Cancelled { .. } => {
             out.push("the run finished cleanly; nothing is left to recover.".into());

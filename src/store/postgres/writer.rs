@@ -473,10 +473,10 @@ async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun]
         // is a union of rows of two shapes, each column keeping its type.
         let (submits, select) = if submits {
             (
-                format!(", {}", submit_ctes(43)),
+                format!(", {}", submit_ctes(44)),
                 "SELECT c.id::text AS cp_id, c.last_seq AS cp_seq, c.signals_pending AS cp_signals, \
                  c.cancel_pending AS cp_cancel, i.*, \
-                 (CASE WHEN i.id IS NOT NULL AND i.lease_owner IS NULL THEN pg_notify($44, '') END) IS NULL AS woke \
+                 (CASE WHEN i.id IS NOT NULL AND i.lease_owner IS NULL THEN pg_notify($45, '') END) IS NULL AS woke \
                  FROM cas c FULL JOIN ins i ON false"
                     .to_string(),
             )
@@ -497,7 +497,7 @@ async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun]
              signals_pending = runs.signals_pending - v.signals, \
              cancel_pending = CASE WHEN v.cancel THEN FALSE ELSE runs.cancel_pending END, \
              updated_at = v.now, started_at = COALESCE(runs.started_at, CASE WHEN v.started THEN v.now END), \
-             completed_at = CASE WHEN v.terminal THEN v.now ELSE runs.completed_at END \
+             completed_at = COALESCE(runs.completed_at, CASE WHEN v.terminal THEN v.now END) \
          FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::text[], $6::jsonb[], $7::text[], \
                      $8::text[], $9::text[], $10::jsonb[], $11::int8[], $12::int8[], $13::bool[], $14::int8[], \
                      $15::bool[], $16::bool[], $17::bool[], $18::int8[], $19::bool[]) \
@@ -513,7 +513,7 @@ async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun]
             journal = journal_cte(20, written),
             projections = if parts & PROJECTIONS != 0 { PROJECTIONS_CTE } else { "" },
             tracking = if parts & TRACKING != 0 {
-                format!(", {}", tracking_cte(33, written))
+                format!(", {}", tracking_cte(34, written))
             } else {
                 String::new()
             },
@@ -527,13 +527,14 @@ async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun]
              error_message = COALESCE(v.error, failover_jobs.error_message), \
              started_at = CASE WHEN v.started AND failover_jobs.started_at IS NULL THEN v.at::timestamptz \
                                ELSE failover_jobs.started_at END, \
-             completed_at = CASE WHEN v.completed THEN v.at::timestamptz ELSE failover_jobs.completed_at END, \
+             completed_at = COALESCE(failover_jobs.completed_at, CASE WHEN v.completed THEN v.at::timestamptz END), \
+             lock_key = CASE WHEN v.release_lock THEN NULL ELSE failover_jobs.lock_key END, \
              updated_at = v.at::timestamptz \
              FROM unnest($25::text[], $26::text[], $27::text[], $28::text[], $29::text[], $30::bool[], $31::bool[], \
-                         $32::text[]) AS v(id, status, snapshot, vm, error, started, completed, at) \
+                         $32::text[], $33::bool[]) AS v(id, status, snapshot, vm, error, started, completed, at, release_lock) \
              WHERE failover_jobs.job_id = v.id AND v.id::uuid IN (SELECT id FROM cas))";
     const CONSUMED_CTE: &str = ", consumed AS (UPDATE signals SET consumed_at = c.now \
-             FROM unnest($40::int8[], $41::uuid[], $42::int8[]) AS c(id, run, now) \
+             FROM unnest($41::int8[], $42::uuid[], $43::int8[]) AS c(id, run, now) \
              WHERE signals.id = c.id AND signals.consumed_at IS NULL AND c.run IN (SELECT id FROM cas))";
     let part = |has: bool, part: usize| if has { part } else { 0 };
     let parts = part(!submits.is_empty(), SUBMITS)
@@ -568,7 +569,8 @@ async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun]
         .bind(p.iter().map(|r| r.error).collect::<Vec<Option<&str>>>())
         .bind(p.iter().map(|r| r.started).collect::<Vec<bool>>())
         .bind(p.iter().map(|r| r.completed).collect::<Vec<bool>>())
-        .bind(p.iter().map(|r| r.at.as_str()).collect::<Vec<&str>>());
+        .bind(p.iter().map(|r| r.at.as_str()).collect::<Vec<&str>>())
+        .bind(p.iter().map(|r| r.release_lock).collect::<Vec<bool>>());
     let q = bind_tracking(q, &rows.tracking)
         .bind(consumed.iter().map(|c| c.0).collect::<Vec<i64>>())
         .bind(consumed.iter().map(|c| c.1).collect::<Vec<uuid::Uuid>>())

@@ -126,15 +126,16 @@ fn write_rows(tx: &Transaction, rows: &BatchRows<'_>) -> Result<()> {
     }
     for chunk in chunked(&rows.projections) {
         let sql = format!(
-            "WITH v(id, status, snapshot, vm, error, started, completed, at) AS (VALUES {}) \
+            "WITH v(id, status, snapshot, vm, error, started, completed, at, release_lock) AS (VALUES {}) \
              UPDATE failover_jobs SET status = COALESCE(v.status, failover_jobs.status), \
              linstor_snapshot_name = COALESCE(v.snapshot, failover_jobs.linstor_snapshot_name), \
              destination_vm_id = COALESCE(v.vm, failover_jobs.destination_vm_id), \
              error_message = COALESCE(v.error, failover_jobs.error_message), \
              started_at = CASE WHEN v.started AND failover_jobs.started_at IS NULL THEN v.at ELSE failover_jobs.started_at END, \
-             completed_at = CASE WHEN v.completed THEN v.at ELSE failover_jobs.completed_at END, updated_at = v.at \
+             completed_at = COALESCE(failover_jobs.completed_at, CASE WHEN v.completed THEN v.at END), \
+             lock_key = CASE WHEN v.release_lock THEN NULL ELSE failover_jobs.lock_key END, updated_at = v.at \
              FROM v WHERE failover_jobs.job_id = v.id",
-            placeholders(8, chunk.len())
+            placeholders(9, chunk.len())
         );
         let mut stmt = tx.prepare_cached(&sql)?;
         let mut b = Binder::new(&mut stmt);
@@ -146,7 +147,8 @@ fn write_rows(tx: &Transaction, rows: &BatchRows<'_>) -> Result<()> {
                 .bind(p.error)?
                 .bind(p.started)?
                 .bind(p.completed)?
-                .bind(&p.at)?;
+                .bind(&p.at)?
+                .bind(p.release_lock)?;
         }
         stmt.raw_execute()?;
     }
@@ -190,7 +192,7 @@ fn compare_and_set(tx: &Transaction, cps: &[&Checkpoint]) -> Result<HashMap<Stri
                  signals_pending = runs.signals_pending - v.signals, \
                  cancel_pending = CASE WHEN v.cancel THEN 0 ELSE runs.cancel_pending END, \
                  updated_at = v.now, started_at = COALESCE(runs.started_at, CASE WHEN v.started THEN v.now END), \
-                 completed_at = CASE WHEN v.terminal THEN v.now ELSE runs.completed_at END \
+                 completed_at = COALESCE(runs.completed_at, CASE WHEN v.terminal THEN v.now END) \
              FROM v WHERE runs.id = v.id AND runs.fencing_token = v.token AND runs.lease_owner = v.owner \
                AND runs.last_seq = v.seq AND runs.status = v.expect \
                AND (NOT v.terminal OR v.cancel OR NOT runs.cancel_pending) \

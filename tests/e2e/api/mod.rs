@@ -6,6 +6,7 @@
 use crate::common;
 use crate::{on_both_backends, on_sqlite};
 mod dropped_watches;
+mod resolve;
 mod restart;
 
 use std::sync::Arc;
@@ -1432,6 +1433,10 @@ on_both_backends!(
 
 use restart::server_killed_mid_failovers_and_restarted;
 on_both_backends!(server_killed_mid_failovers_and_restarted);
+
+use resolve::{a_forced_resolve_journals_what_still_differed, needs_operator_keeps_the_vm_until_resolved};
+on_both_backends!(needs_operator_keeps_the_vm_until_resolved);
+on_sqlite!(a_forced_resolve_journals_what_still_differed);
 
 use dropped_watches::dropped_watch_streams_never_cost_the_connection;
 on_sqlite!(

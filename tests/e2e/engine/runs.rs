@@ -680,6 +680,13 @@ async fn a_run_driven_here_is_known_to_its_watchers(db: TestDb) {
         "started in the submit's own commit"
     );
     assert_eq!(finish(&w.engine, next.run.id).await.status, RunStatus::Completed);
+    // Its driver lets go just after the terminal commit that `finish` saw.
+    for _ in 0..2500 {
+        if w.engine.executing_correlation_id(next.run.id).is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     assert_eq!(w.engine.executing_correlation_id(next.run.id), None);
     w.stop().await;
 }

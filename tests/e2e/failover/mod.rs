@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use common::TestDb;
 
-mod recover;
+pub(crate) mod recover;
 mod sweep;
 
 const KEY: &str = "test-key";

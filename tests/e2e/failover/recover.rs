@@ -6,7 +6,7 @@
 
 use tern::providers::cloudstack::{CloudStackClient, CloudStackConfig};
 use tern::providers::Cloud;
-use tern::steps::failover::recover;
+use tern::steps::failover::{recover, FailoverDeps};
 
 use super::*;
 
@@ -35,7 +35,7 @@ fn api_command(verb: &str, noun: &str) -> String {
 }
 
 /// Carries out one printed step, as an operator would type it; fails if the call fails.
-async fn follow(w: &World, cloud: &CloudStackClient, line: &str) -> Result<(), String> {
+pub(crate) async fn follow(deps: &FailoverDeps, cloud: &CloudStackClient, line: &str) -> Result<(), String> {
     let command = line
         .split_once("cmk ")
         .or_else(|| line.split_once("linstor "))
@@ -46,8 +46,8 @@ async fn follow(w: &World, cloud: &CloudStackClient, line: &str) -> Result<(), S
         // linstor snapshot rollback|delete <resource> <snapshot>
         let (rsc, name) = (words[2], words[3]);
         return match words[1] {
-            "rollback" => w.deps.snapshots.revert(rsc, name).await,
-            "delete" => w.deps.snapshots.delete(rsc, name).await,
+            "rollback" => deps.snapshots.revert(rsc, name).await,
+            "delete" => deps.snapshots.delete(rsc, name).await,
             other => panic!("unknown linstor verb {other}"),
         }
         .map_err(|e| format!("{line}: {e}"));
@@ -119,7 +119,7 @@ async fn run_case(db: &TestDb, case: Case) {
     assert!(!todo.is_empty(), "something is left to do:\n{text}");
     let cloud = CloudStackClient::new(CloudStackConfig::new(format!("{}/client/api", w.base), KEY, SECRET)).unwrap();
     for line in &todo {
-        if let Err(e) = follow(&w, &cloud, line).await {
+        if let Err(e) = follow(&w.deps, &cloud, line).await {
             panic!("step failed: {e}\nrecovery was:\n{text}");
         }
     }

@@ -149,7 +149,23 @@ fn all_states() -> Vec<RunState> {
             error: StepError::permanent("E", "m"),
             undone: vec![],
         },
+        RunState::Resolved {
+            step: "x".into(),
+            error: StepError::permanent("E", "m"),
+            undone: vec!["x".into()],
+            resolution: resolution(),
+        },
     ]
+}
+
+fn resolution() -> Resolution {
+    Resolution {
+        by: "ops@site".into(),
+        reason: "volume reattached to the OMA by hand".into(),
+        forced: false,
+        differences: vec![],
+        at: NOW,
+    }
 }
 
 fn all_events() -> Vec<Event> {
@@ -166,6 +182,9 @@ fn all_events() -> Vec<Event> {
         signal("end-test"),
         signal("other"),
         cancel("operator"),
+        Event::Resolve {
+            resolution: resolution(),
+        },
     ]
 }
 
@@ -187,7 +206,9 @@ fn declared(s: &RunState, e: &Event) -> bool {
             E::Signal { .. } | E::Cancel { .. } => true,
             _ => false,
         },
-        S::Completed | S::Failed { .. } | S::Cancelled { .. } | S::NeedsOperator { .. } => true,
+        // Late events are absorbed; only a run that needs an operator is resolved.
+        S::NeedsOperator { .. } => true,
+        S::Completed | S::Failed { .. } | S::Cancelled { .. } | S::Resolved { .. } => !matches!(e, E::Resolve { .. }),
     }
 }
 
@@ -216,13 +237,76 @@ fn every_state_event_pair_is_declared_or_a_typed_error() {
 #[test]
 fn terminal_states_absorb_late_events_without_journal_entries() {
     for s in all_states().into_iter().filter(RunState::is_terminal) {
-        for e in all_events() {
+        for e in all_events().into_iter().filter(|e| !matches!(e, Event::Resolve { .. })) {
             let t = on(&s, e).unwrap();
             assert_eq!(t.state, s);
             assert!(t.records.is_empty());
             assert_eq!(t.action, Action::Finish);
         }
     }
+}
+
+#[test]
+fn a_run_that_needs_an_operator_is_resolved_once_and_keeps_what_it_left() {
+    let stuck = RunState::NeedsOperator {
+        step: "delete".into(),
+        error: StepError::permanent("VM_DESTROY_FAILED", "m"),
+        undone: vec!["snap".into()],
+    };
+    let mut forced = resolution();
+    forced.forced = true;
+    forced.differences = vec!["destroy the new VM: cmk destroy virtualmachine id=v-1".into()];
+    let t = on(
+        &stuck,
+        Event::Resolve {
+            resolution: forced.clone(),
+        },
+    )
+    .unwrap();
+    assert_eq!(t.state.status(), RunStatus::Resolved);
+    assert!(t.state.is_terminal());
+    assert_eq!(t.action, Action::Finish);
+    match &t.state {
+        RunState::Resolved {
+            step,
+            undone,
+            resolution,
+            ..
+        } => {
+            assert_eq!(
+                (step.as_str(), undone.as_slice()),
+                ("delete", ["snap".to_string()].as_slice())
+            );
+            assert_eq!(resolution, &forced);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        t.records,
+        vec![Record::Resolved {
+            by: forced.by.clone(),
+            reason: forced.reason.clone(),
+            forced: true,
+            differences: forced.differences.clone(),
+        }]
+    );
+    // A second resolve is refused: nothing is left to resolve.
+    let again = on(
+        &t.state,
+        Event::Resolve {
+            resolution: resolution(),
+        },
+    );
+    assert!(
+        matches!(
+            again,
+            Err(TransitionError::Invalid {
+                state: "resolved",
+                event: "resolve"
+            })
+        ),
+        "{again:?}"
+    );
 }
 
 #[test]
