@@ -170,9 +170,12 @@ impl Campaign {
             (true, RunStatus::Completed, Some(vm)) => vm.clone(),
             _ => self.oma.clone(),
         };
-        let vol = patiently("reading the volume", || self.cloud.get_volume(&v.volume_id)).await;
+        let vol = patiently("reading the volume", || self.cloud.get_volume(&v.boot_disk.volume_id)).await;
         if vol.vm_id.as_deref() != Some(expect.as_str()) {
-            wrong.push(format!("volume {} on {:?}, expected {expect}", v.volume_id, vol.vm_id));
+            wrong.push(format!(
+                "volume {} on {:?}, expected {expect}",
+                v.boot_disk.volume_id, vol.vm_id
+            ));
         }
         let tag = tern::steps::failover::run_tag(run);
         let left = self.get("/sim/state").await;
@@ -229,7 +232,7 @@ impl Campaign {
         };
         // The faults hit these calls too: each is retried until the world shows it done.
         for _ in 0..50 {
-            let vol = patiently("reading the volume", || self.cloud.get_volume(&v.volume_id)).await;
+            let vol = patiently("reading the volume", || self.cloud.get_volume(&v.boot_disk.volume_id)).await;
             match vol.vm_id.as_deref() {
                 Some(on) if on == self.oma => break,
                 Some(_) => {
@@ -239,13 +242,13 @@ impl Campaign {
                     })
                     .await;
                     let _ = run(AsyncCommand::DetachVolume {
-                        volume_id: v.volume_id.clone(),
+                        volume_id: v.boot_disk.volume_id.clone(),
                     })
                     .await;
                 }
                 None => {
                     let cmd = AsyncCommand::AttachVolume {
-                        volume_id: v.volume_id.clone(),
+                        volume_id: v.boot_disk.volume_id.clone(),
                         vm_id: self.oma.clone(),
                         device_id: None,
                     };

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use super::pb;
-use crate::domain::inventory::{NetworkKind, NetworkMapping, Nic, VmRecord};
+use crate::domain::inventory::{split_disks, Disk, ListedDisk, NetworkKind, NetworkMapping, Nic, VmRecord};
 use crate::domain::run::Phase;
 use crate::domain::run::{Record, RunState};
 use crate::domain::validation::{CheckStatus, CheckType, ReadinessReport};
@@ -352,11 +352,22 @@ pub fn vm(v: &VmRecord) -> pb::Vm {
             .map(|n| pb::Nic {
                 source_network: n.source_network.clone(),
                 mac: n.mac.clone().unwrap_or_default(),
+                ip_address: n.ip.clone().unwrap_or_default(),
             })
             .collect(),
-        volume_id: v.volume_id.clone(),
+        volume_id: v.boot_disk.volume_id.clone(),
         oma_vm_id: v.oma_vm_id.clone(),
         last_sync_change_id: v.last_sync_change_id.clone().unwrap_or_default(),
+        disks: v
+            .disks()
+            .into_iter()
+            .map(|d| pb::Disk {
+                volume_id: d.disk.volume_id,
+                size_bytes: d.disk.size_bytes.unwrap_or(0),
+                boot: d.boot,
+                unit_number: d.disk.unit_number,
+            })
+            .collect(),
     }
 }
 
@@ -364,8 +375,22 @@ fn non_empty(s: &str) -> Option<String> {
     Some(s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
-pub fn vm_record(v: &pb::Vm) -> VmRecord {
-    VmRecord {
+/// The record of a `Vm` message; a problem with its disks names the field.
+pub fn vm_record(v: &pb::Vm) -> Result<VmRecord, (String, String)> {
+    let disks = v
+        .disks
+        .iter()
+        .map(|d| ListedDisk {
+            disk: Disk {
+                volume_id: d.volume_id.trim().to_string(),
+                size_bytes: Some(d.size_bytes).filter(|s| *s > 0),
+                unit_number: d.unit_number,
+            },
+            boot: d.boot,
+        })
+        .collect();
+    let (boot_disk, data_disks) = split_disks(disks, non_empty(&v.volume_id))?;
+    Ok(VmRecord {
         vm_id: v.vm_id.trim().to_string(),
         name: v.name.clone(),
         cpu_count: v.cpu_count,
@@ -377,12 +402,14 @@ pub fn vm_record(v: &pb::Vm) -> VmRecord {
             .map(|n| Nic {
                 source_network: n.source_network.clone(),
                 mac: non_empty(&n.mac),
+                ip: non_empty(&n.ip_address),
             })
             .collect(),
-        volume_id: v.volume_id.clone(),
+        boot_disk,
+        data_disks,
         oma_vm_id: v.oma_vm_id.clone(),
         last_sync_change_id: non_empty(&v.last_sync_change_id),
-    }
+    })
 }
 
 pub fn network_kind(s: &str) -> Option<NetworkKind> {

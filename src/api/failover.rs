@@ -524,8 +524,12 @@ impl FailoverService for FailoverApi {
                 .vm
                 .as_ref()
                 .ok_or_else(|| ApiError::field("vm", "is required"))?;
-            let record = convert::vm_record(vm);
-            let problems = record.problems();
+            let record = convert::vm_record(vm).map_err(|(f, why)| ApiError::field(&format!("vm.{f}"), why))?;
+            let mut problems = record.problems();
+            if problems.is_empty() {
+                let others = self.state.inventory.vm_records().await?;
+                problems.extend(record.shares_a_volume_with(&others));
+            }
             if !problems.is_empty() {
                 return Err(ApiError::InvalidArgument(
                     problems.into_iter().map(|(f, why)| (format!("vm.{f}"), why)).collect(),

@@ -266,18 +266,20 @@ pub(crate) async fn run(cli: &Cli, command: &AdminCommand) -> Result<()> {
             }
             InventoryCommand::List => {
                 println!(
-                    "{:<38}  {:<16}  {:>4}  {:>8}  {:<8}  {:<38}  sync",
-                    "vm_id", "name", "cpu", "memory", "os", "volume"
+                    "{:<38}  {:<16}  {:>4}  {:>8}  {:<8}  {:<38}  {:>5}  {:>4}  sync",
+                    "vm_id", "name", "cpu", "memory", "os", "boot volume", "disks", "nics"
                 );
                 for vm in store.vm_records().await? {
                     println!(
-                        "{:<38}  {:<16}  {:>4}  {:>6}MB  {:<8}  {:<38}  {}",
+                        "{:<38}  {:<16}  {:>4}  {:>6}MB  {:<8}  {:<38}  {:>5}  {:>4}  {}",
                         vm.vm_id,
                         vm.name,
                         vm.cpu_count,
                         vm.memory_mb,
                         vm.os_type,
-                        vm.volume_id,
+                        vm.boot_disk.volume_id,
+                        1 + vm.data_disks.len(),
+                        vm.nics.len(),
                         vm.last_sync_change_id.as_deref().unwrap_or("never")
                     );
                 }

@@ -149,7 +149,23 @@ pub fn validate(f: &Facts<'_>) -> ReadinessReport {
         json!({"mapped_networks": networks.len() - unmapped.len(), "unmapped_networks": unmapped.len(), "kind": f.kind.as_str()}),
     ));
     let oma = f.vm.map(|v| v.oma_vm_id.as_str());
+    let data_disks: Vec<&str> =
+        f.vm.map(|v| v.data_disks.iter().map(|d| d.volume_id.as_str()).collect())
+            .unwrap_or_default();
     checks.push(match &f.volume {
+        // Only the boot disk is moved today: a failover would leave these behind on the OMA.
+        _ if !data_disks.is_empty() => check(
+            "Volume State",
+            CheckType::Critical,
+            false,
+            "",
+            format!(
+                "the VM has {} data disk(s) ({}): only VMs with one disk are failed over yet",
+                data_disks.len(),
+                data_disks.join(", ")
+            ),
+            json!({"data_disks": data_disks}),
+        ),
         Ok(Some(v)) => {
             let attached_to_oma = v.attached_to.as_deref() == oma && oma.is_some();
             let ready = v.state.eq_ignore_ascii_case("ready");
@@ -193,7 +209,7 @@ pub fn validate(f: &Facts<'_>) -> ReadinessReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::inventory::Nic;
+    use crate::domain::inventory::{Disk, Nic};
 
     fn vm() -> VmRecord {
         VmRecord {
@@ -205,8 +221,10 @@ mod tests {
             nics: vec![Nic {
                 source_network: "VM Network".into(),
                 mac: None,
+                ip: None,
             }],
-            volume_id: "vol-1".into(),
+            boot_disk: Disk::of("vol-1"),
+            data_disks: vec![],
             oma_vm_id: "oma-1".into(),
             last_sync_change_id: Some("52 3c/5".into()),
         }
@@ -296,12 +314,23 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_with_data_disks_is_not_ready_yet() {
+        let mut v = vm();
+        v.data_disks.push(Disk::of("vol-2"));
+        let m = [mapping(NetworkKind::Test)];
+        let r = validate(&ready(&v, &m));
+        assert!(!r.is_ready);
+        assert!(r.checks[4].message.contains("vol-2"), "{:?}", r.checks[4]);
+    }
+
+    #[test]
     fn record_problems_name_the_field() {
         let mut v = vm();
         v.cpu_count = 0;
         v.nics.push(Nic {
             source_network: " ".into(),
             mac: None,
+            ip: None,
         });
         let p = v.problems();
         assert_eq!(p[0].0, "cpu_count");

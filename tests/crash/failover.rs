@@ -221,10 +221,15 @@ impl Campaign {
                 .as_array()
                 .unwrap()
                 .iter()
-                .find(|v| v["volume_id"] == json!(vm.volume_id))
+                .find(|v| v["volume_id"] == json!(vm.boot_disk.volume_id))
                 .unwrap()
                 .clone();
-            assert_eq!(mine["ok"], json!(true), "run {id}: volume {}: {mine}", vm.volume_id);
+            assert_eq!(
+                mine["ok"],
+                json!(true),
+                "run {id}: volume {}: {mine}",
+                vm.boot_disk.volume_id
+            );
         }
         let inv: Value = http
             .get(format!("{}/sim/invariant?prefix=tern-t-", self.base))
@@ -356,7 +361,7 @@ async fn a_revert_killed_after_its_reattach_puts_the_disk_back_on_the_oma(backen
     let Some(db) = common::db(backend) else { return };
     let mut c = campaign(&db, None).await;
     let vm = windows_vm(&c);
-    let volume = c.inv.vms[vm].volume_id.clone();
+    let volume = c.inv.vms[vm].boot_disk.volume_id.clone();
     let run = c.submit_held(vm).await;
     let point = "job_finished/reattach_after_revert";
     let mut doomed = worker_in(&db, c.logs.path(), "doomed", Some(point), &c.env);
@@ -385,13 +390,14 @@ async fn a_taken_oma_slot_does_not_strand_the_disk(backend: &str) {
     let Some(db) = common::db(backend) else { return };
     let mut c = campaign(&db, None).await;
     let vm = windows_vm(&c);
-    let volume = c.inv.vms[vm].volume_id.clone();
+    let volume = c.inv.vms[vm].boot_disk.volume_id.clone();
     let other = c
         .inv
         .vms
         .iter()
-        .find(|v| v.volume_id != volume)
+        .find(|v| v.boot_disk.volume_id != volume)
         .unwrap()
+        .boot_disk
         .volume_id
         .clone();
     let run = c.submit_held(vm).await;
@@ -462,7 +468,7 @@ impl Campaign {
             .vms
             .iter()
             .find(|v| Some(&v.vm_id) == self.runs.first().map(|r| &r.1))
-            .map(|v| v.volume_id.clone())
+            .map(|v| v.boot_disk.volume_id.clone())
             .unwrap_or_default();
         let inv = get(format!("{}/sim/invariant?prefix=tern-t-&expect_vm={expect}", self.base)).await;
         let mine = inv["volumes"]

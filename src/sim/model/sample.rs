@@ -62,7 +62,7 @@ impl SampleInventory {
     /// from its name), its NICs, its volume on the OMA and a last sync, plus test and
     /// production network mappings for every source network.
     pub fn to_inventory(&self) -> crate::domain::inventory::InventoryFile {
-        use crate::domain::inventory::{InventoryFile, NetworkKind, NetworkMapping, Nic, VmRecord};
+        use crate::domain::inventory::{Disk, InventoryFile, NetworkKind, NetworkMapping, Nic, VmRecord};
         let mut inv = InventoryFile::default();
         for vm in &self.vms {
             let vm_id = uuid::Uuid::new_v5(
@@ -95,9 +95,11 @@ impl SampleInventory {
                     .map(|n| Nic {
                         source_network: n.clone(),
                         mac: None,
+                        ip: None,
                     })
                     .collect(),
-                volume_id: vm.volume_id.clone(),
+                boot_disk: Disk::of(vm.volume_id.clone()),
+                data_disks: Vec::new(),
                 oma_vm_id: vm.oma_vm_id.clone(),
                 last_sync_change_id: Some(format!("52 3c ec 11 9e 2c 4c 3d-87 4a c3 4e 85 f2 ea 95/{}", vm.cpu)),
             });

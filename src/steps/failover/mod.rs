@@ -288,7 +288,7 @@ impl<'a> Attempt<'a> {
             let result = self.job(op, cmd.clone(), code).await;
             let now = self
                 .cloud()
-                .get_volume(&self.vm.volume_id)
+                .get_volume(&self.vm.boot_disk.volume_id)
                 .await
                 .map_err(|e| fail(code, e))?;
             if done(&now) {
@@ -297,11 +297,14 @@ impl<'a> Attempt<'a> {
             if let Err(e) = result {
                 return Err(retryable(e));
             }
-            tracing::warn!(op, volume = %self.vm.volume_id, "a finished job left the volume elsewhere; issuing it again");
+            tracing::warn!(op, volume = %self.vm.boot_disk.volume_id, "a finished job left the volume elsewhere; issuing it again");
         }
         Err(ActionError::retryable(
             code,
-            format!("{op}: volume {} is still not where it must be", self.vm.volume_id),
+            format!(
+                "{op}: volume {} is still not where it must be",
+                self.vm.boot_disk.volume_id
+            ),
         ))
     }
 
@@ -355,7 +358,7 @@ impl<'a> Attempt<'a> {
         self.deps
             .config
             .snapshot_kind
-            .target(&self.vm.volume_id, &self.vm.oma_vm_id)
+            .target(&self.vm.boot_disk.volume_id, &self.vm.oma_vm_id)
     }
 }
 

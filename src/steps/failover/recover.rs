@@ -91,7 +91,7 @@ pub struct Found {
 /// own ROOT volumes, the snapshot.
 pub async fn look(deps: &FailoverDeps, run: &RunRow, vm: &VmRecord, rec: &Recorded) -> Result<Found, ProviderError> {
     let cloud = deps.cloud.as_ref();
-    let volume_on = cloud.get_volume(&vm.volume_id).await?.vm_id;
+    let volume_on = cloud.get_volume(&vm.boot_disk.volume_id).await?.vm_id;
     let prefix = if run.definition.starts_with("live") {
         "tern-l"
     } else {
@@ -111,7 +111,7 @@ pub async fn look(deps: &FailoverDeps, run: &RunRow, vm: &VmRecord, rec: &Record
         }
     }
     let mut own_roots = Vec::new();
-    for id in rec.own_roots.iter().filter(|id| **id != vm.volume_id) {
+    for id in rec.own_roots.iter().filter(|id| **id != vm.boot_disk.volume_id) {
         match cloud.get_volume(id).await {
             Ok(v) if !v.vm_id.as_ref().is_some_and(|on| vms.iter().any(|(id, _)| id == on)) => own_roots.push(v.id),
             Ok(_) | Err(ProviderError::NotFound { .. }) => {}
@@ -120,7 +120,7 @@ pub async fn look(deps: &FailoverDeps, run: &RunRow, vm: &VmRecord, rec: &Record
     }
     let snapshot = match (&rec.snapshot_name, rec.skip_snapshot) {
         (Some(name), false) if deps.snapshots.kind() == rec.backend => {
-            let target = deps.config.snapshot_kind.target(&vm.volume_id, &vm.oma_vm_id);
+            let target = deps.config.snapshot_kind.target(&vm.boot_disk.volume_id, &vm.oma_vm_id);
             Some(deps.snapshots.find(&target, name).await?.is_some())
         }
         (Some(_), false) => None,
@@ -209,7 +209,7 @@ pub fn plan(
     out.push(String::new());
     out.push("what Tern recorded:".into());
     out.push(format!("  source VM      {} ({})", vm.name, vm.vm_id));
-    out.push(format!("  volume         {}", vm.volume_id));
+    out.push(format!("  volume         {}", vm.boot_disk.volume_id));
     out.push(format!("  OMA VM         {}", vm.oma_vm_id));
     out.push(format!(
         "  new VM         {}",
@@ -280,7 +280,7 @@ pub fn plan(
     out.push(String::new());
     out.push(format!(
         "check: cmk list volumes id={}  -> virtualmachineid must be {} (the OMA)",
-        vm.volume_id, vm.oma_vm_id
+        vm.boot_disk.volume_id, vm.oma_vm_id
     ));
     out.join("\n")
 }
@@ -290,7 +290,7 @@ fn revert_step(vm: &VmRecord, rec: &Recorded, name: &str) -> String {
     match rec.backend.as_str() {
         "linstor" => format!(
             "revert the disk:        linstor snapshot rollback {} {name}",
-            resource_name_for_volume(&vm.volume_id)
+            resource_name_for_volume(&vm.boot_disk.volume_id)
         ),
         "cloudstack-vm" => format!(
             "revert the disk:        cmk revert tovmsnapshot vmsnapshotid={}   (VM snapshot {name})",
@@ -308,7 +308,7 @@ fn delete_snapshot_step(vm: &VmRecord, rec: &Recorded, name: &str) -> String {
     match rec.backend.as_str() {
         "linstor" => format!(
             "delete the snapshot:    linstor snapshot delete {} {name}",
-            resource_name_for_volume(&vm.volume_id)
+            resource_name_for_volume(&vm.boot_disk.volume_id)
         ),
         "cloudstack-vm" => format!("delete the snapshot:    cmk delete vmsnapshot vmsnapshotid={id}"),
         _ => format!("delete the snapshot:    cmk delete snapshot id={id}"),
@@ -324,13 +324,16 @@ fn destroy_step(id: &str) -> String {
 }
 
 fn detach_step(vm: &VmRecord) -> String {
-    format!("detach the volume:      cmk detach volume id={}", vm.volume_id)
+    format!(
+        "detach the volume:      cmk detach volume id={}",
+        vm.boot_disk.volume_id
+    )
 }
 
 fn attach_step(vm: &VmRecord) -> String {
     format!(
         "reattach to the OMA:    cmk attach volume id={} virtualmachineid={}",
-        vm.volume_id, vm.oma_vm_id
+        vm.boot_disk.volume_id, vm.oma_vm_id
     )
 }
 
@@ -349,7 +352,7 @@ fn all_steps(vm: &VmRecord, rec: &Recorded) -> Vec<String> {
     if let Some(t) = &rec.new_vm {
         steps.push(destroy_step(t));
     }
-    for id in rec.own_roots.iter().filter(|id| **id != vm.volume_id) {
+    for id in rec.own_roots.iter().filter(|id| **id != vm.boot_disk.volume_id) {
         steps.push(format!("delete set-aside ROOT: cmk delete volume id={id}"));
     }
     if let Some(name) = snapshot {
@@ -441,7 +444,8 @@ mod tests {
             memory_mb: 2048,
             os_type: "windows".into(),
             nics: vec![],
-            volume_id: "vol-1".into(),
+            boot_disk: crate::domain::inventory::Disk::of("vol-1"),
+            data_disks: vec![],
             oma_vm_id: "oma-1".into(),
             last_sync_change_id: None,
         }

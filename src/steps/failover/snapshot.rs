@@ -85,7 +85,7 @@ pub(crate) async fn revert(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
     {
         return Ok(json!({"skipped": format!("snapshot {name} does not exist (never taken)")}));
     }
-    let src = attempt.vm.volume_id.clone();
+    let src = attempt.vm.boot_disk.volume_id.clone();
     let vol = attempt.cloud().get_volume(&src).await.map_err(|e| fail(CODE, e))?;
     if let Some(on) = vol.vm_id.clone() {
         let vm = attempt.cloud().get_vm(&on).await.map_err(|e| fail(CODE, e))?;

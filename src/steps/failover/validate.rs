@@ -82,7 +82,7 @@ async fn report(
     let active = deps.store.active_jobs_for_vm(vm_id, except).await?;
     let volume = match vm {
         None => Ok(None),
-        Some(vm) => match deps.cloud.get_volume(&vm.volume_id).await {
+        Some(vm) => match deps.cloud.get_volume(&vm.boot_disk.volume_id).await {
             Ok(v) => Ok(Some(VolumeFacts {
                 volume_id: v.id,
                 state: v.state,

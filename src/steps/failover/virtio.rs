@@ -13,7 +13,7 @@ pub(crate) async fn inject(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
     }
     let vol = attempt
         .cloud()
-        .get_volume(&attempt.vm.volume_id)
+        .get_volume(&attempt.vm.boot_disk.volume_id)
         .await
         .map_err(|e| fail(CODE, e))?;
     if vol.vm_id.as_deref() != Some(attempt.vm.oma_vm_id.as_str()) {
@@ -28,16 +28,19 @@ pub(crate) async fn inject(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
         ));
     }
     let inj = &attempt.deps.injector;
-    let device = inj.device_for(&attempt.vm.volume_id).await.map_err(|e| fail(CODE, e))?;
+    let device = inj
+        .device_for(&attempt.vm.boot_disk.volume_id)
+        .await
+        .map_err(|e| fail(CODE, e))?;
     if inj
-        .is_injected(&attempt.vm.volume_id, &device)
+        .is_injected(&attempt.vm.boot_disk.volume_id, &device)
         .await
         .map_err(|e| fail(CODE, e))?
     {
         return Ok(json!({"injected": true, "already_present": true, "device": device}));
     }
     let report = inj
-        .inject(&attempt.vm.volume_id, &device)
+        .inject(&attempt.vm.boot_disk.volume_id, &device)
         .await
         .map_err(|e| fail(CODE, e))?;
     Ok(

@@ -196,7 +196,7 @@ pub(crate) async fn destroy(attempt: &Attempt<'_>) -> Result<Value, ActionError>
     };
     let vol = attempt
         .cloud()
-        .get_volume(&attempt.vm.volume_id)
+        .get_volume(&attempt.vm.boot_disk.volume_id)
         .await
         .map_err(|e| fail("VM_DESTROY_FAILED", e))?;
     if vol.vm_id.as_deref() == Some(vm.id.as_str()) {

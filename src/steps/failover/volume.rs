@@ -20,7 +20,7 @@ async fn delete_own_roots(
     vm: Option<&str>,
     code: &str,
 ) -> Result<(), ActionError> {
-    let src = attempt.vm.volume_id.as_str();
+    let src = attempt.vm.boot_disk.volume_id.as_str();
     let mut ids: Vec<String> = recorded.iter().filter(|id| id.as_str() != src).cloned().collect();
     if let Some(vm) = vm {
         let filter = VolumeFilter {
@@ -83,7 +83,7 @@ fn recorded_roots(progress: Option<&Value>) -> Vec<String> {
 /// after deleting the new VM's own ROOT volume.
 pub(crate) async fn attach(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
     const CODE: &str = "VOLUME_ATTACH_FAILED";
-    let src = attempt.vm.volume_id.clone();
+    let src = attempt.vm.boot_disk.volume_id.clone();
     let target = attempt
         .find_vm()
         .await?
@@ -151,7 +151,7 @@ pub(crate) async fn attach(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
 /// the intent to return it to the OMA. Nothing to do if it is not on that VM.
 pub(crate) async fn detach(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
     const CODE: &str = "VOLUME_DETACH_FAILED";
-    let src = attempt.vm.volume_id.clone();
+    let src = attempt.vm.boot_disk.volume_id.clone();
     let vol = attempt.cloud().get_volume(&src).await.map_err(|e| fail(CODE, e))?;
     let Some(on) = vol.vm_id.clone() else {
         return Ok(json!({"volume_id": src, "detached": true}));
@@ -197,7 +197,7 @@ pub(crate) async fn detach(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
 /// teardown's reattach step.
 pub(crate) async fn give_back(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
     const CODE: &str = "VOLUME_ATTACH_FAILED";
-    let src = attempt.vm.volume_id.clone();
+    let src = attempt.vm.boot_disk.volume_id.clone();
     let oma = attempt.vm.oma_vm_id.clone();
     if attempt.step.undo {
         let roots = recorded_roots(attempt.step.forward_progress.as_ref());
@@ -248,7 +248,7 @@ pub(crate) async fn put_back(
     op: &str,
     code: &str,
 ) -> Result<(), ActionError> {
-    let src = attempt.vm.volume_id.clone();
+    let src = attempt.vm.boot_disk.volume_id.clone();
     let back_on = |v: &Volume| v.vm_id.as_deref() == Some(vm_id);
     let used: Vec<u32> = attempt
         .cloud()

@@ -881,10 +881,12 @@ async fn readiness_and_inventory_rpcs(db: TestDb) {
         nics: vec![pb::Nic {
             source_network: "VM Network".into(),
             mac: String::new(),
+            ip_address: String::new(),
         }],
         volume_id: "vol-api".into(),
         oma_vm_id: "oma-api".into(),
         last_sync_change_id: String::new(),
+        disks: vec![],
     };
     let e = fo
         .upsert_vm(pb::UpsertVmRequest {
@@ -894,6 +896,7 @@ async fn readiness_and_inventory_rpcs(db: TestDb) {
         .unwrap_err();
     assert_eq!(bad_fields(&e), vec!["vm.cpu_count"]);
     new_vm.cpu_count = 2;
+    // A client from before disks names one volume: it is the boot disk.
     let saved = fo
         .upsert_vm(pb::UpsertVmRequest {
             vm: Some(new_vm.clone()),
@@ -901,7 +904,80 @@ async fn readiness_and_inventory_rpcs(db: TestDb) {
         .await
         .unwrap()
         .into_inner();
+    let disk = |id: &str, boot: bool, unit: u32| pb::Disk {
+        volume_id: id.into(),
+        size_bytes: 10 << 30,
+        boot,
+        unit_number: unit,
+    };
+    assert_eq!(
+        saved.disks,
+        vec![pb::Disk {
+            size_bytes: 0,
+            ..disk("vol-api", true, 0)
+        }]
+    );
+    // Every disk and NIC, the boot disk first and data disks by unit number in replies.
+    new_vm.disks = vec![
+        disk("vol-api-d2", false, 2),
+        disk("vol-api", true, 0),
+        disk("vol-api-d1", false, 1),
+    ];
+    new_vm.nics.push(pb::Nic {
+        source_network: "Backup".into(),
+        mac: "00:50:56:aa:bb:cc".into(),
+        ip_address: "10.0.9.7".into(),
+    });
+    let saved = fo
+        .upsert_vm(pb::UpsertVmRequest {
+            vm: Some(new_vm.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    new_vm.disks = vec![
+        disk("vol-api", true, 0),
+        disk("vol-api-d1", false, 1),
+        disk("vol-api-d2", false, 2),
+    ];
     assert_eq!(saved, new_vm);
+    for (bad, field) in [
+        (
+            pb::Vm {
+                volume_id: "vol-other".into(),
+                ..new_vm.clone()
+            },
+            "vm.volume_id",
+        ),
+        (
+            pb::Vm {
+                disks: vec![disk("a", true, 0), disk("b", true, 1)],
+                volume_id: String::new(),
+                ..new_vm.clone()
+            },
+            "vm.disks[1].boot",
+        ),
+        (
+            pb::Vm {
+                disks: vec![disk("a", true, 0), disk("a", false, 1)],
+                volume_id: String::new(),
+                ..new_vm.clone()
+            },
+            "vm.disks[1].volume_id",
+        ),
+        (
+            pb::Vm {
+                vm_id: "4205aaaa-0000-0000-0000-000000000002".into(),
+                disks: vec![disk("vol-api-d1", true, 0)],
+                volume_id: String::new(),
+                ..new_vm.clone()
+            },
+            "vm.disks[0].volume_id",
+        ),
+    ] {
+        let e = fo.upsert_vm(pb::UpsertVmRequest { vm: Some(bad) }).await.unwrap_err();
+        assert_eq!(bad_fields(&e), vec![field], "{e:?}");
+    }
     let got = fo
         .get_vm(pb::GetVmRequest {
             vm_id: new_vm.vm_id.clone(),

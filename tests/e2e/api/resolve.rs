@@ -155,7 +155,36 @@ pub async fn a_forced_resolve_journals_what_still_differed(db: TestDb) {
     let a = api_with(&db, Some(STUCK), FAST_RETRY).await;
     let vm = a.vm("linux");
     let stuck = stuck_job(&a, &vm).await;
-    let done = resolve(&a, &stuck.job_id, true).await.unwrap();
+    // Through the CLI: refused without --force (one line, the code), resolved with it.
+    let tern = |extra: &[&str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tern"));
+        cmd.args([
+            "--endpoint",
+            &a.endpoint,
+            "resolve",
+            &stuck.job_id,
+            "--reason",
+            "accepted as is",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn");
+        async move {
+            let out = cmd.output().await.expect("run tern");
+            let text = |b: Vec<u8>| String::from_utf8_lossy(&b).to_string();
+            (out.status.code(), text(out.stdout), text(out.stderr))
+        }
+    };
+    let (code, _, err) = tern(&[]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("[NOT_RESOLVED]") && err.contains("destroy the new VM"),
+        "{err}"
+    );
+    let (code, out, err) = tern(&["--force", "--by", "ops@site"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("resolved (forced)"), "{out}");
+    let done = a.get(&stuck.job_id).await;
+    assert_eq!(done.status, "resolved");
     let res = done.resolution.expect("resolution");
     assert!(res.forced);
     assert!(

@@ -640,7 +640,7 @@ async fn releasing_a_lease_makes_the_run_claimable_at_once(db: TestDb) {
 }
 
 async fn inventory_and_network_mappings(db: TestDb) {
-    use tern::domain::inventory::{NetworkKind, NetworkMapping, Nic, VmRecord};
+    use tern::domain::inventory::{Disk, NetworkKind, NetworkMapping, Nic, VmRecord};
     let s = db.open().await;
     let vm = VmRecord {
         vm_id: "420570c7".into(),
@@ -648,11 +648,34 @@ async fn inventory_and_network_mappings(db: TestDb) {
         cpu_count: 2,
         memory_mb: 4096,
         os_type: "windows".into(),
-        nics: vec![Nic {
-            source_network: "VM Network".into(),
-            mac: None,
-        }],
-        volume_id: "vol-1".into(),
+        nics: vec![
+            Nic {
+                source_network: "VM Network".into(),
+                mac: None,
+                ip: None,
+            },
+            Nic {
+                source_network: "Backup".into(),
+                mac: Some("00:50:56:aa:bb:cc".into()),
+                ip: Some("10.0.9.7".into()),
+            },
+        ],
+        boot_disk: Disk {
+            size_bytes: Some(40 << 30),
+            ..Disk::of("vol-1")
+        },
+        data_disks: vec![
+            Disk {
+                volume_id: "vol-2".into(),
+                size_bytes: Some(100 << 30),
+                unit_number: 1,
+            },
+            Disk {
+                volume_id: "vol-3".into(),
+                size_bytes: None,
+                unit_number: 2,
+            },
+        ],
         oma_vm_id: "oma-1".into(),
         last_sync_change_id: Some("52 3c/5".into()),
     };

@@ -220,7 +220,7 @@ fn error_code(row: &tern::store::RunRow) -> String {
 async fn test_failover_with_auto_cleanup_puts_everything_back(db: TestDb) {
     let w = world(&db, SnapshotKind::CloudstackVolume, None).await;
     let vm = w.vm("linux").clone();
-    let before = w.generation(&vm.volume_id).await;
+    let before = w.generation(&vm.boot_disk.volume_id).await;
     let run = w
         .submit(
             "test-failover",
@@ -229,7 +229,7 @@ async fn test_failover_with_auto_cleanup_puts_everything_back(db: TestDb) {
         .await;
     w.wait_status(run, RunStatus::Holding).await;
     // While the test VM runs, the volume is its ROOT disk and people write to it.
-    let vol = w.get(&format!("/sim/volumes/{}", vm.volume_id)).await;
+    let vol = w.get(&format!("/sim/volumes/{}", vm.boot_disk.volume_id)).await;
     assert!(vol.is_object());
     let state = w.get("/sim/state").await;
     let job = w.store.failover_job(run).await.unwrap().unwrap();
@@ -241,12 +241,12 @@ async fn test_failover_with_auto_cleanup_puts_everything_back(db: TestDb) {
         .is_some_and(|n| n.starts_with("tern-")));
     let vols = state["volumes"].to_string();
     assert!(vols.contains(&test_vm), "volume attached to the test VM");
-    w.post(&format!("/sim/volumes/{}/write", vm.volume_id)).await;
+    w.post(&format!("/sim/volumes/{}/write", vm.boot_disk.volume_id)).await;
     let row = w.finish(run).await;
     assert_eq!(row.status, RunStatus::Completed, "{:?}", row.state);
     w.assert_clean(&vm.oma_vm_id).await;
     assert_eq!(
-        w.generation(&vm.volume_id).await,
+        w.generation(&vm.boot_disk.volume_id).await,
         before,
         "the revert undid the test's writes"
     );
@@ -277,7 +277,7 @@ async fn a_windows_test_failover_injects_drivers_and_the_revert_removes_them(db:
     let run = w.submit("test-failover", input(&vm, json!({}))).await;
     w.wait_status(run, RunStatus::Holding).await;
     assert!(
-        w.generation(&vm.volume_id).await.1,
+        w.generation(&vm.boot_disk.volume_id).await.1,
         "drivers injected while the test runs"
     );
     let row = w.store.get_run(run).await.unwrap().unwrap();
@@ -288,7 +288,7 @@ async fn a_windows_test_failover_injects_drivers_and_the_revert_removes_them(db:
     );
     assert_eq!(w.finish(run).await.status, RunStatus::Completed);
     assert!(
-        !w.generation(&vm.volume_id).await.1,
+        !w.generation(&vm.boot_disk.volume_id).await.1,
         "the LINSTOR rollback removed the drivers"
     );
     w.assert_clean(&vm.oma_vm_id).await;
@@ -311,7 +311,7 @@ async fn a_live_failover_moves_the_volume_for_good(db: TestDb) {
         .as_array()
         .unwrap()
         .iter()
-        .find(|v| v["volume_id"] == json!(vm.volume_id))
+        .find(|v| v["volume_id"] == json!(vm.boot_disk.volume_id))
         .unwrap()
         .clone();
     assert_eq!(mine["attached_to"], json!(new_vm));
@@ -352,7 +352,7 @@ async fn an_end_test_signal_ends_the_hold(db: TestDb) {
 async fn cancel_during_the_hold_rolls_everything_back(db: TestDb) {
     let w = world(&db, SnapshotKind::CloudstackVolume, None).await;
     let vm = w.vm("windows").clone();
-    let before = w.generation(&vm.volume_id).await;
+    let before = w.generation(&vm.boot_disk.volume_id).await;
     let run = w
         .submit(
             "test-failover",
@@ -364,14 +364,18 @@ async fn cancel_during_the_hold_rolls_everything_back(db: TestDb) {
     let row = w.finish(run).await;
     assert_eq!(row.status, RunStatus::Cancelled, "{:?}", row.state);
     w.assert_clean(&vm.oma_vm_id).await;
-    assert_eq!(w.generation(&vm.volume_id).await, before, "driver injection reverted");
+    assert_eq!(
+        w.generation(&vm.boot_disk.volume_id).await,
+        before,
+        "driver injection reverted"
+    );
 }
 
 /// A failure injected at each step; the rollback must leave the world as it was.
 async fn failure_at(db: TestDb, os: &str, faults: Option<Value>, extra: Value, code: &str, failed_step: &str) {
     let w = world(&db, SnapshotKind::CloudstackVolume, faults).await;
     let vm = w.vm(os).clone();
-    let before = w.generation(&vm.volume_id).await;
+    let before = w.generation(&vm.boot_disk.volume_id).await;
     let run = w.submit("test-failover", input(&vm, extra)).await;
     let row = w.finish(run).await;
     assert_eq!(row.status, RunStatus::Failed, "{:?}", row.state);
@@ -382,7 +386,7 @@ async fn failure_at(db: TestDb, os: &str, faults: Option<Value>, extra: Value, c
     }
     w.assert_clean(&vm.oma_vm_id).await;
     assert_eq!(
-        w.generation(&vm.volume_id).await,
+        w.generation(&vm.boot_disk.volume_id).await,
         before,
         "disk unchanged after rollback"
     );
@@ -493,7 +497,7 @@ async fn a_volume_that_cannot_be_deleted_needs_an_operator(db: TestDb) {
         .as_array()
         .unwrap()
         .iter()
-        .find(|v| v["volume_id"] == json!(vm.volume_id))
+        .find(|v| v["volume_id"] == json!(vm.boot_disk.volume_id))
         .unwrap()
         .clone();
     assert_eq!(mine["ok"], json!(true), "{inv}");
@@ -501,10 +505,10 @@ async fn a_volume_that_cannot_be_deleted_needs_an_operator(db: TestDb) {
     let job = w.store.failover_job(run).await.unwrap().unwrap();
     let text = tern::steps::failover::recover::plan(&row, Some(&vm), job.linstor_snapshot_name.as_deref(), None);
     for needle in [
-        format!("cmk detach volume id={}", vm.volume_id),
+        format!("cmk detach volume id={}", vm.boot_disk.volume_id),
         format!(
             "cmk attach volume id={} virtualmachineid={}",
-            vm.volume_id, vm.oma_vm_id
+            vm.boot_disk.volume_id, vm.oma_vm_id
         ),
         "not undone: volume-attachment".to_string(),
         "snapshot       tern-".to_string(),
@@ -566,7 +570,7 @@ async fn failure_at_virtio_injection(db: TestDb) {
         .into_iter()
         .find(|v| v.os_type == "windows")
         .unwrap();
-    let serial = tern::providers::virtio::serial_for(&vm.volume_id).unwrap();
+    let serial = tern::providers::virtio::serial_for(&vm.boot_disk.volume_id).unwrap();
     std::fs::write(devices.path().join(format!("virtio-{serial}")), b"").unwrap();
     let injector = InjectorSettings::Command(tern::providers::virtio::CommandInjectorConfig {
         inject_command: vec![
@@ -578,7 +582,7 @@ async fn failure_at_virtio_injection(db: TestDb) {
         ..Default::default()
     });
     let w = world_full(&db, SnapshotKind::CloudstackVolume, None, 3, Some(injector)).await;
-    let before = w.generation(&vm.volume_id).await;
+    let before = w.generation(&vm.boot_disk.volume_id).await;
     let run = w.submit("test-failover", input(&vm, json!({}))).await;
     let row = w.finish(run).await;
     assert_eq!(row.status, RunStatus::Failed, "{:?}", row.state);
@@ -595,21 +599,21 @@ async fn failure_at_virtio_injection(db: TestDb) {
         other => panic!("{other:?}"),
     }
     w.assert_clean(&vm.oma_vm_id).await;
-    assert_eq!(w.generation(&vm.volume_id).await, before);
+    assert_eq!(w.generation(&vm.boot_disk.volume_id).await, before);
 }
 
 async fn a_live_failover_that_cannot_start_rolls_back(db: TestDb) {
     let f = json!({"commands": {"startVirtualMachine": {"job_failure_rate": 1.0}}});
     let w = world(&db, SnapshotKind::Linstor, Some(f)).await;
     let vm = w.vm("windows").clone();
-    let before = w.generation(&vm.volume_id).await;
+    let before = w.generation(&vm.boot_disk.volume_id).await;
     let run = w.submit("live-failover", input(&vm, json!({"job_type": "live"}))).await;
     let row = w.finish(run).await;
     assert_eq!(row.status, RunStatus::Failed, "{:?}", row.state);
     assert_eq!(error_code(&row), "VM_START_FAILED");
     w.assert_clean(&vm.oma_vm_id).await;
     assert_eq!(
-        w.generation(&vm.volume_id).await,
+        w.generation(&vm.boot_disk.volume_id).await,
         before,
         "drivers injected for the live VM were reverted"
     );

@@ -130,7 +130,7 @@ async fn run_case(db: &TestDb, case: Case) {
         "after the recovery:\n{again}\nrecovery was:\n{text}"
     );
     if case.os == "windows" {
-        let (_, injected) = w.generation(&vm.volume_id).await;
+        let (_, injected) = w.generation(&vm.boot_disk.volume_id).await;
         assert!(!injected, "the revert took the drivers out:\n{text}");
     }
 }
