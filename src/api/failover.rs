@@ -76,7 +76,7 @@ impl Start<'_> {
     ///
     /// A start with a request id already used is the same request when it would store the same
     /// input (and definition); a request without `vm_name` takes the one recorded.
-    fn input(&self, inventory_name: &str) -> Value {
+    fn input(&self, inventory_name: &str) -> FailoverInput {
         let vm_name = match self.vm_name.trim() {
             "" => inventory_name,
             name => name,
@@ -93,7 +93,7 @@ impl Start<'_> {
             input.auto_cleanup = Some(auto_cleanup);
             input.test_duration = Some(duration.trim().to_string()).filter(|d| !d.is_empty());
         }
-        input.to_value()
+        input
     }
 }
 
@@ -184,7 +184,10 @@ impl FailoverApi {
                 reason: "VM_NOT_FOUND",
                 message: format!("VM {vm_id} is not in the inventory (not replicated?)"),
             })?;
-        let input = s.input(&vm.name);
+        let mut input = s.input(&vm.name);
+        // The job works on the VM as it is now, whatever the inventory says later.
+        input.source_vm_spec = Some(vm);
+        let input = input.to_value();
         let submitted = self
             .state
             .engine
@@ -248,7 +251,9 @@ impl FailoverApi {
     /// The job `run`, which `request_id` made before, if it was made with `s`'s parameters.
     async fn retried(&self, s: &Start<'_>, request_id: &str, run: &RunRow) -> ApiResult<pb::FailoverJob> {
         let recorded = run.input.get("vm_name").and_then(Value::as_str).unwrap_or_default();
-        super::same_request(request_id, run, s.definition, &s.input(recorded), "job")?;
+        // The pinned source is what the inventory said then, not a parameter of the request.
+        let given = s.input(recorded).to_value();
+        super::same_request(request_id, run, s.definition, &given, "job", &["source_vm_spec"])?;
         let mut job = self.job(run, true).await?;
         job.created = false;
         Ok(job)
@@ -341,7 +346,12 @@ impl FailoverApi {
         };
         let input = FailoverInput::from_value(&run.input)
             .map_err(|e| ApiError::Internal(format!("job {}: stored input: {e}", run.id)))?;
-        let Some(vm) = self.state.inventory.vm_record(&input.vm_id).await? else {
+        let pinned = input.source_vm_spec.clone();
+        let vm = match pinned {
+            Some(vm) => Some(vm),
+            None => self.state.inventory.vm_record(&input.vm_id).await?,
+        };
+        let Some(vm) = vm else {
             return Ok(vec![format!(
                 "the cloud was not checked: VM {} is no longer in the inventory",
                 input.vm_id

@@ -134,6 +134,7 @@ pub(crate) fn same_request(
     definition: &str,
     input: &Value,
     noun: &str,
+    derived: &[&str],
 ) -> Result<(), error::ApiError> {
     let mut differ = Vec::new();
     if run.definition != definition {
@@ -147,7 +148,11 @@ pub(crate) fn same_request(
     let mut keys: Vec<&String> = given.keys().chain(stored.keys()).collect();
     keys.sort();
     keys.dedup();
-    differ.extend(keys.into_iter().filter(|k| given.get(*k) != stored.get(*k)).cloned());
+    differ.extend(
+        keys.into_iter()
+            .filter(|k| !derived.contains(&k.as_str()) && given.get(*k) != stored.get(*k))
+            .cloned(),
+    );
     if differ.is_empty() {
         return Ok(());
     }

@@ -101,7 +101,7 @@ impl WorkflowService for WorkflowApi {
                 })
                 .await?;
             if let (false, Some(request_id)) = (s.created, &request_id) {
-                super::same_request(request_id, &s.run, definition, &input, "run")?;
+                super::same_request(request_id, &s.run, definition, &input, "run", &[])?;
             }
             self.view_submitted(&s).await
         }

@@ -185,7 +185,11 @@ pub(crate) async fn run(cli: &Cli, command: &AdminCommand) -> Result<()> {
                 .with_context(|| format!("run {id} not found"))?;
             let input = tern::domain::failover::FailoverInput::from_value(&row.input)
                 .map_err(|e| anyhow::anyhow!("run {id} is not a failover: {e}"))?;
-            let vm = store.vm_record(&input.vm_id).await?;
+            // The VM as the job saw it (pinned at start), else as the inventory has it now.
+            let vm = match input.source_vm_spec.clone() {
+                Some(vm) => Some(vm),
+                None => store.vm_record(&input.vm_id).await?,
+            };
             let job = store.failover_job(id).await?;
             let snap = job.as_ref().and_then(|j| j.linstor_snapshot_name.as_deref());
             let found = match (

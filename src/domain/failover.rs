@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::inventory::NetworkKind;
+use super::inventory::{NetworkKind, VmRecord};
 
 /// A test failover (reversible, on the test network) or a live one (permanent, production).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,9 +56,17 @@ pub struct FailoverInput {
     /// Test failovers: how long the test VM is held (e.g. "30m").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_duration: Option<String>,
-    /// The source VM's description as a caller gave it (kept for the job read model).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_vm_spec: Option<Value>,
+    /// The source VM as the inventory described it when the job was started: its disks, NICs
+    /// and size for the whole job, whatever the inventory says later. FailoverService sets it;
+    /// the steps of a run without it read the inventory. A stored value of another shape (a
+    /// run from before this was typed) reads as none.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "spec_or_none")]
+    pub source_vm_spec: Option<VmRecord>,
+}
+
+fn spec_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<VmRecord>, D::Error> {
+    let v = Option::<Value>::deserialize(d)?;
+    Ok(v.and_then(|v| serde_json::from_value(v).ok()))
 }
 
 impl FailoverInput {
@@ -89,6 +97,22 @@ impl FailoverInput {
         Ok(parsed)
     }
 
+    /// Checks a new run's input: as [`FailoverInput::from_value`], and a `source_vm_spec`
+    /// given must be a VM record without problems (an old run's is read leniently instead).
+    pub fn check_new(input: &Value) -> Result<FailoverInput, String> {
+        let parsed = FailoverInput::from_value(input)?;
+        if let Some(spec) = input.get("source_vm_spec").filter(|v| !v.is_null()) {
+            let vm: VmRecord = serde_json::from_value(spec.clone()).map_err(|e| format!("source_vm_spec: {e}"))?;
+            if let Some((field, why)) = vm.problems().into_iter().next() {
+                return Err(format!("source_vm_spec.{field} {why}"));
+            }
+            if vm.vm_id != parsed.vm_id {
+                return Err(format!("source_vm_spec is VM {}, not {}", vm.vm_id, parsed.vm_id));
+            }
+        }
+        Ok(parsed)
+    }
+
     pub fn to_value(&self) -> Value {
         serde_json::to_value(self).unwrap_or(Value::Null)
     }
@@ -107,7 +131,7 @@ impl FailoverInput {
             vm_id: self.vm_id.clone(),
             vm_name: self.vm_name.clone(),
             network_mappings: serde_json::to_string(&self.network_mappings).ok(),
-            source_vm_spec: self.source_vm_spec.as_ref().map(Value::to_string),
+            source_vm_spec: self.source_vm_spec.as_ref().and_then(|v| serde_json::to_string(v).ok()),
         }
     }
 }
@@ -158,5 +182,22 @@ mod tests {
         assert_eq!(v["network_mappings"], json!({}));
         assert!(v.get("source_vm_spec").is_none());
         assert_eq!(FailoverInput::from_value(&v).unwrap(), i);
+    }
+
+    #[test]
+    fn a_source_spec_of_another_shape_reads_as_none_in_old_runs_and_is_refused_in_new_ones() {
+        let old = json!({"vm_id": "a", "source_vm_spec": {"cpus": 2}});
+        assert_eq!(FailoverInput::from_value(&old).unwrap().source_vm_spec, None);
+        assert!(FailoverInput::check_new(&old).unwrap_err().contains("source_vm_spec"));
+        let spec = json!({"vm_id": "a", "name": "n", "cpu_count": 1, "memory_mb": 512, "os_type": "linux",
+            "volume_id": "v", "oma_vm_id": "o"});
+        let new = json!({"vm_id": "a", "source_vm_spec": spec});
+        let parsed = FailoverInput::check_new(&new).unwrap();
+        assert_eq!(
+            parsed.source_vm_spec.map(|s| s.boot_disk.volume_id),
+            Some("v".to_string())
+        );
+        let other = json!({"vm_id": "b", "source_vm_spec": spec});
+        assert!(FailoverInput::check_new(&other).unwrap_err().contains("not b"));
     }
 }

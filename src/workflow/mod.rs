@@ -200,7 +200,7 @@ impl Definition {
             return Err("input must be a JSON object".into());
         }
         if self.input == InputKind::Failover {
-            FailoverInput::from_value(input)?;
+            FailoverInput::check_new(input)?;
         }
         self.hold_duration(input).map(|_| ())
     }

@@ -192,9 +192,13 @@ impl<'a> Attempt<'a> {
     async fn new(deps: &'a FailoverDeps, step: &'a StepInput) -> Result<Attempt<'a>, ActionError> {
         let input = FailoverInput::from_value(&step.input)
             .map_err(|e| ActionError::permanent("INVALID_INPUT", format!("failover input: {e}")))?;
-        let vm = deps.store.vm_record(&input.vm_id).await?.ok_or_else(|| {
-            ActionError::permanent("VM_NOT_FOUND", format!("VM {} is not in the inventory", input.vm_id))
-        })?;
+        // The VM as it was when the job started; a run without it reads the inventory.
+        let vm = match input.source_vm_spec.clone() {
+            Some(vm) => vm,
+            None => deps.store.vm_record(&input.vm_id).await?.ok_or_else(|| {
+                ActionError::permanent("VM_NOT_FOUND", format!("VM {} is not in the inventory", input.vm_id))
+            })?,
+        };
         Ok(Attempt {
             deps,
             step,

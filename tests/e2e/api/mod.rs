@@ -6,6 +6,7 @@
 use crate::common;
 use crate::{on_both_backends, on_sqlite};
 mod dropped_watches;
+mod pinned;
 mod resolve;
 mod restart;
 
@@ -1513,6 +1514,9 @@ on_both_backends!(server_killed_mid_failovers_and_restarted);
 use resolve::{a_forced_resolve_journals_what_still_differed, needs_operator_keeps_the_vm_until_resolved};
 on_both_backends!(needs_operator_keeps_the_vm_until_resolved);
 on_sqlite!(a_forced_resolve_journals_what_still_differed);
+
+use pinned::a_job_keeps_the_vm_it_started_with;
+on_both_backends!(a_job_keeps_the_vm_it_started_with);
 
 use dropped_watches::dropped_watch_streams_never_cost_the_connection;
 on_sqlite!(

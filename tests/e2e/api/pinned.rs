@@ -1,0 +1,52 @@
+//! A job works on the VM as the inventory described it when the job started: an inventory
+//! edit while the test holds does not change which disk the teardown gives back, and a retried
+//! start with the same request id is still the same request.
+
+use super::*;
+
+pub async fn a_job_keeps_the_vm_it_started_with(db: TestDb) {
+    let a = api(&db).await;
+    let vm = a.vm("linux");
+    let start = pb::StartTestFailoverRequest {
+        request_id: "chg-pinned".into(),
+        ..a.test_request(&vm)
+    };
+    let job =
+        a.fo.clone()
+            .start_test_failover(start.clone())
+            .await
+            .unwrap()
+            .into_inner();
+    a.until(&job.job_id, "testing", |j| j.status == "testing").await;
+
+    // The replication system re-describes the VM while it is tested: another volume.
+    let mut edited = tern::api::convert::vm(&vm);
+    edited.volume_id = "vol-reseeded".into();
+    edited.disks.clear();
+    edited.memory_mb *= 2;
+    a.fo.clone()
+        .upsert_vm(pb::UpsertVmRequest { vm: Some(edited) })
+        .await
+        .unwrap();
+
+    // A retry of the start is the same request: the same job, not a second one.
+    let again = a.fo.clone().start_test_failover(start).await.unwrap().into_inner();
+    assert_eq!((again.job_id.as_str(), again.created), (job.job_id.as_str(), false));
+
+    // The teardown gives back the volume the job moved, to the OMA.
+    a.fo.clone()
+        .end_test_failover(pb::EndTestFailoverRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .unwrap();
+    let done = a.terminal(&job.job_id).await;
+    assert_eq!(done.run_status, "completed", "{done:?}");
+    let volume = a.deps.cloud.get_volume(&vm.boot_disk.volume_id).await.unwrap();
+    assert_eq!(volume.vm_id.as_deref(), Some(vm.oma_vm_id.as_str()));
+
+    // The job's input holds the VM as it was.
+    let row = a.store.get_run(job.job_id.parse().unwrap()).await.unwrap().unwrap();
+    let input = tern::domain::failover::FailoverInput::from_value(&row.input).unwrap();
+    assert_eq!(input.source_vm_spec.as_ref(), Some(&vm));
+}
