@@ -60,6 +60,9 @@ pub struct Facts<'a> {
     pub kind: NetworkKind,
     /// `Err(reason)` when the volume could not be looked up.
     pub volume: Result<Option<VolumeFacts>, String>,
+    /// The mapped destination networks (of `kind`) that CloudStack does not know;
+    /// `Err(reason)` when they could not be looked up.
+    pub missing_networks: Result<Vec<String>, String>,
 }
 
 /// The seeds' score: any failed critical check gives 0; otherwise the share of passed checks.
@@ -140,14 +143,54 @@ pub fn validate(f: &Facts<'_>) -> ReadinessReport {
         .copied()
         .filter(|n| !f.mappings.iter().any(|m| m.kind == f.kind && m.source_network == *n))
         .collect();
-    checks.push(check(
-        "Network Mappings",
-        CheckType::Warning,
-        unmapped.is_empty(),
-        "All source networks mapped to CloudStack networks",
-        format!("unmapped {} networks: {}", f.kind.as_str(), unmapped.join(", ")),
-        json!({"mapped_networks": networks.len() - unmapped.len(), "unmapped_networks": unmapped.len(), "kind": f.kind.as_str()}),
-    ));
+    let details = json!({"mapped_networks": networks.len() - unmapped.len(), "unmapped_networks": unmapped.len(), "kind": f.kind.as_str()});
+    checks.push(match &f.missing_networks {
+        // A NIC mapped to a network that does not exist stops the failover before anything is
+        // created: CloudStack would refuse the VM's deploy.
+        Ok(missing) if !missing.is_empty() => {
+            let nics: Vec<String> =
+                f.vm.map(|v| {
+                    v.nics
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, n)| {
+                            let m = f
+                                .mappings
+                                .iter()
+                                .find(|m| m.kind == f.kind && m.source_network == n.source_network)?;
+                            missing
+                                .contains(&m.destination_network_id)
+                                .then(|| format!("nics[{i}] ({}) -> {}", n.source_network, m.destination_network_id))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            check(
+                "Network Mappings",
+                CheckType::Critical,
+                false,
+                "",
+                format!("mapped to networks CloudStack does not have: {}", nics.join(", ")),
+                json!({"missing_networks": missing, "kind": f.kind.as_str()}),
+            )
+        }
+        Err(e) => check(
+            "Network Mappings",
+            CheckType::Critical,
+            false,
+            "",
+            format!("destination network look-up failed: {e}"),
+            details,
+        ),
+        Ok(_) => check(
+            "Network Mappings",
+            CheckType::Warning,
+            unmapped.is_empty(),
+            "All source networks mapped to CloudStack networks",
+            format!("unmapped {} networks: {}", f.kind.as_str(), unmapped.join(", ")),
+            details,
+        ),
+    });
     let oma = f.vm.map(|v| v.oma_vm_id.as_str());
     let data_disks: Vec<&str> =
         f.vm.map(|v| v.data_disks.iter().map(|d| d.volume_id.as_str()).collect())
@@ -248,6 +291,7 @@ mod tests {
             mappings,
             kind: NetworkKind::Test,
             volume: volume("oma-1"),
+            missing_networks: Ok(vec![]),
         }
     }
 
@@ -303,6 +347,7 @@ mod tests {
             mappings: &[],
             kind: NetworkKind::Test,
             volume: Ok(None),
+            missing_networks: Ok(vec![]),
         });
         assert!(!r.is_ready);
         assert!(r.checks[0].message.contains("not found"));
@@ -311,6 +356,21 @@ mod tests {
         let r = validate(&ready(&unsynced, &m));
         assert_eq!(r.checks[2].status, CheckStatus::Fail);
         assert!(!r.is_ready);
+    }
+
+    #[test]
+    fn a_nic_mapped_to_a_network_cloudstack_lacks_is_critical_and_named() {
+        let v = vm();
+        let m = [mapping(NetworkKind::Test)];
+        let r = validate(&Facts {
+            missing_networks: Ok(vec!["net-t".into()]),
+            ..ready(&v, &m)
+        });
+        assert!(!r.is_ready);
+        assert_eq!(r.readiness_score, 0.0);
+        let c = &r.checks[3];
+        assert_eq!((c.check_type, c.status), (CheckType::Critical, CheckStatus::Fail));
+        assert!(c.message.contains("nics[0] (VM Network) -> net-t"), "{}", c.message);
     }
 
     #[test]

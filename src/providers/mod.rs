@@ -288,6 +288,20 @@ pub struct Volume {
     pub size: Option<u64>,
 }
 
+/// A CloudStack guest network a failed-over VM's NICs join.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "zoneid", default)]
+    pub zone_id: Option<String>,
+    #[serde(default)]
+    pub state: Option<String>,
+    /// The guest CIDR, where the network has one.
+    #[serde(default)]
+    pub cidr: Option<String>,
+}
+
 /// A CloudStack volume snapshot. `state` is `BackedUp` when usable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -530,6 +544,9 @@ pub trait Cloud: Send + Sync {
     }
 
     async fn list_snapshots(&self, filter: SnapshotFilter) -> Result<Vec<Snapshot>>;
+
+    /// The network with this id, or None if CloudStack knows none.
+    async fn find_network(&self, id: &str) -> Result<Option<Network>>;
 
     async fn list_vm_snapshots(&self, vm_id: &str) -> Result<Vec<VmSnapshot>>;
 

@@ -485,6 +485,7 @@ fn dispatch(
             ],
         )),
         "listNetworks" => {
+            known_ref(w, command, args, "id", |w, id| w.networks.contains_key(id))?;
             let items = w
                 .networks
                 .values()

@@ -175,6 +175,19 @@ async fn conformance_cloud(c: &dyn Cloud, inv: &SampleInventory) {
     let source = &inv.vms[0];
     let oma = &inv.oma_vm_id;
 
+    // A network is found by id; an id CloudStack does not know (431) is none.
+    let net = c
+        .find_network(&inv.test_network_id)
+        .await
+        .unwrap()
+        .expect("the test network");
+    assert_eq!(net.id, inv.test_network_id);
+    assert!(!net.name.is_empty());
+    assert_eq!(
+        c.find_network("8f3c0000-0000-4000-8000-00000000dead").await.unwrap(),
+        None
+    );
+
     // Empty lists are empty vectors.
     assert!(c.list_vms(VmFilter::name("tern-none")).await.unwrap().is_empty());
     assert!(c

@@ -14,8 +14,8 @@ use serde_json::Value;
 pub use snapshots::{VmSnapshots, VolumeSnapshots};
 
 use super::{
-    transport_error, AsyncCommand, Cloud, JobRef, JobStatus, ProviderError, Result, Snapshot, SnapshotFilter, Vm,
-    VmFilter, VmSnapshot, Volume, VolumeFilter,
+    transport_error, AsyncCommand, Cloud, JobRef, JobStatus, Network, ProviderError, Result, Snapshot, SnapshotFilter,
+    Vm, VmFilter, VmSnapshot, Volume, VolumeFilter,
 };
 
 /// Where and how to reach a CloudStack management server.
@@ -306,6 +306,13 @@ impl Cloud for CloudStackClient {
             params.push(("type", t.as_str().to_string()));
         }
         self.list("listVolumes", "volume", params).await
+    }
+
+    async fn find_network(&self, id: &str) -> Result<Option<Network>> {
+        let networks: Vec<Network> = self
+            .list("listNetworks", "network", vec![("id", id.to_string())])
+            .await?;
+        Ok(networks.into_iter().find(|n| n.id == id))
     }
 
     async fn list_snapshots(&self, filter: SnapshotFilter) -> Result<Vec<Snapshot>> {

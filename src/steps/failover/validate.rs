@@ -94,6 +94,10 @@ async fn report(
             Err(e) => Err(e.to_string()),
         },
     };
+    let missing_networks = match vm {
+        None => Ok(Vec::new()),
+        Some(vm) => missing_networks(deps, vm, kind, mappings).await?,
+    };
     Ok(validate(&Facts {
         vm_id,
         vm,
@@ -101,5 +105,38 @@ async fn report(
         mappings,
         kind,
         volume,
+        missing_networks,
     }))
+}
+
+/// The destination networks the VM's NICs are mapped to (for `kind`) that CloudStack does
+/// not know. A transient failure fails the step for a retry; another is reported.
+async fn missing_networks(
+    deps: &FailoverDeps,
+    vm: &VmRecord,
+    kind: NetworkKind,
+    mappings: &[NetworkMapping],
+) -> Result<Result<Vec<String>, String>, ActionError> {
+    let mut wanted: Vec<&str> = vm
+        .nics
+        .iter()
+        .filter_map(|n| {
+            mappings
+                .iter()
+                .find(|m| m.kind == kind && m.source_network == n.source_network)
+                .map(|m| m.destination_network_id.as_str())
+        })
+        .collect();
+    wanted.sort();
+    wanted.dedup();
+    let mut missing = Vec::new();
+    for id in wanted {
+        match deps.cloud.find_network(id).await {
+            Ok(Some(_)) => {}
+            Ok(None) => missing.push(id.to_string()),
+            Err(e) if e.is_retryable() => return Err(fail("VALIDATION_FAILED", e)),
+            Err(e) => return Ok(Err(e.to_string())),
+        }
+    }
+    Ok(Ok(missing))
 }

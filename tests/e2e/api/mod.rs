@@ -1515,8 +1515,11 @@ use resolve::{a_forced_resolve_journals_what_still_differed, needs_operator_keep
 on_both_backends!(needs_operator_keeps_the_vm_until_resolved);
 on_sqlite!(a_forced_resolve_journals_what_still_differed);
 
-use pinned::a_job_keeps_the_vm_it_started_with;
+use pinned::{
+    a_job_keeps_the_vm_it_started_with, a_mapping_to_a_missing_network_is_refused_before_anything_is_created,
+};
 on_both_backends!(a_job_keeps_the_vm_it_started_with);
+on_sqlite!(a_mapping_to_a_missing_network_is_refused_before_anything_is_created);
 
 use dropped_watches::dropped_watch_streams_never_cost_the_connection;
 on_sqlite!(

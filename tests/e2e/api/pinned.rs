@@ -50,3 +50,57 @@ pub async fn a_job_keeps_the_vm_it_started_with(db: TestDb) {
     let input = tern::domain::failover::FailoverInput::from_value(&row.input).unwrap();
     assert_eq!(input.source_vm_spec.as_ref(), Some(&vm));
 }
+
+/// A NIC mapped to a network CloudStack does not have stops the failover in validation, before
+/// anything is created, and the report names the NIC.
+pub async fn a_mapping_to_a_missing_network_is_refused_before_anything_is_created(db: TestDb) {
+    let a = api(&db).await;
+    let vm = a.vm("linux");
+    let source = vm.nics[0].source_network.clone();
+    a.fo.clone()
+        .set_network_mappings(pb::SetNetworkMappingsRequest {
+            vm_id: vm.vm_id.clone(),
+            kind: "test".into(),
+            mappings: vec![pb::NetworkMapping {
+                source_network: source.clone(),
+                destination_network_id: "8f3c0000-0000-4000-8000-00000000dead".into(),
+                kind: String::new(),
+            }],
+        })
+        .await
+        .unwrap();
+    let report =
+        a.fo.clone()
+            .check_readiness(pb::CheckReadinessRequest {
+                vm_id: vm.vm_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(!report.is_ready);
+    let check = report
+        .checks
+        .iter()
+        .find(|c| c.check_name == "Network Mappings")
+        .unwrap();
+    assert_eq!((check.check_type.as_str(), check.status.as_str()), ("critical", "fail"));
+    assert!(
+        check.message.contains(&format!("nics[0] ({source})")),
+        "{}",
+        check.message
+    );
+
+    let job =
+        a.fo.clone()
+            .start_test_failover(a.test_request(&vm))
+            .await
+            .unwrap()
+            .into_inner();
+    let done = a.terminal(&job.job_id).await;
+    assert_eq!(done.run_status, "failed", "{done:?}");
+    assert_eq!(done.error.as_ref().map(|e| e.code.as_str()), Some("VALIDATION_FAILED"));
+    assert!(done.destination_vm_id.is_empty(), "nothing was created: {done:?}");
+    let vms = a.deps.cloud.list_vms(Default::default()).await.unwrap();
+    assert!(vms.iter().all(|v| !v.name.starts_with("tern-")), "{vms:?}");
+}
