@@ -302,6 +302,21 @@ pub struct Network {
     pub cidr: Option<String>,
 }
 
+/// A CloudStack compute offering. A customized one takes the VM's size at deploy
+/// (`details[0].cpuNumber`, `details[0].memory`); a fixed one has its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceOffering {
+    pub id: String,
+    pub name: String,
+    #[serde(rename = "iscustomized", default)]
+    pub is_customized: bool,
+    #[serde(rename = "cpunumber", default)]
+    pub cpu_number: Option<u32>,
+    /// MiB.
+    #[serde(default)]
+    pub memory: Option<u64>,
+}
+
 /// A CloudStack volume snapshot. `state` is `BackedUp` when usable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -547,6 +562,9 @@ pub trait Cloud: Send + Sync {
 
     /// The network with this id, or None if CloudStack knows none.
     async fn find_network(&self, id: &str) -> Result<Option<Network>>;
+
+    /// The compute offering with this id, or None if CloudStack knows none.
+    async fn find_service_offering(&self, id: &str) -> Result<Option<ServiceOffering>>;
 
     async fn list_vm_snapshots(&self, vm_id: &str) -> Result<Vec<VmSnapshot>>;
 

@@ -33,6 +33,7 @@ const SYNC: &[&str] = &[
     "listVMSnapshot",
     "listZones",
     "listNetworks",
+    "listServiceOfferings",
     "deleteVolume",
 ];
 
@@ -244,14 +245,13 @@ fn dispatch(
                     ip: format!("10.1.{}.{}", i + 1, 10 + w.vms.len()),
                 });
             }
-            let cpu = args
-                .get("details[0].cpuNumber")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(2);
-            let memory_mb = args
-                .get("details[0].memory")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(2048);
+            // The sample offering is a custom (constrained) one: the deploy names the size.
+            let size = |name: &str| args.get(name).and_then(|v| v.parse::<u32>().ok()).filter(|v| *v > 0);
+            let (Some(cpu), Some(memory_mb)) = (size("details[0].cpuNumber"), size("details[0].memory")) else {
+                return Err(CsError::param(
+                    "Need to specify custom parameter values cpu and memory when using custom offering",
+                ));
+            };
             let start = flag(args, "startvm", true);
             let vm = SimVm {
                 id: vm_id.clone(),
@@ -265,7 +265,7 @@ fn dispatch(
                 template_id: template.into(),
                 nics,
                 cpu,
-                memory_mb,
+                memory_mb: u64::from(memory_mb),
                 created_ms: now,
             };
             w.vms.insert(vm_id.clone(), vm);
@@ -484,6 +484,15 @@ fn dispatch(
                 json!({ "id": w.zone_id, "name": w.zone_name, "networktype": "Advanced", "allocationstate": "Enabled" }),
             ],
         )),
+        "listServiceOfferings" => {
+            known_ref(w, command, args, "id", |w, id| *id == w.service_offering_id)?;
+            let items = [&w.service_offering_id]
+                .into_iter()
+                .filter(|id| matches_opt(args.get("id"), id))
+                .map(|id| json!({ "id": id, "name": "Custom (constrained)", "iscustomized": true, "cpuspeed": 1000, "offerha": false }))
+                .collect();
+            Ok(list_body("serviceoffering", items))
+        }
         "listNetworks" => {
             known_ref(w, command, args, "id", |w, id| w.networks.contains_key(id))?;
             let items = w

@@ -8,7 +8,8 @@
 //!   attachVolume, detachVolume, createSnapshot, revertSnapshot, deleteSnapshot,
 //!   createVMSnapshot, revertToVMSnapshot, deleteVMSnapshot (async), queryAsyncJobResult,
 //!   listVirtualMachines, listVolumes, listSnapshots, listVMSnapshot, listZones,
-//!   listNetworks, deleteVolume (sync).
+//!   listNetworks, listServiceOfferings, deleteVolume (sync). The one service offering is a
+//!   custom one: a deploy must give `details[0].cpuNumber` and `details[0].memory`.
 //! - `/v1/resource-definitions/{rsc}/snapshots[/{snap}]`, `…/snapshot-rollback/{snap}`:
 //!   the LINSTOR controller subset (see [`linstor`]). Every volume has a resource definition
 //!   `cs-<volume id>`.

@@ -188,6 +188,27 @@ async fn conformance_cloud(c: &dyn Cloud, inv: &SampleInventory) {
         None
     );
 
+    // The sample offering is a custom one; an unknown id is none.
+    let offering = c
+        .find_service_offering(&inv.service_offering_id)
+        .await
+        .unwrap()
+        .expect("the offering");
+    assert!(offering.is_customized);
+    assert_eq!(
+        c.find_service_offering("8f3c0000-0000-4000-8000-00000000dead")
+            .await
+            .unwrap(),
+        None
+    );
+    // A custom offering without the VM's size is refused, as CloudStack does.
+    let mut no_size = deploy("tern-unsized", inv, false);
+    if let AsyncCommand::DeployVm { extra, .. } = &mut no_size {
+        extra.clear();
+    }
+    let e = c.issue(no_size).await.unwrap_err();
+    assert!(matches!(e, ProviderError::BadParameter { code: 431, .. }), "{e:?}");
+
     // Empty lists are empty vectors.
     assert!(c.list_vms(VmFilter::name("tern-none")).await.unwrap().is_empty());
     assert!(c

@@ -14,8 +14,8 @@ use serde_json::Value;
 pub use snapshots::{VmSnapshots, VolumeSnapshots};
 
 use super::{
-    transport_error, AsyncCommand, Cloud, JobRef, JobStatus, Network, ProviderError, Result, Snapshot, SnapshotFilter,
-    Vm, VmFilter, VmSnapshot, Volume, VolumeFilter,
+    transport_error, AsyncCommand, Cloud, JobRef, JobStatus, Network, ProviderError, Result, ServiceOffering, Snapshot,
+    SnapshotFilter, Vm, VmFilter, VmSnapshot, Volume, VolumeFilter,
 };
 
 /// Where and how to reach a CloudStack management server.
@@ -313,6 +313,13 @@ impl Cloud for CloudStackClient {
             .list("listNetworks", "network", vec![("id", id.to_string())])
             .await?;
         Ok(networks.into_iter().find(|n| n.id == id))
+    }
+
+    async fn find_service_offering(&self, id: &str) -> Result<Option<ServiceOffering>> {
+        let offerings: Vec<ServiceOffering> = self
+            .list("listServiceOfferings", "serviceoffering", vec![("id", id.to_string())])
+            .await?;
+        Ok(offerings.into_iter().find(|o| o.id == id))
     }
 
     async fn list_snapshots(&self, filter: SnapshotFilter) -> Result<Vec<Snapshot>> {

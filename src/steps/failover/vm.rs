@@ -1,5 +1,7 @@
 //! test-vm-creation / vm-creation, startup, stop and destroy.
 
+use std::collections::BTreeMap;
+
 use serde_json::{json, Value};
 
 use super::{fail, retryable, Attempt};
@@ -68,6 +70,7 @@ pub(crate) async fn create(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
         return Ok(done);
     }
     let cfg = &attempt.deps.config;
+    let (size, sizing) = sizing(attempt).await?;
     let cmd = AsyncCommand::DeployVm {
         name: name.clone(),
         display_name: Some(attempt.input.vm_name.clone().unwrap_or_else(|| attempt.vm.name.clone())),
@@ -76,7 +79,7 @@ pub(crate) async fn create(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
         zone_id: cfg.zone_id.clone(),
         network_ids: networks(attempt).await?,
         start_vm: false,
-        extra: Default::default(),
+        extra: size,
     };
     let result = attempt.job("deploy", cmd, "VM_CREATE_FAILED").await;
     if let Err(e) = result {
@@ -93,7 +96,35 @@ pub(crate) async fn create(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
             format!("deploy of {name} finished but the VM is not listed"),
         )
     })?;
-    Ok(json!({"destination_vm_id": vm.id, "vm_name": vm.name, "adopted": false}))
+    Ok(json!({"destination_vm_id": vm.id, "vm_name": vm.name, "adopted": false, "sizing": sizing}))
+}
+
+/// The deploy's size parameters and what the job says of them: on a customized offering the
+/// source's CPU count and memory; a fixed offering has its own size, and the output says how
+/// it differs from the source's.
+async fn sizing(attempt: &Attempt<'_>) -> Result<(BTreeMap<String, String>, Value), ActionError> {
+    const CODE: &str = "VM_CREATE_FAILED";
+    let id = &attempt.deps.config.service_offering_id;
+    let offering = attempt
+        .cloud()
+        .find_service_offering(id)
+        .await
+        .map_err(|e| fail(CODE, e))?
+        .ok_or_else(|| ActionError::permanent(CODE, format!("service offering {id} does not exist")))?;
+    let (cpu, memory_mb) = (attempt.vm.cpu_count, attempt.vm.memory_mb);
+    if offering.is_customized {
+        let size = BTreeMap::from([
+            ("details[0].cpuNumber".to_string(), cpu.to_string()),
+            ("details[0].memory".to_string(), memory_mb.to_string()),
+        ]);
+        let said = json!({"service_offering_id": offering.id, "service_offering": offering.name,
+            "cpu_count": cpu, "memory_mb": memory_mb, "how": "custom offering: the source's size"});
+        return Ok((size, said));
+    }
+    let said = json!({"service_offering_id": offering.id, "service_offering": offering.name,
+        "cpu_count": offering.cpu_number, "memory_mb": offering.memory,
+        "how": format!("fixed offering: its own size (the source has {cpu} CPUs and {memory_mb} MB)")});
+    Ok((BTreeMap::new(), said))
 }
 
 /// Adopts the VM this run already created; a VM a failed deploy left in Error state is

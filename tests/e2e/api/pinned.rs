@@ -17,7 +17,16 @@ pub async fn a_job_keeps_the_vm_it_started_with(db: TestDb) {
             .await
             .unwrap()
             .into_inner();
-    a.until(&job.job_id, "testing", |j| j.status == "testing").await;
+    let held = a.until(&job.job_id, "testing", |j| j.status == "testing").await;
+    // The test VM has the source's size (the offering is a custom one), and the job says so.
+    let test_vm = a.deps.cloud.get_vm(&held.destination_vm_id).await.unwrap();
+    assert_eq!(
+        (test_vm.cpu_number, test_vm.memory),
+        (Some(vm.cpu_count), Some(u64::from(vm.memory_mb)))
+    );
+    let run = a.store.get_run(job.job_id.parse().unwrap()).await.unwrap().unwrap();
+    let sizing = &run.context.output("test-vm-creation")["sizing"];
+    assert_eq!(sizing["how"], "custom offering: the source's size", "{sizing}");
 
     // The replication system re-describes the VM while it is tested: another volume.
     let mut edited = tern::api::convert::vm(&vm);
