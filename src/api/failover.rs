@@ -161,6 +161,8 @@ impl FailoverApi {
                 ));
             }
         }
+        let config = sorted(s.custom_config);
+        problems.extend(crate::domain::failover::custom_config_problems(&config));
         if s.request_id.len() > 200 {
             problems.push(("request_id".into(), "is longer than 200 characters".into()));
         }

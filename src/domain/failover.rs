@@ -64,6 +64,30 @@ pub struct FailoverInput {
     pub source_vm_spec: Option<VmRecord>,
 }
 
+/// The documented keys of `custom_config`, each with the largest value it takes: overrides of
+/// the new VM's size on a custom offering.
+pub const CUSTOM_CONFIG_KEYS: &[(&str, u32)] = &[("cpu_count", 512), ("memory_mb", 16 * 1024 * 1024)];
+
+/// What is wrong with a request's `custom_config`, naming the key: an unknown key (it would be
+/// stored and ignored), or a value that is not a whole number from 1 to the key's largest.
+pub fn custom_config_problems(config: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    let mut p = Vec::new();
+    for (key, value) in config {
+        let field = format!("custom_config[{key}]");
+        match CUSTOM_CONFIG_KEYS.iter().find(|(k, _)| k == key) {
+            None => {
+                let known: Vec<&str> = CUSTOM_CONFIG_KEYS.iter().map(|(k, _)| *k).collect();
+                p.push((field, format!("is not a known key (known: {})", known.join(", "))));
+            }
+            Some((_, max)) => match value.trim().parse::<u32>() {
+                Ok(n) if (1..=*max).contains(&n) => {}
+                _ => p.push((field, format!("must be a whole number from 1 to {max}"))),
+            },
+        }
+    }
+    p
+}
+
 fn spec_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<VmRecord>, D::Error> {
     let v = Option::<Value>::deserialize(d)?;
     Ok(v.and_then(|v| serde_json::from_value(v).ok()))
@@ -97,10 +121,21 @@ impl FailoverInput {
         Ok(parsed)
     }
 
-    /// Checks a new run's input: as [`FailoverInput::from_value`], and a `source_vm_spec`
+    /// The new VM's size as `custom_config` overrides it: (CPU count, memory in MB).
+    /// Values that do not parse are none here; a new run's are checked at submit.
+    pub fn size_override(&self) -> (Option<u32>, Option<u32>) {
+        let get = |k: &str| self.custom_config.get(k).and_then(|v| v.trim().parse().ok());
+        (get("cpu_count"), get("memory_mb"))
+    }
+
+    /// Checks a new run's input: as [`FailoverInput::from_value`], the `custom_config` keys
+    /// (see [`custom_config_problems`]), and a `source_vm_spec`
     /// given must be a VM record without problems (an old run's is read leniently instead).
     pub fn check_new(input: &Value) -> Result<FailoverInput, String> {
         let parsed = FailoverInput::from_value(input)?;
+        if let Some((field, why)) = custom_config_problems(&parsed.custom_config).into_iter().next() {
+            return Err(format!("{field} {why}"));
+        }
         if let Some(spec) = input.get("source_vm_spec").filter(|v| !v.is_null()) {
             let vm: VmRecord = serde_json::from_value(spec.clone()).map_err(|e| format!("source_vm_spec: {e}"))?;
             if let Some((field, why)) = vm.problems().into_iter().next() {
@@ -182,6 +217,24 @@ mod tests {
         assert_eq!(v["network_mappings"], json!({}));
         assert!(v.get("source_vm_spec").is_none());
         assert_eq!(FailoverInput::from_value(&v).unwrap(), i);
+    }
+
+    #[test]
+    fn custom_config_keys_are_known_and_checked() {
+        let mut c = BTreeMap::from([("cpu_count".to_string(), "6".to_string())]);
+        assert!(custom_config_problems(&c).is_empty());
+        c.insert("ticket".into(), "CHG-1".into());
+        c.insert("memory_mb".into(), "0".into());
+        let p: Vec<String> = custom_config_problems(&c).into_iter().map(|(f, _)| f).collect();
+        assert_eq!(p, ["custom_config[memory_mb]", "custom_config[ticket]"]);
+        let mut i = FailoverInput::new("a", JobType::Test);
+        i.custom_config = BTreeMap::from([("memory_mb".to_string(), " 12288 ".to_string())]);
+        assert_eq!(i.size_override(), (None, Some(12288)));
+        assert!(FailoverInput::check_new(&i.to_value()).is_ok());
+        i.custom_config.insert("colour".into(), "blue".into());
+        assert!(FailoverInput::check_new(&i.to_value())
+            .unwrap_err()
+            .contains("custom_config[colour]"));
     }
 
     #[test]

@@ -111,19 +111,26 @@ async fn sizing(attempt: &Attempt<'_>) -> Result<(BTreeMap<String, String>, Valu
         .await
         .map_err(|e| fail(CODE, e))?
         .ok_or_else(|| ActionError::permanent(CODE, format!("service offering {id} does not exist")))?;
-    let (cpu, memory_mb) = (attempt.vm.cpu_count, attempt.vm.memory_mb);
+    let (cpu_override, memory_override) = attempt.input.size_override();
+    let overridden = cpu_override.is_some() || memory_override.is_some();
+    let cpu = cpu_override.unwrap_or(attempt.vm.cpu_count);
+    let memory_mb = memory_override.unwrap_or(attempt.vm.memory_mb);
     if offering.is_customized {
         let size = BTreeMap::from([
             ("details[0].cpuNumber".to_string(), cpu.to_string()),
             ("details[0].memory".to_string(), memory_mb.to_string()),
         ]);
+        let how = match overridden {
+            true => "custom offering: the source's size as custom_config overrides it",
+            false => "custom offering: the source's size",
+        };
         let said = json!({"service_offering_id": offering.id, "service_offering": offering.name,
-            "cpu_count": cpu, "memory_mb": memory_mb, "how": "custom offering: the source's size"});
+            "cpu_count": cpu, "memory_mb": memory_mb, "how": how});
         return Ok((size, said));
     }
     let said = json!({"service_offering_id": offering.id, "service_offering": offering.name,
         "cpu_count": offering.cpu_number, "memory_mb": offering.memory,
-        "how": format!("fixed offering: its own size (the source has {cpu} CPUs and {memory_mb} MB)")});
+        "how": format!("fixed offering: its own size (asked for {cpu} CPUs and {memory_mb} MB)")});
     Ok((BTreeMap::new(), said))
 }
 

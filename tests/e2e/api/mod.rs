@@ -232,7 +232,7 @@ async fn test_failover_with_auto_cleanup_through_the_api(db: TestDb) {
     let mut req = tonic::Request::new(pb::StartTestFailoverRequest {
         auto_cleanup: true,
         test_duration: "2s".into(),
-        custom_config: [("ticket".to_string(), "CHG-1".to_string())].into(),
+        custom_config: [("memory_mb".to_string(), "6144".to_string())].into(),
         ..a.test_request(&vm)
     });
     req.metadata_mut()
@@ -257,6 +257,9 @@ async fn test_failover_with_auto_cleanup_through_the_api(db: TestDb) {
 
     // In the hold: testing, with the auto-cleanup time and what the bring-up created.
     let held = a.until(&job.job_id, "testing", |j| j.status == "testing").await;
+    // custom_config's memory, the source's CPU count.
+    let test_vm = a.deps.cloud.get_vm(&held.destination_vm_id).await.unwrap();
+    assert_eq!((test_vm.cpu_number, test_vm.memory), (Some(vm.cpu_count), Some(6144)));
     let cleanup = held.cleanup_at.expect("cleanup_at while holding");
     let started = held.started_at.expect("started_at");
     assert!(cleanup.seconds > started.seconds, "{cleanup:?} vs {started:?}");
@@ -328,6 +331,25 @@ async fn bad_requests_are_rejected_with_field_details(db: TestDb) {
     assert_eq!(bad_fields(&e), vec!["test_duration"]);
     assert_eq!(reason(&e), "INVALID_ARGUMENT");
     assert!(!correlation(e.metadata()).is_empty());
+
+    // custom_config: only its documented keys, with their values checked.
+    let e = fo
+        .start_live_failover(pb::StartLiveFailoverRequest {
+            vm_id: vm.vm_id.clone(),
+            custom_config: [
+                ("ticket".to_string(), "CHG-1".to_string()),
+                ("cpu_count".to_string(), "many".to_string()),
+            ]
+            .into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        bad_fields(&e),
+        vec!["custom_config[cpu_count]", "custom_config[ticket]"]
+    );
 
     let e = fo
         .start_test_failover(pb::StartTestFailoverRequest::default())
