@@ -170,12 +170,14 @@ impl Campaign {
             (true, RunStatus::Completed, Some(vm)) => vm.clone(),
             _ => self.oma.clone(),
         };
-        let vol = patiently("reading the volume", || self.cloud.get_volume(&v.boot_disk.volume_id)).await;
-        if vol.vm_id.as_deref() != Some(expect.as_str()) {
-            wrong.push(format!(
-                "volume {} on {:?}, expected {expect}",
-                v.boot_disk.volume_id, vol.vm_id
-            ));
+        for disk in v.all_disks() {
+            let vol = patiently("reading the volume", || self.cloud.get_volume(&disk.volume_id)).await;
+            if vol.vm_id.as_deref() != Some(expect.as_str()) {
+                wrong.push(format!(
+                    "volume {} on {:?}, expected {expect}",
+                    disk.volume_id, vol.vm_id
+                ));
+            }
         }
         let tag = tern::steps::failover::run_tag(run);
         let left = self.get("/sim/state").await;
@@ -222,7 +224,7 @@ impl Campaign {
     }
 
     /// What an operator does after a live failover before the next drill: the production VM
-    /// goes, the volume goes back to the OMA.
+    /// goes, every disk goes back to the OMA.
     async fn fail_back(&self, vm: &str, v: &tern::domain::inventory::VmRecord) {
         let run = |cmd: AsyncCommand| async move {
             let job = self.cloud.issue(cmd).await?;
@@ -231,28 +233,30 @@ impl Campaign {
                 .await
         };
         // The faults hit these calls too: each is retried until the world shows it done.
-        for _ in 0..50 {
-            let vol = patiently("reading the volume", || self.cloud.get_volume(&v.boot_disk.volume_id)).await;
-            match vol.vm_id.as_deref() {
-                Some(on) if on == self.oma => break,
-                Some(_) => {
-                    let _ = run(AsyncCommand::StopVm {
-                        id: vm.into(),
-                        forced: true,
-                    })
-                    .await;
-                    let _ = run(AsyncCommand::DetachVolume {
-                        volume_id: v.boot_disk.volume_id.clone(),
-                    })
-                    .await;
-                }
-                None => {
-                    let cmd = AsyncCommand::AttachVolume {
-                        volume_id: v.boot_disk.volume_id.clone(),
-                        vm_id: self.oma.clone(),
-                        device_id: None,
-                    };
-                    let _ = run(cmd).await;
+        for disk in v.all_disks() {
+            for _ in 0..50 {
+                let vol = patiently("reading the volume", || self.cloud.get_volume(&disk.volume_id)).await;
+                match vol.vm_id.as_deref() {
+                    Some(on) if on == self.oma => break,
+                    Some(_) => {
+                        let _ = run(AsyncCommand::StopVm {
+                            id: vm.into(),
+                            forced: true,
+                        })
+                        .await;
+                        let _ = run(AsyncCommand::DetachVolume {
+                            volume_id: disk.volume_id.clone(),
+                        })
+                        .await;
+                    }
+                    None => {
+                        let cmd = AsyncCommand::AttachVolume {
+                            volume_id: disk.volume_id.clone(),
+                            vm_id: self.oma.clone(),
+                            device_id: None,
+                        };
+                        let _ = run(cmd).await;
+                    }
                 }
             }
         }

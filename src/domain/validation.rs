@@ -58,8 +58,9 @@ pub struct Facts<'a> {
     pub active_runs: &'a [String],
     pub mappings: &'a [NetworkMapping],
     pub kind: NetworkKind,
-    /// `Err(reason)` when the volume could not be looked up.
-    pub volume: Result<Option<VolumeFacts>, String>,
+    /// Every disk's volume (the boot disk first) as the cloud reports it, None where it does
+    /// not exist; `Err(reason)` when the volumes could not be looked up.
+    pub volumes: Result<Vec<(String, Option<VolumeFacts>)>, String>,
     /// The mapped destination networks (of `kind`) that CloudStack does not know;
     /// `Err(reason)` when they could not be looked up.
     pub missing_networks: Result<Vec<String>, String>,
@@ -192,42 +193,8 @@ pub fn validate(f: &Facts<'_>) -> ReadinessReport {
         ),
     });
     let oma = f.vm.map(|v| v.oma_vm_id.as_str());
-    let data_disks: Vec<&str> =
-        f.vm.map(|v| v.data_disks.iter().map(|d| d.volume_id.as_str()).collect())
-            .unwrap_or_default();
-    checks.push(match &f.volume {
-        // Only the boot disk is moved today: a failover would leave these behind on the OMA.
-        _ if !data_disks.is_empty() => check(
-            "Volume State",
-            CheckType::Critical,
-            false,
-            "",
-            format!(
-                "the VM has {} data disk(s) ({}): only VMs with one disk are failed over yet",
-                data_disks.len(),
-                data_disks.join(", ")
-            ),
-            json!({"data_disks": data_disks}),
-        ),
-        Ok(Some(v)) => {
-            let attached_to_oma = v.attached_to.as_deref() == oma && oma.is_some();
-            let ready = v.state.eq_ignore_ascii_case("ready");
-            check(
-                "Volume State",
-                CheckType::Critical,
-                attached_to_oma && ready,
-                "Volume available and attached to the OMA",
-                format!(
-                    "volume {} is {} and attached to {}, expected Ready and attached to the OMA {}",
-                    v.volume_id,
-                    v.state,
-                    v.attached_to.as_deref().unwrap_or("nothing"),
-                    oma.unwrap_or("?")
-                ),
-                json!({"volume_id": v.volume_id, "volume_state": v.state, "attached_to": v.attached_to, "volume_size_gb": v.size_gb}),
-            )
-        }
-        Ok(None) => check(
+    checks.push(match &f.volumes {
+        Ok(volumes) if volumes.is_empty() => check(
             "Volume State",
             CheckType::Critical,
             false,
@@ -235,6 +202,54 @@ pub fn validate(f: &Facts<'_>) -> ReadinessReport {
             "replicated volume not found in CloudStack".into(),
             json!({}),
         ),
+        Ok(volumes) => {
+            let mut problems = Vec::new();
+            let mut disks = Vec::new();
+            for (i, (id, found)) in volumes.iter().enumerate() {
+                let problem = match found {
+                    None => Some(format!("disks[{i}]: volume {id} not found in CloudStack")),
+                    Some(v) => {
+                        let on_oma = oma.is_some() && v.attached_to.as_deref() == oma;
+                        (!(on_oma && v.state.eq_ignore_ascii_case("ready"))).then(|| {
+                            format!(
+                                "disks[{i}]: volume {id} is {} and attached to {}, expected Ready and attached to the OMA {}",
+                                v.state,
+                                v.attached_to.as_deref().unwrap_or("nothing"),
+                                oma.unwrap_or("?")
+                            )
+                        })
+                    }
+                };
+                disks.push(json!({
+                    "volume_id": id,
+                    "volume_state": found.as_ref().map(|v| v.state.clone()),
+                    "attached_to": found.as_ref().and_then(|v| v.attached_to.clone()),
+                    "volume_size_gb": found.as_ref().map(|v| v.size_gb),
+                    "problem": problem,
+                }));
+                problems.extend(problem);
+            }
+            // The boot disk's fields stay where single-disk readers look for them.
+            let mut details = json!({
+                "volume_id": disks[0]["volume_id"],
+                "volume_state": disks[0]["volume_state"],
+                "attached_to": disks[0]["attached_to"],
+                "volume_size_gb": disks[0]["volume_size_gb"],
+            });
+            details["disks"] = json!(disks);
+            check(
+                "Volume State",
+                CheckType::Critical,
+                problems.is_empty(),
+                if volumes.len() == 1 {
+                    "Volume available and attached to the OMA"
+                } else {
+                    "Every volume available and attached to the OMA"
+                },
+                problems.join("; "),
+                details,
+            )
+        }
         Err(e) => check("Volume State", CheckType::Critical, false, "", format!("volume look-up failed: {e}"), json!({})),
     });
     let score = readiness_score(&checks);
@@ -290,18 +305,23 @@ mod tests {
             active_runs: &[],
             mappings,
             kind: NetworkKind::Test,
-            volume: volume("oma-1"),
+            volumes: volume("oma-1"),
             missing_networks: Ok(vec![]),
         }
     }
 
-    fn volume(attached: &str) -> Result<Option<VolumeFacts>, String> {
-        Ok(Some(VolumeFacts {
-            volume_id: "vol-1".into(),
+    fn facts(id: &str, attached: &str) -> (String, Option<VolumeFacts>) {
+        let v = VolumeFacts {
+            volume_id: id.into(),
             state: "Ready".into(),
             attached_to: Some(attached.into()),
             size_gb: 54,
-        }))
+        };
+        (id.into(), Some(v))
+    }
+
+    fn volume(attached: &str) -> Result<Vec<(String, Option<VolumeFacts>)>, String> {
+        Ok(vec![facts("vol-1", attached)])
     }
 
     #[test]
@@ -335,7 +355,7 @@ mod tests {
         });
         assert_eq!((r.is_ready, r.readiness_score), (false, 0.0));
         let r = validate(&Facts {
-            volume: volume("test-vm"),
+            volumes: volume("test-vm"),
             ..ready(&v, &m)
         });
         assert!(!r.is_ready);
@@ -346,7 +366,7 @@ mod tests {
             active_runs: &[],
             mappings: &[],
             kind: NetworkKind::Test,
-            volume: Ok(None),
+            volumes: Ok(vec![]),
             missing_networks: Ok(vec![]),
         });
         assert!(!r.is_ready);
@@ -374,13 +394,39 @@ mod tests {
     }
 
     #[test]
-    fn a_vm_with_data_disks_is_not_ready_yet() {
+    fn every_disk_is_checked_and_the_failing_one_named() {
         let mut v = vm();
         v.data_disks.push(Disk::of("vol-2"));
+        v.data_disks.push(Disk::of("vol-3"));
         let m = [mapping(NetworkKind::Test)];
-        let r = validate(&ready(&v, &m));
+        let all = Ok(vec![
+            facts("vol-1", "oma-1"),
+            facts("vol-2", "oma-1"),
+            facts("vol-3", "oma-1"),
+        ]);
+        let r = validate(&Facts {
+            volumes: all,
+            ..ready(&v, &m)
+        });
+        assert!(r.is_ready, "{:?}", r.checks[4]);
+        assert_eq!(r.checks[4].details["disks"].as_array().map(Vec::len), Some(3));
+        let one_elsewhere = Ok(vec![
+            facts("vol-1", "oma-1"),
+            facts("vol-2", "test-vm"),
+            ("vol-3".into(), None),
+        ]);
+        let r = validate(&Facts {
+            volumes: one_elsewhere,
+            ..ready(&v, &m)
+        });
         assert!(!r.is_ready);
-        assert!(r.checks[4].message.contains("vol-2"), "{:?}", r.checks[4]);
+        let msg = &r.checks[4].message;
+        assert!(
+            msg.contains("disks[1]: volume vol-2 is Ready and attached to test-vm"),
+            "{msg}"
+        );
+        assert!(msg.contains("disks[2]: volume vol-3 not found"), "{msg}");
+        assert!(!msg.contains("vol-1"), "{msg}");
     }
 
     #[test]

@@ -650,6 +650,28 @@ pub trait SnapshotBackend: Send + Sync {
     async fn delete(&self, target: &str, name: &str) -> Result<()>;
 
     async fn list(&self, target: &str) -> Result<Vec<SnapshotInfo>>;
+
+    /// Creates the snapshot `name` of every target (a VM's disks), adopting any that exists.
+    /// Where the backend can take them at one instant it does, and says so (`consistent`);
+    /// by default they are taken one after the other.
+    async fn create_group(&self, targets: &[String], name: &str) -> Result<GroupSnapshot> {
+        let mut snapshots = Vec::new();
+        for target in targets {
+            snapshots.push(self.create(target, name).await?);
+        }
+        Ok(GroupSnapshot {
+            snapshots,
+            consistent: targets.len() <= 1,
+        })
+    }
+}
+
+/// The snapshots [`SnapshotBackend::create_group`] took, in the targets' order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSnapshot {
+    pub snapshots: Vec<SnapshotInfo>,
+    /// Taken at one instant (crash-consistent across the targets).
+    pub consistent: bool,
 }
 
 #[cfg(test)]

@@ -86,6 +86,67 @@ pub(crate) async fn handle(app: &App, rsc: &str, op: Op) -> (u16, Value) {
     reply
 }
 
+/// `POST /v1/actions/snapshot/multi`: every `(resource, snapshot)` at one instant, or none
+/// (an unknown resource or an existing snapshot refuses the whole request).
+pub(crate) async fn handle_multi(app: &App, entries: Vec<(String, String)>) -> (u16, Value) {
+    let fault = app.roll("linstor.createMultiSnapshot", false);
+    match fault {
+        Some(Fault::Error) => {
+            return (
+                200,
+                json!([rc(
+                    MASK_ERROR | MASK_SNAPSHOT | UNKNOWN_ERROR,
+                    "Simulated controller error".into()
+                )]),
+            )
+        }
+        Some(Fault::Hang) => tokio::time::sleep(app.hang()).await,
+        _ => {}
+    }
+    let reply = {
+        let mut w = app.lock();
+        let now = App::now_ms();
+        let mut changed = w.complete_due_jobs(now);
+        let refused = if entries.is_empty() {
+            Some(error(400, UNKNOWN_ERROR, "No snapshots requested".into()))
+        } else {
+            entries.iter().find_map(|(rsc, snap)| match w.linstor.get(rsc) {
+                None => Some(error(
+                    404,
+                    NOT_FOUND_RSC_DFN,
+                    format!("Resource definition '{rsc}' not found."),
+                )),
+                Some(rd) if rd.snapshots.contains_key(snap) => Some(error(
+                    500,
+                    EXISTS_SNAPSHOT,
+                    format!("A snapshot with the name '{snap}' of resource '{rsc}' already exists."),
+                )),
+                Some(_) if snap.is_empty() => Some(error(400, UNKNOWN_ERROR, "Snapshot name must not be empty".into())),
+                Some(_) => None,
+            })
+        };
+        let reply = match refused {
+            Some(r) => r,
+            None => {
+                let mut rcs = Vec::new();
+                for (rsc, snap) in entries {
+                    let (_, b) = apply(&mut w, &rsc, Op::Create { snap }, now, &mut changed);
+                    rcs.extend(b.as_array().cloned().unwrap_or_default());
+                }
+                (201, Value::Array(rcs))
+            }
+        };
+        if changed {
+            app.persist(&w);
+        }
+        reply
+    };
+    if fault == Some(Fault::LostReply) && (200..300).contains(&reply.0) {
+        return error(500, UNKNOWN_ERROR, "Simulated lost reply".into());
+    }
+    reply
+}
+
 fn apply(w: &mut super::model::World, rsc: &str, op: Op, now: i64, changed: &mut bool) -> (u16, Value) {
     let Some(rd) = w.linstor.get(rsc).cloned() else {
         return error(
@@ -135,7 +196,7 @@ fn apply(w: &mut super::model::World, rsc: &str, op: Op, now: i64, changed: &mut
                     },
                 );
             }
-            *w.created.entry(format!("linstor:{snap}")).or_insert(0) += 1;
+            *w.created.entry(format!("linstor:{rsc}/{snap}")).or_insert(0) += 1;
             *changed = true;
             (
                 201,

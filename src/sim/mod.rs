@@ -10,7 +10,8 @@
 //!   listVirtualMachines, listVolumes, listSnapshots, listVMSnapshot, listZones,
 //!   listNetworks, listServiceOfferings, deleteVolume (sync). The one service offering is a
 //!   custom one: a deploy must give `details[0].cpuNumber` and `details[0].memory`.
-//! - `/v1/resource-definitions/{rsc}/snapshots[/{snap}]`, `…/snapshot-rollback/{snap}`:
+//! - `/v1/resource-definitions/{rsc}/snapshots[/{snap}]`, `…/snapshot-rollback/{snap}`,
+//!   `POST /v1/actions/snapshot/multi` (several resources at one instant, all or none):
 //!   the LINSTOR controller subset (see [`linstor`]). Every volume has a resource definition
 //!   `cs-<volume id>`.
 //! - `/sim/…`: inspection and test hooks (below).
@@ -273,6 +274,7 @@ fn router(app: Arc<App>) -> Router {
             "/v1/resource-definitions/:rsc/snapshot-rollback/:snap",
             post(linstor_rollback),
         )
+        .route("/v1/actions/snapshot/multi", post(linstor_create_multi))
         .route("/sim/state", get(sim_state))
         .route("/sim/inventory", get(sim_inventory))
         .route("/sim/invariant", get(sim_invariant))
@@ -322,6 +324,29 @@ async fn linstor_create(State(app): State<Arc<App>>, Path(rsc): Path<String>, bo
         );
     };
     let (s, b) = linstor::handle(&app, &rsc, linstor::Op::Create { snap: req.name }).await;
+    json_reply(s, b)
+}
+
+#[derive(Deserialize)]
+struct MultiSnapshot {
+    snapshots: Vec<MultiSnapshotEntry>,
+}
+
+#[derive(Deserialize)]
+struct MultiSnapshotEntry {
+    resource_name: String,
+    name: String,
+}
+
+async fn linstor_create_multi(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let Ok(req) = serde_json::from_slice::<MultiSnapshot>(&body) else {
+        return json_reply(
+            400,
+            json!([{ "ret_code": (0xC000_0000_0000_0000u64 | 999) as i64, "message": "Request body must be {\"snapshots\": [{\"resource_name\": …, \"name\": …}]}" }]),
+        );
+    };
+    let entries = req.snapshots.into_iter().map(|e| (e.resource_name, e.name)).collect();
+    let (s, b) = linstor::handle_multi(&app, entries).await;
     json_reply(s, b)
 }
 

@@ -217,19 +217,16 @@ impl Campaign {
                 .json()
                 .await
                 .unwrap();
-            let mine = inv["volumes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|v| v["volume_id"] == json!(vm.boot_disk.volume_id))
-                .unwrap()
-                .clone();
-            assert_eq!(
-                mine["ok"],
-                json!(true),
-                "run {id}: volume {}: {mine}",
-                vm.boot_disk.volume_id
-            );
+            for disk in vm.all_disks() {
+                let mine = inv["volumes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|v| v["volume_id"] == json!(disk.volume_id))
+                    .unwrap()
+                    .clone();
+                assert_eq!(mine["ok"], json!(true), "run {id}: volume {}: {mine}", disk.volume_id);
+            }
         }
         let inv: Value = http
             .get(format!("{}/sim/invariant?prefix=tern-t-", self.base))
@@ -463,19 +460,21 @@ impl Campaign {
             let http = http.clone();
             async move { http.get(q).send().await.unwrap().json::<Value>().await.unwrap() }
         };
-        let volume = self
+        let volumes: Vec<String> = self
             .inv
             .vms
             .iter()
             .find(|v| Some(&v.vm_id) == self.runs.first().map(|r| &r.1))
-            .map(|v| v.boot_disk.volume_id.clone())
+            .map(|v| v.all_disks().map(|d| d.volume_id.clone()).collect())
             .unwrap_or_default();
         let inv = get(format!("{}/sim/invariant?prefix=tern-t-&expect_vm={expect}", self.base)).await;
-        let mine = inv["volumes"]
-            .as_array()
-            .and_then(|vs| vs.iter().find(|v| v["volume_id"] == json!(volume)).cloned());
-        if mine.as_ref().is_none_or(|v| v["ok"] != json!(true)) {
-            return Err(format!("volume {volume}: {mine:?}"));
+        for volume in &volumes {
+            let mine = inv["volumes"]
+                .as_array()
+                .and_then(|vs| vs.iter().find(|v| v["volume_id"] == json!(volume)).cloned());
+            if mine.as_ref().is_none_or(|v| v["ok"] != json!(true)) {
+                return Err(format!("volume {volume}: {mine:?}"));
+            }
         }
         if inv["leaked_vms"].as_array().is_none_or(|a| !a.is_empty()) {
             return Err(format!("test VMs left: {}", inv["leaked_vms"]));

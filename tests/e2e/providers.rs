@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use tern::providers::cloudstack::{CloudStackClient, CloudStackConfig, VmSnapshots, VolumeSnapshots};
 use tern::providers::linstor::{resource_name_for_volume, LinstorClient};
 use tern::providers::{
@@ -441,7 +441,8 @@ async fn post_requests_are_signed_the_same_way() {
     let c = CloudStackClient::new(cfg).unwrap();
     let inv = sim.inventory().await;
     let vols = c.list_volumes(VolumeFilter::vm(&inv.oma_vm_id)).await.unwrap();
-    assert_eq!(vols.len(), 1 + inv.vms.len());
+    let replicated: usize = inv.vms.iter().map(|v| v.volume_ids().count()).sum();
+    assert_eq!(vols.len(), 1 + replicated);
     let mut cmd = deploy("tern-post-vm", &inv, false);
     if let AsyncCommand::DeployVm { display_name, .. } = &mut cmd {
         *display_name = Some("x ~*+/é ".repeat(300));
@@ -743,6 +744,61 @@ async fn snapshot_backends_pass_the_conformance_suite() {
 
     let report = sim.invariant("tern-conf", None).await;
     assert!(report.ok, "{report:?}");
+    sim.stop().await;
+}
+
+/// A group of targets: LINSTOR takes them at one instant (its multi-snapshot action, one
+/// request) and adopts a group an earlier attempt took; a backend without that takes them one
+/// after the other and says so.
+#[tokio::test]
+async fn a_group_snapshot_is_taken_at_one_instant_where_the_backend_can() {
+    let sim = start(config()).await;
+    let inv = sim.inventory().await;
+    let cloud: Arc<dyn Cloud> = Arc::new(sim.cloud());
+    let (_, a) = stopped_vm(cloud.as_ref(), &inv, "tern-grp-a").await;
+    let (_, b) = stopped_vm(cloud.as_ref(), &inv, "tern-grp-b").await;
+
+    let linstor = sim.linstor();
+    let rscs = [resource_name_for_volume(&a), resource_name_for_volume(&b)];
+    let group = linstor.create_group(&rscs, "tern-grp").await.unwrap();
+    assert!(group.consistent);
+    let targets: Vec<&str> = group.snapshots.iter().map(|s| s.target.as_str()).collect();
+    assert_eq!(targets, [rscs[0].as_str(), rscs[1].as_str()]);
+    assert!(group.snapshots.iter().all(|s| s.ready));
+    let requests = sim.get("/sim/requests").await;
+    assert_eq!(requests["linstor.createMultiSnapshot"]["count"], json!(1), "{requests}");
+    assert!(requests.get("linstor.createSnapshot").is_none(), "{requests}");
+    // Adopted, not taken again.
+    let again = linstor.create_group(&rscs, "tern-grp").await.unwrap();
+    assert!(again.consistent);
+    assert_eq!(
+        sim.get("/sim/requests").await["linstor.createMultiSnapshot"]["count"],
+        json!(1)
+    );
+    // One already there (not from a group): the rest one at a time, and it says so.
+    linstor.create(&rscs[0], "tern-grp2").await.unwrap();
+    let partial = linstor.create_group(&rscs, "tern-grp2").await.unwrap();
+    assert!(!partial.consistent);
+    assert_eq!(partial.snapshots.len(), 2);
+
+    let volumes = VolumeSnapshots::new(cloud.clone(), POLL, WAIT);
+    let group = volumes.create_group(&[a.clone(), b.clone()], "tern-grp").await.unwrap();
+    assert!(!group.consistent, "volume snapshots are taken one by one");
+    assert_eq!(group.snapshots.len(), 2);
+    let one = volumes
+        .create_group(std::slice::from_ref(&a), "tern-grp-one")
+        .await
+        .unwrap();
+    assert!(one.consistent, "a single disk is consistent with itself");
+
+    let state = sim.get("/sim/state").await;
+    let created = &state["created"];
+    for key in [
+        format!("linstor:{}/tern-grp", rscs[0]),
+        format!("linstor:{}/tern-grp", rscs[1]),
+    ] {
+        assert_eq!(created[&key], json!(1), "{key}: {created}");
+    }
     sim.stop().await;
 }
 

@@ -31,7 +31,11 @@ impl World {
     pub fn invariant(&self, prefix: Option<&str>, expected_vm: Option<&str>) -> InvariantReport {
         let mut volumes = Vec::new();
         let replicated: Vec<String> = match &self.inventory {
-            Some(inv) => inv.vms.iter().map(|v| v.volume_id.clone()).collect(),
+            Some(inv) => inv
+                .vms
+                .iter()
+                .flat_map(|v| v.volume_ids().map(str::to_string))
+                .collect(),
             None => self
                 .volumes
                 .values()

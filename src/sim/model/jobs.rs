@@ -156,7 +156,7 @@ impl World {
                 if let Some(s) = self.snapshots.get_mut(snapshot_id) {
                     s.content = content;
                     s.state = "BackedUp".into();
-                    let key = format!("snapshot:{}", s.name);
+                    let key = format!("snapshot:{}/{}", s.volume_id, s.name);
                     *self.created.entry(key).or_insert(0) += 1;
                 }
                 Ok(json!({ "snapshot": self.render_snapshot(snapshot_id) }))

@@ -255,6 +255,24 @@ pub struct SampleVm {
     pub linstor_resource: String,
     pub oma_vm_id: String,
     pub oma_device_id: u32,
+    /// Its data disks, in the source's order (each a DATADISK volume on the OMA too).
+    #[serde(default)]
+    pub data_disks: Vec<SampleDisk>,
+}
+
+/// A data disk of a sample VM: its volume, size and slot on the OMA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SampleDisk {
+    pub volume_id: String,
+    pub size: u64,
+    pub oma_device_id: u32,
+}
+
+impl SampleVm {
+    /// Every replicated volume of the VM: the boot disk's, then the data disks'.
+    pub fn volume_ids(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.volume_id.as_str()).chain(self.data_disks.iter().map(|d| d.volume_id.as_str()))
+    }
 }
 
 /// Everything the simulator knows; persisted as JSON after each mutation.
@@ -278,7 +296,8 @@ pub struct World {
     #[serde(default)]
     pub removed: std::collections::BTreeSet<String>,
     /// How many times each named resource was successfully created (`vm:<name>`,
-    /// `snapshot:<name>`, `linstor:<name>`): a test's proof that nothing was created twice.
+    /// `snapshot:<volume id>/<name>`, `linstor:<resource>/<name>`): a test's proof that
+    /// nothing was created twice.
     #[serde(default)]
     pub created: BTreeMap<String, u32>,
 }
@@ -340,22 +359,30 @@ impl World {
         w.add_root_volume_for(&oma.id, now_ms);
         w.vms.insert(oma.id.clone(), oma);
         for vm in &inv.vms {
-            w.volumes.insert(
-                vm.volume_id.clone(),
-                SimVolume {
-                    id: vm.volume_id.clone(),
-                    name: format!("{}-disk0", vm.name),
-                    vm_id: Some(inv.oma_vm_id.clone()),
-                    device_id: Some(vm.oma_device_id),
-                    volume_type: "DATADISK".into(),
-                    state: "Ready".into(),
-                    size: vm.volume_size,
-                    content: Content::default(),
-                    replicated: true,
-                    created_ms: now_ms,
-                },
+            let disks = std::iter::once((0, &vm.volume_id, vm.volume_size, vm.oma_device_id)).chain(
+                vm.data_disks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| (i + 1, &d.volume_id, d.size, d.oma_device_id)),
             );
-            w.add_resource_definition(&vm.volume_id);
+            for (n, id, size, slot) in disks {
+                w.volumes.insert(
+                    id.clone(),
+                    SimVolume {
+                        id: id.clone(),
+                        name: format!("{}-disk{n}", vm.name),
+                        vm_id: Some(inv.oma_vm_id.clone()),
+                        device_id: Some(slot),
+                        volume_type: "DATADISK".into(),
+                        state: "Ready".into(),
+                        size,
+                        content: Content::default(),
+                        replicated: true,
+                        created_ms: now_ms,
+                    },
+                );
+                w.add_resource_definition(id);
+            }
         }
         w.inventory = Some(inv);
         w

@@ -21,14 +21,34 @@ pub fn sample_inventory(seed: u64) -> SampleInventory {
             "windows",
             "Windows Server 2019 (64-bit)",
             vec!["VM Network", "Backup"],
+            vec![100u64, 200],
         ),
-        ("lnx-web-01", 2, 4096, "linux", "Ubuntu 22.04 LTS", vec!["VM Network"]),
-        ("lnx-db-01", 8, 16384, "linux", "Rocky Linux 9", vec!["VM Network"]),
+        (
+            "lnx-web-01",
+            2,
+            4096,
+            "linux",
+            "Ubuntu 22.04 LTS",
+            vec!["VM Network", "DMZ"],
+            vec![],
+        ),
+        (
+            "lnx-db-01",
+            8,
+            16384,
+            "linux",
+            "Rocky Linux 9",
+            vec!["VM Network"],
+            vec![],
+        ),
     ];
-    let vms = specs
-        .into_iter()
+    let boot_disks = specs.len() as u32;
+    let mut data_slot = boot_disks;
+    let mut vms: Vec<SampleVm> = specs
+        .iter()
+        .cloned()
         .enumerate()
-        .map(|(i, (name, cpu, memory_mb, os, guest, nets))| {
+        .map(|(i, (name, cpu, memory_mb, os, guest, nets, _))| {
             let volume_id = ids.next();
             SampleVm {
                 name: name.to_string(),
@@ -42,9 +62,21 @@ pub fn sample_inventory(seed: u64) -> SampleInventory {
                 volume_size: SAMPLE_VOLUME_SIZE,
                 oma_vm_id: oma_vm_id.clone(),
                 oma_device_id: i as u32 + 1,
+                data_disks: Vec::new(),
             }
         })
         .collect();
+    // Data disks' ids come after every other id, so a seed's other ids are as they were.
+    for (vm, spec) in vms.iter_mut().zip(&specs) {
+        for gib in &spec.6 {
+            data_slot += 1;
+            vm.data_disks.push(SampleDisk {
+                volume_id: ids.next(),
+                size: gib * 1024 * 1024 * 1024,
+                oma_device_id: data_slot,
+            });
+        }
+    }
     SampleInventory {
         zone_id,
         service_offering_id,
@@ -98,8 +130,19 @@ impl SampleInventory {
                         ip: None,
                     })
                     .collect(),
-                boot_disk: Disk::of(vm.volume_id.clone()),
-                data_disks: Vec::new(),
+                boot_disk: Disk {
+                    volume_id: vm.volume_id.clone(),
+                    size_bytes: Some(vm.volume_size),
+                    unit_number: 0,
+                },
+                data_disks: (1..)
+                    .zip(&vm.data_disks)
+                    .map(|(unit_number, d)| Disk {
+                        volume_id: d.volume_id.clone(),
+                        size_bytes: Some(d.size),
+                        unit_number,
+                    })
+                    .collect(),
                 oma_vm_id: vm.oma_vm_id.clone(),
                 last_sync_change_id: Some(format!("52 3c ec 11 9e 2c 4c 3d-87 4a c3 4e 85 f2 ea 95/{}", vm.cpu)),
             });

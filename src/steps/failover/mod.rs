@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 
 use crate::domain::failover::FailoverInput;
-use crate::domain::inventory::{NetworkKind, VmRecord};
+use crate::domain::inventory::{Disk, NetworkKind, VmRecord};
 use crate::domain::RunId;
 use crate::engine::action::{Action, ActionError, Progress, Registry, StepInput};
 use crate::providers::virtio::DriverInjector;
@@ -274,42 +274,47 @@ impl<'a> Attempt<'a> {
         result.map_err(|e| fail(code, e))
     }
 
-    /// Runs a job that moves the replicated volume, then lets the world decide: the step is
-    /// done when the volume is as wanted (`done`), whatever the job said. A recorded job may be
-    /// an earlier attempt's, finished before a crash and undone since by this attempt (a revert
-    /// detaches the volume again): its success is then no proof, and the command is issued
-    /// anew (at most twice). A failed job whose effect is nevertheless there (an earlier
-    /// attempt's job won the race) is success; otherwise the failure is retryable, as the
-    /// world is still moving.
+    /// Runs a job that moves the replicated volume `volume_id`, then lets the world decide: the
+    /// step is done when the volume is as wanted (`done`), whatever the job said. A recorded
+    /// job may be an earlier attempt's, finished before a crash and undone since by this
+    /// attempt (a revert detaches the volume again): its success is then no proof, and the
+    /// command is issued anew (at most twice). A failed job whose effect is nevertheless there
+    /// (an earlier attempt's job won the race) is success; otherwise the failure is retryable,
+    /// as the world is still moving.
     pub async fn settle(
         &self,
         op: &str,
         cmd: AsyncCommand,
         code: &str,
+        volume_id: &str,
         done: impl Fn(&crate::providers::Volume) -> bool,
     ) -> Result<(), ActionError> {
         for _ in 0..2 {
             let result = self.job(op, cmd.clone(), code).await;
-            let now = self
-                .cloud()
-                .get_volume(&self.vm.boot_disk.volume_id)
-                .await
-                .map_err(|e| fail(code, e))?;
+            let now = self.cloud().get_volume(volume_id).await.map_err(|e| fail(code, e))?;
             if done(&now) {
                 return Ok(());
             }
             if let Err(e) = result {
                 return Err(retryable(e));
             }
-            tracing::warn!(op, volume = %self.vm.boot_disk.volume_id, "a finished job left the volume elsewhere; issuing it again");
+            tracing::warn!(op, volume = %volume_id, "a finished job left the volume elsewhere; issuing it again");
         }
         Err(ActionError::retryable(
             code,
-            format!(
-                "{op}: volume {} is still not where it must be",
-                self.vm.boot_disk.volume_id
-            ),
+            format!("{op}: volume {volume_id} is still not where it must be"),
         ))
+    }
+
+    /// Every replicated disk of the VM, the boot disk first, then the data disks in the
+    /// source's order.
+    pub fn disks(&self) -> Vec<&Disk> {
+        self.vm.all_disks().collect()
+    }
+
+    /// Whether `volume_id` is one of the VM's replicated disks (never deleted or expunged).
+    pub fn is_replicated(&self, volume_id: &str) -> bool {
+        self.vm.all_disks().any(|d| d.volume_id == volume_id)
     }
 
     /// The test (or production) VM this run created: from a step output, a recorded deploy,
@@ -358,11 +363,29 @@ impl<'a> Attempt<'a> {
         format!("tern-{}", run_tag(self.run_id()))
     }
 
-    pub fn snapshot_target(&self) -> String {
-        self.deps
-            .config
-            .snapshot_kind
-            .target(&self.vm.boot_disk.volume_id, &self.vm.oma_vm_id)
+    /// The backend targets protecting the VM's disks, in disk order, each once (a CloudStack
+    /// VM snapshot covers every disk of the VM it is taken of), with the disks each covers.
+    pub fn snapshot_targets(&self) -> Vec<(String, Vec<String>)> {
+        let kind = self.deps.config.snapshot_kind;
+        let mut targets: Vec<(String, Vec<String>)> = Vec::new();
+        for d in self.vm.all_disks() {
+            let t = kind.target(&d.volume_id, &self.vm.oma_vm_id);
+            match targets.iter_mut().find(|(known, _)| *known == t) {
+                Some((_, vols)) => vols.push(d.volume_id.clone()),
+                None => targets.push((t, vec![d.volume_id.clone()])),
+            }
+        }
+        targets
+    }
+}
+
+/// The progress key of a per-disk record: the boot disk keeps the bare key (runs recorded
+/// before data disks moved read the same), a data disk's key names its volume.
+pub(crate) fn disk_key(base: &str, vm: &VmRecord, volume_id: &str) -> String {
+    if vm.boot_disk.volume_id == volume_id {
+        base.to_string()
+    } else {
+        format!("{base}:{volume_id}")
     }
 }
 

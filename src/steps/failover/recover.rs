@@ -9,8 +9,7 @@ use super::FailoverDeps;
 use crate::domain::failover::FailoverInput;
 use crate::domain::inventory::VmRecord;
 use crate::domain::run::{RunContext, RunState};
-use crate::providers::linstor::resource_name_for_volume;
-use crate::providers::{ProviderError, VmFilter, VmState};
+use crate::providers::{ProviderError, SnapshotKind, VmFilter, VmState};
 use crate::store::RunRow;
 
 fn find_output<'a>(context: &'a RunContext, key: &str) -> Option<&'a str> {
@@ -29,6 +28,9 @@ fn find_value<'a>(context: &'a RunContext, key: &str) -> Option<&'a Value> {
 pub struct Recorded {
     pub snapshot_name: Option<String>,
     pub snapshot_id: Option<String>,
+    /// Each snapshot target (a volume, a LINSTOR resource, a VM) with its snapshot's id where
+    /// recorded; empty when the run recorded none (then the targets follow from the VM).
+    pub snapshots: Vec<(String, Option<String>)>,
     pub backend: String,
     /// The VM the run created, if its id was recorded.
     pub new_vm: Option<String>,
@@ -52,6 +54,17 @@ impl Recorded {
                 .or(snapshot_name_projection)
                 .map(str::to_string),
             snapshot_id: find_output(ctx, "snapshot_id").map(str::to_string),
+            snapshots: find_value(ctx, "snapshots")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| {
+                            let target = s.get("target")?.as_str()?.to_string();
+                            Some((target, s.get("snapshot_id").and_then(Value::as_str).map(str::to_string)))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             backend: find_output(ctx, "backend").unwrap_or("cloudstack-volume").to_string(),
             new_vm: find_output(ctx, "destination_vm_id").map(str::to_string),
             own_roots: find_value(ctx, "own_root")
@@ -70,19 +83,42 @@ impl Recorded {
     }
 }
 
+impl Recorded {
+    /// The snapshot targets with their ids: as recorded, else derived from the VM's disks
+    /// (the first one's id is the one single-disk runs recorded).
+    pub fn targets(&self, vm: &VmRecord) -> Vec<(String, Option<String>)> {
+        if !self.snapshots.is_empty() {
+            return self.snapshots.clone();
+        }
+        let Ok(kind) = self.backend.parse::<SnapshotKind>() else {
+            return Vec::new();
+        };
+        let mut targets: Vec<(String, Option<String>)> = Vec::new();
+        for d in vm.all_disks() {
+            let t = kind.target(&d.volume_id, &vm.oma_vm_id);
+            if !targets.iter().any(|(known, _)| *known == t) {
+                let id = targets.is_empty().then(|| self.snapshot_id.clone()).flatten();
+                targets.push((t, id));
+            }
+        }
+        targets
+    }
+}
+
 /// What the cloud holds now of one run's resources (`tern admin recover` looks before it prints, so
 /// it lists only what is left to do).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Found {
-    /// The VM the replicated volume is attached to; None while it is detached.
-    pub volume_on: Option<String>,
+    /// Every replicated disk's volume (the boot disk first) and the VM it is attached to;
+    /// None while it is detached.
+    pub disks_on: Vec<(String, Option<String>)>,
     /// VMs the run created that still exist: (id, running).
     pub vms: Vec<(String, bool)>,
     /// The new VM's own ROOT volumes still there and not on a VM listed in `vms` (expunging
     /// the VM deletes its ROOT volume).
     pub own_roots: Vec<String>,
-    /// The recorded snapshot still exists (None: its backend is not the configured one, so it
-    /// was not looked up).
+    /// The recorded snapshot still exists on some target (None: its backend is not the
+    /// configured one, so it was not looked up).
     pub snapshot: Option<bool>,
 }
 
@@ -91,7 +127,10 @@ pub struct Found {
 /// own ROOT volumes, the snapshot.
 pub async fn look(deps: &FailoverDeps, run: &RunRow, vm: &VmRecord, rec: &Recorded) -> Result<Found, ProviderError> {
     let cloud = deps.cloud.as_ref();
-    let volume_on = cloud.get_volume(&vm.boot_disk.volume_id).await?.vm_id;
+    let mut disks_on = Vec::new();
+    for d in vm.all_disks() {
+        disks_on.push((d.volume_id.clone(), cloud.get_volume(&d.volume_id).await?.vm_id));
+    }
     let prefix = if run.definition.starts_with("live") {
         "tern-l"
     } else {
@@ -111,7 +150,11 @@ pub async fn look(deps: &FailoverDeps, run: &RunRow, vm: &VmRecord, rec: &Record
         }
     }
     let mut own_roots = Vec::new();
-    for id in rec.own_roots.iter().filter(|id| **id != vm.boot_disk.volume_id) {
+    for id in rec
+        .own_roots
+        .iter()
+        .filter(|id| !vm.all_disks().any(|d| d.volume_id == **id))
+    {
         match cloud.get_volume(id).await {
             Ok(v) if !v.vm_id.as_ref().is_some_and(|on| vms.iter().any(|(id, _)| id == on)) => own_roots.push(v.id),
             Ok(_) | Err(ProviderError::NotFound { .. }) => {}
@@ -120,14 +163,17 @@ pub async fn look(deps: &FailoverDeps, run: &RunRow, vm: &VmRecord, rec: &Record
     }
     let snapshot = match (&rec.snapshot_name, rec.skip_snapshot) {
         (Some(name), false) if deps.snapshots.kind() == rec.backend => {
-            let target = deps.config.snapshot_kind.target(&vm.boot_disk.volume_id, &vm.oma_vm_id);
-            Some(deps.snapshots.find(&target, name).await?.is_some())
+            let mut any = false;
+            for (target, _) in rec.targets(vm) {
+                any |= deps.snapshots.find(&target, name).await?.is_some();
+            }
+            Some(any)
         }
         (Some(_), false) => None,
         _ => Some(false),
     };
     Ok(Found {
-        volume_on,
+        disks_on,
         vms,
         own_roots,
         snapshot,
@@ -135,7 +181,7 @@ pub async fn look(deps: &FailoverDeps, run: &RunRow, vm: &VmRecord, rec: &Record
 }
 
 /// What `run` left that still differs from its starting point, as the steps that would put it
-/// right (empty: the volume is on the OMA and nothing the run created is left). The cloud is
+/// right (empty: every disk is on the OMA and nothing the run created is left). The cloud is
 /// asked, not the journal: an operator may have done any of it by hand.
 pub async fn differences(
     deps: &FailoverDeps,
@@ -209,7 +255,13 @@ pub fn plan(
     out.push(String::new());
     out.push("what Tern recorded:".into());
     out.push(format!("  source VM      {} ({})", vm.name, vm.vm_id));
-    out.push(format!("  volume         {}", vm.boot_disk.volume_id));
+    for (i, d) in vm.all_disks().enumerate() {
+        out.push(format!(
+            "  disk {i}         {}{}",
+            d.volume_id,
+            if i == 0 { " (boot)" } else { "" }
+        ));
+    }
     out.push(format!("  OMA VM         {}", vm.oma_vm_id));
     out.push(format!(
         "  new VM         {}",
@@ -218,29 +270,40 @@ pub fn plan(
             .unwrap_or("(none recorded; look for a VM named tern-*-<run tag>-*)")
     ));
     match (&rec.snapshot_name, rec.skip_snapshot) {
-        (_, true) => out.push("  snapshot       none (skip_snapshot): the disk cannot be reverted".into()),
-        (Some(name), false) => out.push(format!(
-            "  snapshot       {name} ({}{})",
-            rec.backend,
-            rec.snapshot_id
-                .as_ref()
-                .map(|i| format!(", id {i}"))
-                .unwrap_or_default()
-        )),
+        (_, true) => out.push("  snapshot       none (skip_snapshot): the disks cannot be reverted".into()),
+        (Some(name), false) => {
+            out.push(format!(
+                "  snapshot       {name} ({}{})",
+                rec.backend,
+                rec.snapshot_id
+                    .as_ref()
+                    .map(|i| format!(", id {i}"))
+                    .unwrap_or_default()
+            ));
+            let targets = rec.targets(vm);
+            if targets.len() > 1 {
+                for (target, id) in &targets {
+                    let id = id.as_ref().map(|i| format!(" (id {i})")).unwrap_or_default();
+                    out.push(format!("    of           {target}{id}"));
+                }
+            }
+        }
         (None, false) => out.push("  snapshot       none recorded (the run failed before taking it)".into()),
     }
     let steps = match found {
         Some(found) => {
             out.push(String::new());
             out.push("what the cloud holds now:".into());
-            out.push(format!(
-                "  volume on      {}",
-                match &found.volume_on {
-                    Some(on) if *on == vm.oma_vm_id => format!("{on} (the OMA)"),
-                    Some(on) => on.clone(),
-                    None => "no VM (detached)".into(),
-                }
-            ));
+            for (volume, on) in &found.disks_on {
+                out.push(format!(
+                    "  {volume} on {}",
+                    match on {
+                        Some(on) if *on == vm.oma_vm_id => format!("{on} (the OMA)"),
+                        Some(on) => on.clone(),
+                        None => "no VM (detached)".into(),
+                    }
+                ));
+            }
             let vms: Vec<String> = found
                 .vms
                 .iter()
@@ -267,7 +330,7 @@ pub fn plan(
     };
     out.push(String::new());
     if steps.is_empty() {
-        out.push("nothing is left to do: the volume is on the OMA and nothing the run created is left.".into());
+        out.push("nothing is left to do: every disk is on the OMA and nothing the run created is left.".into());
     } else {
         out.push(match found {
             Some(_) => "to return to the starting point, in this order (CloudStack calls as cmk commands):".into(),
@@ -278,40 +341,35 @@ pub fn plan(
         }
     }
     out.push(String::new());
-    out.push(format!(
-        "check: cmk list volumes id={}  -> virtualmachineid must be {} (the OMA)",
-        vm.boot_disk.volume_id, vm.oma_vm_id
-    ));
+    for d in vm.all_disks() {
+        out.push(format!(
+            "check: cmk list volumes id={}  -> virtualmachineid must be {} (the OMA)",
+            d.volume_id, vm.oma_vm_id
+        ));
+    }
     out.join("\n")
 }
 
-fn revert_step(vm: &VmRecord, rec: &Recorded, name: &str) -> String {
-    let id = rec.snapshot_id.as_deref();
+fn revert_step(rec: &Recorded, target: &str, id: Option<&str>, name: &str) -> String {
     match rec.backend.as_str() {
-        "linstor" => format!(
-            "revert the disk:        linstor snapshot rollback {} {name}",
-            resource_name_for_volume(&vm.boot_disk.volume_id)
-        ),
+        "linstor" => format!("revert the disk:        linstor snapshot rollback {target} {name}"),
         "cloudstack-vm" => format!(
-            "revert the disk:        cmk revert tovmsnapshot vmsnapshotid={}   (VM snapshot {name})",
+            "revert the disks:       cmk revert tovmsnapshot vmsnapshotid={}   (VM snapshot {name} of {target})",
             id.unwrap_or("<id of VM snapshot named it>")
         ),
         _ => format!(
-            "revert the disk:        cmk revert snapshot id={}   (snapshot {name})",
+            "revert the disk:        cmk revert snapshot id={}   (snapshot {name} of volume {target})",
             id.unwrap_or("<id of the snapshot named it>")
         ),
     }
 }
 
-fn delete_snapshot_step(vm: &VmRecord, rec: &Recorded, name: &str) -> String {
-    let id = rec.snapshot_id.as_deref().unwrap_or("<id>");
+fn delete_snapshot_step(rec: &Recorded, target: &str, id: Option<&str>, name: &str) -> String {
+    let id = id.unwrap_or("<id>");
     match rec.backend.as_str() {
-        "linstor" => format!(
-            "delete the snapshot:    linstor snapshot delete {} {name}",
-            resource_name_for_volume(&vm.boot_disk.volume_id)
-        ),
+        "linstor" => format!("delete the snapshot:    linstor snapshot delete {target} {name}"),
         "cloudstack-vm" => format!("delete the snapshot:    cmk delete vmsnapshot vmsnapshotid={id}"),
-        _ => format!("delete the snapshot:    cmk delete snapshot id={id}"),
+        _ => format!("delete the snapshot:    cmk delete snapshot id={id}   (of volume {target})"),
     }
 }
 
@@ -323,17 +381,14 @@ fn destroy_step(id: &str) -> String {
     format!("destroy the new VM:     cmk destroy virtualmachine id={id} expunge=true")
 }
 
-fn detach_step(vm: &VmRecord) -> String {
-    format!(
-        "detach the volume:      cmk detach volume id={}",
-        vm.boot_disk.volume_id
-    )
+fn detach_step(volume_id: &str) -> String {
+    format!("detach the volume:      cmk detach volume id={volume_id}")
 }
 
-fn attach_step(vm: &VmRecord) -> String {
+fn attach_step(vm: &VmRecord, volume_id: &str) -> String {
     format!(
-        "reattach to the OMA:    cmk attach volume id={} virtualmachineid={}",
-        vm.boot_disk.volume_id, vm.oma_vm_id
+        "reattach to the OMA:    cmk attach volume id={volume_id} virtualmachineid={}",
+        vm.oma_vm_id
     )
 }
 
@@ -344,19 +399,31 @@ fn all_steps(vm: &VmRecord, rec: &Recorded) -> Vec<String> {
     if let Some(t) = &rec.new_vm {
         steps.push(stop_step(t));
     }
-    steps.push(detach_step(vm));
-    if let Some(name) = snapshot {
-        steps.push(revert_step(vm, rec, name));
+    for d in vm.all_disks() {
+        steps.push(detach_step(&d.volume_id));
     }
-    steps.push(attach_step(vm));
+    if let Some(name) = snapshot {
+        for (target, id) in rec.targets(vm) {
+            steps.push(revert_step(rec, &target, id.as_deref(), name));
+        }
+    }
+    for d in vm.all_disks() {
+        steps.push(attach_step(vm, &d.volume_id));
+    }
     if let Some(t) = &rec.new_vm {
         steps.push(destroy_step(t));
     }
-    for id in rec.own_roots.iter().filter(|id| **id != vm.boot_disk.volume_id) {
+    for id in rec
+        .own_roots
+        .iter()
+        .filter(|id| !vm.all_disks().any(|d| d.volume_id == **id))
+    {
         steps.push(format!("delete set-aside ROOT: cmk delete volume id={id}"));
     }
     if let Some(name) = snapshot {
-        steps.push(delete_snapshot_step(vm, rec, name));
+        for (target, id) in rec.targets(vm) {
+            steps.push(delete_snapshot_step(rec, &target, id.as_deref(), name));
+        }
     }
     steps
 }
@@ -372,21 +439,28 @@ fn exact_steps(vm: &VmRecord, rec: &Recorded, found: &Found) -> Vec<String> {
             steps.push(stop_step(id));
         }
     }
-    let on_oma = found.volume_on.as_deref() == Some(vm.oma_vm_id.as_str());
+    let on_oma = |on: &Option<String>| on.as_deref() == Some(vm.oma_vm_id.as_str());
     match snapshot {
         Some(name) if rec.revert_pending && snapshot_there => {
-            if found.volume_on.is_some() {
-                steps.push(detach_step(vm));
+            for (volume, on) in &found.disks_on {
+                if on.is_some() {
+                    steps.push(detach_step(volume));
+                }
             }
-            steps.push(revert_step(vm, rec, name));
-            steps.push(attach_step(vm));
+            for (target, id) in rec.targets(vm) {
+                steps.push(revert_step(rec, &target, id.as_deref(), name));
+            }
+            for (volume, _) in &found.disks_on {
+                steps.push(attach_step(vm, volume));
+            }
         }
-        _ if on_oma => {}
         _ => {
-            if found.volume_on.is_some() {
-                steps.push(detach_step(vm));
+            for (volume, on) in found.disks_on.iter().filter(|(_, on)| !on_oma(on)) {
+                if on.is_some() {
+                    steps.push(detach_step(volume));
+                }
+                steps.push(attach_step(vm, volume));
             }
-            steps.push(attach_step(vm));
         }
     }
     for (id, _) in &found.vms {
@@ -396,7 +470,9 @@ fn exact_steps(vm: &VmRecord, rec: &Recorded, found: &Found) -> Vec<String> {
         steps.push(format!("delete set-aside ROOT: cmk delete volume id={id}"));
     }
     if let (Some(name), true) = (snapshot, snapshot_there) {
-        steps.push(delete_snapshot_step(vm, rec, name));
+        for (target, id) in rec.targets(vm) {
+            steps.push(delete_snapshot_step(rec, &target, id.as_deref(), name));
+        }
     }
     steps
 }
@@ -484,7 +560,8 @@ mod tests {
         };
         let text = plan(&run(state, json!({})), Some(&vm()), Some("tern-early"), None);
         assert!(text.contains("snapshot       tern-early (cloudstack-volume)"), "{text}");
-        assert!(text.contains("cmk revert snapshot id=<id of the snapshot named it>   (snapshot tern-early)"));
+        assert!(text
+            .contains("cmk revert snapshot id=<id of the snapshot named it>   (snapshot tern-early of volume vol-1)"));
     }
 
     #[test]
@@ -513,7 +590,7 @@ mod tests {
     #[test]
     fn with_the_cloud_looked_at_only_what_is_left_is_listed() {
         let found = Found {
-            volume_on: None,
+            disks_on: vec![("vol-1".into(), None)],
             vms: vec![("tvm-1".into(), false)],
             own_roots: vec![],
             snapshot: Some(true),
@@ -539,7 +616,7 @@ mod tests {
     #[test]
     fn a_cloud_at_the_starting_point_needs_nothing() {
         let found = Found {
-            volume_on: Some("oma-1".into()),
+            disks_on: vec![("vol-1".into(), Some("oma-1".into()))],
             ..Found::default()
         };
         let mut row = stuck_in_revert();
@@ -554,5 +631,64 @@ mod tests {
         };
         let text = plan(&row, Some(&vm()), None, Some(&found));
         assert!(text.contains("nothing is left to do"), "{text}");
+    }
+
+    #[test]
+    fn every_disk_is_named_with_where_it_is_and_where_it_goes() {
+        let mut vm = vm();
+        vm.data_disks = vec![
+            crate::domain::inventory::Disk::of("vol-2"),
+            crate::domain::inventory::Disk::of("vol-3"),
+        ];
+        let ctx = json!({"outputs": {
+            "snapshot": {"snapshot_name": "tern-abc", "snapshot_id": "s-1", "backend": "cloudstack-volume",
+                "snapshots": [
+                    {"target": "vol-1", "snapshot_id": "s-1"},
+                    {"target": "vol-2", "snapshot_id": "s-2"},
+                    {"target": "vol-3", "snapshot_id": "s-3"}]},
+            "test-vm-creation": {"destination_vm_id": "tvm-1"}}});
+        let mut row = stuck_in_revert();
+        row.context = RunContext::from_value(ctx).unwrap();
+        let found = Found {
+            disks_on: vec![
+                ("vol-1".into(), None),
+                ("vol-2".into(), Some("tvm-1".into())),
+                ("vol-3".into(), Some("oma-1".into())),
+            ],
+            vms: vec![("tvm-1".into(), false)],
+            own_roots: vec![],
+            snapshot: Some(true),
+        };
+        let text = plan(&row, Some(&vm), None, Some(&found));
+        let steps: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("  ") && l.contains(". "))
+            .collect();
+        let want = [
+            "cmk detach volume id=vol-2",
+            "cmk detach volume id=vol-3",
+            "cmk revert snapshot id=s-1",
+            "cmk revert snapshot id=s-2",
+            "cmk revert snapshot id=s-3",
+            "cmk attach volume id=vol-1 virtualmachineid=oma-1",
+            "cmk attach volume id=vol-2 virtualmachineid=oma-1",
+            "cmk attach volume id=vol-3 virtualmachineid=oma-1",
+            "cmk destroy virtualmachine id=tvm-1 expunge=true",
+            "cmk delete snapshot id=s-1",
+            "cmk delete snapshot id=s-2",
+            "cmk delete snapshot id=s-3",
+        ];
+        assert_eq!(steps.len(), want.len(), "{text}");
+        for (step, needle) in steps.iter().zip(want) {
+            assert!(step.contains(needle), "{step:?} is not {needle:?} in:\n{text}");
+        }
+        for needle in [
+            "disk 1         vol-2",
+            "vol-2 on tvm-1",
+            "vol-3 on oma-1 (the OMA)",
+            "check: cmk list volumes id=vol-3",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
     }
 }

@@ -1,69 +1,96 @@
-//! snapshot (create / delete) and revert.
+//! snapshot (create / delete) and revert, of every disk of the VM.
 //!
 //! The snapshot's name is derived from the run and recorded (step progress, projected into
-//! `failover_jobs.linstor_snapshot_name`) *before* the snapshot is requested, so emergency
-//! recovery can always find it; `create` adopts a snapshot of that name.
+//! `failover_jobs.linstor_snapshot_name`) *before* any snapshot is requested, so emergency
+//! recovery can always find them: every disk's snapshot has that name on its own target (the
+//! volume, its LINSTOR resource, or the one VM snapshot covering every disk); `create` adopts
+//! a snapshot of that name.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{fail, retryable, Attempt};
+use super::{disk_key, fail, retryable, Attempt};
 use crate::engine::action::ActionError;
 use crate::providers::{AsyncCommand, ProviderError, VmState};
 
 pub(crate) async fn create(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
     let name = attempt.snapshot_name();
-    let target = attempt.snapshot_target();
+    let targets = attempt.snapshot_targets();
     let backend = attempt.deps.snapshots.kind();
     attempt.record("snapshot_name", json!(name)).await?;
-    let info = attempt
+    let names: Vec<String> = targets.iter().map(|(t, _)| t.clone()).collect();
+    let group = attempt
         .deps
         .snapshots
-        .create(&target, &name)
+        .create_group(&names, &name)
         .await
         .map_err(|e| fail("SNAPSHOT_FAILED", e))?;
-    Ok(json!({"snapshot_name": info.name, "snapshot_id": info.id, "target": info.target, "backend": backend}))
+    let taken: Vec<Value> = group
+        .snapshots
+        .iter()
+        .zip(&targets)
+        .map(|(info, (_, volume_ids))| json!({"target": info.target, "snapshot_id": info.id, "volume_ids": volume_ids}))
+        .collect();
+    let mut out = json!({
+        "snapshot_name": name,
+        "snapshot_id": taken[0]["snapshot_id"],
+        "target": taken[0]["target"],
+        "backend": backend,
+        "snapshots": taken,
+        "consistent": group.consistent,
+    });
+    if !group.consistent {
+        out["note"] = json!(format!(
+            "{backend} snapshots one disk at a time: the {} disks' snapshots were taken one after the other, not at one instant",
+            targets.len()
+        ));
+    }
+    Ok(out)
 }
 
-/// Deletes the run's snapshot; a snapshot that does not exist is already deleted.
+/// Deletes the run's snapshot of every disk; a snapshot that does not exist is already deleted.
 pub(crate) async fn delete(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
     if attempt.input.skip_snapshot {
         return Ok(json!({"skipped": "no snapshot was taken (skip_snapshot)"}));
     }
     const CODE: &str = "SNAPSHOT_DELETE_FAILED";
     let name = attempt.snapshot_name();
-    let target = attempt.snapshot_target();
-    if let Err(e) = attempt.deps.snapshots.delete(&target, &name).await {
-        // The world decides: an earlier attempt's delete (its reply lost) may have finished
-        // meanwhile, and then this one's "not found" is success.
-        if attempt
-            .deps
-            .snapshots
-            .find(&target, &name)
-            .await
-            .map_err(|e| fail(CODE, e))?
-            .is_some()
-        {
-            return Err(retryable(fail(CODE, e)));
+    let mut targets = Vec::new();
+    for (target, _) in attempt.snapshot_targets() {
+        if let Err(e) = attempt.deps.snapshots.delete(&target, &name).await {
+            // The world decides: an earlier attempt's delete (its reply lost) may have finished
+            // meanwhile, and then this one's "not found" is success.
+            if attempt
+                .deps
+                .snapshots
+                .find(&target, &name)
+                .await
+                .map_err(|e| fail(CODE, e))?
+                .is_some()
+            {
+                return Err(retryable(fail(CODE, e)));
+            }
         }
+        targets.push(target);
     }
-    Ok(json!({"deleted": name}))
+    Ok(json!({"deleted": name, "targets": targets}))
 }
 
-/// Where a revert must put the volume back (recorded before it detaches it from a running VM).
+/// Where a revert must put a volume back (recorded before it detaches it from a running VM).
 #[derive(Serialize, Deserialize)]
 struct RestoreTo {
     vm_id: String,
     device_id: Option<u32>,
 }
 
-/// Reverts the replicated volume to the run's snapshot, undoing driver injection and test
-/// writes. A revert needs the volume off any running VM: if it is on one (the OMA, during a
-/// rollback), it is detached first, with the intent to put it back recorded, and reattached after.
+/// Reverts every disk to the run's snapshot, undoing driver injection and test writes. A
+/// revert needs the volumes off any running VM: one that is on one (the OMA, during a
+/// rollback) is detached first, with the intent to put it back recorded, and reattached
+/// after. Each target reverted is recorded, so a resumed attempt goes on with the next.
 pub(crate) async fn revert(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
     const CODE: &str = "SNAPSHOT_REVERT_FAILED";
     if attempt.input.skip_snapshot {
-        return Ok(json!({"skipped": "no snapshot to revert to (skip_snapshot): the disk keeps any changes"}));
+        return Ok(json!({"skipped": "no snapshot to revert to (skip_snapshot): the disks keep any changes"}));
     }
     // As the compensation of virtio-injection: nothing to undo if injection was skipped.
     if attempt.step.undo {
@@ -74,53 +101,93 @@ pub(crate) async fn revert(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
         }
     }
     let name = attempt.snapshot_name();
-    let target = attempt.snapshot_target();
-    if attempt
-        .deps
-        .snapshots
-        .find(&target, &name)
+    let mut reverted: Vec<String> = attempt
+        .recorded("reverted")
         .await
-        .map_err(|e| fail(CODE, e))?
-        .is_none()
-    {
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
+    let mut missing = Vec::new();
+    for (target, volume_ids) in attempt.snapshot_targets() {
+        if reverted.contains(&target) {
+            continue;
+        }
+        if attempt
+            .deps
+            .snapshots
+            .find(&target, &name)
+            .await
+            .map_err(|e| fail(CODE, e))?
+            .is_none()
+        {
+            missing.push(target);
+            continue;
+        }
+        revert_target(attempt, &target, &volume_ids, &name).await?;
+        reverted.push(target);
+        attempt.record("reverted", json!(reverted)).await?;
+    }
+    if reverted.is_empty() {
         return Ok(json!({"skipped": format!("snapshot {name} does not exist (never taken)")}));
     }
-    let src = attempt.vm.boot_disk.volume_id.clone();
-    let vol = attempt.cloud().get_volume(&src).await.map_err(|e| fail(CODE, e))?;
-    if let Some(on) = vol.vm_id.clone() {
+    let volume_ids: Vec<&str> = attempt.disks().iter().map(|d| d.volume_id.as_str()).collect();
+    let mut out =
+        json!({"reverted_to": name, "volume_id": volume_ids[0], "volume_ids": volume_ids, "targets": reverted});
+    if !missing.is_empty() {
+        out["not_taken"] = json!(missing);
+    }
+    Ok(out)
+}
+
+/// Reverts one target to `name`: its volumes come off running VMs first and go back after.
+async fn revert_target(
+    attempt: &Attempt<'_>,
+    target: &str,
+    volume_ids: &[String],
+    name: &str,
+) -> Result<(), ActionError> {
+    const CODE: &str = "SNAPSHOT_REVERT_FAILED";
+    for src in volume_ids {
+        let vol = attempt.cloud().get_volume(src).await.map_err(|e| fail(CODE, e))?;
+        let Some(on) = vol.vm_id.clone() else { continue };
         let vm = attempt.cloud().get_vm(&on).await.map_err(|e| fail(CODE, e))?;
         if vm.state != VmState::Stopped {
             let back = RestoreTo {
                 vm_id: on,
                 device_id: vol.device_id,
             };
-            attempt.record("restore_to", json!(back)).await?;
-            let cmd = AsyncCommand::DetachVolume { volume_id: src.clone() };
             attempt
-                .settle("detach_for_revert", cmd, CODE, |v| v.vm_id.is_none())
+                .record(&disk_key("restore_to", &attempt.vm, src), json!(back))
                 .await?;
+            let cmd = AsyncCommand::DetachVolume { volume_id: src.clone() };
+            let op = disk_key("detach_for_revert", &attempt.vm, src);
+            attempt.settle(&op, cmd, CODE, src, |v| v.vm_id.is_none()).await?;
         }
     }
-    match attempt.deps.snapshots.revert(&target, &name).await {
+    match attempt.deps.snapshots.revert(target, name).await {
         Ok(()) => {}
         Err(e @ ProviderError::NotFound { .. }) => return Err(ActionError::permanent(CODE, e.to_string())),
         Err(e) => {
             // The world decides: a job an earlier attempt issued (its reply lost, still running
-            // when this attempt detached) may have put the volume back on a running VM; the
+            // when this attempt detached) may have put a volume back on a running VM; the
             // next attempt detaches it again rather than giving up.
-            let now = attempt.cloud().get_volume(&src).await.map_err(|e| fail(CODE, e))?;
-            return Err(match now.vm_id {
-                Some(_) => retryable(fail(CODE, e)),
-                None => fail(CODE, e),
-            });
+            for src in volume_ids {
+                let now = attempt.cloud().get_volume(src).await.map_err(|e| fail(CODE, e))?;
+                if now.vm_id.is_some() {
+                    return Err(retryable(fail(CODE, e)));
+                }
+            }
+            return Err(fail(CODE, e));
         }
     }
-    let back = attempt.recorded("restore_to").await;
-    if let Some(back) = back.and_then(|v| RestoreTo::deserialize(v).ok()) {
-        let now = attempt.cloud().get_volume(&src).await.map_err(|e| fail(CODE, e))?;
-        if now.vm_id.is_none() && !back.vm_id.is_empty() {
-            super::volume::put_back(attempt, &back.vm_id, back.device_id, "reattach_after_revert", CODE).await?;
+    for src in volume_ids {
+        let back = attempt.recorded(&disk_key("restore_to", &attempt.vm, src)).await;
+        if let Some(back) = back.and_then(|v| RestoreTo::deserialize(v).ok()) {
+            let now = attempt.cloud().get_volume(src).await.map_err(|e| fail(CODE, e))?;
+            if now.vm_id.is_none() && !back.vm_id.is_empty() {
+                let op = disk_key("reattach_after_revert", &attempt.vm, src);
+                super::volume::put_back(attempt, src, &back.vm_id, back.device_id, &op, CODE).await?;
+            }
         }
     }
-    Ok(json!({"reverted_to": name, "volume_id": src}))
+    Ok(())
 }

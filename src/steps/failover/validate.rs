@@ -80,19 +80,9 @@ async fn report(
     mappings: &[NetworkMapping],
 ) -> Result<ReadinessReport, ActionError> {
     let active = deps.store.active_jobs_for_vm(vm_id, except).await?;
-    let volume = match vm {
-        None => Ok(None),
-        Some(vm) => match deps.cloud.get_volume(&vm.boot_disk.volume_id).await {
-            Ok(v) => Ok(Some(VolumeFacts {
-                volume_id: v.id,
-                state: v.state,
-                attached_to: v.vm_id,
-                size_gb: v.size.unwrap_or(0) / (1 << 30),
-            })),
-            Err(ProviderError::NotFound { .. }) => Ok(None),
-            Err(e) if e.is_retryable() => return Err(fail("VALIDATION_FAILED", e)),
-            Err(e) => Err(e.to_string()),
-        },
+    let volumes = match vm {
+        None => Ok(Vec::new()),
+        Some(vm) => volume_facts(deps, vm).await?,
     };
     let missing_networks = match vm {
         None => Ok(Vec::new()),
@@ -104,9 +94,33 @@ async fn report(
         active_runs: &active,
         mappings,
         kind,
-        volume,
+        volumes,
         missing_networks,
     }))
+}
+
+/// Every disk's volume as CloudStack reports it (None: it does not exist). A transient
+/// failure fails the step for a retry; another is reported.
+async fn volume_facts(
+    deps: &FailoverDeps,
+    vm: &VmRecord,
+) -> Result<Result<Vec<(String, Option<VolumeFacts>)>, String>, ActionError> {
+    let mut facts = Vec::new();
+    for d in vm.all_disks() {
+        let found = match deps.cloud.get_volume(&d.volume_id).await {
+            Ok(v) => Some(VolumeFacts {
+                volume_id: v.id,
+                state: v.state,
+                attached_to: v.vm_id,
+                size_gb: v.size.unwrap_or(0) / (1 << 30),
+            }),
+            Err(ProviderError::NotFound { .. }) => None,
+            Err(e) if e.is_retryable() => return Err(fail("VALIDATION_FAILED", e)),
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        facts.push((d.volume_id.clone(), found));
+    }
+    Ok(Ok(facts))
 }
 
 /// The destination networks the VM's NICs are mapped to (for `kind`) that CloudStack does

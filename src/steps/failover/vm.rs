@@ -226,25 +226,29 @@ pub(crate) async fn stop(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
     Ok(json!({"vm_id": vm.id, "state": "Stopped"}))
 }
 
-/// Destroys and expunges the VM this run created. Refuses while the replicated volume is
-/// attached to it: expunging would delete the volume with the VM.
+/// Destroys and expunges the VM this run created. Refuses while a replicated volume is
+/// attached to it: expunging would delete the boot disk and leave a data disk on no VM.
 pub(crate) async fn destroy(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
     let Some(vm) = attempt.find_vm().await? else {
         return Ok(json!({"skipped": "no VM to destroy"}));
     };
-    let vol = attempt
-        .cloud()
-        .get_volume(&attempt.vm.boot_disk.volume_id)
-        .await
-        .map_err(|e| fail("VM_DESTROY_FAILED", e))?;
-    if vol.vm_id.as_deref() == Some(vm.id.as_str()) {
-        return Err(ActionError::permanent(
-            "VOLUME_STILL_ATTACHED",
-            format!(
-                "refusing to destroy VM {}: the replicated volume {} is attached to it",
-                vm.id, vol.id
-            ),
-        ));
+    // Expunging deletes the VM's ROOT disk and detaches its data disks: no replicated disk
+    // may be on it.
+    for d in attempt.disks() {
+        let vol = attempt
+            .cloud()
+            .get_volume(&d.volume_id)
+            .await
+            .map_err(|e| fail("VM_DESTROY_FAILED", e))?;
+        if vol.vm_id.as_deref() == Some(vm.id.as_str()) {
+            return Err(ActionError::permanent(
+                "VOLUME_STILL_ATTACHED",
+                format!(
+                    "refusing to destroy VM {}: the replicated volume {} is attached to it",
+                    vm.id, vol.id
+                ),
+            ));
+        }
     }
     let cmd = AsyncCommand::DestroyVm {
         id: vm.id.clone(),

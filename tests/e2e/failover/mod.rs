@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use common::TestDb;
 
+mod disks;
 pub(crate) mod recover;
 mod sweep;
 

@@ -76,11 +76,13 @@ async fn run_planned(
     let inv = w
         .get(&format!("/sim/invariant?prefix=tern-t-&expect_vm={expect}"))
         .await;
-    let mine = inv["volumes"]
-        .as_array()
-        .and_then(|vs| vs.iter().find(|v| v["volume_id"] == json!(vm.boot_disk.volume_id)));
-    if mine.is_none_or(|v| v["ok"] != json!(true)) {
-        return Err(format!("volume {}: {mine:?}", vm.boot_disk.volume_id));
+    for disk in vm.all_disks() {
+        let mine = inv["volumes"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["volume_id"] == json!(disk.volume_id)));
+        if mine.is_none_or(|v| v["ok"] != json!(true)) {
+            return Err(format!("volume {}: {mine:?}", disk.volume_id));
+        }
     }
     if inv["leaked_vms"].as_array().is_none_or(|a| !a.is_empty()) {
         return Err(format!("test VMs left: {}", inv["leaked_vms"]));

@@ -1,0 +1,123 @@
+//! A VM with several disks: every disk is snapshotted, moved in the source's order, and given
+//! back to its own slot on the OMA, whatever ends the run.
+
+use super::*;
+
+/// Where each of `vm`'s disks is: (the VM it is attached to, its slot), boot disk first.
+async fn placement(w: &World, vm: &tern::domain::inventory::VmRecord) -> Vec<(Value, Value)> {
+    let state = w.get("/sim/state").await;
+    vm.all_disks()
+        .map(|d| {
+            let v = &state["volumes"][&d.volume_id];
+            (v["vm_id"].clone(), v["device_id"].clone())
+        })
+        .collect()
+}
+
+/// The boot disk is the new VM's ROOT disk; the data disks follow it in the source's order.
+fn assert_on(placed: &[(Value, Value)], vm_id: &str) {
+    for (on, _) in placed {
+        assert_eq!(on, &json!(vm_id), "{placed:?}");
+    }
+    assert_eq!(placed[0].1, json!(0), "the boot disk is the ROOT disk: {placed:?}");
+    let slots: Vec<u64> = placed.iter().filter_map(|(_, d)| d.as_u64()).collect();
+    assert_eq!(slots.len(), placed.len(), "{placed:?}");
+    assert!(
+        slots.windows(2).all(|p| p[0] < p[1]),
+        "data disks in the source's order: {placed:?}"
+    );
+}
+
+async fn a_three_disk_vm_is_tested_with_every_disk_and_given_back_slot_for_slot(db: TestDb) {
+    let w = world(&db, SnapshotKind::CloudstackVolume, None).await;
+    let vm = w.vm("windows").clone();
+    assert_eq!(vm.data_disks.len(), 2, "the sample's Windows VM has two data disks");
+    let before = placement(&w, &vm).await;
+    let run = w
+        .submit(
+            "test-failover",
+            input(&vm, json!({"auto_cleanup": false, "test_duration": "1h"})),
+        )
+        .await;
+    w.wait_status(run, RunStatus::Holding).await;
+    let row = w.store.get_run(run).await.unwrap().unwrap();
+    let test_vm = row.context.output("test-vm-creation")["destination_vm_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_on(&placement(&w, &vm).await, &test_vm);
+    let snap = row.context.output("snapshot");
+    assert_eq!(snap["snapshots"].as_array().map(Vec::len), Some(3), "{snap}");
+    assert_eq!(snap["consistent"], json!(false), "{snap}");
+    assert!(snap["note"].as_str().unwrap().contains("one after the other"), "{snap}");
+    assert_eq!(
+        row.context.output("volume-attachment")["disks"]
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
+    w.engine.signal(run, "end-test").await.unwrap();
+    let row = w.finish(run).await;
+    assert_eq!(row.status, RunStatus::Completed, "{:?}", row.state);
+    w.assert_clean(&vm.oma_vm_id).await;
+    assert_eq!(placement(&w, &vm).await, before, "every disk back in its own OMA slot");
+}
+
+async fn a_live_failover_moves_every_disk(db: TestDb) {
+    let w = world(&db, SnapshotKind::Linstor, None).await;
+    let vm = w.vm("windows").clone();
+    let run = w.submit("live-failover", input(&vm, json!({"job_type": "live"}))).await;
+    let row = w.finish(run).await;
+    assert_eq!(row.status, RunStatus::Completed, "{:?}", row.state);
+    let new_vm = row.context.output("vm-creation")["destination_vm_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_on(&placement(&w, &vm).await, &new_vm);
+    let inv = w
+        .get(&format!("/sim/invariant?expect_vm={new_vm}&prefix=tern-t-"))
+        .await;
+    for d in vm.all_disks() {
+        let check = inv["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["volume_id"] == json!(d.volume_id))
+            .unwrap();
+        assert_eq!(check["ok"], json!(true), "{check}");
+    }
+    let snap = row.context.output("snapshot");
+    assert_eq!(
+        snap["consistent"],
+        json!(true),
+        "LINSTOR takes every disk at one instant: {snap}"
+    );
+    assert_eq!(snap["snapshots"].as_array().map(Vec::len), Some(3), "{snap}");
+    let all = w.get("/sim/invariant?prefix=tern-").await;
+    assert!(
+        all["leaked_linstor_snapshots"].as_array().unwrap().is_empty(),
+        "every disk's snapshot is removed: {all}"
+    );
+}
+
+async fn a_data_disk_that_cannot_move_rolls_every_disk_back(db: TestDb) {
+    // attachVolume 0 is the boot disk, 1 the first data disk; the second data disk's three
+    // attempts (2-4) fail, and the rollback gives all three back to the OMA.
+    let f = json!({"scripted": {"attachVolume": {"2": "job_failure", "3": "job_failure", "4": "job_failure"}}});
+    let w = world(&db, SnapshotKind::CloudstackVolume, Some(f)).await;
+    let vm = w.vm("windows").clone();
+    let before = placement(&w, &vm).await;
+    let run = w.submit("test-failover", input(&vm, json!({}))).await;
+    let row = w.finish(run).await;
+    assert_eq!(row.status, RunStatus::Failed, "{:?}", row.state);
+    assert_eq!(error_code(&row), "VOLUME_ATTACH_FAILED");
+    w.assert_clean(&vm.oma_vm_id).await;
+    assert_eq!(placement(&w, &vm).await, before, "every disk back in its own OMA slot");
+}
+
+crate::on_both_backends!(a_three_disk_vm_is_tested_with_every_disk_and_given_back_slot_for_slot);
+
+crate::on_sqlite!(
+    a_live_failover_moves_every_disk,
+    a_data_disk_that_cannot_move_rolls_every_disk_back,
+);
