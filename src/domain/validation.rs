@@ -1,6 +1,8 @@
 //! Pre-failover validation: the seeds' checks and readiness score, as a pure function of what
 //! the caller looked up (inventory, mappings, active runs, the volume as CloudStack reports it).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::inventory::{NetworkKind, NetworkMapping, VmRecord};
@@ -64,6 +66,73 @@ pub struct Facts<'a> {
     /// The mapped destination networks (of `kind`) that CloudStack does not know;
     /// `Err(reason)` when they could not be looked up.
     pub missing_networks: Result<Vec<String>, String>,
+    /// The known destination networks' CIDRs (network id → CIDR, where it has one), for the
+    /// addresses a live failover keeps.
+    pub cidrs: BTreeMap<String, String>,
+}
+
+/// Why NICs that keep their IP or MAC cannot share a network: CloudStack's
+/// `iptonetworklist` gives a VM one NIC per network (the later entry replaces the earlier).
+/// `nics` are (destination network, keeps an address) in NIC order.
+pub fn kept_addresses_conflict(nics: &[(&str, bool)]) -> Option<String> {
+    for (i, (net, keeps)) in nics.iter().enumerate() {
+        if let Some(j) = nics[i + 1..]
+            .iter()
+            .position(|(other, k)| other == net && (*keeps || *k))
+        {
+            return Some(format!(
+                "nics[{i}] and nics[{}] both map to network {net}: keeping their IP or MAC, CloudStack gives a VM one NIC per network",
+                i + 1 + j
+            ));
+        }
+    }
+    None
+}
+
+/// What stops a live failover from keeping its NICs' addresses: two NICs that keep one on one
+/// network, an IP that is not in its destination network's CIDR.
+fn kept_address_problems(f: &Facts) -> Vec<String> {
+    let Some(vm) = f.vm.filter(|_| f.kind == NetworkKind::Production) else {
+        return Vec::new();
+    };
+    let planned: Vec<(usize, &crate::domain::inventory::Nic, &str)> = vm
+        .nics
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| {
+            let m = f
+                .mappings
+                .iter()
+                .find(|m| m.kind == f.kind && m.source_network == n.source_network)?;
+            Some((i, n, m.destination_network_id.as_str()))
+        })
+        .collect();
+    let mut problems = Vec::new();
+    let pairs: Vec<(&str, bool)> = planned
+        .iter()
+        .map(|(_, n, net)| (*net, n.ip.is_some() || n.mac.is_some()))
+        .collect();
+    problems.extend(kept_addresses_conflict(&pairs));
+    for (i, nic, net) in &planned {
+        let (Some(ip), Some(cidr)) = (&nic.ip, f.cidrs.get(*net)) else {
+            continue;
+        };
+        let Ok(range) = cidr.parse::<ipnet::IpNet>() else {
+            continue;
+        };
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(addr) if range.contains(&addr) => {}
+            Ok(_) => problems.push(format!(
+                "nics[{i}] ({}): IP {ip} is outside network {net} ({cidr})",
+                nic.source_network
+            )),
+            Err(_) => problems.push(format!(
+                "nics[{i}] ({}): {ip:?} is not an IP address",
+                nic.source_network
+            )),
+        }
+    }
+    problems
 }
 
 /// The seeds' score: any failed critical check gives 0; otherwise the share of passed checks.
@@ -145,7 +214,18 @@ pub fn validate(f: &Facts<'_>) -> ReadinessReport {
         .filter(|n| !f.mappings.iter().any(|m| m.kind == f.kind && m.source_network == *n))
         .collect();
     let details = json!({"mapped_networks": networks.len() - unmapped.len(), "unmapped_networks": unmapped.len(), "kind": f.kind.as_str()});
+    let kept = kept_address_problems(f);
     checks.push(match &f.missing_networks {
+        // A live failover keeps the NICs' addresses: one it cannot keep stops it before
+        // anything is created.
+        Ok(_) if !kept.is_empty() => check(
+            "Network Mappings",
+            CheckType::Critical,
+            false,
+            "",
+            kept.join("; "),
+            json!({"address_problems": kept, "kind": f.kind.as_str()}),
+        ),
         // A NIC mapped to a network that does not exist stops the failover before anything is
         // created: CloudStack would refuse the VM's deploy.
         Ok(missing) if !missing.is_empty() => {
@@ -307,6 +387,7 @@ mod tests {
             kind: NetworkKind::Test,
             volumes: volume("oma-1"),
             missing_networks: Ok(vec![]),
+            cidrs: BTreeMap::new(),
         }
     }
 
@@ -368,6 +449,7 @@ mod tests {
             kind: NetworkKind::Test,
             volumes: Ok(vec![]),
             missing_networks: Ok(vec![]),
+            cidrs: BTreeMap::new(),
         });
         assert!(!r.is_ready);
         assert!(r.checks[0].message.contains("not found"));
@@ -441,5 +523,64 @@ mod tests {
         let p = v.problems();
         assert_eq!(p[0].0, "cpu_count");
         assert_eq!(p[1].0, "nics[1].source_network");
+    }
+
+    #[test]
+    fn a_live_failover_names_the_addresses_it_cannot_keep() {
+        let mut v = vm();
+        v.nics = vec![
+            Nic {
+                source_network: "VM Network".into(),
+                mac: Some("00:50:56:00:00:01".into()),
+                ip: Some("10.0.1.5".into()),
+            },
+            Nic {
+                source_network: "Backup".into(),
+                mac: None,
+                ip: Some("10.9.1.5".into()),
+            },
+        ];
+        let map = |source: &str, dest: &str, kind| NetworkMapping {
+            vm_id: "420570c7".into(),
+            source_network: source.into(),
+            destination_network_id: dest.into(),
+            kind,
+        };
+        let cidrs = BTreeMap::from([("net-p".to_string(), "10.0.0.0/16".to_string())]);
+        let one_net = [
+            map("VM Network", "net-p", NetworkKind::Production),
+            map("Backup", "net-p", NetworkKind::Production),
+        ];
+        let r = validate(&Facts {
+            kind: NetworkKind::Production,
+            cidrs: cidrs.clone(),
+            ..ready(&v, &one_net)
+        });
+        assert!(!r.is_ready);
+        let msg = &r.checks[3].message;
+        assert!(msg.contains("nics[0] and nics[1] both map to network net-p"), "{msg}");
+        assert!(
+            msg.contains("nics[1] (Backup): IP 10.9.1.5 is outside network net-p (10.0.0.0/16)"),
+            "{msg}"
+        );
+        // A test failover keeps no address: two NICs on one network are fine.
+        let test = [
+            map("VM Network", "net-t", NetworkKind::Test),
+            map("Backup", "net-t", NetworkKind::Test),
+        ];
+        assert!(validate(&ready(&v, &test)).is_ready);
+        // Two networks, each address in its range.
+        let two_nets = [
+            map("VM Network", "net-p", NetworkKind::Production),
+            map("Backup", "net-b", NetworkKind::Production),
+        ];
+        let mut cidrs = cidrs;
+        cidrs.insert("net-b".into(), "10.9.0.0/16".into());
+        let r = validate(&Facts {
+            kind: NetworkKind::Production,
+            cidrs,
+            ..ready(&v, &two_nets)
+        });
+        assert!(r.is_ready, "{:?}", r.checks[3]);
     }
 }

@@ -211,6 +211,20 @@ pub struct Nic {
     pub ip_address: Option<String>,
     #[serde(rename = "isdefault", default)]
     pub is_default: bool,
+    #[serde(rename = "macaddress", default)]
+    pub mac_address: Option<String>,
+}
+
+/// A NIC a deploy asks for: its network, and the IP and MAC to keep where given (sent as
+/// `iptonetworklist[n]`, which gives a VM one NIC per network; without any IP or MAC the NICs
+/// go as `networkids`, which may name a network twice).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicRequest {
+    pub network_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// A CloudStack virtual machine (field names as on the wire).
@@ -347,7 +361,8 @@ pub enum AsyncCommand {
         service_offering_id: String,
         template_id: String,
         zone_id: String,
-        network_ids: Vec<String>,
+        /// The VM's NICs in order (the first is the default NIC).
+        nics: Vec<NicRequest>,
         /// false: the VM is created Stopped, so its disks can be swapped before first boot.
         start_vm: bool,
         /// Further deployVirtualMachine parameters passed as is (e.g. `details[0].cpuNumber`).

@@ -228,23 +228,7 @@ fn dispatch(
                     "The vm with hostName {name} already exists in the network domain: cs2cloud.internal; network=default"
                 )));
             }
-            let mut nics = Vec::new();
-            for (i, net) in args
-                .get("networkids")
-                .map(|s| s.split(',').filter(|n| !n.is_empty()).collect::<Vec<_>>())
-                .unwrap_or_default()
-                .into_iter()
-                .enumerate()
-            {
-                if !w.networks.contains_key(net) {
-                    return Err(invalid(command, "networkids", net));
-                }
-                nics.push(SimNic {
-                    id: uuid::Uuid::new_v4().to_string(),
-                    network_id: net.to_string(),
-                    ip: format!("10.1.{}.{}", i + 1, 10 + w.vms.len()),
-                });
-            }
+            let nics = requested_nics(w, command, args)?;
             // The sample offering is a custom (constrained) one: the deploy names the size.
             let size = |name: &str| args.get(name).and_then(|v| v.parse::<u32>().ok()).filter(|v| *v > 0);
             let (Some(cpu), Some(memory_mb)) = (size("details[0].cpuNumber"), size("details[0].memory")) else {
@@ -499,7 +483,15 @@ fn dispatch(
                 .networks
                 .values()
                 .filter(|n| matches_opt(args.get("id"), &n.id))
-                .map(|n| json!({ "id": n.id, "name": n.name, "displaytext": n.name, "zoneid": w.zone_id, "state": "Implemented", "traffictype": "Guest", "type": "Isolated" }))
+                .map(|n| {
+                    let mut v = json!({ "id": n.id, "name": n.name, "displaytext": n.name, "zoneid": w.zone_id, "state": "Implemented", "traffictype": "Guest", "type": "Isolated" });
+                    if let Some(net) = n.cidr.as_deref().and_then(|c| c.parse::<ipnet::Ipv4Net>().ok()) {
+                        v["cidr"] = json!(net.to_string());
+                        v["netmask"] = json!(net.netmask().to_string());
+                        v["gateway"] = json!(net.hosts().next().map(|g| g.to_string()));
+                    }
+                    v
+                })
                 .collect();
             Ok(list_body("network", items))
         }
@@ -508,4 +500,117 @@ fn dispatch(
             text: AUTH_TEXT.into(),
         }),
     }
+}
+
+/// The NICs a deploy asks for, as CloudStack reads them: `iptonetworklist[n].networkid/ip/mac`
+/// (one NIC per network: a network named again keeps its first place and takes the later
+/// entry's values) or `networkids` (a network may come twice); never both. A requested IP
+/// must be a free address of the network's CIDR, a MAC a free unicast address.
+fn requested_nics(w: &World, command: &str, args: &BTreeMap<&str, &str>) -> Result<Vec<SimNic>, CsError> {
+    let mut listed: BTreeMap<usize, BTreeMap<&str, &str>> = BTreeMap::new();
+    for (k, v) in args {
+        let Some(rest) = k.strip_prefix("iptonetworklist[") else {
+            continue;
+        };
+        let Some((n, field)) = rest.split_once("].") else {
+            continue;
+        };
+        let Ok(n) = n.parse::<usize>() else { continue };
+        listed.entry(n).or_default().insert(field, v);
+    }
+    let mut wanted: Vec<(String, Option<String>, Option<String>)> = Vec::new();
+    if listed.is_empty() {
+        for net in args
+            .get("networkids")
+            .map(|s| s.split(',').filter(|n| !n.is_empty()))
+            .into_iter()
+            .flatten()
+        {
+            wanted.push((net.to_string(), None, None));
+        }
+    } else {
+        if args.contains_key("networkids") || args.contains_key("ipaddress") {
+            return Err(CsError::param(
+                "ipToNetworkMap can't be specified along with networkIds or ipAddress",
+            ));
+        }
+        for fields in listed.values() {
+            let Some(net) = fields.get("networkid") else { continue };
+            let entry = (
+                net.to_string(),
+                fields.get("ip").map(|s| s.to_string()),
+                fields.get("mac").map(|s| s.to_string()),
+            );
+            match wanted.iter_mut().find(|(n, _, _)| n == net) {
+                Some(known) => *known = entry,
+                None => wanted.push(entry),
+            }
+        }
+    }
+    let mut nics: Vec<SimNic> = Vec::new();
+    for (i, (net, ip, mac)) in wanted.into_iter().enumerate() {
+        let Some(network) = w.networks.get(&net) else {
+            return Err(invalid(command, "networkids", &net));
+        };
+        let in_use = |addr: &str| {
+            w.vms
+                .values()
+                .flat_map(|v| &v.nics)
+                .chain(&nics)
+                .any(|n| n.network_id == net && (n.ip == addr || n.mac == addr))
+        };
+        let cidr = network.cidr.as_deref().and_then(|c| c.parse::<ipnet::Ipv4Net>().ok());
+        let ip = match ip {
+            Some(ip) => {
+                let addr: std::net::Ipv4Addr = ip
+                    .parse()
+                    .map_err(|_| CsError::param(format!("Invalid specified IPv4 address {ip}")))?;
+                let usable = cidr.is_none_or(|c| c.contains(&addr) && addr != c.network() && addr != c.broadcast());
+                if !usable || in_use(&ip) {
+                    return Err(CsError::internal(format!(
+                        "Unable to acquire Guest IP address for network Ntwk[{}|Guest|{}]",
+                        network.id, network.name
+                    )));
+                }
+                ip
+            }
+            None => match cidr {
+                Some(c) => c
+                    .hosts()
+                    .skip(9)
+                    .map(|a| a.to_string())
+                    .find(|a| !in_use(a))
+                    .ok_or_else(|| CsError::internal("Insufficient address capacity"))?,
+                None => format!("10.1.{}.{}", i + 1, 10 + w.vms.len()),
+            },
+        };
+        let mac = match mac {
+            Some(mac) => {
+                let octets: Vec<u8> = mac.split(':').filter_map(|o| u8::from_str_radix(o, 16).ok()).collect();
+                if octets.len() != 6 || mac.len() != 17 {
+                    return Err(CsError::param(format!("Mac address is not valid: {mac}")));
+                }
+                if octets[0] & 1 == 1 {
+                    return Err(CsError::param(format!("Mac address is not unicast: {mac}")));
+                }
+                if in_use(&mac) {
+                    return Err(CsError::param(format!(
+                        "The requested Mac address is already taken! {mac}"
+                    )));
+                }
+                mac
+            }
+            None => {
+                let b = uuid::Uuid::new_v4().into_bytes();
+                format!("02:00:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
+            }
+        };
+        nics.push(SimNic {
+            id: uuid::Uuid::new_v4().to_string(),
+            network_id: net,
+            ip,
+            mac,
+        });
+    }
+    Ok(nics)
 }

@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use tern::providers::cloudstack::{CloudStackClient, CloudStackConfig, VmSnapshots, VolumeSnapshots};
 use tern::providers::linstor::{resource_name_for_volume, LinstorClient};
 use tern::providers::{
-    AsyncCommand, Cloud, JobStatus, ProviderError, SnapshotBackend, SnapshotFilter, VmFilter, VmState, VolumeFilter,
-    VolumeType,
+    AsyncCommand, Cloud, JobStatus, NicRequest, ProviderError, SnapshotBackend, SnapshotFilter, VmFilter, VmState,
+    VolumeFilter, VolumeType,
 };
 use tern::sim::{self, FaultPlan, FaultRates, InvariantReport, SampleInventory, SimConfig};
 
@@ -147,7 +147,11 @@ fn deploy(name: &str, inv: &SampleInventory, start_vm: bool) -> AsyncCommand {
         service_offering_id: inv.service_offering_id.clone(),
         template_id: inv.template_id.clone(),
         zone_id: inv.zone_id.clone(),
-        network_ids: vec![inv.test_network_id.clone()],
+        nics: vec![NicRequest {
+            network_id: inv.test_network_id.clone(),
+            ip: None,
+            mac: None,
+        }],
         start_vm,
         extra: BTreeMap::from([
             ("details[0].cpuNumber".to_string(), "4".to_string()),
@@ -744,6 +748,95 @@ async fn snapshot_backends_pass_the_conformance_suite() {
 
     let report = sim.invariant("tern-conf", None).await;
     assert!(report.ok, "{report:?}");
+    sim.stop().await;
+}
+
+/// NICs as CloudStack reads them: `networkids` may name a network twice; `iptonetworklist`
+/// keeps IPs and MACs in order, gives a VM one NIC per network, refuses an address outside the
+/// network or taken, and is never combined with `networkids`.
+#[tokio::test]
+async fn a_deploy_keeps_each_nic_in_order_with_its_address() {
+    let sim = start(config()).await;
+    let inv = sim.inventory().await;
+    let c = sim.cloud();
+    let nic = |net: &str, ip: Option<&str>, mac: Option<&str>| NicRequest {
+        network_id: net.to_string(),
+        ip: ip.map(str::to_string),
+        mac: mac.map(str::to_string),
+    };
+    let with_nics = |name: &str, nics: Vec<NicRequest>| {
+        let mut cmd = deploy(name, &inv, false);
+        if let AsyncCommand::DeployVm { nics: n, .. } = &mut cmd {
+            *n = nics;
+        }
+        cmd
+    };
+    let nets = c.find_network(&inv.production_network_id).await.unwrap().unwrap();
+    assert_eq!(nets.cidr.as_deref(), Some("10.0.0.0/16"));
+
+    let twice = with_nics(
+        "tern-nic-twice",
+        vec![
+            nic(&inv.test_network_id, None, None),
+            nic(&inv.test_network_id, None, None),
+        ],
+    );
+    let job = c.issue(twice).await.unwrap();
+    c.wait_job(&job.job_id, POLL, WAIT).await.unwrap();
+    let vm = c.get_vm(&job.resource_id.unwrap()).await.unwrap();
+    assert_eq!(vm.nics.len(), 2, "networkids may name a network twice");
+
+    let kept = with_nics(
+        "tern-nic-kept",
+        vec![
+            nic(&inv.production_network_id, Some("10.0.1.77"), Some("00:50:56:aa:bb:01")),
+            nic(&inv.dmz_network_id, Some("10.2.1.77"), Some("00:50:56:aa:bb:02")),
+        ],
+    );
+    let job = c.issue(kept).await.unwrap();
+    c.wait_job(&job.job_id, POLL, WAIT).await.unwrap();
+    let vm = c.get_vm(&job.resource_id.unwrap()).await.unwrap();
+    let got: Vec<(&str, Option<&str>, Option<&str>)> = vm
+        .nics
+        .iter()
+        .map(|n| (n.network_id.as_str(), n.ip_address.as_deref(), n.mac_address.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                inv.production_network_id.as_str(),
+                Some("10.0.1.77"),
+                Some("00:50:56:aa:bb:01")
+            ),
+            (
+                inv.dmz_network_id.as_str(),
+                Some("10.2.1.77"),
+                Some("00:50:56:aa:bb:02")
+            ),
+        ]
+    );
+    assert!(vm.nics[0].is_default);
+
+    let taken = with_nics(
+        "tern-nic-taken",
+        vec![nic(&inv.production_network_id, Some("10.0.1.77"), None)],
+    );
+    // IPs are allocated when the deploy is accepted (before its job), as CloudStack does.
+    let err = c.issue(taken).await.unwrap_err();
+    assert!(err.to_string().contains("Unable to acquire Guest IP address"), "{err}");
+    let outside = with_nics(
+        "tern-nic-out",
+        vec![nic(&inv.production_network_id, Some("192.168.9.9"), None)],
+    );
+    let err = c.issue(outside).await.unwrap_err();
+    assert!(err.to_string().contains("Unable to acquire Guest IP address"), "{err}");
+    let bad_mac = with_nics(
+        "tern-nic-mac",
+        vec![nic(&inv.production_network_id, None, Some("01:00:5e:00:00:01"))],
+    );
+    let err = c.issue(bad_mac).await.unwrap_err();
+    assert!(err.to_string().contains("Mac address is not unicast"), "{err}");
     sim.stop().await;
 }
 

@@ -207,7 +207,7 @@ fn command_params(cmd: &AsyncCommand) -> Vec<(String, String)> {
             service_offering_id,
             template_id,
             zone_id,
-            network_ids,
+            nics,
             start_vm,
             extra,
         } => {
@@ -221,10 +221,21 @@ fn command_params(cmd: &AsyncCommand) -> Vec<(String, String)> {
             if let Some(d) = display_name {
                 p.push(("displayname", d.clone()));
             }
-            if !network_ids.is_empty() {
-                p.push(("networkids", network_ids.join(",")));
-            }
             let mut p: Vec<(String, String)> = p.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            if nics.iter().any(|n| n.ip.is_some() || n.mac.is_some()) {
+                for (i, n) in nics.iter().enumerate() {
+                    p.push((format!("iptonetworklist[{i}].networkid"), n.network_id.clone()));
+                    if let Some(ip) = &n.ip {
+                        p.push((format!("iptonetworklist[{i}].ip"), ip.clone()));
+                    }
+                    if let Some(mac) = &n.mac {
+                        p.push((format!("iptonetworklist[{i}].mac"), mac.clone()));
+                    }
+                }
+            } else if !nics.is_empty() {
+                let ids: Vec<&str> = nics.iter().map(|n| n.network_id.as_str()).collect();
+                p.push(("networkids".to_string(), ids.join(",")));
+            }
             p.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
             return p;
         }

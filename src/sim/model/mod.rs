@@ -55,6 +55,9 @@ pub struct Content {
 pub struct SimNetwork {
     pub id: String,
     pub name: String,
+    /// The guest CIDR its NICs get addresses from.
+    #[serde(default)]
+    pub cidr: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +65,8 @@ pub struct SimNic {
     pub id: String,
     pub network_id: String,
     pub ip: String,
+    #[serde(default)]
+    pub mac: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,7 +239,42 @@ pub struct SampleInventory {
     pub oma_vm_name: String,
     pub test_network_id: String,
     pub production_network_id: String,
+    /// Production networks of the sample's other port groups ("DMZ", "Backup").
+    #[serde(default)]
+    pub dmz_network_id: String,
+    #[serde(default)]
+    pub backup_network_id: String,
     pub vms: Vec<SampleVm>,
+}
+
+impl SampleInventory {
+    /// The production network a source port group maps to.
+    pub fn production_network_for(&self, source_network: &str) -> &str {
+        match source_network {
+            "DMZ" if !self.dmz_network_id.is_empty() => &self.dmz_network_id,
+            "Backup" if !self.backup_network_id.is_empty() => &self.backup_network_id,
+            _ => &self.production_network_id,
+        }
+    }
+
+    /// The catalog's networks: id, name, CIDR.
+    pub fn networks(&self) -> Vec<(&str, &'static str, &'static str)> {
+        let mut nets = vec![
+            (self.test_network_id.as_str(), "tern-test-network", "10.1.0.0/16"),
+            (
+                self.production_network_id.as_str(),
+                "tern-production-network",
+                "10.0.0.0/16",
+            ),
+        ];
+        if !self.dmz_network_id.is_empty() {
+            nets.push((self.dmz_network_id.as_str(), "tern-dmz-network", "10.2.0.0/16"));
+        }
+        if !self.backup_network_id.is_empty() {
+            nets.push((self.backup_network_id.as_str(), "tern-backup-network", "10.3.0.0/16"));
+        }
+        nets
+    }
 }
 
 /// One replicated source VM: its VMware spec and the CloudStack volume holding its disk,
@@ -325,15 +365,13 @@ impl World {
             template_id: inv.template_id.clone(),
             ..Default::default()
         };
-        for (id, name) in [
-            (&inv.test_network_id, "tern-test-network"),
-            (&inv.production_network_id, "tern-production-network"),
-        ] {
+        for (id, name, cidr) in inv.networks() {
             w.networks.insert(
-                id.clone(),
+                id.to_string(),
                 SimNetwork {
-                    id: id.clone(),
+                    id: id.to_string(),
                     name: name.into(),
+                    cidr: Some(cidr.into()),
                 },
             );
         }
@@ -351,6 +389,7 @@ impl World {
                 id: uuid::Uuid::new_v4().to_string(),
                 network_id: inv.production_network_id.clone(),
                 ip: "10.0.0.10".into(),
+                mac: "02:00:00:00:00:01".into(),
             }],
             cpu: 4,
             memory_mb: 8192,

@@ -15,6 +15,8 @@ impl World {
                     "networkid": n.network_id,
                     "networkname": self.networks.get(&n.network_id).map(|x| x.name.as_str()).unwrap_or(""),
                     "ipaddress": n.ip,
+                    "macaddress": n.mac,
+                    "deviceid": i.to_string(),
                     "isdefault": i == 0,
                     "traffictype": "Guest",
                     "type": "Isolated",

@@ -77,7 +77,11 @@ pub fn sample_inventory(seed: u64) -> SampleInventory {
             });
         }
     }
+    let dmz_network_id = ids.next();
+    let backup_network_id = ids.next();
     SampleInventory {
+        dmz_network_id,
+        backup_network_id,
         zone_id,
         service_offering_id,
         template_id,
@@ -96,7 +100,7 @@ impl SampleInventory {
     pub fn to_inventory(&self) -> crate::domain::inventory::InventoryFile {
         use crate::domain::inventory::{Disk, InventoryFile, NetworkKind, NetworkMapping, Nic, VmRecord};
         let mut inv = InventoryFile::default();
-        for vm in &self.vms {
+        for (i, vm) in self.vms.iter().enumerate() {
             let vm_id = uuid::Uuid::new_v5(
                 &uuid::Uuid::NAMESPACE_URL,
                 format!("tern-sample:{}", vm.name).as_bytes(),
@@ -104,13 +108,13 @@ impl SampleInventory {
             .to_string();
             for net in &vm.source_networks {
                 for (kind, dest) in [
-                    (NetworkKind::Test, &self.test_network_id),
-                    (NetworkKind::Production, &self.production_network_id),
+                    (NetworkKind::Test, self.test_network_id.as_str()),
+                    (NetworkKind::Production, self.production_network_for(net)),
                 ] {
                     inv.network_mappings.push(NetworkMapping {
                         vm_id: vm_id.clone(),
                         source_network: net.clone(),
-                        destination_network_id: dest.clone(),
+                        destination_network_id: dest.to_string(),
                         kind,
                     });
                 }
@@ -124,10 +128,14 @@ impl SampleInventory {
                 nics: vm
                     .source_networks
                     .iter()
-                    .map(|n| Nic {
-                        source_network: n.clone(),
-                        mac: None,
-                        ip: None,
+                    .enumerate()
+                    .map(|(j, n)| {
+                        let (mac, ip) = source_nic(i, j, n);
+                        Nic {
+                            source_network: n.clone(),
+                            mac: Some(mac),
+                            ip: Some(ip),
+                        }
                     })
                     .collect(),
                 boot_disk: Disk {
@@ -149,4 +157,16 @@ impl SampleInventory {
         }
         inv
     }
+}
+
+/// The MAC and IP of NIC `j` of sample VM `i` (VMware's OUI; an address in the production
+/// network its port group maps to, so a live failover can keep it).
+fn source_nic(i: usize, j: usize, source_network: &str) -> (String, String) {
+    let mac = format!("00:50:56:{:02x}:{:02x}:{:02x}", 0x10 + i, j, 0x21);
+    let subnet = match source_network {
+        "DMZ" => 2,
+        "Backup" => 3,
+        _ => 0,
+    };
+    (mac, format!("10.{subnet}.1.{}", 20 + i))
 }

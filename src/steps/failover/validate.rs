@@ -1,5 +1,7 @@
 //! validation: the seeds' pre-failover checks and readiness score, stored with the run.
 
+use std::collections::BTreeMap;
+
 use serde_json::{json, Value};
 
 use super::{fail, Attempt, FailoverDeps};
@@ -36,15 +38,19 @@ pub(crate) async fn run(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
 
 /// Runs the checks for this run's VM (other runs on the VM count as active jobs).
 pub(crate) async fn readiness(attempt: &Attempt<'_>) -> Result<ReadinessReport, ActionError> {
-    let mut mappings = attempt.deps.store.network_mappings(&attempt.vm.vm_id).await?;
-    for (source, dest) in &attempt.input.network_mappings {
-        mappings.push(NetworkMapping {
+    // The run's overrides first: the first mapping of a source network is the one applied.
+    let mut mappings: Vec<NetworkMapping> = attempt
+        .input
+        .network_mappings
+        .iter()
+        .map(|(source, dest)| NetworkMapping {
             vm_id: attempt.vm.vm_id.clone(),
             source_network: source.clone(),
             destination_network_id: dest.clone(),
             kind: attempt.input.network_kind(),
-        });
-    }
+        })
+        .collect();
+    mappings.extend(attempt.deps.store.network_mappings(&attempt.vm.vm_id).await?);
     report(
         attempt.deps,
         &attempt.vm.vm_id,
@@ -84,9 +90,12 @@ async fn report(
         None => Ok(Vec::new()),
         Some(vm) => volume_facts(deps, vm).await?,
     };
-    let missing_networks = match vm {
-        None => Ok(Vec::new()),
-        Some(vm) => missing_networks(deps, vm, kind, mappings).await?,
+    let (missing_networks, cidrs) = match vm {
+        None => (Ok(Vec::new()), BTreeMap::new()),
+        Some(vm) => match destination_networks(deps, vm, kind, mappings).await? {
+            Ok((missing, cidrs)) => (Ok(missing), cidrs),
+            Err(e) => (Err(e), BTreeMap::new()),
+        },
     };
     Ok(validate(&Facts {
         vm_id,
@@ -96,6 +105,7 @@ async fn report(
         kind,
         volumes,
         missing_networks,
+        cidrs,
     }))
 }
 
@@ -124,13 +134,14 @@ async fn volume_facts(
 }
 
 /// The destination networks the VM's NICs are mapped to (for `kind`) that CloudStack does
-/// not know. A transient failure fails the step for a retry; another is reported.
-async fn missing_networks(
+/// not know, and the CIDRs of those it knows. A transient failure fails the step for a retry;
+/// another is reported.
+async fn destination_networks(
     deps: &FailoverDeps,
     vm: &VmRecord,
     kind: NetworkKind,
     mappings: &[NetworkMapping],
-) -> Result<Result<Vec<String>, String>, ActionError> {
+) -> Result<Result<(Vec<String>, BTreeMap<String, String>), String>, ActionError> {
     let mut wanted: Vec<&str> = vm
         .nics
         .iter()
@@ -144,13 +155,18 @@ async fn missing_networks(
     wanted.sort();
     wanted.dedup();
     let mut missing = Vec::new();
+    let mut cidrs = BTreeMap::new();
     for id in wanted {
         match deps.cloud.find_network(id).await {
-            Ok(Some(_)) => {}
+            Ok(Some(net)) => {
+                if let Some(cidr) = net.cidr {
+                    cidrs.insert(id.to_string(), cidr);
+                }
+            }
             Ok(None) => missing.push(id.to_string()),
             Err(e) if e.is_retryable() => return Err(fail("VALIDATION_FAILED", e)),
             Err(e) => return Ok(Err(e.to_string())),
         }
     }
-    Ok(Ok(missing))
+    Ok(Ok((missing, cidrs)))
 }

@@ -7,13 +7,16 @@ use serde_json::{json, Value};
 use super::{fail, retryable, Attempt};
 use crate::domain::inventory::NetworkKind;
 use crate::engine::action::ActionError;
-use crate::providers::{AsyncCommand, VmFilter, VmState};
+use crate::providers::{AsyncCommand, NicRequest, VmFilter, VmState};
 
-/// The CloudStack networks the new VM's NICs join, in NIC order: the run's overrides, then the
-/// stored mappings for this failover kind, then (test only) the configured test network.
-pub(crate) async fn networks(attempt: &Attempt<'_>) -> Result<Vec<String>, ActionError> {
+/// The new VM's NICs, one per source NIC in the source's order, each on its mapped network:
+/// the run's overrides, then the stored mappings for this failover kind, then (test only) the
+/// configured test network. A live failover keeps each NIC's MAC and IP where known. A VM
+/// without NICs gets one on the test network (test only).
+pub(crate) async fn nic_plan(attempt: &Attempt<'_>) -> Result<Vec<PlannedNic>, ActionError> {
     let mappings = attempt.deps.store.network_mappings(&attempt.vm.vm_id).await?;
-    let mut out: Vec<String> = Vec::new();
+    let kind = attempt.input.network_kind();
+    let mut out: Vec<PlannedNic> = Vec::new();
     for nic in &attempt.vm.nics {
         let mapped = attempt
             .input
@@ -23,14 +26,10 @@ pub(crate) async fn networks(attempt: &Attempt<'_>) -> Result<Vec<String>, Actio
             .or_else(|| {
                 mappings
                     .iter()
-                    .find(|m| m.kind == attempt.input.network_kind() && m.source_network == nic.source_network)
+                    .find(|m| m.kind == kind && m.source_network == nic.source_network)
                     .map(|m| m.destination_network_id.clone())
             });
-        let net = match (
-            mapped,
-            attempt.input.network_kind(),
-            &attempt.deps.config.test_network_id,
-        ) {
+        let network_id = match (mapped, kind, &attempt.deps.config.test_network_id) {
             (Some(n), _, _) => n,
             (None, NetworkKind::Test, Some(t)) => t.clone(),
             (None, _, _) => {
@@ -39,18 +38,38 @@ pub(crate) async fn networks(attempt: &Attempt<'_>) -> Result<Vec<String>, Actio
                     format!(
                         "source network {:?} has no {} mapping",
                         nic.source_network,
-                        attempt.input.network_kind().as_str()
+                        kind.as_str()
                     ),
                 ))
             }
         };
-        if !out.contains(&net) {
-            out.push(net);
-        }
+        let keep = kind == NetworkKind::Production;
+        out.push(PlannedNic {
+            source_network: nic.source_network.clone(),
+            request: NicRequest {
+                network_id,
+                ip: nic.ip.clone().filter(|_| keep),
+                mac: nic.mac.clone().filter(|_| keep),
+            },
+        });
+    }
+    if let Some(problem) = crate::domain::validation::kept_addresses_conflict(
+        &out.iter()
+            .map(|n| (n.request.network_id.as_str(), n.keeps_address()))
+            .collect::<Vec<_>>(),
+    ) {
+        return Err(ActionError::permanent("NETWORK_CONFLICT", problem));
     }
     if out.is_empty() {
-        match (&attempt.deps.config.test_network_id, attempt.input.network_kind()) {
-            (Some(t), NetworkKind::Test) => out.push(t.clone()),
+        match (&attempt.deps.config.test_network_id, kind) {
+            (Some(t), NetworkKind::Test) => out.push(PlannedNic {
+                source_network: String::new(),
+                request: NicRequest {
+                    network_id: t.clone(),
+                    ip: None,
+                    mac: None,
+                },
+            }),
             _ => {
                 return Err(ActionError::permanent(
                     "NETWORK_UNMAPPED",
@@ -62,6 +81,24 @@ pub(crate) async fn networks(attempt: &Attempt<'_>) -> Result<Vec<String>, Actio
     Ok(out)
 }
 
+/// One NIC of the new VM and the source NIC it stands for.
+pub(crate) struct PlannedNic {
+    pub source_network: String,
+    pub request: NicRequest,
+}
+
+impl PlannedNic {
+    fn keeps_address(&self) -> bool {
+        self.request.ip.is_some() || self.request.mac.is_some()
+    }
+
+    /// As the job's output says it: the mapping applied.
+    pub fn said(&self) -> Value {
+        json!({"source_network": self.source_network, "network_id": self.request.network_id,
+            "ip": self.request.ip, "mac": self.request.mac})
+    }
+}
+
 /// Creates the VM stopped (so its disk can be swapped before first boot), adopting one this
 /// run already created.
 pub(crate) async fn create(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
@@ -71,13 +108,14 @@ pub(crate) async fn create(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
     }
     let cfg = &attempt.deps.config;
     let (size, sizing) = sizing(attempt).await?;
+    let nics = nic_plan(attempt).await?;
     let cmd = AsyncCommand::DeployVm {
         name: name.clone(),
         display_name: Some(attempt.input.vm_name.clone().unwrap_or_else(|| attempt.vm.name.clone())),
         service_offering_id: cfg.service_offering_id.clone(),
         template_id: cfg.template_id.clone(),
         zone_id: cfg.zone_id.clone(),
-        network_ids: networks(attempt).await?,
+        nics: nics.iter().map(|n| n.request.clone()).collect(),
         start_vm: false,
         extra: size,
     };
@@ -96,7 +134,8 @@ pub(crate) async fn create(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
             format!("deploy of {name} finished but the VM is not listed"),
         )
     })?;
-    Ok(json!({"destination_vm_id": vm.id, "vm_name": vm.name, "adopted": false, "sizing": sizing}))
+    let nics: Vec<Value> = nics.iter().map(PlannedNic::said).collect();
+    Ok(json!({"destination_vm_id": vm.id, "vm_name": vm.name, "adopted": false, "sizing": sizing, "nics": nics}))
 }
 
 /// The deploy's size parameters and what the job says of them: on a customized offering the

@@ -1,5 +1,6 @@
-//! A VM with several disks: every disk is snapshotted, moved in the source's order, and given
-//! back to its own slot on the OMA, whatever ends the run.
+//! A VM with several disks and NICs: every disk is snapshotted, moved in the source's order,
+//! and given back to its own slot on the OMA, whatever ends the run; every NIC is on its
+//! mapped network in the source's order, a live failover keeping its MAC and IP.
 
 use super::*;
 
@@ -86,6 +87,33 @@ async fn a_live_failover_moves_every_disk(db: TestDb) {
             .unwrap();
         assert_eq!(check["ok"], json!(true), "{check}");
     }
+    // Every NIC in the source's order, on its mapped production network, with its MAC and IP.
+    let state = w.get("/sim/state").await;
+    let got: Vec<(Value, Value, Value)> = state["vms"][&new_vm]["nics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["network_id"].clone(), n["ip"].clone(), n["mac"].clone()))
+        .collect();
+    let want: Vec<(Value, Value, Value)> = vm
+        .nics
+        .iter()
+        .map(|n| {
+            let net = w.sample.production_network_for(&n.source_network);
+            (json!(net), json!(n.ip), json!(n.mac))
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(
+        row.context.output("network-configuration")["nics"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(
+        row.context.output("vm-creation")["nics"][1]["source_network"],
+        json!("Backup")
+    );
     let snap = row.context.output("snapshot");
     assert_eq!(
         snap["consistent"],
@@ -115,9 +143,38 @@ async fn a_data_disk_that_cannot_move_rolls_every_disk_back(db: TestDb) {
     assert_eq!(placement(&w, &vm).await, before, "every disk back in its own OMA slot");
 }
 
+async fn a_live_failover_that_cannot_keep_an_address_stops_before_creating_anything(db: TestDb) {
+    let w = world(&db, SnapshotKind::CloudstackVolume, None).await;
+    let vm = w.vm("windows").clone();
+    // Both NICs onto one production network, keeping their addresses: CloudStack would give
+    // the VM one NIC there. Validation says so; nothing is created.
+    let both = json!({"job_type": "live", "network_mappings": {"Backup": w.sample.production_network_id}});
+    let run = w.submit("live-failover", input(&vm, both)).await;
+    let row = w.finish(run).await;
+    assert_eq!(row.status, RunStatus::Failed, "{:?}", row.state);
+    assert_eq!(error_code(&row), "VALIDATION_FAILED");
+    let RunState::Failed { error, .. } = &row.state else {
+        unreachable!()
+    };
+    assert!(
+        error.message.contains("nics[0] and nics[1] both map to network"),
+        "{}",
+        error.message
+    );
+    w.assert_clean(&vm.oma_vm_id).await;
+    let state = w.get("/sim/state").await;
+    assert_eq!(
+        state["created"].as_object().map(|c| c.len()),
+        Some(0),
+        "nothing created: {}",
+        state["created"]
+    );
+}
+
 crate::on_both_backends!(a_three_disk_vm_is_tested_with_every_disk_and_given_back_slot_for_slot);
 
 crate::on_sqlite!(
     a_live_failover_moves_every_disk,
+    a_live_failover_that_cannot_keep_an_address_stops_before_creating_anything,
     a_data_disk_that_cannot_move_rolls_every_disk_back,
 );
