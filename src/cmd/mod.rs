@@ -124,6 +124,8 @@ pub(crate) struct CloudArgs {
     pub(crate) snapshot_backend: tern::providers::SnapshotKind,
     #[arg(long, env = "TERN_ZONE_ID", default_value = "")]
     pub(crate) zone_id: String,
+    /// Service offering for new VMs: a customized one gets the source's CPUs and memory;
+    /// several fixed ones (comma-separated) let Tern pick the smallest that fits.
     #[arg(long, env = "TERN_SERVICE_OFFERING_ID", default_value = "")]
     pub(crate) service_offering_id: String,
     #[arg(long, env = "TERN_TEMPLATE_ID", default_value = "")]

@@ -68,15 +68,30 @@ pub struct FailoverInput {
 /// the new VM's size on a custom offering.
 pub const CUSTOM_CONFIG_KEYS: &[(&str, u32)] = &[("cpu_count", 512), ("memory_mb", 16 * 1024 * 1024)];
 
+/// The `custom_config` key naming the service offering to deploy with (any CloudStack
+/// offering id), instead of the one Tern would choose from its configured offerings.
+pub const OFFERING_KEY: &str = "service_offering_id";
+
 /// What is wrong with a request's `custom_config`, naming the key: an unknown key (it would be
 /// stored and ignored), or a value that is not a whole number from 1 to the key's largest.
 pub fn custom_config_problems(config: &BTreeMap<String, String>) -> Vec<(String, String)> {
     let mut p = Vec::new();
     for (key, value) in config {
         let field = format!("custom_config[{key}]");
+        if key == OFFERING_KEY {
+            let ok = !value.trim().is_empty() && value.len() <= 64 && !value.contains(char::is_whitespace);
+            if !ok {
+                p.push((
+                    field,
+                    "must be a CloudStack offering id (1 to 64 characters, no spaces)".into(),
+                ));
+            }
+            continue;
+        }
         match CUSTOM_CONFIG_KEYS.iter().find(|(k, _)| k == key) {
             None => {
-                let known: Vec<&str> = CUSTOM_CONFIG_KEYS.iter().map(|(k, _)| *k).collect();
+                let mut known: Vec<&str> = CUSTOM_CONFIG_KEYS.iter().map(|(k, _)| *k).collect();
+                known.push(OFFERING_KEY);
                 p.push((field, format!("is not a known key (known: {})", known.join(", "))));
             }
             Some((_, max)) => match value.trim().parse::<u32>() {
@@ -123,6 +138,11 @@ impl FailoverInput {
 
     /// The new VM's size as `custom_config` overrides it: (CPU count, memory in MB).
     /// Values that do not parse are none here; a new run's are checked at submit.
+    /// The service offering the request names (`custom_config[service_offering_id]`).
+    pub fn offering_override(&self) -> Option<&str> {
+        self.custom_config.get(OFFERING_KEY).map(|v| v.trim())
+    }
+
     pub fn size_override(&self) -> (Option<u32>, Option<u32>) {
         let get = |k: &str| self.custom_config.get(k).and_then(|v| v.trim().parse().ok());
         (get("cpu_count"), get("memory_mb"))

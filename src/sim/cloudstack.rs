@@ -170,6 +170,14 @@ fn contains_opt(filter: Option<&&str>, value: &str) -> bool {
     filter.is_none_or(|f| value.contains(*f))
 }
 
+/// CloudStack's `keyword`: a case-insensitive part of the name (or display name).
+fn keyword(args: &BTreeMap<&str, &str>, names: &[&str]) -> bool {
+    args.get("keyword").is_none_or(|k| {
+        let k = k.to_lowercase();
+        names.iter().any(|n| n.to_lowercase().contains(&k))
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn dispatch(
     w: &mut World,
@@ -209,7 +217,8 @@ fn dispatch(
             let offering = required(args, command, "serviceofferingid")?;
             let template = required(args, command, "templateid")?;
             let zone = required(args, command, "zoneid")?;
-            if offering != w.service_offering_id {
+            let fixed = w.fixed_offerings.get(offering).cloned();
+            if offering != w.service_offering_id && fixed.is_none() {
                 return Err(invalid(command, "serviceofferingid", offering));
             }
             if template != w.template_id {
@@ -231,10 +240,17 @@ fn dispatch(
             let nics = requested_nics(w, command, args)?;
             // The sample offering is a custom (constrained) one: the deploy names the size.
             let size = |name: &str| args.get(name).and_then(|v| v.parse::<u32>().ok()).filter(|v| *v > 0);
-            let (Some(cpu), Some(memory_mb)) = (size("details[0].cpuNumber"), size("details[0].memory")) else {
-                return Err(CsError::param(
-                    "Need to specify custom parameter values cpu and memory when using custom offering",
-                ));
+            let (cpu, memory_mb) = match &fixed {
+                // A fixed offering has its own size.
+                Some(o) => (o.cpu, u32::try_from(o.memory_mb).unwrap_or(u32::MAX)),
+                None => match (size("details[0].cpuNumber"), size("details[0].memory")) {
+                    (Some(cpu), Some(memory_mb)) => (cpu, memory_mb),
+                    _ => {
+                        return Err(CsError::param(
+                            "Need to specify custom parameter values cpu and memory when using custom offering",
+                        ))
+                    }
+                },
             };
             let start = flag(args, "startvm", true);
             let vm = SimVm {
@@ -412,6 +428,7 @@ fn dispatch(
                 .values()
                 .filter(|v| matches_opt(args.get("id"), &v.id))
                 .filter(|v| contains_opt(args.get("name"), &v.name))
+                .filter(|v| keyword(args, &[&v.name, &v.display_name]))
                 .filter(|v| matches_opt(args.get("state"), &v.state))
                 .filter_map(|v| w.render_vm(&v.id))
                 .collect();
@@ -430,6 +447,7 @@ fn dispatch(
                 })
                 .filter(|v| matches_opt(args.get("type"), &v.volume_type))
                 .filter(|v| contains_opt(args.get("name"), &v.name))
+                .filter(|v| keyword(args, &[&v.name]))
                 .filter_map(|v| w.render_volume(&v.id))
                 .collect();
             Ok(list_body("volume", items))
@@ -443,6 +461,7 @@ fn dispatch(
                 .filter(|s| matches_opt(args.get("id"), &s.id))
                 .filter(|s| matches_opt(args.get("volumeid"), &s.volume_id))
                 .filter(|s| contains_opt(args.get("name"), &s.name))
+                .filter(|s| keyword(args, &[&s.name]))
                 .filter_map(|s| w.render_snapshot(&s.id))
                 .collect();
             Ok(list_body("snapshot", items))
@@ -458,6 +477,7 @@ fn dispatch(
                 .filter(|s| matches_opt(args.get("vmsnapshotid"), &s.id))
                 .filter(|s| matches_opt(args.get("virtualmachineid"), &s.vm_id))
                 .filter(|s| contains_opt(args.get("name"), &s.name))
+                .filter(|s| keyword(args, &[&s.name]))
                 .filter_map(|s| w.render_vm_snapshot(&s.id))
                 .collect();
             Ok(list_body("vmSnapshot", items))
@@ -469,11 +489,17 @@ fn dispatch(
             ],
         )),
         "listServiceOfferings" => {
-            known_ref(w, command, args, "id", |w, id| *id == w.service_offering_id)?;
-            let items = [&w.service_offering_id]
-                .into_iter()
-                .filter(|id| matches_opt(args.get("id"), id))
-                .map(|id| json!({ "id": id, "name": "Custom (constrained)", "iscustomized": true, "cpuspeed": 1000, "offerha": false }))
+            known_ref(w, command, args, "id", |w, id| {
+                *id == w.service_offering_id || w.fixed_offerings.contains_key(id)
+            })?;
+            let custom = json!({ "id": w.service_offering_id, "name": "Custom (constrained)", "iscustomized": true, "cpuspeed": 1000, "offerha": false });
+            let fixed = w.fixed_offerings.values().map(|o| {
+                json!({ "id": o.id, "name": o.name, "iscustomized": false, "cpunumber": o.cpu, "cpuspeed": 1000, "memory": o.memory_mb, "offerha": false })
+            });
+            let items = std::iter::once(custom)
+                .chain(fixed)
+                .filter(|o| matches_opt(args.get("id"), o["id"].as_str().unwrap_or_default()))
+                .filter(|o| keyword(args, &[o["name"].as_str().unwrap_or_default()]))
                 .collect();
             Ok(list_body("serviceoffering", items))
         }
@@ -483,6 +509,7 @@ fn dispatch(
                 .networks
                 .values()
                 .filter(|n| matches_opt(args.get("id"), &n.id))
+                .filter(|n| keyword(args, &[&n.name]))
                 .map(|n| {
                     let mut v = json!({ "id": n.id, "name": n.name, "displaytext": n.name, "zoneid": w.zone_id, "state": "Implemented", "traffictype": "Guest", "type": "Isolated" });
                     if let Some(net) = n.cidr.as_deref().and_then(|c| c.parse::<ipnet::Ipv4Net>().ok()) {

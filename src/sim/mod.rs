@@ -78,7 +78,9 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 pub use faults::{Fault, FaultPlan, FaultRates, FaultRecord};
-pub use model::{sample_inventory, Content, InvariantReport, SampleInventory, SampleVm, VolumeCheck, World};
+pub use model::{
+    sample_inventory, Content, InvariantReport, SampleInventory, SampleOffering, SampleVm, VolumeCheck, World,
+};
 
 /// How to run the simulator. `Debug` redacts the keys.
 #[derive(Clone)]

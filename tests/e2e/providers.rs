@@ -751,6 +751,41 @@ async fn snapshot_backends_pass_the_conformance_suite() {
     sim.stop().await;
 }
 
+/// The simulator's list commands honour CloudStack's filters (`id`, `name`, `keyword`,
+/// `virtualmachineid`, `type`): a filter it ignored would hide a client that forgot one.
+#[tokio::test]
+async fn list_commands_honour_cloudstacks_filters() {
+    let sim = start(config()).await;
+    let inv = sim.inventory().await;
+    let c = sim.cloud();
+    let list = |command: &'static str, params: &[(&str, &str)]| {
+        let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let c = &c;
+        async move { c.call(command, params).await.unwrap() }
+    };
+    let count = |v: &Value, key: &str| v[key].as_array().map_or(0, Vec::len);
+    let oma = inv.oma_vm_id.as_str();
+    let replicated: usize = inv.vms.iter().map(|v| v.volume_ids().count()).sum();
+    let all = list("listVolumes", &[("virtualmachineid", oma)]).await;
+    assert_eq!(count(&all, "volume"), replicated + 1);
+    let data = list("listVolumes", &[("virtualmachineid", oma), ("type", "DATADISK")]).await;
+    assert_eq!(count(&data, "volume"), replicated);
+    let root = list("listVolumes", &[("virtualmachineid", oma), ("type", "ROOT")]).await;
+    assert_eq!(count(&root, "volume"), 1);
+    let win = list("listVolumes", &[("keyword", "WIN-APP-01")]).await;
+    assert_eq!(count(&win, "volume"), 3, "{win}");
+    let by_keyword = list("listVirtualMachines", &[("keyword", "APPLIANCE")]).await;
+    assert_eq!(count(&by_keyword, "virtualmachine"), 1);
+    let none = list("listVirtualMachines", &[("keyword", "no-such-vm")]).await;
+    assert_eq!(count(&none, "virtualmachine"), 0);
+    let by_name = list("listVirtualMachines", &[("name", "oma-appliance-01")]).await;
+    assert_eq!(count(&by_name, "virtualmachine"), 1);
+    let nets = list("listNetworks", &[("keyword", "dmz")]).await;
+    assert_eq!(count(&nets, "network"), 1);
+    assert_eq!(nets["network"][0]["id"], json!(inv.dmz_network_id));
+    sim.stop().await;
+}
+
 /// NICs as CloudStack reads them: `networkids` may name a network twice; `iptonetworklist`
 /// keeps IPs and MACs in order, gives a VM one NIC per network, refuses an address outside the
 /// network or taken, and is never combined with `networkids`.

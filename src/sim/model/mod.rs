@@ -244,7 +244,19 @@ pub struct SampleInventory {
     pub dmz_network_id: String,
     #[serde(default)]
     pub backup_network_id: String,
+    /// Fixed-size service offerings beside the custom one, smallest first.
+    #[serde(default)]
+    pub fixed_offerings: Vec<SampleOffering>,
     pub vms: Vec<SampleVm>,
+}
+
+/// A fixed-size service offering of the sample catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SampleOffering {
+    pub id: String,
+    pub name: String,
+    pub cpu: u32,
+    pub memory_mb: u64,
 }
 
 impl SampleInventory {
@@ -321,6 +333,9 @@ pub struct World {
     pub zone_id: String,
     pub zone_name: String,
     pub service_offering_id: String,
+    /// Fixed-size offerings (id → offering) beside the custom one.
+    #[serde(default)]
+    pub fixed_offerings: BTreeMap<String, SampleOffering>,
     pub template_id: String,
     pub networks: BTreeMap<String, SimNetwork>,
     pub vms: BTreeMap<String, SimVm>,
@@ -365,6 +380,9 @@ impl World {
             template_id: inv.template_id.clone(),
             ..Default::default()
         };
+        for o in &inv.fixed_offerings {
+            w.fixed_offerings.insert(o.id.clone(), o.clone());
+        }
         for (id, name, cidr) in inv.networks() {
             w.networks.insert(
                 id.to_string(),

@@ -79,7 +79,17 @@ pub fn sample_inventory(seed: u64) -> SampleInventory {
     }
     let dmz_network_id = ids.next();
     let backup_network_id = ids.next();
+    let fixed_offerings = [("Small", 2, 4096), ("Medium", 4, 8192), ("Large", 8, 16384)]
+        .into_iter()
+        .map(|(name, cpu, memory_mb)| SampleOffering {
+            id: ids.next(),
+            name: name.into(),
+            cpu,
+            memory_mb,
+        })
+        .collect();
     SampleInventory {
+        fixed_offerings,
         dmz_network_id,
         backup_network_id,
         zone_id,

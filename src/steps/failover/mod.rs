@@ -37,7 +37,9 @@ use crate::store::Store;
 #[derive(Debug, Clone)]
 pub struct FailoverConfig {
     pub zone_id: String,
-    pub service_offering_id: String,
+    /// The service offerings a new VM may get: a customized one is given the source's size;
+    /// otherwise the smallest fixed one that fits is chosen.
+    pub service_offering_ids: Vec<String>,
     pub template_id: String,
     /// Network for a test VM's NIC when a source network has no test mapping.
     pub test_network_id: Option<String>,

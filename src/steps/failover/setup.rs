@@ -31,6 +31,7 @@ pub struct CloudSettings {
     pub linstor_url: Option<String>,
     pub snapshot_backend: SnapshotKind,
     pub zone_id: String,
+    /// One service offering id, or several separated by commas (see [`FailoverConfig`]).
     pub service_offering_id: String,
     pub template_id: String,
     pub test_network_id: Option<String>,
@@ -108,7 +109,13 @@ pub fn build(settings: &CloudSettings, store: Arc<dyn Store>) -> Result<Arc<Fail
         injector,
         config: FailoverConfig {
             zone_id: settings.zone_id.clone(),
-            service_offering_id: settings.service_offering_id.clone(),
+            service_offering_ids: settings
+                .service_offering_id
+                .split(',')
+                .map(str::trim)
+                .filter(|id| !id.is_empty())
+                .map(str::to_string)
+                .collect(),
             template_id: settings.template_id.clone(),
             test_network_id: settings.test_network_id.clone(),
             snapshot_kind: settings.snapshot_backend,

@@ -107,12 +107,12 @@ pub(crate) async fn create(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
         return Ok(done);
     }
     let cfg = &attempt.deps.config;
-    let (size, sizing) = sizing(attempt).await?;
+    let (service_offering_id, size, sizing) = sizing(attempt).await?;
     let nics = nic_plan(attempt).await?;
     let cmd = AsyncCommand::DeployVm {
         name: name.clone(),
         display_name: Some(attempt.input.vm_name.clone().unwrap_or_else(|| attempt.vm.name.clone())),
-        service_offering_id: cfg.service_offering_id.clone(),
+        service_offering_id,
         template_id: cfg.template_id.clone(),
         zone_id: cfg.zone_id.clone(),
         nics: nics.iter().map(|n| n.request.clone()).collect(),
@@ -138,23 +138,38 @@ pub(crate) async fn create(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
     Ok(json!({"destination_vm_id": vm.id, "vm_name": vm.name, "adopted": false, "sizing": sizing, "nics": nics}))
 }
 
-/// The deploy's size parameters and what the job says of them: on a customized offering the
-/// source's CPU count and memory; a fixed offering has its own size, and the output says how
-/// it differs from the source's.
-async fn sizing(attempt: &Attempt<'_>) -> Result<(BTreeMap<String, String>, Value), ActionError> {
+/// The deploy's offering and size parameters, and what the job says of them. The request may
+/// name the offering (`custom_config[service_offering_id]`); otherwise a customized configured
+/// offering is given the source's CPU count and memory, and among fixed ones the smallest
+/// that fits is chosen (the largest when none does, and the output says it is smaller).
+async fn sizing(attempt: &Attempt<'_>) -> Result<(String, BTreeMap<String, String>, Value), ActionError> {
     const CODE: &str = "VM_CREATE_FAILED";
-    let id = &attempt.deps.config.service_offering_id;
-    let offering = attempt
-        .cloud()
-        .find_service_offering(id)
-        .await
-        .map_err(|e| fail(CODE, e))?
-        .ok_or_else(|| ActionError::permanent(CODE, format!("service offering {id} does not exist")))?;
     let (cpu_override, memory_override) = attempt.input.size_override();
     let overridden = cpu_override.is_some() || memory_override.is_some();
     let cpu = cpu_override.unwrap_or(attempt.vm.cpu_count);
     let memory_mb = memory_override.unwrap_or(attempt.vm.memory_mb);
-    if offering.is_customized {
+    let (offerings, asked) = match attempt.input.offering_override() {
+        Some(id) => (vec![id.to_string()], true),
+        None => (attempt.deps.config.service_offering_ids.clone(), false),
+    };
+    let mut found = Vec::new();
+    for id in &offerings {
+        let offering = attempt
+            .cloud()
+            .find_service_offering(id)
+            .await
+            .map_err(|e| fail(CODE, e))?
+            .ok_or_else(|| {
+                let whose = if asked {
+                    "custom_config[service_offering_id]: "
+                } else {
+                    ""
+                };
+                ActionError::permanent(CODE, format!("{whose}service offering {id} does not exist"))
+            })?;
+        found.push(offering);
+    }
+    if let Some(offering) = found.iter().find(|o| o.is_customized) {
         let size = BTreeMap::from([
             ("details[0].cpuNumber".to_string(), cpu.to_string()),
             ("details[0].memory".to_string(), memory_mb.to_string()),
@@ -165,12 +180,51 @@ async fn sizing(attempt: &Attempt<'_>) -> Result<(BTreeMap<String, String>, Valu
         };
         let said = json!({"service_offering_id": offering.id, "service_offering": offering.name,
             "cpu_count": cpu, "memory_mb": memory_mb, "how": how});
-        return Ok((size, said));
+        return Ok((offering.id.clone(), size, said));
     }
+    let sizes: Vec<(u32, u64)> = found
+        .iter()
+        .map(|o| (o.cpu_number.unwrap_or(0), o.memory.unwrap_or(0)))
+        .collect();
+    let Some((i, fits)) = smallest_fit(&sizes, cpu, u64::from(memory_mb)) else {
+        return Err(ActionError::permanent(
+            CODE,
+            "no service offering is configured (TERN_SERVICE_OFFERING_ID)",
+        ));
+    };
+    let offering = &found[i];
+    let how = match (asked, fits) {
+        (true, true) => format!("the request's fixed offering (asked for {cpu} CPUs and {memory_mb} MB)"),
+        (true, false) => {
+            format!("the request's fixed offering, smaller than the {cpu} CPUs and {memory_mb} MB asked for")
+        }
+        (false, true) => format!("the smallest configured offering that fits {cpu} CPUs and {memory_mb} MB"),
+        (false, false) => {
+            format!("no configured offering fits {cpu} CPUs and {memory_mb} MB: the largest, smaller than the source")
+        }
+    };
     let said = json!({"service_offering_id": offering.id, "service_offering": offering.name,
-        "cpu_count": offering.cpu_number, "memory_mb": offering.memory,
-        "how": format!("fixed offering: its own size (asked for {cpu} CPUs and {memory_mb} MB)")});
-    Ok((BTreeMap::new(), said))
+        "cpu_count": offering.cpu_number, "memory_mb": offering.memory, "fits": fits, "how": how});
+    Ok((offering.id.clone(), BTreeMap::new(), said))
+}
+
+/// Of fixed sizes `(cpus, MB)`, the smallest that holds `cpu` and `memory_mb` (fewest CPUs,
+/// then least memory; the first listed of equals), or the largest when none does; with
+/// whether it fits. None when there is none.
+fn smallest_fit(sizes: &[(u32, u64)], cpu: u32, memory_mb: u64) -> Option<(usize, bool)> {
+    let fitting = sizes
+        .iter()
+        .enumerate()
+        .filter(|(_, (c, m))| *c >= cpu && *m >= memory_mb)
+        .min_by_key(|(i, size)| (**size, *i));
+    match fitting {
+        Some((i, _)) => Some((i, true)),
+        None => sizes
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, size)| (**size, std::cmp::Reverse(*i)))
+            .map(|(i, _)| (i, false)),
+    }
 }
 
 /// Adopts the VM this run already created; a VM a failed deploy left in Error state is
@@ -311,4 +365,19 @@ pub(crate) async fn destroy(attempt: &Attempt<'_>) -> Result<Value, ActionError>
         });
     }
     Ok(json!({"destroyed": vm.id}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::smallest_fit;
+
+    #[test]
+    fn the_smallest_offering_that_fits_else_the_largest() {
+        let sizes = [(8, 16384), (2, 4096), (4, 8192), (4, 16384)];
+        assert_eq!(smallest_fit(&sizes, 4, 8192), Some((2, true)));
+        assert_eq!(smallest_fit(&sizes, 3, 9000), Some((3, true)));
+        assert_eq!(smallest_fit(&sizes, 1, 512), Some((1, true)));
+        assert_eq!(smallest_fit(&sizes, 16, 4096), Some((0, false)));
+        assert_eq!(smallest_fit(&[], 1, 1), None);
+    }
 }

@@ -171,10 +171,88 @@ async fn a_live_failover_that_cannot_keep_an_address_stops_before_creating_anyth
     );
 }
 
+/// Fixed offerings configured (largest first, to show order does not matter): the Windows VM
+/// (4 CPUs, 8 GB) gets the smallest that fits; a request may name another; one that does not
+/// exist fails the step naming the key.
+async fn fixed_offerings_give_the_smallest_that_fits(db: TestDb) {
+    let tuning = Tuning {
+        fixed_offerings: true,
+        ..TUNING
+    };
+    let w = world_tuned(&db, SnapshotKind::CloudstackVolume, None, 3, None, &tuning).await;
+    let vm = w.vm("windows").clone();
+    let medium = w
+        .sample
+        .fixed_offerings
+        .iter()
+        .find(|o| o.name == "Medium")
+        .unwrap()
+        .clone();
+    let large = w
+        .sample
+        .fixed_offerings
+        .iter()
+        .find(|o| o.name == "Large")
+        .unwrap()
+        .clone();
+    let vm_of = |row: &tern::store::RunRow| {
+        row.context.output("vm-creation")["destination_vm_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let run = w.submit("live-failover", input(&vm, json!({"job_type": "live"}))).await;
+    let row = w.finish(run).await;
+    assert_eq!(row.status, RunStatus::Completed, "{:?}", row.state);
+    let sizing = &row.context.output("vm-creation")["sizing"];
+    assert_eq!(sizing["service_offering_id"], json!(medium.id), "{sizing}");
+    assert_eq!(sizing["fits"], json!(true));
+    assert!(sizing["how"]
+        .as_str()
+        .unwrap()
+        .contains("smallest configured offering that fits"));
+    let state = w.get("/sim/state").await;
+    let new_vm = &state["vms"][&vm_of(&row)];
+    assert_eq!(
+        (new_vm["cpu"].clone(), new_vm["memory_mb"].clone()),
+        (json!(4), json!(8192))
+    );
+
+    // The next failover of the same VM needs it back on the OMA: a test failover (torn down)
+    // of another VM names the large offering instead.
+    let lnx = w.vm("linux").clone();
+    let named =
+        json!({"auto_cleanup": true, "test_duration": "10ms", "custom_config": {"service_offering_id": large.id}});
+    let run = w.submit("test-failover", input(&lnx, named)).await;
+    let row = w.finish(run).await;
+    assert_eq!(row.status, RunStatus::Completed, "{:?}", row.state);
+    let sizing = &row.context.output("test-vm-creation")["sizing"];
+    assert_eq!(sizing["service_offering_id"], json!(large.id), "{sizing}");
+    assert!(sizing["how"].as_str().unwrap().contains("the request's fixed offering"));
+
+    let db_vm = w.inv.vms.iter().find(|v| v.name == "lnx-db-01").unwrap().clone();
+    let missing = json!({"custom_config": {"service_offering_id": "no-such-offering"}});
+    let run = w.submit("test-failover", input(&db_vm, missing)).await;
+    let row = w.finish(run).await;
+    assert_eq!(row.status, RunStatus::Failed, "{:?}", row.state);
+    assert_eq!(error_code(&row), "VM_CREATE_FAILED");
+    let RunState::Failed { error, .. } = &row.state else {
+        unreachable!()
+    };
+    assert!(
+        error.message.contains("custom_config[service_offering_id]"),
+        "{}",
+        error.message
+    );
+    let left = w.get("/sim/invariant?prefix=tern-t-").await;
+    assert_eq!(left["leaked_vms"], json!([]), "{left}");
+}
+
 crate::on_both_backends!(a_three_disk_vm_is_tested_with_every_disk_and_given_back_slot_for_slot);
 
 crate::on_sqlite!(
     a_live_failover_moves_every_disk,
     a_live_failover_that_cannot_keep_an_address_stops_before_creating_anything,
+    fixed_offerings_give_the_smallest_that_fits,
     a_data_disk_that_cannot_move_rolls_every_disk_back,
 );

@@ -62,6 +62,8 @@ struct Tuning {
     request_timeout: Duration,
     max_delay: &'static str,
     concurrency: usize,
+    /// Configure the sample's fixed offerings (comma-separated) instead of the custom one.
+    fixed_offerings: bool,
 }
 
 const TUNING: Tuning = Tuning {
@@ -70,6 +72,7 @@ const TUNING: Tuning = Tuning {
     request_timeout: Duration::from_secs(2),
     max_delay: "100ms",
     concurrency: 8,
+    fixed_offerings: false,
 };
 
 async fn world_full(
@@ -101,6 +104,10 @@ async fn world_tuned(
     let mut settings = sim.cloud_settings(KEY, SECRET, snapshots, tuning.job_poll, tuning.request_timeout);
     if let Some(injector) = injector {
         settings.injector = injector;
+    }
+    if tuning.fixed_offerings {
+        let ids: Vec<&str> = sample.fixed_offerings.iter().rev().map(|o| o.id.as_str()).collect();
+        settings.service_offering_id = ids.join(",");
     }
     let defs = common::fast_failover_definitions(attempts, tuning.max_delay);
     let cfg = EngineConfig {

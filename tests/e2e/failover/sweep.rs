@@ -21,6 +21,7 @@ async fn sweep_world(db: &TestDb, snapshots: SnapshotKind, faults: Option<Value>
         request_timeout: Duration::from_millis(300),
         max_delay: "50ms",
         concurrency: 4,
+        fixed_offerings: false,
     };
     world_tuned(db, snapshots, faults, 6, None, &tuning).await
 }
