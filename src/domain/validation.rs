@@ -71,6 +71,16 @@ pub struct Facts<'a> {
     pub cidrs: BTreeMap<String, String>,
 }
 
+impl Facts<'_> {
+    /// The CloudStack network `source_network` is mapped to for this failover's kind.
+    fn destination_of(&self, source_network: &str) -> Option<&str> {
+        self.mappings
+            .iter()
+            .find(|m| m.kind == self.kind && m.source_network == source_network)
+            .map(|m| m.destination_network_id.as_str())
+    }
+}
+
 /// Why NICs that keep their IP or MAC cannot share a network: CloudStack's
 /// `iptonetworklist` gives a VM one NIC per network (the later entry replaces the earlier).
 /// `nics` are (destination network, keeps an address) in NIC order.
@@ -99,13 +109,7 @@ fn kept_address_problems(f: &Facts) -> Vec<String> {
         .nics
         .iter()
         .enumerate()
-        .filter_map(|(i, n)| {
-            let m = f
-                .mappings
-                .iter()
-                .find(|m| m.kind == f.kind && m.source_network == n.source_network)?;
-            Some((i, n, m.destination_network_id.as_str()))
-        })
+        .filter_map(|(i, n)| Some((i, n, f.destination_of(&n.source_network)?)))
         .collect();
     let mut problems = Vec::new();
     let pairs: Vec<(&str, bool)> = planned
@@ -235,13 +239,11 @@ pub fn validate(f: &Facts<'_>) -> ReadinessReport {
                         .iter()
                         .enumerate()
                         .filter_map(|(i, n)| {
-                            let m = f
-                                .mappings
-                                .iter()
-                                .find(|m| m.kind == f.kind && m.source_network == n.source_network)?;
+                            let dest = f.destination_of(&n.source_network)?;
                             missing
-                                .contains(&m.destination_network_id)
-                                .then(|| format!("nics[{i}] ({}) -> {}", n.source_network, m.destination_network_id))
+                                .iter()
+                                .any(|m| m == dest)
+                                .then(|| format!("nics[{i}] ({}) -> {dest}", n.source_network))
                         })
                         .collect()
                 })

@@ -56,57 +56,14 @@ impl Op {
 }
 
 pub(crate) async fn handle(app: &App, rsc: &str, op: Op) -> (u16, Value) {
-    let fault = app.roll(op.command(), false);
-    match fault {
-        Some(Fault::Error) => {
-            return (
-                200,
-                json!([rc(
-                    MASK_ERROR | MASK_SNAPSHOT | UNKNOWN_ERROR,
-                    "Simulated controller error".into()
-                )]),
-            )
-        }
-        Some(Fault::Hang) => tokio::time::sleep(app.hang()).await,
-        _ => {}
-    }
-    let reply = {
-        let mut w = app.lock();
-        let now = App::now_ms();
-        let mut changed = w.complete_due_jobs(now);
-        let reply = apply(&mut w, rsc, op, now, &mut changed);
-        if changed {
-            app.persist(&w);
-        }
-        reply
-    };
-    if fault == Some(Fault::LostReply) && (200..300).contains(&reply.0) {
-        return error(500, UNKNOWN_ERROR, "Simulated lost reply".into());
-    }
-    reply
+    let command = op.command();
+    faulty(app, command, |w, now, changed| apply(w, rsc, op, now, changed)).await
 }
 
 /// `POST /v1/actions/snapshot/multi`: every `(resource, snapshot)` at one instant, or none
 /// (an unknown resource or an existing snapshot refuses the whole request).
 pub(crate) async fn handle_multi(app: &App, entries: Vec<(String, String)>) -> (u16, Value) {
-    let fault = app.roll("linstor.createMultiSnapshot", false);
-    match fault {
-        Some(Fault::Error) => {
-            return (
-                200,
-                json!([rc(
-                    MASK_ERROR | MASK_SNAPSHOT | UNKNOWN_ERROR,
-                    "Simulated controller error".into()
-                )]),
-            )
-        }
-        Some(Fault::Hang) => tokio::time::sleep(app.hang()).await,
-        _ => {}
-    }
-    let reply = {
-        let mut w = app.lock();
-        let now = App::now_ms();
-        let mut changed = w.complete_due_jobs(now);
+    faulty(app, "linstor.createMultiSnapshot", |w, now, changed| {
         let refused = if entries.is_empty() {
             Some(error(400, UNKNOWN_ERROR, "No snapshots requested".into()))
         } else {
@@ -125,17 +82,45 @@ pub(crate) async fn handle_multi(app: &App, entries: Vec<(String, String)>) -> (
                 Some(_) => None,
             })
         };
-        let reply = match refused {
-            Some(r) => r,
-            None => {
-                let mut rcs = Vec::new();
-                for (rsc, snap) in entries {
-                    let (_, b) = apply(&mut w, &rsc, Op::Create { snap }, now, &mut changed);
-                    rcs.extend(b.as_array().cloned().unwrap_or_default());
-                }
-                (201, Value::Array(rcs))
-            }
-        };
+        if let Some(r) = refused {
+            return r;
+        }
+        let mut rcs = Vec::new();
+        for (rsc, snap) in entries {
+            let (_, b) = apply(w, &rsc, Op::Create { snap }, now, changed);
+            rcs.extend(b.as_array().cloned().unwrap_or_default());
+        }
+        (201, Value::Array(rcs))
+    })
+    .await
+}
+
+/// Answers one controller request with `act` on the world, under the fault plan's roll for
+/// `command`: an error answered without acting, a hang before acting, or a reply lost after.
+async fn faulty(
+    app: &App,
+    command: &str,
+    act: impl FnOnce(&mut super::model::World, i64, &mut bool) -> (u16, Value),
+) -> (u16, Value) {
+    let fault = app.roll(command, false);
+    match fault {
+        Some(Fault::Error) => {
+            return (
+                200,
+                json!([rc(
+                    MASK_ERROR | MASK_SNAPSHOT | UNKNOWN_ERROR,
+                    "Simulated controller error".into()
+                )]),
+            )
+        }
+        Some(Fault::Hang) => tokio::time::sleep(app.hang()).await,
+        _ => {}
+    }
+    let reply = {
+        let mut w = app.lock();
+        let now = App::now_ms();
+        let mut changed = w.complete_due_jobs(now);
+        let reply = act(&mut w, now, &mut changed);
         if changed {
             app.persist(&w);
         }

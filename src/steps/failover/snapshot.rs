@@ -60,20 +60,19 @@ pub(crate) async fn delete(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
         if let Err(e) = attempt.deps.snapshots.delete(&target, &name).await {
             // The world decides: an earlier attempt's delete (its reply lost) may have finished
             // meanwhile, and then this one's "not found" is success.
-            if attempt
-                .deps
-                .snapshots
-                .find(&target, &name)
-                .await
-                .map_err(|e| fail(CODE, e))?
-                .is_some()
-            {
+            if exists(attempt, &target, &name, CODE).await? {
                 return Err(retryable(fail(CODE, e)));
             }
         }
         targets.push(target);
     }
     Ok(json!({"deleted": name, "targets": targets}))
+}
+
+/// Whether the run's snapshot `name` of `target` exists.
+async fn exists(attempt: &Attempt<'_>, target: &str, name: &str, code: &str) -> Result<bool, ActionError> {
+    let found = attempt.deps.snapshots.find(target, name).await;
+    Ok(found.map_err(|e| fail(code, e))?.is_some())
 }
 
 /// Where a revert must put a volume back (recorded before it detaches it from a running VM).
@@ -111,14 +110,7 @@ pub(crate) async fn revert(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
         if reverted.contains(&target) {
             continue;
         }
-        if attempt
-            .deps
-            .snapshots
-            .find(&target, &name)
-            .await
-            .map_err(|e| fail(CODE, e))?
-            .is_none()
-        {
+        if !exists(attempt, &target, &name, CODE).await? {
             missing.push(target);
             continue;
         }
