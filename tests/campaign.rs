@@ -35,9 +35,12 @@ use common::{logs_in, worker_in, TestDb};
 const WORKERS: usize = 3;
 
 /// Faults a few percent of the time on every command a failover issues.
+/// How long a hung request waits in the simulator before it is acted on.
+const HANG_MS: u64 = 1500;
+
 fn faults() -> Value {
     let few = json!({"error_rate": 0.03, "lost_reply_rate": 0.03, "hang_rate": 0.01, "job_failure_rate": 0.02});
-    json!({"hang_ms": 1500, "default": few})
+    json!({"hang_ms": HANG_MS, "default": few})
 }
 
 #[derive(Default)]
@@ -232,30 +235,46 @@ impl Campaign {
                 .wait_job(&job.job_id, Duration::from_millis(20), Duration::from_secs(30))
                 .await
         };
-        // The faults hit these calls too: each is retried until the world shows it done.
-        for disk in v.all_disks() {
-            for _ in 0..50 {
-                let vol = patiently("reading the volume", || self.cloud.get_volume(&disk.volume_id)).await;
-                match vol.vm_id.as_deref() {
-                    Some(on) if on == self.oma => break,
-                    Some(_) => {
-                        let _ = run(AsyncCommand::StopVm {
-                            id: vm.into(),
-                            forced: true,
-                        })
-                        .await;
-                        let _ = run(AsyncCommand::DetachVolume {
-                            volume_id: disk.volume_id.clone(),
-                        })
-                        .await;
-                    }
-                    None => {
-                        let cmd = AsyncCommand::AttachVolume {
-                            volume_id: disk.volume_id.clone(),
-                            vm_id: self.oma.clone(),
-                            device_id: None,
-                        };
-                        let _ = run(cmd).await;
+        // The faults hit these calls too: each is retried until the world shows it done. A
+        // request of ours that hung past our timeout may still land (the simulator acts on it
+        // after `hang_ms`): after a pause longer than that the disks are looked at again, so a
+        // late detach of ours is not blamed on the next run.
+        for round in 0..3 {
+            if round > 0 {
+                tokio::time::sleep(Duration::from_millis(HANG_MS + 500)).await;
+                let mut home = true;
+                for disk in v.all_disks() {
+                    let vol = patiently("reading the volume", || self.cloud.get_volume(&disk.volume_id)).await;
+                    home &= vol.vm_id.as_deref() == Some(self.oma.as_str());
+                }
+                if home {
+                    break;
+                }
+            }
+            for disk in v.all_disks() {
+                for _ in 0..50 {
+                    let vol = patiently("reading the volume", || self.cloud.get_volume(&disk.volume_id)).await;
+                    match vol.vm_id.as_deref() {
+                        Some(on) if on == self.oma => break,
+                        Some(_) => {
+                            let _ = run(AsyncCommand::StopVm {
+                                id: vm.into(),
+                                forced: true,
+                            })
+                            .await;
+                            let _ = run(AsyncCommand::DetachVolume {
+                                volume_id: disk.volume_id.clone(),
+                            })
+                            .await;
+                        }
+                        None => {
+                            let cmd = AsyncCommand::AttachVolume {
+                                volume_id: disk.volume_id.clone(),
+                                vm_id: self.oma.clone(),
+                                device_id: None,
+                            };
+                            let _ = run(cmd).await;
+                        }
                     }
                 }
             }
