@@ -277,7 +277,8 @@ impl<'a> Attempt<'a> {
     }
 
     /// Runs a job that moves the replicated volume `volume_id`, then lets the world decide: the
-    /// step is done when the volume is as wanted (`done`), whatever the job said. A recorded
+    /// step is done when the volume is as wanted (`done`), whatever the job said, and the volume
+    /// as last read is returned. A recorded
     /// job may be an earlier attempt's, finished before a crash and undone since by this
     /// attempt (a revert detaches the volume again): its success is then no proof, and the
     /// command is issued anew (at most twice). A failed job whose effect is nevertheless there
@@ -290,12 +291,12 @@ impl<'a> Attempt<'a> {
         code: &str,
         volume_id: &str,
         done: impl Fn(&crate::providers::Volume) -> bool,
-    ) -> Result<(), ActionError> {
+    ) -> Result<crate::providers::Volume, ActionError> {
         for _ in 0..2 {
             let result = self.job(op, cmd.clone(), code).await;
             let now = self.cloud().get_volume(volume_id).await.map_err(|e| fail(code, e))?;
             if done(&now) {
-                return Ok(());
+                return Ok(now);
             }
             if let Err(e) = result {
                 return Err(retryable(e));

@@ -182,8 +182,7 @@ async fn move_to(
     } else {
         format!("attach_data:{src}")
     };
-    attempt.settle(&op, cmd, code, src, on_target).await?;
-    let now = attempt.cloud().get_volume(src).await.map_err(|e| fail(code, e))?;
+    let now = attempt.settle(&op, cmd, code, src, on_target).await?;
     let oma_device_id = attempt
         .recorded(&key("intent"))
         .await
@@ -361,7 +360,7 @@ pub(crate) async fn put_back(
     };
     if slot.is_some() {
         match attempt.settle(op, attach(slot), code, src, back_on).await {
-            Ok(()) => return Ok(()),
+            Ok(_) => return Ok(()),
             Err(e) => {
                 let now = attempt.cloud().get_volume(src).await.map_err(|e| fail(code, e))?;
                 if now.vm_id.is_some() {
@@ -374,4 +373,5 @@ pub(crate) async fn put_back(
     attempt
         .settle(&format!("{op}:any_slot"), attach(None), code, src, back_on)
         .await
+        .map(drop)
 }
