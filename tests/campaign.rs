@@ -8,7 +8,7 @@
 //!
 //! Its own test binary, because it restarts the PostgreSQL server the other binaries use (cargo
 //! runs test binaries one after another). `TERN_CAMPAIGN_SECS` sets how long failovers are
-//! started (default 90), `TERN_CAMPAIGN_SEED` the seed. A PostgreSQL restart needs
+//! started on each snapshot backend (default 60), `TERN_CAMPAIGN_SEED` the seed. A PostgreSQL restart needs
 //! `pg_ctlcluster` (root, as in CI); without it, every connection to the test database is
 //! terminated instead, and the figures say so.
 
@@ -52,6 +52,8 @@ struct Figures {
     pg_restarts: AtomicU64,
     cancels: AtomicU64,
     end_tests: AtomicU64,
+    /// Jobs of the VM with the most disks (the sample's Windows VM: 3 disks, 2 NICs).
+    multi_disk: AtomicU64,
 }
 
 struct Campaign {
@@ -130,6 +132,9 @@ impl Campaign {
             self.figures.jobs.fetch_add(1, Ordering::Relaxed);
             let kind = if live { &self.figures.live } else { &self.figures.test };
             kind.fetch_add(1, Ordering::Relaxed);
+            if v.data_disks.len() == 2 && v.nics.len() == 2 {
+                self.figures.multi_disk.fetch_add(1, Ordering::Relaxed);
+            }
             // Now and then a cancel or an end-test at a random moment of the run.
             let nudge = rng.gen_range(0..10);
             let at = Instant::now() + Duration::from_millis(rng.gen_range(0..3000));
@@ -364,17 +369,9 @@ async fn restart_postgres(db: &TestDb) {
     let _ = db;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failovers_survive_a_randomized_fault_campaign() {
-    let Some(db) = common::db("postgres") else { return };
-    let secs: u64 = std::env::var("TERN_CAMPAIGN_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(90);
-    let seed: u64 = std::env::var("TERN_CAMPAIGN_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed);
+/// One campaign round on `backend`: failovers started for `secs`, then every lane's last run
+/// ended; the figures line and the violations found.
+async fn round(db: TestDb, backend: &str, secs: u64, seed: u64) -> (String, Vec<String>) {
     let sim = common::start_sim(seed, Some(faults()), "k", "s", 30).await;
     let sample = sim.sample.clone();
     let store = db.open().await;
@@ -383,7 +380,9 @@ async fn failovers_survive_a_randomized_fault_campaign() {
         .unwrap();
     let defs = common::fast_failover_definitions(12, "500ms");
     let base = sim.base.clone();
-    let env = common::failover_env(&base, &sample, defs.path());
+    let mut env = common::failover_env(&base, &sample, defs.path());
+    env.push(("TERN_SNAPSHOT_BACKEND".into(), backend.into()));
+    env.push(("TERN_LINSTOR_URL".into(), base.clone()));
     let engine = Engine::with_registry(
         store.clone(),
         Some(defs.path()),
@@ -433,14 +432,18 @@ async fn failovers_survive_a_randomized_fault_campaign() {
             violations.push(format!("{name} was created {n} times"));
         }
     }
+    if !violations.is_empty() {
+        violations.push(logs_in(c.logs.path()));
+    }
     let faults = c.get("/sim/faults").await.as_array().map_or(0, Vec::len);
     let f = &c.figures;
-    eprintln!(
-        "campaign: {} s, seed {seed}: {} jobs ({} test, {} live), ends {:?}, {} worker kills, {} PostgreSQL restarts, {faults} simulator faults, {} cancels, {} end-tests, {} violations",
+    let line = format!(
+        "campaign: {backend}: {} s, seed {seed}: {} jobs ({} test, {} live; {} of the 3-disk 2-NIC VM), ends {:?}, {} worker kills, {} PostgreSQL restarts, {faults} simulator faults, {} cancels, {} end-tests, {} violations",
         started.elapsed().as_secs(),
         f.jobs.load(Ordering::Relaxed),
         f.test.load(Ordering::Relaxed),
         f.live.load(Ordering::Relaxed),
+        f.multi_disk.load(Ordering::Relaxed),
         c.ends.lock().await,
         f.kills.load(Ordering::Relaxed),
         f.pg_restarts.load(Ordering::Relaxed),
@@ -448,11 +451,29 @@ async fn failovers_survive_a_randomized_fault_campaign() {
         f.end_tests.load(Ordering::Relaxed),
         violations.len(),
     );
-    assert!(
-        violations.is_empty(),
-        "{} violations:\n{}\n{}",
-        violations.len(),
-        violations.join("\n"),
-        logs_in(c.logs.path())
-    );
+    (line, violations)
+}
+
+/// A round per snapshot backend, each on a fresh database and simulator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failovers_survive_a_randomized_fault_campaign() {
+    if common::db("postgres").is_none() {
+        return;
+    }
+    let secs: u64 = std::env::var("TERN_CAMPAIGN_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let seed: u64 = std::env::var("TERN_CAMPAIGN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed);
+    let mut all = Vec::new();
+    for backend in ["cloudstack-volume", "cloudstack-vm", "linstor"] {
+        let db = common::db("postgres").expect("checked above");
+        let (line, violations) = round(db, backend, secs, seed).await;
+        eprintln!("{line}");
+        all.extend(violations.into_iter().map(|v| format!("{backend}: {v}")));
+    }
+    assert!(all.is_empty(), "{} violations:\n{}", all.len(), all.join("\n"));
 }

@@ -594,14 +594,16 @@ pub trait Cloud: Send + Sync {
 pub enum SnapshotKind {
     /// CloudStack volume snapshots; target = the volume id.
     CloudstackVolume,
-    /// CloudStack disk-only VM snapshots; target = the id of the VM the volume is attached to.
+    /// CloudStack disk-only VM snapshots; target = the id of the VM the volumes are attached to
+    /// when it is taken (a failover's new VM, never the OMA).
     CloudstackVm,
     /// LINSTOR snapshots; target = the volume's resource definition (`cs-<volume id>`).
     Linstor,
 }
 
 impl SnapshotKind {
-    /// The backend target protecting `volume_id`, attached to `vm_id`.
+    /// The backend target protecting `volume_id`, attached to `vm_id` when the snapshot is
+    /// taken.
     pub fn target(self, volume_id: &str, vm_id: &str) -> String {
         match self {
             SnapshotKind::CloudstackVolume => volume_id.to_string(),

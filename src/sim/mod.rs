@@ -25,7 +25,8 @@
 //! Rules enforced: a ROOT volume (device 0) can be detached only while its VM is Stopped,
 //! and attaching with `deviceid=0` needs a Stopped VM without a ROOT volume (the volume
 //! becomes ROOT); a detached volume is DATADISK again; an attached volume cannot be attached
-//! elsewhere; deleteVolume needs a detached volume; revertSnapshot needs the volume detached
+//! elsewhere; no volume is attached to or detached from a VM that has VM snapshots;
+//! deleteVolume needs a detached volume; revertSnapshot needs the volume detached
 //! or its VM Stopped, and no VM snapshots on that VM; revertToVMSnapshot needs a Stopped VM;
 //! startVirtualMachine needs a ROOT volume; deployVirtualMachine creates the VM's own ROOT
 //! volume; VM names are unique (431). destroyVirtualMachine without expunge marks the VM

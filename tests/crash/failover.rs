@@ -451,7 +451,78 @@ async fn a_taken_oma_slot_does_not_strand_the_disk(backend: &str) {
     c.check_cleanup().await;
 }
 
+/// Issue 18: the cloudstack-vm backend snapshots the test VM once its disks are on it. A
+/// worker killed between that VM snapshot and the start (right before the start request)
+/// leaves a stopped test VM with its VM snapshot; the next worker starts it without taking
+/// another, and the teardown reverts the test's writes and gives every disk back.
+async fn a_kill_between_the_vm_snapshot_and_the_start_resumes(backend: &str) {
+    let Some(db) = common::db(backend) else { return };
+    let mut c = campaign(&db, None).await;
+    let base = c.base.clone();
+    c.env.push(("TERN_SNAPSHOT_BACKEND".into(), "cloudstack-vm".into()));
+    c.env.push(("TERN_LINSTOR_URL".into(), base));
+    let vm = windows_vm(&c);
+    let disks: Vec<String> = c.inv.vms[vm].all_disks().map(|d| d.volume_id.clone()).collect();
+    let run = c.submit_held(vm).await;
+    let point = "cloud_call/startVirtualMachine";
+    let mut doomed = worker_in(&db, c.logs.path(), "doomed", Some(point), &c.env);
+    c.until_killed(&mut doomed, point).await;
+    let state = c.sim_get("/sim/state").await;
+    let row = c.store.get_run(run).await.unwrap().unwrap();
+    let test_vm = row.context.output("test-vm-creation")["destination_vm_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(row.context.output("vm-snapshot")["target"], json!(test_vm));
+    assert_eq!(state["vms"][&test_vm]["state"], json!("Stopped"));
+    let snaps: Vec<&Value> = state["vm_snapshots"].as_object().unwrap().values().collect();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0]["vm_id"], json!(test_vm));
+    let before: Vec<Value> = disks.iter().map(|d| state["volumes"][d]["content"].clone()).collect();
+
+    let resumer = worker_in(&db, c.logs.path(), "resumer", None, &c.env);
+    c.wait_status(run, RunStatus::Holding).await;
+    let http = reqwest::Client::new();
+    for d in &disks {
+        let r = http
+            .post(format!("{}/sim/volumes/{d}/write", c.base))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    c.engine.signal(run, "end-test").await.unwrap();
+    c.finish(&db).await;
+    terminate_in(c.logs.path(), resumer, "resumer").await;
+    let row = c.store.get_run(run).await.unwrap().unwrap();
+    assert_eq!(
+        row.status,
+        RunStatus::Completed,
+        "{:?}\n{}",
+        row.state,
+        logs_in(c.logs.path())
+    );
+    let state = c.sim_get("/sim/state").await;
+    let after: Vec<Value> = disks.iter().map(|d| state["volumes"][d]["content"].clone()).collect();
+    assert_eq!(after, before, "the teardown reverted what the test VM wrote");
+    for d in &disks {
+        assert_eq!(c.volume_at(d).await.0.as_deref(), Some(c.oma.as_str()));
+    }
+    c.check_cleanup().await;
+}
+
 impl Campaign {
+    async fn sim_get(&self, path: &str) -> Value {
+        let http = reqwest::Client::new();
+        http.get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The (single) run's volume is on `expect`, no test VM or snapshot is left, and nothing
     /// was created twice; what is wrong otherwise.
     pub(crate) async fn clean(&self, expect: &str) -> Result<(), String> {
@@ -537,4 +608,14 @@ async fn a_taken_oma_slot_does_not_strand_the_disk_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_taken_oma_slot_does_not_strand_the_disk_postgres() {
     a_taken_oma_slot_does_not_strand_the_disk("postgres").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_between_the_vm_snapshot_and_the_start_resumes_sqlite() {
+    a_kill_between_the_vm_snapshot_and_the_start_resumes("sqlite").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_between_the_vm_snapshot_and_the_start_resumes_postgres() {
+    a_kill_between_the_vm_snapshot_and_the_start_resumes("postgres").await
 }

@@ -3,7 +3,7 @@
 //! before and after each cloud call, after a job id is checkpointed, after a job finished
 //! but before the step recorded it, and after every journal record; in every step and every
 //! compensation (a test failover cancelled in its hold, a live failover that cannot start),
-//! with the CloudStack volume and LINSTOR snapshot backends. For each point a `tern worker` is
+//! with each snapshot backend (CloudStack volume, CloudStack VM, LINSTOR). For each point a `tern worker` is
 //! SIGKILLed there; then, with no worker running, a cancel or an end-test may arrive (so it
 //! arrives exactly at that point); a new worker finishes the run. Afterwards the run ended as
 //! its path says (or `cancelled` after a cancel), the replicated volume is where that end
@@ -217,7 +217,7 @@ async fn run_all(cases: Vec<Case>) -> Vec<String> {
 async fn a_kill_at_any_crash_point_loses_nothing() {
     let mut cases = Vec::new();
     let mut points = 0;
-    for backend in ["cloudstack-volume", "linstor"] {
+    for backend in ["cloudstack-volume", "cloudstack-vm", "linstor"] {
         for path in [
             Path::TestCompleted,
             Path::TestCancelled,

@@ -217,6 +217,8 @@ impl World {
                 if let Some(s) = self.vm_snapshots.get_mut(vm_snapshot_id) {
                     s.contents = contents;
                     s.state = "Ready".into();
+                    let key = format!("vm_snapshot:{}/{}", s.vm_id, s.name);
+                    *self.created.entry(key).or_insert(0) += 1;
                 }
                 Ok(json!({ "vmsnapshot": self.render_vm_snapshot(vm_snapshot_id) }))
             }
@@ -314,6 +316,7 @@ impl World {
                 "Please specify a VM that is either running or stopped (VM {vm_id} is {vm_state})"
             )));
         }
+        self.refuse_with_vm_snapshots(vm_id, "attach")?;
         let used: Vec<u32> = self
             .volumes
             .values()
@@ -350,6 +353,17 @@ impl World {
         Ok(json!({ "volume": self.render_volume(volume_id) }))
     }
 
+    /// CloudStack moves no volume onto or off a VM that has VM snapshots (its
+    /// VolumeApiServiceImpl, with the same message).
+    fn refuse_with_vm_snapshots(&self, vm_id: &str, verb: &str) -> Result<(), CsError> {
+        if self.vm_snapshots.values().any(|s| s.vm_id == vm_id) {
+            return Err(CsError::param(format!(
+                "Unable to {verb} volume, please specify a VM that does not have VM snapshots"
+            )));
+        }
+        Ok(())
+    }
+
     fn detach(&mut self, volume_id: &str) -> Result<Value, CsError> {
         let vol = self
             .volumes
@@ -364,6 +378,7 @@ impl World {
                 "A ROOT volume can be detached only while its VM {vm_id} is Stopped"
             )));
         }
+        self.refuse_with_vm_snapshots(&vm_id, "detach")?;
         if let Some(v) = self.volumes.get_mut(volume_id) {
             v.vm_id = None;
             v.device_id = None;

@@ -351,8 +351,8 @@ pub struct World {
     #[serde(default)]
     pub removed: std::collections::BTreeSet<String>,
     /// How many times each named resource was successfully created (`vm:<name>`,
-    /// `snapshot:<volume id>/<name>`, `linstor:<resource>/<name>`): a test's proof that
-    /// nothing was created twice.
+    /// `snapshot:<volume id>/<name>`, `vm_snapshot:<vm id>/<name>`,
+    /// `linstor:<resource>/<name>`): a test's proof that nothing was created twice.
     #[serde(default)]
     pub created: BTreeMap<String, u32>,
 }

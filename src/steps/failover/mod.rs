@@ -19,6 +19,8 @@ mod volume;
 
 pub use validate::readiness_for;
 
+use snapshot::Stage;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,10 +78,14 @@ enum Op {
     StartVm,
     StopVm,
     ConfigureNetwork,
+    SnapshotVm,
+    RevertVmSnapshot,
+    DeleteVmSnapshot,
+    UndoVmSnapshot,
 }
 
 impl Op {
-    const ALL: [Op; 14] = [
+    const ALL: [Op; 18] = [
         Op::Validate,
         Op::Snapshot,
         Op::DeleteSnapshot,
@@ -94,6 +100,10 @@ impl Op {
         Op::StartVm,
         Op::StopVm,
         Op::ConfigureNetwork,
+        Op::SnapshotVm,
+        Op::RevertVmSnapshot,
+        Op::DeleteVmSnapshot,
+        Op::UndoVmSnapshot,
     ];
 
     fn name(self) -> &'static str {
@@ -112,16 +122,20 @@ impl Op {
             Op::StartVm => "failover.start_vm",
             Op::StopVm => "failover.stop_vm",
             Op::ConfigureNetwork => "failover.configure_network",
+            Op::SnapshotVm => "failover.snapshot_vm",
+            Op::RevertVmSnapshot => "failover.revert_vm_snapshot",
+            Op::DeleteVmSnapshot => "failover.delete_vm_snapshot",
+            Op::UndoVmSnapshot => "failover.undo_vm_snapshot",
         }
     }
 
     async fn run(self, attempt: &Attempt<'_>) -> Result<Value, ActionError> {
         match self {
             Op::Validate => validate::run(attempt).await,
-            Op::Snapshot => snapshot::create(attempt).await,
-            Op::DeleteSnapshot => snapshot::delete(attempt).await,
+            Op::Snapshot => snapshot::create(attempt, Stage::OnOma).await,
+            Op::DeleteSnapshot => snapshot::delete(attempt, None).await,
             Op::InjectVirtio => virtio::inject(attempt).await,
-            Op::RevertSnapshot => snapshot::revert(attempt).await,
+            Op::RevertSnapshot => snapshot::revert(attempt, Stage::OnOma).await,
             Op::CreateVm => vm::create(attempt).await,
             Op::DestroyVm => vm::destroy(attempt).await,
             Op::AttachVolume => volume::attach(attempt).await,
@@ -130,6 +144,10 @@ impl Op {
             Op::StartVm => vm::start(attempt).await,
             Op::StopVm => vm::stop(attempt).await,
             Op::ConfigureNetwork => network::configure(attempt).await,
+            Op::SnapshotVm => snapshot::create(attempt, Stage::OnNewVm).await,
+            Op::RevertVmSnapshot => snapshot::revert(attempt, Stage::OnNewVm).await,
+            Op::DeleteVmSnapshot => snapshot::delete(attempt, Some(Stage::OnNewVm)).await,
+            Op::UndoVmSnapshot => snapshot::undo_vm_snapshot(attempt).await,
         }
     }
 }
@@ -366,19 +384,19 @@ impl<'a> Attempt<'a> {
         format!("tern-{}", run_tag(self.run_id()))
     }
 
-    /// The backend targets protecting the VM's disks, in disk order, each once (a CloudStack
-    /// VM snapshot covers every disk of the VM it is taken of), with the disks each covers.
-    pub fn snapshot_targets(&self) -> Vec<(String, Vec<String>)> {
+    /// The backend targets protecting the VM's disks, in disk order, each with the disks it
+    /// covers: each disk's own (a volume, a LINSTOR resource), or the one VM snapshot of the
+    /// new VM covering every disk (none while that VM does not exist).
+    pub async fn snapshot_targets(&self) -> Result<Vec<(String, Vec<String>)>, ActionError> {
+        let volumes = || self.vm.all_disks().map(|d| d.volume_id.clone());
         let kind = self.deps.config.snapshot_kind;
-        let mut targets: Vec<(String, Vec<String>)> = Vec::new();
-        for d in self.vm.all_disks() {
-            let t = kind.target(&d.volume_id, &self.vm.oma_vm_id);
-            match targets.iter_mut().find(|(known, _)| *known == t) {
-                Some((_, vols)) => vols.push(d.volume_id.clone()),
-                None => targets.push((t, vec![d.volume_id.clone()])),
-            }
+        if Stage::of(kind) == Stage::OnNewVm {
+            let new_vm = self.find_vm().await?;
+            return Ok(new_vm.map(|vm| (vm.id, volumes().collect())).into_iter().collect());
         }
-        targets
+        Ok(volumes()
+            .map(|v| (kind.target(&v, &self.vm.oma_vm_id), vec![v]))
+            .collect())
     }
 }
 

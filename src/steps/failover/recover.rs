@@ -77,6 +77,8 @@ impl Recorded {
             revert_pending: undone.iter().any(|s| match s.as_str() {
                 "revert-snapshot" => true,
                 "virtio-injection" => ctx.output("virtio-injection")["injected"] != Value::Bool(false),
+                // The VM snapshot's teardown revert, or its undo (revert and delete).
+                "revert-vm-snapshot" | "vm-snapshot" => true,
                 _ => false,
             }),
         }
@@ -85,7 +87,8 @@ impl Recorded {
 
 impl Recorded {
     /// The snapshot targets with their ids: as recorded, else derived from the VM's disks
-    /// (the first one's id is the one single-disk runs recorded).
+    /// (the first one's id is the one single-disk runs recorded) and, for VM snapshots, the new
+    /// VM.
     pub fn targets(&self, vm: &VmRecord) -> Vec<(String, Option<String>)> {
         if !self.snapshots.is_empty() {
             return self.snapshots.clone();
@@ -93,9 +96,16 @@ impl Recorded {
         let Ok(kind) = self.backend.parse::<SnapshotKind>() else {
             return Vec::new();
         };
+        let on = match kind {
+            SnapshotKind::CloudstackVm => match &self.new_vm {
+                Some(new_vm) => new_vm.as_str(),
+                None => return Vec::new(),
+            },
+            SnapshotKind::CloudstackVolume | SnapshotKind::Linstor => vm.oma_vm_id.as_str(),
+        };
         let mut targets: Vec<(String, Option<String>)> = Vec::new();
         for d in vm.all_disks() {
-            let t = kind.target(&d.volume_id, &vm.oma_vm_id);
+            let t = kind.target(&d.volume_id, on);
             if !targets.iter().any(|(known, _)| *known == t) {
                 let id = targets.is_empty().then(|| self.snapshot_id.clone()).flatten();
                 targets.push((t, id));
@@ -392,6 +402,34 @@ fn attach_step(vm: &VmRecord, volume_id: &str) -> String {
     )
 }
 
+/// A VM snapshot's steps, before any disk may leave its VM (CloudStack moves no volume of a
+/// VM that has VM snapshots): revert it on the stopped VM where a revert is due, then delete
+/// it. One of the OMA (taken by an older Tern) is deleted, never reverted: it would roll back
+/// every disk on the OMA, other VMs' included.
+fn vm_snapshot_steps(vm: &VmRecord, rec: &Recorded, name: &str, revert: bool) -> Vec<String> {
+    let mut steps = Vec::new();
+    for (target, id) in rec.targets(vm) {
+        if target == vm.oma_vm_id {
+            steps.push(format!(
+                "delete the OMA's VM snapshot {name}, never revert it (that would roll back every disk on the OMA): cmk delete vmsnapshot vmsnapshotid={}",
+                id.as_deref().unwrap_or("<id>")
+            ));
+            continue;
+        }
+        if revert {
+            steps.push(revert_step(rec, &target, id.as_deref(), name));
+        }
+        steps.push(delete_snapshot_step(rec, &target, id.as_deref(), name));
+    }
+    steps
+}
+
+fn of_new_vm(rec: &Recorded) -> bool {
+    rec.backend
+        .parse::<SnapshotKind>()
+        .is_ok_and(|k| k == SnapshotKind::CloudstackVm)
+}
+
 /// Every step the run may have left, from what it recorded alone.
 fn all_steps(vm: &VmRecord, rec: &Recorded) -> Vec<String> {
     let snapshot = rec.snapshot_name.as_deref().filter(|_| !rec.skip_snapshot);
@@ -399,10 +437,13 @@ fn all_steps(vm: &VmRecord, rec: &Recorded) -> Vec<String> {
     if let Some(t) = &rec.new_vm {
         steps.push(stop_step(t));
     }
+    if let (Some(name), true) = (snapshot, of_new_vm(rec)) {
+        steps.extend(vm_snapshot_steps(vm, rec, name, true));
+    }
     for d in vm.all_disks() {
         steps.push(detach_step(&d.volume_id));
     }
-    if let Some(name) = snapshot {
+    if let (Some(name), false) = (snapshot, of_new_vm(rec)) {
         for (target, id) in rec.targets(vm) {
             steps.push(revert_step(rec, &target, id.as_deref(), name));
         }
@@ -410,21 +451,26 @@ fn all_steps(vm: &VmRecord, rec: &Recorded) -> Vec<String> {
     for d in vm.all_disks() {
         steps.push(attach_step(vm, &d.volume_id));
     }
-    if let Some(t) = &rec.new_vm {
-        steps.push(destroy_step(t));
-    }
-    for id in rec
+    let own_roots = rec
         .own_roots
         .iter()
-        .filter(|id| !vm.all_disks().any(|d| d.volume_id == **id))
-    {
-        steps.push(format!("delete set-aside ROOT: cmk delete volume id={id}"));
-    }
-    if let Some(name) = snapshot {
+        .filter(|id| !vm.all_disks().any(|d| d.volume_id == **id));
+    steps.extend(remove_created(rec.new_vm.iter(), own_roots));
+    if let (Some(name), false) = (snapshot, of_new_vm(rec)) {
         for (target, id) in rec.targets(vm) {
             steps.push(delete_snapshot_step(rec, &target, id.as_deref(), name));
         }
     }
+    steps
+}
+
+/// Destroying the VMs the run created and deleting the ROOT volumes it set aside.
+fn remove_created<'a>(
+    vms: impl Iterator<Item = &'a String>,
+    own_roots: impl Iterator<Item = &'a String>,
+) -> Vec<String> {
+    let mut steps: Vec<String> = vms.map(|id| destroy_step(id)).collect();
+    steps.extend(own_roots.map(|id| format!("delete set-aside ROOT: cmk delete volume id={id}")));
     steps
 }
 
@@ -440,7 +486,21 @@ fn exact_steps(vm: &VmRecord, rec: &Recorded, found: &Found) -> Vec<String> {
         }
     }
     let on_oma = |on: &Option<String>| on.as_deref() == Some(vm.oma_vm_id.as_str());
+    let move_back = |steps: &mut Vec<String>| {
+        for (volume, on) in found.disks_on.iter().filter(|(_, on)| !on_oma(on)) {
+            if on.is_some() {
+                steps.push(detach_step(volume));
+            }
+            steps.push(attach_step(vm, volume));
+        }
+    };
     match snapshot {
+        Some(name) if of_new_vm(rec) => {
+            if snapshot_there {
+                steps.extend(vm_snapshot_steps(vm, rec, name, rec.revert_pending));
+            }
+            move_back(&mut steps);
+        }
         Some(name) if rec.revert_pending && snapshot_there => {
             for (volume, on) in &found.disks_on {
                 if on.is_some() {
@@ -454,22 +514,13 @@ fn exact_steps(vm: &VmRecord, rec: &Recorded, found: &Found) -> Vec<String> {
                 steps.push(attach_step(vm, volume));
             }
         }
-        _ => {
-            for (volume, on) in found.disks_on.iter().filter(|(_, on)| !on_oma(on)) {
-                if on.is_some() {
-                    steps.push(detach_step(volume));
-                }
-                steps.push(attach_step(vm, volume));
-            }
-        }
+        _ => move_back(&mut steps),
     }
-    for (id, _) in &found.vms {
-        steps.push(destroy_step(id));
-    }
-    for id in &found.own_roots {
-        steps.push(format!("delete set-aside ROOT: cmk delete volume id={id}"));
-    }
-    if let (Some(name), true) = (snapshot, snapshot_there) {
+    steps.extend(remove_created(
+        found.vms.iter().map(|(id, _)| id),
+        found.own_roots.iter(),
+    ));
+    if let (Some(name), true, false) = (snapshot, snapshot_there, of_new_vm(rec)) {
         for (target, id) in rec.targets(vm) {
             steps.push(delete_snapshot_step(rec, &target, id.as_deref(), name));
         }
@@ -690,5 +741,110 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
+    }
+
+    /// The steps of `text`'s numbered list.
+    fn steps_of(text: &str) -> Vec<&str> {
+        text.lines()
+            .filter(|l| l.starts_with("  ") && l.contains(". "))
+            .collect()
+    }
+
+    fn assert_steps(text: &str, want: &[&str]) {
+        let steps = steps_of(text);
+        assert_eq!(steps.len(), want.len(), "{text}");
+        for (step, needle) in steps.iter().zip(want) {
+            assert!(step.contains(needle), "{step:?} is not {needle:?} in:\n{text}");
+        }
+    }
+
+    /// A cloudstack-vm run stopped before its teardown reverted the test VM: the VM snapshot is
+    /// reverted on the stopped test VM and deleted before any disk leaves it.
+    #[test]
+    fn a_vm_snapshot_is_reverted_and_deleted_before_the_disks_move() {
+        let mut row = stuck_in_revert();
+        row.state = RunState::NeedsOperator {
+            step: "revert-vm-snapshot".into(),
+            error: StepError::permanent("SNAPSHOT_REVERT_FAILED", "x"),
+            undone: vec![
+                "revert-vm-snapshot".into(),
+                "delete-vm-snapshot".into(),
+                "detach-volume".into(),
+            ],
+        };
+        let ctx = json!({"outputs": {
+            "snapshot": {"skipped": "…", "backend": "cloudstack-vm"},
+            "test-vm-creation": {"destination_vm_id": "tvm-1"},
+            "vm-snapshot": {"snapshot_name": "tern-abc", "snapshot_id": "vms-1", "backend": "cloudstack-vm",
+                "snapshots": [{"target": "tvm-1", "snapshot_id": "vms-1", "volume_ids": ["vol-1"]}]}}});
+        row.context = RunContext::from_value(ctx).unwrap();
+        let found = Found {
+            disks_on: vec![("vol-1".into(), Some("tvm-1".into()))],
+            vms: vec![("tvm-1".into(), true)],
+            own_roots: vec![],
+            snapshot: Some(true),
+        };
+        let text = plan(&row, Some(&vm()), None, Some(&found));
+        assert_steps(
+            &text,
+            &[
+                "cmk stop virtualmachine id=tvm-1",
+                "cmk revert tovmsnapshot vmsnapshotid=vms-1",
+                "cmk delete vmsnapshot vmsnapshotid=vms-1",
+                "cmk detach volume id=vol-1",
+                "cmk attach volume id=vol-1 virtualmachineid=oma-1",
+                "cmk destroy virtualmachine id=tvm-1 expunge=true",
+            ],
+        );
+        // From the journal alone, the same order.
+        let text = plan(&row, Some(&vm()), None, None);
+        assert_steps(
+            &text,
+            &[
+                "cmk stop virtualmachine id=tvm-1",
+                "cmk revert tovmsnapshot vmsnapshotid=vms-1",
+                "cmk delete vmsnapshot vmsnapshotid=vms-1",
+                "cmk detach volume id=vol-1",
+                "cmk attach volume id=vol-1 virtualmachineid=oma-1",
+                "cmk destroy virtualmachine id=tvm-1 expunge=true",
+            ],
+        );
+    }
+
+    /// A run of an older Tern took its VM snapshot of the OMA: the plan deletes it and never
+    /// tells the operator to revert it.
+    #[test]
+    fn a_vm_snapshot_of_the_oma_is_never_reverted() {
+        let mut row = stuck_in_revert();
+        let ctx = json!({"outputs": {
+            "snapshot": {"snapshot_name": "tern-abc", "snapshot_id": "vms-oma", "backend": "cloudstack-vm",
+                "target": "oma-1"},
+            "test-vm-creation": {"destination_vm_id": "tvm-1"}}});
+        row.context = RunContext::from_value(ctx).unwrap();
+        row.state = RunState::NeedsOperator {
+            step: "revert-snapshot".into(),
+            error: StepError::permanent("SNAPSHOT_REVERT_FAILED", "VM must be Stopped"),
+            undone: vec!["revert-snapshot".into()],
+        };
+        // Recorded before snapshots were listed per target: derived from the OMA then.
+        let mut rec = Recorded::of(&row, None);
+        rec.new_vm = None;
+        rec.snapshots = vec![("oma-1".into(), Some("vms-oma".into()))];
+        let found = Found {
+            disks_on: vec![("vol-1".into(), None)],
+            vms: vec![],
+            own_roots: vec![],
+            snapshot: Some(true),
+        };
+        let steps = exact_steps(&vm(), &rec, &found);
+        assert!(!steps.iter().any(|s| s.contains("cmk revert")), "{steps:?}");
+        assert!(
+            steps[0].contains("never revert it") && steps[0].contains("vmsnapshotid=vms-oma"),
+            "{steps:?}"
+        );
+        assert!(
+            steps[1].contains("cmk attach volume id=vol-1 virtualmachineid=oma-1"),
+            "{steps:?}"
+        );
     }
 }

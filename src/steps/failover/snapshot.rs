@@ -3,19 +3,70 @@
 //! The snapshot's name is derived from the run and recorded (step progress, projected into
 //! `failover_jobs.linstor_snapshot_name`) *before* any snapshot is requested, so emergency
 //! recovery can always find them: every disk's snapshot has that name on its own target (the
-//! volume, its LINSTOR resource, or the one VM snapshot covering every disk); `create` adopts
-//! a snapshot of that name.
+//! volume, its LINSTOR resource, or the one VM snapshot of the new VM covering every disk);
+//! `create` adopts a snapshot of that name.
+//!
+//! When the snapshot is taken follows from the backend ([`Stage`]): the definitions hold a
+//! step for each stage, and the one the backend does not use is skipped, saying why.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{disk_key, fail, retryable, Attempt};
 use crate::engine::action::ActionError;
-use crate::providers::{AsyncCommand, ProviderError, VmState};
+use crate::providers::{AsyncCommand, ProviderError, SnapshotKind, VmState};
 
-pub(crate) async fn create(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
+/// When a backend takes the run's snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// Of the disks while they are still on the OMA, before drivers are injected (step
+    /// `snapshot`): CloudStack volume snapshots, LINSTOR.
+    OnOma,
+    /// Of the new VM once every disk is on it, before it starts (step `vm-snapshot`): a
+    /// CloudStack VM snapshot covers every volume of its VM. One of the OMA would cover every
+    /// other VM's disks too, and CloudStack refuses to move a volume off a VM that has VM
+    /// snapshots, so it is taken of the new VM, reverted there while it is stopped, and
+    /// deleted before the disks leave it. Drivers injected before it stay on the disks.
+    OnNewVm,
+}
+
+impl Stage {
+    pub(crate) fn of(kind: SnapshotKind) -> Stage {
+        match kind {
+            SnapshotKind::CloudstackVm => Stage::OnNewVm,
+            SnapshotKind::CloudstackVolume | SnapshotKind::Linstor => Stage::OnOma,
+        }
+    }
+}
+
+/// The output of a step of `stage` that the configured backend does not use.
+fn off_stage(attempt: &Attempt<'_>, stage: Stage) -> Option<Value> {
+    let backend = attempt.deps.snapshots.kind();
+    let why = match (stage, Stage::of(attempt.deps.config.snapshot_kind)) {
+        (Stage::OnOma, Stage::OnNewVm) => {
+            format!("the {backend} backend snapshots the new VM once every disk is on it (step vm-snapshot)")
+        }
+        (Stage::OnNewVm, Stage::OnOma) => {
+            format!("the {backend} backend snapshots the disks before they leave the OMA (step snapshot)")
+        }
+        _ => return None,
+    };
+    Some(json!({"skipped": why, "backend": backend}))
+}
+
+/// Takes the run's snapshot of every disk, if the backend takes it at `stage`.
+pub(crate) async fn create(attempt: &Attempt<'_>, stage: Stage) -> Result<Value, ActionError> {
+    if let Some(skipped) = off_stage(attempt, stage) {
+        return Ok(skipped);
+    }
     let name = attempt.snapshot_name();
-    let targets = attempt.snapshot_targets();
+    let targets = attempt.snapshot_targets().await?;
+    if targets.is_empty() {
+        return Err(ActionError::permanent(
+            "SNAPSHOT_FAILED",
+            format!("no VM named {} to take the VM snapshot of", attempt.vm_name()),
+        ));
+    }
     let backend = attempt.deps.snapshots.kind();
     attempt.record("snapshot_name", json!(name)).await?;
     let names: Vec<String> = targets.iter().map(|(t, _)| t.clone()).collect();
@@ -45,18 +96,33 @@ pub(crate) async fn create(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
             targets.len()
         ));
     }
+    if stage == Stage::OnNewVm && injected(attempt) {
+        out["note"] = json!("taken after the VirtIO drivers were injected: a revert undoes what the VM wrote, the drivers stay on the boot disk");
+    }
     Ok(out)
 }
 
-/// Deletes the run's snapshot of every disk; a snapshot that does not exist is already deleted.
-pub(crate) async fn delete(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
+/// Whether this run injected drivers into the boot disk.
+fn injected(attempt: &Attempt<'_>) -> bool {
+    attempt
+        .step
+        .output_of("virtio-injection")
+        .is_some_and(|o| o.get("injected") == Some(&Value::Bool(true)))
+}
+
+/// Deletes the run's snapshot of every disk, whatever its stage, or only if the backend takes
+/// it at `only`; a snapshot that does not exist is already deleted.
+pub(crate) async fn delete(attempt: &Attempt<'_>, only: Option<Stage>) -> Result<Value, ActionError> {
     if attempt.input.skip_snapshot {
         return Ok(json!({"skipped": "no snapshot was taken (skip_snapshot)"}));
+    }
+    if let Some(skipped) = only.and_then(|stage| off_stage(attempt, stage)) {
+        return Ok(skipped);
     }
     const CODE: &str = "SNAPSHOT_DELETE_FAILED";
     let name = attempt.snapshot_name();
     let mut targets = Vec::new();
-    for (target, _) in attempt.snapshot_targets() {
+    for (target, _) in attempt.snapshot_targets().await? {
         if let Err(e) = attempt.deps.snapshots.delete(&target, &name).await {
             // The world decides: an earlier attempt's delete (its reply lost) may have finished
             // meanwhile, and then this one's "not found" is success.
@@ -82,14 +148,22 @@ struct RestoreTo {
     device_id: Option<u32>,
 }
 
-/// Reverts every disk to the run's snapshot, undoing driver injection and test writes. A
-/// revert needs the volumes off any running VM: one that is on one (the OMA, during a
-/// rollback) is detached first, with the intent to put it back recorded, and reattached
-/// after. Each target reverted is recorded, so a resumed attempt goes on with the next.
-pub(crate) async fn revert(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
+/// Reverts every disk to the run's snapshot taken at `stage`, undoing driver injection (on
+/// the OMA stage) and test writes. A volume snapshot or LINSTOR revert needs the volumes off
+/// any running VM: one that is on one (the OMA, during a rollback) is detached first, with the
+/// intent to put it back recorded, and reattached after. A VM snapshot is reverted on the new
+/// VM, stopped first. Each target reverted is recorded, so a resumed attempt goes on with the
+/// next.
+pub(crate) async fn revert(attempt: &Attempt<'_>, stage: Stage) -> Result<Value, ActionError> {
     const CODE: &str = "SNAPSHOT_REVERT_FAILED";
     if attempt.input.skip_snapshot {
         return Ok(json!({"skipped": "no snapshot to revert to (skip_snapshot): the disks keep any changes"}));
+    }
+    if let Some(mut skipped) = off_stage(attempt, stage) {
+        if stage == Stage::OnOma && injected(attempt) {
+            skipped["note"] = json!("the VirtIO drivers injected stay on the boot disk");
+        }
+        return Ok(skipped);
     }
     // As the compensation of virtio-injection: nothing to undo if injection was skipped.
     if attempt.step.undo {
@@ -106,7 +180,7 @@ pub(crate) async fn revert(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
         .and_then(|v| serde_json::from_value(v).ok())
         .unwrap_or_default();
     let mut missing = Vec::new();
-    for (target, volume_ids) in attempt.snapshot_targets() {
+    for (target, volume_ids) in attempt.snapshot_targets().await? {
         if reverted.contains(&target) {
             continue;
         }
@@ -114,7 +188,10 @@ pub(crate) async fn revert(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
             missing.push(target);
             continue;
         }
-        revert_target(attempt, &target, &volume_ids, &name).await?;
+        match stage {
+            Stage::OnOma => revert_target(attempt, &target, &volume_ids, &name).await?,
+            Stage::OnNewVm => revert_vm(attempt, &target, &name).await?,
+        }
         reverted.push(target);
         attempt.record("reverted", json!(reverted)).await?;
     }
@@ -128,6 +205,29 @@ pub(crate) async fn revert(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
         out["not_taken"] = json!(missing);
     }
     Ok(out)
+}
+
+/// Reverts the new VM `vm_id` to its VM snapshot `name`, on the VM stopped (CloudStack reverts
+/// a disk-only VM snapshot only then).
+async fn revert_vm(attempt: &Attempt<'_>, vm_id: &str, name: &str) -> Result<(), ActionError> {
+    const CODE: &str = "SNAPSHOT_REVERT_FAILED";
+    let vm = attempt.cloud().get_vm(vm_id).await.map_err(|e| fail(CODE, e))?;
+    if vm.state != VmState::Stopped {
+        super::vm::stop(attempt).await?;
+    }
+    match attempt.deps.snapshots.revert(vm_id, name).await {
+        Ok(()) => Ok(()),
+        Err(e @ ProviderError::NotFound { .. }) => Err(ActionError::permanent(CODE, e.to_string())),
+        Err(e) => Err(fail(CODE, e)),
+    }
+}
+
+/// Undoes the VM snapshot step: reverts the new VM's disks to it (what the VM wrote before a
+/// failed start is undone) and deletes it, so the disks can leave the VM.
+pub(crate) async fn undo_vm_snapshot(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
+    let reverted = revert(attempt, Stage::OnNewVm).await?;
+    let deleted = delete(attempt, Some(Stage::OnNewVm)).await?;
+    Ok(json!({"reverted": reverted, "deleted": deleted}))
 }
 
 /// Reverts one target to `name`: its volumes come off running VMs first and go back after.

@@ -246,7 +246,7 @@ async fn test_failover_with_auto_cleanup_through_the_api(db: TestDb) {
         (vm.vm_id.as_str(), vm.name.as_str(), "test")
     );
     assert_eq!(job.correlation_id, "corr-e2e-1");
-    assert_eq!(job.steps.len(), 12, "6 forward + 6 teardown steps: {:?}", job.steps);
+    assert_eq!(job.steps.len(), 15, "7 forward + 8 teardown steps: {:?}", job.steps);
     // The local worker may have started the first step in the submit's own commit.
     assert!(
         ["pending", "running"].contains(&job.steps[0].status.as_str()),
@@ -265,7 +265,7 @@ async fn test_failover_with_auto_cleanup_through_the_api(db: TestDb) {
     assert!(cleanup.seconds > started.seconds, "{cleanup:?} vs {started:?}");
     assert!(held.snapshot_name.starts_with("tern-"), "{held:?}");
     assert!(!held.destination_vm_id.is_empty());
-    assert_eq!(held.progress_percent, 50, "6 of 12 steps done");
+    assert_eq!(held.progress_percent, 46, "7 of 15 steps done");
     let forward: Vec<_> = held.steps.iter().filter(|s| s.phase == "forward").collect();
     assert!(forward
         .iter()
@@ -284,7 +284,7 @@ async fn test_failover_with_auto_cleanup_through_the_api(db: TestDb) {
         .steps
         .iter()
         .all(|s| s.status == "completed" && s.phase != "rollback"));
-    assert_eq!(done.steps.iter().filter(|s| s.phase == "teardown").count(), 6);
+    assert_eq!(done.steps.iter().filter(|s| s.phase == "teardown").count(), 8);
 
     // Listed, newest first, with filters.
     let list =
@@ -1635,7 +1635,7 @@ async fn cli_commands_talk_to_the_server() {
     assert_eq!(code, Some(0));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["status"], "completed");
-    assert_eq!(v["steps"].as_array().map(Vec::len), Some(12));
+    assert_eq!(v["steps"].as_array().map(Vec::len), Some(15));
 
     let (code, out, _) = tern(&["list", "--vm", &vm.vm_id]).await;
     assert_eq!(code, Some(0));

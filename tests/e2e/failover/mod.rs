@@ -23,6 +23,7 @@ use common::TestDb;
 mod disks;
 pub(crate) mod recover;
 mod sweep;
+mod vm_snapshot;
 
 const KEY: &str = "test-key";
 const SECRET: &str = "test-secret";

@@ -112,10 +112,11 @@ async fn run_planned(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_fault_anywhere_never_fails_a_failover() {
     let mut cases = Vec::new();
-    // Not the CloudStack VM-snapshot backend: reverting a disk-only snapshot of the OMA needs
-    // the OMA stopped, so even a clean test failover ends `needs_operator` there (issue 18
-    // replaces that backend).
-    for snapshots in [SnapshotKind::CloudstackVolume, SnapshotKind::Linstor] {
+    for snapshots in [
+        SnapshotKind::CloudstackVolume,
+        SnapshotKind::CloudstackVm,
+        SnapshotKind::Linstor,
+    ] {
         for live in [false, true] {
             let clean = Case {
                 snapshots,
@@ -147,7 +148,7 @@ async fn a_single_fault_anywhere_never_fails_a_failover() {
         .collect()
         .await;
     eprintln!(
-        "single-fault sweep: {total} cases (2 snapshot backends x 2 definitions x each command seen x each fault kind), {} failed",
+        "single-fault sweep: {total} cases (3 snapshot backends x 2 definitions x each command seen x each fault kind), {} failed",
         failures.len()
     );
     assert!(
