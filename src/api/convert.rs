@@ -315,6 +315,10 @@ pub fn failover_job(
         steps: if with_steps { steps } else { Vec::new() },
         snapshot_name: job.and_then(|j| j.linstor_snapshot_name.clone()).unwrap_or_default(),
         destination_vm_id: job.and_then(|j| j.destination_vm_id.clone()).unwrap_or_default(),
+        network_mappings: job
+            .and_then(|j| j.network_mappings.clone())
+            .map(|m| m.into_iter().collect())
+            .unwrap_or_default(),
         correlation_id: run.correlation_id.clone(),
         created_at: Some(timestamp(run.created_at)),
         started_at: run.started_at.map(timestamp),

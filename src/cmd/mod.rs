@@ -166,6 +166,11 @@ pub(crate) struct CloudArgs {
     /// HTTP request timeout towards CloudStack and LINSTOR.
     #[arg(long, env = "TERN_REQUEST_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub(crate) request_timeout: Duration,
+    /// How far CloudStack's clock may be from this machine's: a request expires after the
+    /// request timeout plus this, and a mutation left without a reply is looked into only once
+    /// it has expired and this much more has passed.
+    #[arg(long, env = "TERN_CLOUDSTACK_CLOCK_SKEW", default_value = "5s", value_parser = duration)]
+    pub(crate) cloudstack_clock_skew: Duration,
 }
 
 /// Runs the command.

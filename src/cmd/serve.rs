@@ -133,6 +133,7 @@ pub(crate) fn cloud_settings(c: &CloudArgs) -> Result<Option<CloudSettings>> {
         job_poll: c.job_poll,
         job_timeout: c.job_timeout,
         request_timeout: c.request_timeout,
+        clock_skew: c.cloudstack_clock_skew,
     }))
 }
 
@@ -186,6 +187,8 @@ pub(crate) async fn dev(
         job_poll: Duration::from_millis(100),
         job_timeout: Duration::from_secs(120),
         request_timeout: Duration::from_secs(10),
+        // The simulator runs on this machine's clock.
+        clock_skew: Duration::from_millis(200),
     };
     let mut registry = tern::steps::builtins(store.clone());
     let deps = failover_setup::build(&settings, store.clone()).map_err(anyhow::Error::msg)?;

@@ -185,7 +185,6 @@ impl FailoverInput {
         JobSubject {
             vm_id: self.vm_id.clone(),
             vm_name: self.vm_name.clone(),
-            network_mappings: serde_json::to_string(&self.network_mappings).ok(),
             source_vm_spec: self.source_vm_spec.as_ref().and_then(|v| serde_json::to_string(v).ok()),
         }
     }
@@ -196,8 +195,6 @@ impl FailoverInput {
 pub struct JobSubject {
     pub vm_id: String,
     pub vm_name: Option<String>,
-    /// JSON text.
-    pub network_mappings: Option<String>,
     /// JSON text.
     pub source_vm_spec: Option<String>,
 }

@@ -224,18 +224,19 @@ impl Engine {
             input: req.input.clone(),
         };
         let id = RunId::new();
+        let correlation_id = req.correlation_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let started = self.start_locally(&def, id, &req.input, now);
         let (display_status, projection) = match &started {
             Some((start, ..)) => {
                 let display = def.display_status(&start.state);
                 let mut all = vec![record.clone()];
                 all.extend(start.records.iter().cloned());
-                let p = store::projection::project(&all, &display);
+                let p = store::projection::project(&all, &display, &correlation_id);
                 (display, p)
             }
             None => (
                 def.display_status(&RunState::Pending),
-                store::projection::project(std::slice::from_ref(&record), "pending"),
+                store::projection::project(std::slice::from_ref(&record), "pending", &correlation_id),
             ),
         };
         let (start, dispatch) = match started {
@@ -256,7 +257,7 @@ impl Engine {
             definition_source: def.source.clone(),
             job_type: def.job_type.clone(),
             request_id: req.request_id,
-            correlation_id: req.correlation_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            correlation_id,
             subject: def.job_subject(&req.input),
             input: req.input,
             lock_key: lock.as_ref().map(|(field, value)| format!("{field}={value}")),

@@ -56,7 +56,7 @@ impl Engine {
             release: true,
             consumed_signals: vec![],
             consumed_cancel: false,
-            projection: projection::project(&t.records, &display),
+            projection: projection::project(&t.records, &display, &row.correlation_id),
             display_status: display,
             state: t.state.clone(),
             records: t.records.clone(),

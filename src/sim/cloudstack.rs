@@ -49,18 +49,28 @@ pub(crate) async fn handle(app: &App, params: Vec<(String, String)>) -> (u16, Va
     } else {
         "errorresponse".to_string()
     };
-    if !authenticated(app, &params) || !known {
-        return (
+    let unauthorized = || {
+        (
             401,
-            json!({ key: { "uuidList": [], "errorcode": 401, "errortext": AUTH_TEXT } }),
-        );
+            json!({ key.as_str(): { "uuidList": [], "errorcode": 401, "errortext": AUTH_TEXT } }),
+        )
+    };
+    if !authenticated(app, &params) || !known {
+        return unauthorized();
     }
 
     let is_async = ASYNC.contains(&command.as_str());
     let fault = app.roll(&command, is_async);
     match fault {
         Some(Fault::Error) => return error_reply(&key, &CsError::internal("Simulated internal error")),
-        Some(Fault::Hang) => tokio::time::sleep(app.hang()).await,
+        Some(Fault::Hang) => {
+            // Held up on the way: the server sees the request only now, and checks its
+            // `expires` then, as CloudStack does when a request reaches it.
+            tokio::time::sleep(app.hang()).await;
+            if !authenticated(app, &params) {
+                return unauthorized();
+            }
+        }
         _ => {}
     }
 

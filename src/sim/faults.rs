@@ -18,8 +18,9 @@ pub struct FaultRates {
     /// Answer 530 with CloudStack's error body (LINSTOR: HTTP 200 with an error ret_code)
     /// without doing anything.
     pub error_rate: f64,
-    /// Sleep `hang_ms` before handling the request (a client with a shorter timeout gives up
-    /// and the request, dropped with its connection, is not applied).
+    /// Sleep `hang_ms` before handling the request, as a server that receives it only then
+    /// (held up on the way): CloudStack's `expires` is checked at that moment. A client with a
+    /// shorter timeout has given up; the request may still be applied after it did.
     pub hang_rate: f64,
     /// Apply the request, then answer 530 as if it had failed: the client must look the
     /// resource up and adopt it.

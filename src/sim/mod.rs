@@ -305,8 +305,17 @@ async fn cloudstack_api(State(app): State<Arc<App>>, RawQuery(query): RawQuery, 
         params.extend(form_urlencoded::parse(q.as_bytes()).into_owned());
     }
     params.extend(form_urlencoded::parse(&body).into_owned());
-    let (status, body) = cloudstack::handle(&app, params).await;
-    json_reply(status, body)
+    // A server goes on with a request whose client gave up (CloudStack's servlets do): the
+    // request is handled in a task of its own, which a client's disconnect does not cancel, so
+    // a request held up past its client's timeout still lands (unless it has expired by then).
+    let handled = tokio::spawn(async move { cloudstack::handle(&app, params).await });
+    match handled.await {
+        Ok((status, body)) => json_reply(status, body),
+        Err(e) => json_reply(
+            530,
+            json!({ "errorresponse": { "errorcode": 530, "errortext": e.to_string() } }),
+        ),
+    }
 }
 
 #[derive(Deserialize)]

@@ -404,6 +404,7 @@ pub(crate) struct ProjectionRow<'a> {
     pub status: Option<&'a str>,
     pub snapshot: Option<&'a str>,
     pub vm: Option<&'a str>,
+    pub networks: Option<&'a str>,
     pub error: Option<&'a str>,
     pub started: bool,
     pub completed: bool,
@@ -418,6 +419,7 @@ pub(crate) struct TrackingRow<'a> {
     pub status: &'static str,
     pub metadata: &'a Value,
     pub error: Option<&'a str>,
+    pub correlation: &'a str,
     pub at: String,
 }
 
@@ -452,6 +454,7 @@ impl<'a> BatchRows<'a> {
             status: projection.status.as_deref(),
             snapshot: projection.snapshot_name.as_deref(),
             vm: projection.destination_vm_id.as_deref(),
+            networks: projection.network_mappings.as_deref(),
             error: projection.error_message.as_deref(),
             started: projection.started,
             completed: projection.completed,
@@ -491,6 +494,7 @@ impl<'a> BatchRows<'a> {
                 status: t.status,
                 metadata: &t.metadata,
                 error: t.error_message.as_deref(),
+                correlation: &projection.correlation_id,
                 at: at.to_string(),
             });
         }

@@ -291,6 +291,9 @@ pub struct FailoverJobRow {
     pub status: String,
     pub linstor_snapshot_name: Option<String>,
     pub destination_vm_id: Option<String>,
+    /// The network mappings the new VM got (source network → CloudStack network), once it is
+    /// created.
+    pub network_mappings: Option<std::collections::BTreeMap<String, String>>,
     pub error_message: Option<String>,
     pub correlation_id: Option<String>,
     pub created_at: String,
@@ -307,6 +310,8 @@ pub struct JobTrackingRow {
     pub status: String,
     pub metadata: Value,
     pub error_message: Option<String>,
+    /// The run's correlation id (None on rows written before it was kept).
+    pub correlation_id: Option<String>,
 }
 
 /// One side effect recorded by the built-in test actions.

@@ -15,6 +15,8 @@ pub struct Projection {
     pub status: Option<String>,
     pub snapshot_name: Option<String>,
     pub destination_vm_id: Option<String>,
+    /// The network mappings the new VM got (JSON text: source network → CloudStack network).
+    pub network_mappings: Option<String>,
     pub error_message: Option<String>,
     pub started: bool,
     pub completed: bool,
@@ -22,6 +24,8 @@ pub struct Projection {
     /// operator resolved it. A run that needs an operator keeps it.
     pub release_lock: bool,
     pub tracking: Vec<TrackingUpdate>,
+    /// The run's correlation id, which every `job_tracking` row it creates carries.
+    pub correlation_id: String,
 }
 
 /// One `job_tracking` row (keyed by run and operation), created or updated.
@@ -53,12 +57,17 @@ fn pick(p: &mut Projection, v: &Value) {
     if let Some(s) = v.get("destination_vm_id").and_then(Value::as_str) {
         p.destination_vm_id = Some(s.to_string());
     }
+    if let Some(m) = v.get("network_mappings").filter(|m| m.is_object()) {
+        p.network_mappings = Some(m.to_string());
+    }
 }
 
-/// Builds the projection updates for a batch of journal records.
-pub fn project(records: &[Record], display_status: &str) -> Projection {
+/// Builds the projection updates for a batch of journal records of the run with
+/// `correlation_id`.
+pub fn project(records: &[Record], display_status: &str, correlation_id: &str) -> Projection {
     let mut p = Projection {
         status: Some(display_status.to_string()),
+        correlation_id: correlation_id.to_string(),
         ..Projection::default()
     };
     for r in records {
@@ -171,6 +180,12 @@ mod tests {
                 attempt: 1,
                 output: json!({"snapshot_name": "tern-1"}),
             },
+            Record::StepSucceeded {
+                phase: Phase::Forward,
+                step: "test-vm-creation".into(),
+                attempt: 1,
+                output: json!({"destination_vm_id": "vm-9", "network_mappings": {"VM Network": "net-1"}}),
+            },
             Record::StepStarted {
                 phase: Phase::Teardown,
                 step: "stop".into(),
@@ -183,10 +198,13 @@ mod tests {
                 undone: vec!["snapshot".into()],
             },
         ];
-        let p = project(&recs, "needs_operator");
+        let p = project(&recs, "needs_operator", "corr-1");
         assert_eq!(p.snapshot_name.as_deref(), Some("tern-1"));
+        assert_eq!(p.destination_vm_id.as_deref(), Some("vm-9"));
+        assert_eq!(p.network_mappings.as_deref(), Some(r#"{"VM Network":"net-1"}"#));
+        assert_eq!(p.correlation_id, "corr-1");
         assert_eq!(p.tracking[0].status, "completed");
-        assert_eq!(p.tracking[1].operation, "teardown:stop");
+        assert_eq!(p.tracking[2].operation, "teardown:stop");
         assert!(p.completed);
         assert!(!p.release_lock, "a run that needs an operator keeps its VM");
         assert!(p.error_message.unwrap().contains("not undone: snapshot"));
@@ -196,13 +214,13 @@ mod tests {
             forced: false,
             differences: vec![],
         }];
-        let p = project(&resolved, "resolved");
+        let p = project(&resolved, "resolved", "c");
         assert!(p.release_lock && !p.completed);
         let done = [Record::RunFinished {
             status: RunStatus::Completed,
             error: None,
             undone: vec![],
         }];
-        assert!(project(&done, "completed").release_lock);
+        assert!(project(&done, "completed", "c").release_lock);
     }
 }

@@ -92,6 +92,12 @@ macro_rules! inventory_and_jobs {
                 status: r.try_get("status")?,
                 linstor_snapshot_name: r.try_get("linstor_snapshot_name")?,
                 destination_vm_id: r.try_get("destination_vm_id")?,
+                network_mappings: match r.try_get::<Option<String>, _>("network_mappings")? {
+                    Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
+                        StoreError::Corrupt(format!("failover_jobs.network_mappings: {e}"))
+                    })?),
+                    None => None,
+                },
                 error_message: r.try_get("error_message")?,
                 correlation_id: r.try_get("correlation_id")?,
                 created_at: r.try_get("created_at")?,
@@ -116,7 +122,7 @@ macro_rules! inventory_and_jobs {
 
             async fn job_tracking(&self, run: RunId) -> Result<Vec<JobTrackingRow>> {
                 let rows = sqlx::query(
-                    "SELECT id, parent_job_id, operation, status, metadata, error_message FROM job_tracking \
+                    "SELECT id, parent_job_id, operation, status, metadata, error_message, correlation_id FROM job_tracking \
                      WHERE parent_job_id = $1 ORDER BY created_at, id",
                 )
                 .bind(run.to_string())
@@ -132,6 +138,7 @@ macro_rules! inventory_and_jobs {
                             status: r.try_get("status")?,
                             metadata: metadata.map(|m| m.0).unwrap_or(Value::Null),
                             error_message: r.try_get("error_message")?,
+                            correlation_id: r.try_get("correlation_id")?,
                         })
                     })
                     .collect()

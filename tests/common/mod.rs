@@ -173,6 +173,7 @@ impl Sim {
             job_poll,
             job_timeout: std::time::Duration::from_secs(10),
             request_timeout,
+            clock_skew: std::time::Duration::from_millis(100),
         }
     }
 }
@@ -318,9 +319,36 @@ pub fn failover_env(base: &str, sample: &tern::sim::SampleInventory, defs: &std:
         ("TERN_JOB_POLL", "20ms".into()),
         ("TERN_JOB_TIMEOUT", "10s".into()),
         ("TERN_REQUEST_TIMEOUT", "1s".into()),
+        ("TERN_CLOUDSTACK_CLOCK_SKEW", "200ms".into()),
         ("TERN_WORKFLOWS_DIR", defs.display().to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
+}
+
+/// The check of `volume` in a `/sim/invariant` report (Null when the report has none).
+pub fn volume_check(report: &serde_json::Value, volume: &str) -> serde_json::Value {
+    report["volumes"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["volume_id"] == volume).cloned())
+        .unwrap_or_default()
+}
+
+/// The VM a failover run created, as its create step (`step`) recorded it.
+pub fn created_vm(row: &tern::store::RunRow, step: &str) -> String {
+    row.context.output(step)["destination_vm_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("step {step} recorded no VM: {:?}", row.context.output(step)))
+        .to_string()
+}
+
+/// A simulator inspection endpoint's JSON (`path` like `/sim/state`).
+pub async fn sim_get(base: &str, path: &str) -> serde_json::Value {
+    reqwest::get(format!("{base}{path}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }

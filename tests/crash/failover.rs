@@ -170,15 +170,7 @@ impl Campaign {
     }
 
     async fn check(&self) {
-        let http = reqwest::Client::new();
-        let state: Value = http
-            .get(format!("{}/sim/state", self.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let state: Value = self.sim_get("/sim/state").await;
         let created: BTreeMap<String, u64> = serde_json::from_value(state["created"].clone()).unwrap();
         for (name, n) in &created {
             assert_eq!(*n, 1, "{name} was created {n} times");
@@ -203,48 +195,18 @@ impl Campaign {
             }
             let vm = self.inv.vms.iter().find(|v| &v.vm_id == vm_id).unwrap();
             let expect = match (live, row.status) {
-                (true, RunStatus::Completed) => row.context.output("vm-creation")["destination_vm_id"]
-                    .as_str()
-                    .unwrap()
-                    .to_string(),
+                (true, RunStatus::Completed) => common::created_vm(&row, "vm-creation"),
                 _ => self.oma.clone(),
             };
-            let inv: Value = http
-                .get(format!("{}/sim/invariant?expect_vm={expect}", self.base))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let inv: Value = self.sim_get(&format!("/sim/invariant?expect_vm={expect}")).await;
             for disk in vm.all_disks() {
-                let mine = inv["volumes"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|v| v["volume_id"] == json!(disk.volume_id))
-                    .unwrap()
-                    .clone();
+                let mine = common::volume_check(&inv, &disk.volume_id);
                 assert_eq!(mine["ok"], json!(true), "run {id}: volume {}: {mine}", disk.volume_id);
             }
         }
-        let inv: Value = http
-            .get(format!("{}/sim/invariant?prefix=tern-t-", self.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let inv: Value = self.sim_get("/sim/invariant?prefix=tern-t-").await;
         assert!(inv["leaked_vms"].as_array().unwrap().is_empty(), "test VMs left: {inv}");
-        let snaps: Value = http
-            .get(format!("{}/sim/invariant?prefix=tern-", self.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let snaps: Value = self.sim_get("/sim/invariant?prefix=tern-").await;
         for key in ["leaked_snapshots", "leaked_vm_snapshots", "leaked_linstor_snapshots"] {
             assert!(snaps[key].as_array().unwrap().is_empty(), "{key}: {snaps}");
         }
@@ -469,10 +431,7 @@ async fn a_kill_between_the_vm_snapshot_and_the_start_resumes(backend: &str) {
     c.until_killed(&mut doomed, point).await;
     let state = c.sim_get("/sim/state").await;
     let row = c.store.get_run(run).await.unwrap().unwrap();
-    let test_vm = row.context.output("test-vm-creation")["destination_vm_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let test_vm = common::created_vm(&row, "test-vm-creation");
     assert_eq!(row.context.output("vm-snapshot")["target"], json!(test_vm));
     assert_eq!(state["vms"][&test_vm]["state"], json!("Stopped"));
     let snaps: Vec<&Value> = state["vm_snapshots"].as_object().unwrap().values().collect();
@@ -513,24 +472,12 @@ async fn a_kill_between_the_vm_snapshot_and_the_start_resumes(backend: &str) {
 
 impl Campaign {
     async fn sim_get(&self, path: &str) -> Value {
-        let http = reqwest::Client::new();
-        http.get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        common::sim_get(&self.base, path).await
     }
 
     /// The (single) run's volume is on `expect`, no test VM or snapshot is left, and nothing
     /// was created twice; what is wrong otherwise.
     pub(crate) async fn clean(&self, expect: &str) -> Result<(), String> {
-        let http = reqwest::Client::new();
-        let get = |q: String| {
-            let http = http.clone();
-            async move { http.get(q).send().await.unwrap().json::<Value>().await.unwrap() }
-        };
         let volumes: Vec<String> = self
             .inv
             .vms
@@ -538,25 +485,25 @@ impl Campaign {
             .find(|v| Some(&v.vm_id) == self.runs.first().map(|r| &r.1))
             .map(|v| v.all_disks().map(|d| d.volume_id.clone()).collect())
             .unwrap_or_default();
-        let inv = get(format!("{}/sim/invariant?prefix=tern-t-&expect_vm={expect}", self.base)).await;
+        let inv = self
+            .sim_get(&format!("/sim/invariant?prefix=tern-t-&expect_vm={expect}"))
+            .await;
         for volume in &volumes {
-            let mine = inv["volumes"]
-                .as_array()
-                .and_then(|vs| vs.iter().find(|v| v["volume_id"] == json!(volume)).cloned());
-            if mine.as_ref().is_none_or(|v| v["ok"] != json!(true)) {
-                return Err(format!("volume {volume}: {mine:?}"));
+            let mine = common::volume_check(&inv, volume);
+            if mine["ok"] != json!(true) {
+                return Err(format!("volume {volume}: {mine}"));
             }
         }
         if inv["leaked_vms"].as_array().is_none_or(|a| !a.is_empty()) {
             return Err(format!("test VMs left: {}", inv["leaked_vms"]));
         }
-        let snaps = get(format!("{}/sim/invariant?prefix=tern-", self.base)).await;
+        let snaps = self.sim_get("/sim/invariant?prefix=tern-").await;
         for key in ["leaked_snapshots", "leaked_vm_snapshots", "leaked_linstor_snapshots"] {
             if snaps[key].as_array().is_none_or(|a| !a.is_empty()) {
                 return Err(format!("{key}: {}", snaps[key]));
             }
         }
-        let state = get(format!("{}/sim/state", self.base)).await;
+        let state = self.sim_get("/sim/state").await;
         if let Some((name, n)) = state["created"]
             .as_object()
             .and_then(|c| c.iter().find(|(_, n)| n.as_u64() != Some(1)))
@@ -568,17 +515,12 @@ impl Campaign {
 
     /// Nothing named after the runs is left, and nothing was created twice.
     async fn check_cleanup(&self) {
-        let http = reqwest::Client::new();
-        let get = |q: String| {
-            let http = http.clone();
-            async move { http.get(q).send().await.unwrap().json::<Value>().await.unwrap() }
-        };
-        let state = get(format!("{}/sim/state", self.base)).await;
+        let state = self.sim_get("/sim/state").await;
         let created: BTreeMap<String, u64> = serde_json::from_value(state["created"].clone()).unwrap();
         for (name, n) in &created {
             assert_eq!(*n, 1, "{name} was created {n} times");
         }
-        let inv = get(format!("{}/sim/invariant?prefix=tern-", self.base)).await;
+        let inv = self.sim_get("/sim/invariant?prefix=tern-").await;
         for key in [
             "leaked_vms",
             "leaked_snapshots",

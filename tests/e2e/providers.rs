@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tern::providers::cloudstack::{CloudStackClient, CloudStackConfig, VmSnapshots, VolumeSnapshots};
+use tern::providers::cloudstack::{sign, CloudStackClient, CloudStackConfig, VmSnapshots, VolumeSnapshots};
 use tern::providers::linstor::{resource_name_for_volume, LinstorClient};
 use tern::providers::{
     AsyncCommand, Cloud, JobStatus, NicRequest, ProviderError, SnapshotBackend, SnapshotFilter, VmFilter, VmState,
@@ -478,13 +478,29 @@ async fn wrong_secret_is_unauthorized_and_never_leaks() {
         .list_vms(VmFilter::default())
         .await;
     assert!(matches!(err, Err(ProviderError::Unauthorized { .. })));
-    let mut expired = sim.cloud_config();
-    expired.expires_in = Duration::ZERO;
-    let err = CloudStackClient::new(expired)
-        .unwrap()
-        .list_vms(VmFilter::default())
-        .await;
-    assert!(matches!(err, Err(ProviderError::Unauthorized { .. })));
+    let signed = |expires: std::time::SystemTime| {
+        let params: Vec<(String, String)> = [
+            ("command", "listZones".to_string()),
+            ("apiKey", API_KEY.to_string()),
+            ("response", "json".to_string()),
+            ("signatureVersion", "3".to_string()),
+            ("expires", sign::format_expires(expires)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let signature = sign::java_url_encode(&sign::signature(&params, SECRET));
+        format!(
+            "{}/client/api?{}&signature={signature}",
+            sim.base,
+            sign::canonical_query(&params)
+        )
+    };
+    let now = std::time::SystemTime::now();
+    let fresh = sim.http.get(signed(now + WAIT)).send().await.unwrap();
+    assert_eq!(fresh.status().as_u16(), 200);
+    let expired = sim.http.get(signed(now - WAIT)).send().await.unwrap();
+    assert_eq!(expired.status().as_u16(), 401);
     sim.stop().await;
 }
 
@@ -597,6 +613,58 @@ async fn hang_past_the_client_timeout_is_unavailable() {
     assert!(err.is_retryable() && err.may_have_applied());
     assert!(!err.to_string().contains("signature") && !err.to_string().contains(API_KEY));
     sim.stop().await;
+}
+
+/// A mutation held up on the way past the client's timeout (the server handles it when it
+/// arrives, whether or not the client is still there): the client returns its error only once
+/// the request has expired, and a server that sees the request after that refuses it. So what
+/// the caller finds when it then looks at the world stays so: the request landed before the
+/// look (held up 1.5 s, not yet expired) or never lands (held up 3 s, refused as expired).
+#[tokio::test]
+async fn a_mutation_held_up_past_its_timeout_lands_before_the_caller_looks_or_never() {
+    for hang_ms in [1_500, 3_000] {
+        let mut cfg = config();
+        let mut p = plan(
+            "detachVolume",
+            FaultRates {
+                hang_rate: 1.0,
+                ..Default::default()
+            },
+        );
+        p.hang_ms = Some(hang_ms);
+        cfg.fault_plan = Some(p);
+        let sim = start(cfg).await;
+        let inv = sim.inventory().await;
+        let mut cc = sim.cloud_config();
+        cc.request_timeout = Duration::from_secs(1);
+        cc.clock_skew = Duration::from_millis(300);
+        let c = CloudStackClient::new(cc).unwrap();
+        let volume = inv.vms[0].volume_id.clone();
+        let cmd = AsyncCommand::DetachVolume {
+            volume_id: volume.clone(),
+        };
+        let err = c.issue(cmd).await.unwrap_err();
+        assert!(err.may_have_applied(), "{err}");
+        // A job the late request started finishes within the simulator's latency.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let seen = c.get_volume(&volume).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(3_000)).await;
+        let later = c.get_volume(&volume).await.unwrap();
+        assert_eq!(
+            later.vm_id, seen.vm_id,
+            "held up {hang_ms} ms: nothing landed after the look"
+        );
+        if hang_ms == 3_000 {
+            assert_eq!(
+                later.vm_id.as_deref(),
+                Some(inv.oma_vm_id.as_str()),
+                "refused as expired"
+            );
+        }
+        let faults = sim.get("/sim/faults").await;
+        assert_eq!(faults.as_array().map(Vec::len), Some(1), "{faults}");
+        sim.stop().await;
+    }
 }
 
 #[tokio::test]

@@ -27,8 +27,12 @@ pub struct CloudStackConfig {
     pub secret_key: String,
     /// Per HTTP request.
     pub request_timeout: Duration,
-    /// How far ahead `expires` is set.
-    pub expires_in: Duration,
+    /// How far CloudStack's clock may be from ours. A request expires (`expires`, which the
+    /// server checks when the request reaches it) `request_timeout + clock_skew` after it is
+    /// sent, rounded up to the second; when a mutation gets no reply, the client waits until
+    /// that moment and one more `clock_skew` have passed before it returns the error, so a
+    /// request held up on the way can no longer be applied once the caller looks at the world.
+    pub clock_skew: Duration,
     /// Queries longer than this many bytes are sent as a POST form instead of a GET.
     pub post_threshold: usize,
 }
@@ -40,7 +44,7 @@ impl CloudStackConfig {
             api_key: api_key.into(),
             secret_key: secret_key.into(),
             request_timeout: Duration::from_secs(30),
-            expires_in: Duration::from_secs(300),
+            clock_skew: Duration::from_secs(5),
             post_threshold: 2000,
         }
     }
@@ -53,7 +57,7 @@ impl fmt::Debug for CloudStackConfig {
             .field("api_key", &"<redacted>")
             .field("secret_key", &"<redacted>")
             .field("request_timeout", &self.request_timeout)
-            .field("expires_in", &self.expires_in)
+            .field("clock_skew", &self.clock_skew)
             .field("post_threshold", &self.post_threshold)
             .finish()
     }
@@ -82,10 +86,8 @@ impl CloudStackClient {
         all.push(("apiKey".into(), self.config.api_key.clone()));
         all.push(("response".into(), "json".into()));
         all.push(("signatureVersion".into(), "3".into()));
-        all.push((
-            "expires".into(),
-            sign::format_expires(SystemTime::now() + self.config.expires_in),
-        ));
+        let expires = self.expires_at(SystemTime::now());
+        all.push(("expires".into(), sign::format_expires(expires)));
         let signature = sign::signature(&all, &self.config.secret_key);
         let query = format!(
             "{}&signature={}",
@@ -106,14 +108,49 @@ impl CloudStackClient {
         if marked {
             crate::crash::point_of("cloud_call", command);
         }
-        let reply = request.send().await.map_err(transport_error)?;
-        let status = reply.status().as_u16();
-        let body = reply.text().await.map_err(transport_error)?;
+        let mutation = !command.starts_with("list") && command != "queryAsyncJobResult";
+        let answered = async {
+            let reply = request.send().await?;
+            let status = reply.status().as_u16();
+            Ok::<_, reqwest::Error>((status, reply.text().await?))
+        };
+        let (status, body) = match answered.await {
+            Ok(answer) => answer,
+            Err(e) => {
+                let e = transport_error(e);
+                if mutation && e.may_have_applied() {
+                    self.outlive(command, expires).await;
+                }
+                return Err(e);
+            }
+        };
         if marked {
             crate::crash::point_of("cloud_answered", command);
         }
         tracing::debug!(command, status, "cloudstack reply");
         parse_reply(command, status, &body)
+    }
+
+    /// When a request sent at `sent` expires: after the longest wait for its reply and the
+    /// clock skew, rounded up to the second (`expires` has no finer unit).
+    fn expires_at(&self, sent: SystemTime) -> SystemTime {
+        let at = sent + self.config.request_timeout + self.config.clock_skew;
+        let since = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        if since.subsec_nanos() == 0 {
+            at
+        } else {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs() + 1)
+        }
+    }
+
+    /// Waits until a request that expires at `expires` can no longer be accepted by a server
+    /// whose clock is at most `clock_skew` behind ours.
+    async fn outlive(&self, command: &str, expires: SystemTime) {
+        let after = expires + self.config.clock_skew;
+        if let Ok(left) = after.duration_since(SystemTime::now()) {
+            tracing::info!(command, wait = ?left, "no reply to a mutation: waiting until it has expired before looking again");
+            tokio::time::sleep(left).await;
+        }
     }
 
     async fn list<T: DeserializeOwned>(

@@ -647,19 +647,15 @@ mod tests {
             snapshot: Some(true),
         };
         let text = plan(&stuck_in_revert(), Some(&vm()), None, Some(&found));
-        let steps: Vec<&str> = text
-            .lines()
-            .filter(|l| l.starts_with("  ") && l.contains(". "))
-            .collect();
-        assert_eq!(steps.len(), 4, "{text}");
-        for (step, needle) in steps.iter().zip([
-            "cmk revert snapshot id=snap-9",
-            "cmk attach volume id=vol-1 virtualmachineid=oma-1",
-            "cmk destroy virtualmachine id=tvm-1 expunge=true",
-            "cmk delete snapshot id=snap-9",
-        ]) {
-            assert!(step.contains(needle), "{step:?} is not {needle:?} in:\n{text}");
-        }
+        assert_steps(
+            &text,
+            &[
+                "cmk revert snapshot id=snap-9",
+                "cmk attach volume id=vol-1 virtualmachineid=oma-1",
+                "cmk destroy virtualmachine id=tvm-1 expunge=true",
+                "cmk delete snapshot id=snap-9",
+            ],
+        );
         assert!(!text.contains("cmk detach"), "the volume is already detached:\n{text}");
         assert!(!text.contains("cmk stop"), "the VM is not running:\n{text}");
     }
@@ -711,10 +707,6 @@ mod tests {
             snapshot: Some(true),
         };
         let text = plan(&row, Some(&vm), None, Some(&found));
-        let steps: Vec<&str> = text
-            .lines()
-            .filter(|l| l.starts_with("  ") && l.contains(". "))
-            .collect();
         let want = [
             "cmk detach volume id=vol-2",
             "cmk detach volume id=vol-3",
@@ -729,10 +721,7 @@ mod tests {
             "cmk delete snapshot id=s-2",
             "cmk delete snapshot id=s-3",
         ];
-        assert_eq!(steps.len(), want.len(), "{text}");
-        for (step, needle) in steps.iter().zip(want) {
-            assert!(step.contains(needle), "{step:?} is not {needle:?} in:\n{text}");
-        }
+        assert_steps(&text, &want);
         for needle in [
             "disk 1         vol-2",
             "vol-2 on tvm-1",
@@ -784,31 +773,17 @@ mod tests {
             own_roots: vec![],
             snapshot: Some(true),
         };
-        let text = plan(&row, Some(&vm()), None, Some(&found));
-        assert_steps(
-            &text,
-            &[
-                "cmk stop virtualmachine id=tvm-1",
-                "cmk revert tovmsnapshot vmsnapshotid=vms-1",
-                "cmk delete vmsnapshot vmsnapshotid=vms-1",
-                "cmk detach volume id=vol-1",
-                "cmk attach volume id=vol-1 virtualmachineid=oma-1",
-                "cmk destroy virtualmachine id=tvm-1 expunge=true",
-            ],
-        );
+        let want = [
+            "cmk stop virtualmachine id=tvm-1",
+            "cmk revert tovmsnapshot vmsnapshotid=vms-1",
+            "cmk delete vmsnapshot vmsnapshotid=vms-1",
+            "cmk detach volume id=vol-1",
+            "cmk attach volume id=vol-1 virtualmachineid=oma-1",
+            "cmk destroy virtualmachine id=tvm-1 expunge=true",
+        ];
+        assert_steps(&plan(&row, Some(&vm()), None, Some(&found)), &want);
         // From the journal alone, the same order.
-        let text = plan(&row, Some(&vm()), None, None);
-        assert_steps(
-            &text,
-            &[
-                "cmk stop virtualmachine id=tvm-1",
-                "cmk revert tovmsnapshot vmsnapshotid=vms-1",
-                "cmk delete vmsnapshot vmsnapshotid=vms-1",
-                "cmk detach volume id=vol-1",
-                "cmk attach volume id=vol-1 virtualmachineid=oma-1",
-                "cmk destroy virtualmachine id=tvm-1 expunge=true",
-            ],
-        );
+        assert_steps(&plan(&row, Some(&vm()), None, None), &want);
     }
 
     /// A run of an older Tern took its VM snapshot of the OMA: the plan deletes it and never

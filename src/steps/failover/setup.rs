@@ -39,6 +39,8 @@ pub struct CloudSettings {
     pub job_poll: Duration,
     pub job_timeout: Duration,
     pub request_timeout: Duration,
+    /// How far CloudStack's clock may be from ours (see [`CloudStackConfig::clock_skew`]).
+    pub clock_skew: Duration,
 }
 
 impl std::fmt::Debug for CloudSettings {
@@ -70,6 +72,7 @@ pub fn build(settings: &CloudSettings, store: Arc<dyn Store>) -> Result<Arc<Fail
     }
     let mut cs = CloudStackConfig::new(&settings.cloudstack_url, &settings.api_key, &settings.secret_key);
     cs.request_timeout = settings.request_timeout;
+    cs.clock_skew = settings.clock_skew;
     let cloud: Arc<dyn Cloud> = Arc::new(CloudStackClient::new(cs).map_err(|e| format!("CloudStack client: {e}"))?);
     let snapshots: Arc<dyn SnapshotBackend> = match settings.snapshot_backend {
         SnapshotKind::CloudstackVolume => Arc::new(VolumeSnapshots::new(

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use super::{fail, retryable, Attempt};
 use crate::domain::inventory::NetworkKind;
 use crate::engine::action::ActionError;
-use crate::providers::{AsyncCommand, NicRequest, VmFilter, VmState};
+use crate::providers::{AsyncCommand, NicRequest, Vm, VmFilter, VmState};
 
 /// The new VM's NICs, one per source NIC in the source's order, each on its mapped network:
 /// the run's overrides, then the stored mappings for this failover kind, then (test only) the
@@ -91,24 +91,19 @@ impl PlannedNic {
     fn keeps_address(&self) -> bool {
         self.request.ip.is_some() || self.request.mac.is_some()
     }
-
-    /// As the job's output says it: the mapping applied.
-    pub fn said(&self) -> Value {
-        json!({"source_network": self.source_network, "network_id": self.request.network_id,
-            "ip": self.request.ip, "mac": self.request.mac})
-    }
 }
 
 /// Creates the VM stopped (so its disk can be swapped before first boot), adopting one this
-/// run already created.
+/// run already created. Either way the output says how it was sized and the network mappings
+/// it got, as CloudStack lists its NICs.
 pub(crate) async fn create(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
     let name = attempt.vm_name();
-    if let Some(done) = adopt_or_clear(attempt).await? {
-        return Ok(done);
-    }
-    let cfg = &attempt.deps.config;
     let (service_offering_id, size, sizing) = sizing(attempt).await?;
     let nics = nic_plan(attempt).await?;
+    if let Some(vm) = adopt_or_clear(attempt).await? {
+        return Ok(created(&vm, true, sizing, &nics));
+    }
+    let cfg = &attempt.deps.config;
     let cmd = AsyncCommand::DeployVm {
         name: name.clone(),
         display_name: Some(attempt.input.vm_name.clone().unwrap_or_else(|| attempt.vm.name.clone())),
@@ -124,7 +119,7 @@ pub(crate) async fn create(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
         // The deploy may have gone through although we saw an error: adopt it if so; a VM the
         // failed deploy left in Error state is removed so the next attempt starts clean.
         return match adopt_or_clear(attempt).await? {
-            Some(done) => Ok(done),
+            Some(vm) => Ok(created(&vm, true, sizing, &nics)),
             None => Err(e),
         };
     }
@@ -134,8 +129,30 @@ pub(crate) async fn create(attempt: &Attempt<'_>) -> Result<Value, ActionError> 
             format!("deploy of {name} finished but the VM is not listed"),
         )
     })?;
-    let nics: Vec<Value> = nics.iter().map(PlannedNic::said).collect();
-    Ok(json!({"destination_vm_id": vm.id, "vm_name": vm.name, "adopted": false, "sizing": sizing, "nics": nics}))
+    Ok(created(&vm, false, sizing, &nics))
+}
+
+/// The create step's output: the VM, how it was sized, and the mappings applied: each NIC as
+/// CloudStack lists it, with the source NIC it stands for (`nics`), and each source network's
+/// CloudStack network (`network_mappings`, projected into `failover_jobs.network_mappings`).
+fn created(vm: &Vm, adopted: bool, sizing: Value, plan: &[PlannedNic]) -> Value {
+    let mut nics = Vec::new();
+    let mut mappings = serde_json::Map::new();
+    for (i, planned) in plan.iter().enumerate() {
+        let have = vm.nics.get(i);
+        let network_id = have.map_or(planned.request.network_id.as_str(), |n| n.network_id.as_str());
+        nics.push(json!({
+            "source_network": planned.source_network,
+            "network_id": network_id,
+            "ip": have.and_then(|n| n.ip_address.as_ref()).or(planned.request.ip.as_ref()),
+            "mac": have.and_then(|n| n.mac_address.as_ref()).or(planned.request.mac.as_ref()),
+        }));
+        if !planned.source_network.is_empty() {
+            mappings.insert(planned.source_network.clone(), json!(network_id));
+        }
+    }
+    json!({"destination_vm_id": vm.id, "vm_name": vm.name, "adopted": adopted, "sizing": sizing,
+        "nics": nics, "network_mappings": mappings})
 }
 
 /// The deploy's offering and size parameters, and what the job says of them. The request may
@@ -229,14 +246,12 @@ fn smallest_fit(sizes: &[(u32, u64)], cpu: u32, memory_mb: u64) -> Option<(usize
 
 /// Adopts the VM this run already created; a VM a failed deploy left in Error state is
 /// destroyed instead (and the caller deploys again, or fails).
-async fn adopt_or_clear(attempt: &Attempt<'_>) -> Result<Option<Value>, ActionError> {
+async fn adopt_or_clear(attempt: &Attempt<'_>) -> Result<Option<Vm>, ActionError> {
     let Some(vm) = attempt.find_vm().await? else {
         return Ok(None);
     };
     if vm.state != VmState::Error {
-        return Ok(Some(
-            json!({"destination_vm_id": vm.id, "vm_name": vm.name, "adopted": true}),
-        ));
+        return Ok(Some(vm));
     }
     let cmd = AsyncCommand::DestroyVm {
         id: vm.id.clone(),

@@ -364,7 +364,7 @@ super::shared::run_reads!(PgStore);
 super::shared::run_writes!(PgStore, "postgres");
 
 const JOB_COLUMNS: &str = "f.job_id, f.vm_id, f.vm_name, f.job_type, f.status, f.linstor_snapshot_name, \
-    f.destination_vm_id, f.error_message, f.correlation_id, f.created_at::text AS created_at, \
+    f.destination_vm_id, f.network_mappings, f.error_message, f.correlation_id, f.created_at::text AS created_at, \
     f.started_at::text AS started_at, f.completed_at::text AS completed_at";
 
 /// A unique violation of the insert that carries `lock_key` is the lock being held.

@@ -260,7 +260,7 @@ impl<'a> SubmitRow<'a> {
             vm: p.destination_vm_id.as_deref(),
             error: p.error_message.as_deref(),
             source_vm_spec: run.subject.source_vm_spec.clone(),
-            network_mappings: run.subject.network_mappings.clone(),
+            network_mappings: p.network_mappings.clone(),
             lock_key: run.lock_key.as_deref(),
             job_started: p.started,
             job_completed: p.completed,
@@ -328,7 +328,7 @@ async fn submit_runs(pool: &PgPool, runs: &[&NewRun], channel: &str) -> Result<V
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
             "WITH {submits}, {journal}, {tracking} \
-             SELECT {RUN_COLUMNS}, (CASE WHEN lease_owner IS NULL THEN pg_notify($14, '') END) IS NULL AS woke FROM ins",
+             SELECT {RUN_COLUMNS}, (CASE WHEN lease_owner IS NULL THEN pg_notify($15, '') END) IS NULL AS woke FROM ins",
             submits = submit_ctes(1),
             journal = journal_cte(2, "ins"),
             tracking = tracking_cte(7, "ins"),
@@ -473,10 +473,10 @@ async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun]
         // is a union of rows of two shapes, each column keeping its type.
         let (submits, select) = if submits {
             (
-                format!(", {}", submit_ctes(44)),
+                format!(", {}", submit_ctes(46)),
                 "SELECT c.id::text AS cp_id, c.last_seq AS cp_seq, c.signals_pending AS cp_signals, \
                  c.cancel_pending AS cp_cancel, i.*, \
-                 (CASE WHEN i.id IS NOT NULL AND i.lease_owner IS NULL THEN pg_notify($45, '') END) IS NULL AS woke \
+                 (CASE WHEN i.id IS NOT NULL AND i.lease_owner IS NULL THEN pg_notify($47, '') END) IS NULL AS woke \
                  FROM cas c FULL JOIN ins i ON false"
                     .to_string(),
             )
@@ -513,7 +513,7 @@ async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun]
             journal = journal_cte(20, written),
             projections = if parts & PROJECTIONS != 0 { PROJECTIONS_CTE } else { "" },
             tracking = if parts & TRACKING != 0 {
-                format!(", {}", tracking_cte(34, written))
+                format!(", {}", tracking_cte(35, written))
             } else {
                 String::new()
             },
@@ -524,6 +524,7 @@ async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun]
         ", projections AS (UPDATE failover_jobs SET status = COALESCE(v.status, failover_jobs.status), \
              linstor_snapshot_name = COALESCE(v.snapshot, failover_jobs.linstor_snapshot_name), \
              destination_vm_id = COALESCE(v.vm, failover_jobs.destination_vm_id), \
+             network_mappings = COALESCE(v.networks, failover_jobs.network_mappings), \
              error_message = COALESCE(v.error, failover_jobs.error_message), \
              started_at = CASE WHEN v.started AND failover_jobs.started_at IS NULL THEN v.at::timestamptz \
                                ELSE failover_jobs.started_at END, \
@@ -531,10 +532,11 @@ async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun]
              lock_key = CASE WHEN v.release_lock THEN NULL ELSE failover_jobs.lock_key END, \
              updated_at = v.at::timestamptz \
              FROM unnest($25::text[], $26::text[], $27::text[], $28::text[], $29::text[], $30::bool[], $31::bool[], \
-                         $32::text[], $33::bool[]) AS v(id, status, snapshot, vm, error, started, completed, at, release_lock) \
+                         $32::text[], $33::bool[], $34::text[]) \
+                  AS v(id, status, snapshot, vm, error, started, completed, at, release_lock, networks) \
              WHERE failover_jobs.job_id = v.id AND v.id::uuid IN (SELECT id FROM cas))";
     const CONSUMED_CTE: &str = ", consumed AS (UPDATE signals SET consumed_at = c.now \
-             FROM unnest($41::int8[], $42::uuid[], $43::int8[]) AS c(id, run, now) \
+             FROM unnest($43::int8[], $44::uuid[], $45::int8[]) AS c(id, run, now) \
              WHERE signals.id = c.id AND signals.consumed_at IS NULL AND c.run IN (SELECT id FROM cas))";
     let part = |has: bool, part: usize| if has { part } else { 0 };
     let parts = part(!submits.is_empty(), SUBMITS)
@@ -570,7 +572,8 @@ async fn write(db: impl PgExecutor<'_>, cps: &[&Checkpoint], submits: &[&NewRun]
         .bind(p.iter().map(|r| r.started).collect::<Vec<bool>>())
         .bind(p.iter().map(|r| r.completed).collect::<Vec<bool>>())
         .bind(p.iter().map(|r| r.at.as_str()).collect::<Vec<&str>>())
-        .bind(p.iter().map(|r| r.release_lock).collect::<Vec<bool>>());
+        .bind(p.iter().map(|r| r.release_lock).collect::<Vec<bool>>())
+        .bind(p.iter().map(|r| r.networks).collect::<Vec<Option<&str>>>());
     let q = bind_tracking(q, &rows.tracking)
         .bind(consumed.iter().map(|c| c.0).collect::<Vec<i64>>())
         .bind(consumed.iter().map(|c| c.1).collect::<Vec<uuid::Uuid>>())
@@ -630,23 +633,26 @@ fn bind_journal<'q>(q: PgQuery<'q>, rows: &'q [JournalRow<'q>]) -> PgQuery<'q> {
         .bind(rows.iter().map(|r| r.at).collect::<Vec<i64>>())
 }
 
-/// A CTE upserting the `job_tracking` rows of array parameters `$first`.. (seven: see
-/// [`bind_tracking`]) whose runs are in `runs`.
+/// A CTE upserting the `job_tracking` rows of array parameters `$first`.. (eight: see
+/// [`bind_tracking`]) whose runs are in `runs`. A row's correlation id is its run's, written
+/// when the row is created.
 fn tracking_cte(first: u8, runs: &str) -> String {
-    let [a, b, c, d, e, f, g] = [0, 1, 2, 3, 4, 5, 6].map(|i| first + i);
+    let [a, b, c, d, e, f, g, h] = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| first + i);
     format!(
         "tracking AS (INSERT INTO job_tracking (id, parent_job_id, operation, status, metadata, error_message, \
-                                             created_at, updated_at) \
-         SELECT t.id, t.parent, t.operation, t.status, t.metadata, t.error, t.at::timestamptz, t.at::timestamptz \
-         FROM unnest(${a}::text[], ${b}::text[], ${c}::text[], ${d}::text[], ${e}::jsonb[], ${f}::text[], ${g}::text[]) \
-              AS t(id, parent, operation, status, metadata, error, at) \
+                                             correlation_id, created_at, updated_at) \
+         SELECT t.id, t.parent, t.operation, t.status, t.metadata, t.error, t.correlation, t.at::timestamptz, \
+                t.at::timestamptz \
+         FROM unnest(${a}::text[], ${b}::text[], ${c}::text[], ${d}::text[], ${e}::jsonb[], ${f}::text[], ${g}::text[], \
+                     ${h}::text[]) \
+              AS t(id, parent, operation, status, metadata, error, at, correlation) \
          WHERE t.parent::uuid IN (SELECT id FROM {runs}) \
          ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, \
              metadata = excluded.metadata, error_message = excluded.error_message, updated_at = excluded.updated_at)"
     )
 }
 
-/// Binds the tracking rows as the seven arrays [`tracking_cte`] reads.
+/// Binds the tracking rows as the eight arrays [`tracking_cte`] reads.
 fn bind_tracking<'q>(q: PgQuery<'q>, rows: &'q [TrackingRow<'q>]) -> PgQuery<'q> {
     q.bind(rows.iter().map(|r| r.id.as_str()).collect::<Vec<&str>>())
         .bind(rows.iter().map(|r| r.parent.as_str()).collect::<Vec<&str>>())
@@ -655,4 +661,5 @@ fn bind_tracking<'q>(q: PgQuery<'q>, rows: &'q [TrackingRow<'q>]) -> PgQuery<'q>
         .bind(rows.iter().map(|r| Json(r.metadata)).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.error).collect::<Vec<Option<&str>>>())
         .bind(rows.iter().map(|r| r.at.as_str()).collect::<Vec<&str>>())
+        .bind(rows.iter().map(|r| r.correlation).collect::<Vec<&str>>())
 }

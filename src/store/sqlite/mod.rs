@@ -259,4 +259,4 @@ super::shared::run_reads!(SqliteStore);
 super::shared::run_writes!(SqliteStore, "sqlite");
 
 const JOB_COLUMNS: &str = "f.job_id, f.vm_id, f.vm_name, f.job_type, f.status, f.linstor_snapshot_name, \
-    f.destination_vm_id, f.error_message, f.correlation_id, f.created_at, f.started_at, f.completed_at";
+    f.destination_vm_id, f.network_mappings, f.error_message, f.correlation_id, f.created_at, f.started_at, f.completed_at";

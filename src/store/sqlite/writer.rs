@@ -126,16 +126,17 @@ fn write_rows(tx: &Transaction, rows: &BatchRows<'_>) -> Result<()> {
     }
     for chunk in chunked(&rows.projections) {
         let sql = format!(
-            "WITH v(id, status, snapshot, vm, error, started, completed, at, release_lock) AS (VALUES {}) \
+            "WITH v(id, status, snapshot, vm, error, started, completed, at, release_lock, networks) AS (VALUES {}) \
              UPDATE failover_jobs SET status = COALESCE(v.status, failover_jobs.status), \
              linstor_snapshot_name = COALESCE(v.snapshot, failover_jobs.linstor_snapshot_name), \
              destination_vm_id = COALESCE(v.vm, failover_jobs.destination_vm_id), \
+             network_mappings = COALESCE(v.networks, failover_jobs.network_mappings), \
              error_message = COALESCE(v.error, failover_jobs.error_message), \
              started_at = CASE WHEN v.started AND failover_jobs.started_at IS NULL THEN v.at ELSE failover_jobs.started_at END, \
              completed_at = COALESCE(failover_jobs.completed_at, CASE WHEN v.completed THEN v.at END), \
              lock_key = CASE WHEN v.release_lock THEN NULL ELSE failover_jobs.lock_key END, updated_at = v.at \
              FROM v WHERE failover_jobs.job_id = v.id",
-            placeholders(9, chunk.len())
+            placeholders(10, chunk.len())
         );
         let mut stmt = tx.prepare_cached(&sql)?;
         let mut b = Binder::new(&mut stmt);
@@ -148,16 +149,18 @@ fn write_rows(tx: &Transaction, rows: &BatchRows<'_>) -> Result<()> {
                 .bind(p.started)?
                 .bind(p.completed)?
                 .bind(&p.at)?
-                .bind(p.release_lock)?;
+                .bind(p.release_lock)?
+                .bind(p.networks)?;
         }
         stmt.raw_execute()?;
     }
     for chunk in chunked(&rows.tracking) {
         let sql = format!(
-            "INSERT INTO job_tracking (id, parent_job_id, operation, status, metadata, error_message, created_at, updated_at) \
+            "INSERT INTO job_tracking (id, parent_job_id, operation, status, metadata, error_message, created_at, \
+             updated_at, correlation_id) \
              VALUES {} ON CONFLICT (parent_job_id, operation) DO UPDATE SET status = excluded.status, \
              metadata = excluded.metadata, error_message = excluded.error_message, updated_at = excluded.updated_at",
-            placeholders(8, chunk.len())
+            placeholders(9, chunk.len())
         );
         let mut stmt = tx.prepare_cached(&sql)?;
         let mut b = Binder::new(&mut stmt);
@@ -169,7 +172,8 @@ fn write_rows(tx: &Transaction, rows: &BatchRows<'_>) -> Result<()> {
                 .bind(text(t.metadata)?)?
                 .bind(t.error)?
                 .bind(&t.at)?
-                .bind(&t.at)?;
+                .bind(&t.at)?
+                .bind(t.correlation)?;
         }
         stmt.raw_execute()?;
     }
@@ -423,7 +427,7 @@ fn insert_run(tx: &Connection, run: &NewRun) -> Result<Submitted> {
         &run.job_type,
         &run.display_status,
         run.subject.source_vm_spec.as_deref(),
-        run.subject.network_mappings.as_deref(),
+        run.projection.network_mappings.as_deref(),
         &run.correlation_id,
         run.now.to_rfc3339(),
         &run.lock_key,

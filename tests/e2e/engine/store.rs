@@ -40,7 +40,7 @@ fn new_run(request_id: Option<&str>, now: Timestamp) -> NewRun {
         },
         lock_key: None,
         display_status: "pending".into(),
-        projection: projection::project(std::slice::from_ref(&record), "pending"),
+        projection: projection::project(std::slice::from_ref(&record), "pending", "corr-1"),
         record,
         now,
         start: None,
@@ -79,7 +79,7 @@ fn cp(
         release: !live,
         consumed_signals: vec![],
         consumed_cancel: false,
-        projection: projection::project(&records, "executing"),
+        projection: projection::project(&records, "executing", "corr-1"),
         display_status: "executing".into(),
         state,
         records,
@@ -564,7 +564,7 @@ async fn projections_follow_the_journal_in_the_same_transaction(db: TestDb) {
         },
     ];
     let mut c = cp(run.id, &l, 1, RunStatus::Pending, running(0), recs, now);
-    c.projection = projection::project(&c.records, "snapshotting");
+    c.projection = projection::project(&c.records, "snapshotting", "corr-1");
     c.display_status = "snapshotting".into();
     s.checkpoint(c).await.unwrap();
     let job = s.failover_job(run.id).await.unwrap().unwrap();
@@ -580,7 +580,7 @@ async fn projections_follow_the_journal_in_the_same_transaction(db: TestDb) {
             phase: Phase::Forward,
             step: "snapshot".into(),
             attempt: 1,
-            output: json!({"destination_vm_id": "vm-9"}),
+            output: json!({"destination_vm_id": "vm-9", "network_mappings": {"VM Network": "net-1"}}),
         },
         Record::RunFinished {
             status: RunStatus::Completed,
@@ -589,15 +589,18 @@ async fn projections_follow_the_journal_in_the_same_transaction(db: TestDb) {
         },
     ];
     let mut c = cp(run.id, &l, 3, RunStatus::Running, RunState::Completed, fin, now);
-    c.projection = projection::project(&c.records, "completed");
+    c.projection = projection::project(&c.records, "completed", "corr-1");
     s.checkpoint(c).await.unwrap();
     let job = s.failover_job(run.id).await.unwrap().unwrap();
     assert_eq!(job.status, "completed");
     assert_eq!(job.destination_vm_id.as_deref(), Some("vm-9"));
     assert_eq!(job.linstor_snapshot_name.as_deref(), Some("tern-snap-1"));
+    let applied = [("VM Network".to_string(), "net-1".to_string())];
+    assert_eq!(job.network_mappings, Some(applied.into_iter().collect()));
     assert!(job.completed_at.is_some());
     let tracking = s.job_tracking(run.id).await.unwrap();
     assert_eq!(tracking.len(), 1);
+    assert_eq!(tracking[0].correlation_id.as_deref(), Some("corr-1"));
     assert_eq!(tracking[0].operation, "snapshot");
     assert_eq!(tracking[0].status, "completed");
     assert_eq!(tracking[0].parent_job_id, run.id.to_string());
@@ -740,7 +743,7 @@ async fn submit_and_start_commits_the_first_step_leased_to_the_submitter(db: Tes
         current_step: Some("s0".into()),
     });
     let all = vec![run.record.clone(), started("s0", 1)];
-    run.projection = projection::project(&all, "executing");
+    run.projection = projection::project(&all, "executing", "corr-1");
     run.display_status = "executing".into();
     let submitted = s.submit(run).await.unwrap();
     let row = submitted.run;

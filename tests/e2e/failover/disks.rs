@@ -34,18 +34,7 @@ async fn a_three_disk_vm_is_tested_with_every_disk_and_given_back_slot_for_slot(
     let vm = w.vm("windows").clone();
     assert_eq!(vm.data_disks.len(), 2, "the sample's Windows VM has two data disks");
     let before = placement(&w, &vm).await;
-    let run = w
-        .submit(
-            "test-failover",
-            input(&vm, json!({"auto_cleanup": false, "test_duration": "1h"})),
-        )
-        .await;
-    w.wait_status(run, RunStatus::Holding).await;
-    let row = w.store.get_run(run).await.unwrap().unwrap();
-    let test_vm = row.context.output("test-vm-creation")["destination_vm_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (run, row, test_vm) = w.held_test(&vm).await;
     assert_on(&placement(&w, &vm).await, &test_vm);
     let snap = row.context.output("snapshot");
     assert_eq!(snap["snapshots"].as_array().map(Vec::len), Some(3), "{snap}");
@@ -57,11 +46,33 @@ async fn a_three_disk_vm_is_tested_with_every_disk_and_given_back_slot_for_slot(
             .map(Vec::len),
         Some(3)
     );
+    // The job row holds the spec used and the mappings applied (one per source network).
+    let job = w.store.failover_job(run).await.unwrap().unwrap();
+    let applied = job.network_mappings.expect("the applied mappings");
+    assert_eq!(
+        json!(applied),
+        row.context.output("test-vm-creation")["network_mappings"],
+        "{applied:?}"
+    );
+    let sources: std::collections::BTreeSet<&str> = vm.nics.iter().map(|n| n.source_network.as_str()).collect();
+    assert_eq!(
+        applied
+            .keys()
+            .map(String::as_str)
+            .collect::<std::collections::BTreeSet<_>>(),
+        sources
+    );
     w.engine.signal(run, "end-test").await.unwrap();
     let row = w.finish(run).await;
     assert_eq!(row.status, RunStatus::Completed, "{:?}", row.state);
     w.assert_clean(&vm.oma_vm_id).await;
     assert_eq!(placement(&w, &vm).await, before, "every disk back in its own OMA slot");
+    // Every tracking row carries the run's correlation id.
+    let tracking = w.store.job_tracking(run).await.unwrap();
+    assert!(tracking.len() > 10, "{tracking:?}");
+    for t in &tracking {
+        assert_eq!(t.correlation_id.as_deref(), Some(row.correlation_id.as_str()), "{t:?}");
+    }
 }
 
 async fn a_live_failover_moves_every_disk(db: TestDb) {
@@ -70,21 +81,13 @@ async fn a_live_failover_moves_every_disk(db: TestDb) {
     let run = w.submit("live-failover", input(&vm, json!({"job_type": "live"}))).await;
     let row = w.finish(run).await;
     assert_eq!(row.status, RunStatus::Completed, "{:?}", row.state);
-    let new_vm = row.context.output("vm-creation")["destination_vm_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let new_vm = common::created_vm(&row, "vm-creation");
     assert_on(&placement(&w, &vm).await, &new_vm);
     let inv = w
         .get(&format!("/sim/invariant?expect_vm={new_vm}&prefix=tern-t-"))
         .await;
     for d in vm.all_disks() {
-        let check = inv["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["volume_id"] == json!(d.volume_id))
-            .unwrap();
+        let check = common::volume_check(&inv, &d.volume_id);
         assert_eq!(check["ok"], json!(true), "{check}");
     }
     // Every NIC in the source's order, on its mapped production network, with its MAC and IP.
@@ -104,6 +107,16 @@ async fn a_live_failover_moves_every_disk(db: TestDb) {
         })
         .collect();
     assert_eq!(got, want);
+    let job = w.store.failover_job(run).await.unwrap().unwrap();
+    let mapped: std::collections::BTreeMap<String, String> = vm
+        .nics
+        .iter()
+        .map(|n| {
+            let net = w.sample.production_network_for(&n.source_network);
+            (n.source_network.clone(), net.to_string())
+        })
+        .collect();
+    assert_eq!(job.network_mappings, Some(mapped), "the production mappings applied");
     assert_eq!(
         row.context.output("network-configuration")["nics"]
             .as_array()
@@ -195,12 +208,7 @@ async fn fixed_offerings_give_the_smallest_that_fits(db: TestDb) {
         .find(|o| o.name == "Large")
         .unwrap()
         .clone();
-    let vm_of = |row: &tern::store::RunRow| {
-        row.context.output("vm-creation")["destination_vm_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let vm_of = |row: &tern::store::RunRow| common::created_vm(row, "vm-creation");
     let run = w.submit("live-failover", input(&vm, json!({"job_type": "live"}))).await;
     let row = w.finish(run).await;
     assert_eq!(row.status, RunStatus::Completed, "{:?}", row.state);

@@ -163,6 +163,17 @@ impl World {
         row
     }
 
+    /// A test failover of `vm` held until told (no timer): its run, the run as it holds, and
+    /// the test VM.
+    async fn held_test(&self, vm: &tern::domain::inventory::VmRecord) -> (RunId, tern::store::RunRow, String) {
+        let until_told = json!({"auto_cleanup": false, "test_duration": "1h"});
+        let run = self.submit("test-failover", input(vm, until_told)).await;
+        self.wait_status(run, RunStatus::Holding).await;
+        let row = self.store.get_run(run).await.unwrap().unwrap();
+        let test_vm = common::created_vm(&row, "test-vm-creation");
+        (run, row, test_vm)
+    }
+
     async fn wait_status(&self, run: RunId, status: RunStatus) {
         for _ in 0..1000 {
             let row = self.store.get_run(run).await.unwrap().unwrap();
@@ -309,20 +320,11 @@ async fn a_live_failover_moves_the_volume_for_good(db: TestDb) {
     let run = w.submit("live-failover", input(&vm, json!({"job_type": "live"}))).await;
     let row = w.finish(run).await;
     assert_eq!(row.status, RunStatus::Completed, "{:?}", row.state);
-    let new_vm = row.context.output("vm-creation")["destination_vm_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let new_vm = common::created_vm(&row, "vm-creation");
     let inv = w
         .get(&format!("/sim/invariant?expect_vm={new_vm}&prefix=tern-t-"))
         .await;
-    let mine = inv["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["volume_id"] == json!(vm.boot_disk.volume_id))
-        .unwrap()
-        .clone();
+    let mine = common::volume_check(&inv, &vm.boot_disk.volume_id);
     assert_eq!(mine["attached_to"], json!(new_vm));
     assert_eq!(
         mine["device_id"],
@@ -502,13 +504,7 @@ async fn a_volume_that_cannot_be_deleted_needs_an_operator(db: TestDb) {
         other => panic!("{other:?}"),
     }
     let inv = w.get(&format!("/sim/invariant?expect_vm={}", vm.oma_vm_id)).await;
-    let mine = inv["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["volume_id"] == json!(vm.boot_disk.volume_id))
-        .unwrap()
-        .clone();
+    let mine = common::volume_check(&inv, &vm.boot_disk.volume_id);
     assert_eq!(mine["ok"], json!(true), "{inv}");
     // `tern recover` spells out the manual recovery from what the run recorded.
     let job = w.store.failover_job(run).await.unwrap().unwrap();

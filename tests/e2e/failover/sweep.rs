@@ -78,11 +78,9 @@ async fn run_planned(
         .get(&format!("/sim/invariant?prefix=tern-t-&expect_vm={expect}"))
         .await;
     for disk in vm.all_disks() {
-        let mine = inv["volumes"]
-            .as_array()
-            .and_then(|vs| vs.iter().find(|v| v["volume_id"] == json!(disk.volume_id)));
-        if mine.is_none_or(|v| v["ok"] != json!(true)) {
-            return Err(format!("volume {}: {mine:?}", disk.volume_id));
+        let mine = common::volume_check(&inv, &disk.volume_id);
+        if mine["ok"] != json!(true) {
+            return Err(format!("volume {}: {mine}", disk.volume_id));
         }
     }
     if inv["leaked_vms"].as_array().is_none_or(|a| !a.is_empty()) {

@@ -46,18 +46,7 @@ async fn a_three_disk_test_failover_snapshots_the_test_vm_and_reverts_it(db: Tes
     let w = world(&db, SnapshotKind::CloudstackVm, None).await;
     let vm = w.vm("windows").clone();
     let before = contents(&w, &vm).await;
-    let run = w
-        .submit(
-            "test-failover",
-            input(&vm, json!({"auto_cleanup": false, "test_duration": "1h"})),
-        )
-        .await;
-    w.wait_status(run, RunStatus::Holding).await;
-    let row = w.store.get_run(run).await.unwrap().unwrap();
-    let test_vm = row.context.output("test-vm-creation")["destination_vm_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (run, row, test_vm) = w.held_test(&vm).await;
     let skipped = row.context.output("snapshot");
     assert!(
         skipped["skipped"].as_str().unwrap().contains("step vm-snapshot"),
@@ -121,10 +110,7 @@ async fn a_live_failover_leaves_no_vm_snapshot(db: TestDb) {
     let run = w.submit("live-failover", input(&vm, json!({"job_type": "live"}))).await;
     let row = w.finish(run).await;
     assert_eq!(row.status, RunStatus::Completed, "{:?}", row.state);
-    let new_vm = row.context.output("vm-creation")["destination_vm_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let new_vm = common::created_vm(&row, "vm-creation");
     assert_eq!(row.context.output("vm-snapshot")["target"], json!(new_vm));
     assert_eq!(vm_snapshots(&w).await, [], "snapshot-cleanup deleted it");
     for d in vm.all_disks() {
