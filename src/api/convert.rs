@@ -22,7 +22,11 @@ pub fn timestamp(t: Timestamp) -> prost_types::Timestamp {
 }
 
 pub fn from_timestamp(t: &prost_types::Timestamp) -> Timestamp {
-    Timestamp(t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+    Timestamp(
+        t.seconds
+            .saturating_mul(1000)
+            .saturating_add(i64::from(t.nanos) / 1_000_000),
+    )
 }
 
 fn error(e: &StepError) -> pb::Error {

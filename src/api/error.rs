@@ -47,6 +47,14 @@ impl ApiError {
         ApiError::InvalidArgument(vec![(field.to_string(), why.into())])
     }
 
+    /// NOT_FOUND `VM_NOT_FOUND`: `vm_id` is not in the inventory.
+    pub fn vm_not_found(vm_id: &str) -> ApiError {
+        ApiError::NotFound {
+            reason: "VM_NOT_FOUND",
+            message: format!("VM {vm_id} is not in the inventory (not replicated?)"),
+        }
+    }
+
     pub fn precondition(reason: &'static str, message: impl Into<String>) -> ApiError {
         ApiError::Precondition {
             reason,

@@ -13,7 +13,7 @@ use super::pb;
 use super::pb::failover_service_server::FailoverService;
 use super::watch::{watch, WatchStream};
 use super::{correlation_of, reply, reply_own, respond, ApiState, LIVE_FAILOVER, TEST_FAILOVER};
-use crate::domain::failover::{FailoverInput, JobType};
+use crate::domain::failover::{FailoverInput, JobType, JOB_STATUSES, MAX_TEST_DURATION};
 use crate::domain::inventory::NetworkKind;
 use crate::domain::run::{Resolution, RunState, RunStatus};
 use crate::domain::{parse_duration, RunId, Timestamp};
@@ -146,8 +146,13 @@ impl FailoverApi {
         }
         if let Some((auto_cleanup, duration)) = s.hold {
             if !duration.trim().is_empty() {
-                if let Err(e) = parse_duration(duration) {
-                    problems.push(("test_duration".into(), e));
+                match parse_duration(duration) {
+                    Err(e) => problems.push(("test_duration".into(), e)),
+                    Ok(d) if d > MAX_TEST_DURATION => problems.push((
+                        "test_duration".into(),
+                        format!("must be at most {}", humantime::format_duration(MAX_TEST_DURATION)),
+                    )),
+                    Ok(_) => {}
                 }
             } else if auto_cleanup {
                 problems.push(("test_duration".into(), "is required when auto_cleanup is set".into()));
@@ -182,10 +187,7 @@ impl FailoverApi {
             .inventory
             .vm_record(vm_id)
             .await?
-            .ok_or_else(|| ApiError::NotFound {
-                reason: "VM_NOT_FOUND",
-                message: format!("VM {vm_id} is not in the inventory (not replicated?)"),
-            })?;
+            .ok_or_else(|| ApiError::vm_not_found(vm_id))?;
         let mut input = s.input(&vm.name);
         // The job works on the VM as it is now, whatever the inventory says later.
         input.source_vm_spec = Some(vm);
@@ -449,6 +451,13 @@ impl FailoverService for FailoverApi {
                     return Err(ApiError::field("job_type", "must be \"test\" or \"live\""));
                 }
             }
+            let status = r.status.trim();
+            if !status.is_empty() && !JOB_STATUSES.contains(&status) {
+                return Err(ApiError::field(
+                    "status",
+                    format!("is not a job status (one of {})", JOB_STATUSES.join(", ")),
+                ));
+            }
             let mut rows = self
                 .state
                 .jobs
@@ -519,6 +528,9 @@ impl FailoverService for FailoverApi {
                     "CloudStack is not configured on this server: readiness cannot be checked",
                 )
             })?;
+            if self.state.inventory.vm_record(r.vm_id.trim()).await?.is_none() {
+                return Err(ApiError::vm_not_found(r.vm_id.trim()));
+            }
             let report = crate::steps::failover::readiness_for(deps, r.vm_id.trim(), kind)
                 .await
                 .map_err(|e| ApiError::Unavailable(format!("readiness of {}: {e}", r.vm_id)))?;
@@ -566,10 +578,7 @@ impl FailoverService for FailoverApi {
                 .inventory
                 .vm_record(&id)
                 .await?
-                .ok_or_else(|| ApiError::NotFound {
-                    reason: "VM_NOT_FOUND",
-                    message: format!("VM {id} is not in the inventory"),
-                })?;
+                .ok_or_else(|| ApiError::vm_not_found(&id))?;
             Ok(convert::vm(&vm))
         }
         .await;
@@ -619,10 +628,7 @@ impl FailoverService for FailoverApi {
                 return Err(ApiError::InvalidArgument(problems));
             };
             if self.state.inventory.vm_record(vm_id).await?.is_none() {
-                return Err(ApiError::NotFound {
-                    reason: "VM_NOT_FOUND",
-                    message: format!("VM {vm_id} is not in the inventory"),
-                });
+                return Err(ApiError::vm_not_found(vm_id));
             }
             let mappings: Vec<_> = r
                 .mappings
@@ -659,10 +665,7 @@ impl FailoverService for FailoverApi {
                 return Err(ApiError::field("vm_id", "is required"));
             }
             if self.state.inventory.vm_record(&vm_id).await?.is_none() {
-                return Err(ApiError::NotFound {
-                    reason: "VM_NOT_FOUND",
-                    message: format!("VM {vm_id} is not in the inventory"),
-                });
+                return Err(ApiError::vm_not_found(&vm_id));
             }
             let all = self.state.inventory.network_mappings(&vm_id).await?;
             Ok(pb::NetworkMappings {

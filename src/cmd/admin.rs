@@ -88,12 +88,7 @@ pub(crate) async fn run(cli: &Cli, command: &AdminCommand) -> Result<()> {
         command,
         AdminCommand::Submit { .. } | AdminCommand::Signal { .. } | AdminCommand::Cancel { .. } | AdminCommand::Migrate
     ) {
-        // Printing commands end quietly when their reader goes away (`tern admin journal … |
-        // head`), like other Unix tools. Long-running processes keep Rust's default.
-        // SAFETY: setting a signal disposition to SIG_DFL before any thread writes output.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
+        super::quiet_on_broken_pipe();
     }
     let store = open_store(cli).await?;
     let engine_for = |cfg: EngineConfig| {

@@ -118,6 +118,7 @@ pub struct StartOpts {
 
 /// Runs a client command against `endpoint`.
 pub async fn run(endpoint: &str, cmd: ClientCommand) -> Result<()> {
+    super::quiet_on_broken_pipe();
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .with_context(|| format!("bad --endpoint {endpoint:?}"))?
         .connect_timeout(Duration::from_secs(5))

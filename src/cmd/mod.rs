@@ -173,6 +173,16 @@ pub(crate) struct CloudArgs {
     pub(crate) cloudstack_clock_skew: Duration,
 }
 
+/// A printing command ends quietly when its reader goes away (`tern list | head`), like other
+/// Unix tools, instead of panicking on the broken pipe. Long-running processes keep Rust's
+/// default (the signal ignored, the write failing).
+pub(crate) fn quiet_on_broken_pipe() {
+    // SAFETY: setting a signal disposition to SIG_DFL before any thread writes output.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Runs the command.
 pub(crate) async fn run(cli: Cli) -> Result<()> {
     match &cli.command {

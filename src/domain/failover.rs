@@ -64,6 +64,29 @@ pub struct FailoverInput {
     pub source_vm_spec: Option<VmRecord>,
 }
 
+/// The longest hold a test failover may ask for (`test_duration`).
+pub const MAX_TEST_DURATION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// The user-visible statuses a failover job can have (`failover_jobs.status`), as the proto
+/// documents them; the failover definitions use no other (a test checks it).
+pub const JOB_STATUSES: &[&str] = &[
+    "pending",
+    "validating",
+    "snapshotting",
+    "executing",
+    "creating_vm",
+    "switching_volume",
+    "powering_on",
+    "testing",
+    "cleanup",
+    "reverting",
+    "completed",
+    "failed",
+    "cancelled",
+    "needs_operator",
+    "resolved",
+];
+
 /// The documented keys of `custom_config`, each with the largest value it takes: overrides of
 /// the new VM's size on a custom offering.
 pub const CUSTOM_CONFIG_KEYS: &[(&str, u32)] = &[("cpu_count", 512), ("memory_mb", 16 * 1024 * 1024)];
@@ -156,6 +179,15 @@ impl FailoverInput {
         if let Some((field, why)) = custom_config_problems(&parsed.custom_config).into_iter().next() {
             return Err(format!("{field} {why}"));
         }
+        if let Some(d) = parsed.test_duration.as_deref().filter(|d| !d.trim().is_empty()) {
+            let hold = crate::domain::parse_duration(d).map_err(|e| format!("test_duration: {e}"))?;
+            if hold > MAX_TEST_DURATION {
+                return Err(format!(
+                    "test_duration is longer than the maximum of {}",
+                    humantime::format_duration(MAX_TEST_DURATION)
+                ));
+            }
+        }
         if let Some(spec) = input.get("source_vm_spec").filter(|v| !v.is_null()) {
             let vm: VmRecord = serde_json::from_value(spec.clone()).map_err(|e| format!("source_vm_spec: {e}"))?;
             if let Some((field, why)) = vm.problems().into_iter().next() {
@@ -247,6 +279,11 @@ mod tests {
         let mut i = FailoverInput::new("a", JobType::Test);
         i.custom_config = BTreeMap::from([("memory_mb".to_string(), " 12288 ".to_string())]);
         assert_eq!(i.size_override(), (None, Some(12288)));
+        assert!(FailoverInput::check_new(&i.to_value()).is_ok());
+        i.test_duration = Some("999999999h".into());
+        let e = FailoverInput::check_new(&i.to_value()).unwrap_err();
+        assert!(e.contains("test_duration") && e.contains("30days"), "{e}");
+        i.test_duration = Some("30days".into());
         assert!(FailoverInput::check_new(&i.to_value()).is_ok());
         i.custom_config.insert("colour".into(), "blue".into());
         assert!(FailoverInput::check_new(&i.to_value())

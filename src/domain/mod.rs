@@ -41,9 +41,12 @@ impl Timestamp {
         Duration::from_millis(later.0.saturating_sub(self.0).max(0) as u64)
     }
 
+    /// RFC 3339 in UTC; a time outside 1970..=9999 (a far-off timer a client asked for) is
+    /// shown at that bound instead of failing.
     pub fn to_rfc3339(self) -> String {
-        let t = std::time::UNIX_EPOCH + Duration::from_millis(self.0.max(0) as u64);
-        humantime::format_rfc3339_millis(t).to_string()
+        const LAST_MS_OF_9999: i64 = 253_402_300_799_999;
+        let ms = self.0.clamp(0, LAST_MS_OF_9999) as u64;
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
     }
 }
 
@@ -147,6 +150,9 @@ mod tests {
     #[test]
     fn durations_parse_and_reject() {
         assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        // No time formats past year 9999 (or before 1970): it is shown at the bound.
+        assert_eq!(Timestamp(i64::MAX).to_rfc3339(), "9999-12-31T23:59:59.999Z");
+        assert_eq!(Timestamp(-5).to_rfc3339(), "1970-01-01T00:00:00.000Z");
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("soon").is_err());

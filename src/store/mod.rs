@@ -512,16 +512,27 @@ pub fn split_schema(url: &str) -> (String, Option<String>) {
     }
 }
 
-/// A URL with any password removed, safe for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}://{}:***@{}", &url[..s], user, &url[at + 1..])
-        }
-        _ => url.to_string(),
+/// A URL with any password removed (in its user info or as a `password`/`sslpassword` query
+/// parameter), safe for logs and errors. A URL that does not parse is not shown at all.
+pub fn redact_url(raw: &str) -> String {
+    let Ok(mut u) = url::Url::parse(raw) else {
+        return "<a database URL that does not parse>".into();
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
     }
+    if u.query().is_some() {
+        let secret = |k: &str| k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword");
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if secret(&k) { "***".to_string() } else { v.into_owned() };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
 }
 
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> Result<T> {
@@ -537,6 +548,15 @@ mod tests {
             "postgres://me:***@db:5432/x"
         );
         assert_eq!(super::redact_url("sqlite://a.db"), "sqlite://a.db");
+        assert_eq!(
+            super::redact_url("postgres://db/x?user=me&password=s3cret&sslmode=require"),
+            "postgres://db/x?user=me&password=***&sslmode=require"
+        );
+        assert_eq!(
+            super::redact_url("postgres://me:pw@db/x?PASSWORD=s3cret"),
+            "postgres://me:***@db/x?PASSWORD=***"
+        );
+        assert!(!super::redact_url("postgres://me:s3cret@[bad").contains("s3cret"));
         assert_eq!(
             super::split_schema("postgres://h/db?tern_schema=t1&sslmode=disable"),
             ("postgres://h/db?sslmode=disable".to_string(), Some("t1".to_string()))

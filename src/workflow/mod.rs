@@ -649,6 +649,36 @@ action = "act"
         assert!(cat.get("crash-saga").is_some());
     }
 
+    /// Every status a failover job can show is one the API documents (and accepts as a filter).
+    #[test]
+    fn failover_statuses_are_the_documented_ones() {
+        use crate::domain::failover::JOB_STATUSES;
+        for (file, text) in EMBEDDED.iter().filter(|(f, _)| f.contains("failover")) {
+            let def = parse(file, text, &|_| true).unwrap();
+            let steps = def
+                .steps
+                .iter()
+                .chain(&def.teardown)
+                .filter_map(|s| s.status.as_deref());
+            let hold = def.hold.iter().filter_map(|h| h.status.as_deref());
+            for status in steps.chain(hold) {
+                assert!(JOB_STATUSES.contains(&status), "{file}: {status}");
+            }
+            for state in [
+                RunState::Pending,
+                RunState::Completed,
+                RunState::Compensating {
+                    step: 0,
+                    attempt: 1,
+                    cause: crate::domain::run::Cause::Cancelled { reason: "x".into() },
+                },
+            ] {
+                let status = def.display_status(&state);
+                assert!(JOB_STATUSES.contains(&status.as_str()), "{file}: {status}");
+            }
+        }
+    }
+
     #[test]
     fn a_directory_overrides_and_must_match_names() {
         let dir = tempfile::tempdir().unwrap();

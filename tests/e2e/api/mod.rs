@@ -408,6 +408,36 @@ async fn bad_requests_are_rejected_with_field_details(db: TestDb) {
         .await
         .unwrap_err();
     assert_eq!(bad_fields(&e), vec!["page_token"]);
+    // Issue 19: an unknown status filter, a hold past the maximum, readiness of an unknown VM.
+    let e = fo
+        .list_failovers(pb::ListFailoversRequest {
+            status: "bogus".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), bad_fields(&e)),
+        (Code::InvalidArgument, vec!["status".to_string()])
+    );
+    let e = fo
+        .start_test_failover(pb::StartTestFailoverRequest {
+            test_duration: "999999999h".into(),
+            auto_cleanup: true,
+            ..a.test_request(&vm)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_fields(&e), vec!["test_duration"]);
+    assert!(e.message().contains("30days"), "{}", e.message());
+    let e = fo
+        .check_readiness(pb::CheckReadinessRequest {
+            vm_id: "4205ffff-no-such-vm".into(),
+            job_type: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!((e.code(), reason(&e)), (Code::NotFound, "VM_NOT_FOUND".to_string()));
     let e = fo
         .watch_failover(pb::WatchFailoverRequest {
             job_id: tern::domain::RunId::new().to_string(),
@@ -1613,6 +1643,24 @@ async fn cli_commands_talk_to_the_server() {
     let (code, out, err) = tern(&["readiness", &vm.vm_id]).await;
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("ready (score 100)"), "{out}");
+    // A reader that has gone away before the command prints (`| true`): the command ends
+    // quietly (SIGPIPE), no panic.
+    let piped = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' --endpoint '{}' readiness '{}' --json | true",
+            env!("CARGO_BIN_EXE_tern"),
+            a.endpoint,
+            vm.vm_id
+        ))
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+        "{stderr}"
+    );
 
     let (code, out, err) = tern(&[
         "test-failover",
