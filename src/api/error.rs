@@ -146,7 +146,7 @@ impl From<EngineError> for ApiError {
                 reason: "UNKNOWN_DEFINITION",
                 message: format!("no workflow definition named {name:?}"),
             },
-            EngineError::InvalidInput { field, reason } => ApiError::field(&field, reason),
+            EngineError::InvalidInput(problems) => ApiError::InvalidArgument(problems.0),
             EngineError::NotFound(run) => ApiError::NotFound {
                 reason: "JOB_NOT_FOUND",
                 message: format!("job {run} not found"),

@@ -11,12 +11,14 @@ use super::error::{ApiError, ApiResult};
 use super::page::Page;
 use super::pb;
 use super::pb::failover_service_server::FailoverService;
+use super::validate::checked;
 use super::watch::{watch, WatchStream};
 use super::{correlation_of, reply, reply_own, respond, ApiState, LIVE_FAILOVER, TEST_FAILOVER};
-use crate::domain::failover::{FailoverInput, JobType, JOB_STATUSES, MAX_TEST_DURATION};
+use crate::domain::failover::{FailoverInput, JobType};
 use crate::domain::inventory::NetworkKind;
+use crate::domain::limits::shown;
 use crate::domain::run::{Resolution, RunState, RunStatus};
-use crate::domain::{parse_duration, RunId, Timestamp};
+use crate::domain::{RunId, Timestamp};
 use crate::engine::{EngineError, SubmitRequest};
 use crate::steps::failover::recover;
 use crate::store::{FailoverJobRow, JobFilter, RunRow, SignalOutcome};
@@ -26,7 +28,7 @@ pub struct FailoverApi {
 }
 
 /// The fields both start requests share.
-struct Start<'a> {
+pub(crate) struct Start<'a> {
     definition: &'static str,
     job_type: JobType,
     vm_id: &'a str,
@@ -37,9 +39,9 @@ struct Start<'a> {
     network_mappings: &'a HashMap<String, String>,
     custom_config: &'a HashMap<String, String>,
     notification_config: &'a HashMap<String, String>,
-    request_id: &'a str,
+    pub(crate) request_id: &'a str,
     /// Test failovers only: (auto_cleanup, test_duration).
-    hold: Option<(bool, &'a str)>,
+    pub(crate) hold: Option<(bool, &'a str)>,
 }
 
 /// The [`Start`] of a start request: both requests carry the same fields but the hold's.
@@ -68,7 +70,7 @@ pub(crate) fn run_id(field: &str, s: &str) -> ApiResult<RunId> {
     }
     s.trim()
         .parse()
-        .map_err(|_| ApiError::field(field, format!("{s:?} is not a job id (a UUID)")))
+        .map_err(|_| ApiError::field(field, format!("{} is not a job id (a UUID)", shown(s))))
 }
 
 impl Start<'_> {
@@ -76,7 +78,7 @@ impl Start<'_> {
     ///
     /// A start with a request id already used is the same request when it would store the same
     /// input (and definition); a request without `vm_name` takes the one recorded.
-    fn input(&self, inventory_name: &str) -> FailoverInput {
+    pub(crate) fn input(&self, inventory_name: &str) -> FailoverInput {
         let vm_name = match self.vm_name.trim() {
             "" => inventory_name,
             name => name,
@@ -140,40 +142,7 @@ impl FailoverApi {
     }
 
     async fn start(&self, s: Start<'_>, correlation_id: String) -> ApiResult<pb::FailoverJob> {
-        let mut problems = Vec::new();
-        if s.vm_id.trim().is_empty() {
-            problems.push(("vm_id".to_string(), "is required (the VMware VM UUID)".to_string()));
-        }
-        if let Some((auto_cleanup, duration)) = s.hold {
-            if !duration.trim().is_empty() {
-                match parse_duration(duration) {
-                    Err(e) => problems.push(("test_duration".into(), e)),
-                    Ok(d) if d > MAX_TEST_DURATION => problems.push((
-                        "test_duration".into(),
-                        format!("must be at most {}", humantime::format_duration(MAX_TEST_DURATION)),
-                    )),
-                    Ok(_) => {}
-                }
-            } else if auto_cleanup {
-                problems.push(("test_duration".into(), "is required when auto_cleanup is set".into()));
-            }
-        }
-        for (source, dest) in s.network_mappings {
-            if source.trim().is_empty() || dest.trim().is_empty() {
-                problems.push((
-                    format!("network_mappings[{source}]"),
-                    "source and destination network must not be empty".into(),
-                ));
-            }
-        }
-        let config = sorted(s.custom_config);
-        problems.extend(crate::domain::failover::custom_config_problems(&config));
-        if s.request_id.len() > 200 {
-            problems.push(("request_id".into(), "is longer than 200 characters".into()));
-        }
-        if !problems.is_empty() {
-            return Err(ApiError::InvalidArgument(problems));
-        }
+        checked(&s)?;
         let request_id = Some(s.request_id.trim().to_string()).filter(|r| !r.is_empty());
         // A retried request returns its job even if the VM has since left the inventory.
         if let Some(r) = &request_id {
@@ -291,17 +260,10 @@ impl FailoverApi {
     /// Resolves a needs_operator job once the cloud shows nothing left to put right (or when
     /// forced), then frees its VM.
     async fn resolve(&self, r: &pb::ResolveFailoverRequest) -> ApiResult<pb::FailoverJob> {
+        checked(r)?;
         let id = run_id("job_id", &r.job_id)?;
         let reason = r.reason.trim();
         let by = r.resolved_by.trim();
-        for (field, value, max) in [("reason", reason, 1000), ("resolved_by", by, 200)] {
-            if value.is_empty() {
-                return Err(ApiError::field(field, "is required"));
-            }
-            if value.chars().count() > max {
-                return Err(ApiError::field(field, format!("is longer than {max} characters")));
-            }
-        }
         let run = self.run(id).await?;
         if !matches!(run.state, RunState::NeedsOperator { .. }) {
             return Err(ApiError::precondition(
@@ -402,7 +364,11 @@ impl FailoverService for FailoverApi {
         req: Request<pb::EndTestFailoverRequest>,
     ) -> Result<Response<pb::FailoverJob>, Status> {
         let c = correlation_of(&req);
-        reply_own(self.stop(&req.get_ref().job_id, true, "").await, &c)
+        let result = match checked(req.get_ref()) {
+            Ok(()) => self.stop(&req.get_ref().job_id, true, "").await,
+            Err(e) => Err(e),
+        };
+        reply_own(result, &c)
     }
 
     async fn cancel_failover(
@@ -416,7 +382,11 @@ impl FailoverService for FailoverApi {
         } else {
             r.reason.trim()
         };
-        reply_own(self.stop(&r.job_id, false, reason).await, &c)
+        let result = match checked(r) {
+            Ok(()) => self.stop(&r.job_id, false, reason).await,
+            Err(e) => Err(e),
+        };
+        reply_own(result, &c)
     }
 
     async fn resolve_failover(
@@ -430,6 +400,7 @@ impl FailoverService for FailoverApi {
     async fn get_failover(&self, req: Request<pb::GetFailoverRequest>) -> Result<Response<pb::FailoverJob>, Status> {
         let c = correlation_of(&req);
         let result = async {
+            checked(req.get_ref())?;
             let run = self.run(run_id("job_id", &req.get_ref().job_id)?).await?;
             self.job(&run, true).await
         }
@@ -444,20 +415,9 @@ impl FailoverService for FailoverApi {
         let c = correlation_of(&req);
         let r = req.get_ref();
         let result = async {
+            checked(r)?;
             let page = Page::of(r.page_size, &r.page_token)?;
             let job_type = Some(r.job_type.trim().to_string()).filter(|s| !s.is_empty());
-            if let Some(t) = &job_type {
-                if t != "test" && t != "live" {
-                    return Err(ApiError::field("job_type", "must be \"test\" or \"live\""));
-                }
-            }
-            let status = r.status.trim();
-            if !status.is_empty() && !JOB_STATUSES.contains(&status) {
-                return Err(ApiError::field(
-                    "status",
-                    format!("is not a job status (one of {})", JOB_STATUSES.join(", ")),
-                ));
-            }
             let mut rows = self
                 .state
                 .jobs
@@ -491,11 +451,9 @@ impl FailoverService for FailoverApi {
         let c = correlation_of(&req);
         let r = req.get_ref();
         let result = async {
-            if r.after_sequence < 0 {
-                return Err(ApiError::field("after_sequence", "must not be negative"));
-            }
+            checked(r)?;
             let run = self.run(run_id("job_id", &r.job_id)?).await?;
-            Ok(run)
+            Ok::<_, ApiError>(run)
         }
         .await;
         match result {
@@ -514,13 +472,10 @@ impl FailoverService for FailoverApi {
         let c = correlation_of(&req);
         let r = req.get_ref();
         let result = async {
-            if r.vm_id.trim().is_empty() {
-                return Err(ApiError::field("vm_id", "is required"));
-            }
+            checked(r)?;
             let kind = match r.job_type.trim() {
-                "" | "test" => NetworkKind::Test,
                 "live" => NetworkKind::Production,
-                _ => return Err(ApiError::field("job_type", "must be \"test\" or \"live\"")),
+                _ => NetworkKind::Test,
             };
             let deps = self.state.failover.as_ref().ok_or_else(|| {
                 ApiError::precondition(
@@ -543,21 +498,16 @@ impl FailoverService for FailoverApi {
     async fn upsert_vm(&self, req: Request<pb::UpsertVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let c = correlation_of(&req);
         let result = async {
+            checked(req.get_ref())?;
             let vm = req
                 .get_ref()
                 .vm
                 .as_ref()
                 .ok_or_else(|| ApiError::field("vm", "is required"))?;
             let record = convert::vm_record(vm).map_err(|(f, why)| ApiError::field(&format!("vm.{f}"), why))?;
-            let mut problems = record.problems();
-            if problems.is_empty() {
-                let others = self.state.inventory.vm_records().await?;
-                problems.extend(record.shares_a_volume_with(&others));
-            }
-            if !problems.is_empty() {
-                return Err(ApiError::InvalidArgument(
-                    problems.into_iter().map(|(f, why)| (format!("vm.{f}"), why)).collect(),
-                ));
+            let others = self.state.inventory.vm_records().await?;
+            if let Some((f, why)) = record.shares_a_volume_with(&others) {
+                return Err(ApiError::field(&format!("vm.{f}"), why));
             }
             self.state.inventory.upsert_vm_record(&record, Timestamp::now()).await?;
             Ok(convert::vm(&record))
@@ -570,9 +520,7 @@ impl FailoverService for FailoverApi {
         let c = correlation_of(&req);
         let id = req.get_ref().vm_id.trim().to_string();
         let result = async {
-            if id.is_empty() {
-                return Err(ApiError::field("vm_id", "is required"));
-            }
+            checked(req.get_ref())?;
             let vm = self
                 .state
                 .inventory
@@ -587,10 +535,19 @@ impl FailoverService for FailoverApi {
 
     async fn list_vms(&self, req: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
         let c = correlation_of(&req);
+        let r = req.get_ref();
         let result = async {
-            let vms = self.state.inventory.vm_records().await?;
+            checked(r)?;
+            let page = Page::of(r.page_size, "")?;
+            let mut vms = self
+                .state
+                .inventory
+                .vm_records_after(r.page_token.trim(), page.limit())
+                .await?;
+            let next_page_token = page.cut(&mut vms, |vm| vm.vm_id.clone());
             Ok(pb::ListVmsResponse {
                 vms: vms.iter().map(convert::vm).collect(),
+                next_page_token,
             })
         }
         .await;
@@ -604,29 +561,9 @@ impl FailoverService for FailoverApi {
         let c = correlation_of(&req);
         let r = req.get_ref();
         let result = async {
+            checked(r)?;
             let vm_id = r.vm_id.trim();
-            let mut problems = Vec::new();
-            if vm_id.is_empty() {
-                problems.push(("vm_id".to_string(), "is required".to_string()));
-            }
-            let kind = convert::network_kind(r.kind.trim());
-            if kind.is_none() {
-                problems.push(("kind".into(), "must be \"test\" or \"production\"".into()));
-            }
-            for (i, m) in r.mappings.iter().enumerate() {
-                if m.source_network.trim().is_empty() {
-                    problems.push((format!("mappings[{i}].source_network"), "must not be empty".into()));
-                }
-                if m.destination_network_id.trim().is_empty() {
-                    problems.push((
-                        format!("mappings[{i}].destination_network_id"),
-                        "must not be empty".into(),
-                    ));
-                }
-            }
-            let Some(kind) = kind.filter(|_| problems.is_empty()) else {
-                return Err(ApiError::InvalidArgument(problems));
-            };
+            let kind = convert::network_kind(r.kind.trim()).ok_or_else(|| ApiError::field("kind", "is not known"))?;
             if self.state.inventory.vm_record(vm_id).await?.is_none() {
                 return Err(ApiError::vm_not_found(vm_id));
             }
@@ -661,9 +598,7 @@ impl FailoverService for FailoverApi {
         let c = correlation_of(&req);
         let vm_id = req.get_ref().vm_id.trim().to_string();
         let result = async {
-            if vm_id.is_empty() {
-                return Err(ApiError::field("vm_id", "is required"));
-            }
+            checked(req.get_ref())?;
             if self.state.inventory.vm_record(&vm_id).await?.is_none() {
                 return Err(ApiError::vm_not_found(&vm_id));
             }

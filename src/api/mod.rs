@@ -12,6 +12,7 @@ mod cork;
 pub mod error;
 mod failover;
 mod page;
+mod validate;
 mod watch;
 mod workflow;
 

@@ -9,11 +9,12 @@ use super::failover::run_id;
 use super::page::Page;
 use super::pb;
 use super::pb::workflow_service_server::WorkflowService;
+use super::validate::checked;
 use super::watch::{watch, WatchStream};
 use super::{correlation_of, reply, reply_own, respond, ApiState};
 use crate::domain::run::RunStatus;
 use crate::domain::RunId;
-use crate::engine::SubmitRequest;
+use crate::engine::{EngineError, SubmitRequest};
 use crate::store::{RunFilter, RunRow, SignalOutcome, Submitted};
 
 pub struct WorkflowApi {
@@ -77,9 +78,7 @@ impl WorkflowService for WorkflowApi {
         let c = correlation_of(&req);
         let r = req.get_ref();
         let result = async {
-            if r.definition.trim().is_empty() {
-                return Err(ApiError::field("definition", "is required"));
-            }
+            checked(r)?;
             let input: serde_json::Value = match r.input_json.trim() {
                 "" => serde_json::json!({}),
                 text => serde_json::from_str(text)
@@ -99,7 +98,22 @@ impl WorkflowService for WorkflowApi {
                     request_id: request_id.clone(),
                     correlation_id: Some(c.clone()),
                 })
-                .await?;
+                .await
+                .map_err(|e| match e {
+                    // The input's fields, as the request names them.
+                    EngineError::InvalidInput(problems) => ApiError::InvalidArgument(
+                        problems
+                            .into_iter()
+                            .map(|(f, why)| match f.strip_prefix("input") {
+                                Some(rest) if rest.is_empty() || rest.starts_with(['.', '[']) => {
+                                    (format!("input_json{rest}"), why)
+                                }
+                                _ => (format!("input_json.{f}"), why),
+                            })
+                            .collect(),
+                    ),
+                    e => e.into(),
+                })?;
             if let (false, Some(request_id)) = (s.created, &request_id) {
                 super::same_request(request_id, &s.run, definition, &input, "run", &[])?;
             }
@@ -112,6 +126,7 @@ impl WorkflowService for WorkflowApi {
     async fn get_workflow(&self, req: Request<pb::GetWorkflowRequest>) -> Result<Response<pb::Workflow>, Status> {
         let c = correlation_of(&req);
         let result = async {
+            checked(req.get_ref())?;
             let run = self.run(run_id("run_id", &req.get_ref().run_id)?).await?;
             self.view(&run, true).await
         }
@@ -126,13 +141,9 @@ impl WorkflowService for WorkflowApi {
         let c = correlation_of(&req);
         let r = req.get_ref();
         let result = async {
+            checked(r)?;
             let page = Page::of(r.page_size, &r.page_token)?;
-            let status = match r.status.trim() {
-                "" => None,
-                s => Some(
-                    RunStatus::parse(s).ok_or_else(|| ApiError::field("status", format!("unknown status {s:?}")))?,
-                ),
-            };
+            let status = RunStatus::parse(r.status.trim());
             let mut rows = self
                 .state
                 .engine
@@ -166,9 +177,7 @@ impl WorkflowService for WorkflowApi {
         let c = correlation_of(&req);
         let r = req.get_ref();
         let result = async {
-            if r.after_sequence < 0 {
-                return Err(ApiError::field("after_sequence", "must not be negative"));
-            }
+            checked(r)?;
             let id = run_id("run_id", &r.run_id)?;
             // A run executing here exists: its correlation id is known without a read.
             match self.state.engine.executing_correlation_id(id) {
@@ -193,10 +202,8 @@ impl WorkflowService for WorkflowApi {
         let c = correlation_of(&req);
         let r = req.get_ref();
         let result = async {
+            checked(r)?;
             let id = run_id("run_id", &r.run_id)?;
-            if r.name.trim().is_empty() {
-                return Err(ApiError::field("name", "is required"));
-            }
             let o = self.state.engine.signal(id, r.name.trim()).await?;
             Self::outcome(id, o)
         }
@@ -211,6 +218,7 @@ impl WorkflowService for WorkflowApi {
         let c = correlation_of(&req);
         let r = req.get_ref();
         let result = async {
+            checked(r)?;
             let id = run_id("run_id", &r.run_id)?;
             let reason = match r.reason.trim() {
                 "" => "cancelled through the API",

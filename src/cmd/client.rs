@@ -74,7 +74,8 @@ pub enum ClientCommand {
         job_type: Option<String>,
         #[arg(long)]
         vm: Option<String>,
-        #[arg(long, default_value_t = 20)]
+        /// The most jobs to list, newest first (paged from the server 100 at a time).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
         #[arg(long)]
         json: bool,
@@ -216,17 +217,27 @@ pub async fn run(endpoint: &str, cmd: ClientCommand) -> Result<()> {
             limit,
             json,
         } => {
-            let r = fo
-                .list_failovers(pb::ListFailoversRequest {
-                    status: status.unwrap_or_default(),
-                    job_type: job_type.unwrap_or_default(),
-                    vm_id: vm.unwrap_or_default(),
-                    page_size: limit,
-                    page_token: String::new(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            // The server answers at most 100 a page: ask page after page up to the limit.
+            let mut r = pb::ListFailoversResponse::default();
+            loop {
+                let want = limit.saturating_sub(r.jobs.len() as u32);
+                let page = fo
+                    .list_failovers(pb::ListFailoversRequest {
+                        status: status.clone().unwrap_or_default(),
+                        job_type: job_type.clone().unwrap_or_default(),
+                        vm_id: vm.clone().unwrap_or_default(),
+                        page_size: want.min(100),
+                        page_token: r.next_page_token.clone(),
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                r.jobs.extend(page.jobs);
+                r.next_page_token = page.next_page_token;
+                if r.next_page_token.is_empty() || r.jobs.len() as u32 >= limit {
+                    break;
+                }
+            }
             if json {
                 let jobs: Vec<Value> = r.jobs.iter().map(job_json).collect();
                 println!(
@@ -251,7 +262,7 @@ pub async fn run(endpoint: &str, cmd: ClientCommand) -> Result<()> {
                     );
                 }
                 if !r.next_page_token.is_empty() {
-                    println!("(more: raise --limit)");
+                    println!("(more jobs: raise --limit)");
                 }
             }
         }

@@ -51,8 +51,8 @@ pub(crate) enum Command {
     Dev {
         #[command(flatten)]
         worker: WorkerArgs,
-        /// Address of the built-in simulator.
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        /// Address of the built-in simulator (default: a free port on loopback, printed at start).
+        #[arg(long, default_value = "127.0.0.1:0")]
         sim_listen: String,
         /// Address of the gRPC API.
         #[arg(long, env = "TERN_LISTEN", default_value = "127.0.0.1:50051")]
@@ -114,8 +114,10 @@ pub(crate) struct CloudArgs {
     pub(crate) cloudstack_url: Option<String>,
     #[arg(long, env = "TERN_CLOUDSTACK_API_KEY", hide_env_values = true)]
     pub(crate) cloudstack_api_key: Option<String>,
-    #[arg(long, env = "TERN_CLOUDSTACK_SECRET_KEY", hide_env_values = true)]
-    pub(crate) cloudstack_secret_key: Option<String>,
+    /// Refused: a flag shows in `ps`. The secret key comes from TERN_CLOUDSTACK_SECRET_KEY or
+    /// the file named by TERN_CLOUDSTACK_SECRET_KEY_FILE.
+    #[arg(long = "cloudstack-secret-key", hide = true)]
+    pub(crate) secret_key_flag: Option<String>,
     /// LINSTOR controller, e.g. http://linstor:3370 (for --snapshot-backend linstor)
     #[arg(long, env = "TERN_LINSTOR_URL")]
     pub(crate) linstor_url: Option<String>,
@@ -173,6 +175,44 @@ pub(crate) struct CloudArgs {
     pub(crate) cloudstack_clock_skew: Duration,
 }
 
+impl CloudArgs {
+    /// The CloudStack secret key, from the environment only (see [`secret`]).
+    pub(crate) fn secret_key(&self) -> Result<Option<String>> {
+        if self.secret_key_flag.is_some() {
+            bail!(
+                "--cloudstack-secret-key is not accepted: a flag is visible to every user in `ps`. \
+                 Set TERN_CLOUDSTACK_SECRET_KEY, or TERN_CLOUDSTACK_SECRET_KEY_FILE to a file holding it"
+            );
+        }
+        secret("TERN_CLOUDSTACK_SECRET_KEY")
+    }
+}
+
+/// A secret from the environment: the variable `name`, or the contents of the file named by
+/// `name_FILE` (a trailing newline dropped), as systemd credentials and Kubernetes secrets
+/// provide them. Never a flag: a command line is visible to every user in `ps`.
+pub(crate) fn secret(name: &str) -> Result<Option<String>> {
+    let file_var = format!("{name}_FILE");
+    let direct = std::env::var(name).ok().filter(|v| !v.is_empty());
+    let file = std::env::var_os(&file_var).filter(|v| !v.is_empty());
+    match (direct, file) {
+        (Some(_), Some(_)) => bail!("both {name} and {file_var} are set: set one"),
+        (Some(v), None) => Ok(Some(v)),
+        (None, Some(path)) => {
+            let path = PathBuf::from(path);
+            let text =
+                std::fs::read_to_string(&path).with_context(|| format!("reading {file_var} ({})", path.display()))?;
+            let value = text.strip_suffix('\n').unwrap_or(&text);
+            let value = value.strip_suffix('\r').unwrap_or(value);
+            if value.is_empty() {
+                bail!("{file_var} ({}) is empty", path.display());
+            }
+            Ok(Some(value.to_string()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 /// A printing command ends quietly when its reader goes away (`tern list | head`), like other
 /// Unix tools, instead of panicking on the broken pipe. Long-running processes keep Rust's
 /// default (the signal ignored, the write failing).
@@ -213,15 +253,26 @@ pub(crate) fn data_dir() -> PathBuf {
     }
 }
 
+/// The directory of a SQLite database URL's file (None for PostgreSQL); "." for a bare name.
+pub(crate) fn sqlite_dir(url: &str) -> Option<PathBuf> {
+    let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = path.split('?').next().unwrap_or(path);
+    match std::path::Path::new(path).parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => Some(dir.to_path_buf()),
+        _ => Some(PathBuf::from(".")),
+    }
+}
+
+/// Opens the database; a SQLite database's directory is created first, as on a machine that
+/// never ran Tern.
 pub(crate) async fn open_store(cli: &Cli) -> Result<Arc<dyn Store>> {
     let url = match &cli.database {
         Some(u) => u.clone(),
-        None => {
-            let dir = data_dir();
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating data directory {}", dir.display()))?;
-            format!("sqlite://{}", dir.join("tern.db").display())
-        }
+        None => format!("sqlite://{}", data_dir().join("tern.db").display()),
     };
+    if let Some(dir) = sqlite_dir(&url) {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating the data directory {}", dir.display()))?;
+    }
     store::open(&url)
         .await
         .with_context(|| format!("opening database {}", store::redact_url(&url)))

@@ -1,9 +1,11 @@
 //! `tern dev`, `tern server` and `tern worker`: the long-running processes.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use tern::engine::{worker, Engine};
@@ -38,9 +40,18 @@ pub(crate) async fn run(cli: &Cli, shutdown: CancellationToken) -> Result<()> {
             listen,
         } => {
             let listener = bind_api(listen).await?;
-            let (engine, deps) = dev(cli, store.clone(), w, sim_listen, shutdown.clone()).await?;
-            eprintln!("tern dev: gRPC API on {}", listener.local_addr()?);
-            serve_and_work(listener, engine, store, Some(deps), shutdown).await?;
+            let (engine, deps, sim) = dev(cli, store.clone(), w, sim_listen, shutdown.clone()).await?;
+            eprintln!(
+                "tern dev: gRPC API on {} (plaintext, no authentication: for this machine only)",
+                listener.local_addr()?
+            );
+            let served = serve_and_work(listener, engine, store, Some(deps), shutdown).await;
+            // A simulator that stopped on an error stopped `tern dev`: that error is the reason.
+            match sim.await {
+                Ok(Err(e)) => return Err(e.context("tern dev: the simulator stopped")),
+                Err(e) => return Err(anyhow::Error::new(e).context("tern dev: the simulator panicked")),
+                Ok(Ok(())) => served?,
+            }
         }
         _ => unreachable!("only the serving commands come here"),
     }
@@ -97,8 +108,14 @@ pub(crate) async fn serve_and_work(
     Ok(())
 }
 
-pub(crate) fn split_command(s: &str) -> Vec<String> {
-    s.split_whitespace().map(str::to_string).collect()
+/// Splits a command line as a POSIX shell would (quotes and backslashes), without running a
+/// shell; `what` names the setting in the error.
+pub(crate) fn split_command(what: &str, s: &str) -> Result<Vec<String>> {
+    match shlex::split(s) {
+        Some(words) if !words.is_empty() => Ok(words),
+        Some(_) => anyhow::bail!("{what} is empty"),
+        None => anyhow::bail!("{what} has an unclosed quote or a trailing backslash: {s}"),
+    }
 }
 
 /// The cloud settings from flags/environment; None when no CloudStack URL is given.
@@ -111,8 +128,11 @@ pub(crate) fn cloud_settings(c: &CloudArgs) -> Result<Option<CloudSettings>> {
             base_url: base_url.clone(),
         },
         None => InjectorSettings::Command(CommandInjectorConfig {
-            inject_command: split_command(&c.virtio_command),
-            check_command: c.virtio_check_command.as_deref().map(split_command),
+            inject_command: split_command("TERN_VIRTIO_COMMAND", &c.virtio_command)?,
+            check_command: match c.virtio_check_command.as_deref() {
+                Some(check) => Some(split_command("TERN_VIRTIO_CHECK_COMMAND", check)?),
+                None => None,
+            },
             env: vec![("VIRTIO_WIN".to_string(), c.virtio_win.clone())],
             device_pattern: c.virtio_device_pattern.clone(),
             timeout: c.virtio_timeout,
@@ -122,7 +142,7 @@ pub(crate) fn cloud_settings(c: &CloudArgs) -> Result<Option<CloudSettings>> {
     Ok(Some(CloudSettings {
         cloudstack_url: url,
         api_key: c.cloudstack_api_key.clone().unwrap_or_default(),
-        secret_key: c.cloudstack_secret_key.clone().unwrap_or_default(),
+        secret_key: c.secret_key()?.unwrap_or_default(),
         linstor_url: c.linstor_url.clone(),
         snapshot_backend: c.snapshot_backend,
         zone_id: c.zone_id.clone(),
@@ -137,21 +157,35 @@ pub(crate) fn cloud_settings(c: &CloudArgs) -> Result<Option<CloudSettings>> {
     }))
 }
 
-/// `tern dev`: the simulator with the sample world (kept in the data directory), its
-/// inventory loaded, and a worker whose failover steps talk to the simulator over HTTP.
+/// Where `tern dev` keeps the simulator's world: beside its SQLite database (so two `tern dev`
+/// with their own databases run side by side), else in the data directory. Created if absent.
+fn dev_state_dir(cli: &Cli) -> Result<PathBuf> {
+    let dir = cli
+        .database
+        .as_deref()
+        .and_then(super::sqlite_dir)
+        .unwrap_or_else(data_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating the data directory {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// `tern dev`: the simulator with the sample world (kept beside the database), its inventory
+/// loaded, and a worker whose failover steps talk to the simulator over HTTP. The simulator's
+/// task ends with its error, having stopped everything through `token`.
 pub(crate) async fn dev(
     cli: &Cli,
     store: Arc<dyn Store>,
     w: &WorkerArgs,
     sim_listen: &str,
     token: CancellationToken,
-) -> Result<(Arc<Engine>, Arc<FailoverDeps>)> {
+) -> Result<(Arc<Engine>, Arc<FailoverDeps>, JoinHandle<Result<()>>)> {
     let seed = 1;
+    let state = dev_state_dir(cli)?.join("sim-state.json");
     let args = SimArgs {
         listen: sim_listen.to_string(),
         api_key: "tern-dev-key".into(),
         secret_key: "tern-dev-secret".into(),
-        state: Some(data_dir().join("sim-state.json")),
+        state: Some(state.clone()),
         sample: true,
         fault_plan: None,
         seed,
@@ -163,10 +197,13 @@ pub(crate) async fn dev(
     let addr = listener.local_addr()?;
     let sim = sim::sim_config(&args)?;
     let stop = token.clone();
-    tokio::spawn(async move {
-        if let Err(e) = tern::sim::serve(listener, sim, async move { stop.cancelled().await }).await {
-            tracing::error!(error = %e, "simulator stopped");
+    let sim = tokio::spawn(async move {
+        let served = tern::sim::serve(listener, sim, stop.clone().cancelled_owned()).await;
+        if let Err(e) = &served {
+            tracing::error!(error = %e, "the simulator stopped: stopping tern dev");
+            stop.cancel();
         }
+        served
     });
     let inv = tern::sim::sample_inventory(seed);
     let file = inv.to_inventory();
@@ -194,11 +231,11 @@ pub(crate) async fn dev(
     let deps = failover_setup::build(&settings, store.clone()).map_err(anyhow::Error::msg)?;
     tern::steps::failover::register(&mut registry, deps.clone());
     let engine = Engine::with_registry(store, cli.workflows.as_deref(), registry, config(w)?)?;
-    print_dev_banner(&engine, &file, &format!("http://{addr}"));
-    Ok((engine, deps))
+    print_dev_banner(&engine, &file, &format!("http://{addr}"), &state);
+    Ok((engine, deps, sim))
 }
 
-pub(crate) fn print_dev_banner(engine: &Engine, inv: &tern::domain::inventory::InventoryFile, sim: &str) {
+pub(crate) fn print_dev_banner(engine: &Engine, inv: &tern::domain::inventory::InventoryFile, sim: &str, state: &Path) {
     let vms: Vec<String> = inv
         .vms
         .iter()
@@ -216,7 +253,7 @@ pub(crate) fn print_dev_banner(engine: &Engine, inv: &tern::domain::inventory::I
          curl -s '{sim}/sim/invariant?prefix=tern-'\n\
          stop with Ctrl-C.",
         engine.backend(),
-        data_dir().join("sim-state.json").display(),
+        state.display(),
         vms.join("\n"),
     );
 }

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::inventory::{NetworkKind, VmRecord};
+use super::inventory::{NetworkKind, VmRecord, MAX_CPU_COUNT, MAX_MEMORY_MB};
+use super::limits::{shown, Problems, MAX_ID, MAX_NAME, MAX_TEXT};
 
 /// A test failover (reversible, on the test network) or a live one (permanent, production).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,7 +90,7 @@ pub const JOB_STATUSES: &[&str] = &[
 
 /// The documented keys of `custom_config`, each with the largest value it takes: overrides of
 /// the new VM's size on a custom offering.
-pub const CUSTOM_CONFIG_KEYS: &[(&str, u32)] = &[("cpu_count", 512), ("memory_mb", 16 * 1024 * 1024)];
+pub const CUSTOM_CONFIG_KEYS: &[(&str, u32)] = &[("cpu_count", MAX_CPU_COUNT), ("memory_mb", MAX_MEMORY_MB)];
 
 /// The `custom_config` key naming the service offering to deploy with (any CloudStack
 /// offering id), instead of the one Tern would choose from its configured offerings.
@@ -171,33 +172,83 @@ impl FailoverInput {
         (get("cpu_count"), get("memory_mb"))
     }
 
-    /// Checks a new run's input: as [`FailoverInput::from_value`], the `custom_config` keys
-    /// (see [`custom_config_problems`]), and a `source_vm_spec`
-    /// given must be a VM record without problems (an old run's is read leniently instead).
-    pub fn check_new(input: &Value) -> Result<FailoverInput, String> {
-        let parsed = FailoverInput::from_value(input)?;
-        if let Some((field, why)) = custom_config_problems(&parsed.custom_config).into_iter().next() {
-            return Err(format!("{field} {why}"));
+    /// Reads and checks a new run's input (whichever service submits it): every field within
+    /// its limits ([`super::limits`]), each problem naming its field.
+    pub fn check_new(input: &Value) -> Result<FailoverInput, Problems> {
+        let mut p = Problems::new();
+        if !input.get("vm_id").is_some_and(Value::is_string) {
+            p.push("vm_id", "is required (the VMware VM UUID)");
+            return Err(p);
         }
-        if let Some(d) = parsed.test_duration.as_deref().filter(|d| !d.trim().is_empty()) {
-            let hold = crate::domain::parse_duration(d).map_err(|e| format!("test_duration: {e}"))?;
-            if hold > MAX_TEST_DURATION {
-                return Err(format!(
-                    "test_duration is longer than the maximum of {}",
-                    humantime::format_duration(MAX_TEST_DURATION)
-                ));
-            }
-        }
+        let parsed: FailoverInput = serde_path_to_error::deserialize(input).map_err(|e| {
+            let field = e.path().to_string();
+            let why = e.into_inner().to_string();
+            Problems(vec![(field, why)])
+        })?;
+        p.extend(parsed.problems());
         if let Some(spec) = input.get("source_vm_spec").filter(|v| !v.is_null()) {
-            let vm: VmRecord = serde_json::from_value(spec.clone()).map_err(|e| format!("source_vm_spec: {e}"))?;
-            if let Some((field, why)) = vm.problems().into_iter().next() {
-                return Err(format!("source_vm_spec.{field} {why}"));
-            }
-            if vm.vm_id != parsed.vm_id {
-                return Err(format!("source_vm_spec is VM {}, not {}", vm.vm_id, parsed.vm_id));
+            match serde_json::from_value::<VmRecord>(spec.clone()) {
+                Err(e) => p.push("source_vm_spec", e.to_string()),
+                Ok(vm) => {
+                    p.extend(
+                        vm.problems()
+                            .into_iter()
+                            .map(|(f, why)| (format!("source_vm_spec.{f}"), why)),
+                    );
+                    if vm.vm_id != parsed.vm_id {
+                        p.push(
+                            "source_vm_spec.vm_id",
+                            format!("is VM {}, not {}", shown(&vm.vm_id), shown(&parsed.vm_id)),
+                        );
+                    }
+                }
             }
         }
-        Ok(parsed)
+        if p.is_empty() {
+            Ok(parsed)
+        } else {
+            Err(p)
+        }
+    }
+
+    /// What is wrong with the request's fields, each named as the start requests name it.
+    pub fn problems(&self) -> Problems {
+        let mut p = Problems::new();
+        p.required("vm_id", &self.vm_id, MAX_ID);
+        if let Some(name) = &self.vm_name {
+            p.line("vm_name", name, MAX_NAME);
+        }
+        if let Some(d) = self.test_duration.as_deref().filter(|d| !d.trim().is_empty()) {
+            if p.line("test_duration", d, MAX_ID) {
+                match crate::domain::parse_duration(d) {
+                    Err(e) => p.push("test_duration", e),
+                    Ok(hold) if hold > MAX_TEST_DURATION => p.push(
+                        "test_duration",
+                        format!("must be at most {}", humantime::format_duration(MAX_TEST_DURATION)),
+                    ),
+                    Ok(_) => {}
+                }
+            }
+        }
+        let before = p.0.len();
+        p.map("network_mappings", self.network_mappings.iter(), MAX_ID);
+        if p.0.len() == before {
+            for (source, dest) in &self.network_mappings {
+                if source.trim().is_empty() || dest.trim().is_empty() {
+                    p.push(
+                        format!("network_mappings[{source}]"),
+                        "source and destination network must not be empty",
+                    );
+                }
+            }
+        }
+        let before = p.0.len();
+        p.map("custom_config", self.custom_config.iter(), MAX_ID);
+        if p.0.len() == before {
+            p.extend(custom_config_problems(&self.custom_config));
+        }
+        p.map("notification_config", self.notification_config.iter(), MAX_TEXT);
+        p
     }
 
     pub fn to_value(&self) -> Value {
@@ -281,13 +332,14 @@ mod tests {
         assert_eq!(i.size_override(), (None, Some(12288)));
         assert!(FailoverInput::check_new(&i.to_value()).is_ok());
         i.test_duration = Some("999999999h".into());
-        let e = FailoverInput::check_new(&i.to_value()).unwrap_err();
+        let e = FailoverInput::check_new(&i.to_value()).unwrap_err().to_string();
         assert!(e.contains("test_duration") && e.contains("30days"), "{e}");
         i.test_duration = Some("30days".into());
         assert!(FailoverInput::check_new(&i.to_value()).is_ok());
         i.custom_config.insert("colour".into(), "blue".into());
         assert!(FailoverInput::check_new(&i.to_value())
             .unwrap_err()
+            .to_string()
             .contains("custom_config[colour]"));
     }
 
@@ -295,7 +347,10 @@ mod tests {
     fn a_source_spec_of_another_shape_reads_as_none_in_old_runs_and_is_refused_in_new_ones() {
         let old = json!({"vm_id": "a", "source_vm_spec": {"cpus": 2}});
         assert_eq!(FailoverInput::from_value(&old).unwrap().source_vm_spec, None);
-        assert!(FailoverInput::check_new(&old).unwrap_err().contains("source_vm_spec"));
+        assert!(FailoverInput::check_new(&old)
+            .unwrap_err()
+            .to_string()
+            .contains("source_vm_spec"));
         let spec = json!({"vm_id": "a", "name": "n", "cpu_count": 1, "memory_mb": 512, "os_type": "linux",
             "volume_id": "v", "oma_vm_id": "o"});
         let new = json!({"vm_id": "a", "source_vm_spec": spec});
@@ -305,6 +360,9 @@ mod tests {
             Some("v".to_string())
         );
         let other = json!({"vm_id": "b", "source_vm_spec": spec});
-        assert!(FailoverInput::check_new(&other).unwrap_err().contains("not b"));
+        assert!(FailoverInput::check_new(&other)
+            .unwrap_err()
+            .to_string()
+            .contains(r#"not "b""#));
     }
 }

@@ -4,6 +4,16 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::limits::{shown, Problems, MAX_DISKS, MAX_ENTRIES, MAX_ID, MAX_NAME};
+
+/// The guest operating systems a VM record may name (any case); Windows guests get VirtIO
+/// drivers injected.
+pub const OS_TYPES: &[&str] = &["windows", "linux", "other"];
+/// The most vCPUs a VM record (or a failover's `custom_config`) may ask for.
+pub const MAX_CPU_COUNT: u32 = 512;
+/// The most memory a VM record (or a failover's `custom_config`) may ask for: 16 TiB in MB.
+pub const MAX_MEMORY_MB: u32 = 16 * 1024 * 1024;
+
 /// A NIC of the source VM: the VMware network it is on, and its MAC and IP where known.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Nic {
@@ -223,42 +233,52 @@ impl VmRecord {
 
     /// Field problems, naming the field and why, for input from files and the API.
     pub fn problems(&self) -> Vec<(String, String)> {
-        let mut p = Vec::new();
-        let mut need = |field: &str, ok: bool, why: &str| {
-            if !ok {
-                p.push((field.to_string(), why.to_string()));
-            }
-        };
-        need("vm_id", !self.vm_id.trim().is_empty(), "must not be empty");
-        need("name", !self.name.trim().is_empty(), "must not be empty");
-        need("cpu_count", self.cpu_count > 0, "must be at least 1");
-        need("memory_mb", self.memory_mb > 0, "must be at least 1");
-        need("oma_vm_id", !self.oma_vm_id.trim().is_empty(), "must not be empty");
+        let mut p = Problems::new();
+        p.required("vm_id", &self.vm_id, MAX_ID);
+        p.required("name", &self.name, MAX_NAME);
+        if !(1..=MAX_CPU_COUNT).contains(&self.cpu_count) {
+            p.push("cpu_count", format!("must be from 1 to {MAX_CPU_COUNT}"));
+        }
+        if !(1..=MAX_MEMORY_MB).contains(&self.memory_mb) {
+            p.push("memory_mb", format!("must be from 1 to {MAX_MEMORY_MB}"));
+        }
+        if !OS_TYPES.contains(&self.os_type.to_ascii_lowercase().as_str()) {
+            p.push("os_type", format!("must be one of {}", OS_TYPES.join(", ")));
+        }
+        p.required("oma_vm_id", &self.oma_vm_id, MAX_ID);
+        if let Some(change) = &self.last_sync_change_id {
+            p.line("last_sync_change_id", change, MAX_ID);
+        }
         let disks: Vec<&Disk> = self.all_disks().collect();
+        let disks_ok = p.entries("disks", disks.len(), MAX_DISKS);
+        let nics_ok = p.entries("nics", self.nics.len(), MAX_ENTRIES);
+        if !(disks_ok && nics_ok) {
+            return p.0;
+        }
         for (i, d) in disks.iter().enumerate() {
-            if d.volume_id.trim().is_empty() {
-                p.push((format!("disks[{i}].volume_id"), "must not be empty".into()));
-            } else if let Some(j) = disks[..i].iter().position(|e| e.volume_id == d.volume_id) {
-                p.push((
-                    format!("disks[{i}].volume_id"),
-                    format!("is the volume of disks[{j}] as well"),
-                ));
+            let field = format!("disks[{i}].volume_id");
+            if !p.required(&field, &d.volume_id, MAX_ID) {
+                continue;
+            }
+            if let Some(j) = disks[..i].iter().position(|e| e.volume_id == d.volume_id) {
+                p.push(field, format!("is the volume of disks[{j}] as well"));
             }
             if d.size_bytes == Some(0) {
-                p.push((format!("disks[{i}].size_bytes"), "must be at least 1 when given".into()));
+                p.push(format!("disks[{i}].size_bytes"), "must be at least 1 when given");
             }
         }
         for (i, n) in self.nics.iter().enumerate() {
-            if n.source_network.trim().is_empty() {
-                p.push((format!("nics[{i}].source_network"), "must not be empty".into()));
+            p.required(&format!("nics[{i}].source_network"), &n.source_network, MAX_NAME);
+            if let Some(mac) = n.mac.as_deref() {
+                p.line(&format!("nics[{i}].mac"), mac, MAX_NAME);
             }
             if let Some(ip) = n.ip.as_deref() {
                 if ip.parse::<std::net::IpAddr>().is_err() {
-                    p.push((format!("nics[{i}].ip"), format!("{ip:?} is not an IP address")));
+                    p.push(format!("nics[{i}].ip"), format!("{} is not an IP address", shown(ip)));
                 }
             }
         }
-        p
+        p.0
     }
 }
 

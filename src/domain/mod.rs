@@ -4,6 +4,7 @@
 
 pub mod failover;
 pub mod inventory;
+pub mod limits;
 pub mod run;
 pub mod validation;
 

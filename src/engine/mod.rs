@@ -19,6 +19,7 @@ use self::action::Registry;
 pub(crate) use self::watchers::ExecutingGuard;
 pub use self::watchers::RunFeed;
 use self::watchers::Watchers;
+use crate::domain::limits::Problems;
 use crate::domain::run::{Record, RunState};
 use crate::domain::{RunId, Timestamp};
 use crate::store::{self, NewRun, SignalOutcome, Store, StoreError, Submitted};
@@ -28,8 +29,8 @@ use crate::workflow::{self, Catalog, Definition, DefinitionError};
 pub enum EngineError {
     #[error("unknown workflow definition {0:?}")]
     UnknownDefinition(String),
-    #[error("invalid input field {field}: {reason}")]
-    InvalidInput { field: String, reason: String },
+    #[error("invalid input: {0}")]
+    InvalidInput(Problems),
     #[error("run {0} not found")]
     NotFound(RunId),
     #[error("run {run} is already {status}")]
@@ -207,16 +208,7 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownDefinition(req.definition.clone()))?;
         // A request id already used is answered by the store with its run (`created` false), in
         // the same commit that would have created it: no read first.
-        def.validate_input(&req.input)
-            .map_err(|reason| EngineError::InvalidInput {
-                field: def
-                    .hold
-                    .as_ref()
-                    .and_then(|h| h.duration_input.clone())
-                    .filter(|_| req.input.is_object())
-                    .unwrap_or_else(|| "input".into()),
-                reason,
-            })?;
+        def.validate_input(&req.input).map_err(EngineError::InvalidInput)?;
         let now = Timestamp::now();
         let record = Record::RunSubmitted {
             definition: def.name.clone(),

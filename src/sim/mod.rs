@@ -62,6 +62,7 @@ pub mod faults;
 pub mod linstor;
 pub mod model;
 
+use anyhow::Context as _;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -212,14 +213,18 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let now = App::now_ms();
     let world = match &config.state_file {
-        Some(path) => match World::load(path)? {
-            Some(w) => w,
-            None => {
-                let w = World::new(config.seed, config.sample, now);
-                w.save(path)?;
-                w
+        Some(path) => {
+            let loaded = World::load(path).with_context(|| format!("loading the state file {}", path.display()))?;
+            match loaded {
+                Some(w) => w,
+                None => {
+                    let w = World::new(config.seed, config.sample, now);
+                    w.save(path)
+                        .with_context(|| format!("creating the state file {}", path.display()))?;
+                    w
+                }
             }
-        },
+        }
         None => World::new(config.seed, config.sample, now),
     };
     let tick = (config.async_latency / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));

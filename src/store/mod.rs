@@ -63,10 +63,14 @@ impl StoreError {
     /// server shutting down).
     pub fn is_retryable(&self) -> bool {
         match self {
-            StoreError::Database(e) => matches!(
-                e,
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Database(_)
-            ),
+            StoreError::Database(e) => match e {
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+                sqlx::Error::Database(db) => {
+                    let sqlite = db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some();
+                    db.code().is_some_and(|code| transient_code(&code, sqlite))
+                }
+                _ => false,
+            },
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
                 e.code,
                 rusqlite::ErrorCode::DatabaseBusy
@@ -86,6 +90,22 @@ impl StoreError {
             | StoreError::Internal(_) => false,
         }
     }
+}
+
+/// Whether a database's error code says "try again": a PostgreSQL SQLSTATE of a lost or
+/// refused connection (08), a transaction rolled back by a conflict (40), a server short of
+/// resources (53), shutting down or starting (57P), a system error (58), a standby that is read
+/// only (25006), a lock or statement timeout (55P03, 57014); or a SQLite result code whose
+/// primary code is BUSY, LOCKED, IOERR or FULL. Any other error (bad data, a constraint, a NUL
+/// byte PostgreSQL refuses) would fail again the same way.
+fn transient_code(code: &str, sqlite: bool) -> bool {
+    if sqlite {
+        return code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13));
+    }
+    ["08", "40", "53", "57P", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || matches!(code, "25006" | "55P03" | "57014")
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -433,6 +453,8 @@ pub trait InventoryStore: Send + Sync + 'static {
     /// Looks a VM up by id, or else by name.
     async fn find_vm_record(&self, id_or_name: &str) -> Result<Option<VmRecord>>;
     async fn vm_records(&self) -> Result<Vec<VmRecord>>;
+    /// At most `limit` VMs whose id sorts after `after` ("" for the first), by id.
+    async fn vm_records_after(&self, after: &str, limit: u32) -> Result<Vec<VmRecord>>;
     /// Replaces the VM's mappings of one kind.
     async fn set_network_mappings(&self, vm_id: &str, kind: NetworkKind, mappings: &[NetworkMapping]) -> Result<()>;
     async fn network_mappings(&self, vm_id: &str) -> Result<Vec<NetworkMapping>>;
@@ -569,6 +591,23 @@ mod tests {
             super::split_schema("postgres://h/db"),
             ("postgres://h/db".to_string(), None)
         );
+    }
+
+    #[test]
+    fn only_errors_of_availability_are_transient() {
+        for code in ["08006", "40001", "40P01", "53300", "57P01", "57P03", "58030", "25006"] {
+            assert!(super::transient_code(code, false), "{code}");
+        }
+        for code in ["5", "517", "6", "13"] {
+            assert!(super::transient_code(code, true), "{code}");
+        }
+        // A NUL byte, a constraint, a type, a syntax error: the same again on a retry.
+        for code in ["22021", "22P05", "23505", "42804", "42601"] {
+            assert!(!super::transient_code(code, false), "{code}");
+        }
+        for code in ["19", "2067", "1"] {
+            assert!(!super::transient_code(code, true), "{code}");
+        }
     }
 
     #[tokio::test]

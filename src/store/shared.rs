@@ -200,6 +200,16 @@ macro_rules! inventory_and_jobs {
                 recs.into_iter().map(|r| parse_json("vm record", r.0)).collect()
             }
 
+            async fn vm_records_after(&self, after: &str, limit: u32) -> Result<Vec<VmRecord>> {
+                let recs: Vec<Json<Value>> =
+                    sqlx::query_scalar("SELECT record FROM vms WHERE vm_id > $1 ORDER BY vm_id LIMIT $2")
+                        .bind(after)
+                        .bind(i64::from(limit))
+                        .fetch_all(&self.pool)
+                        .await?;
+                recs.into_iter().map(|r| parse_json("vm record", r.0)).collect()
+            }
+
             async fn set_network_mappings(&self, vm_id: &str, kind: NetworkKind, mappings: &[NetworkMapping]) -> Result<()> {
                 let mut tx = self.begin_write().await?;
                 sqlx::query("DELETE FROM network_mappings WHERE vm_id = $1 AND kind = $2")

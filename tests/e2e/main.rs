@@ -8,6 +8,7 @@ mod common;
 
 mod api;
 mod bench;
+mod dev;
 mod engine;
 mod failover;
 mod layers;

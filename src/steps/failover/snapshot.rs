@@ -212,9 +212,7 @@ pub(crate) async fn revert(attempt: &Attempt<'_>, stage: Stage) -> Result<Value,
 async fn revert_vm(attempt: &Attempt<'_>, vm_id: &str, name: &str) -> Result<(), ActionError> {
     const CODE: &str = "SNAPSHOT_REVERT_FAILED";
     let vm = attempt.cloud().get_vm(vm_id).await.map_err(|e| fail(CODE, e))?;
-    if vm.state != VmState::Stopped {
-        super::vm::stop(attempt).await?;
-    }
+    super::vm::stop_found(attempt, &vm).await?;
     match attempt.deps.snapshots.revert(vm_id, name).await {
         Ok(()) => Ok(()),
         Err(e @ ProviderError::NotFound { .. }) => Err(ActionError::permanent(CODE, e.to_string())),

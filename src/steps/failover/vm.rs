@@ -314,6 +314,11 @@ pub(crate) async fn stop(attempt: &Attempt<'_>) -> Result<Value, ActionError> {
     let Some(vm) = attempt.find_vm().await? else {
         return Ok(json!({"skipped": "no VM to stop"}));
     };
+    stop_found(attempt, &vm).await
+}
+
+/// Stops `vm`, this run's VM as just looked up, unless it is stopped already.
+pub(crate) async fn stop_found(attempt: &Attempt<'_>, vm: &Vm) -> Result<Value, ActionError> {
     if vm.state != VmState::Stopped {
         let cmd = AsyncCommand::StopVm {
             id: vm.id.clone(),

@@ -6,6 +6,7 @@
 use crate::common;
 use crate::{on_both_backends, on_sqlite};
 mod dropped_watches;
+mod limits;
 mod pinned;
 mod resolve;
 mod restart;
@@ -1039,7 +1040,7 @@ async fn readiness_and_inventory_rpcs(db: TestDb) {
         .unwrap()
         .into_inner();
     assert_eq!(got, new_vm);
-    let all = fo.list_vms(pb::ListVmsRequest {}).await.unwrap().into_inner();
+    let all = fo.list_vms(pb::ListVmsRequest::default()).await.unwrap().into_inner();
     assert_eq!(all.vms.len(), a.inv.vms.len() + 1);
     let e = fo.get_vm(pb::GetVmRequest { vm_id: "nope".into() }).await.unwrap_err();
     assert_eq!((e.code(), reason(&e)), (Code::NotFound, "VM_NOT_FOUND".to_string()));
@@ -1268,7 +1269,7 @@ async fn workflow_service_runs_any_definition(db: TestDb) {
         .unwrap_err();
     assert_eq!(
         (e.code(), bad_fields(&e)),
-        (Code::InvalidArgument, vec!["hold".to_string()])
+        (Code::InvalidArgument, vec!["input_json.hold".to_string()])
     );
     let e = wf
         .list_workflows(pb::ListWorkflowsRequest {
@@ -1573,6 +1574,9 @@ use pinned::{
 on_both_backends!(a_job_keeps_the_vm_it_started_with);
 on_sqlite!(a_mapping_to_a_missing_network_is_refused_before_anything_is_created);
 
+use limits::hostile_inputs_are_refused_naming_the_field;
+on_both_backends!(hostile_inputs_are_refused_naming_the_field);
+
 use dropped_watches::dropped_watch_streams_never_cost_the_connection;
 on_sqlite!(
     bad_requests_are_rejected_with_field_details,
@@ -1702,4 +1706,30 @@ async fn cli_commands_talk_to_the_server() {
     let (code, _, err) = tern(&["live-failover", "no-such-vm"]).await;
     assert_eq!(code, Some(1));
     assert!(err.contains("[VM_NOT_FOUND]"), "{err}");
+
+    // More jobs than one page (100): `list --limit` pages through them.
+    let mut wf = a.wf.clone();
+    for i in 0..120 {
+        wf.submit_workflow(pb::SubmitWorkflowRequest {
+            definition: "live-failover".into(),
+            input_json: format!(r#"{{"vm_id": "paging-{i}"}}"#),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let (code, out, err) = tern(&["list", "--limit", "500", "--json"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let jobs = v["jobs"].as_array().unwrap();
+    let mut ids: Vec<&str> = jobs.iter().filter_map(|j| j["job_id"].as_str()).collect();
+    assert_eq!(ids.len(), 121, "every job, once");
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 121);
+    assert_eq!(v["next_page_token"], "");
+    let (code, out, _) = tern(&["list", "--limit", "110"]).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(out.lines().count(), 1 + 110 + 1, "header, 110 jobs, the note");
+    assert!(out.ends_with("(more jobs: raise --limit)\n"), "{out}");
 }

@@ -25,9 +25,14 @@ pub(crate) struct Server {
 impl Server {
     pub(crate) fn spawn(&self, name: &str) -> Child {
         let log = std::fs::File::create(self.log_dir.path().join(format!("{name}.log"))).unwrap();
+        // The secret key from a file, as systemd credentials and Kubernetes secrets give it.
+        let secret = self.log_dir.path().join("secret-key");
+        std::fs::write(&secret, "s\n").unwrap();
         Command::new(env!("CARGO_BIN_EXE_tern"))
             .args(&self.args)
             .env("RUST_LOG", "info,sqlx=warn")
+            .env_remove("TERN_CLOUDSTACK_SECRET_KEY")
+            .env("TERN_CLOUDSTACK_SECRET_KEY_FILE", &secret)
             .env_remove("TERN_CRASH_AT")
             .stdout(Stdio::null())
             .stderr(log)
@@ -125,8 +130,6 @@ pub async fn server_killed_mid_failovers_and_restarted(db: TestDb) {
         &format!("{base}/client/api"),
         "--cloudstack-api-key",
         "k",
-        "--cloudstack-secret-key",
-        "s",
         "--zone-id",
         &sample.zone_id,
         "--service-offering-id",

@@ -469,7 +469,8 @@ async fn submit_errors_are_typed_and_request_ids_idempotent(db: TestDb) {
         })
         .await;
     match bad {
-        Err(EngineError::InvalidInput { field, reason }) => {
+        Err(EngineError::InvalidInput(problems)) => {
+            let (field, reason) = &problems.0[0];
             assert_eq!(field, "hold");
             assert!(reason.contains("soonish"));
         }

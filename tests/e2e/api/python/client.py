@@ -2,7 +2,8 @@
 
 Runs a test failover with a 2-second auto-cleanup through FailoverService, follows it with
 WatchFailover to the end, and checks the job, the error details of a bad request and the
-correlation id metadata. Usage: client.py ENDPOINT VM_ID (stubs on PYTHONPATH).
+correlation id metadata, and the documented limits (a NUL byte, a 1 MB vm_id, 10,000 network
+mappings, 100 jobs a page). Usage: client.py ENDPOINT VM_ID (stubs on PYTHONPATH).
 """
 import sys
 
@@ -23,6 +24,29 @@ def main(endpoint: str, vm_id: str) -> None:
     except grpc.RpcError as e:
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
         assert "test_duration" in e.details(), e.details()
+
+    # The limits the proto documents, each refused naming its field, in a short reply.
+    too_much = [
+        ("vm_id", failover_pb2.StartTestFailoverRequest(vm_id="a\0b")),
+        ("vm_id", failover_pb2.StartTestFailoverRequest(vm_id="x" * (1 << 20))),
+        ("request_id", failover_pb2.StartTestFailoverRequest(vm_id=vm_id, request_id="r" * 201)),
+        (
+            "network_mappings",
+            failover_pb2.StartTestFailoverRequest(
+                vm_id=vm_id, network_mappings={f"net-{i}": f"dest-{i}" for i in range(10_000)}
+            ),
+        ),
+    ]
+    for field, request in too_much:
+        try:
+            stub.StartTestFailover(request)
+            raise SystemExit(f"an over-limit {field} was accepted")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+            assert e.details().startswith(field + ":"), e.details()
+            assert len(e.details()) < 2000, len(e.details())
+    page = stub.ListFailovers(failover_pb2.ListFailoversRequest(page_size=100_000))
+    assert len(page.jobs) <= 100
 
     job, call = stub.StartTestFailover.with_call(
         failover_pb2.StartTestFailoverRequest(
