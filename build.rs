@@ -38,7 +38,7 @@ fn compile_protos() {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let descriptor = out.join("tern_descriptor.bin");
     std::fs::write(&descriptor, prost::Message::encode_to_vec(&fds)).expect("write tern_descriptor.bin");
-    tonic_build::configure()
+    tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
         // A request that does not decode is INVALID_ARGUMENT, not tonic's INTERNAL.

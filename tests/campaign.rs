@@ -125,6 +125,7 @@ impl Campaign {
                         input: input.clone(),
                         request_id: None,
                         correlation_id: None,
+                        by: None,
                     })
                     .await
             };

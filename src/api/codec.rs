@@ -42,13 +42,13 @@ received!(Code::Internal =>
 /// Encodes `T` as tonic does; decodes `U`, and says whose fault it is when it cannot.
 #[derive(Debug, Clone)]
 pub struct ProstCodec<T, U> {
-    inner: tonic::codec::ProstCodec<T, U>,
+    inner: tonic_prost::ProstCodec<T, U>,
 }
 
 impl<T, U> Default for ProstCodec<T, U> {
     fn default() -> Self {
         ProstCodec {
-            inner: tonic::codec::ProstCodec::default(),
+            inner: tonic_prost::ProstCodec::default(),
         }
     }
 }
@@ -60,7 +60,7 @@ where
 {
     type Encode = T;
     type Decode = U;
-    type Encoder = <tonic::codec::ProstCodec<T, U> as Codec>::Encoder;
+    type Encoder = <tonic_prost::ProstCodec<T, U> as Codec>::Encoder;
     type Decoder = ProstDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {

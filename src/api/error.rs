@@ -36,6 +36,12 @@ pub enum ApiError {
         message: String,
         metadata: HashMap<String, String>,
     },
+    /// UNAUTHENTICATED: no credentials, or a token unknown or revoked.
+    Unauthenticated(String),
+    /// PERMISSION_DENIED: the principal's role does not allow the method.
+    PermissionDenied(String),
+    /// RESOURCE_EXHAUSTED: a limit of the server, named in the message (reason `LIMIT_EXCEEDED`).
+    ResourceExhausted(String),
     /// UNAVAILABLE: the database or the cloud could not be reached; retrying may help.
     Unavailable(String),
     /// INTERNAL: logged in full, sent as a generic message.
@@ -97,6 +103,9 @@ impl ApiError {
                 info.extend(metadata);
                 (Code::FailedPrecondition, message, reason)
             }
+            ApiError::Unauthenticated(message) => (Code::Unauthenticated, message, "UNAUTHENTICATED"),
+            ApiError::PermissionDenied(message) => (Code::PermissionDenied, message, "PERMISSION_DENIED"),
+            ApiError::ResourceExhausted(message) => (Code::ResourceExhausted, message, "LIMIT_EXCEEDED"),
             ApiError::Unavailable(detail) => {
                 tracing::warn!(correlation_id, error = %detail, "API call failed: unavailable");
                 (

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::Value;
 use tonic::{Request, Response, Status};
 
+use super::auth::caller;
 use super::convert;
 use super::error::{ApiError, ApiResult};
 use super::page::Page;
@@ -29,16 +30,16 @@ pub struct FailoverApi {
 
 /// The fields both start requests share.
 pub(crate) struct Start<'a> {
-    definition: &'static str,
-    job_type: JobType,
-    vm_id: &'a str,
-    vm_name: &'a str,
-    skip_validation: bool,
-    skip_snapshot: bool,
-    skip_virtio_injection: bool,
-    network_mappings: &'a HashMap<String, String>,
-    custom_config: &'a HashMap<String, String>,
-    notification_config: &'a HashMap<String, String>,
+    pub(crate) definition: &'static str,
+    pub(crate) job_type: JobType,
+    pub(crate) vm_id: &'a str,
+    pub(crate) vm_name: &'a str,
+    pub(crate) skip_validation: bool,
+    pub(crate) skip_snapshot: bool,
+    pub(crate) skip_virtio_injection: bool,
+    pub(crate) network_mappings: &'a HashMap<String, String>,
+    pub(crate) custom_config: &'a HashMap<String, String>,
+    pub(crate) notification_config: &'a HashMap<String, String>,
     pub(crate) request_id: &'a str,
     /// Test failovers only: (auto_cleanup, test_duration).
     pub(crate) hold: Option<(bool, &'a str)>,
@@ -63,6 +64,8 @@ macro_rules! start_of {
         }
     };
 }
+#[cfg(test)]
+pub(crate) use start_of;
 
 pub(crate) fn run_id(field: &str, s: &str) -> ApiResult<RunId> {
     if s.trim().is_empty() {
@@ -141,7 +144,7 @@ impl FailoverApi {
         Ok(convert::failover_job(run, job, &def, &journal, with_steps))
     }
 
-    async fn start(&self, s: Start<'_>, correlation_id: String) -> ApiResult<pb::FailoverJob> {
+    async fn start(&self, s: Start<'_>, correlation_id: String, by: Option<String>) -> ApiResult<pb::FailoverJob> {
         checked(&s)?;
         let request_id = Some(s.request_id.trim().to_string()).filter(|r| !r.is_empty());
         // A retried request returns its job even if the VM has since left the inventory.
@@ -169,6 +172,7 @@ impl FailoverApi {
                 input,
                 request_id: request_id.clone(),
                 correlation_id: Some(correlation_id),
+                by,
             })
             .await;
         let submitted = match submitted {
@@ -233,7 +237,7 @@ impl FailoverApi {
     }
 
     /// Sends `end-test` or a cancel, then returns the job.
-    async fn stop(&self, job_id: &str, end_test: bool, reason: &str) -> ApiResult<pb::FailoverJob> {
+    async fn stop(&self, job_id: &str, end_test: bool, reason: &str, by: Option<&str>) -> ApiResult<pb::FailoverJob> {
         let id = run_id("job_id", job_id)?;
         let run = self.run(id).await?;
         let outcome = if end_test {
@@ -243,9 +247,9 @@ impl FailoverApi {
                     format!("job {id} is a live failover: only a test failover has a test to end"),
                 ));
             }
-            self.state.engine.signal(id, "end-test").await?
+            self.state.engine.signal_as(id, "end-test", by).await?
         } else {
-            self.state.engine.cancel(id, reason).await?
+            self.state.engine.cancel_as(id, reason, by).await?
         };
         if let SignalOutcome::Finished(status) = outcome {
             return Err(ApiError::precondition(
@@ -259,11 +263,19 @@ impl FailoverApi {
 
     /// Resolves a needs_operator job once the cloud shows nothing left to put right (or when
     /// forced), then frees its VM.
-    async fn resolve(&self, r: &pb::ResolveFailoverRequest) -> ApiResult<pb::FailoverJob> {
+    /// `caller` is the authenticated principal: with one, the resolution is theirs and
+    /// `resolved_by` may be left empty; without, `resolved_by` is required.
+    async fn resolve(&self, r: &pb::ResolveFailoverRequest, caller: Option<String>) -> ApiResult<pb::FailoverJob> {
         checked(r)?;
         let id = run_id("job_id", &r.job_id)?;
         let reason = r.reason.trim();
-        let by = r.resolved_by.trim();
+        let by = match (caller, r.resolved_by.trim()) {
+            (Some(principal), "") => principal,
+            (Some(principal), said) if said == principal => principal,
+            (Some(principal), said) => format!("{principal} (for {said})"),
+            (None, "") => return Err(ApiError::field("resolved_by", "is required")),
+            (None, said) => said.to_string(),
+        };
         let run = self.run(id).await?;
         if !matches!(run.state, RunState::NeedsOperator { .. }) {
             return Err(ApiError::precondition(
@@ -292,7 +304,7 @@ impl FailoverApi {
             });
         }
         let resolution = Resolution {
-            by: by.to_string(),
+            by,
             reason: reason.to_string(),
             forced: !differences.is_empty(),
             differences,
@@ -339,6 +351,7 @@ impl FailoverService for FailoverApi {
         req: Request<pb::StartTestFailoverRequest>,
     ) -> Result<Response<pb::FailoverJob>, Status> {
         let c = correlation_of(&req);
+        let by = caller(&req);
         let r = req.into_inner();
         let start = start_of!(
             r,
@@ -346,7 +359,7 @@ impl FailoverService for FailoverApi {
             JobType::Test,
             Some((r.auto_cleanup, &r.test_duration))
         );
-        reply_own(self.start(start, c.clone()).await, &c)
+        reply_own(self.start(start, c.clone(), by).await, &c)
     }
 
     async fn start_live_failover(
@@ -354,9 +367,10 @@ impl FailoverService for FailoverApi {
         req: Request<pb::StartLiveFailoverRequest>,
     ) -> Result<Response<pb::FailoverJob>, Status> {
         let c = correlation_of(&req);
+        let by = caller(&req);
         let r = req.into_inner();
         let start = start_of!(r, LIVE_FAILOVER, JobType::Live, None);
-        reply_own(self.start(start, c.clone()).await, &c)
+        reply_own(self.start(start, c.clone(), by).await, &c)
     }
 
     async fn end_test_failover(
@@ -365,7 +379,10 @@ impl FailoverService for FailoverApi {
     ) -> Result<Response<pb::FailoverJob>, Status> {
         let c = correlation_of(&req);
         let result = match checked(req.get_ref()) {
-            Ok(()) => self.stop(&req.get_ref().job_id, true, "").await,
+            Ok(()) => {
+                self.stop(&req.get_ref().job_id, true, "", caller(&req).as_deref())
+                    .await
+            }
             Err(e) => Err(e),
         };
         reply_own(result, &c)
@@ -383,7 +400,7 @@ impl FailoverService for FailoverApi {
             r.reason.trim()
         };
         let result = match checked(r) {
-            Ok(()) => self.stop(&r.job_id, false, reason).await,
+            Ok(()) => self.stop(&r.job_id, false, reason, caller(&req).as_deref()).await,
             Err(e) => Err(e),
         };
         reply_own(result, &c)
@@ -394,7 +411,7 @@ impl FailoverService for FailoverApi {
         req: Request<pb::ResolveFailoverRequest>,
     ) -> Result<Response<pb::FailoverJob>, Status> {
         let c = correlation_of(&req);
-        reply_own(self.resolve(req.get_ref()).await, &c)
+        reply_own(self.resolve(req.get_ref(), caller(&req)).await, &c)
     }
 
     async fn get_failover(&self, req: Request<pb::GetFailoverRequest>) -> Result<Response<pb::FailoverJob>, Status> {
@@ -453,12 +470,12 @@ impl FailoverService for FailoverApi {
         let result = async {
             checked(r)?;
             let run = self.run(run_id("job_id", &r.job_id)?).await?;
-            Ok::<_, ApiError>(run)
+            Ok::<_, ApiError>((run, self.state.watches.take()?))
         }
         .await;
         match result {
-            Ok(run) => Ok(respond(
-                watch(self.state.engine.clone(), run.id, r.after_sequence, c),
+            Ok((run, slot)) => Ok(respond(
+                watch(self.state.engine.clone(), run.id, r.after_sequence, c, slot),
                 &run.correlation_id,
             )),
             Err(e) => Err(e.into_status(&c)),

@@ -6,12 +6,16 @@
 // tonic's service traits return `Result<_, tonic::Status>` by value; our helpers match them.
 #![allow(clippy::result_large_err)]
 
+pub mod auth;
 mod codec;
 pub mod convert;
 mod cork;
 pub mod error;
 mod failover;
+pub mod gate;
 mod page;
+#[cfg(test)]
+mod properties;
 mod validate;
 mod watch;
 mod workflow;
@@ -28,6 +32,8 @@ use crate::engine::Engine;
 use crate::steps::failover::FailoverDeps;
 use crate::store::{InventoryStore, JobStore, RunRow, Store};
 pub use failover::FailoverApi;
+use pb::failover_service_server::FailoverServiceServer;
+use pb::workflow_service_server::WorkflowServiceServer;
 pub use workflow::WorkflowApi;
 
 /// The code generated from `proto/tern/v1/*.proto`.
@@ -58,6 +64,8 @@ pub struct ApiState {
     /// The VM inventory and network mappings.
     pub inventory: Arc<dyn InventoryStore>,
     pub failover: Option<Arc<FailoverDeps>>,
+    /// Watch streams open at once (`Limits::watches`).
+    pub watches: watch::WatchSlots,
 }
 
 impl ApiState {
@@ -67,6 +75,7 @@ impl ApiState {
             jobs: store.clone(),
             inventory: store,
             failover,
+            watches: watch::WatchSlots::new(gate::Limits::default().watches),
         }
     }
 }
@@ -79,15 +88,62 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Serves the API on `listener` until `shutdown` completes (then drains in-flight calls).
+/// How a server meets its callers: TLS (with client certificates when the config asks for
+/// them) and authentication. The default is plaintext and no authentication (`tern dev`, tests).
+#[derive(Clone)]
+pub struct ServeOptions {
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+    pub auth: auth::Authenticator,
+    pub limits: gate::Limits,
+}
+
+impl Default for ServeOptions {
+    fn default() -> ServeOptions {
+        ServeOptions {
+            tls: None,
+            auth: auth::Authenticator::Off,
+            limits: gate::Limits::default(),
+        }
+    }
+}
+
+/// Serves the API on `listener`, plaintext and without authentication, until `shutdown`
+/// completes (then drains in-flight calls).
 pub async fn serve(
     listener: TcpListener,
     state: ApiState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    use pb::failover_service_server::FailoverServiceServer;
-    use pb::workflow_service_server::WorkflowServiceServer;
-    let (mut reporter, health) = tonic_health::server::health_reporter();
+    serve_with(listener, state, ServeOptions::default(), shutdown).await
+}
+
+/// [`serve`] with TLS, authentication and limits as `options` say.
+pub async fn serve_with(
+    listener: TcpListener,
+    mut state: ApiState,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    state.watches = watch::WatchSlots::new(options.limits.watches);
+    let max = options.limits.max_message_bytes;
+    serve_services(
+        listener,
+        options,
+        FailoverServiceServer::new(FailoverApi::new(state.clone())).max_decoding_message_size(max),
+        WorkflowServiceServer::new(WorkflowApi::new(state)).max_decoding_message_size(max),
+        shutdown,
+    )
+    .await
+}
+
+async fn serve_services(
+    listener: TcpListener,
+    options: ServeOptions,
+    failover: FailoverServiceServer<FailoverApi>,
+    workflow: WorkflowServiceServer<WorkflowApi>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<FailoverServiceServer<FailoverApi>>().await;
     reporter.set_serving::<WorkflowServiceServer<WorkflowApi>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -103,12 +159,17 @@ pub async fn serve(
     let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
         s.and_then(|s| s.set_nodelay(true).map(|_| cork::Corked::new(s)))
     });
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = options.tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
+        .layer(gate::GateLayer::new(options.auth, options.limits))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(FailoverServiceServer::new(FailoverApi::new(state.clone())))
-        .add_service(WorkflowServiceServer::new(WorkflowApi::new(state)))
+        .add_service(failover)
+        .add_service(workflow)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())

@@ -44,7 +44,13 @@ const BATCH: u32 = 500;
 /// The stream does its work as the response polls it: no task of its own, so an entry the feed
 /// gets wakes the response directly, the client's pace holds it back, and a client gone drops
 /// it.
-pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String) -> WatchStream {
+pub fn watch(
+    engine: Arc<Engine>,
+    run: RunId,
+    after: i64,
+    correlation_id: String,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) -> WatchStream {
     let feed = engine.watch_run(run);
     // A run executing here may come with its whole journal: then nothing is read.
     let fed = feed.take_after(after);
@@ -56,6 +62,7 @@ pub fn watch(engine: Arc<Engine>, run: RunId, after: i64, correlation_id: String
         fed,
         poll_every: POLL,
         started: false,
+        _slot: slot,
     };
     let events = futures::stream::unfold(
         (watch, correlation_id, Ending::No),
@@ -109,6 +116,34 @@ struct Watch {
     poll_every: Duration,
     /// Whether a batch was sent already (the first goes without waiting).
     started: bool,
+    /// One of the server's watch slots, given back when the stream goes.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The watch streams a server lets be open at once (`--max-watches`).
+#[derive(Clone)]
+pub struct WatchSlots {
+    open: Arc<tokio::sync::Semaphore>,
+    limit: usize,
+}
+
+impl WatchSlots {
+    pub fn new(limit: usize) -> WatchSlots {
+        WatchSlots {
+            open: Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit,
+        }
+    }
+
+    /// A slot for one more stream, or RESOURCE_EXHAUSTED naming the limit.
+    pub(crate) fn take(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.open.clone().try_acquire_owned().map_err(|_| {
+            ApiError::ResourceExhausted(format!(
+                "more than {} watch streams are open (--max-watches); close one or retry later",
+                self.limit
+            ))
+        })
+    }
 }
 
 impl Watch {

@@ -3,6 +3,7 @@
 
 use tonic::{Request, Response, Status};
 
+use super::auth::caller;
 use super::convert;
 use super::error::{ApiError, ApiResult};
 use super::failover::run_id;
@@ -97,6 +98,7 @@ impl WorkflowService for WorkflowApi {
                     input: input.clone(),
                     request_id: request_id.clone(),
                     correlation_id: Some(c.clone()),
+                    by: caller(&req),
                 })
                 .await
                 .map_err(|e| match e {
@@ -180,15 +182,16 @@ impl WorkflowService for WorkflowApi {
             checked(r)?;
             let id = run_id("run_id", &r.run_id)?;
             // A run executing here exists: its correlation id is known without a read.
-            match self.state.engine.executing_correlation_id(id) {
-                Some(correlation_id) => Ok((id, correlation_id.to_string())),
-                None => self.run(id).await.map(|run| (run.id, run.correlation_id)),
-            }
+            let correlation_id = match self.state.engine.executing_correlation_id(id) {
+                Some(correlation_id) => correlation_id.to_string(),
+                None => self.run(id).await?.correlation_id,
+            };
+            Ok::<_, ApiError>((id, correlation_id, self.state.watches.take()?))
         }
         .await;
         match result {
-            Ok((id, correlation_id)) => Ok(respond(
-                watch(self.state.engine.clone(), id, r.after_sequence, c),
+            Ok((id, correlation_id, slot)) => Ok(respond(
+                watch(self.state.engine.clone(), id, r.after_sequence, c, slot),
                 &correlation_id,
             )),
             Err(e) => Err(e.into_status(&c)),
@@ -204,7 +207,11 @@ impl WorkflowService for WorkflowApi {
         let result = async {
             checked(r)?;
             let id = run_id("run_id", &r.run_id)?;
-            let o = self.state.engine.signal(id, r.name.trim()).await?;
+            let o = self
+                .state
+                .engine
+                .signal_as(id, r.name.trim(), caller(&req).as_deref())
+                .await?;
             Self::outcome(id, o)
         }
         .await;
@@ -224,7 +231,7 @@ impl WorkflowService for WorkflowApi {
                 "" => "cancelled through the API",
                 s => s,
             };
-            let o = self.state.engine.cancel(id, reason).await?;
+            let o = self.state.engine.cancel_as(id, reason, caller(&req).as_deref()).await?;
             Self::outcome(id, o)
         }
         .await;

@@ -114,6 +114,7 @@ pub(crate) async fn run(cli: &Cli, command: &AdminCommand) -> Result<()> {
                     input,
                     request_id: request_id.clone(),
                     correlation_id: None,
+                    by: None,
                 })
                 .await?;
             println!(

@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use serde_json::{json, Value};
-use tonic::transport::Channel;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -117,15 +119,77 @@ pub struct StartOpts {
     json: bool,
 }
 
-/// Runs a client command against `endpoint`.
-pub async fn run(endpoint: &str, cmd: ClientCommand) -> Result<()> {
-    super::quiet_on_broken_pipe();
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+/// How the client commands reach the server: TLS for an `https://` endpoint (checked against
+/// the system's roots, or `--ca`), a client certificate for mutual TLS, and the bearer token
+/// from `TERN_TOKEN` or `TERN_TOKEN_FILE` (never a flag: it would show in `ps`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct Connection {
+    /// CA certificate (PEM) the server's certificate must chain to; default: the system's.
+    #[arg(long, global = true, env = "TERN_CA", help_heading = "Connection to a server")]
+    ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, with --key.
+    #[arg(long, global = true, env = "TERN_CERT", help_heading = "Connection to a server")]
+    cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "TERN_KEY", help_heading = "Connection to a server")]
+    key: Option<std::path::PathBuf>,
+}
+
+/// A channel to the server that sends the bearer token with every call.
+pub(crate) type Conn = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to every request, when there is a token.
+#[derive(Clone)]
+pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// Connects to `endpoint` as `c` says.
+pub(crate) async fn connect(endpoint: &str, c: &Connection) -> Result<Conn> {
+    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .with_context(|| format!("bad --endpoint {endpoint:?}"))?
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(5));
+    let read =
+        |flag: &str, p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {flag} {}", p.display()));
+    if endpoint.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        tls = match &c.ca {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(read("--ca", ca)?)),
+            None => tls.with_native_roots(),
+        };
+        match (&c.cert, &c.key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(Identity::from_pem(read("--cert", cert)?, read("--key", key)?))
+            }
+            (None, None) => {}
+            _ => bail!("--cert and --key go together"),
+        }
+        ep = ep.tls_config(tls).context("the TLS settings (--ca, --cert, --key)")?;
+    } else if c.ca.is_some() || c.cert.is_some() || c.key.is_some() {
+        bail!("--ca, --cert and --key need an https:// endpoint (--endpoint {endpoint})");
+    }
+    let token = super::secret("TERN_TOKEN")?
+        .map(|t| MetadataValue::try_from(format!("Bearer {}", t.trim())))
+        .transpose()
+        .map_err(|_| anyhow::anyhow!("TERN_TOKEN is not a token (it holds characters a header cannot)"))?;
+    let channel = ep
         .connect()
         .await
         .with_context(|| format!("cannot reach the Tern server at {endpoint} (is `tern server` running?)"))?;
+    Ok(InterceptedService::new(channel, Bearer(token)))
+}
+
+/// Runs a client command against `endpoint`.
+pub async fn run(endpoint: &str, connection: &Connection, cmd: ClientCommand) -> Result<()> {
+    super::quiet_on_broken_pipe();
+    let channel = connect(endpoint, connection).await?;
     let mut fo = FailoverServiceClient::new(channel.clone());
     match cmd {
         ClientCommand::TestFailover {
@@ -326,7 +390,7 @@ fn networks(pairs: &[String]) -> Result<std::collections::HashMap<String, String
         .collect()
 }
 
-async fn started(job: &pb::FailoverJob, opts: &StartOpts, channel: Channel) -> Result<()> {
+async fn started(job: &pb::FailoverJob, opts: &StartOpts, channel: Conn) -> Result<()> {
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&job_json(job))?);
     } else if job.created {
@@ -507,7 +571,7 @@ fn describe(e: &pb::JournalEntry) -> Option<String> {
 }
 
 /// Follows a run to its end, reconnecting (from the last sequence seen) if the stream breaks.
-async fn watch(channel: Channel, job: &str) -> Result<()> {
+async fn watch(channel: Conn, job: &str) -> Result<()> {
     let mut wf = WorkflowServiceClient::new(channel.clone());
     let mut last = 0i64;
     let mut failures = 0;

@@ -7,6 +7,7 @@ pub(crate) mod bench;
 pub(crate) mod client;
 pub(crate) mod serve;
 pub(crate) mod sim;
+pub(crate) mod token;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,9 +36,17 @@ pub(crate) struct Cli {
     /// Directory whose *.toml definitions override the embedded ones.
     #[arg(long, global = true, env = "TERN_WORKFLOWS_DIR")]
     pub(crate) workflows: Option<PathBuf>,
-    /// The Tern server the failover commands talk gRPC to.
-    #[arg(long, global = true, env = "TERN_ENDPOINT", default_value = "http://127.0.0.1:50051")]
+    /// The Tern server the failover commands talk gRPC to (https:// for TLS).
+    #[arg(
+        long,
+        global = true,
+        env = "TERN_ENDPOINT",
+        default_value = "http://127.0.0.1:50051",
+        help_heading = "Connection to a server"
+    )]
     pub(crate) endpoint: String,
+    #[command(flatten)]
+    pub(crate) connection: client::Connection,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -60,9 +69,8 @@ pub(crate) enum Command {
     },
     /// Run the gRPC API and a worker in one process until SIGTERM/SIGINT.
     Server {
-        /// Address of the gRPC API.
-        #[arg(long, env = "TERN_LISTEN", default_value = "127.0.0.1:50051")]
-        listen: String,
+        #[command(flatten)]
+        api: ApiArgs,
         #[command(flatten)]
         worker: WorkerArgs,
         #[command(flatten)]
@@ -83,8 +91,45 @@ pub(crate) enum Command {
     /// journal, recover, runs, definitions, inventory, migrate.
     #[command(subcommand)]
     Admin(admin::AdminCommand),
+    /// Who may call the API: create, list and revoke bearer tokens and certificate names.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     #[command(flatten)]
     Client(client::ClientCommand),
+}
+
+/// How `tern server` meets its callers.
+#[derive(clap::Args, Clone)]
+pub(crate) struct ApiArgs {
+    /// Address of the gRPC API.
+    #[arg(long, env = "TERN_LISTEN", default_value = "127.0.0.1:50051")]
+    pub(crate) listen: String,
+    /// The server's certificate chain (PEM): the API speaks TLS. With --tls-key.
+    #[arg(long, env = "TERN_TLS_CERT", requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// The server certificate's private key (PEM).
+    #[arg(long, env = "TERN_TLS_KEY", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// CA (PEM) of client certificates (mTLS): a certificate it signed authenticates its
+    /// subject common name (tern token create NAME --certificate). Needs --tls-cert.
+    #[arg(long, env = "TERN_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub(crate) tls_client_ca: Option<PathBuf>,
+    /// Let every caller do everything, unauthenticated. Without it every call needs a bearer
+    /// token or a client certificate (tern token).
+    #[arg(long, env = "TERN_INSECURE_NO_AUTH")]
+    pub(crate) insecure_no_auth: bool,
+    /// The largest request message, in bytes.
+    #[arg(long, env = "TERN_MAX_MESSAGE_SIZE", default_value_t = 4 * 1024 * 1024)]
+    pub(crate) max_message_size: usize,
+    /// Calls in flight on one connection.
+    #[arg(long, env = "TERN_MAX_CALLS_PER_CONNECTION", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) max_calls_per_connection: u32,
+    /// Watch streams open at once, all callers together.
+    #[arg(long, env = "TERN_MAX_WATCHES", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) max_watches: u32,
+    /// Calls per second of one principal, bursts up to twice that (0: no limit).
+    #[arg(long, env = "TERN_RATE_LIMIT", default_value_t = 200)]
+    pub(crate) rate_limit: u32,
 }
 
 #[derive(clap::Args, Clone)]
@@ -226,13 +271,14 @@ pub(crate) fn quiet_on_broken_pipe() {
 /// Runs the command.
 pub(crate) async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Client(c) => client::run(&cli.endpoint, c.clone()).await,
+        Command::Client(c) => client::run(&cli.endpoint, &cli.connection, c.clone()).await,
         Command::Bench(args) => {
             bench::run(args).await?;
             Ok(())
         }
         Command::Sim(args) => sim::run(args, shutdown_on_signal()?).await,
         Command::Admin(a) => admin::run(&cli, a).await,
+        Command::Token(t) => token::run(&cli, t).await,
         Command::Dev { .. } | Command::Server { .. } | Command::Worker { .. } => {
             serve::run(&cli, shutdown_on_signal()?).await
         }

@@ -15,7 +15,7 @@ use tern::steps::failover::FailoverDeps;
 use tern::store::{self, Store};
 
 use super::sim::{self, SimArgs};
-use super::{config, data_dir, open_store, Cli, CloudArgs, Command, WorkerArgs};
+use super::{config, data_dir, open_store, ApiArgs, Cli, CloudArgs, Command, WorkerArgs};
 
 /// Runs `tern dev`, `tern server` or `tern worker` until `shutdown`.
 pub(crate) async fn run(cli: &Cli, shutdown: CancellationToken) -> Result<()> {
@@ -25,14 +25,11 @@ pub(crate) async fn run(cli: &Cli, shutdown: CancellationToken) -> Result<()> {
             let (engine, _) = cloud_engine(cli, store.clone(), w, cloud)?;
             worker::run_worker(engine, shutdown).await?;
         }
-        Command::Server {
-            listen,
-            worker: w,
-            cloud,
-        } => {
-            let listener = bind_api(listen).await?;
+        Command::Server { api, worker: w, cloud } => {
+            let listener = bind_api(&api.listen).await?;
+            let options = serve_options(api, &listener, store.clone()).await?;
             let (engine, deps) = cloud_engine(cli, store.clone(), w, cloud)?;
-            serve_and_work(listener, engine, store, deps, shutdown).await?;
+            serve_and_work(listener, options, engine, store, deps, shutdown).await?;
         }
         Command::Dev {
             worker: w,
@@ -45,7 +42,8 @@ pub(crate) async fn run(cli: &Cli, shutdown: CancellationToken) -> Result<()> {
                 "tern dev: gRPC API on {} (plaintext, no authentication: for this machine only)",
                 listener.local_addr()?
             );
-            let served = serve_and_work(listener, engine, store, Some(deps), shutdown).await;
+            let options = tern::api::ServeOptions::default();
+            let served = serve_and_work(listener, options, engine, store, Some(deps), shutdown).await;
             // A simulator that stopped on an error stopped `tern dev`: that error is the reason.
             match sim.await {
                 Ok(Err(e)) => return Err(e.context("tern dev: the simulator stopped")),
@@ -82,6 +80,63 @@ pub(crate) fn cloud_engine(
     Ok((engine, deps))
 }
 
+/// TLS and authentication of `tern server`, from its flags; a certificate or key that does not
+/// load stops the start with the reason.
+async fn serve_options(
+    api: &ApiArgs,
+    listener: &tokio::net::TcpListener,
+    store: Arc<dyn Store>,
+) -> Result<tern::api::ServeOptions> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read =
+        |flag: &str, path: &Path| std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()));
+    let tls = match (&api.tls_cert, &api.tls_key) {
+        (Some(cert), Some(key)) => {
+            let identity = Identity::from_pem(read("--tls-cert", cert)?, read("--tls-key", key)?);
+            let mut tls = ServerTlsConfig::new().identity(identity);
+            if let Some(ca) = &api.tls_client_ca {
+                // With tokens, a client may authenticate either way; without, only by certificate.
+                tls = tls
+                    .client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?))
+                    .client_auth_optional(!api.insecure_no_auth);
+            }
+            tonic::transport::Server::builder()
+                .tls_config(tls.clone())
+                .context("the TLS certificate or key (--tls-cert, --tls-key, --tls-client-ca)")?;
+            Some(tls)
+        }
+        _ => None,
+    };
+    let addr = listener.local_addr()?;
+    let exposed = !addr.ip().is_loopback();
+    if tls.is_none() && exposed {
+        tracing::warn!(%addr, "the gRPC API is plaintext on a non-loopback address: tokens and data cross the network in clear (use --tls-cert and --tls-key)");
+    }
+    let auth = if api.insecure_no_auth {
+        if exposed {
+            tracing::warn!(%addr, "--insecure-no-auth on a non-loopback address: anyone who reaches it may start a live failover of any VM");
+        } else {
+            tracing::warn!("--insecure-no-auth: every caller may do everything");
+        }
+        tern::api::auth::Authenticator::Off
+    } else {
+        if store.principals().await?.iter().all(|p| p.revoked_at.is_some()) {
+            tracing::warn!("no principal exists yet: every call is UNAUTHENTICATED until one is created (tern token create NAME --role admin)");
+        }
+        tern::api::auth::Authenticator::Principals {
+            store,
+            certificates: api.tls_client_ca.is_some(),
+        }
+    };
+    let limits = tern::api::gate::Limits {
+        max_message_bytes: api.max_message_size,
+        calls_per_connection: api.max_calls_per_connection as usize,
+        watches: api.max_watches as usize,
+        calls_per_second: api.rate_limit,
+    };
+    Ok(tern::api::ServeOptions { tls, auth, limits })
+}
+
 pub(crate) async fn bind_api(listen: &str) -> Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(listen)
         .await
@@ -91,6 +146,7 @@ pub(crate) async fn bind_api(listen: &str) -> Result<tokio::net::TcpListener> {
 /// The gRPC API and a worker in one process; both stop on `token` (the API first drains its calls).
 pub(crate) async fn serve_and_work(
     listener: tokio::net::TcpListener,
+    options: tern::api::ServeOptions,
     engine: Arc<Engine>,
     store: Arc<dyn Store>,
     failover: Option<Arc<FailoverDeps>>,
@@ -99,7 +155,9 @@ pub(crate) async fn serve_and_work(
     tracing::info!(addr = %listener.local_addr()?, "gRPC API listening");
     let state = tern::api::ApiState::new(engine.clone(), store, failover);
     let stop = token.clone();
-    let api = tokio::spawn(tern::api::serve(listener, state, async move { stop.cancelled().await }));
+    let api = tokio::spawn(tern::api::serve_with(listener, state, options, async move {
+        stop.cancelled().await
+    }));
     let worked = worker::run_worker(engine, token.clone()).await;
     token.cancel();
     let served = api.await.context("the gRPC server task panicked")?;

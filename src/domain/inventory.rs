@@ -185,7 +185,11 @@ pub fn split_disks(disks: Vec<ListedDisk>, volume_id: Option<String>) -> Result<
         if v != boot_disk.volume_id {
             return Err((
                 "volume_id".into(),
-                format!("{v:?} is not the boot disk's volume {:?}", boot_disk.volume_id),
+                format!(
+                    "{} is not the boot disk's volume {}",
+                    shown(&v),
+                    shown(&boot_disk.volume_id)
+                ),
             ));
         }
     }

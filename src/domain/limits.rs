@@ -19,15 +19,21 @@ pub const MAX_DISKS: usize = 64;
 /// A raw workflow's input (`input_json`), in bytes.
 pub const MAX_INPUT_BYTES: usize = 64 * 1024;
 
-/// The characters a value is shown with in an error before it is cut.
-const SHOWN: usize = 64;
+/// The most bytes a value takes when an error quotes it (escapes included).
+const SHOWN: usize = 80;
 
-/// `value` as an error quotes it: at most 64 characters, then "…".
+/// `value` as an error quotes it: Rust-escaped (a control character shows as `\u{..}`), cut
+/// to at most 80 bytes with "…".
 pub fn shown(value: &str) -> String {
-    match value.char_indices().nth(SHOWN) {
-        Some((cut, _)) => format!("{:?}…", &value[..cut]),
-        None => format!("{value:?}"),
+    let quoted = format!("{value:?}");
+    if quoted.len() <= SHOWN {
+        return quoted;
     }
+    let mut cut = SHOWN - "…".len();
+    while !quoted.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &quoted[..cut])
 }
 
 /// Field problems, collected in order: (the field, why).
@@ -190,8 +196,9 @@ mod tests {
     #[test]
     fn shown_values_are_cut_on_a_character_boundary() {
         assert_eq!(shown("abc"), "\"abc\"");
-        let long = "é".repeat(1000);
-        let s = shown(&long);
-        assert!(s.ends_with('…') && s.chars().count() < 80, "{s}");
+        for long in ["é".repeat(1000), "\u{e000}\0".repeat(500)] {
+            let s = shown(&long);
+            assert!(s.ends_with('…') && s.len() <= 80, "{s}");
+        }
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! Nothing here does I/O; everything here is serialisable so it can be journaled.
 
+pub mod auth;
 pub mod failover;
 pub mod inventory;
 pub mod limits;
@@ -166,5 +167,25 @@ mod tests {
         assert_eq!(t.plus(Duration::from_millis(500)), Timestamp(1_500));
         assert_eq!(Timestamp(2_000).until(t), Duration::ZERO);
         assert_eq!(t.until(Timestamp(2_000)), Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Durations as people type them, and anything else: parsed or refused, never a panic.
+        #[test]
+        fn durations_parse_or_are_refused(
+            any_text in any::<String>(),
+            n in any::<u64>(),
+            unit in prop::sample::select(vec!["ms", "s", "m", "h", "d", "days", "w", "y", ""]),
+        ) {
+            let _ = super::parse_duration(&any_text);
+            if let Err(e) = super::parse_duration(&format!("{n}{unit}")) {
+                prop_assert!(!e.is_empty());
+            }
+        }
     }
 }

@@ -211,6 +211,10 @@ pub enum Record {
         definition: String,
         definition_hash: String,
         input: Value,
+        /// The principal that submitted it (None: no authenticated caller, e.g. `tern admin`
+        /// or a server without authentication; runs journaled before principals existed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     StepSkipped {
         phase: Phase,
@@ -273,11 +277,17 @@ pub enum Record {
     SignalReceived {
         name: String,
         applied: bool,
+        /// The principal that sent it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     /// `applied` is false when the run was already rolling back or tearing down.
     CancelRequested {
         reason: String,
         applied: bool,
+        /// The principal that asked for it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<String>,
     },
     RunFinished {
         status: RunStatus,

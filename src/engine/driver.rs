@@ -180,7 +180,14 @@ impl Driver {
         if self.state.accepts_signals() && self.signals_pending > 0 {
             for sig in self.engine.store.pending_signals(self.run_id).await? {
                 let next = self
-                    .apply(Event::Signal { name: sig.name }, vec![sig.id], false)
+                    .apply(
+                        Event::Signal {
+                            name: sig.name,
+                            by: sig.by,
+                        },
+                        vec![sig.id],
+                        false,
+                    )
                     .await?;
                 // Either the hold ended, or the run went back to sleep (and gave up its lease):
                 // any further signal or a due timer wakes it again at once.
@@ -212,8 +219,8 @@ impl Driver {
     /// Applies the stored cancel request. Returns the action it leads to: `Continue` when the
     /// cancel was absorbed and the in-flight work should carry on.
     async fn deliver_cancel(&mut self) -> Result<Action, EngineError> {
-        let reason = self.cancel_reason().await?;
-        self.apply(Event::Cancel { reason }, vec![], true).await
+        let (reason, by) = self.cancel_reason().await?;
+        self.apply(Event::Cancel { reason, by }, vec![], true).await
     }
 
     async fn resleep(&mut self, now: Timestamp) -> Result<(), EngineError> {
@@ -240,17 +247,27 @@ impl Driver {
         // as too late rather than left pending on a finished run; the store refuses a terminal
         // checkpoint that would leave one, which is how a cancel that raced this commit is seen.
         if self.cancel_pending {
-            let reason = self.cancel_reason().await?;
+            let (reason, by) = self.cancel_reason().await?;
             return self
-                .commit(machine::with_late_cancel(t, &reason), consumed, true, now)
+                .commit(
+                    machine::with_late_cancel(t, &reason, by.as_deref()),
+                    consumed,
+                    true,
+                    now,
+                )
                 .await;
         }
         match self.commit(t.clone(), consumed.clone(), false, now).await {
             Err(fenced @ EngineError::Store(StoreError::Fenced { .. })) => match self.cancel_arrived().await? {
-                Some(reason) => {
+                Some((reason, by)) => {
                     self.cancel_pending = true;
-                    self.commit(machine::with_late_cancel(t, &reason), consumed, true, now)
-                        .await
+                    self.commit(
+                        machine::with_late_cancel(t, &reason, by.as_deref()),
+                        consumed,
+                        true,
+                        now,
+                    )
+                    .await
                 }
                 None => Err(fenced),
             },
@@ -260,7 +277,7 @@ impl Driver {
 
     /// After a fenced terminal commit: the reason of a cancel that arrived (the lease and the
     /// journal position are still this driver's), or None if another worker took the run.
-    async fn cancel_arrived(&self) -> Result<Option<String>, EngineError> {
+    async fn cancel_arrived(&self) -> Result<Option<(String, Option<String>)>, EngineError> {
         let Some(row) = self.engine.store.get_run(self.run_id).await? else {
             return Ok(None);
         };
@@ -268,17 +285,16 @@ impl Driver {
             && row.last_seq == self.seq
             && row.fencing_token == self.lease.token
             && row.lease_owner.as_deref() == Some(self.lease.owner.as_str());
-        Ok(ours.then(|| row.cancel_reason.unwrap_or_else(|| "cancelled".into())))
+        Ok(ours.then(|| (row.cancel_reason.unwrap_or_else(|| "cancelled".into()), row.cancel_by)))
     }
 
-    async fn cancel_reason(&self) -> Result<String, EngineError> {
-        Ok(self
-            .engine
-            .store
-            .get_run(self.run_id)
-            .await?
-            .and_then(|r| r.cancel_reason)
-            .unwrap_or_else(|| "cancelled".into()))
+    /// The stored cancel request: its reason and who asked.
+    async fn cancel_reason(&self) -> Result<(String, Option<String>), EngineError> {
+        let row = self.engine.store.get_run(self.run_id).await?;
+        Ok(match row {
+            Some(r) => (r.cancel_reason.unwrap_or_else(|| "cancelled".into()), r.cancel_by),
+            None => ("cancelled".into(), None),
+        })
     }
 
     /// One transaction: journal records + compare-and-set of the run + projections.

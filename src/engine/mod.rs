@@ -86,12 +86,14 @@ pub fn default_worker_id() -> String {
 }
 
 /// What a client asks to start.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SubmitRequest {
     pub definition: String,
     pub input: Value,
     pub request_id: Option<String>,
     pub correlation_id: Option<String>,
+    /// The principal submitting it, journaled with the run.
+    pub by: Option<String>,
 }
 
 pub struct Engine {
@@ -214,6 +216,7 @@ impl Engine {
             definition: def.name.clone(),
             definition_hash: def.hash.clone(),
             input: req.input.clone(),
+            by: req.by.clone(),
         };
         let id = RunId::new();
         let correlation_id = req.correlation_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -349,16 +352,26 @@ impl Engine {
 
     /// Sends a named signal (e.g. `end-test`); idempotent.
     pub async fn signal(&self, run: RunId, name: &str) -> Result<SignalOutcome, EngineError> {
+        self.signal_as(run, name, None).await
+    }
+
+    /// [`Engine::signal`] sent by the principal `by`, whom the journal names.
+    pub async fn signal_as(&self, run: RunId, name: &str, by: Option<&str>) -> Result<SignalOutcome, EngineError> {
         self.store
-            .signal(run, name, Timestamp::now())
+            .signal(run, name, by, Timestamp::now())
             .await
             .map_err(|e| not_found(run, e))
     }
 
     /// Requests cancellation: forward progress stops and completed steps are rolled back. Idempotent.
     pub async fn cancel(&self, run: RunId, reason: &str) -> Result<SignalOutcome, EngineError> {
+        self.cancel_as(run, reason, None).await
+    }
+
+    /// [`Engine::cancel`] asked for by the principal `by`, whom the journal names.
+    pub async fn cancel_as(&self, run: RunId, reason: &str, by: Option<&str>) -> Result<SignalOutcome, EngineError> {
         self.store
-            .cancel(run, reason, Timestamp::now())
+            .cancel(run, reason, by, Timestamp::now())
             .await
             .map_err(|e| not_found(run, e))
     }
@@ -459,6 +472,7 @@ mod tests {
                 input: serde_json::json!({}),
                 request_id: None,
                 correlation_id: None,
+                by: None,
             })
             .await
             .unwrap();

@@ -147,7 +147,7 @@ fn log_driver_end(done: Result<Result<Stopped, EngineError>, tokio::task::JoinEr
 }
 
 fn log_store_error(e: &StoreError, n: u32) {
-    if n == 1 || n % 30 == 0 {
+    if n == 1 || n.is_multiple_of(30) {
         tracing::warn!(error = %e, consecutive = n, "claim failed; database unavailable?");
     }
 }

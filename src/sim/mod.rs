@@ -271,15 +271,15 @@ fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/client/api", get(cloudstack_api).post(cloudstack_api))
         .route(
-            "/v1/resource-definitions/:rsc/snapshots",
+            "/v1/resource-definitions/{rsc}/snapshots",
             get(linstor_list).post(linstor_create),
         )
         .route(
-            "/v1/resource-definitions/:rsc/snapshots/:snap",
+            "/v1/resource-definitions/{rsc}/snapshots/{snap}",
             axum::routing::delete(linstor_delete),
         )
         .route(
-            "/v1/resource-definitions/:rsc/snapshot-rollback/:snap",
+            "/v1/resource-definitions/{rsc}/snapshot-rollback/{snap}",
             post(linstor_rollback),
         )
         .route("/v1/actions/snapshot/multi", post(linstor_create_multi))
@@ -288,9 +288,9 @@ fn router(app: Arc<App>) -> Router {
         .route("/sim/invariant", get(sim_invariant))
         .route("/sim/faults", get(sim_faults).delete(sim_faults_off))
         .route("/sim/requests", get(sim_requests))
-        .route("/sim/volumes/:id", get(sim_volume))
-        .route("/sim/volumes/:id/write", post(sim_write))
-        .route("/sim/volumes/:id/inject-virtio", post(sim_inject))
+        .route("/sim/volumes/{id}", get(sim_volume))
+        .route("/sim/volumes/{id}/write", post(sim_write))
+        .route("/sim/volumes/{id}/inject-virtio", post(sim_inject))
         .with_state(app)
 }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::Value;
 
+use crate::domain::auth::{Credential, Role};
 use crate::domain::failover::JobSubject;
 use crate::domain::inventory::{NetworkKind, NetworkMapping, VmRecord};
 use crate::domain::run::{Record, RunContext, RunState, RunStatus};
@@ -138,6 +139,8 @@ pub struct RunRow {
     pub wake_at: Option<Timestamp>,
     pub signals_pending: i64,
     pub cancel_reason: Option<String>,
+    /// Who asked for the cancel.
+    pub cancel_by: Option<String>,
     pub cancel_pending: bool,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
@@ -265,6 +268,8 @@ pub struct JournalEntry {
 pub struct SignalRow {
     pub id: i64,
     pub name: String,
+    /// Who sent it (None: sent without an authenticated caller).
+    pub by: Option<String>,
 }
 
 /// What became of a signal or cancel request.
@@ -367,9 +372,9 @@ pub type ExecutingCount = Arc<dyn Fn() -> usize + Send + Sync>;
 
 /// Everything a backend stores; each part is its own trait so a reader (and a caller) can tell
 /// which tables a method touches.
-pub trait Store: RunStore + RunReader + JobStore + InventoryStore + Diagnostics + Ledger {}
+pub trait Store: RunStore + RunReader + JobStore + InventoryStore + PrincipalStore + Diagnostics + Ledger {}
 
-impl<T: RunStore + RunReader + JobStore + InventoryStore + Diagnostics + Ledger> Store for T {}
+impl<T: RunStore + RunReader + JobStore + InventoryStore + PrincipalStore + Diagnostics + Ledger> Store for T {}
 
 /// Writing runs: submit, claim and lease, checkpoint, signal and cancel.
 #[async_trait]
@@ -388,10 +393,11 @@ pub trait RunStore: Send + Sync + 'static {
     /// Leases one run that no live worker holds, for a change an operator asked for (resolving
     /// a finished run). None while a worker's lease on it is live.
     async fn take(&self, run: RunId, owner: &str, lease_ttl: Duration, now: Timestamp) -> Result<Option<Lease>>;
-    /// Stores a named signal for a run (idempotent per name) and wakes the run.
-    async fn signal(&self, run: RunId, name: &str, now: Timestamp) -> Result<SignalOutcome>;
-    /// Stores a cancel request (idempotent) and wakes the run.
-    async fn cancel(&self, run: RunId, reason: &str, now: Timestamp) -> Result<SignalOutcome>;
+    /// Stores a named signal for a run (idempotent per name), with the principal that sent it,
+    /// and wakes the run.
+    async fn signal(&self, run: RunId, name: &str, by: Option<&str>, now: Timestamp) -> Result<SignalOutcome>;
+    /// Stores a cancel request (idempotent), with the principal that sent it, and wakes the run.
+    async fn cancel(&self, run: RunId, reason: &str, by: Option<&str>, now: Timestamp) -> Result<SignalOutcome>;
     /// The wake-up channel of this store (in-process; PostgreSQL also feeds it from LISTEN).
     fn wakeup(&self) -> Arc<Wakeup>;
     /// A short name for logs and the bench: "sqlite" or "postgres".
@@ -458,6 +464,34 @@ pub trait InventoryStore: Send + Sync + 'static {
     /// Replaces the VM's mappings of one kind.
     async fn set_network_mappings(&self, vm_id: &str, kind: NetworkKind, mappings: &[NetworkMapping]) -> Result<()>;
     async fn network_mappings(&self, vm_id: &str) -> Result<Vec<NetworkMapping>>;
+}
+
+/// Who may call the API (see [`crate::domain::auth`]): tokens, kept as SHA-256 hashes, and
+/// client-certificate names, each with a role.
+#[async_trait]
+pub trait PrincipalStore: Send + Sync + 'static {
+    /// Adds a principal; `Conflict` when one of that name is active (a revoked one is replaced).
+    async fn add_principal(&self, p: &PrincipalRow) -> Result<()>;
+    /// Every principal, revoked ones too, by name.
+    async fn principals(&self) -> Result<Vec<PrincipalRow>>;
+    /// Revokes the active principal `name`; false when there is none.
+    async fn revoke_principal(&self, name: &str, now: Timestamp) -> Result<bool>;
+    /// The active principal whose token hashes to `sha256` (hex).
+    async fn principal_by_token(&self, sha256: &str) -> Result<Option<PrincipalRow>>;
+    /// The active certificate principal named `name`.
+    async fn principal_by_certificate(&self, name: &str) -> Result<Option<PrincipalRow>>;
+}
+
+/// A row of `principals`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrincipalRow {
+    pub name: String,
+    pub role: Role,
+    pub credential: Credential,
+    /// Tokens only: the SHA-256 of the token, hex.
+    pub token_sha256: Option<String>,
+    pub created_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
 }
 
 /// The side-effect ledger of the `test.*` actions: the crash tests count side effects in it.

@@ -24,7 +24,7 @@ pub(crate) trait Cols {
 pub(crate) const RUN_COLUMNS: &str =
     "id, definition, definition_hash, request_id, correlation_id, state, status, display_status, \
     current_step, input, context, last_seq, fencing_token, lease_owner, lease_expires_at, wake_at, signals_pending, \
-    cancel_reason, cancel_pending, created_at, updated_at, started_at, completed_at";
+    cancel_reason, cancel_principal, cancel_pending, created_at, updated_at, started_at, completed_at";
 
 pub(crate) fn run_from_row(row: &impl Cols) -> Result<RunRow> {
     let text = |c: &str| {
@@ -57,6 +57,7 @@ pub(crate) fn run_from_row(row: &impl Cols) -> Result<RunRow> {
         wake_at: ts("wake_at")?,
         signals_pending: int("signals_pending")?,
         cancel_reason: row.text("cancel_reason")?,
+        cancel_by: row.text("cancel_principal")?,
         cancel_pending: row.flag("cancel_pending")?,
         created_at: Timestamp(int("created_at")?),
         updated_at: Timestamp(int("updated_at")?),
@@ -154,6 +155,92 @@ macro_rules! inventory_and_jobs {
                 .bind(except.map(|r| r.to_string()))
                 .fetch_all(&self.pool)
                 .await?)
+            }
+        }
+
+        fn principal_from_row(r: &$row) -> Result<PrincipalRow> {
+            let role: String = r.try_get("role")?;
+            let kind: String = r.try_get("kind")?;
+            Ok(PrincipalRow {
+                name: r.try_get("name")?,
+                role: Role::parse(&role).ok_or_else(|| StoreError::Corrupt(format!("principals.role {role:?}")))?,
+                credential: Credential::parse(&kind)
+                    .ok_or_else(|| StoreError::Corrupt(format!("principals.kind {kind:?}")))?,
+                token_sha256: r.try_get("token_sha256")?,
+                created_at: Timestamp(r.try_get("created_at")?),
+                revoked_at: r.try_get::<Option<i64>, _>("revoked_at")?.map(Timestamp),
+            })
+        }
+
+        #[async_trait]
+        impl PrincipalStore for $store {
+            async fn add_principal(&self, p: &PrincipalRow) -> Result<()> {
+                let mut tx = self.begin_write().await?;
+                let active: Option<String> =
+                    sqlx::query_scalar("SELECT name FROM principals WHERE name = $1 AND revoked_at IS NULL")
+                        .bind(&p.name)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if active.is_some() {
+                    return Err(StoreError::Conflict {
+                        key: format!("principal {}", p.name),
+                    });
+                }
+                sqlx::query("DELETE FROM principals WHERE name = $1")
+                    .bind(&p.name)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO principals (name, role, kind, token_sha256, created_at) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&p.name)
+                .bind(p.role.as_str())
+                .bind(p.credential.as_str())
+                .bind(&p.token_sha256)
+                .bind(p.created_at.0)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn principals(&self) -> Result<Vec<PrincipalRow>> {
+                let rows = sqlx::query("SELECT * FROM principals ORDER BY name")
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(principal_from_row).collect()
+            }
+
+            async fn revoke_principal(&self, name: &str, now: Timestamp) -> Result<bool> {
+                let mut tx = self.begin_write().await?;
+                let n = sqlx::query("UPDATE principals SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL")
+                    .bind(name)
+                    .bind(now.0)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                tx.commit().await?;
+                Ok(n > 0)
+            }
+
+            async fn principal_by_token(&self, sha256: &str) -> Result<Option<PrincipalRow>> {
+                let row = sqlx::query(
+                    "SELECT * FROM principals WHERE token_sha256 = $1 AND kind = 'token' AND revoked_at IS NULL",
+                )
+                .bind(sha256)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.as_ref().map(principal_from_row).transpose()
+            }
+
+            async fn principal_by_certificate(&self, name: &str) -> Result<Option<PrincipalRow>> {
+                let row = sqlx::query(
+                    "SELECT * FROM principals WHERE name = $1 AND kind = 'certificate' AND revoked_at IS NULL",
+                )
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.as_ref().map(principal_from_row).transpose()
             }
         }
 
@@ -321,16 +408,18 @@ macro_rules! run_reads {
             }
 
             async fn pending_signals(&self, run: RunId) -> Result<Vec<SignalRow>> {
-                let rows =
-                    sqlx::query("SELECT id, name FROM signals WHERE run_id = $1 AND consumed_at IS NULL ORDER BY id")
-                        .bind(Self::key(run))
-                        .fetch_all(&self.pool)
-                        .await?;
+                let rows = sqlx::query(
+                    "SELECT id, name, principal FROM signals WHERE run_id = $1 AND consumed_at IS NULL ORDER BY id",
+                )
+                .bind(Self::key(run))
+                .fetch_all(&self.pool)
+                .await?;
                 rows.iter()
                     .map(|r| {
                         Ok(SignalRow {
                             id: r.try_get("id")?,
                             name: r.try_get("name")?,
+                            by: r.try_get("principal")?,
                         })
                     })
                     .collect()
@@ -445,7 +534,7 @@ macro_rules! run_writes {
                 self.count_executing(count)
             }
 
-            async fn signal(&self, run: RunId, name: &str, now: Timestamp) -> Result<SignalOutcome> {
+            async fn signal(&self, run: RunId, name: &str, by: Option<&str>, now: Timestamp) -> Result<SignalOutcome> {
                 let mut tx = self.begin_write().await?;
                 let status: Option<String> =
                     sqlx::query_scalar(&format!("SELECT status FROM runs WHERE id = $1{}", Self::FOR_UPDATE))
@@ -459,11 +548,13 @@ macro_rules! run_writes {
                     return Ok(SignalOutcome::Finished(status));
                 }
                 let inserted = sqlx::query(
-                    "INSERT INTO signals (run_id, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (run_id, name) DO NOTHING",
+                    "INSERT INTO signals (run_id, name, created_at, principal) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (run_id, name) DO NOTHING",
                 )
                 .bind(Self::key(run))
                 .bind(name)
                 .bind(now.0)
+                .bind(by)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
@@ -486,7 +577,7 @@ macro_rules! run_writes {
                 Ok(SignalOutcome::Accepted)
             }
 
-            async fn cancel(&self, run: RunId, reason: &str, now: Timestamp) -> Result<SignalOutcome> {
+            async fn cancel(&self, run: RunId, reason: &str, by: Option<&str>, now: Timestamp) -> Result<SignalOutcome> {
                 let mut tx = self.begin_write().await?;
                 let row = sqlx::query(&format!(
                     "SELECT status, cancel_reason FROM runs WHERE id = $1{}",
@@ -506,13 +597,14 @@ macro_rules! run_writes {
                     return Ok(SignalOutcome::Duplicate);
                 }
                 sqlx::query(&format!(
-                    "UPDATE runs SET cancel_reason = $2, cancel_pending = TRUE, \
+                    "UPDATE runs SET cancel_reason = $2, cancel_principal = $4, cancel_pending = TRUE, \
                      wake_at = {}(COALESCE(wake_at, $3), $3) WHERE id = $1",
                     Self::LEAST
                 ))
                 .bind(Self::key(run))
                 .bind(reason)
                 .bind(now.0)
+                .bind(by)
                 .execute(&mut *tx)
                 .await?;
                 self.notify(&mut tx).await?;

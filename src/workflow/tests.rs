@@ -170,3 +170,28 @@ fn a_directory_overrides_and_must_match_names() {
     let e = Catalog::load(Some(dir.path()), &known).unwrap_err();
     assert!(e.problem.contains("does not match"), "{e}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, ..Default::default() })]
+
+    /// Any text, and any mutation of an embedded definition, loads or is refused naming the
+    /// file (and the step, where there is one); nothing panics.
+    #[test]
+    fn the_loader_refuses_with_a_reason_and_never_panics(
+        text in proptest::prelude::any::<String>(),
+        cut in 0usize..4000,
+        insert in "[\\[\\]=a-z_\"'0-9\\.\n ]{0,40}",
+    ) {
+        let known = |a: &str| crate::steps::builtin_names().contains(a) || a.starts_with("failover.");
+        if let Err(e) = parse("random.toml", &text, &known) {
+            proptest::prop_assert!(e.file == "random.toml" && !e.problem.is_empty());
+        }
+        for (file, source) in EMBEDDED {
+            let at = source.char_indices().map(|(i, _)| i).nth(cut % source.chars().count()).unwrap_or(0);
+            let mutated = format!("{}{}{}", &source[..at], insert, &source[at..]);
+            if let Err(e) = parse(file, &mutated, &known) {
+                proptest::prop_assert!(e.file == *file && !e.problem.is_empty());
+            }
+        }
+    }
+}

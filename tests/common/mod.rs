@@ -1,6 +1,8 @@
 //! Helpers shared by the integration test binaries: one store per backend, isolated per test.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::sync::Arc;
 
 use tern::store::{self, Store};

@@ -115,6 +115,7 @@ impl Campaign {
                 input,
                 request_id: None,
                 correlation_id: None,
+                by: None,
             })
             .await
             .unwrap()

@@ -174,6 +174,7 @@ async fn batch(db: &TestDb, copies: usize) -> Batch {
                     input: case.input.clone(),
                     request_id: None,
                     correlation_id: None,
+                    by: None,
                 })
                 .await
                 .unwrap()

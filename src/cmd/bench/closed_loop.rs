@@ -103,6 +103,7 @@ impl Harness {
                 input: json!({}),
                 request_id: None,
                 correlation_id: None,
+                by: None,
             })
             .await?
             .run

@@ -39,6 +39,7 @@ pub(super) async fn held(store: Arc<dyn Store>, args: &BenchArgs) -> Result<Stri
                     input: json!({ "hold": hold }),
                     request_id: None,
                     correlation_id: None,
+                    by: None,
                 };
                 ids.push(h.engine.submit(req).await?.run.id);
             }
@@ -140,6 +141,7 @@ pub(super) async fn recovery(url: &str, store: Arc<dyn Store>, args: &BenchArgs)
             input: input.clone(),
             request_id: None,
             correlation_id: None,
+            by: None,
         };
         runs.push(engine.submit(req).await?.run.id);
     }

@@ -25,7 +25,14 @@ impl Servers {
                 .and_then(|l| l.local_addr())
                 .map_err(|e| BenchError::Setup(format!("finding a free loopback port: {e}")))?;
             let child = std::process::Command::new(&exe)
-                .args(["server", "--database", url, "--listen", &addr.to_string()])
+                .args([
+                    "server",
+                    "--insecure-no-auth",
+                    "--database",
+                    url,
+                    "--listen",
+                    &addr.to_string(),
+                ])
                 .args([
                     "--lease-ttl",
                     &format!("{}ms", lease_ttl.as_millis()),

@@ -29,11 +29,18 @@ impl Machine<'_> {
 
     /// Holding + Signal: the hold's signal starts teardown; any other is recorded and the run
     /// goes back to sleep.
-    pub(super) fn on_signal(&self, state: &RunState, name: &str, now: Timestamp) -> Result<Transition> {
+    pub(super) fn on_signal(
+        &self,
+        state: &RunState,
+        name: &str,
+        by: &Option<String>,
+        now: Timestamp,
+    ) -> Result<Transition> {
         let applied = self.def.hold.as_ref().is_some_and(|h| h.signal == name);
         let received = Record::SignalReceived {
             name: name.to_string(),
             applied,
+            by: by.clone(),
         };
         if !applied {
             return Ok(Transition {

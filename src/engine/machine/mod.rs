@@ -44,7 +44,7 @@ impl Machine<'_> {
         let invalid = || Err(TransitionError::Invalid { state: state_name(state), event: event.name() });
         match (state, event) {
             (S::Pending, E::Begin) => self.on_begin(now),
-            (S::Pending, E::Cancel { reason }) => self.on_cancel_pending(reason),
+            (S::Pending, E::Cancel { reason, by }) => self.on_cancel_pending(reason, by),
 
             (S::Running { phase, step, attempt }, E::StepSucceeded { output }) =>
                 self.on_step_succeeded(*phase, *step, *attempt, output, now),
@@ -54,18 +54,21 @@ impl Machine<'_> {
                 self.on_step_progress(*phase, *step, *attempt, data),
             (S::Running { phase, step, attempt }, E::Resume) => self.on_step_resume(*phase, *step, *attempt),
             // The step was started, so it may have acted: its own undo runs first.
-            (S::Running { phase: Forward, step, .. }, E::Cancel { reason }) => self.on_cancel(Some(*step), reason),
-            (S::Running { phase: Teardown, .. }, E::Cancel { reason }) => self.on_cancel_absorbed(state, reason),
+            (S::Running { phase: Forward, step, .. }, E::Cancel { reason, by }) =>
+                self.on_cancel(Some(*step), reason, by),
+            (S::Running { phase: Teardown, .. }, E::Cancel { reason, by }) => self.on_cancel_absorbed(state, reason, by),
 
             (S::Backoff { phase, step, attempt, at }, E::WakeUp) =>
                 self.on_retry_due(*phase, *step, *attempt, *at, now),
-            (S::Backoff { phase: Forward, step, .. }, E::Cancel { reason }) => self.on_cancel(Some(*step), reason),
-            (S::Backoff { phase: Teardown, .. }, E::Cancel { reason }) => self.on_cancel_absorbed(state, reason),
+            (S::Backoff { phase: Forward, step, .. }, E::Cancel { reason, by }) =>
+                self.on_cancel(Some(*step), reason, by),
+            (S::Backoff { phase: Teardown, .. }, E::Cancel { reason, by }) => self.on_cancel_absorbed(state, reason, by),
 
             (S::Holding { until: Some(at) }, E::WakeUp) => self.on_hold_timer(*at, now),
-            (S::Holding { .. }, E::Signal { name }) => self.on_signal(state, name, now),
+            (S::Holding { .. }, E::Signal { name, by }) => self.on_signal(state, name, by, now),
             // Every forward step is done: the rollback starts from the last.
-            (S::Holding { .. }, E::Cancel { reason }) => self.on_cancel(self.def.steps.len().checked_sub(1), reason),
+            (S::Holding { .. }, E::Cancel { reason, by }) =>
+                self.on_cancel(self.def.steps.len().checked_sub(1), reason, by),
 
             (S::Compensating { step, attempt, cause }, E::StepSucceeded { .. }) =>
                 self.on_compensation_succeeded(*step, *attempt, cause),
@@ -75,11 +78,11 @@ impl Machine<'_> {
                 self.on_compensation_progress(*step, *attempt, cause, data),
             (S::Compensating { step, attempt, cause }, E::Resume) =>
                 self.on_compensation_resume(*step, *attempt, cause),
-            (S::Compensating { .. }, E::Cancel { reason }) => self.on_cancel_absorbed(state, reason),
+            (S::Compensating { .. }, E::Cancel { reason, by }) => self.on_cancel_absorbed(state, reason, by),
 
             (S::CompensationBackoff { step, attempt, at, cause }, E::WakeUp) =>
                 self.on_compensation_retry_due(*step, *attempt, *at, cause, now),
-            (S::CompensationBackoff { .. }, E::Cancel { reason }) => self.on_cancel_absorbed(state, reason),
+            (S::CompensationBackoff { .. }, E::Cancel { reason, by }) => self.on_cancel_absorbed(state, reason, by),
 
             (S::NeedsOperator { step, error, undone }, E::Resolve { resolution }) =>
                 Ok(resolved(step, error, undone, resolution)),
@@ -158,10 +161,10 @@ pub enum Event {
     Progress { data: Value },
     /// The run's wake-up time arrived (retry backoff or hold timer).
     WakeUp,
-    /// A named signal arrived (e.g. `end-test`).
-    Signal { name: String },
-    /// Cancellation was requested.
-    Cancel { reason: String },
+    /// A named signal arrived (e.g. `end-test`), sent by `by`.
+    Signal { name: String, by: Option<String> },
+    /// Cancellation was requested, by `by`.
+    Cancel { reason: String, by: Option<String> },
     /// An operator resolved a run that needs one (what they checked is in the resolution).
     Resolve { resolution: Resolution },
 }
@@ -294,7 +297,7 @@ fn needs_operator(step: String, error: StepError, undone: Vec<String>, mut recor
 
 /// `t` finishes the run while a cancel was pending that it does not deliver (it arrived while
 /// the last step ran): the cancel is recorded as not applied, just before the run's end.
-pub fn with_late_cancel(mut t: Transition, reason: &str) -> Transition {
+pub fn with_late_cancel(mut t: Transition, reason: &str, by: Option<&str>) -> Transition {
     let at = t
         .records
         .iter()
@@ -305,6 +308,7 @@ pub fn with_late_cancel(mut t: Transition, reason: &str) -> Transition {
         Record::CancelRequested {
             reason: reason.to_string(),
             applied: false,
+            by: by.map(str::to_string),
         },
     );
     t

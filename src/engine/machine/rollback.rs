@@ -8,42 +8,44 @@ use crate::domain::run::{undo_key, Cause, Phase, Record, RunState, RunStatus};
 use crate::domain::{StepError, Timestamp};
 use crate::workflow::Undo;
 
-fn cancel_applied(reason: &str) -> Record {
+fn cancel_applied(reason: &str, by: &Option<String>) -> Record {
     Record::CancelRequested {
         reason: reason.to_string(),
         applied: true,
+        by: by.clone(),
     }
 }
 
 impl Machine<'_> {
     /// Pending + Cancel: nothing happened yet, so the run is cancelled at once.
-    pub(super) fn on_cancel_pending(&self, reason: &str) -> Result<Transition> {
+    pub(super) fn on_cancel_pending(&self, reason: &str, by: &Option<String>) -> Result<Transition> {
         Ok(Transition {
             state: RunState::Cancelled {
                 reason: reason.to_string(),
             },
-            records: vec![cancel_applied(reason), finished(RunStatus::Cancelled, None, vec![])],
+            records: vec![cancel_applied(reason, by), finished(RunStatus::Cancelled, None, vec![])],
             action: Action::Finish,
         })
     }
 
     /// Cancel while forward steps may have acted: roll back from forward step `from`.
-    pub(super) fn on_cancel(&self, from: Option<usize>, reason: &str) -> Result<Transition> {
+    pub(super) fn on_cancel(&self, from: Option<usize>, reason: &str, by: &Option<String>) -> Result<Transition> {
         let cause = Cause::Cancelled {
             reason: reason.to_string(),
         };
-        self.rollback_from(from, cause, vec![cancel_applied(reason)])
+        self.rollback_from(from, cause, vec![cancel_applied(reason, by)])
     }
 
     /// Cancel while a rollback or teardown is already under way, which is the way back: it
     /// changes nothing but the journal. An attempt in flight carries on; a run asleep sleeps on.
-    pub(super) fn on_cancel_absorbed(&self, state: &RunState, reason: &str) -> Result<Transition> {
+    pub(super) fn on_cancel_absorbed(&self, state: &RunState, reason: &str, by: &Option<String>) -> Result<Transition> {
         let asleep = matches!(state, RunState::Backoff { .. } | RunState::CompensationBackoff { .. });
         Ok(Transition {
             state: state.clone(),
             records: vec![Record::CancelRequested {
                 reason: reason.to_string(),
                 applied: false,
+                by: by.clone(),
             }],
             action: if asleep { Action::Sleep } else { Action::Continue },
         })

@@ -585,3 +585,70 @@ mod tests {
         assert!(matches!(e, ProviderError::Internal { code: 530, .. }));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::providers::{Vm, Volume};
+
+    /// JSON values of any shape, a few levels deep, with CloudStack's field names mixed in.
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|f| json!(f)),
+            any::<String>().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            let key = prop_oneof![
+                Just("jobid".to_string()),
+                Just("jobstatus".to_string()),
+                Just("jobresult".to_string()),
+                Just("errorcode".to_string()),
+                Just("errortext".to_string()),
+                Just("virtualmachine".to_string()),
+                Just("volume".to_string()),
+                Just("id".to_string()),
+                Just("state".to_string()),
+                any::<String>(),
+            ];
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(key, inner, 0..5).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+        /// Whatever a server (or a proxy in front of it) answers, the parsers return a value or a
+        /// typed error; none panics.
+        #[test]
+        fn replies_of_any_shape_parse_or_fail_typed(
+            body in json_value(),
+            raw in any::<String>(),
+            status in prop_oneof![Just(200u16), Just(431u16), Just(530u16), any::<u16>()],
+        ) {
+            let command = "queryAsyncJobResult";
+            let wrapped = json!({ "queryasyncjobresultresponse": body.clone() }).to_string();
+            for text in [wrapped.as_str(), raw.as_str(), &body.to_string()] {
+                if let Ok(v) = parse_reply(command, status, text) {
+                    let _ = job_status(&v);
+                    let _ = job_ref(command, &v);
+                    let _ = is_success(&v);
+                    let _ = list_items::<Vm>(&v, &["virtualmachine"]);
+                    let _ = list_items::<Volume>(&v, &["volume"]);
+                }
+            }
+            let _ = job_status(&body);
+            let _ = list_items::<Vm>(&body, &["virtualmachine"]);
+            let _ = list_items::<Volume>(&body, &["volume"]);
+            let _ = super::sign::parse_expires(&raw);
+        }
+    }
+}

@@ -98,6 +98,7 @@ pub async fn dropped_watch_streams_never_cost_the_connection(db: TestDb) {
     let server = Server {
         args: [
             "server",
+            "--insecure-no-auth",
             "--database",
             &db.url,
             "--listen",

@@ -5,7 +5,7 @@ use tern::api::pb;
 use tern::domain::limits::MAX_ID;
 use tonic::Code;
 
-use super::{api, bad_fields, TestDb};
+use super::{api, api_serving, bad_fields, TestDb, FAST_RETRY};
 
 /// The status of a refused request whose problems are exactly `fields`; the message stays short
 /// whatever was sent.
@@ -213,4 +213,92 @@ pub(super) async fn hostile_inputs_are_refused_naming_the_field(db: TestDb) {
     sorted.dedup();
     assert_eq!(sorted, seen, "in vm_id order, no VM twice");
     assert!(total >= 25 + a.inv.vms.len());
+}
+
+/// The server's limits, each RESOURCE_EXHAUSTED naming the flag: message size, watch streams
+/// open at once, calls per second of one principal.
+pub(super) async fn limits_are_resource_exhausted_naming_the_limit(db: TestDb) {
+    let a = api_serving(&db, None, FAST_RETRY, |store| tern::api::ServeOptions {
+        auth: tern::api::auth::Authenticator::Principals {
+            store,
+            certificates: false,
+        },
+        limits: tern::api::gate::Limits {
+            max_message_bytes: 4096,
+            watches: 1,
+            calls_per_second: 5,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    // Principals are looked up at each call: one added now counts at once.
+    let (row, token) = tern::api::auth::new_principal(
+        "ci",
+        tern::domain::auth::Role::Operator,
+        tern::domain::auth::Credential::Token,
+        tern::domain::Timestamp::now(),
+    );
+    a.store.add_principal(&row).await.unwrap();
+    let token = token.unwrap();
+    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    let authed = move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", header.clone());
+        Ok(req)
+    };
+    let mut fo =
+        tern::api::pb::failover_service_client::FailoverServiceClient::with_interceptor(a.channel.clone(), authed);
+    let exhausted = |e: tonic::Status, flag: &str| {
+        assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+        assert!(e.message().contains(flag), "{}", e.message());
+        assert_eq!(super::reason(&e), "LIMIT_EXCEEDED");
+    };
+
+    let vm = a.vm("linux");
+    let big = fo
+        .start_test_failover(pb::StartTestFailoverRequest {
+            vm_id: vm.vm_id.clone(),
+            vm_name: "n".repeat(8000),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    exhausted(big, "--max-message-size");
+
+    let job = fo.start_test_failover(a.test_request(&vm)).await.unwrap().into_inner();
+    let first = fo
+        .watch_failover(pb::WatchFailoverRequest {
+            job_id: job.job_id.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap();
+    let second = fo
+        .watch_failover(pb::WatchFailoverRequest {
+            job_id: job.job_id.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap_err();
+    exhausted(second, "--max-watches");
+    drop(first);
+
+    // Calls a second: a burst of twice the rate passes, then the bucket is empty.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut refused = None;
+    for _ in 0..40 {
+        if let Err(e) = fo.list_failovers(pb::ListFailoversRequest::default()).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    exhausted(refused.expect("the rate limit held"), "--rate-limit");
+    // After a second or two the bucket has refilled; the dropped watch gave its slot back.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    fo.watch_failover(pb::WatchFailoverRequest {
+        job_id: job.job_id.clone(),
+        after_sequence: 0,
+    })
+    .await
+    .unwrap();
 }

@@ -10,6 +10,7 @@ mod limits;
 mod pinned;
 mod resolve;
 mod restart;
+mod security;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +80,17 @@ async fn api(db: &TestDb) -> Api {
 }
 
 async fn api_with(db: &TestDb, faults: Option<&str>, retry: &str) -> Api {
+    api_serving(db, faults, retry, |_| tern::api::ServeOptions::default()).await
+}
+
+/// [`api_with`] served with the options `options` makes from the store (authentication, TLS,
+/// limits).
+async fn api_serving(
+    db: &TestDb,
+    faults: Option<&str>,
+    retry: &str,
+    options: impl FnOnce(Arc<dyn Store>) -> tern::api::ServeOptions,
+) -> Api {
     let stop = CancellationToken::new();
     let faults = faults.map(|f| serde_json::from_str(f).expect("fault plan"));
     let sim = common::start_sim(7, faults, "k", "s", 20).await;
@@ -107,7 +119,10 @@ async fn api_with(db: &TestDb, faults: Option<&str>, retry: &str) -> Api {
     let addr = listener.local_addr().unwrap();
     let state = tern::api::ApiState::new(engine, store.clone(), Some(deps.clone()));
     let s = stop.clone();
-    tokio::spawn(async move { tern::api::serve(listener, state, async move { s.cancelled().await }).await });
+    let options = options(store.clone());
+    tokio::spawn(
+        async move { tern::api::serve_with(listener, state, options, async move { s.cancelled().await }).await },
+    );
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -1574,8 +1589,12 @@ use pinned::{
 on_both_backends!(a_job_keeps_the_vm_it_started_with);
 on_sqlite!(a_mapping_to_a_missing_network_is_refused_before_anything_is_created);
 
-use limits::hostile_inputs_are_refused_naming_the_field;
+use limits::{hostile_inputs_are_refused_naming_the_field, limits_are_resource_exhausted_naming_the_limit};
 on_both_backends!(hostile_inputs_are_refused_naming_the_field);
+on_sqlite!(limits_are_resource_exhausted_naming_the_limit);
+
+use security::tls_tokens_and_roles_end_to_end;
+on_both_backends!(tls_tokens_and_roles_end_to_end);
 
 use dropped_watches::dropped_watch_streams_never_cost_the_connection;
 on_sqlite!(

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use tern::api::pb;
 use tern::api::pb::failover_service_client::FailoverServiceClient;
-use tern::domain::inventory::NetworkKind;
 use tern::sim::SimConfig;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -92,21 +91,9 @@ pub async fn server_killed_mid_failovers_and_restarted(db: TestDb) {
     let sample = tern::sim::sample_inventory(7);
     let inv = sample.to_inventory();
     let store = db.open().await;
-    for vm in &inv.vms {
-        store
-            .upsert_vm_record(vm, tern::domain::Timestamp::now())
-            .await
-            .unwrap();
-        for kind in [NetworkKind::Test, NetworkKind::Production] {
-            let ms: Vec<_> = inv
-                .network_mappings
-                .iter()
-                .filter(|m| m.vm_id == vm.vm_id && m.kind == kind)
-                .cloned()
-                .collect();
-            store.set_network_mappings(&vm.vm_id, kind, &ms).await.unwrap();
-        }
-    }
+    tern::store::load_inventory(store.as_ref(), &inv, tern::domain::Timestamp::now())
+        .await
+        .unwrap();
     let defs = super::fast_definitions();
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -114,6 +101,7 @@ pub async fn server_killed_mid_failovers_and_restarted(db: TestDb) {
     };
     let args: Vec<String> = [
         "server",
+        "--insecure-no-auth",
         "--database",
         &db.url,
         "--workflows",

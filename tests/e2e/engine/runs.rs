@@ -74,6 +74,7 @@ async fn submit(e: &Arc<Engine>, def: &str, input: Value) -> RunId {
         input,
         request_id: None,
         correlation_id: None,
+        by: None,
     })
     .await
     .unwrap()
@@ -387,7 +388,7 @@ async fn a_cancel_during_the_last_step_is_recorded_as_too_late(db: TestDb) {
     let j = journal(&w.engine, run).await;
     assert!(j.iter().any(|e| matches!(
         &e.record,
-        Record::CancelRequested { reason, applied: false } if reason == "too late"
+        Record::CancelRequested { reason, applied: false, .. } if reason == "too late"
     )));
     // A cancel after the end is refused as finished, as before.
     assert!(matches!(
@@ -457,6 +458,7 @@ async fn submit_errors_are_typed_and_request_ids_idempotent(db: TestDb) {
             input: json!({}),
             request_id: None,
             correlation_id: None,
+            by: None,
         })
         .await;
     assert!(matches!(unknown, Err(EngineError::UnknownDefinition(_))));
@@ -466,6 +468,7 @@ async fn submit_errors_are_typed_and_request_ids_idempotent(db: TestDb) {
             input: json!({"hold": "soonish"}),
             request_id: None,
             correlation_id: None,
+            by: None,
         })
         .await;
     match bad {
@@ -481,6 +484,7 @@ async fn submit_errors_are_typed_and_request_ids_idempotent(db: TestDb) {
         input: json!({}),
         request_id: Some("r-1".into()),
         correlation_id: None,
+        by: None,
     };
     let a = e.submit(req()).await.unwrap();
     let b = e.submit(req()).await.unwrap();
@@ -583,6 +587,7 @@ async fn a_submit_starts_on_the_local_worker_when_it_has_a_slot(db: TestDb) {
             input: slow,
             request_id: None,
             correlation_id: None,
+            by: None,
         })
         .await
         .unwrap()
@@ -597,6 +602,7 @@ async fn a_submit_starts_on_the_local_worker_when_it_has_a_slot(db: TestDb) {
             input: json!({"hold": "1ms"}),
             request_id: None,
             correlation_id: None,
+            by: None,
         })
         .await
         .unwrap()
@@ -631,6 +637,7 @@ async fn a_run_driven_here_is_known_to_its_watchers(db: TestDb) {
         input,
         request_id: Some(request_id.into()),
         correlation_id: Some(format!("corr-{request_id}")),
+        by: None,
     };
     let slow = json!({"hold": "60s", "test": {"sleep_ms": {"snapshot": 600}}});
     let first = w.engine.submit(req("a", slow.clone())).await.unwrap();
@@ -705,6 +712,7 @@ async fn a_submit_dropped_while_it_commits_still_hands_its_run_to_the_worker(db:
         input: json!({"hold": "1ms", "test": {"sleep_ms": {"snapshot": 800}}}),
         request_id: Some("dropped-while-committing".into()),
         correlation_id: None,
+        by: None,
     }));
     // One poll queues the run's commit; then the caller is gone. (On a loaded machine the
     // writer may answer within that one poll: then nothing was cut short, and the rest holds.)
@@ -769,7 +777,7 @@ async fn an_unexpected_signal_is_recorded_and_the_hold_goes_on(db: TestDb) {
     let signals: Vec<_> = j
         .iter()
         .filter_map(|e| match &e.record {
-            Record::SignalReceived { name, applied } => Some((name.clone(), *applied)),
+            Record::SignalReceived { name, applied, .. } => Some((name.clone(), *applied)),
             _ => None,
         })
         .collect();

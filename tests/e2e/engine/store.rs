@@ -23,6 +23,7 @@ fn new_run(request_id: Option<&str>, now: Timestamp) -> NewRun {
         definition: "demo".into(),
         definition_hash: "h1".into(),
         input: json!({"vm_id": "vm-1", "vm_name": "pgtest1"}),
+        by: None,
     };
     NewRun {
         id: RunId::new(),
@@ -384,15 +385,16 @@ async fn signals_are_durable_idempotent_and_wake_a_holding_run(db: TestDb) {
     assert_eq!(row.wake_at, None, "a hold without a timer waits for a signal only");
     assert!(s.claim("B", 5, TTL, now).await.unwrap().is_empty());
     assert_eq!(
-        s.signal(run.id, "end-test", now).await.unwrap(),
+        s.signal(run.id, "end-test", Some("bob"), now).await.unwrap(),
         SignalOutcome::Accepted
     );
     assert_eq!(
-        s.signal(run.id, "end-test", now).await.unwrap(),
+        s.signal(run.id, "end-test", None, now).await.unwrap(),
         SignalOutcome::Duplicate
     );
     let pending = s.pending_signals(run.id).await.unwrap();
     assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].by.as_deref(), Some("bob"), "the first sender's name is kept");
     let (row, b) = claim_one(&s, "B", now).await;
     assert_eq!(row.signals_pending, 1);
     let mut c = cp(
@@ -404,6 +406,7 @@ async fn signals_are_durable_idempotent_and_wake_a_holding_run(db: TestDb) {
         vec![Record::SignalReceived {
             name: "end-test".into(),
             applied: true,
+            by: Some("bob".into()),
         }],
         now,
     );
@@ -411,7 +414,7 @@ async fn signals_are_durable_idempotent_and_wake_a_holding_run(db: TestDb) {
     let out = s.checkpoint(c).await.unwrap();
     assert_eq!(out.signals_pending, 0);
     assert!(s.pending_signals(run.id).await.unwrap().is_empty());
-    let missing = s.signal(RunId::new(), "end-test", now).await;
+    let missing = s.signal(RunId::new(), "end-test", None, now).await;
     assert!(matches!(missing, Err(StoreError::NotFound(_))));
 }
 
@@ -433,7 +436,7 @@ async fn a_signal_racing_a_run_going_to_sleep_is_not_lost(db: TestDb) {
     .unwrap();
     // The signal lands while the run is still running (not yet holding)...
     assert_eq!(
-        s.signal(run.id, "end-test", now).await.unwrap(),
+        s.signal(run.id, "end-test", None, now).await.unwrap(),
         SignalOutcome::Accepted
     );
     // ...and the worker then puts it into a far-off hold: it must wake at once instead.
@@ -471,13 +474,21 @@ async fn cancel_is_durable_and_idempotent(db: TestDb) {
         .await
         .unwrap();
     assert_eq!(
-        s.cancel(run.id, "operator", now).await.unwrap(),
+        s.cancel(run.id, "operator", Some("alice"), now).await.unwrap(),
         SignalOutcome::Accepted
     );
-    assert_eq!(s.cancel(run.id, "again", now).await.unwrap(), SignalOutcome::Duplicate);
+    assert_eq!(
+        s.cancel(run.id, "again", None, now).await.unwrap(),
+        SignalOutcome::Duplicate
+    );
     let row = s.get_run(run.id).await.unwrap().unwrap();
     assert!(row.cancel_pending);
     assert_eq!(row.cancel_reason.as_deref(), Some("operator"));
+    assert_eq!(
+        row.cancel_by.as_deref(),
+        Some("alice"),
+        "who asked is kept for the journal"
+    );
     assert_eq!(row.wake_at, Some(now), "cancel wakes a run asleep in backoff");
     let (_, l2) = claim_one(&s, "B", now).await;
     let mut c = cp(
@@ -495,11 +506,11 @@ async fn cancel_is_durable_and_idempotent(db: TestDb) {
     let out = s.checkpoint(c).await.unwrap();
     assert!(!out.cancel_pending);
     assert_eq!(
-        s.cancel(run.id, "late", now).await.unwrap(),
+        s.cancel(run.id, "late", None, now).await.unwrap(),
         SignalOutcome::Finished(RunStatus::Cancelled)
     );
     assert_eq!(
-        s.signal(run.id, "end-test", now).await.unwrap(),
+        s.signal(run.id, "end-test", None, now).await.unwrap(),
         SignalOutcome::Finished(RunStatus::Cancelled)
     );
     assert_eq!(s.get_run(run.id).await.unwrap().unwrap().wake_at, None);

@@ -151,6 +151,7 @@ impl World {
                 input,
                 request_id: None,
                 correlation_id: None,
+                by: None,
             })
             .await
             .unwrap();
@@ -422,6 +423,7 @@ async fn failure_at_validation(db: TestDb) {
             input: input(&vm, json!({})),
             request_id: None,
             correlation_id: None,
+            by: None,
         })
         .await;
     assert!(

@@ -86,10 +86,16 @@ fn fail(class: ErrorClass) -> Event {
     }
 }
 fn cancel(reason: &str) -> Event {
-    Event::Cancel { reason: reason.into() }
+    Event::Cancel {
+        reason: reason.into(),
+        by: None,
+    }
 }
 fn signal(name: &str) -> Event {
-    Event::Signal { name: name.into() }
+    Event::Signal {
+        name: name.into(),
+        by: None,
+    }
 }
 fn kinds(t: &Transition) -> Vec<&'static str> {
     t.records.iter().map(Record::kind).collect()

@@ -181,12 +181,12 @@ compensate = "none"
 fn a_cancel_pending_when_the_run_ends_is_recorded_as_too_late_before_its_end() {
     let d = def_src(ONE_STEP);
     let t = step(&d, &json!({}), &running(Phase::Forward, 0, 1), ok()).unwrap();
-    let t = with_late_cancel(t, "operator");
+    let t = with_late_cancel(t, "operator", Some("alice"));
     assert_eq!(t.state, RunState::Completed);
     assert_eq!(kinds(&t), vec!["step_succeeded", "cancel_requested", "run_finished"]);
     assert!(matches!(
         &t.records[1],
-        Record::CancelRequested { reason, applied: false } if reason == "operator"
+        Record::CancelRequested { reason, applied: false, by } if reason == "operator" && by.as_deref() == Some("alice")
     ));
     assert_eq!(t.action, Action::Finish);
 }

@@ -25,6 +25,7 @@ fn run(state: RunState, context: Value) -> RunRow {
         wake_at: None,
         signals_pending: 0,
         cancel_reason: None,
+        cancel_by: None,
         cancel_pending: false,
         created_at: Timestamp(0),
         updated_at: Timestamp(0),
