@@ -163,9 +163,15 @@ pub(crate) struct CloudArgs {
     /// the file named by TERN_CLOUDSTACK_SECRET_KEY_FILE.
     #[arg(long = "cloudstack-secret-key", hide = true)]
     pub(crate) secret_key_flag: Option<String>,
+    /// A CA certificate file (PEM) to trust for CloudStack's HTTPS, besides the public roots.
+    #[arg(long, env = "TERN_CLOUDSTACK_CA_FILE")]
+    pub(crate) cloudstack_ca: Option<PathBuf>,
     /// LINSTOR controller, e.g. http://linstor:3370 (for --snapshot-backend linstor)
     #[arg(long, env = "TERN_LINSTOR_URL")]
     pub(crate) linstor_url: Option<String>,
+    /// A CA certificate file (PEM) to trust for LINSTOR's HTTPS, besides the public roots.
+    #[arg(long, env = "TERN_LINSTOR_CA_FILE")]
+    pub(crate) linstor_ca: Option<PathBuf>,
     /// cloudstack-volume, cloudstack-vm or linstor
     #[arg(long, env = "TERN_SNAPSHOT_BACKEND", default_value = "cloudstack-volume")]
     pub(crate) snapshot_backend: tern::providers::SnapshotKind,

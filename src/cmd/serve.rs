@@ -212,7 +212,15 @@ pub(crate) fn cloud_settings(c: &CloudArgs) -> Result<Option<CloudSettings>> {
         job_timeout: c.job_timeout,
         request_timeout: c.request_timeout,
         clock_skew: c.cloudstack_clock_skew,
+        cloudstack_ca_pem: read_ca("--cloudstack-ca", c.cloudstack_ca.as_deref())?,
+        linstor_ca_pem: read_ca("--linstor-ca", c.linstor_ca.as_deref())?,
     }))
+}
+
+/// The CA certificate file `path` names, if any.
+fn read_ca(flag: &str, path: Option<&Path>) -> Result<Option<Vec<u8>>> {
+    path.map(|p| std::fs::read(p).with_context(|| format!("reading {flag} {}", p.display())))
+        .transpose()
 }
 
 /// Where `tern dev` keeps the simulator's world: beside its SQLite database (so two `tern dev`
@@ -248,6 +256,8 @@ pub(crate) async fn dev(
         fault_plan: None,
         seed,
         latency: Duration::from_millis(200),
+        tls_cert: None,
+        tls_key: None,
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -284,6 +294,8 @@ pub(crate) async fn dev(
         request_timeout: Duration::from_secs(10),
         // The simulator runs on this machine's clock.
         clock_skew: Duration::from_millis(200),
+        cloudstack_ca_pem: None,
+        linstor_ca_pem: None,
     };
     let mut registry = tern::steps::builtins(store.clone());
     let deps = failover_setup::build(&settings, store.clone()).map_err(anyhow::Error::msg)?;

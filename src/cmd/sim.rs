@@ -35,6 +35,12 @@ pub(crate) struct SimArgs {
     /// How long async jobs stay pending.
     #[arg(long, default_value = "200ms", value_parser = duration)]
     pub(crate) latency: Duration,
+    /// Serve HTTPS with this certificate chain (PEM), as a CloudStack behind a private CA.
+    #[arg(long, requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
 }
 
 pub(crate) fn sim_config(args: &SimArgs) -> Result<tern::sim::SimConfig> {
@@ -58,18 +64,27 @@ pub(crate) async fn run(args: &SimArgs, shutdown: CancellationToken) -> Result<(
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
+    let addr = format!("{scheme}://{addr}");
     if args.sample {
         let inv = tern::sim::sample_inventory(args.seed);
         println!("{}", serde_json::to_string_pretty(&inv.to_inventory())?);
         eprintln!(
-            "tern sim: CloudStack at http://{addr}/client/api, LINSTOR at http://{addr}\n\
+            "tern sim: CloudStack at {addr}/client/api, LINSTOR at {addr}\n\
              the inventory above loads with `tern admin inventory load FILE`; point a worker at it with\n  \
-             TERN_CLOUDSTACK_URL=http://{addr}/client/api TERN_ZONE_ID={} TERN_SERVICE_OFFERING_ID={} \\\n  \
-             TERN_TEMPLATE_ID={} TERN_TEST_NETWORK_ID={} TERN_VIRTIO_SIM_URL=http://{addr} tern worker",
+             TERN_CLOUDSTACK_URL={addr}/client/api TERN_ZONE_ID={} TERN_SERVICE_OFFERING_ID={} \\\n  \
+             TERN_TEMPLATE_ID={} TERN_TEST_NETWORK_ID={} TERN_VIRTIO_SIM_URL={addr} tern worker",
             inv.zone_id, inv.service_offering_id, inv.template_id, inv.test_network_id
         );
     } else {
-        eprintln!("tern sim: CloudStack at http://{addr}/client/api, LINSTOR at http://{addr}");
+        eprintln!("tern sim: CloudStack at {addr}/client/api, LINSTOR at {addr}");
     }
-    tern::sim::serve(listener, sim_config(args)?, async move { shutdown.cancelled().await }).await
+    let stop = async move { shutdown.cancelled().await };
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            tern::sim::serve_tls(listener, sim_config(args)?, &read(cert)?, &read(key)?, stop).await
+        }
+        _ => tern::sim::serve(listener, sim_config(args)?, stop).await,
+    }
 }

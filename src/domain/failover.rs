@@ -176,14 +176,19 @@ impl FailoverInput {
     /// its limits ([`super::limits`]), each problem naming its field.
     pub fn check_new(input: &Value) -> Result<FailoverInput, Problems> {
         let mut p = Problems::new();
-        if !input.get("vm_id").is_some_and(Value::is_string) {
-            p.push("vm_id", "is required (the VMware VM UUID)");
-            return Err(p);
-        }
         let parsed: FailoverInput = serde_path_to_error::deserialize(input).map_err(|e| {
-            let field = e.path().to_string();
+            let path = e.path().to_string();
             let why = e.into_inner().to_string();
-            Problems(vec![(field, why)])
+            // A field missing is reported at the top ("."): name it from serde's message.
+            let missing = why
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split('`').next())
+                .map(str::to_string);
+            match (path.as_str(), missing) {
+                (".", Some(field)) => Problems(vec![(field, "is required".into())]),
+                (".", None) => Problems(vec![("input".into(), why)]),
+                _ => Problems(vec![(path, why)]),
+            }
         })?;
         p.extend(parsed.problems());
         if let Some(spec) = input.get("source_vm_spec").filter(|v| !v.is_null()) {

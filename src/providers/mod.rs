@@ -135,6 +135,26 @@ impl ProviderError {
 
 /// A transport error described without its URL (a signed URL carries the API key and the
 /// signature).
+/// The HTTP client of a provider: `timeout` per request, and `ca_pem` (PEM, one or more
+/// certificates) trusted besides the public roots.
+pub(crate) fn http_client(timeout: std::time::Duration, ca_pem: Option<&[u8]>) -> Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().timeout(timeout);
+    if let Some(pem) = ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| ProviderError::Protocol {
+            detail: format!("the CA certificate file is not PEM: {e}"),
+        })?;
+        if certs.is_empty() {
+            return Err(ProviderError::Protocol {
+                detail: "the CA certificate file holds no certificate".into(),
+            });
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(transport_error)
+}
+
 pub(crate) fn transport_error(e: reqwest::Error) -> ProviderError {
     let kind = if e.is_timeout() {
         "timed out"

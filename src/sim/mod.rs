@@ -61,6 +61,7 @@ pub mod cloudstack;
 pub mod faults;
 pub mod linstor;
 pub mod model;
+pub mod tls;
 
 use anyhow::Context as _;
 use std::collections::BTreeMap;
@@ -211,6 +212,29 @@ pub async fn serve(
     config: SimConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_on(listener, config, shutdown).await
+}
+
+/// [`serve`] over HTTPS with the certificate chain `cert_pem` and its key `key_pem`.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    config: SimConfig,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    serve_on(tls::TlsListener::new(listener, cert_pem, key_pem)?, config, shutdown).await
+}
+
+async fn serve_on<L>(
+    listener: L,
+    config: SimConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let now = App::now_ms();
     let world = match &config.state_file {
         Some(path) => {

@@ -176,6 +176,8 @@ impl Sim {
             job_timeout: std::time::Duration::from_secs(10),
             request_timeout,
             clock_skew: std::time::Duration::from_millis(100),
+            cloudstack_ca_pem: None,
+            linstor_ca_pem: None,
         }
     }
 }

@@ -1175,3 +1175,52 @@ async fn a_failed_snapshot_is_replaced_on_retry() {
     assert_eq!(all.len(), 1, "{all:?}");
     sim.stop().await;
 }
+
+/// CloudStack and LINSTOR behind a private CA: the clients talk HTTPS to the simulator when
+/// given the CA (`TERN_CLOUDSTACK_CA_FILE`, `TERN_LINSTOR_CA_FILE`), and refuse a server whose
+/// certificate they cannot verify.
+#[tokio::test]
+async fn cloudstack_and_linstor_over_https_with_a_private_ca() {
+    let pki = crate::common::pki::Pki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("https://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (cert, key) = (pki.read("server.pem"), pki.read("server.key"));
+    tokio::spawn(async move {
+        sim::serve_tls(listener, config(), &cert, &key, async move {
+            let _ = rx.await;
+        })
+        .await
+    });
+    let ca = pki.read("ca.pem");
+    let mut cfg = CloudStackConfig::new(format!("{base}/client/api"), API_KEY, SECRET);
+    cfg.request_timeout = Duration::from_secs(5);
+    cfg.ca_pem = Some(ca.clone());
+    let cloud = CloudStackClient::new(cfg.clone()).unwrap();
+    let vms = cloud.list_vms(VmFilter::name("tern-none")).await.unwrap();
+    assert!(vms.is_empty());
+    let inv = sim::sample_inventory(42);
+    let linstor = LinstorClient::with_ca(&base, Duration::from_secs(5), Some(&ca)).unwrap();
+    let rsc = resource_name_for_volume(&inv.vms[0].volume_id);
+    assert!(linstor.find(&rsc, "tern-none").await.unwrap().is_none());
+
+    // Without the CA the server's certificate is not trusted: a transport error, not an answer.
+    cfg.ca_pem = None;
+    let untrusted = CloudStackClient::new(cfg.clone())
+        .unwrap()
+        .list_vms(VmFilter::name("x"))
+        .await;
+    assert!(
+        matches!(untrusted, Err(ProviderError::Unavailable { .. })),
+        "{untrusted:?}"
+    );
+    let unverified = LinstorClient::new(&base, Duration::from_secs(5))
+        .unwrap()
+        .find(&rsc, "x")
+        .await;
+    assert!(unverified.is_err());
+    // A CA file that is not PEM is refused when the client is made.
+    cfg.ca_pem = Some(b"not a certificate".to_vec());
+    assert!(CloudStackClient::new(cfg).is_err());
+    let _ = tx.send(());
+}

@@ -35,6 +35,9 @@ pub struct CloudStackConfig {
     pub clock_skew: Duration,
     /// Queries longer than this many bytes are sent as a POST form instead of a GET.
     pub post_threshold: usize,
+    /// A CA certificate (PEM) to trust besides the public roots: a server whose certificate a
+    /// private CA signed.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl CloudStackConfig {
@@ -46,6 +49,7 @@ impl CloudStackConfig {
             request_timeout: Duration::from_secs(30),
             clock_skew: Duration::from_secs(5),
             post_threshold: 2000,
+            ca_pem: None,
         }
     }
 }
@@ -59,6 +63,7 @@ impl fmt::Debug for CloudStackConfig {
             .field("request_timeout", &self.request_timeout)
             .field("clock_skew", &self.clock_skew)
             .field("post_threshold", &self.post_threshold)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<given>"))
             .finish()
     }
 }
@@ -72,10 +77,7 @@ pub struct CloudStackClient {
 
 impl CloudStackClient {
     pub fn new(config: CloudStackConfig) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(config.request_timeout)
-            .build()
-            .map_err(transport_error)?;
+        let http = super::http_client(config.request_timeout, config.ca_pem.as_deref())?;
         Ok(CloudStackClient { config, http })
     }
 

@@ -69,10 +69,12 @@ pub struct LinstorClient {
 impl LinstorClient {
     /// `base_url` e.g. `http://linstor-controller:3370` (no trailing `/v1`).
     pub fn new(base_url: impl Into<String>, request_timeout: Duration) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(request_timeout)
-            .build()
-            .map_err(transport_error)?;
+        Self::with_ca(base_url, request_timeout, None)
+    }
+
+    /// [`LinstorClient::new`] trusting the CA certificate `ca_pem` (PEM) besides the public roots.
+    pub fn with_ca(base_url: impl Into<String>, request_timeout: Duration, ca_pem: Option<&[u8]>) -> Result<Self> {
+        let http = super::http_client(request_timeout, ca_pem)?;
         Ok(LinstorClient {
             base: base_url.into().trim_end_matches('/').to_string(),
             http,

@@ -41,6 +41,9 @@ pub struct CloudSettings {
     pub request_timeout: Duration,
     /// How far CloudStack's clock may be from ours (see [`CloudStackConfig::clock_skew`]).
     pub clock_skew: Duration,
+    /// CA certificates (PEM) to trust for CloudStack and for LINSTOR, besides the public roots.
+    pub cloudstack_ca_pem: Option<Vec<u8>>,
+    pub linstor_ca_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for CloudSettings {
@@ -73,6 +76,7 @@ pub fn build(settings: &CloudSettings, store: Arc<dyn Store>) -> Result<Arc<Fail
     let mut cs = CloudStackConfig::new(&settings.cloudstack_url, &settings.api_key, &settings.secret_key);
     cs.request_timeout = settings.request_timeout;
     cs.clock_skew = settings.clock_skew;
+    cs.ca_pem = settings.cloudstack_ca_pem.clone();
     let cloud: Arc<dyn Cloud> = Arc::new(CloudStackClient::new(cs).map_err(|e| format!("CloudStack client: {e}"))?);
     let snapshots: Arc<dyn SnapshotBackend> = match settings.snapshot_backend {
         SnapshotKind::CloudstackVolume => Arc::new(VolumeSnapshots::new(
@@ -90,7 +94,7 @@ pub fn build(settings: &CloudSettings, store: Arc<dyn Store>) -> Result<Arc<Fail
                 .filter(|u| !u.trim().is_empty())
                 .ok_or("TERN_LINSTOR_URL is not set (needed by TERN_SNAPSHOT_BACKEND=linstor)")?;
             Arc::new(
-                LinstorClient::new(url, settings.request_timeout)
+                LinstorClient::with_ca(url, settings.request_timeout, settings.linstor_ca_pem.as_deref())
                     .map_err(|e| format!("LINSTOR client: {e}"))?
                     .with_waiting(settings.job_poll, settings.job_timeout),
             )

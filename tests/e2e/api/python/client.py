@@ -3,7 +3,7 @@
 Runs a test failover with a 2-second auto-cleanup through FailoverService, follows it with
 WatchFailover to the end, and checks the job, the error details of a bad request and the
 correlation id metadata, and the documented limits (a NUL byte, a 1 MB vm_id, 10,000 network
-mappings, 100 jobs a page). Usage: client.py ENDPOINT VM_ID (stubs on PYTHONPATH).
+mappings, 100 jobs a page, a 5 MiB message). Usage: client.py ENDPOINT VM_ID (stubs on PYTHONPATH).
 """
 import sys
 
@@ -47,6 +47,13 @@ def main(endpoint: str, vm_id: str) -> None:
             assert len(e.details()) < 2000, len(e.details())
     page = stub.ListFailovers(failover_pb2.ListFailoversRequest(page_size=100_000))
     assert len(page.jobs) <= 100
+    # A message over the server's size limit (4 MiB): RESOURCE_EXHAUSTED naming the flag.
+    try:
+        stub.StartTestFailover(failover_pb2.StartTestFailoverRequest(vm_id="x" * (5 << 20)))
+        raise SystemExit("a 5 MiB request was accepted")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+        assert "--max-message-size" in e.details(), e.details()
 
     job, call = stub.StartTestFailover.with_call(
         failover_pb2.StartTestFailoverRequest(
