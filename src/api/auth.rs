@@ -97,10 +97,9 @@ impl Authenticator {
                     ));
                 };
                 store.principal_by_certificate(&name).await?.ok_or_else(|| {
+                    let name = crate::domain::limits::shown(&name);
                     ApiError::Unauthenticated(format!(
-                        "the client certificate's name {} is not a principal (tern token create {} --certificate)",
-                        crate::domain::limits::shown(&name),
-                        crate::domain::limits::shown(&name)
+                        "the client certificate's name {name} is not a principal (tern token create {name} --certificate)"
                     ))
                 })?
             }

@@ -156,12 +156,8 @@ fn peer(req: &http::request::Parts) -> Option<SocketAddr> {
 }
 
 fn correlation_of(req: &http::request::Parts) -> String {
-    req.headers
-        .get(super::CORRELATION_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
-        .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+    let sent = req.headers.get(super::CORRELATION_HEADER).and_then(|v| v.to_str().ok());
+    super::correlation_or_new(sent)
 }
 
 /// Whether a status (in headers or trailers) is tonic's refusal of a request over the size

@@ -178,10 +178,13 @@ async fn serve_services(
 /// The correlation id a request carries (a printable `x-correlation-id` of at most 128
 /// characters), or a new one.
 pub(crate) fn correlation_of<T>(req: &tonic::Request<T>) -> String {
-    req.metadata()
-        .get(CORRELATION_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+    correlation_or_new(req.metadata().get(CORRELATION_HEADER).and_then(|v| v.to_str().ok()))
+}
+
+/// `sent`, the `x-correlation-id` a request carries, if it is a printable id of at most 128
+/// characters; otherwise a new one.
+pub(crate) fn correlation_or_new(sent: Option<&str>) -> String {
+    sent.map(str::trim)
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
