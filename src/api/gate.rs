@@ -9,13 +9,19 @@
 //!   reading it, as OUT_OF_RANGE, which the gate answers as this limit instead).
 //!
 //! Watch streams open at once are counted where a stream lives ([`super::watch`]).
+//!
+//! Every call, refused or answered, ends with one access-log line (target `tern::access`:
+//! method, code, duration, principal, correlation id, peer) and is counted in the RPC metrics
+//! ([`crate::telemetry::metrics::rpc`]); a stream ends when its trailers are sent or it is
+//! dropped (CANCELLED).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -23,6 +29,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use super::auth::Authenticator;
 use super::error::ApiError;
 use crate::domain::auth::Principal;
+use crate::telemetry::metrics;
 
 /// The server's limits (each documented in the README, each a flag of `tern server`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +67,9 @@ struct Shared {
     rate: Option<DefaultKeyedRateLimiter<String>>,
     /// Calls in flight by connection (the client's address and port).
     in_flight: Mutex<HashMap<SocketAddr, usize>>,
+    /// The methods this server has (`package.Service/Method`): the only values the access log
+    /// and the metrics give a method; any other path is `unknown`.
+    methods: HashSet<String>,
 }
 
 impl GateLayer {
@@ -74,6 +84,7 @@ impl GateLayer {
                 limits,
                 rate,
                 in_flight: Mutex::new(HashMap::new()),
+                methods: known_methods(),
             }),
         }
     }
@@ -145,6 +156,125 @@ impl Shared {
     }
 }
 
+/// Every method of the services a server serves, from their descriptor sets.
+fn known_methods() -> HashSet<String> {
+    use prost::Message as _;
+    let sets = [
+        super::pb::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ];
+    let mut methods = HashSet::new();
+    for bytes in sets {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(bytes) else {
+            continue;
+        };
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    methods.insert(format!(
+                        "{}{}/{}",
+                        file.package.as_deref().map(|p| format!("{p}.")).unwrap_or_default(),
+                        service.name(),
+                        method.name()
+                    ));
+                }
+            }
+        }
+    }
+    methods
+}
+
+/// One call, from the gate to its end: told once to the access log and the metrics.
+struct CallLog {
+    method: String,
+    principal: Option<String>,
+    correlation: String,
+    peer: Option<SocketAddr>,
+    started: Instant,
+    ended: bool,
+}
+
+impl CallLog {
+    fn start(shared: &Shared, parts: &http::request::Parts) -> CallLog {
+        let path = parts.uri.path().trim_start_matches('/');
+        CallLog {
+            method: if shared.methods.contains(path) {
+                path.to_string()
+            } else {
+                "unknown".to_string()
+            },
+            principal: None,
+            correlation: correlation_of(parts),
+            peer: peer(parts),
+            started: Instant::now(),
+            ended: false,
+        }
+    }
+
+    fn end(&mut self, code: tonic::Code) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        let took = self.started.elapsed();
+        let code = code_name(code);
+        metrics::rpc(&self.method, code, took);
+        tracing::info!(
+            target: "tern::access",
+            method = %self.method,
+            code = %code,
+            duration_ms = took.as_micros() as f64 / 1000.0,
+            principal = %self.principal.as_deref().unwrap_or("-"),
+            correlation_id = %self.correlation,
+            peer = %self.peer.map_or_else(|| "-".to_string(), |p| p.to_string()),
+            "rpc"
+        );
+    }
+
+    /// Ends the call with the status in `h`, if `h` carries one.
+    fn end_with(&mut self, h: &http::HeaderMap) {
+        if let Some(code) = h
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+        {
+            self.end(tonic::Code::from_i32(code));
+        }
+    }
+}
+
+impl Drop for CallLog {
+    fn drop(&mut self) {
+        // A stream the client went away from, or a body that ended without a status.
+        self.end(tonic::Code::Cancelled);
+    }
+}
+
+/// The gRPC name of a status code, as the access log and the metrics show it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 fn peer(req: &http::request::Parts) -> Option<SocketAddr> {
     let ext = &req.extensions;
     ext.get::<TcpConnectInfo>()
@@ -187,14 +317,16 @@ fn name_the_limit(h: &mut http::HeaderMap, limit: usize) {
     }
 }
 
-/// A response body whose trailers say RESOURCE_EXHAUSTED naming the limit where tonic's say
-/// the request was too large (tonic reads the request inside the call and answers in trailers).
-struct LimitNamed {
+/// A response body whose trailers end the call's log, and say RESOURCE_EXHAUSTED naming the
+/// limit where tonic's say the request was too large (tonic reads the request inside the call
+/// and answers in trailers).
+struct Observed {
     inner: tonic::body::Body,
     limit: usize,
+    log: CallLog,
 }
 
-impl http_body::Body for LimitNamed {
+impl http_body::Body for Observed {
     type Data = bytes::Bytes;
     type Error = tonic::Status;
 
@@ -209,6 +341,7 @@ impl http_body::Body for LimitNamed {
                     if is_oversize(&trailers) {
                         name_the_limit(&mut trailers, limit);
                     }
+                    self.log.end_with(&trailers);
                     Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
                 }
                 Err(frame) => Poll::Ready(Some(Ok(frame))),
@@ -226,17 +359,22 @@ impl http_body::Body for LimitNamed {
     }
 }
 
-/// tonic's answer to a request over the size limit (OUT_OF_RANGE), as this limit instead,
-/// whether it comes in the headers or the trailers.
-fn oversize_as_limit(
+/// The service's response, observed: tonic's answer to a request over the size limit
+/// (OUT_OF_RANGE) as this limit instead, and the call's log ended by the status, whether it
+/// comes in the headers (an error answered at once) or the trailers.
+fn observed(
     mut response: http::Response<tonic::body::Body>,
     limit: usize,
+    mut log: CallLog,
 ) -> http::Response<tonic::body::Body> {
     if is_oversize(response.headers()) {
         name_the_limit(response.headers_mut(), limit);
+    }
+    if response.headers().contains_key("grpc-status") {
+        log.end_with(response.headers());
         return response;
     }
-    response.map(|inner| tonic::body::Body::new(LimitNamed { inner, limit }))
+    response.map(|inner| tonic::body::Body::new(Observed { inner, limit, log }))
 }
 
 impl<S, B> tower::Service<http::Request<B>> for Gate<S>
@@ -261,6 +399,12 @@ where
         // The request's head is checked; its body (not `Sync`) is not held across the check.
         let (mut parts, body) = req.into_parts();
         Box::pin(async move {
+            let mut log = CallLog::start(&shared, &parts);
+            // The handler answers with the correlation id the log names (a new one when the
+            // client sent none).
+            if let Ok(id) = http::HeaderValue::from_str(&log.correlation) {
+                parts.headers.insert(super::CORRELATION_HEADER, id);
+            }
             let passed = async {
                 let principal = shared.auth.check(&parts).await?;
                 if let Some(p) = &principal {
@@ -273,12 +417,17 @@ where
             match passed {
                 Ok((principal, _slot)) => {
                     if let Some(p) = principal {
+                        log.principal = Some(p.name.clone());
                         parts.extensions.insert(p);
                     }
                     let response = inner.call(http::Request::from_parts(parts, body)).await?;
-                    Ok(oversize_as_limit(response, shared.limits.max_message_bytes))
+                    Ok(observed(response, shared.limits.max_message_bytes, log))
                 }
-                Err(e) => Ok(e.into_status(&correlation_of(&parts)).into_http()),
+                Err(e) => {
+                    let status = e.into_status(&log.correlation);
+                    log.end(status.code());
+                    Ok(status.into_http())
+                }
             }
         })
     }

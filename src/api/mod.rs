@@ -13,6 +13,8 @@ mod cork;
 pub mod error;
 mod failover;
 pub mod gate;
+pub mod health;
+pub mod metrics;
 mod page;
 #[cfg(test)]
 mod properties;
@@ -30,7 +32,7 @@ use tonic::metadata::MetadataValue;
 
 use crate::engine::Engine;
 use crate::steps::failover::FailoverDeps;
-use crate::store::{InventoryStore, JobStore, RunRow, Store};
+use crate::store::{Diagnostics, InventoryStore, JobStore, RunRow, Store};
 pub use failover::FailoverApi;
 use pb::failover_service_server::FailoverServiceServer;
 use pb::workflow_service_server::WorkflowServiceServer;
@@ -64,6 +66,8 @@ pub struct ApiState {
     /// The VM inventory and network mappings.
     pub inventory: Arc<dyn InventoryStore>,
     pub failover: Option<Arc<FailoverDeps>>,
+    /// The database's health.
+    pub diagnostics: Arc<dyn Diagnostics>,
     /// Watch streams open at once (`Limits::watches`).
     pub watches: watch::WatchSlots,
 }
@@ -73,7 +77,8 @@ impl ApiState {
         ApiState {
             engine,
             jobs: store.clone(),
-            inventory: store,
+            inventory: store.clone(),
+            diagnostics: store,
             failover,
             watches: watch::WatchSlots::new(gate::Limits::default().watches),
         }
@@ -126,9 +131,11 @@ pub async fn serve_with(
 ) -> Result<(), ServeError> {
     state.watches = watch::WatchSlots::new(options.limits.watches);
     let max = options.limits.max_message_bytes;
+    let probe = (state.diagnostics.clone(), state.failover.clone());
     serve_services(
         listener,
         options,
+        probe,
         FailoverServiceServer::new(FailoverApi::new(state.clone())).max_decoding_message_size(max),
         WorkflowServiceServer::new(WorkflowApi::new(state)).max_decoding_message_size(max),
         shutdown,
@@ -139,13 +146,15 @@ pub async fn serve_with(
 async fn serve_services(
     listener: TcpListener,
     options: ServeOptions,
+    (diagnostics, cloud): (Arc<dyn Diagnostics>, Option<Arc<FailoverDeps>>),
     failover: FailoverServiceServer<FailoverApi>,
     workflow: WorkflowServiceServer<WorkflowApi>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<FailoverServiceServer<FailoverApi>>().await;
-    reporter.set_serving::<WorkflowServiceServer<WorkflowApi>>().await;
+    health::starting(&reporter).await;
+    let probe = tokio::spawn(health::probe(reporter, diagnostics, cloud));
+    let _stop_probe = tokio_util::task::AbortOnDropHandle::new(probe);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

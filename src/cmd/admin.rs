@@ -223,20 +223,19 @@ pub(crate) async fn run(cli: &Cli, command: &AdminCommand) -> Result<()> {
                     limit: *limit,
                 })
                 .await?;
-            println!(
-                "{:<36}  {:<14}  {:<15}  {:<16}  created",
-                "run", "definition", "status", "step"
+            super::print_table(
+                &["run", "definition", "status", "step", "created"],
+                &[],
+                rows.into_iter().map(|r| {
+                    vec![
+                        r.id.to_string(),
+                        r.definition,
+                        r.display_status,
+                        r.current_step.unwrap_or_else(|| "-".into()),
+                        r.created_at.to_rfc3339(),
+                    ]
+                }),
             );
-            for r in rows {
-                println!(
-                    "{:<36}  {:<14}  {:<15}  {:<16}  {}",
-                    r.id,
-                    r.definition,
-                    r.display_status,
-                    r.current_step.as_deref().unwrap_or("-"),
-                    r.created_at
-                );
-            }
         }
         AdminCommand::Definitions => {
             let engine = engine_for(EngineConfig::default())?;
@@ -265,24 +264,33 @@ pub(crate) async fn run(cli: &Cli, command: &AdminCommand) -> Result<()> {
                 );
             }
             InventoryCommand::List => {
-                println!(
-                    "{:<38}  {:<16}  {:>4}  {:>8}  {:<8}  {:<38}  {:>5}  {:>4}  sync",
-                    "vm_id", "name", "cpu", "memory", "os", "boot volume", "disks", "nics"
+                super::print_table(
+                    &[
+                        "vm_id",
+                        "name",
+                        "cpu",
+                        "memory",
+                        "os",
+                        "boot volume",
+                        "disks",
+                        "nics",
+                        "sync",
+                    ],
+                    &[2, 3, 6, 7],
+                    store.vm_records().await?.into_iter().map(|vm| {
+                        vec![
+                            vm.vm_id,
+                            vm.name,
+                            vm.cpu_count.to_string(),
+                            format!("{}MB", vm.memory_mb),
+                            vm.os_type,
+                            vm.boot_disk.volume_id,
+                            (1 + vm.data_disks.len()).to_string(),
+                            vm.nics.len().to_string(),
+                            vm.last_sync_change_id.unwrap_or_else(|| "never".into()),
+                        ]
+                    }),
                 );
-                for vm in store.vm_records().await? {
-                    println!(
-                        "{:<38}  {:<16}  {:>4}  {:>6}MB  {:<8}  {:<38}  {:>5}  {:>4}  {}",
-                        vm.vm_id,
-                        vm.name,
-                        vm.cpu_count,
-                        vm.memory_mb,
-                        vm.os_type,
-                        vm.boot_disk.volume_id,
-                        1 + vm.data_disks.len(),
-                        vm.nics.len(),
-                        vm.last_sync_change_id.as_deref().unwrap_or("never")
-                    );
-                }
             }
         },
         AdminCommand::Migrate => println!("migrations applied ({})", store.backend()),

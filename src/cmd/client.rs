@@ -199,29 +199,23 @@ pub async fn run(endpoint: &str, connection: &Connection, cmd: ClientCommand) ->
             opts,
         } => {
             let req = pb::StartTestFailoverRequest {
-                vm_id: vm,
-                vm_name: opts.vm_name.clone().unwrap_or_default(),
                 auto_cleanup,
                 test_duration: duration.unwrap_or_default(),
-                skip_validation: opts.skip_validation,
-                skip_snapshot: opts.skip_snapshot,
-                skip_virtio_injection: opts.skip_virtio_injection,
-                network_mappings: networks(&opts.networks)?,
-                request_id: opts.request_id.clone().unwrap_or_default(),
-                ..Default::default()
+                ..start_request(vm, &opts)?
             };
             let job = fo.start_test_failover(req).await.map_err(status_error)?.into_inner();
             started(&job, &opts, channel).await?;
         }
         ClientCommand::LiveFailover { vm, opts } => {
+            let t = start_request(vm, &opts)?;
             let req = pb::StartLiveFailoverRequest {
-                vm_id: vm,
-                vm_name: opts.vm_name.clone().unwrap_or_default(),
-                skip_validation: opts.skip_validation,
-                skip_snapshot: opts.skip_snapshot,
-                skip_virtio_injection: opts.skip_virtio_injection,
-                network_mappings: networks(&opts.networks)?,
-                request_id: opts.request_id.clone().unwrap_or_default(),
+                vm_id: t.vm_id,
+                vm_name: t.vm_name,
+                skip_validation: t.skip_validation,
+                skip_snapshot: t.skip_snapshot,
+                skip_virtio_injection: t.skip_virtio_injection,
+                network_mappings: t.network_mappings,
+                request_id: t.request_id,
                 ..Default::default()
             };
             let job = fo.start_live_failover(req).await.map_err(status_error)?.into_inner();
@@ -309,22 +303,21 @@ pub async fn run(endpoint: &str, connection: &Connection, cmd: ClientCommand) ->
                     serde_json::to_string_pretty(&json!({"jobs": jobs, "next_page_token": r.next_page_token}))?
                 );
             } else {
-                println!(
-                    "{:<36}  {:<4}  {:<16}  {:<16}  {:>4}  {:<18}  created",
-                    "job", "type", "vm", "status", "%", "step"
+                super::print_table(
+                    &["job", "type", "vm", "status", "%", "step", "created"],
+                    &[4],
+                    r.jobs.iter().map(|j| {
+                        vec![
+                            j.job_id.clone(),
+                            j.job_type.clone(),
+                            if j.vm_name.is_empty() { &j.vm_id } else { &j.vm_name }.clone(),
+                            j.status.clone(),
+                            format!("{}%", j.progress_percent),
+                            dash(&j.current_step).to_string(),
+                            time(&j.created_at),
+                        ]
+                    }),
                 );
-                for j in &r.jobs {
-                    println!(
-                        "{:<36}  {:<4}  {:<16}  {:<16}  {:>3}%  {:<18}  {}",
-                        j.job_id,
-                        j.job_type,
-                        if j.vm_name.is_empty() { &j.vm_id } else { &j.vm_name },
-                        j.status,
-                        j.progress_percent,
-                        dash(&j.current_step),
-                        time(&j.created_at)
-                    );
-                }
                 if !r.next_page_token.is_empty() {
                     println!("(more jobs: raise --limit)");
                 }
@@ -362,13 +355,18 @@ pub async fn run(endpoint: &str, connection: &Connection, cmd: ClientCommand) ->
                     if r.is_ready { "ready" } else { "NOT ready" },
                     r.readiness_score
                 );
-                println!("{:<24}  {:<8}  {:<4}  message", "check", "type", "");
-                for c in &r.checks {
-                    println!(
-                        "{:<24}  {:<8}  {:<4}  {}",
-                        c.check_name, c.check_type, c.status, c.message
-                    );
-                }
+                super::print_table(
+                    &["check", "type", "", "message"],
+                    &[],
+                    r.checks.iter().map(|c| {
+                        vec![
+                            c.check_name.clone(),
+                            c.check_type.clone(),
+                            c.status.clone(),
+                            c.message.clone(),
+                        ]
+                    }),
+                );
                 if !r.is_ready {
                     bail!("VM {} is not ready to fail over", r.vm_id);
                 }
@@ -376,6 +374,20 @@ pub async fn run(endpoint: &str, connection: &Connection, cmd: ClientCommand) ->
         }
     }
     Ok(())
+}
+
+/// The fields a test and a live failover request share, as a test request.
+fn start_request(vm: String, opts: &StartOpts) -> Result<pb::StartTestFailoverRequest> {
+    Ok(pb::StartTestFailoverRequest {
+        vm_id: vm,
+        vm_name: opts.vm_name.clone().unwrap_or_default(),
+        skip_validation: opts.skip_validation,
+        skip_snapshot: opts.skip_snapshot,
+        skip_virtio_injection: opts.skip_virtio_injection,
+        network_mappings: networks(&opts.networks)?,
+        request_id: opts.request_id.clone().unwrap_or_default(),
+        ..Default::default()
+    })
 }
 
 fn networks(pairs: &[String]) -> Result<std::collections::HashMap<String, String>> {
@@ -502,25 +514,24 @@ fn print_job(j: &pb::FailoverJob) {
         println!("error        {}: {}", e.code, e.message);
     }
     println!();
-    println!(
-        "{:<20}  {:<9}  {:<10}  {:>7}  {:<24}  {:<24}  error",
-        "step", "phase", "status", "attempt", "started", "completed"
+    super::print_table(
+        &["step", "phase", "status", "attempt", "started", "completed", "error"],
+        &[3],
+        j.steps.iter().map(|s| {
+            vec![
+                s.name.clone(),
+                s.phase.clone(),
+                s.status.clone(),
+                s.attempt.to_string(),
+                time(&s.started_at),
+                time(&s.completed_at),
+                s.error
+                    .as_ref()
+                    .map(|e| format!("{}: {}", e.code, e.message))
+                    .unwrap_or_default(),
+            ]
+        }),
     );
-    for s in &j.steps {
-        println!(
-            "{:<20}  {:<9}  {:<10}  {:>7}  {:<24}  {:<24}  {}",
-            s.name,
-            s.phase,
-            s.status,
-            s.attempt,
-            time(&s.started_at),
-            time(&s.completed_at),
-            s.error
-                .as_ref()
-                .map(|e| format!("{}: {}", e.code, e.message))
-                .unwrap_or_default()
-        );
-    }
 }
 
 /// One line per journal entry worth showing.

@@ -149,6 +149,9 @@ pub(crate) struct WorkerArgs {
     /// Lease owner name (default host:pid:random).
     #[arg(long, env = "TERN_WORKER_ID")]
     pub(crate) worker_id: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off when unset).
+    #[arg(long, env = "TERN_METRICS_LISTEN", value_name = "ADDR")]
+    pub(crate) metrics_listen: Option<String>,
 }
 
 /// How to reach CloudStack, LINSTOR and the VirtIO tooling (the failover steps' world).
@@ -289,6 +292,26 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             serve::run(&cli, shutdown_on_signal()?).await
         }
     }
+}
+
+/// Prints rows under `titles` as aligned columns without borders (the columns listed in `right`
+/// aligned right), as the listing commands show them.
+pub(crate) fn print_table(titles: &[&str], right: &[usize], rows: impl IntoIterator<Item = Vec<String>>) {
+    let mut table = comfy_table::Table::new();
+    table
+        .load_style(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(titles.to_vec())
+        .add_rows(rows);
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    for &i in right {
+        if let Some(column) = table.column_mut(i) {
+            column.set_cell_alignment(comfy_table::CellAlignment::Right);
+        }
+    }
+    println!("{}", table.trim_fmt());
 }
 
 pub(crate) fn duration(s: &str) -> Result<Duration, String> {

@@ -20,6 +20,13 @@ use super::{config, data_dir, open_store, ApiArgs, Cli, CloudArgs, Command, Work
 /// Runs `tern dev`, `tern server` or `tern worker` until `shutdown`.
 pub(crate) async fn run(cli: &Cli, shutdown: CancellationToken) -> Result<()> {
     let store = open_store(cli).await?;
+    let metrics = match &cli.command {
+        Command::Worker { worker: w, .. } | Command::Server { worker: w, .. } | Command::Dev { worker: w, .. } => {
+            serve_metrics(w, store.clone(), shutdown.clone()).await?
+        }
+        _ => None,
+    };
+    let _stop_metrics = metrics.map(tokio_util::task::AbortOnDropHandle::new);
     match &cli.command {
         Command::Worker { worker: w, cloud } => {
             let (engine, _) = cloud_engine(cli, store.clone(), w, cloud)?;
@@ -54,6 +61,27 @@ pub(crate) async fn run(cli: &Cli, shutdown: CancellationToken) -> Result<()> {
         _ => unreachable!("only the serving commands come here"),
     }
     Ok(())
+}
+
+/// With `--metrics-listen`: the process's metrics recorder and `/metrics` on that address.
+async fn serve_metrics(
+    w: &WorkerArgs,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+) -> Result<Option<JoinHandle<()>>> {
+    let Some(addr) = &w.metrics_listen else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint to {addr} (--metrics-listen)"))?;
+    let handle = tern::telemetry::metrics::install().map_err(anyhow::Error::msg)?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
+    Ok(Some(tokio::spawn(async move {
+        if let Err(e) = tern::api::metrics::serve(listener, handle, store, shutdown.cancelled_owned()).await {
+            tracing::error!(error = %e, "the metrics endpoint stopped");
+        }
+    })))
 }
 
 /// The engine of `tern worker` / `tern server`: built-ins plus the failover steps bound to the

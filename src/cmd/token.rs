@@ -79,20 +79,19 @@ pub(crate) async fn run(cli: &Cli, cmd: &TokenCommand) -> Result<()> {
             }
         }
         TokenCommand::List => {
-            println!(
-                "{:<24}  {:<8}  {:<11}  {:<24}  revoked",
-                "name", "role", "credential", "created"
+            super::print_table(
+                &["name", "role", "credential", "created", "revoked"],
+                &[],
+                store.principals().await?.into_iter().map(|p| {
+                    vec![
+                        p.name,
+                        p.role.to_string(),
+                        p.credential.as_str().to_string(),
+                        p.created_at.to_rfc3339(),
+                        p.revoked_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into()),
+                    ]
+                }),
             );
-            for p in store.principals().await? {
-                println!(
-                    "{:<24}  {:<8}  {:<11}  {:<24}  {}",
-                    p.name,
-                    p.role,
-                    p.credential.as_str(),
-                    p.created_at.to_rfc3339(),
-                    p.revoked_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into())
-                );
-            }
         }
         TokenCommand::Revoke { name } => {
             if !store.revoke_principal(name.trim(), Timestamp::now()).await? {

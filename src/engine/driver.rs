@@ -18,6 +18,7 @@ use crate::domain::run::Phase;
 use crate::domain::run::{RunContext, RunState};
 use crate::domain::{RunId, StepError, Timestamp};
 use crate::store::{projection, Checkpoint, Lease, RunRow, StoreError};
+use crate::telemetry::metrics;
 use crate::workflow::{Definition, Undo};
 
 /// Why a driver stopped before the run was asleep or finished.
@@ -64,7 +65,7 @@ pub(crate) async fn drive(
         let def = engine.pinned(&run.definition_hash).await?;
         let lost = CancellationToken::new();
         let heartbeat = tokio::spawn(heartbeat(engine.clone(), run.id, lease.clone(), lost.clone()));
-        let _stop_heartbeat = AbortOnDrop(heartbeat);
+        let _stop_heartbeat = tokio_util::task::AbortOnDropHandle::new(heartbeat);
         let mut d = Driver {
             engine,
             def,
@@ -82,6 +83,7 @@ pub(crate) async fn drive(
         };
         let result = d.run(first).await;
         if let Err(EngineError::Store(StoreError::Fenced { .. })) = &result {
+            metrics::fenced_write();
             tracing::warn!("lease lost to another worker; leaving the run to it");
         }
         result
@@ -98,13 +100,6 @@ pub(crate) struct Started {
     pub executing: super::ExecutingGuard,
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 async fn heartbeat(engine: Arc<Engine>, run: RunId, lease: Lease, lost: CancellationToken) {
     let ttl = engine.config.lease_ttl;
     let every = (ttl / 3).max(Duration::from_millis(50));
@@ -116,7 +111,10 @@ async fn heartbeat(engine: Arc<Engine>, run: RunId, lease: Lease, lost: Cancella
                 lost.cancel();
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, "heartbeat failed; retrying"),
+            Err(e) => {
+                metrics::heartbeat_failure();
+                tracing::warn!(error = %e, "heartbeat failed; retrying");
+            }
         }
     }
 }
@@ -199,9 +197,18 @@ impl Driver {
         let now = Timestamp::now();
         let event = match &self.state {
             RunState::Pending => Event::Begin,
-            RunState::Running { .. } | RunState::Compensating { .. } => Event::Resume,
-            RunState::Backoff { at, .. } | RunState::CompensationBackoff { at, .. } if *at <= now => Event::WakeUp,
-            RunState::Holding { until: Some(at) } if *at <= now => Event::WakeUp,
+            RunState::Running { .. } | RunState::Compensating { .. } => {
+                metrics::takeover(&self.def.name);
+                Event::Resume
+            }
+            RunState::Backoff { at, .. } | RunState::CompensationBackoff { at, .. } if *at <= now => {
+                metrics::timer_fired("backoff", at.until(now));
+                Event::WakeUp
+            }
+            RunState::Holding { until: Some(at) } if *at <= now => {
+                metrics::timer_fired("hold", at.until(now));
+                Event::WakeUp
+            }
             RunState::Backoff { .. } | RunState::CompensationBackoff { .. } | RunState::Holding { .. } => {
                 // Claimed early (a race with a signal or a clock step): go back to sleep unchanged.
                 self.resleep(now).await?;
@@ -448,7 +455,8 @@ impl Driver {
                 }
             }
         };
-        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let took = started.elapsed();
+        let elapsed_ms = took.as_millis() as u64;
         let event = match result {
             Ok(Ok(output)) => {
                 tracing::info!(parent: &span, elapsed_ms, "step succeeded");
@@ -466,6 +474,14 @@ impl Driver {
                 }
             }
         };
+        let outcome = match &event {
+            Event::StepSucceeded { .. } => "succeeded",
+            Event::StepFailed { error } if error.code == "TIMEOUT" => "timeout",
+            Event::StepFailed { error } if error.is_retryable() => "retryable_error",
+            _ => "permanent_error",
+        };
+        let phase = if undo { "compensate" } else { phase.as_str() };
+        metrics::step_attempt(&def.name, &step.name, phase, outcome, took);
         Ok(Some(event))
     }
 }

@@ -80,6 +80,22 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// The variant's name, for metrics (a bounded label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderError::Unauthorized { .. } => "unauthorized",
+            ProviderError::BadParameter { .. } => "bad_parameter",
+            ProviderError::NotFound { .. } => "not_found",
+            ProviderError::InvalidState { .. } => "invalid_state",
+            ProviderError::Internal { .. } => "internal",
+            ProviderError::Unavailable { .. } => "unavailable",
+            ProviderError::Refused { .. } => "refused",
+            ProviderError::AsyncJobFailed { .. } => "async_job_failed",
+            ProviderError::JobTimeout { .. } => "job_timeout",
+            ProviderError::Protocol { .. } => "protocol",
+        }
+    }
+
     /// Whether the same call may succeed if made again later.
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -153,6 +169,20 @@ pub(crate) fn http_client(timeout: std::time::Duration, ca_pem: Option<&[u8]>) -
         }
     }
     builder.build().map_err(transport_error)
+}
+
+/// Runs one request to `provider` and records its outcome and duration
+/// (`tern_cloud_requests_total`, `tern_cloud_request_duration_seconds`).
+pub(crate) async fn measured<T>(
+    provider: &'static str,
+    command: &str,
+    request: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let started = std::time::Instant::now();
+    let result = request.await;
+    let outcome = result.as_ref().map_or_else(ProviderError::kind, |_| "ok");
+    crate::telemetry::metrics::cloud_request(provider, command, outcome, started.elapsed());
+    result
 }
 
 pub(crate) fn transport_error(e: reqwest::Error) -> ProviderError {

@@ -164,7 +164,10 @@ pub(crate) async fn group_writer<C: Committer>(
         };
         let committing = Committing::start(&queue);
         let refs: Vec<&WriteJob> = batch.iter().collect();
-        let outcomes = match db.commit(&refs, &mut known).await {
+        let started = std::time::Instant::now();
+        let committed = db.commit(&refs, &mut known).await;
+        crate::telemetry::metrics::group_commit("postgres", refs.len(), started.elapsed());
+        let outcomes = match committed {
             Ok(outcomes) => outcomes,
             Err(e) if refs.len() == 1 => vec![refs[0].failed(e)],
             Err(e) => {
@@ -313,7 +316,10 @@ pub(crate) fn blocking_group_writer(
         let mut batch = vec![first];
         fill(&mut batch, &mut jobs, &mut held);
         let refs: Vec<&WriteJob> = batch.iter().collect();
-        let outcomes = match commit(&refs, &mut known) {
+        let started = std::time::Instant::now();
+        let committed = commit(&refs, &mut known);
+        crate::telemetry::metrics::group_commit("sqlite", refs.len(), started.elapsed());
+        let outcomes = match committed {
             Ok(outcomes) => outcomes,
             Err(e) if refs.len() == 1 => vec![refs[0].failed(e)],
             Err(e) => {

@@ -433,6 +433,23 @@ pub trait Diagnostics: Send + Sync + 'static {
     async fn durability(&self) -> Result<String>;
     /// Counts runs by status.
     async fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>>;
+    /// What the metrics endpoint shows at a scrape (a few indexed counts).
+    async fn gauges(&self, now: Timestamp) -> Result<Gauges>;
+    /// One round trip to the database (the health check).
+    async fn ping(&self) -> Result<()>;
+}
+
+/// The store's figures at one moment, for the metrics endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Runs by definition and status.
+    pub runs: Vec<(String, RunStatus, i64)>,
+    /// Runs due to run that no worker holds (the queue).
+    pub due: i64,
+    /// When the oldest of them became due.
+    pub oldest_due: Option<Timestamp>,
+    /// Failover jobs in `needs_operator`.
+    pub needs_operator: i64,
 }
 
 /// The failover job read model (`failover_jobs`, `job_tracking`), kept in the same commits as

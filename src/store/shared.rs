@@ -458,6 +458,44 @@ macro_rules! run_reads {
                     })
                     .collect()
             }
+
+            async fn gauges(&self, now: Timestamp) -> Result<Gauges> {
+                let rows =
+                    sqlx::query("SELECT definition, status, COUNT(*) AS n FROM runs GROUP BY definition, status")
+                        .fetch_all(&self.pool)
+                        .await?;
+                let runs = rows
+                    .iter()
+                    .map(|r| {
+                        let s: String = r.try_get("status")?;
+                        let st = RunStatus::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status {s:?}")))?;
+                        Ok((r.try_get("definition")?, st, r.try_get("n")?))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                // The claim's own condition: due, and no live lease.
+                let (due, oldest): (i64, Option<i64>) = sqlx::query_as(
+                    "SELECT COUNT(*), MIN(wake_at) FROM runs WHERE wake_at IS NOT NULL AND wake_at <= $1 \
+                     AND (lease_expires_at IS NULL OR lease_expires_at < $1)",
+                )
+                .bind(now.0)
+                .fetch_one(&self.pool)
+                .await?;
+                let needs_operator: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM failover_jobs WHERE status = 'needs_operator'")
+                        .fetch_one(&self.pool)
+                        .await?;
+                Ok(Gauges {
+                    runs,
+                    due,
+                    oldest_due: oldest.map(Timestamp),
+                    needs_operator,
+                })
+            }
+
+            async fn ping(&self) -> Result<()> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
         }
     };
 }

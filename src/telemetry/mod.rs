@@ -1,6 +1,8 @@
 //! Logging: a `tracing` subscriber, human-readable by default, JSON with `TERN_LOG_FORMAT=json`.
 //! Filter with `RUST_LOG` (default `info`). Spans carry run id, step, attempt and correlation id.
 
+pub mod metrics;
+
 use tracing_subscriber::{fmt, EnvFilter};
 
 pub fn init() {

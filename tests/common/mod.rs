@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod pki;
+pub mod postgres;
 
 use std::sync::Arc;
 
@@ -104,6 +105,15 @@ macro_rules! on_sqlite {
             }
         )*
     };
+}
+
+/// A TCP port free on 127.0.0.1 now (for a child process to listen on).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local address")
+        .port()
 }
 
 /// A CloudStack/LINSTOR simulator running in this test process (stopped when dropped).

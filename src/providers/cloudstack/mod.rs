@@ -83,6 +83,10 @@ impl CloudStackClient {
 
     /// Calls `command` and returns the body under `<command lower-case>response`.
     pub async fn call(&self, command: &str, params: Vec<(String, String)>) -> Result<Value> {
+        super::measured("cloudstack", command, self.request(command, params)).await
+    }
+
+    async fn request(&self, command: &str, params: Vec<(String, String)>) -> Result<Value> {
         let mut all = params;
         all.push(("command".into(), command.into()));
         all.push(("apiKey".into(), self.config.api_key.clone()));

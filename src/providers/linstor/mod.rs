@@ -127,6 +127,10 @@ impl LinstorClient {
     }
 
     pub async fn list_snapshots(&self, rsc: &str) -> Result<Vec<LinstorSnapshot>> {
+        super::measured("linstor", "linstor.listSnapshots", self.read_snapshots(rsc)).await
+    }
+
+    async fn read_snapshots(&self, rsc: &str) -> Result<Vec<LinstorSnapshot>> {
         crate::crash::point("cloud_call/linstor.listSnapshots");
         let reply = self
             .http
@@ -156,6 +160,10 @@ impl LinstorClient {
 
     /// Sends a mutating request (`op` names it for crash points) and reads its ApiCallRc list.
     async fn mutate(&self, op: &str, req: reqwest::RequestBuilder, rsc: &str) -> Result<()> {
+        super::measured("linstor", op, self.send_mutation(op, req, rsc)).await
+    }
+
+    async fn send_mutation(&self, op: &str, req: reqwest::RequestBuilder, rsc: &str) -> Result<()> {
         crate::crash::point_of("cloud_call", op);
         let reply = req.send().await.map_err(transport_error)?;
         let status = reply.status().as_u16();

@@ -7,6 +7,7 @@ use crate::common;
 use crate::{on_both_backends, on_sqlite};
 mod dropped_watches;
 mod limits;
+mod observability;
 mod pinned;
 mod resolve;
 mod restart;
@@ -1752,3 +1753,6 @@ async fn cli_commands_talk_to_the_server() {
     assert_eq!(out.lines().count(), 1 + 110 + 1, "header, 110 jobs, the note");
     assert!(out.ends_with("(more jobs: raise --limit)\n"), "{out}");
 }
+
+use observability::metrics_count_a_known_workload;
+on_both_backends!(metrics_count_a_known_workload);
