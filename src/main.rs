@@ -13,8 +13,11 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() {
-    tern::telemetry::init();
-    if let Err(e) = cmd::run(cmd::Cli::parse()).await {
+    let telemetry = tern::telemetry::init();
+    let result = cmd::run(cmd::Cli::parse()).await;
+    // Flushing waits for the exporter, whose connections run on this runtime.
+    let _ = tokio::task::spawn_blocking(move || drop(telemetry)).await;
+    if let Err(e) = result {
         eprintln!("tern: {e:#}");
         std::process::exit(1);
     }

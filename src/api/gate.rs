@@ -30,6 +30,7 @@ use super::auth::Authenticator;
 use super::error::ApiError;
 use crate::domain::auth::Principal;
 use crate::telemetry::metrics;
+use tracing::Instrument;
 
 /// The server's limits (each documented in the README, each a flag of `tern server`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,8 +187,10 @@ fn known_methods() -> HashSet<String> {
     methods
 }
 
-/// One call, from the gate to its end: told once to the access log and the metrics.
+/// One call, from the gate to its end: told once to the access log and the metrics, and its
+/// span (the caller's trace continued, when it sends one).
 struct CallLog {
+    span: tracing::Span,
     method: String,
     principal: Option<String>,
     correlation: String,
@@ -199,12 +202,26 @@ struct CallLog {
 impl CallLog {
     fn start(shared: &Shared, parts: &http::request::Parts) -> CallLog {
         let path = parts.uri.path().trim_start_matches('/');
+        let method = if shared.methods.contains(path) {
+            path.to_string()
+        } else {
+            "unknown".to_string()
+        };
+        let (service, name) = method.split_once('/').unwrap_or(("unknown", "unknown"));
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = %method,
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %name,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        crate::telemetry::traces::continue_from_headers(&span, &parts.headers);
         CallLog {
-            method: if shared.methods.contains(path) {
-                path.to_string()
-            } else {
-                "unknown".to_string()
-            },
+            span,
+            method,
             principal: None,
             correlation: correlation_of(parts),
             peer: peer(parts),
@@ -218,6 +235,18 @@ impl CallLog {
             return;
         }
         let took = self.started.elapsed();
+        self.span.record("rpc.grpc.status_code", code as i32);
+        if matches!(
+            code,
+            tonic::Code::Unknown
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unimplemented
+                | tonic::Code::Internal
+                | tonic::Code::Unavailable
+                | tonic::Code::DataLoss
+        ) {
+            self.span.record("otel.status_code", "ERROR");
+        }
         let code = code_name(code);
         metrics::rpc(&self.method, code, took);
         tracing::info!(
@@ -420,7 +449,11 @@ where
                         log.principal = Some(p.name.clone());
                         parts.extensions.insert(p);
                     }
-                    let response = inner.call(http::Request::from_parts(parts, body)).await?;
+                    let span = log.span.clone();
+                    let response = inner
+                        .call(http::Request::from_parts(parts, body))
+                        .instrument(span)
+                        .await?;
                     Ok(observed(response, shared.limits.max_message_bytes, log))
                 }
                 Err(e) => {

@@ -57,6 +57,10 @@ pub(crate) async fn drive(
     shutdown: CancellationToken,
 ) -> Result<Stopped, EngineError> {
     let span = tracing::info_span!("run", run_id = %run.id, definition = %run.definition, correlation_id = %run.correlation_id, fence = lease.token);
+    // One trace per run: every worker's spans join the call that submitted it.
+    if let Some(parent) = &run.trace_parent {
+        crate::telemetry::traces::continue_trace(&span, parent);
+    }
     async move {
         let (first, _executing) = match first {
             Some(s) => (Some(s.action), s.executing),
@@ -393,7 +397,19 @@ impl Driver {
                 }))
             }
         };
-        let span = tracing::info_span!("step", step = %step.name, phase = phase.as_str(), attempt, undo);
+        let span = tracing::info_span!(
+            "step",
+            otel.name = %format!("{} {}", if undo { "compensate" } else { phase.as_str() }, step.name),
+            otel.status_code = tracing::field::Empty,
+            run_id = %self.run_id,
+            definition = %def.name,
+            step = %step.name,
+            phase = phase.as_str(),
+            attempt,
+            undo,
+            outcome = tracing::field::Empty,
+            error.code = tracing::field::Empty,
+        );
         let Some(handler) = self.engine.registry.get(action_name) else {
             return Ok(Some(Event::StepFailed {
                 error: StepError::permanent(
@@ -480,6 +496,11 @@ impl Driver {
             Event::StepFailed { error } if error.is_retryable() => "retryable_error",
             _ => "permanent_error",
         };
+        span.record("outcome", outcome);
+        if let Event::StepFailed { error } = &event {
+            span.record("error.code", error.code.as_str());
+            span.record("otel.status_code", "ERROR");
+        }
         let phase = if undo { "compensate" } else { phase.as_str() };
         metrics::step_attempt(&def.name, &step.name, phase, outcome, took);
         Ok(Some(event))

@@ -261,6 +261,7 @@ impl Engine {
             projection,
             now,
             start,
+            trace_parent: crate::telemetry::traces::current_traceparent(),
         };
         let submitted = match dispatch {
             // A run started here is leased to this worker from its commit on, so handing it to

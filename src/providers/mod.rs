@@ -171,16 +171,32 @@ pub(crate) fn http_client(timeout: std::time::Duration, ca_pem: Option<&[u8]>) -
     builder.build().map_err(transport_error)
 }
 
-/// Runs one request to `provider` and records its outcome and duration
+/// Runs one request to `provider` in a span of its own (a child of the step's; the request
+/// may record `job_id` on it) and records its outcome and duration
 /// (`tern_cloud_requests_total`, `tern_cloud_request_duration_seconds`).
 pub(crate) async fn measured<T>(
     provider: &'static str,
     command: &str,
     request: impl std::future::Future<Output = Result<T>>,
 ) -> Result<T> {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "cloud",
+        otel.name = %format!("{provider} {command}"),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        provider,
+        command,
+        job_id = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
     let started = std::time::Instant::now();
-    let result = request.await;
+    let result = request.instrument(span.clone()).await;
     let outcome = result.as_ref().map_or_else(ProviderError::kind, |_| "ok");
+    span.record("outcome", outcome);
+    if result.is_err() {
+        span.record("otel.status_code", "ERROR");
+    }
     crate::telemetry::metrics::cloud_request(provider, command, outcome, started.elapsed());
     result
 }

@@ -146,6 +146,8 @@ pub struct RunRow {
     pub updated_at: Timestamp,
     pub started_at: Option<Timestamp>,
     pub completed_at: Option<Timestamp>,
+    /// The W3C `traceparent` of the call that submitted the run, if it was traced.
+    pub trace_parent: Option<String>,
 }
 
 /// A run to create. `request_id` makes submission idempotent.
@@ -172,6 +174,8 @@ pub struct NewRun {
     pub now: Timestamp,
     /// Start at once on a worker of this process (None: the run waits to be claimed).
     pub start: Option<Start>,
+    /// The W3C `traceparent` of the submitting call (None: not traced).
+    pub trace_parent: Option<String>,
 }
 
 /// Submit-and-start: the run is created already leased to a worker of this process, with its

@@ -24,7 +24,7 @@ pub(crate) trait Cols {
 pub(crate) const RUN_COLUMNS: &str =
     "id, definition, definition_hash, request_id, correlation_id, state, status, display_status, \
     current_step, input, context, last_seq, fencing_token, lease_owner, lease_expires_at, wake_at, signals_pending, \
-    cancel_reason, cancel_principal, cancel_pending, created_at, updated_at, started_at, completed_at";
+    cancel_reason, cancel_principal, cancel_pending, created_at, updated_at, started_at, completed_at, trace_parent";
 
 pub(crate) fn run_from_row(row: &impl Cols) -> Result<RunRow> {
     let text = |c: &str| {
@@ -63,6 +63,7 @@ pub(crate) fn run_from_row(row: &impl Cols) -> Result<RunRow> {
         updated_at: Timestamp(int("updated_at")?),
         started_at: ts("started_at")?,
         completed_at: ts("completed_at")?,
+        trace_parent: row.text("trace_parent")?,
     })
 }
 

@@ -87,6 +87,9 @@ impl CloudStackClient {
     }
 
     async fn request(&self, command: &str, params: Vec<(String, String)>) -> Result<Value> {
+        if let Some((_, job)) = params.iter().find(|(k, _)| k == "jobid") {
+            tracing::Span::current().record("job_id", job.as_str());
+        }
         let mut all = params;
         all.push(("command".into(), command.into()));
         all.push(("apiKey".into(), self.config.api_key.clone()));
@@ -134,7 +137,11 @@ impl CloudStackClient {
             crate::crash::point_of("cloud_answered", command);
         }
         tracing::debug!(command, status, "cloudstack reply");
-        parse_reply(command, status, &body)
+        let reply = parse_reply(command, status, &body);
+        if let Some(job) = reply.as_ref().ok().and_then(|r| r.get("jobid")).and_then(Value::as_str) {
+            tracing::Span::current().record("job_id", job);
+        }
+        reply
     }
 
     /// When a request sent at `sent` expires: after the longest wait for its reply and the

@@ -226,6 +226,7 @@ struct SubmitRow<'a> {
     lock_key: Option<&'a str>,
     job_started: bool,
     job_completed: bool,
+    trace_parent: Option<&'a str>,
 }
 
 impl<'a> SubmitRow<'a> {
@@ -264,6 +265,7 @@ impl<'a> SubmitRow<'a> {
             lock_key: run.lock_key.as_deref(),
             job_started: p.started,
             job_completed: p.completed,
+            trace_parent: run.trace_parent.as_deref(),
         }
     }
 }
@@ -286,11 +288,12 @@ fn submit_ctes(json: u8) -> String {
         "sub AS (SELECT e FROM jsonb_array_elements(${json}::jsonb) AS e), \
          ins AS (INSERT INTO runs (id, definition, definition_hash, request_id, correlation_id, status, display_status, \
                      current_step, state, input, context, last_seq, wake_at, fencing_token, lease_owner, \
-                     lease_expires_at, created_at, updated_at, started_at) \
+                     lease_expires_at, created_at, updated_at, started_at, trace_parent) \
              SELECT (e->>'id')::uuid, e->>'definition', e->>'hash', e->>'request_id', e->>'correlation_id', \
                     e->>'status', e->>'display', e->>'step', e->'state', e->'input', '{{}}'::jsonb, \
                     (e->>'last_seq')::bigint, (e->>'now')::bigint, (e->>'token')::bigint, e->>'owner', \
-                    (e->>'lease_expires')::bigint, (e->>'now')::bigint, (e->>'now')::bigint, (e->>'started')::bigint \
+                    (e->>'lease_expires')::bigint, (e->>'now')::bigint, (e->>'now')::bigint, (e->>'started')::bigint, \
+                    e->>'trace_parent' \
              FROM sub ON CONFLICT (request_id) DO NOTHING RETURNING {RUN_COLUMNS}), \
          jobs AS (INSERT INTO failover_jobs (job_id, vm_id, vm_name, job_type, status, linstor_snapshot_name, \
                      destination_vm_id, source_vm_spec, network_mappings, error_message, correlation_id, created_at, \

@@ -388,8 +388,8 @@ fn insert_run(tx: &Connection, run: &NewRun) -> Result<Submitted> {
     let mut stmt = tx.prepare_cached(&format!(
         "INSERT INTO runs (id, definition, definition_hash, request_id, correlation_id, status, display_status, \
          current_step, state, input, context, last_seq, wake_at, fencing_token, lease_owner, lease_expires_at, \
-         created_at, updated_at, started_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, '{{}}', ?11, ?12, ?13, ?14, ?15, ?12, ?12, ?16) \
+         created_at, updated_at, started_at, trace_parent) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, '{{}}', ?11, ?12, ?13, ?14, ?15, ?12, ?12, ?16, ?17) \
          RETURNING {RUN_COLUMNS}"
     ))?;
     let mut b = Binder::new(&mut stmt);
@@ -408,7 +408,8 @@ fn insert_run(tx: &Connection, run: &NewRun) -> Result<Submitted> {
         .bind(lease.map_or(0, |(l, _)| l.token))?
         .bind(lease.map(|(l, _)| l.owner.as_str()))?
         .bind(lease.map(|(_, at)| at.0))?
-        .bind(run.start.as_ref().map(|_| run.now.0))?;
+        .bind(run.start.as_ref().map(|_| run.now.0))?
+        .bind(&run.trace_parent)?;
     let created = {
         let mut rows = stmt.raw_query();
         let row = rows

@@ -12,6 +12,7 @@ mod pinned;
 mod resolve;
 mod restart;
 mod security;
+mod traces;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -1756,3 +1757,6 @@ async fn cli_commands_talk_to_the_server() {
 
 use observability::metrics_count_a_known_workload;
 on_both_backends!(metrics_count_a_known_workload);
+
+use traces::a_run_is_one_trace_across_a_kill;
+on_both_backends!(a_run_is_one_trace_across_a_kill);

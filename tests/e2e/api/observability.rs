@@ -47,7 +47,7 @@ fn server(
         .expect("spawn tern server")
 }
 
-async fn channel(port: u16) -> Channel {
+pub(super) async fn channel(port: u16) -> Channel {
     let ep = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
     for _ in 0..300 {
         if let Ok(ch) = ep.connect().await {
@@ -56,6 +56,18 @@ async fn channel(port: u16) -> Channel {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("no tern server on port {port}");
+}
+
+/// Waits until the simulator has held up a request (its scripted hang).
+pub(super) async fn until_hung(sim: &common::Sim) {
+    for _ in 0..600 {
+        let hung = common::sim_get(&sim.base, "/sim/faults").await;
+        if hung.as_array().is_some_and(|a| !a.is_empty()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the simulator held up no request");
 }
 
 /// The samples of a Prometheus text exposition: `name{labels}` → value.
@@ -92,7 +104,10 @@ async fn scrape(port: u16) -> HashMap<String, f64> {
 }
 
 pub(super) async fn metrics_count_a_known_workload(db: TestDb) {
-    let sim = common::start_sim(11, None, "k", "s", 20).await;
+    // The first deployVirtualMachine hangs: the first server is SIGKILLed with that step in
+    // flight; the second takes the run over.
+    let faults = serde_json::json!({"hang_ms": 120000, "scripted": {"deployVirtualMachine": {"0": "hang"}}});
+    let sim = common::start_sim(11, Some(faults), "k", "s", 20).await;
     let store = db.open().await;
     tern::store::load_inventory(store.as_ref(), &sim.inventory, tern::domain::Timestamp::now())
         .await
@@ -100,7 +115,6 @@ pub(super) async fn metrics_count_a_known_workload(db: TestDb) {
     let defs = super::fast_definitions();
     let logs = tempfile::tempdir().unwrap();
 
-    // The first server SIGKILLs itself the first time a step attempt is committed as started.
     let first_port = common::free_port();
     let mut first = server(
         &db.url,
@@ -109,7 +123,7 @@ pub(super) async fn metrics_count_a_known_workload(db: TestDb) {
         first_port,
         &logs.path().join("first.log"),
         &[],
-        &[("TERN_CRASH_AT", "after:step_started")],
+        &[("TERN_REQUEST_TIMEOUT", "60s")],
     );
     let vm = &sim.inventory.vms[1];
     let job = FailoverServiceClient::new(channel(first_port).await)
@@ -123,11 +137,9 @@ pub(super) async fn metrics_count_a_known_workload(db: TestDb) {
         .expect("start")
         .into_inner()
         .job_id;
-    let died = tokio::time::timeout(Duration::from_secs(30), first.wait())
-        .await
-        .expect("the first server kills itself mid-step")
-        .unwrap();
-    assert!(!died.success(), "{died:?}\n{}", common::logs_in(logs.path()));
+    until_hung(&sim).await;
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
     let run: RunId = job.parse().unwrap();
     let before = store.get_run(run).await.unwrap().unwrap();
     assert!(!before.status.is_terminal(), "{:?}", before.status);

@@ -45,8 +45,11 @@ fn new_run(request_id: Option<&str>, now: Timestamp) -> NewRun {
         record,
         now,
         start: None,
+        trace_parent: Some(TRACE_PARENT.into()),
     }
 }
+
+const TRACE_PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 fn started(step: &str, attempt: u32) -> Record {
     Record::StepStarted {
@@ -110,6 +113,9 @@ async fn submit_is_idempotent_by_request_id(db: TestDb) {
     let b = s.submit(new_run(Some("req-1"), now)).await.unwrap();
     assert!(!b.created);
     assert_eq!(a.run.id, b.run.id);
+    assert_eq!(a.run.trace_parent.as_deref(), Some(TRACE_PARENT));
+    let (claimed, _) = claim_one(&s, "w", now).await;
+    assert_eq!(claimed.trace_parent.as_deref(), Some(TRACE_PARENT), "kept with the run");
     assert_eq!(s.journal(a.run.id, 0, 100).await.unwrap().len(), 1);
     assert_eq!(
         s.list_runs(&RunFilter {

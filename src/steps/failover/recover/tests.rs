@@ -31,6 +31,7 @@ fn run(state: RunState, context: Value) -> RunRow {
         updated_at: Timestamp(0),
         started_at: None,
         completed_at: None,
+        trace_parent: None,
     }
 }
 
