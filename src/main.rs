@@ -2,8 +2,6 @@
 
 mod cmd;
 
-use clap::Parser;
-
 /// mimalloc rather than glibc's malloc: allocation was about a fifth of a server's CPU under
 /// load (journal records, JSON, gRPC frames), spread over many threads' arenas. Built without
 /// transparent huge pages (`no_thp`): with them its arenas held about twice the resident memory
@@ -14,7 +12,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() {
     let telemetry = tern::telemetry::init();
-    let result = cmd::run(cmd::Cli::parse()).await;
+    let result = cmd::run(cmd::config::parse()).await;
     // Flushing waits for the exporter, whose connections run on this runtime.
     let _ = tokio::task::spawn_blocking(move || drop(telemetry)).await;
     if let Err(e) = result {

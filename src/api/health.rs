@@ -2,7 +2,8 @@
 //! services are SERVING while the database answers and NOT_SERVING while it does not (a
 //! Kubernetes readiness probe then takes the pod out of the Service); `tern.cloud` says, on its
 //! own, whether CloudStack answers (a server whose cloud is down still serves reads and queues
-//! failovers, so the cloud does not take it out).
+//! failovers, so the cloud does not take it out). `tern.alive` is SERVING while the process
+//! answers (liveness).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,10 @@ use crate::store::Diagnostics;
 
 /// The health service name of the cloud check.
 pub const CLOUD: &str = "tern.cloud";
+
+/// A health service name that is SERVING while the process answers at all: for liveness
+/// probes, which must not restart a server because its database is down.
+pub const ALIVE: &str = "tern.alive";
 
 /// How often the probe asks; a check that takes longer than this counts as down.
 pub const EVERY: Duration = Duration::from_secs(5);
@@ -80,6 +85,7 @@ async fn report(reporter: &HealthReporter, (db, cloud): (bool, bool)) {
 /// The statuses before the first probe: the database was opened a moment ago; the cloud is
 /// not known yet.
 pub(crate) async fn starting(reporter: &HealthReporter) {
+    reporter.set_service_status(ALIVE, ServingStatus::Serving).await;
     report(reporter, (true, false)).await;
 }
 

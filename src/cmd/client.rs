@@ -93,6 +93,12 @@ pub enum ClientCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Ask a server's gRPC health: exit 0 when SERVING (for container and load-balancer
+    /// checks). SERVICE: "" (the server: its database), tern.cloud, or a gRPC service name.
+    Health {
+        #[arg(default_value = "")]
+        service: String,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -324,6 +330,25 @@ pub async fn run(endpoint: &str, connection: &Connection, cmd: ClientCommand) ->
             }
         }
         ClientCommand::Watch { job } => watch(channel, &job).await?,
+        ClientCommand::Health { service } => {
+            use tonic_health::pb::health_check_response::ServingStatus;
+            let r = tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let status = ServingStatus::try_from(r.status).unwrap_or(ServingStatus::Unknown);
+            println!("{}", status.as_str_name());
+            if status != ServingStatus::Serving {
+                bail!(
+                    "{} is {}",
+                    if service.is_empty() { "the server" } else { &service },
+                    status.as_str_name()
+                );
+            }
+        }
         ClientCommand::Readiness { vm, live, json } => {
             let r = fo
                 .check_readiness(pb::CheckReadinessRequest {

@@ -5,6 +5,7 @@
 pub(crate) mod admin;
 pub(crate) mod bench;
 pub(crate) mod client;
+pub(crate) mod config;
 pub(crate) mod serve;
 pub(crate) mod sim;
 pub(crate) mod token;
@@ -30,6 +31,10 @@ use tern::store::{self, Store};
                   server over gRPC (--endpoint); `tern admin …` works on the database directly (--database)."
 )]
 pub(crate) struct Cli {
+    /// A TOML file of settings (flag names as keys, `[server]`-style tables per command); the
+    /// environment and flags override it.
+    #[arg(long, global = true, env = "TERN_CONFIG", value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
     /// Database URL: sqlite://PATH (default: tern.db in the data directory) or postgres://…
     #[arg(long, global = true, env = "TERN_DATABASE_URL")]
     pub(crate) database: Option<String>,
@@ -94,8 +99,32 @@ pub(crate) enum Command {
     /// Who may call the API: create, list and revoke bearer tokens and certificate names.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// The effective configuration of a command.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page, or write one per command into DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     #[command(flatten)]
     Client(client::ClientCommand),
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Show the settings COMMAND would run with (flags after it included), each with where it
+    /// came from (flag, environment, file, default); credentials redacted.
+    Print {
+        /// server, worker, dev, sim, bench, …
+        #[arg(default_value = "server")]
+        command: String,
+        /// The command's own flags, as it would be given them.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// How `tern server` meets its callers.
@@ -288,10 +317,41 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
         Command::Sim(args) => sim::run(args, shutdown_on_signal()?).await,
         Command::Admin(a) => admin::run(&cli, a).await,
         Command::Token(t) => token::run(&cli, t).await,
+        Command::Config(ConfigCommand::Print { command, args }) => config::print(command, args),
+        Command::Completions { shell } => {
+            quiet_on_broken_pipe();
+            clap_complete::generate(
+                *shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "tern",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { dir } => man(dir.as_deref()),
         Command::Dev { .. } | Command::Server { .. } | Command::Worker { .. } => {
             serve::run(&cli, shutdown_on_signal()?).await
         }
     }
+}
+
+/// `tern man`: the man page of `tern` on stdout, or with `dir` one page per command (`tern.1`,
+/// `tern-server.1`, …) written there.
+fn man(dir: Option<&std::path::Path>) -> Result<()> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    match dir {
+        None => {
+            quiet_on_broken_pipe();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, dir).with_context(|| format!("writing man pages to {}", dir.display()))?;
+            println!("man pages written to {}", dir.display());
+        }
+    }
+    Ok(())
 }
 
 /// Prints rows under `titles` as aligned columns without borders (the columns listed in `right`

@@ -286,6 +286,7 @@ pub(crate) async fn dev(
         latency: Duration::from_millis(200),
         tls_cert: None,
         tls_key: None,
+        inventory_out: None,
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -27,6 +27,9 @@ pub(crate) struct SimArgs {
     /// Create the sample world (an OMA, networks, replicated VMs) and print its inventory.
     #[arg(long)]
     pub(crate) sample: bool,
+    /// With --sample: also write the inventory to this file (for `tern admin inventory load`).
+    #[arg(long, requires = "sample", value_name = "FILE")]
+    pub(crate) inventory_out: Option<PathBuf>,
     /// JSON fault plan (error, hang, job failure and lost-reply rates per command).
     #[arg(long)]
     pub(crate) fault_plan: Option<PathBuf>,
@@ -68,7 +71,12 @@ pub(crate) async fn run(args: &SimArgs, shutdown: CancellationToken) -> Result<(
     let addr = format!("{scheme}://{addr}");
     if args.sample {
         let inv = tern::sim::sample_inventory(args.seed);
-        println!("{}", serde_json::to_string_pretty(&inv.to_inventory())?);
+        let text = serde_json::to_string_pretty(&inv.to_inventory())?;
+        println!("{text}");
+        if let Some(path) = &args.inventory_out {
+            std::fs::write(path, format!("{text}\n"))
+                .with_context(|| format!("writing the inventory to {} (--inventory-out)", path.display()))?;
+        }
         eprintln!(
             "tern sim: CloudStack at {addr}/client/api, LINSTOR at {addr}\n\
              the inventory above loads with `tern admin inventory load FILE`; point a worker at it with\n  \

@@ -1,7 +1,7 @@
 //! Logs, traces and metrics. Logs: a `tracing` subscriber on stderr, human-readable by default,
 //! JSON with `TERN_LOG_FORMAT=json`, filtered by `RUST_LOG` (default `info`). Traces: the same
 //! spans exported over OTLP when the `OTEL_*` environment asks ([`traces`]); `RUST_LOG` does not
-//! filter them (Tern's spans at `info` and above are exported). Metrics: [`metrics`].
+//! filter them (Tern's spans and events at `info` and above are exported). Metrics: [`metrics`].
 
 pub mod metrics;
 pub mod traces;

@@ -68,8 +68,16 @@ pub(super) fn provider() -> Result<Option<SdkTracerProvider>, String> {
         .with_batch_exporter(exporter)
         .build();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(Some(provider))
 }
+
+/// Whether this process exports traces (its subscriber has the OpenTelemetry layer).
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The layer that turns `tracing` spans into OpenTelemetry spans of `provider`.
 pub(super) fn layer<S>(provider: &SdkTracerProvider) -> impl tracing_subscriber::Layer<S>

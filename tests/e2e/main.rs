@@ -8,6 +8,8 @@ mod common;
 
 mod api;
 mod bench;
+mod config;
+mod deploy;
 mod dev;
 mod engine;
 mod failover;

@@ -89,6 +89,10 @@ pub struct BenchArgs {
     /// How long each held run waits on its timer: long enough that all are held at once.
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     pub held_for: Duration,
+    /// Record Prometheus metrics as a server with `--metrics-listen` does (to measure their
+    /// cost; traces are measured by setting `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    #[arg(long)]
+    pub metrics: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +210,19 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, BenchError> {
         args.latency_runs,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
+    let metrics = match args.metrics {
+        true => Some(tern::telemetry::metrics::install().map_err(BenchError::Setup)?),
+        false => None,
+    };
+    println!(
+        "metrics {}, traces {}",
+        if metrics.is_some() { "recorded" } else { "off" },
+        if tern::telemetry::traces::exporting() {
+            "exported"
+        } else {
+            "off"
+        }
+    );
     let mut out = Vec::new();
     for b in backends {
         for (name, clients, total, grpc) in [
@@ -243,6 +260,10 @@ pub async fn run(args: &BenchArgs) -> Result<Vec<Figures>, BenchError> {
             drop_schema(args, schema).await;
             println!("{}", line?);
         }
+    }
+    if let Some(handle) = metrics {
+        let series = handle.render().lines().filter(|l| l.starts_with("tern_")).count();
+        println!("metrics: {series} series recorded");
     }
     Ok(out)
 }

@@ -12,6 +12,7 @@ mod pinned;
 mod resolve;
 mod restart;
 mod security;
+mod topology;
 mod traces;
 
 use std::sync::Arc;

@@ -342,8 +342,22 @@ async fn health_follows_the_database_and_the_cloud() {
         Some(ServingStatus::Serving)
     );
 
+    let probe = |service: &'static str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["--endpoint", &format!("http://127.0.0.1:{port}"), "health", service])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    };
+    assert_eq!(probe(""), (Some(0), "SERVING".to_string()), "tern health");
+
     pg.down();
     until_status(&mut health, "", ServingStatus::NotServing, logs.path()).await;
+    assert_eq!(probe(""), (Some(1), "NOT_SERVING".to_string()), "tern health");
+    assert_eq!(probe("tern.cloud"), (Some(0), "SERVING".to_string()));
     assert_eq!(
         status_of(&mut health, "tern.v1.WorkflowService").await,
         Some(ServingStatus::NotServing)
@@ -352,6 +366,11 @@ async fn health_follows_the_database_and_the_cloud() {
         status_of(&mut health, "tern.cloud").await,
         Some(ServingStatus::Serving),
         "the cloud is named on its own"
+    );
+    assert_eq!(
+        status_of(&mut health, "tern.alive").await,
+        Some(ServingStatus::Serving),
+        "liveness does not follow the database"
     );
     assert_eq!(sum(&scrape(metrics_port).await, "tern_store_up", &[]), 0.0);
 

@@ -21,13 +21,15 @@ use crate::common::{self, TestDb};
 
 /// A span as received, with the `service.name` of the process that sent it.
 #[derive(Clone, Debug)]
-struct Received {
-    service: String,
-    span: Span,
+pub(super) struct Received {
+    pub(super) service: String,
+    /// `service.instance.id`, when the process names one.
+    pub(super) instance: Option<String>,
+    pub(super) span: Span,
 }
 
 impl Received {
-    fn attr(&self, key: &str) -> Option<String> {
+    pub(super) fn attr(&self, key: &str) -> Option<String> {
         attr(&self.span.attributes, key)
     }
 }
@@ -47,7 +49,7 @@ fn attr(attrs: &[KeyValue], key: &str) -> Option<String> {
 }
 
 #[derive(Clone, Default)]
-struct Collector(Arc<Mutex<Vec<Received>>>);
+pub(super) struct Collector(Arc<Mutex<Vec<Received>>>);
 
 impl Collector {
     fn add(&self, req: ExportTraceServiceRequest) {
@@ -58,10 +60,15 @@ impl Collector {
                 .as_ref()
                 .and_then(|r| attr(&r.attributes, "service.name"))
                 .unwrap_or_default();
+            let instance = rs
+                .resource
+                .as_ref()
+                .and_then(|r| attr(&r.attributes, "service.instance.id"));
             for ss in rs.scope_spans {
                 for span in ss.spans {
                     all.push(Received {
                         service: service.clone(),
+                        instance: instance.clone(),
                         span,
                     });
                 }
@@ -69,12 +76,12 @@ impl Collector {
         }
     }
 
-    fn spans(&self) -> Vec<Received> {
+    pub(super) fn spans(&self) -> Vec<Received> {
         self.0.lock().unwrap().clone()
     }
 
     /// Waits until a span matching `want` has arrived.
-    async fn until(&self, what: &str, want: impl Fn(&Received) -> bool) -> Received {
+    pub(super) async fn until(&self, what: &str, want: impl Fn(&Received) -> bool) -> Received {
         for _ in 0..600 {
             if let Some(s) = self.spans().into_iter().find(|s| want(s)) {
                 return s;
@@ -84,13 +91,13 @@ impl Collector {
         let names: Vec<String> = self
             .spans()
             .iter()
-            .map(|s| format!("{}:{}", s.service, s.span.name))
+            .map(|s| format!("{}/{}:{}", s.service, s.instance.as_deref().unwrap_or("-"), s.span.name))
             .collect();
         panic!("no span {what} arrived; received: {names:?}");
     }
 
     /// Serves OTLP/gRPC and OTLP/HTTP on 127.0.0.1; their base URLs.
-    async fn serve(&self) -> (String, String) {
+    pub(super) async fn serve(&self) -> (String, String) {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc_addr = grpc.local_addr().unwrap();
         let svc = TraceServiceServer::new(self.clone());
