@@ -90,6 +90,8 @@ impl WriteJob {
 /// definitions already stored; the committer adds the ones it stored once it committed.
 #[async_trait]
 pub(crate) trait Committer: Send + Sync + 'static {
+    /// The backend's name, as metrics label it.
+    const BACKEND: &'static str;
     async fn commit(&self, batch: &[&WriteJob], known: &mut HashSet<String>) -> Result<Vec<Outcome>>;
 }
 
@@ -166,7 +168,7 @@ pub(crate) async fn group_writer<C: Committer>(
         let refs: Vec<&WriteJob> = batch.iter().collect();
         let started = std::time::Instant::now();
         let committed = db.commit(&refs, &mut known).await;
-        crate::telemetry::metrics::group_commit("postgres", refs.len(), started.elapsed());
+        crate::telemetry::metrics::group_commit(C::BACKEND, refs.len(), started.elapsed());
         let outcomes = match committed {
             Ok(outcomes) => outcomes,
             Err(e) if refs.len() == 1 => vec![refs[0].failed(e)],

@@ -4,6 +4,7 @@
 //! SQL lives only in the backend modules. Every state write is a compare-and-set on the run's
 //! fencing token and journal position; a lost race is the typed [`StoreError::Fenced`].
 
+mod diagnostics;
 pub(crate) mod group;
 pub mod postgres;
 pub mod projection;

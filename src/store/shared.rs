@@ -350,9 +350,9 @@ macro_rules! inventory_and_jobs {
 
 pub(crate) use inventory_and_jobs;
 
-/// Implements [`super::RunReader`] and [`super::Diagnostics`] for a backend. The backend
-/// module provides `self.pool`, `Self::key(run)` (how it binds a run id), `run_from_row`,
-/// `RUN_COLUMNS`, `self.list_runs_sql(filter)` and `self.durability_settings()` (dialect-specific).
+/// Implements [`super::RunReader`] for a backend. The backend module provides `self.pool`,
+/// `Self::key(run)` (how it binds a run id), `run_from_row`, `RUN_COLUMNS` and
+/// `self.list_runs_sql(filter)` (dialect-specific).
 macro_rules! run_reads {
     ($store:ty) => {
         #[async_trait]
@@ -432,70 +432,6 @@ macro_rules! run_reads {
                     .fetch_one(&self.pool)
                     .await?;
                 Ok(v.map(Timestamp))
-            }
-        }
-
-        #[async_trait]
-        impl Diagnostics for $store {
-            async fn durability(&self) -> Result<String> {
-                self.durability_settings().await
-            }
-
-            async fn journal_rows(&self) -> Result<i64> {
-                Ok(sqlx::query_scalar("SELECT COUNT(*) FROM journal")
-                    .fetch_one(&self.pool)
-                    .await?)
-            }
-
-            async fn count_by_status(&self) -> Result<Vec<(RunStatus, i64)>> {
-                let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
-                    .fetch_all(&self.pool)
-                    .await?;
-                rows.iter()
-                    .map(|r| {
-                        let s: String = r.try_get("status")?;
-                        let st = RunStatus::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status {s:?}")))?;
-                        Ok((st, r.try_get("n")?))
-                    })
-                    .collect()
-            }
-
-            async fn gauges(&self, now: Timestamp) -> Result<Gauges> {
-                let rows =
-                    sqlx::query("SELECT definition, status, COUNT(*) AS n FROM runs GROUP BY definition, status")
-                        .fetch_all(&self.pool)
-                        .await?;
-                let runs = rows
-                    .iter()
-                    .map(|r| {
-                        let s: String = r.try_get("status")?;
-                        let st = RunStatus::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("status {s:?}")))?;
-                        Ok((r.try_get("definition")?, st, r.try_get("n")?))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                // The claim's own condition: due, and no live lease.
-                let (due, oldest): (i64, Option<i64>) = sqlx::query_as(
-                    "SELECT COUNT(*), MIN(wake_at) FROM runs WHERE wake_at IS NOT NULL AND wake_at <= $1 \
-                     AND (lease_expires_at IS NULL OR lease_expires_at < $1)",
-                )
-                .bind(now.0)
-                .fetch_one(&self.pool)
-                .await?;
-                let needs_operator: i64 =
-                    sqlx::query_scalar("SELECT COUNT(*) FROM failover_jobs WHERE status = 'needs_operator'")
-                        .fetch_one(&self.pool)
-                        .await?;
-                Ok(Gauges {
-                    runs,
-                    due,
-                    oldest_due: oldest.map(Timestamp),
-                    needs_operator,
-                })
-            }
-
-            async fn ping(&self) -> Result<()> {
-                sqlx::query("SELECT 1").execute(&self.pool).await?;
-                Ok(())
             }
         }
     };

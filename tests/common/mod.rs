@@ -366,3 +366,53 @@ pub async fn sim_get(base: &str, path: &str) -> serde_json::Value {
         .await
         .unwrap()
 }
+
+/// A `tern server` on `database` failing over against `sim`, logging to `log`; `extra` args
+/// and environment added.
+pub fn server_process(
+    database: &str,
+    sim: &Sim,
+    defs: &std::path::Path,
+    port: u16,
+    log: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["server", "--insecure-no-auth", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--lease-ttl", "1s", "--poll-interval", "100ms"])
+        .args(args)
+        .envs(failover_env(&sim.base, &sim.sample, defs))
+        .env("TERN_DATABASE_URL", database)
+        .env("RUST_LOG", "info,sqlx=warn")
+        .env_remove("TERN_CRASH_AT")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn tern server")
+}
+
+pub async fn channel(port: u16) -> tonic::transport::Channel {
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+    for _ in 0..300 {
+        if let Ok(ch) = ep.connect().await {
+            return ch;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no tern server on port {port}");
+}
+
+/// Waits until the simulator has held up a request (its scripted hang).
+pub async fn until_hung(sim: &Sim) {
+    for _ in 0..600 {
+        let hung = sim_get(&sim.base, "/sim/faults").await;
+        if hung.as_array().is_some_and(|a| !a.is_empty()) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the simulator held up no request");
+}

@@ -361,6 +361,7 @@ impl PgStore {
 
 super::shared::inventory_and_jobs!(PgStore, PgRow);
 super::shared::run_reads!(PgStore);
+super::diagnostics::diagnostics!(PgStore);
 super::shared::run_writes!(PgStore, "postgres");
 
 const JOB_COLUMNS: &str = "f.job_id, f.vm_id, f.vm_name, f.job_type, f.status, f.linstor_snapshot_name, \

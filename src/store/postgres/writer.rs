@@ -39,6 +39,8 @@ pub(super) struct PgCommitter {
 
 #[async_trait]
 impl Committer for PgCommitter {
+    const BACKEND: &'static str = "postgres";
+
     async fn commit(&self, batch: &[&WriteJob], known: &mut HashSet<String>) -> Result<Vec<Outcome>> {
         let mut cps: Vec<(usize, &Checkpoint)> = Vec::new();
         let mut free: Vec<(usize, &NewRun)> = Vec::new();

@@ -256,6 +256,7 @@ impl SqliteStore {
 
 super::shared::inventory_and_jobs!(SqliteStore, SqliteRow);
 super::shared::run_reads!(SqliteStore);
+super::diagnostics::diagnostics!(SqliteStore);
 super::shared::run_writes!(SqliteStore, "sqlite");
 
 const JOB_COLUMNS: &str = "f.job_id, f.vm_id, f.vm_name, f.job_type, f.status, f.linstor_snapshot_name, \

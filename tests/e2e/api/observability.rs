@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use tern::api::pb;
@@ -19,56 +18,6 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use crate::common::{self, TestDb};
-
-/// A `tern server` on `database` failing over against `sim`, logging to `log`; `extra` args
-/// and environment added.
-fn server(
-    database: &str,
-    sim: &common::Sim,
-    defs: &Path,
-    port: u16,
-    log: &Path,
-    args: &[&str],
-    env: &[(&str, &str)],
-) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["server", "--insecure-no-auth", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--lease-ttl", "1s", "--poll-interval", "100ms"])
-        .args(args)
-        .envs(common::failover_env(&sim.base, &sim.sample, defs))
-        .env("TERN_DATABASE_URL", database)
-        .env("RUST_LOG", "info,sqlx=warn")
-        .env_remove("TERN_CRASH_AT")
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn tern server")
-}
-
-pub(super) async fn channel(port: u16) -> Channel {
-    let ep = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
-    for _ in 0..300 {
-        if let Ok(ch) = ep.connect().await {
-            return ch;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no tern server on port {port}");
-}
-
-/// Waits until the simulator has held up a request (its scripted hang).
-pub(super) async fn until_hung(sim: &common::Sim) {
-    for _ in 0..600 {
-        let hung = common::sim_get(&sim.base, "/sim/faults").await;
-        if hung.as_array().is_some_and(|a| !a.is_empty()) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the simulator held up no request");
-}
 
 /// The samples of a Prometheus text exposition: `name{labels}` → value.
 fn samples(text: &str) -> HashMap<String, f64> {
@@ -116,7 +65,7 @@ pub(super) async fn metrics_count_a_known_workload(db: TestDb) {
     let logs = tempfile::tempdir().unwrap();
 
     let first_port = common::free_port();
-    let mut first = server(
+    let mut first = common::server_process(
         &db.url,
         &sim,
         defs.path(),
@@ -126,7 +75,7 @@ pub(super) async fn metrics_count_a_known_workload(db: TestDb) {
         &[("TERN_REQUEST_TIMEOUT", "60s")],
     );
     let vm = &sim.inventory.vms[1];
-    let job = FailoverServiceClient::new(channel(first_port).await)
+    let job = FailoverServiceClient::new(common::channel(first_port).await)
         .start_test_failover(pb::StartTestFailoverRequest {
             vm_id: vm.vm_id.clone(),
             test_duration: "1s".into(),
@@ -137,7 +86,7 @@ pub(super) async fn metrics_count_a_known_workload(db: TestDb) {
         .expect("start")
         .into_inner()
         .job_id;
-    until_hung(&sim).await;
+    common::until_hung(&sim).await;
     first.start_kill().unwrap();
     first.wait().await.unwrap();
     let run: RunId = job.parse().unwrap();
@@ -148,7 +97,7 @@ pub(super) async fn metrics_count_a_known_workload(db: TestDb) {
     let port = common::free_port();
     let metrics_port = common::free_port();
     let log = logs.path().join("second.log");
-    let _second = server(
+    let _second = common::server_process(
         &db.url,
         &sim,
         defs.path(),
@@ -157,7 +106,7 @@ pub(super) async fn metrics_count_a_known_workload(db: TestDb) {
         &["--metrics-listen", &format!("127.0.0.1:{metrics_port}")],
         &[("TERN_LOG_FORMAT", "json")],
     );
-    let mut fo = FailoverServiceClient::new(channel(port).await);
+    let mut fo = FailoverServiceClient::new(common::channel(port).await);
     let mut finished = None;
     for _ in 0..600 {
         let j = fo
@@ -325,7 +274,7 @@ async fn health_follows_the_database_and_the_cloud() {
     let logs = tempfile::tempdir().unwrap();
     let port = common::free_port();
     let metrics_port = common::free_port();
-    let _server = server(
+    let _server = common::server_process(
         &pg.url(),
         &sim,
         defs.path(),
@@ -334,7 +283,7 @@ async fn health_follows_the_database_and_the_cloud() {
         &["--metrics-listen", &format!("127.0.0.1:{metrics_port}")],
         &[],
     );
-    let mut health = HealthClient::new(channel(port).await);
+    let mut health = HealthClient::new(common::channel(port).await);
     until_status(&mut health, "", ServingStatus::Serving, logs.path()).await;
     until_status(&mut health, "tern.cloud", ServingStatus::Serving, logs.path()).await;
     assert_eq!(

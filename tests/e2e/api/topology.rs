@@ -189,7 +189,7 @@ async fn the_compose_topology_runs_as_processes() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let channel = super::observability::channel(ports[0].0).await;
+    let channel = common::channel(ports[0].0).await;
     let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
     let mut fo = FailoverServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
         req.metadata_mut().insert("authorization", bearer.clone());

@@ -150,6 +150,8 @@ impl TraceService for Collector {
 
 const SECRET_KEY: &str = "sim-secret-for-traces-9c41";
 
+/// A server whose hung cloud request is waited out, not timed out (the step stays in flight
+/// until the kill), exporting its spans as `otel` says.
 fn server(
     db: &TestDb,
     sim: &common::Sim,
@@ -158,23 +160,13 @@ fn server(
     log: &std::path::Path,
     otel: &[(&str, &str)],
 ) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["server", "--insecure-no-auth", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--lease-ttl", "1s", "--poll-interval", "100ms"])
-        .envs(common::failover_env(&sim.base, &sim.sample, defs))
-        .env("TERN_CLOUDSTACK_SECRET_KEY", SECRET_KEY)
-        // The hung request is waited out, not timed out: the step stays in flight until the kill.
-        .env("TERN_REQUEST_TIMEOUT", "60s")
-        .env("TERN_DATABASE_URL", &db.url)
-        .env("RUST_LOG", "info,sqlx=warn")
-        .env("OTEL_BSP_SCHEDULE_DELAY", "50")
-        .env_remove("TERN_CRASH_AT")
-        .envs(otel.iter().copied())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn tern server")
+    let env = [
+        ("TERN_CLOUDSTACK_SECRET_KEY", SECRET_KEY),
+        ("TERN_REQUEST_TIMEOUT", "60s"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().chain(otel).copied().collect();
+    common::server_process(&db.url, sim, defs, port, log, &[], &env)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -206,7 +198,7 @@ pub(super) async fn a_run_is_one_trace_across_a_kill(db: TestDb) {
             ("OTEL_SERVICE_NAME", "tern-first"),
         ],
     );
-    let channel = super::observability::channel(first_port).await;
+    let channel = common::channel(first_port).await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client_span = "00f067aa0ba902b7";
     let mut start = tonic::Request::new(pb::StartTestFailoverRequest {
@@ -242,7 +234,7 @@ pub(super) async fn a_run_is_one_trace_across_a_kill(db: TestDb) {
             s.service == "tern-first" && s.span.name == "forward validation"
         })
         .await;
-    super::observability::until_hung(&sim).await;
+    common::until_hung(&sim).await;
     first.start_kill().unwrap();
     first.wait().await.unwrap();
 
