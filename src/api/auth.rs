@@ -75,29 +75,52 @@ impl Authenticator {
     /// The principal of a request to `path`, allowed to call it; None when no one is
     /// authenticated (and everything is allowed).
     pub async fn check(&self, req: &http::request::Parts) -> Result<Option<Principal>, ApiError> {
-        let Authenticator::Principals { store, certificates } = self else {
-            return Ok(None);
-        };
         let path = req.uri.path();
         let Some(needed) = required_role(path) else {
             return Ok(None);
         };
-        let row = match bearer(req)? {
+        // A token, when sent, decides; the certificate is read only without one.
+        let certificate = match self {
+            Authenticator::Principals { certificates: true, .. }
+                if !req.headers.contains_key(http::header::AUTHORIZATION) =>
+            {
+                certificate_name(req)
+            }
+            _ => None,
+        };
+        let method = path.rsplit('/').next().unwrap_or(path);
+        self.check_role(&req.headers, certificate.as_deref(), needed, method)
+            .await
+    }
+
+    /// The principal of a request with `headers` (and the verified client certificate's name,
+    /// if any), allowed if its role is `needed` or above; `what` names what it asked for in a
+    /// refusal. None when no one is authenticated (and everything is allowed).
+    pub async fn check_role(
+        &self,
+        headers: &http::HeaderMap,
+        certificate: Option<&str>,
+        needed: Role,
+        what: &str,
+    ) -> Result<Option<Principal>, ApiError> {
+        let Authenticator::Principals { store, .. } = self else {
+            return Ok(None);
+        };
+        let row = match bearer(headers)? {
             Some(token) => store
                 .principal_by_token(&token_sha256(token))
                 .await?
                 .ok_or_else(|| ApiError::Unauthenticated("the token is unknown or revoked".into()))?,
             None => {
-                let name = certificates.then(|| certificate_name(req)).flatten();
-                let Some(name) = name else {
+                let Some(name) = certificate else {
                     return Err(ApiError::Unauthenticated(
                         "authentication required: send `authorization: Bearer <token>` (tern token create) \
                          or a client certificate"
                             .into(),
                     ));
                 };
-                store.principal_by_certificate(&name).await?.ok_or_else(|| {
-                    let name = crate::domain::limits::shown(&name);
+                store.principal_by_certificate(name).await?.ok_or_else(|| {
+                    let name = crate::domain::limits::shown(name);
                     ApiError::Unauthenticated(format!(
                         "the client certificate's name {name} is not a principal (tern token create {name} --certificate)"
                     ))
@@ -106,9 +129,8 @@ impl Authenticator {
         };
         let principal = principal_of(&row);
         if !principal.may(needed) {
-            let method = path.rsplit('/').next().unwrap_or(path);
             return Err(ApiError::PermissionDenied(format!(
-                "{} ({}) may not call {method}: it needs the {needed} role",
+                "{} ({}) may not call {what}: it needs the {needed} role",
                 principal.name, principal.role
             )));
         }
@@ -124,8 +146,8 @@ fn principal_of(row: &PrincipalRow) -> Principal {
 }
 
 /// The bearer token of `authorization`, if the request has one.
-fn bearer(req: &http::request::Parts) -> Result<Option<&str>, ApiError> {
-    let Some(value) = req.headers.get(http::header::AUTHORIZATION) else {
+fn bearer(headers: &http::HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
         return Ok(None);
     };
     let value = value

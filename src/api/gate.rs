@@ -70,7 +70,7 @@ struct Shared {
     in_flight: Mutex<HashMap<SocketAddr, usize>>,
     /// The methods this server has (`package.Service/Method`): the only values the access log
     /// and the metrics give a method; any other path is `unknown`.
-    methods: HashSet<String>,
+    methods: &'static HashSet<&'static str>,
 }
 
 impl GateLayer {
@@ -157,8 +157,14 @@ impl Shared {
     }
 }
 
-/// Every method of the services a server serves, from their descriptor sets.
-fn known_methods() -> HashSet<String> {
+/// Every method of the services a server serves, from their descriptor sets: read once per
+/// process, and kept for its life (metric labels and log fields borrow them, never allocate).
+fn known_methods() -> &'static HashSet<&'static str> {
+    static METHODS: std::sync::OnceLock<HashSet<&'static str>> = std::sync::OnceLock::new();
+    METHODS.get_or_init(|| read_methods().into_iter().map(|m| &*m.leak()).collect())
+}
+
+fn read_methods() -> HashSet<String> {
     use prost::Message as _;
     let sets = [
         super::pb::FILE_DESCRIPTOR_SET,
@@ -191,7 +197,7 @@ fn known_methods() -> HashSet<String> {
 /// span (the caller's trace continued, when it sends one).
 struct CallLog {
     span: tracing::Span,
-    method: String,
+    method: &'static str,
     principal: Option<String>,
     correlation: String,
     peer: Option<SocketAddr>,
@@ -202,11 +208,7 @@ struct CallLog {
 impl CallLog {
     fn start(shared: &Shared, parts: &http::request::Parts) -> CallLog {
         let path = parts.uri.path().trim_start_matches('/');
-        let method = if shared.methods.contains(path) {
-            path.to_string()
-        } else {
-            "unknown".to_string()
-        };
+        let method = shared.methods.get(path).copied().unwrap_or("unknown");
         let (service, name) = method.split_once('/').unwrap_or(("unknown", "unknown"));
         let span = tracing::info_span!(
             "rpc",
@@ -248,7 +250,7 @@ impl CallLog {
             self.span.record("otel.status_code", "ERROR");
         }
         let code = code_name(code);
-        metrics::rpc(&self.method, code, took);
+        metrics::rpc(self.method, code, took);
         tracing::info!(
             target: "tern::access",
             method = %self.method,

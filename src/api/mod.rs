@@ -18,6 +18,7 @@ pub mod metrics;
 mod page;
 #[cfg(test)]
 mod properties;
+pub mod rest;
 mod validate;
 mod watch;
 mod workflow;
@@ -91,6 +92,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("REST API: {0}")]
+    Http(#[from] std::io::Error),
 }
 
 /// How a server meets its callers: TLS (with client certificates when the config asks for
@@ -125,35 +128,31 @@ pub async fn serve(
 /// [`serve`] with TLS, authentication and limits as `options` say.
 pub async fn serve_with(
     listener: TcpListener,
+    state: ApiState,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    serve_with_http(listener, None, state, options, shutdown).await
+}
+
+/// [`serve_with`], and the REST API ([`rest`]) on `http` when given: the same services behind
+/// the same gate.
+pub async fn serve_with_http(
+    listener: TcpListener,
+    http: Option<TcpListener>,
     mut state: ApiState,
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     state.watches = watch::WatchSlots::new(options.limits.watches);
     let max = options.limits.max_message_bytes;
-    let probe = (state.diagnostics.clone(), state.failover.clone());
-    serve_services(
-        listener,
-        options,
-        probe,
-        FailoverServiceServer::new(FailoverApi::new(state.clone())).max_decoding_message_size(max),
-        WorkflowServiceServer::new(WorkflowApi::new(state)).max_decoding_message_size(max),
-        shutdown,
-    )
-    .await
-}
-
-async fn serve_services(
-    listener: TcpListener,
-    options: ServeOptions,
-    (diagnostics, cloud): (Arc<dyn Diagnostics>, Option<Arc<FailoverDeps>>),
-    failover: FailoverServiceServer<FailoverApi>,
-    workflow: WorkflowServiceServer<WorkflowApi>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     health::starting(&reporter).await;
-    let probe = tokio::spawn(health::probe(reporter, diagnostics, cloud));
+    let probe = tokio::spawn(health::probe(
+        reporter,
+        state.diagnostics.clone(),
+        state.failover.clone(),
+    ));
     let _stop_probe = tokio_util::task::AbortOnDropHandle::new(probe);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -163,6 +162,30 @@ async fn serve_services(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    let routes = tonic::service::Routes::new(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(FailoverServiceServer::new(FailoverApi::new(state.clone())).max_decoding_message_size(max))
+        .add_service(WorkflowServiceServer::new(WorkflowApi::new(state)).max_decoding_message_size(max))
+        .prepare();
+    let gate = gate::GateLayer::new(options.auth.clone(), options.limits.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopper = stop.clone();
+    let _stop_on_shutdown = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        shutdown.await;
+        stopper.cancel();
+    }));
+    let rest = http.map(|listener| {
+        let grpc = tower::Layer::layer(&gate, routes.clone());
+        let router = rest::router(grpc, options.auth.clone(), stop.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let served = rest::serve(listener, router, stop.clone().cancelled_owned()).await;
+            // A REST API that failed stops the server: its operators rely on it.
+            stop.cancel();
+            served
+        })
+    });
     // No Nagle: a watch stream's small messages would otherwise wait for delayed ACKs (~40 ms
     // each). Corked instead: what a connection queues in one turn leaves in one write.
     let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
@@ -172,15 +195,17 @@ async fn serve_services(
     if let Some(tls) = options.tls {
         builder = builder.tls_config(tls)?;
     }
-    builder
-        .layer(gate::GateLayer::new(options.auth, options.limits))
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(failover)
-        .add_service(workflow)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+    let served = builder
+        .layer(gate)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned())
+        .await;
+    // Whichever stopped first, both stop.
+    stop.cancel();
+    if let Some(rest) = rest {
+        rest.await.map_err(std::io::Error::other)??;
+    }
+    served?;
     Ok(())
 }
 

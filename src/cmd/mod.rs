@@ -71,6 +71,9 @@ pub(crate) enum Command {
         /// Address of the gRPC API.
         #[arg(long, env = "TERN_LISTEN", default_value = "127.0.0.1:50051")]
         listen: String,
+        /// Address of the REST API (the seed documents' port).
+        #[arg(long, env = "TERN_HTTP_LISTEN", default_value = "127.0.0.1:8082")]
+        http_listen: String,
     },
     /// Run the gRPC API and a worker in one process until SIGTERM/SIGINT.
     Server {
@@ -133,6 +136,10 @@ pub(crate) struct ApiArgs {
     /// Address of the gRPC API.
     #[arg(long, env = "TERN_LISTEN", default_value = "127.0.0.1:50051")]
     pub(crate) listen: String,
+    /// Address of the REST API (/api/v1/...), beside gRPC, with the same TLS and
+    /// authentication (off when unset).
+    #[arg(long, env = "TERN_HTTP_LISTEN", value_name = "ADDR")]
+    pub(crate) http_listen: Option<String>,
     /// The server's certificate chain (PEM): the API speaks TLS. With --tls-key.
     #[arg(long, env = "TERN_TLS_CERT", requires = "tls_key")]
     pub(crate) tls_cert: Option<PathBuf>,

@@ -34,23 +34,30 @@ pub(crate) async fn run(cli: &Cli, shutdown: CancellationToken) -> Result<()> {
         }
         Command::Server { api, worker: w, cloud } => {
             let listener = bind_api(&api.listen).await?;
-            let options = serve_options(api, &listener, store.clone()).await?;
+            let http = match &api.http_listen {
+                Some(addr) => Some(bind_http(addr).await?),
+                None => None,
+            };
+            let options = serve_options(api, &listener, http.as_ref(), store.clone()).await?;
             let (engine, deps) = cloud_engine(cli, store.clone(), w, cloud)?;
-            serve_and_work(listener, options, engine, store, deps, shutdown).await?;
+            serve_and_work((listener, http), options, engine, store, deps, shutdown).await?;
         }
         Command::Dev {
             worker: w,
             sim_listen,
             listen,
+            http_listen,
         } => {
             let listener = bind_api(listen).await?;
+            let http = bind_http(http_listen).await?;
             let (engine, deps, sim) = dev(cli, store.clone(), w, sim_listen, shutdown.clone()).await?;
             eprintln!(
-                "tern dev: gRPC API on {} (plaintext, no authentication: for this machine only)",
-                listener.local_addr()?
+                "tern dev: gRPC API on {}, REST API on http://{} (plaintext, no authentication: for this machine only)",
+                listener.local_addr()?,
+                http.local_addr()?
             );
             let options = tern::api::ServeOptions::default();
-            let served = serve_and_work(listener, options, engine, store, Some(deps), shutdown).await;
+            let served = serve_and_work((listener, Some(http)), options, engine, store, Some(deps), shutdown).await;
             // A simulator that stopped on an error stopped `tern dev`: that error is the reason.
             match sim.await {
                 Ok(Err(e)) => return Err(e.context("tern dev: the simulator stopped")),
@@ -113,6 +120,7 @@ pub(crate) fn cloud_engine(
 async fn serve_options(
     api: &ApiArgs,
     listener: &tokio::net::TcpListener,
+    http: Option<&tokio::net::TcpListener>,
     store: Arc<dyn Store>,
 ) -> Result<tern::api::ServeOptions> {
     use tonic::transport::{Certificate, Identity, ServerTlsConfig};
@@ -139,6 +147,12 @@ async fn serve_options(
     let exposed = !addr.ip().is_loopback();
     if tls.is_none() && exposed {
         tracing::warn!(%addr, "the gRPC API is plaintext on a non-loopback address: tokens and data cross the network in clear (use --tls-cert and --tls-key)");
+    }
+    if let Some(http) = http {
+        let addr = http.local_addr()?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "the REST API is plaintext on a non-loopback address: tokens and data cross the network in clear (put a TLS proxy in front, or keep it on loopback)");
+        }
     }
     let auth = if api.insecure_no_auth {
         if exposed {
@@ -171,9 +185,16 @@ pub(crate) async fn bind_api(listen: &str) -> Result<tokio::net::TcpListener> {
         .with_context(|| format!("binding the gRPC API to {listen} (use --listen)"))
 }
 
-/// The gRPC API and a worker in one process; both stop on `token` (the API first drains its calls).
+async fn bind_http(listen: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the REST API to {listen} (use --http-listen)"))
+}
+
+/// The gRPC API (and the REST API, with its listener) and a worker in one process; both stop
+/// on `token` (the API first drains its calls).
 pub(crate) async fn serve_and_work(
-    listener: tokio::net::TcpListener,
+    (listener, http): (tokio::net::TcpListener, Option<tokio::net::TcpListener>),
     options: tern::api::ServeOptions,
     engine: Arc<Engine>,
     store: Arc<dyn Store>,
@@ -181,9 +202,12 @@ pub(crate) async fn serve_and_work(
     token: CancellationToken,
 ) -> Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "gRPC API listening");
+    if let Some(http) = &http {
+        tracing::info!(addr = %http.local_addr()?, "REST API listening");
+    }
     let state = tern::api::ApiState::new(engine.clone(), store, failover);
     let stop = token.clone();
-    let api = tokio::spawn(tern::api::serve_with(listener, state, options, async move {
+    let api = tokio::spawn(tern::api::serve_with_http(listener, http, state, options, async move {
         stop.cancelled().await
     }));
     let worked = worker::run_worker(engine, token.clone()).await;

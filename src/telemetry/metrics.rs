@@ -112,28 +112,40 @@ fn describe() {
     describe_gauge!(STORE_UP, "1 when the last scrape could read the store, else 0.");
 }
 
+/// `s`, kept for the process's life: a label value is one of few (definition, step and command
+/// names), so recording a metric borrows it rather than allocating a copy each time.
+fn label(s: &str) -> &'static str {
+    static KNOWN: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    match known.get(s) {
+        Some(kept) => kept,
+        None => {
+            let kept: &'static str = s.to_string().leak();
+            known.insert(kept);
+            kept
+        }
+    }
+}
+
 /// A gRPC call answered.
-pub fn rpc(method: &str, code: &str, took: Duration) {
-    let labels = [("method", method.to_string()), ("code", code.to_string())];
-    counter!(RPC_REQUESTS, &labels).increment(1);
-    histogram!(RPC_DURATION, &labels).record(took.as_secs_f64());
+pub fn rpc(method: &'static str, code: &'static str, took: Duration) {
+    counter!(RPC_REQUESTS, "method" => method, "code" => code).increment(1);
+    histogram!(RPC_DURATION, "method" => method, "code" => code).record(took.as_secs_f64());
 }
 
 /// A step attempt ended (`phase`: forward or compensate; `outcome`: completed, retry, failed, …).
 pub fn step_attempt(definition: &str, step: &str, phase: &str, outcome: &str, took: Duration) {
-    let labels = [
-        ("definition", definition.to_string()),
-        ("step", step.to_string()),
-        ("phase", phase.to_string()),
-        ("outcome", outcome.to_string()),
-    ];
-    counter!(STEP_ATTEMPTS, &labels).increment(1);
-    histogram!(STEP_DURATION, &labels).record(took.as_secs_f64());
+    let (definition, step, phase, outcome) = (label(definition), label(step), label(phase), label(outcome));
+    counter!(STEP_ATTEMPTS, "definition" => definition, "step" => step, "phase" => phase, "outcome" => outcome)
+        .increment(1);
+    histogram!(STEP_DURATION, "definition" => definition, "step" => step, "phase" => phase, "outcome" => outcome)
+        .record(took.as_secs_f64());
 }
 
 /// A run claimed with an attempt in flight.
 pub fn takeover(definition: &str) {
-    counter!(LEASE_TAKEOVERS, "definition" => definition.to_string()).increment(1);
+    counter!(LEASE_TAKEOVERS, "definition" => label(definition)).increment(1);
 }
 
 /// A write refused by the fencing token.
@@ -159,7 +171,7 @@ pub fn group_commit(backend: &'static str, size: usize, took: Duration) {
 
 /// A cloud request answered (or not): `outcome` is `ok` or the error's kind.
 pub fn cloud_request(provider: &'static str, command: &str, outcome: &'static str, took: Duration) {
-    let command = command.to_string();
-    counter!(CLOUD_REQUESTS, "provider" => provider, "command" => command.clone(), "outcome" => outcome).increment(1);
+    let command = label(command);
+    counter!(CLOUD_REQUESTS, "provider" => provider, "command" => command, "outcome" => outcome).increment(1);
     histogram!(CLOUD_DURATION, "provider" => provider, "command" => command).record(took.as_secs_f64());
 }

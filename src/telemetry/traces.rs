@@ -79,12 +79,60 @@ pub fn exporting() -> bool {
 
 static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// The layer that turns `tracing` spans into OpenTelemetry spans of `provider`.
+/// The layer that turns `tracing` spans into OpenTelemetry spans of `provider`. A span carries
+/// its own fields, not the exporter's bookkeeping (no busy/idle timers, which cost a clock read
+/// at every poll of a future; no thread, source location or target). Entering a span does not
+/// make its context OpenTelemetry's current one (a thread-local push at every poll): parents
+/// and [`current_traceparent`] are found through `tracing`'s own current span. What it sees is
+/// [`Exported`].
 pub(super) fn layer<S>(provider: &SdkTracerProvider) -> impl tracing_subscriber::Layer<S>
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
 {
-    tracing_opentelemetry::layer().with_tracer(provider.tracer("tern"))
+    use tracing_subscriber::Layer as _;
+    tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("tern"))
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_location(false)
+        .with_target(false)
+        .with_context_activation(false)
+        .with_filter(Exported)
+}
+
+/// What is exported: Tern's spans at `info` and above, and its events at `warn` and above (as
+/// events of their span). A step's `info` lines say what its span already does; exported, they
+/// doubled the bytes sent. Decided by the callsite alone, once (no per-call evaluation).
+pub(super) struct Exported;
+
+impl Exported {
+    fn wants(meta: &tracing::Metadata<'_>) -> bool {
+        let ours = meta.target() == "tern" || meta.target().starts_with("tern::");
+        let level = if meta.is_span() {
+            tracing::Level::INFO
+        } else {
+            tracing::Level::WARN
+        };
+        ours && *meta.level() <= level
+    }
+}
+
+impl<S> tracing_subscriber::layer::Filter<S> for Exported {
+    fn enabled(&self, meta: &tracing::Metadata<'_>, _: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        Exported::wants(meta)
+    }
+
+    fn callsite_enabled(&self, meta: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        if Exported::wants(meta) {
+            tracing::subscriber::Interest::always()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::INFO)
+    }
 }
 
 /// The `traceparent` of the current span, when it is traced.

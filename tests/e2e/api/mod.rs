@@ -10,6 +10,7 @@ mod limits;
 mod observability;
 mod pinned;
 mod resolve;
+mod rest;
 mod restart;
 mod security;
 mod topology;
@@ -42,6 +43,8 @@ struct Api {
     wf: WorkflowServiceClient<Channel>,
     channel: Channel,
     endpoint: String,
+    /// The REST API's base URL (`http://127.0.0.1:PORT`).
+    rest: String,
     _defs: tempfile::TempDir,
     _sim: common::Sim,
 }
@@ -120,12 +123,14 @@ async fn api_serving(
     let (engine, deps) = common::failover_engine(store.clone(), &settings, defs.path(), cfg, &stop);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rest = format!("http://{}", http.local_addr().unwrap());
     let state = tern::api::ApiState::new(engine, store.clone(), Some(deps.clone()));
     let s = stop.clone();
     let options = options(store.clone());
-    tokio::spawn(
-        async move { tern::api::serve_with(listener, state, options, async move { s.cancelled().await }).await },
-    );
+    tokio::spawn(async move {
+        tern::api::serve_with_http(listener, Some(http), state, options, async move { s.cancelled().await }).await
+    });
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -140,6 +145,7 @@ async fn api_serving(
         wf: WorkflowServiceClient::new(channel.clone()),
         channel,
         endpoint: format!("http://{addr}"),
+        rest,
         _defs: defs,
         _sim: sim,
     }
