@@ -52,7 +52,8 @@ pub(crate) async fn run(cli: &Cli, shutdown: CancellationToken) -> Result<()> {
             let http = bind_http(http_listen).await?;
             let (engine, deps, sim) = dev(cli, store.clone(), w, sim_listen, shutdown.clone()).await?;
             eprintln!(
-                "tern dev: gRPC API on {}, REST API on http://{} (plaintext, no authentication: for this machine only)",
+                "tern dev: gRPC API on {} (plaintext, no authentication: for this machine only)\n\
+                 tern dev: REST API on http://{} (the same; OpenAPI at /api/v1/openapi.json)",
                 listener.local_addr()?,
                 http.local_addr()?
             );

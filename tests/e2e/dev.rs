@@ -16,14 +16,22 @@ struct Dev {
 
 fn dev_command(home: &std::path::Path, database: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tern"));
-    cmd.args(["dev", "--database", database, "--listen", "127.0.0.1:0"])
-        .env("HOME", home)
-        .env_remove("TERN_DATA_DIR")
-        .env_remove("TERN_DATABASE_URL")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    cmd.args([
+        "dev",
+        "--database",
+        database,
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ])
+    .env("HOME", home)
+    .env_remove("TERN_DATA_DIR")
+    .env_remove("TERN_DATABASE_URL")
+    .env("RUST_LOG", "warn")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
     cmd
 }
 

@@ -1628,17 +1628,25 @@ async fn python_client_runs_a_test_failover() {
     let db = common::sqlite_db();
     let a = api(&db).await;
     let vm = a.vm("linux");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/api/python/run.sh");
     let endpoint = a.endpoint.trim_start_matches("http://").to_string();
+    let text = python_client("python/run.sh", &[&endpoint, &vm.vm_id]).await;
+    assert!(text.contains("completed"), "{text}");
+}
+
+/// Runs `tests/e2e/api/<script>` with `args` (a script that sets up its own Python venv) and
+/// returns what it printed; fails the test if it fails or takes over 10 minutes.
+async fn python_client(script: &str, args: &[&str]) -> String {
+    let script = format!("{}/tests/e2e/api/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = tokio::time::timeout(
         Duration::from_secs(600),
         tokio::process::Command::new("bash")
-            .args([script, &endpoint, &vm.vm_id])
+            .arg(&script)
+            .args(args)
             .kill_on_drop(true)
             .output(),
     )
     .await
-    .expect("python client timed out")
+    .unwrap_or_else(|_| panic!("{script} timed out"))
     .expect("run bash");
     let text = format!(
         "{}{}",
@@ -1646,8 +1654,8 @@ async fn python_client_runs_a_test_failover() {
         String::from_utf8_lossy(&out.stderr)
     );
     eprintln!("{text}");
-    assert!(out.status.success(), "python client failed:\n{text}");
-    assert!(text.contains("completed"), "{text}");
+    assert!(out.status.success(), "{script} failed:\n{text}");
+    text
 }
 
 /// The failover commands of the `tern` binary against the server: exit codes, one-line

@@ -45,24 +45,7 @@ async fn a_python_client_drives_the_rest_api() {
         "tokens": {"viewer": viewer, "operator": operator},
         "vms": {"test": vms[0].vm_id, "cancel": vms[1].vm_id, "mappings": vms[2].vm_id},
     });
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/api/rest/run.sh");
-    let out = tokio::time::timeout(
-        Duration::from_secs(600),
-        tokio::process::Command::new("bash")
-            .args([script, &config.to_string()])
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the REST client timed out")
-    .expect("run bash");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
-    assert!(out.status.success(), "the REST client failed:\n{text}");
+    let text = super::python_client("rest/run.sh", &[&config.to_string()]).await;
     assert!(text.contains("REST client: all checks passed"), "{text}");
 }
 
