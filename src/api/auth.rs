@@ -103,9 +103,10 @@ impl Authenticator {
         needed: Role,
         what: &str,
     ) -> Result<Option<Principal>, ApiError> {
-        let Authenticator::Principals { store, .. } = self else {
+        let Authenticator::Principals { store, certificates } = self else {
             return Ok(None);
         };
+        let certificate = certificate.filter(|_| *certificates);
         let row = match bearer(headers)? {
             Some(token) => store
                 .principal_by_token(&token_sha256(token))
@@ -163,17 +164,30 @@ fn bearer(headers: &http::HeaderMap) -> Result<Option<&str>, ApiError> {
     }
 }
 
-/// The subject common name of the client certificate the TLS handshake verified.
+/// The subject common name of the client certificate the TLS handshake verified: gRPC's
+/// own handshake, or the REST listener's (which hands it to its in-process call).
 fn certificate_name(req: &http::request::Parts) -> Option<String> {
+    if let Some(VerifiedCertificate(name)) = req.extensions.get::<VerifiedCertificate>() {
+        return Some(name.clone());
+    }
     let certs = req
         .extensions
         .get::<TlsConnectInfo<TcpConnectInfo>>()
         .and_then(|info| info.peer_certs())?;
-    let leaf = certs.first()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    common_name(certs.first()?.as_ref())
+}
+
+/// The subject common name of a DER certificate.
+pub(crate) fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let name = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
     Some(name)
 }
+
+/// The common name of a client certificate another listener of this process verified (the
+/// REST API's TLS), carried in a request's extensions; never read from the network.
+#[derive(Clone, Debug)]
+pub(crate) struct VerifiedCertificate(pub(crate) String);
 
 /// The name of the principal a handler's request came from (None without authentication).
 pub(crate) fn caller<T>(req: &tonic::Request<T>) -> Option<String> {

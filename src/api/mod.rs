@@ -101,6 +101,8 @@ pub enum ServeError {
 #[derive(Clone)]
 pub struct ServeOptions {
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// The REST listener's TLS (the same certificate, key and client CA as `tls`).
+    pub http_tls: Option<Arc<rustls::ServerConfig>>,
     pub auth: auth::Authenticator,
     pub limits: gate::Limits,
 }
@@ -109,6 +111,7 @@ impl Default for ServeOptions {
     fn default() -> ServeOptions {
         ServeOptions {
             tls: None,
+            http_tls: None,
             auth: auth::Authenticator::Off,
             limits: gate::Limits::default(),
         }
@@ -175,12 +178,13 @@ pub async fn serve_with_http(
         shutdown.await;
         stopper.cancel();
     }));
+    let http_tls = options.http_tls.clone();
     let rest = http.map(|listener| {
         let grpc = tower::Layer::layer(&gate, routes.clone());
         let router = rest::router(grpc, options.auth.clone(), stop.clone());
         let stop = stop.clone();
         tokio::spawn(async move {
-            let served = rest::serve(listener, router, stop.clone().cancelled_owned()).await;
+            let served = rest::serve(listener, http_tls, router, stop.clone().cancelled_owned()).await;
             // A REST API that failed stops the server: its operators rely on it.
             stop.cancel();
             served

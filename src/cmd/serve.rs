@@ -127,14 +127,28 @@ async fn serve_options(
     use tonic::transport::{Certificate, Identity, ServerTlsConfig};
     let read =
         |flag: &str, path: &Path| std::fs::read(path).with_context(|| format!("reading {flag} {}", path.display()));
+    let mut http_tls = None;
     let tls = match (&api.tls_cert, &api.tls_key) {
         (Some(cert), Some(key)) => {
-            let identity = Identity::from_pem(read("--tls-cert", cert)?, read("--tls-key", key)?);
+            let (cert, key) = (read("--tls-cert", cert)?, read("--tls-key", key)?);
+            let client_ca = api
+                .tls_client_ca
+                .as_deref()
+                .map(|ca| read("--tls-client-ca", ca))
+                .transpose()?;
+            if http.is_some() {
+                http_tls = Some(
+                    tern::api::rest::tls::server_config(&cert, &key, client_ca.as_deref(), !api.insecure_no_auth)
+                        .map_err(anyhow::Error::msg)
+                        .context("the REST API's TLS")?,
+                );
+            }
+            let identity = Identity::from_pem(cert, key);
             let mut tls = ServerTlsConfig::new().identity(identity);
-            if let Some(ca) = &api.tls_client_ca {
+            if let Some(ca) = client_ca {
                 // With tokens, a client may authenticate either way; without, only by certificate.
                 tls = tls
-                    .client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?))
+                    .client_ca_root(Certificate::from_pem(ca))
                     .client_auth_optional(!api.insecure_no_auth);
             }
             tonic::transport::Server::builder()
@@ -151,8 +165,8 @@ async fn serve_options(
     }
     if let Some(http) = http {
         let addr = http.local_addr()?;
-        if !addr.ip().is_loopback() {
-            tracing::warn!(%addr, "the REST API is plaintext on a non-loopback address: tokens and data cross the network in clear (put a TLS proxy in front, or keep it on loopback)");
+        if http_tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "the REST API is plaintext on a non-loopback address: tokens and data cross the network in clear (use --tls-cert and --tls-key)");
         }
     }
     let auth = if api.insecure_no_auth {
@@ -177,7 +191,12 @@ async fn serve_options(
         watches: api.max_watches as usize,
         calls_per_second: api.rate_limit,
     };
-    Ok(tern::api::ServeOptions { tls, auth, limits })
+    Ok(tern::api::ServeOptions {
+        tls,
+        http_tls,
+        auth,
+        limits,
+    })
 }
 
 pub(crate) async fn bind_api(listen: &str) -> Result<tokio::net::TcpListener> {

@@ -27,6 +27,40 @@ pub(super) fn routes() -> OpenApiRouter<Rest> {
         .routes(routes!(failover_jobs))
         .routes(routes!(endpoints))
         .routes(routes!(logs))
+        .routes(routes!(whoami))
+}
+
+/// Who the caller is, as the server sees it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Whoami {
+    /// The principal's name (empty without authentication).
+    pub name: String,
+    /// viewer, operator or admin (admin without authentication: everyone may do everything).
+    pub role: String,
+    /// Whether the server authenticates its callers.
+    pub authenticated: bool,
+}
+
+/// The caller's principal and role (what the console shows, and which actions it offers).
+#[utoipa::path(get, path = "/api/v1/whoami", tag = "debug",
+    responses((status = 200, body = inline(Envelope<Whoami>)), (status = 401, description = "UNAUTHENTICATED", body = ErrorBody)))]
+async fn whoami(State(rest): State<Rest>, caller: Caller) -> Result<Reply<Envelope<Whoami>>, RestError> {
+    let me = match caller.check(&rest.auth, Role::Viewer, "whoami").await? {
+        Some(p) => Whoami {
+            name: p.name,
+            role: p.role.to_string(),
+            authenticated: true,
+        },
+        None => Whoami {
+            name: String::new(),
+            role: Role::Admin.to_string(),
+            authenticated: false,
+        },
+    };
+    Ok(Reply {
+        body: Envelope::new("The caller", me),
+        correlation_id: None,
+    })
 }
 
 /// The server's health.

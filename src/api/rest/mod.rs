@@ -14,9 +14,11 @@
 //! {"error_code", "correlation_id", ...}}` with the HTTP status of the gRPC code (the mapping
 //! of `google.rpc.Code`), and the `x-correlation-id` header.
 
+mod console;
 mod debug;
 mod envelope;
 mod failover;
+pub mod tls;
 mod vms;
 
 use std::net::SocketAddr;
@@ -126,35 +128,47 @@ pub fn router(grpc: Grpc, auth: Authenticator, stop: CancellationToken) -> axum:
             "/api/v1/openapi.json",
             axum::routing::get(move || async move { axum::Json(doc.as_ref().clone()) }),
         )
+        .merge(console::routes())
         .fallback(|| async { RestError::not_found("ROUTE_NOT_FOUND", "no such route (see /api/v1/openapi.json)") })
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then lets the requests in flight
-/// finish (an event stream ends with the server).
+/// Serves `router` on `listener` (HTTPS with `tls`) until `shutdown` completes, then lets the
+/// requests in flight finish (an event stream ends with the server).
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     router: axum::Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
+    let app = router.into_make_service_with_connect_info::<tls::Peer>();
+    match tls {
+        Some(config) => {
+            axum::serve(tls::TlsListener::new(listener, config), app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+    }
 }
 
-/// Who is calling: the headers a gRPC call takes over, and the client's address.
+/// Who is calling: the headers a gRPC call takes over, the client's address, and the name of
+/// the client certificate its TLS handshake verified.
 pub(crate) struct Caller {
     headers: http::HeaderMap,
     peer: Option<SocketAddr>,
+    certificate: Option<String>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Caller, Self::Rejection> {
+        let peer = parts.extensions.get::<ConnectInfo<tls::Peer>>().map(|c| c.0.clone());
         Ok(Caller {
             headers: parts.headers.clone(),
-            peer: parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0),
+            peer: peer.as_ref().map(|p| p.addr),
+            certificate: peer.and_then(|p| p.certificate),
         })
     }
 }
@@ -177,20 +191,23 @@ impl Caller {
             local_addr: None,
             remote_addr: self.peer,
         });
+        if let Some(name) = &self.certificate {
+            req.extensions_mut()
+                .insert(super::auth::VerifiedCertificate(name.clone()));
+        }
         req
     }
 
     /// The caller's principal for a route that makes no gRPC call, allowed if its role is
-    /// `needed` or above (`what` names the route in a refusal).
+    /// `needed` or above (`what` names the route in a refusal); None without authentication.
     pub(crate) async fn check(
         &self,
         auth: &Authenticator,
         needed: crate::domain::auth::Role,
         what: &str,
-    ) -> Result<(), RestError> {
-        auth.check_role(&self.headers, None, needed, what)
+    ) -> Result<Option<crate::domain::auth::Principal>, RestError> {
+        auth.check_role(&self.headers, self.certificate.as_deref(), needed, what)
             .await
-            .map(|_| ())
             .map_err(|e| RestError::from(e.into_status(&super::correlation_or_new(self.correlation()))))
     }
 

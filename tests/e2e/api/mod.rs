@@ -5,6 +5,7 @@
 
 use crate::common;
 use crate::{on_both_backends, on_sqlite};
+mod console;
 mod dropped_watches;
 mod limits;
 mod observability;

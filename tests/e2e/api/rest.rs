@@ -15,6 +15,42 @@ async fn token(a: &super::Api, name: &str, role: Role) -> String {
     token.unwrap()
 }
 
+/// A server without authentication and one with, and tokens of a viewer and an operator of
+/// the second.
+pub(super) struct Pair {
+    pub(super) open: super::Api,
+    pub(super) secured: super::Api,
+    pub(super) viewer: String,
+    pub(super) operator: String,
+    /// Kept while the servers run (their databases live in these directories).
+    pub(super) dbs: (common::TestDb, common::TestDb),
+}
+
+impl Pair {
+    pub(super) async fn new() -> Pair {
+        let db = common::sqlite_db();
+        let open = api(&db).await;
+        let secured_db = common::sqlite_db();
+        let secured = api_serving(&secured_db, None, FAST_RETRY, |store| tern::api::ServeOptions {
+            auth: tern::api::auth::Authenticator::Principals {
+                store,
+                certificates: false,
+            },
+            ..Default::default()
+        })
+        .await;
+        let viewer = token(&secured, "viewer", Role::Viewer).await;
+        let operator = token(&secured, "operator", Role::Operator).await;
+        Pair {
+            open,
+            secured,
+            viewer,
+            operator,
+            dbs: (db, secured_db),
+        }
+    }
+}
+
 /// Readiness, mappings CRUD, a whole test failover over Server-Sent Events, a cancel, the error
 /// envelope of each code, roles, and the OpenAPI document checked against the routes. Skipped
 /// with `TERN_SKIP_PYTHON=1` (offline machines).
@@ -24,19 +60,13 @@ async fn a_python_client_drives_the_rest_api() {
         eprintln!("skipping: TERN_SKIP_PYTHON=1");
         return;
     }
-    let db = common::sqlite_db();
-    let open = api(&db).await;
-    let secured_db = common::sqlite_db();
-    let secured = api_serving(&secured_db, None, FAST_RETRY, |store| tern::api::ServeOptions {
-        auth: tern::api::auth::Authenticator::Principals {
-            store,
-            certificates: false,
-        },
-        ..Default::default()
-    })
-    .await;
-    let viewer = token(&secured, "rest-viewer", Role::Viewer).await;
-    let operator = token(&secured, "rest-operator", Role::Operator).await;
+    let Pair {
+        open,
+        secured,
+        viewer,
+        operator,
+        dbs: _dbs,
+    } = Pair::new().await;
     let vms = &open.inv.vms;
     assert!(vms.len() >= 3, "the sample inventory has three VMs to spare");
     let config = serde_json::json!({

@@ -134,8 +134,10 @@ pub(super) async fn tls_tokens_and_roles_end_to_end(db: TestDb) {
     let mut env = common::failover_env(&sim.base, &sim.sample, defs.path());
     env.retain(|(k, _)| k != "TERN_CLOUDSTACK_SECRET_KEY");
     let p = |n: &str| pki.path(n).display().to_string();
+    let http_port = common::free_port();
     let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["server", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
         .args(["--tls-cert", &p("server.pem"), "--tls-key", &p("server.key")])
         .args(["--tls-client-ca", &p("ca.pem")])
         .envs(env)
@@ -217,6 +219,8 @@ pub(super) async fn tls_tokens_and_roles_end_to_end(db: TestDb) {
         ),
         Code::Unauthenticated
     );
+
+    rest_over_tls(&pki, http_port, &victor, &vm.vm_id).await;
 
     let mut operator = client(anonymous.clone(), Some(&alice));
     let job = operator.start_test_failover(start()).await.unwrap().into_inner();
@@ -306,4 +310,67 @@ async fn terminate(child: &mut tokio::process::Child) {
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+}
+
+/// The REST listener of a server with TLS and a client CA: HTTPS with the same certificate;
+/// plaintext refused; tokens and client certificates authenticate as on gRPC, with the same
+/// roles.
+async fn rest_over_tls(pki: &Pki, port: u16, viewer_token: &str, vm_id: &str) {
+    let base = format!("https://127.0.0.1:{port}");
+    let ca = reqwest::Certificate::from_pem(&pki.read("ca.pem")).unwrap();
+    let https = |identity: Option<&str>| {
+        let mut b = reqwest::Client::builder().add_root_certificate(ca.clone());
+        if let Some(name) = identity {
+            let pem = [pki.read(&format!("{name}.pem")), pki.read(&format!("{name}.key"))].concat();
+            b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
+        }
+        b.build().unwrap()
+    };
+    let get = |client: reqwest::Client, path: &str, token: Option<&str>| {
+        let mut req = client.get(format!("{base}{path}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move {
+            let r = req.send().await.expect("an HTTPS reply");
+            (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/api/v1/debug/health")).await;
+    assert!(
+        plain.map_or(true, |r| !r.status().is_success()),
+        "plaintext to the HTTPS listener is refused"
+    );
+    let (code, body) = get(https(None), "/api/v1/debug/health", None).await;
+    assert_eq!((code, &body["status"]), (200, &serde_json::json!("healthy")), "{body}");
+    let (code, body) = get(https(None), "/api/v1/failover/jobs", None).await;
+    assert_eq!(
+        (code, &body["error_code"]),
+        (401, &serde_json::json!("UNAUTHENTICATED")),
+        "{body}"
+    );
+    let (code, _) = get(https(None), "/api/v1/failover/jobs", Some(viewer_token)).await;
+    assert_eq!(code, 200, "a viewer's token");
+    let (code, body) = get(https(Some("ci-viewer")), "/api/v1/whoami", None).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        (&body["data"]["name"], &body["data"]["role"]),
+        (&serde_json::json!("ci-viewer"), &serde_json::json!("viewer")),
+        "{body}"
+    );
+    let (code, _) = get(https(Some("ci-viewer")), "/api/v1/failover/jobs", None).await;
+    assert_eq!(code, 200, "a viewer's certificate lists");
+    let refused = https(Some("ci-viewer"))
+        .post(format!("{base}/api/v1/failover/test"))
+        .json(&serde_json::json!({"vm_id": vm_id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 403, "a viewer's certificate may not start");
+    let (code, body) = get(https(Some("stranger")), "/api/v1/failover/jobs", None).await;
+    assert_eq!(
+        (code, &body["error_code"]),
+        (401, &serde_json::json!("UNAUTHENTICATED")),
+        "{body}"
+    );
 }
