@@ -221,6 +221,8 @@ def test_failover(base, vm):
     finished = expect_error(requests.post(f"{base}/api/v1/failover/{job}/cancel", json={"reason": "late"}, timeout=30),
                             400, "JOB_FINISHED")
     check(finished["details"]["correlation_id"], finished)
+    expect_error(requests.post(f"{base}/api/v1/failover/{job}/resolve", json={"reason": "x", "resolved_by": "me"}, timeout=30),
+                 400, "JOB_NOT_NEEDS_OPERATOR")
     print(f"test failover: {len(seqs)} journal entries streamed once each, teardown completed")
     return job
 
@@ -239,6 +241,19 @@ def cancel(base, vm):
     check(detail["status"] == "cancelled" and rollback and all(s["status"] == "completed" for s in rollback), detail["steps"])
     check(requests.get(f"{base}/api/v1/vms/{vm}/active-jobs", timeout=30).json()["has_active_jobs"] is False, "VM free")
     print(f"cancel: rolled back ({len(rollback)} rollback steps completed)")
+
+
+def live(base, vm):
+    r = requests.post(f"{base}/api/v1/failover/live", json={"vm_id": vm, "notification_config": {"email": "ops@example.com"}}, timeout=30)
+    check(r.status_code == 200, r.text)
+    job = r.json()["job_id"]
+    check(r.json()["data"]["job_type"] == "live" and r.json()["estimated_duration"] is None, r.json())
+    expect_error(requests.delete(f"{base}/api/v1/failover/test/{job}", timeout=30), 400, "NOT_A_TEST_FAILOVER")
+    terminal = events(base, job)[-1][2]
+    check(terminal["status"] == "completed", terminal)
+    detail = requests.get(f"{base}/api/v1/failover/jobs/{job}", timeout=30).json()["data"]
+    check(detail["destination_vm_id"] and detail["network_mappings"], detail)
+    print("live failover: completed; ending it as a test is NOT_A_TEST_FAILOVER")
 
 
 def errors(base, vm):
@@ -298,6 +313,7 @@ def main(config):
     errors(base, vms["test"])
     test_failover(base, vms["test"])
     cancel(base, vms["cancel"])
+    live(base, vms["cancel"])
     authenticated(config["auth_base"], config["tokens"], vms["test"])
     print("REST client: all checks passed")
 
