@@ -416,3 +416,12 @@ pub async fn until_hung(sim: &Sim) {
     }
     panic!("the simulator held up no request");
 }
+
+/// `db`'s store with `sim`'s inventory loaded.
+pub async fn store_with_inventory(db: &TestDb, sim: &Sim) -> Arc<dyn Store> {
+    let store = db.open().await;
+    tern::store::load_inventory(store.as_ref(), &sim.inventory, tern::domain::Timestamp::now())
+        .await
+        .unwrap();
+    store
+}

@@ -15,7 +15,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::envelope::{Envelope, ErrorBody, Query, Reply, RestError};
-use super::failover::JobView;
+use super::views::JobView;
 use super::{Caller, Rest};
 use crate::api::pb;
 use crate::domain::auth::Role;

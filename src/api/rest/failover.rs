@@ -1,19 +1,16 @@
-//! `/api/v1/failover/*`: start, end, cancel and resolve failovers; their status, list, details,
-//! readiness, and a job's journal as Server-Sent Events.
+//! `/api/v1/failover/*`: start, end, cancel and resolve failovers; their status, list, details
+//! and readiness (the event stream is [`super::events`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
-use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
-use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::envelope::{Body, ErrorBody, Path, Query, Reply, RestError};
+use super::views::{JobView, Page, ValidationResult};
 use super::{Caller, Rest};
 use crate::api::pb;
 
@@ -25,150 +22,9 @@ pub(super) fn routes() -> OpenApiRouter<Rest> {
         .routes(routes!(status))
         .routes(routes!(cancel))
         .routes(routes!(resolve))
-        .routes(routes!(events))
         .routes(routes!(readiness))
         .routes(routes!(list_jobs))
         .routes(routes!(job))
-}
-
-/// An RFC 3339 time (UTC, milliseconds), as the seeds write them.
-pub(super) fn time(t: &Option<prost_types::Timestamp>) -> Option<String> {
-    let t = t.as_ref()?;
-    let at = UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.clamp(0, 999_999_999) as u32);
-    Some(humantime::format_rfc3339_millis(at).to_string())
-}
-
-/// Why a job or a step failed.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ErrorView {
-    /// A machine code, e.g. SNAPSHOT_FAILED, VM_CREATE_FAILED.
-    pub code: String,
-    pub message: String,
-}
-
-fn error_view(e: &Option<pb::Error>) -> Option<ErrorView> {
-    e.as_ref()
-        .filter(|e| !e.code.is_empty() || !e.message.is_empty())
-        .map(|e| ErrorView {
-            code: e.code.clone(),
-            message: e.message.clone(),
-        })
-}
-
-/// One step as the journal tells it: each phase of it (forward, teardown, rollback) is a step.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct StepView {
-    /// The seeds' step name, e.g. validation, snapshot, test-vm-creation.
-    pub step_name: String,
-    /// forward, teardown or rollback.
-    pub phase: String,
-    /// pending, running, retrying, completed, skipped or failed.
-    pub status: String,
-    /// The attempt running or last run (1 is the first).
-    pub attempt: u32,
-    pub started_at: Option<String>,
-    pub completed_at: Option<String>,
-    pub error: Option<ErrorView>,
-}
-
-/// Who resolved a needs_operator job, and why.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ResolutionView {
-    pub resolved_by: String,
-    pub reason: String,
-    /// Resolved in spite of the differences listed.
-    pub forced: bool,
-    pub differences: Vec<String>,
-    pub resolved_at: Option<String>,
-}
-
-/// A failover job: the seeds' fields, and what Tern knows besides.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct JobView {
-    /// Tern's job id (a UUID), not the seeds' `enhanced-test-failover-...` form.
-    pub job_id: String,
-    pub vm_id: String,
-    pub vm_name: String,
-    /// test or live.
-    pub job_type: String,
-    /// pending, validating, snapshotting, executing, creating_vm, switching_volume,
-    /// powering_on, testing, cleanup, reverting, completed, failed, cancelled, needs_operator
-    /// (the VM stays locked until resolved), resolved.
-    pub status: String,
-    /// The engine's coarse status: pending, running, sleeping, holding, compensating,
-    /// completed, failed, cancelled, needs_operator, resolved.
-    pub run_status: String,
-    /// 0 to 100.
-    pub progress: f64,
-    pub current_step: String,
-    pub snapshot_name: String,
-    /// `snapshot_name` under the seeds' name.
-    pub linstor_snapshot_name: String,
-    pub destination_vm_id: String,
-    pub correlation_id: String,
-    pub created_at: Option<String>,
-    pub started_at: Option<String>,
-    pub completed_at: Option<String>,
-    /// When auto-cleanup will end the test (while it holds with a timer).
-    pub cleanup_at: Option<String>,
-    /// The error's message, as the seeds' `error_message`.
-    pub error_message: Option<String>,
-    pub error: Option<ErrorView>,
-    /// Each source network and the CloudStack network its NIC was put on.
-    pub network_mappings: BTreeMap<String, String>,
-    pub resolution: Option<ResolutionView>,
-    /// The sequence of the job's last journal entry (where an event stream would resume).
-    pub last_sequence: i64,
-    /// Forward, teardown and rollback steps, in order (empty in lists).
-    pub steps: Vec<StepView>,
-}
-
-impl From<pb::FailoverJob> for JobView {
-    fn from(j: pb::FailoverJob) -> JobView {
-        let error = error_view(&j.error);
-        JobView {
-            error_message: error.as_ref().map(|e| e.message.clone()),
-            error,
-            created_at: time(&j.created_at),
-            started_at: time(&j.started_at),
-            completed_at: time(&j.completed_at),
-            cleanup_at: time(&j.cleanup_at),
-            resolution: j.resolution.map(|r| ResolutionView {
-                resolved_at: time(&r.resolved_at),
-                resolved_by: r.resolved_by,
-                reason: r.reason,
-                forced: r.forced,
-                differences: r.differences,
-            }),
-            steps: j
-                .steps
-                .into_iter()
-                .map(|s| StepView {
-                    started_at: time(&s.started_at),
-                    completed_at: time(&s.completed_at),
-                    error: error_view(&s.error),
-                    step_name: s.name,
-                    phase: s.phase,
-                    status: s.status,
-                    attempt: s.attempt,
-                })
-                .collect(),
-            network_mappings: j.network_mappings.into_iter().collect(),
-            linstor_snapshot_name: j.snapshot_name.clone(),
-            snapshot_name: j.snapshot_name,
-            job_id: j.job_id,
-            vm_id: j.vm_id,
-            vm_name: j.vm_name,
-            job_type: j.job_type,
-            status: j.status,
-            run_status: j.run_status,
-            progress: f64::from(j.progress_percent),
-            current_step: j.current_step,
-            destination_vm_id: j.destination_vm_id,
-            correlation_id: j.correlation_id,
-            last_sequence: j.last_sequence,
-        }
-    }
 }
 
 /// `POST /api/v1/failover/test`. Every field but `vm_id` may be left out.
@@ -553,26 +409,14 @@ pub struct JobsQuery {
     pub page_token: String,
 }
 
-/// A page of jobs.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct JobsReply {
-    pub success: bool,
-    /// The jobs, newest first, without their steps.
-    pub data: Vec<JobView>,
-    /// How many jobs this page holds.
-    pub total: usize,
-    /// Empty on the last page.
-    pub next_page_token: String,
-}
-
 /// Failover jobs, newest first, a page at a time.
 #[utoipa::path(get, path = "/api/v1/failover/jobs", tag = "failover", params(JobsQuery),
-    responses((status = 200, body = JobsReply), (status = 400, description = "INVALID_ARGUMENT", body = ErrorBody)))]
+    responses((status = 200, body = inline(Page<JobView>), description = "The jobs, newest first, without their steps"), (status = 400, description = "INVALID_ARGUMENT", body = ErrorBody)))]
 async fn list_jobs(
     State(rest): State<Rest>,
     caller: Caller,
     Query(q): Query<JobsQuery>,
-) -> Result<Reply<JobsReply>, RestError> {
+) -> Result<Reply<Page<JobView>>, RestError> {
     let msg = pb::ListFailoversRequest {
         status: q.status,
         job_type: q.job_type,
@@ -583,16 +427,8 @@ async fn list_jobs(
     let response = rest.failover().list_failovers(caller.request(msg)).await?;
     let meta = response.metadata().clone();
     let page = response.into_inner();
-    let data: Vec<JobView> = page.jobs.into_iter().map(JobView::from).collect();
-    Ok(Reply::of(
-        JobsReply {
-            success: true,
-            total: data.len(),
-            data,
-            next_page_token: page.next_page_token,
-        },
-        &meta,
-    ))
+    let data = page.jobs.into_iter().map(JobView::from).collect();
+    Ok(Reply::of(Page::new(data, page.next_page_token), &meta))
 }
 
 /// A job with its steps.
@@ -609,65 +445,6 @@ async fn job(
         .get_failover(caller.request(pb::GetFailoverRequest { job_id }))
         .await?;
     Ok(job_reply(response, "Retrieved failover job"))
-}
-
-/// One readiness check.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct CheckView {
-    /// VM Existence, Active Jobs, Sync Status, Network Mappings, Volume State.
-    pub check_name: String,
-    /// critical or warning.
-    pub check_type: String,
-    /// pass or fail.
-    pub status: String,
-    pub message: String,
-    #[schema(value_type = Object)]
-    pub details: Value,
-}
-
-/// The readiness report as the seeds' `validation_result`.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ValidationResult {
-    pub vm_id: String,
-    pub is_ready: bool,
-    /// 0 to 100.
-    pub readiness_score: f64,
-    pub checks: Vec<CheckView>,
-    /// The messages of the warning checks that failed.
-    pub warnings: Vec<String>,
-    /// The messages of the critical checks that failed.
-    pub errors: Vec<String>,
-}
-
-impl From<pb::ReadinessReport> for ValidationResult {
-    fn from(r: pb::ReadinessReport) -> ValidationResult {
-        let failed = |kind: &str| -> Vec<String> {
-            r.checks
-                .iter()
-                .filter(|c| c.status != "pass" && c.check_type == kind)
-                .map(|c| format!("{}: {}", c.check_name, c.message))
-                .collect()
-        };
-        let (warnings, errors) = (failed("warning"), failed("critical"));
-        ValidationResult {
-            warnings,
-            errors,
-            checks: r
-                .checks
-                .into_iter()
-                .map(|c| CheckView {
-                    details: serde_json::from_str(&c.details_json).unwrap_or(Value::Null),
-                    check_name: c.check_name,
-                    check_type: c.check_type,
-                    status: c.status,
-                    message: c.message,
-                })
-                .collect(),
-            vm_id: r.vm_id,
-            is_ready: r.is_ready,
-            readiness_score: r.readiness_score,
-        }
-    }
 }
 
 /// The seeds' readiness reply.
@@ -728,109 +505,4 @@ async fn readiness(
     Query(q): Query<ReadinessQuery>,
 ) -> Result<Reply<ReadinessReply>, RestError> {
     readiness_of(&rest, &caller, vm_id, q.job_type).await
-}
-
-/// `?after_sequence=` of the event stream (the `Last-Event-ID` header wins).
-#[derive(Deserialize, Default, utoipa::IntoParams)]
-#[serde(default, deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct EventsQuery {
-    /// Send the entries after this sequence (0: from the start).
-    pub after_sequence: i64,
-}
-
-/// One journal entry, as an `entry` event's data.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct EntryView {
-    pub sequence: i64,
-    pub at: Option<String>,
-    /// e.g. step_started, step_completed, timer_set, run_finished.
-    pub kind: String,
-    pub step: String,
-    pub phase: String,
-    pub attempt: u32,
-    /// The full record.
-    #[schema(value_type = Object)]
-    pub record: Value,
-}
-
-/// The `terminal` event's data: the job is finished.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct TerminalView {
-    /// completed, failed, cancelled, needs_operator.
-    pub status: String,
-    pub error: Option<ErrorView>,
-    pub last_sequence: i64,
-}
-
-fn event_of(item: Result<pb::WatchEvent, tonic::Status>) -> Event {
-    use pb::watch_event::Event as E;
-    let event = match item {
-        Ok(pb::WatchEvent {
-            event: Some(E::Entry(e)),
-        }) => Event::default()
-            .event("entry")
-            .id(e.sequence.to_string())
-            .json_data(EntryView {
-                sequence: e.sequence,
-                at: time(&e.at),
-                kind: e.kind,
-                step: e.step,
-                phase: e.phase,
-                attempt: e.attempt,
-                record: serde_json::from_str(&e.record_json).unwrap_or(Value::Null),
-            }),
-        Ok(pb::WatchEvent {
-            event: Some(E::Terminal(t)),
-        }) => Event::default().event("terminal").json_data(TerminalView {
-            status: t.status,
-            error: error_view(&t.error),
-            last_sequence: t.last_sequence,
-        }),
-        Ok(pb::WatchEvent { event: None }) => return Event::default().comment("empty"),
-        Err(status) => {
-            let e = RestError::from(status);
-            Event::default()
-                .event("error")
-                .json_data(serde_json::json!({"success": false, "error": e.message(), "error_code": e.error_code()}))
-        }
-    };
-    event.unwrap_or_else(|_| Event::default().comment("unencodable"))
-}
-
-/// A job's journal as Server-Sent Events.
-///
-/// Every entry after `Last-Event-ID` (or `after_sequence`) as an `entry` event whose id is its
-/// sequence, in order, once; then a `terminal` event, and the stream ends. Reconnecting with the last id seen leaves no gap and
-/// no duplicate.
-#[utoipa::path(get, path = "/api/v1/failover/{id}/events", tag = "failover",
-    params(("id" = String, Path, description = "The job id"),
-           ("Last-Event-ID" = Option<String>, Header, description = "The last sequence received"),
-           EventsQuery),
-    responses(
-        (status = 200, description = "`entry` events (EntryView), then one `terminal` event (TerminalView)", content_type = "text/event-stream", body = String),
-        (status = 404, description = "JOB_NOT_FOUND", body = ErrorBody),
-    ))]
-async fn events(
-    State(rest): State<Rest>,
-    caller: Caller,
-    Path(job_id): Path<String>,
-    Query(q): Query<EventsQuery>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, RestError> {
-    let after_sequence = match caller.headers.get("last-event-id") {
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<i64>().ok())
-            .ok_or_else(|| RestError::field("Last-Event-ID", "must be a journal sequence (an integer)"))?,
-        None => q.after_sequence,
-    };
-    let stream = rest
-        .failover()
-        .watch_failover(caller.request(pb::WatchFailoverRequest { job_id, after_sequence }))
-        .await?
-        .into_inner();
-    let stop = rest.stop.clone().cancelled_owned();
-    let events = stream.map(|item| Ok(event_of(item))).take_until(stop);
-    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }

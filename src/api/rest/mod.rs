@@ -17,8 +17,10 @@
 mod console;
 mod debug;
 mod envelope;
+mod events;
 mod failover;
 pub mod tls;
+mod views;
 mod vms;
 
 use std::net::SocketAddr;
@@ -101,14 +103,10 @@ impl utoipa::Modify for BearerAuth {
 fn routes() -> (axum::Router<Rest>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(failover::routes())
+        .merge(events::routes())
         .merge(vms::routes())
         .merge(debug::routes())
         .split_for_parts()
-}
-
-/// The OpenAPI document of the REST API (what `/api/v1/openapi.json` serves).
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().1
 }
 
 /// The REST API's router, calling `grpc` (the gated services) for its work; its event streams

@@ -7,7 +7,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::envelope::{Body, Envelope, ErrorBody, Path, Query, Reply, RestError};
-use super::failover::{readiness_of, CheckView, JobView, ReadinessQuery, ReadinessReply, ValidationResult};
+use super::failover::{readiness_of, ReadinessQuery, ReadinessReply};
+use super::views::{CheckView, JobView, Page, ValidationResult};
 use super::{Caller, Rest};
 use crate::api::pb;
 
@@ -108,25 +109,14 @@ pub struct PageQuery {
     pub page_token: String,
 }
 
-/// A page of VMs.
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct VmsReply {
-    pub success: bool,
-    pub data: Vec<VmView>,
-    /// How many VMs this page holds.
-    pub total: usize,
-    /// Empty on the last page.
-    pub next_page_token: String,
-}
-
 /// The VM inventory by vm_id, a page at a time.
 #[utoipa::path(get, path = "/api/v1/vms", tag = "vms", params(PageQuery),
-    responses((status = 200, body = VmsReply), (status = 400, description = "INVALID_ARGUMENT", body = ErrorBody)))]
+    responses((status = 200, body = inline(Page<VmView>)), (status = 400, description = "INVALID_ARGUMENT", body = ErrorBody)))]
 async fn list_vms(
     State(rest): State<Rest>,
     caller: Caller,
     Query(q): Query<PageQuery>,
-) -> Result<Reply<VmsReply>, RestError> {
+) -> Result<Reply<Page<VmView>>, RestError> {
     let msg = pb::ListVmsRequest {
         page_size: q.page_size,
         page_token: q.page_token,
@@ -134,16 +124,8 @@ async fn list_vms(
     let response = rest.failover().list_vms(caller.request(msg)).await?;
     let meta = response.metadata().clone();
     let page = response.into_inner();
-    let data: Vec<VmView> = page.vms.into_iter().map(VmView::from).collect();
-    Ok(Reply::of(
-        VmsReply {
-            success: true,
-            total: data.len(),
-            data,
-            next_page_token: page.next_page_token,
-        },
-        &meta,
-    ))
+    let data = page.vms.into_iter().map(VmView::from).collect();
+    Ok(Reply::of(Page::new(data, page.next_page_token), &meta))
 }
 
 async fn vm(rest: &Rest, caller: &Caller, vm_id: String) -> Result<(VmView, tonic::metadata::MetadataMap), RestError> {

@@ -57,10 +57,7 @@ pub(super) async fn metrics_count_a_known_workload(db: TestDb) {
     // flight; the second takes the run over.
     let faults = serde_json::json!({"hang_ms": 120000, "scripted": {"deployVirtualMachine": {"0": "hang"}}});
     let sim = common::start_sim(11, Some(faults), "k", "s", 20).await;
-    let store = db.open().await;
-    tern::store::load_inventory(store.as_ref(), &sim.inventory, tern::domain::Timestamp::now())
-        .await
-        .unwrap();
+    let store = common::store_with_inventory(&db, &sim).await;
     let defs = super::fast_definitions();
     let logs = tempfile::tempdir().unwrap();
 

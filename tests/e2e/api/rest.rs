@@ -86,10 +86,7 @@ async fn a_python_client_drives_the_rest_api() {
 async fn a_server_serves_rest_and_its_recent_logs() {
     let db = common::sqlite_db();
     let sim = common::start_sim(21, None, "k", "s", 5).await;
-    let store = db.open().await;
-    tern::store::load_inventory(store.as_ref(), &sim.inventory, tern::domain::Timestamp::now())
-        .await
-        .unwrap();
+    common::store_with_inventory(&db, &sim).await;
     let defs = super::fast_definitions();
     let logs = tempfile::tempdir().unwrap();
     let (port, http) = (common::free_port(), common::free_port());
@@ -117,24 +114,13 @@ async fn a_server_serves_rest_and_its_recent_logs() {
     assert_eq!(health["status"], "healthy", "{health}");
     let secret = "tern_do-not-log-this-token-0123456789abcdefghijklmno";
     let vm = &sim.inventory.vms[0].vm_id;
-    let jobs: serde_json::Value = client
-        .get(format!("{base}/api/v1/failover/jobs?vm_id={vm}"))
-        .bearer_auth(secret)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let get = |path: String| {
+        let req = client.get(format!("{base}{path}")).bearer_auth(secret);
+        async move { req.send().await.unwrap().json::<serde_json::Value>().await.unwrap() }
+    };
+    let jobs = get(format!("/api/v1/failover/jobs?vm_id={vm}")).await;
     assert_eq!(jobs["success"], true, "{jobs}");
-    let lines: serde_json::Value = client
-        .get(format!("{base}/api/v1/debug/logs?lines=100"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let lines = get("/api/v1/debug/logs?lines=100".into()).await;
     let text = lines.to_string();
     assert!(!text.contains(secret), "a token in the log ring: {text}");
     let access: Vec<&serde_json::Value> = lines["data"]

@@ -179,10 +179,7 @@ pub(super) async fn a_run_is_one_trace_across_a_kill(db: TestDb) {
     // The first deployVirtualMachine hangs (the step stays in flight); the next one answers.
     let faults = serde_json::json!({"hang_ms": 120000, "scripted": {"deployVirtualMachine": {"0": "hang"}}});
     let sim = common::start_sim(13, Some(faults), "k", SECRET_KEY, 20).await;
-    let store = db.open().await;
-    tern::store::load_inventory(store.as_ref(), &sim.inventory, tern::domain::Timestamp::now())
-        .await
-        .unwrap();
+    let store = common::store_with_inventory(&db, &sim).await;
     let defs = super::fast_definitions();
     let logs = tempfile::tempdir().unwrap();
 
